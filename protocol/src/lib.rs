@@ -1,0 +1,8 @@
+//! Protocol code shared by the GStreamer elements and `sip-cc-bridge`.
+//!
+//! Nothing in this crate depends on GStreamer: it describes codecs and parses
+//! session descriptions, so the same rules apply whether a pipeline is started
+//! from `gst-launch-1.0` or driven by the bridge.
+
+pub mod codec;
+pub mod sdp;
