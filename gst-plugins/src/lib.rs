@@ -1,1 +1,59 @@
+//! GStreamer elements of the SIP ↔ ConnectyCube bridge.
+//!
+//! - `sipsrc` / `sipsink`: RTP and RTCP toward SIP phones over one symmetric
+//!   UDP socket pair, shared through a `session` name.
+//! - `g729enc` / `g729dec`: G.729 (Annex A, with Annex B VAD/CNG) on libbcg729.
+//!
+//! Build as a cdylib for `GST_PLUGIN_PATH`, or link the rlib and call
+//! [`plugin_register_static`].
 
+use std::sync::LazyLock;
+
+mod bcg729;
+mod g729dec;
+mod g729enc;
+pub mod media_session;
+mod sip_common;
+mod sipsink;
+mod sipsrc;
+
+pub use sip_common::{caps_from_media_section, stats_structure};
+
+pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "sipcc",
+        gst::DebugColorFlags::empty(),
+        Some("SIP/ConnectyCube bridge elements"),
+    )
+});
+
+/// One small runtime for the plugin's background work (RTCP timers and
+/// sockets), shared by every element instead of a runtime per element.
+pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sipcc-rtcp")
+        .enable_all()
+        .build()
+        .expect("cannot start the plugin's tokio runtime")
+});
+
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
+    sipsrc::register(plugin)?;
+    sipsink::register(plugin)?;
+    g729enc::register(plugin)?;
+    g729dec::register(plugin)?;
+    Ok(())
+}
+
+gst::plugin_define!(
+    sipcc,
+    env!("CARGO_PKG_DESCRIPTION"),
+    plugin_init,
+    concat!(env!("CARGO_PKG_VERSION"), "-", env!("COMMIT_ID")),
+    "MPL",
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_REPOSITORY"),
+    env!("BUILD_REL_DATE")
+);

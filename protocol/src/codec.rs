@@ -34,15 +34,69 @@ pub struct Codec {
 /// Codecs the bridge can carry on the SIP leg, in the order it prefers them
 /// when it makes an offer.
 pub const CODECS: &[Codec] = &[
-    Codec { encoding_name: "OPUS", kind: MediaKind::Audio, clock_rate: 48000, channels: 2, static_payload_type: None },
-    Codec { encoding_name: "G722", kind: MediaKind::Audio, clock_rate: 8000, channels: 1, static_payload_type: Some(9) },
-    Codec { encoding_name: "PCMU", kind: MediaKind::Audio, clock_rate: 8000, channels: 1, static_payload_type: Some(0) },
-    Codec { encoding_name: "PCMA", kind: MediaKind::Audio, clock_rate: 8000, channels: 1, static_payload_type: Some(8) },
-    Codec { encoding_name: "G729", kind: MediaKind::Audio, clock_rate: 8000, channels: 1, static_payload_type: Some(18) },
-    Codec { encoding_name: "TELEPHONE-EVENT", kind: MediaKind::Audio, clock_rate: 8000, channels: 1, static_payload_type: None },
-    Codec { encoding_name: "H264", kind: MediaKind::Video, clock_rate: 90000, channels: 0, static_payload_type: None },
-    Codec { encoding_name: "VP8", kind: MediaKind::Video, clock_rate: 90000, channels: 0, static_payload_type: None },
-    Codec { encoding_name: "VP9", kind: MediaKind::Video, clock_rate: 90000, channels: 0, static_payload_type: None },
+    Codec {
+        encoding_name: "OPUS",
+        kind: MediaKind::Audio,
+        clock_rate: 48000,
+        channels: 2,
+        static_payload_type: None,
+    },
+    Codec {
+        encoding_name: "G722",
+        kind: MediaKind::Audio,
+        clock_rate: 8000,
+        channels: 1,
+        static_payload_type: Some(9),
+    },
+    Codec {
+        encoding_name: "PCMU",
+        kind: MediaKind::Audio,
+        clock_rate: 8000,
+        channels: 1,
+        static_payload_type: Some(0),
+    },
+    Codec {
+        encoding_name: "PCMA",
+        kind: MediaKind::Audio,
+        clock_rate: 8000,
+        channels: 1,
+        static_payload_type: Some(8),
+    },
+    Codec {
+        encoding_name: "G729",
+        kind: MediaKind::Audio,
+        clock_rate: 8000,
+        channels: 1,
+        static_payload_type: Some(18),
+    },
+    Codec {
+        encoding_name: "TELEPHONE-EVENT",
+        kind: MediaKind::Audio,
+        clock_rate: 8000,
+        channels: 1,
+        static_payload_type: None,
+    },
+    Codec {
+        encoding_name: "H264",
+        kind: MediaKind::Video,
+        clock_rate: 90000,
+        channels: 0,
+        static_payload_type: None,
+    },
+    Codec {
+        encoding_name: "VP8",
+        kind: MediaKind::Video,
+        clock_rate: 90000,
+        channels: 0,
+        static_payload_type: None,
+    },
+    Codec {
+        encoding_name: "VP9",
+        kind: MediaKind::Video,
+        clock_rate: 90000,
+        channels: 0,
+        static_payload_type: None,
+    },
 ];
 
 /// Looks a codec up by encoding name (case-insensitive) and clock rate.

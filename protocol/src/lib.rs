@@ -6,3 +6,4 @@
 
 pub mod codec;
 pub mod sdp;
+pub mod tone;

@@ -124,7 +124,11 @@ pub fn parse_media_section(text: &str) -> Result<MediaSection, SdpError> {
         owned = format!("v=0\r\n{trimmed}");
         &owned
     };
-    parse(full)?.media.into_iter().next().ok_or(SdpError::NoMedia)
+    parse(full)?
+        .media
+        .into_iter()
+        .next()
+        .ok_or(SdpError::NoMedia)
 }
 
 fn connection_address(connection: &sdp_types::Connection) -> Result<IpAddr, String> {
@@ -202,10 +206,10 @@ fn media_section(
                 if let (Some(_nettype), Some(_addrtype), Some(addr)) =
                     (fields.next(), fields.next(), fields.next())
                 {
-                    section.rtcp_address = Some(
-                        addr.parse()
-                            .map_err(|_| format!("a=rtcp address {addr:?} is not an IP address"))?,
-                    );
+                    section.rtcp_address =
+                        Some(addr.parse().map_err(|_| {
+                            format!("a=rtcp address {addr:?} is not an IP address")
+                        })?);
                 }
             }
             "crypto" => section.crypto.push(value.to_owned()),
@@ -235,12 +239,9 @@ fn resolve_format(
             .filter(|r| *r > 0)
             .ok_or_else(|| format!("a=rtpmap:{payload_type} has no valid clock rate"))?;
         let channels = match parts.next() {
-            Some(c) => Some(
-                c.parse::<u8>()
-                    .ok()
-                    .filter(|c| *c > 0)
-                    .ok_or_else(|| format!("a=rtpmap:{payload_type} channel count {c:?} is invalid"))?,
-            ),
+            Some(c) => Some(c.parse::<u8>().ok().filter(|c| *c > 0).ok_or_else(|| {
+                format!("a=rtpmap:{payload_type} channel count {c:?} is invalid")
+            })?),
             None => None,
         };
         return Ok(Some(PayloadFormat {
@@ -251,13 +252,15 @@ fn resolve_format(
             fmtp,
         }));
     }
-    Ok(codec::by_static_payload_type(payload_type).map(|c| PayloadFormat {
-        payload_type,
-        encoding_name: c.encoding_name.to_owned(),
-        clock_rate: c.clock_rate,
-        channels: None,
-        fmtp,
-    }))
+    Ok(
+        codec::by_static_payload_type(payload_type).map(|c| PayloadFormat {
+            payload_type,
+            encoding_name: c.encoding_name.to_owned(),
+            clock_rate: c.clock_rate,
+            channels: None,
+            fmtp,
+        }),
+    )
 }
 
 /// The value of `a=<name>:<pt> <value>` for one payload type.
@@ -293,7 +296,11 @@ a=fmtp:100 packetization-mode=0\r\na=rtcp:10005 IN IP6 ::1\r\na=sendonly\r\n";
         let audio = &sdp.media[0];
         assert_eq!(audio.port, 10000);
         assert_eq!(audio.address, Some("127.0.0.1".parse().unwrap()));
-        let names: Vec<_> = audio.formats.iter().map(|f| f.encoding_name.as_str()).collect();
+        let names: Vec<_> = audio
+            .formats
+            .iter()
+            .map(|f| f.encoding_name.as_str())
+            .collect();
         assert_eq!(names, ["OPUS", "G722", "PCMU", "PCMA", "TELEPHONE-EVENT"]);
         assert_eq!(audio.formats[0].channels, Some(2));
         assert_eq!(audio.format(101).unwrap().fmtp.as_deref(), Some("0-15"));
@@ -304,12 +311,16 @@ a=fmtp:100 packetization-mode=0\r\na=rtcp:10005 IN IP6 ::1\r\na=sendonly\r\n";
         assert_eq!(video.address, Some("::1".parse().unwrap()));
         assert_eq!(video.direction, Direction::SendOnly);
         assert_eq!(video.effective_rtcp_port(), 10005);
-        assert_eq!(video.formats[0].fmtp.as_deref(), Some("packetization-mode=0"));
+        assert_eq!(
+            video.formats[0].fmtp.as_deref(),
+            Some("packetization-mode=0")
+        );
     }
 
     #[test]
     fn parses_a_bare_media_section() {
-        let m = parse_media_section("m=audio 4000 RTP/AVP 18\nc=IN IP4 10.0.0.1\na=rtcp-mux\n").unwrap();
+        let m = parse_media_section("m=audio 4000 RTP/AVP 18\nc=IN IP4 10.0.0.1\na=rtcp-mux\n")
+            .unwrap();
         assert_eq!(m.formats[0].encoding_name, "G729");
         assert!(m.rtcp_mux);
     }
@@ -320,8 +331,14 @@ a=fmtp:100 packetization-mode=0\r\na=rtcp:10005 IN IP6 ::1\r\na=sendonly\r\n";
         assert!(matches!(err, SdpError::Media { index: 0, .. }), "{err}");
         let err = parse("v=0\r\nm=audio 4000 RTP/AVP 96\r\na=rtpmap:96 opus/fast\r\n").unwrap_err();
         assert!(err.to_string().contains("clock rate"), "{err}");
-        assert!(matches!(parse_media_section("v=0\r\n"), Err(SdpError::NoMedia)));
-        assert!(matches!(parse(&"a".repeat(MAX_SDP_LEN + 1)), Err(SdpError::TooLarge(_))));
+        assert!(matches!(
+            parse_media_section("v=0\r\n"),
+            Err(SdpError::NoMedia)
+        ));
+        assert!(matches!(
+            parse(&"a".repeat(MAX_SDP_LEN + 1)),
+            Err(SdpError::TooLarge(_))
+        ));
         assert!(parse("v=0\r\nc=IN IP4 not-an-ip\r\n").is_err());
     }
 

@@ -1,0 +1,260 @@
+//! The receiving source inside `sipsrc`: one datagram per `create`, checked
+//! and counted before it becomes a buffer. Also posts the periodic stats and
+//! the RTP-timeout message, since its thread is the one that sees silence.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::base_src::CreateSuccess;
+use gst_base::subclass::prelude::*;
+
+use super::imp::Shared;
+use crate::CAT;
+use crate::media_session::{MediaSession, RtpVerdict, rtcp};
+
+#[derive(Default)]
+struct Timers {
+    started_at: Option<Instant>,
+    last_stats_post: Option<Instant>,
+    /// Whether the current silence was already reported.
+    timeout_posted: bool,
+    current_payload_type: Option<u8>,
+}
+
+#[derive(Default)]
+pub struct SipReceiver {
+    shared: OnceLock<Arc<Shared>>,
+    flushing: AtomicBool,
+    timers: Mutex<Timers>,
+    buffer: Mutex<Vec<u8>>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for SipReceiver {
+    const NAME: &'static str = "GstSipSrcReceiver";
+    type Type = super::SipReceiver;
+    type ParentType = gst_base::PushSrc;
+}
+
+impl ObjectImpl for SipReceiver {
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.set_live(true);
+        obj.set_format(gst::Format::Time);
+        obj.set_do_timestamp(true);
+    }
+}
+
+impl GstObjectImpl for SipReceiver {}
+
+impl ElementImpl for SipReceiver {
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: std::sync::LazyLock<Vec<gst::PadTemplate>> =
+            std::sync::LazyLock::new(|| {
+                let caps = gst::Caps::builder("application/x-rtp").build();
+                vec![
+                    gst::PadTemplate::new(
+                        "src",
+                        gst::PadDirection::Src,
+                        gst::PadPresence::Always,
+                        &caps,
+                    )
+                    .unwrap(),
+                ]
+            });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BaseSrcImpl for SipReceiver {
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let session = self.shared().session.start()?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "receiving on {} in session {}",
+            session.local_rtp_addr(),
+            session.name()
+        );
+        *self.timers.lock().unwrap() = Timers {
+            started_at: Some(Instant::now()),
+            ..Timers::default()
+        };
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.shared().session.stop();
+        Ok(())
+    }
+
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl PushSrcImpl for SipReceiver {
+    fn create(
+        &self,
+        _buffer: Option<&mut gst::BufferRef>,
+    ) -> Result<CreateSuccess, gst::FlowError> {
+        let session = self
+            .shared()
+            .session
+            .session()
+            .ok_or(gst::FlowError::Flushing)?;
+        let mut data = self.buffer.lock().unwrap();
+        loop {
+            if self.flushing.load(Ordering::SeqCst) {
+                return Err(gst::FlowError::Flushing);
+            }
+            self.housekeeping(&session);
+            let from = match session.recv_rtp(&mut data) {
+                Ok(Some(from)) => from,
+                Ok(None) => {
+                    if self.shared().settings.lock().unwrap().eos_on_bye && session.bye_received() {
+                        gst::info!(CAT, imp = self, "the peer said BYE: end of stream");
+                        return Err(gst::FlowError::Eos);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    gst::warning!(CAT, imp = self, "receive error: {e}");
+                    std::thread::sleep(crate::media_session::RECV_POLL);
+                    continue;
+                }
+            };
+            if rtcp::looks_like_rtcp(&data) {
+                session.on_rtcp_received(from, &data);
+                continue;
+            }
+            if let Some(buffer) = self.accept_rtp(&session, from, &data) {
+                return Ok(CreateSuccess::NewBuffer(buffer));
+            }
+        }
+    }
+}
+
+impl SipReceiver {
+    pub(super) fn set_shared(&self, shared: Arc<Shared>) {
+        let _ = self.shared.set(shared);
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        self.shared
+            .get()
+            .expect("sipsrc hands its settings over at construction")
+    }
+
+    /// Checks one datagram; returns the buffer to push, or `None` when it was
+    /// counted and dropped.
+    fn accept_rtp(
+        &self,
+        session: &MediaSession,
+        from: std::net::SocketAddr,
+        data: &[u8],
+    ) -> Option<gst::Buffer> {
+        let Ok(packet) = rtp_types::RtpPacket::parse(data) else {
+            session.count_invalid();
+            gst::debug!(
+                CAT,
+                imp = self,
+                "dropped {} bytes from {from}: not RTP",
+                data.len()
+            );
+            return None;
+        };
+        let payload_type = packet.payload_type();
+        let Some(caps) = self.shared().caps_for(payload_type) else {
+            session.count_unknown_payload_type();
+            gst::debug!(
+                CAT,
+                imp = self,
+                "dropped payload type {payload_type} from {from}: not in the payload map"
+            );
+            return None;
+        };
+        let clock_rate = caps
+            .structure(0)
+            .and_then(|s| s.get::<i32>("clock-rate").ok())
+            .unwrap_or(0)
+            .max(0) as u32;
+        let verdict = session.on_rtp_received(
+            from,
+            packet.ssrc(),
+            packet.sequence_number(),
+            packet.timestamp(),
+            data.len(),
+            clock_rate,
+        );
+        if verdict == RtpVerdict::Drop {
+            return None;
+        }
+        let mut timers = self.timers.lock().unwrap();
+        timers.timeout_posted = false;
+        if timers.current_payload_type != Some(payload_type) {
+            timers.current_payload_type = Some(payload_type);
+            drop(timers);
+            if let Err(e) = self.obj().set_caps(&caps) {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "cannot switch to payload type {payload_type}: {e}"
+                );
+            }
+        }
+        Some(gst::Buffer::from_slice(data.to_vec()))
+    }
+
+    /// Posts the periodic `sip-rtp-stats` message and, once per silence,
+    /// `sip-rtp-timeout`, both from `sipsrc` itself.
+    fn housekeeping(&self, session: &MediaSession) {
+        let (stats_interval, timeout) = {
+            let settings = self.shared().settings.lock().unwrap();
+            (settings.stats_interval, settings.timeout)
+        };
+        let now = Instant::now();
+        let mut timers = self.timers.lock().unwrap();
+        let owner = self.obj().parent().and_downcast::<gst::Element>();
+        let Some(owner) = owner else { return };
+
+        if !stats_interval.is_zero()
+            && timers
+                .last_stats_post
+                .is_none_or(|t| now.duration_since(t) >= stats_interval)
+        {
+            timers.last_stats_post = Some(now);
+            let stats = self.shared().stats_structure(session);
+            let _ = owner.post_message(gst::message::Element::builder(stats).src(&owner).build());
+        }
+
+        if !timeout.is_zero() && !timers.timeout_posted {
+            let silence = session.last_packet_age().unwrap_or_else(|| {
+                timers
+                    .started_at
+                    .map_or(Duration::ZERO, |t| now.duration_since(t))
+            });
+            if silence >= timeout {
+                timers.timeout_posted = true;
+                gst::warning!(CAT, imp = self, "no RTP for {} ms", silence.as_millis());
+                let s = gst::Structure::builder("sip-rtp-timeout")
+                    .field("session", session.name())
+                    .field("silence-ms", silence.as_millis() as u64)
+                    .build();
+                let _ = owner.post_message(gst::message::Element::builder(s).src(&owner).build());
+            }
+        }
+    }
+}

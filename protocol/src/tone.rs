@@ -1,0 +1,89 @@
+//! Tone measurement (Goertzel): which frequency dominates a recording, and
+//! how strong a given tone is in it. Used by the line-check extensions and by
+//! every test that proves audio crossed the bridge.
+
+use std::f64::consts::PI;
+
+/// Relative power of `frequency` in `samples` (normalised so that a full-scale
+/// sine at that frequency gives about 0.5).
+pub fn tone_power(samples: &[f32], sample_rate: u32, frequency: f64) -> f64 {
+    if samples.is_empty() || sample_rate == 0 {
+        return 0.0;
+    }
+    let coefficient = 2.0 * (2.0 * PI * frequency / f64::from(sample_rate)).cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in samples {
+        let s0 = f64::from(x) + coefficient * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    let power = s1 * s1 + s2 * s2 - coefficient * s1 * s2;
+    2.0 * power / (samples.len() as f64).powi(2)
+}
+
+/// RMS level of the samples (full scale = 1.0).
+pub fn rms(samples: &[f32]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    (samples.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / samples.len() as f64).sqrt()
+}
+
+/// The strongest frequency between 50 Hz and 4 kHz (or Nyquist), to 1 Hz,
+/// or `None` for silence.
+pub fn dominant_frequency(samples: &[f32], sample_rate: u32) -> Option<f64> {
+    if rms(samples) < 1e-3 {
+        return None;
+    }
+    let top = 4000.0f64.min(f64::from(sample_rate) / 2.0 - 10.0);
+    let strongest = |from: f64, to: f64, step: f64| {
+        let mut best = (from, 0.0);
+        let mut f = from;
+        while f <= to {
+            let p = tone_power(samples, sample_rate, f);
+            if p > best.1 {
+                best = (f, p);
+            }
+            f += step;
+        }
+        best.0
+    };
+    let coarse = strongest(50.0, top, 10.0);
+    Some(strongest((coarse - 10.0).max(1.0), coarse + 10.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sine(frequency: f64, rate: u32, seconds: f64) -> Vec<f32> {
+        (0..(f64::from(rate) * seconds) as usize)
+            .map(|i| (0.5 * (2.0 * PI * frequency * i as f64 / f64::from(rate)).sin()) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn finds_the_tone() {
+        for (f, rate) in [(440.0, 8000), (880.0, 48000), (1000.0, 16000)] {
+            let found = dominant_frequency(&sine(f, rate, 0.5), rate).unwrap();
+            assert!((found - f).abs() <= 2.0, "{f} Hz at {rate}: found {found}");
+        }
+    }
+
+    #[test]
+    fn tells_two_tones_apart() {
+        let mix: Vec<f32> = sine(440.0, 8000, 1.0)
+            .iter()
+            .zip(sine(1000.0, 8000, 1.0))
+            .map(|(a, b)| a + b)
+            .collect();
+        assert!(tone_power(&mix, 8000, 440.0) > 0.05);
+        assert!(tone_power(&mix, 8000, 1000.0) > 0.05);
+        assert!(tone_power(&mix, 8000, 700.0) < 0.001);
+    }
+
+    #[test]
+    fn silence_has_no_frequency() {
+        assert_eq!(dominant_frequency(&vec![0.0; 8000], 8000), None);
+    }
+}

@@ -1,0 +1,48 @@
+# Shared by the scripts: system packages, the build, and the plugin's path.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+# Debian 12 packages the build, the pipelines and the tests need.
+SYSTEM_PACKAGES=(
+  build-essential pkg-config curl ca-certificates
+  libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
+  gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
+  libbcg729-dev meson ninja-build sox
+)
+
+# Installs whatever of SYSTEM_PACKAGES is missing (apt-get update only when needed).
+ensure_system_packages() {
+  local missing=()
+  for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "==> installing system packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] || {
+      echo "==> installing Rust (rustup)"
+      curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
+    }
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+}
+
+# Builds the workspace (release: the one profile everything uses) and puts
+# the plugin alone in target/gst-plugins, the directory for GST_PLUGIN_PATH.
+build_all() {
+  (cd "$ROOT" && cargo build --release --workspace)
+  mkdir -p "$ROOT/target/gst-plugins"
+  cp "$ROOT/target/release/libgstsipcc.so" "$ROOT/target/gst-plugins/"
+  export GST_PLUGIN_PATH="$ROOT/target/gst-plugins"
+  export PATH="$ROOT/target/release:$PATH"
+}
