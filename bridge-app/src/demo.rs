@@ -15,7 +15,7 @@ const OPUS_CAPS: &str =
 
 pub fn run(seconds: u32, tone: u32) -> anyhow::Result<()> {
     gst::init()?;
-    gstsipcc::plugin_register_static()?;
+    gstsipcc::register()?;
     let description = format!(
         "audiotestsrc is-live=true samplesperbuffer=160 freq={tone} volume=0.5 \
            ! audio/x-raw,rate=8000,channels=1 ! mulawenc ! rtppcmupay \

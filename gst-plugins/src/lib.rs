@@ -38,6 +38,23 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
         .expect("cannot start the plugin's tokio runtime")
 });
 
+/// Registers the linked-in elements for an application (or test) that links
+/// this crate. An installed copy of the plugin found on `GST_PLUGIN_PATH` is
+/// dropped first: two copies would each keep their own session registry, and
+/// a `sipsrc` from one could never share a socket with a `sipsink` from the other.
+pub fn register() -> Result<(), gst::glib::BoolError> {
+    let registry = gst::Registry::get();
+    if let Some(installed) = registry.find_plugin("sipcc")
+        && installed.filename().is_some()
+    {
+        registry.remove_plugin(&installed);
+    }
+    if registry.find_plugin("sipcc").is_some() {
+        return Ok(());
+    }
+    plugin_register_static()
+}
+
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     sipsrc::register(plugin)?;
     sipsink::register(plugin)?;

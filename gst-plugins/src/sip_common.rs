@@ -199,7 +199,7 @@ impl SessionProperties {
                         gst::element_warning!(
                             element,
                             gst::StreamError::Format,
-                            ["Ignoring sdp: {e}"]
+                            ("Ignoring sdp: {e}")
                         );
                         return None;
                     }
@@ -211,7 +211,7 @@ impl SessionProperties {
         // Changes to the peer apply at once to a running session (re-INVITE).
         if let Some(session) = self.session.lock().unwrap().as_ref() {
             if let Err(e) = apply_to_session(&settings, session) {
-                gst::element_warning!(element, gst::ResourceError::Settings, ["{e}"]);
+                gst::element_warning!(element, gst::ResourceError::Settings, ("{e}"));
             }
         }
         section
@@ -256,20 +256,20 @@ impl SessionProperties {
         let address: IpAddr = settings.local_address.parse().map_err(|_| {
             gst::error_msg!(
                 gst::ResourceError::Settings,
-                [
+                (
                     "local-address {:?} is not an IP address",
                     settings.local_address
-                ]
+                )
             )
         })?;
         if settings.port_range_min > settings.port_range_max {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
-                [
+                (
                     "port-range-min {} is above port-range-max {}",
                     settings.port_range_min,
                     settings.port_range_max
-                ]
+                )
             ));
         }
         let bind = BindConfig {
@@ -282,9 +282,9 @@ impl SessionProperties {
             rtcp_mux: settings.rtcp_mux,
         };
         let session = MediaSession::acquire(settings.session.as_deref(), &bind)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ["{e}"]))?;
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
         apply_to_session(&settings, &session)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ["{e}"]))?;
+            .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("{e}")))?;
         *self.session.lock().unwrap() = Some(session.clone());
         Ok(session)
     }

@@ -152,9 +152,11 @@ impl AudioEncoderImpl for G729Enc {
         drop(map);
         if length == 0 {
             gst::trace!(CAT, imp = self, "silence: frame not transmitted (Annex B)");
-            return self.obj().finish_frame(None, 1);
+            return self.obj().finish_frame(None, FRAME_SAMPLES as i32);
         }
-        self.obj()
-            .finish_frame(Some(gst::Buffer::from_slice(out[..length].to_vec())), 1)
+        self.obj().finish_frame(
+            Some(gst::Buffer::from_slice(out[..length].to_vec())),
+            FRAME_SAMPLES as i32,
+        )
     }
 }

@@ -61,6 +61,26 @@ pub enum RtpVerdict {
     Drop,
 }
 
+/// What a datagram on the RTP port is.
+#[derive(Debug)]
+pub enum Datagram<'a> {
+    Rtp(rtp_types::RtpPacket<'a>),
+    /// RTCP multiplexed on the RTP port (RFC 5761).
+    Rtcp,
+    Invalid(rtp_types::RtpParseError),
+}
+
+/// Sorts one received datagram; never panics, whatever the bytes.
+pub fn classify(data: &[u8]) -> Datagram<'_> {
+    if rtcp::looks_like_rtcp(data) {
+        return Datagram::Rtcp;
+    }
+    match rtp_types::RtpPacket::parse(data) {
+        Ok(packet) => Datagram::Rtp(packet),
+        Err(e) => Datagram::Invalid(e),
+    }
+}
+
 /// A snapshot of the session's counters, for the elements' `stats` property.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SessionStats {
@@ -719,6 +739,40 @@ fn bind_one(address: IpAddr, port: u16) -> io::Result<UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Whatever arrives on the port: sorted without panicking, and the
+        // session's accounting and RTCP parsing survive it too.
+        #[test]
+        fn any_datagram_is_handled(data in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let session = MediaSession::acquire(None, &loopback()).unwrap();
+            let from: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+            match classify(&data) {
+                Datagram::Rtp(p) => {
+                    session.on_rtp_received(from, p.ssrc(), p.sequence_number(), p.timestamp(), data.len(), 8000);
+                }
+                Datagram::Rtcp => session.on_rtcp_received(from, &data),
+                Datagram::Invalid(_) => session.count_invalid(),
+            }
+            let _ = session.stats();
+        }
+
+        #[test]
+        fn any_sequence_keeps_counts_consistent(seqs in proptest::collection::vec(any::<u16>(), 1..300)) {
+            let session = MediaSession::acquire(None, &loopback()).unwrap();
+            let from: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+            let mut accepted = 0u64;
+            for seq in &seqs {
+                if session.on_rtp_received(from, 7, *seq, 0, 172, 8000) == RtpVerdict::Accept {
+                    accepted += 1;
+                }
+            }
+            let stats = session.stats();
+            prop_assert_eq!(stats.packets_received, accepted);
+            prop_assert!(stats.packets_duplicated + accepted <= seqs.len() as u64);
+        }
+    }
 
     fn loopback() -> BindConfig {
         BindConfig {

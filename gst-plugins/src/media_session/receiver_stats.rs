@@ -28,6 +28,8 @@ pub struct ReceiverStats {
     pub ssrc: u32,
     base_seq: u32,
     max_seq: u16,
+    /// Until the first packet, `max_seq` is only the expected one.
+    awaiting_first: bool,
     cycles: u32,
     bad_seq: Option<u16>,
     /// Packets received once (duplicates are not counted).
@@ -51,6 +53,7 @@ impl ReceiverStats {
             ssrc,
             base_seq: 0,
             max_seq: 0,
+            awaiting_first: true,
             cycles: 0,
             bad_seq: None,
             received: 0,
@@ -71,7 +74,8 @@ impl ReceiverStats {
 
     fn restart(&mut self, seq: u16) {
         self.base_seq = u32::from(seq);
-        self.max_seq = seq.wrapping_sub(1);
+        self.max_seq = seq;
+        self.awaiting_first = true;
         self.cycles = 0;
         self.bad_seq = None;
         self.seen.fill(u32::MAX);
@@ -86,7 +90,11 @@ impl ReceiverStats {
         arrival: Instant,
     ) -> Arrival {
         let delta = seq.wrapping_sub(self.max_seq);
-        let extended = if delta < MAX_DROPOUT {
+        let extended = if self.awaiting_first {
+            self.awaiting_first = false;
+            self.max_seq = seq;
+            u32::from(seq)
+        } else if delta < MAX_DROPOUT {
             if seq < self.max_seq {
                 self.cycles = self.cycles.wrapping_add(1 << 16);
             }
@@ -101,7 +109,7 @@ impl ReceiverStats {
                 self.expected_prior = 0;
                 self.received_prior = 0;
                 self.restart(seq);
-                self.max_seq = seq;
+                self.awaiting_first = false;
                 u32::from(seq)
             } else {
                 self.bad_seq = Some(seq.wrapping_add(1));

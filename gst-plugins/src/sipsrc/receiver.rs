@@ -15,7 +15,7 @@ use gst_base::subclass::prelude::*;
 
 use super::imp::Shared;
 use crate::CAT;
-use crate::media_session::{MediaSession, RtpVerdict, rtcp};
+use crate::media_session::{Datagram, MediaSession, RtpVerdict, classify};
 
 #[derive(Default)]
 struct Timers {
@@ -136,12 +136,22 @@ impl PushSrcImpl for SipReceiver {
                     continue;
                 }
             };
-            if rtcp::looks_like_rtcp(&data) {
-                session.on_rtcp_received(from, &data);
-                continue;
-            }
-            if let Some(buffer) = self.accept_rtp(&session, from, &data) {
-                return Ok(CreateSuccess::NewBuffer(buffer));
+            match classify(&data) {
+                Datagram::Rtcp => session.on_rtcp_received(from, &data),
+                Datagram::Invalid(e) => {
+                    session.count_invalid();
+                    gst::debug!(
+                        CAT,
+                        imp = self,
+                        "dropped {} bytes from {from}: {e:?}",
+                        data.len()
+                    );
+                }
+                Datagram::Rtp(packet) => {
+                    if let Some(buffer) = self.accept_rtp(&session, from, &packet, &data) {
+                        return Ok(CreateSuccess::NewBuffer(buffer));
+                    }
+                }
             }
         }
     }
@@ -164,18 +174,9 @@ impl SipReceiver {
         &self,
         session: &MediaSession,
         from: std::net::SocketAddr,
+        packet: &rtp_types::RtpPacket,
         data: &[u8],
     ) -> Option<gst::Buffer> {
-        let Ok(packet) = rtp_types::RtpPacket::parse(data) else {
-            session.count_invalid();
-            gst::debug!(
-                CAT,
-                imp = self,
-                "dropped {} bytes from {from}: not RTP",
-                data.len()
-            );
-            return None;
-        };
         let payload_type = packet.payload_type();
         let Some(caps) = self.shared().caps_for(payload_type) else {
             session.count_unknown_payload_type();

@@ -1,0 +1,479 @@
+//! sipsrc/sipsink over real UDP sockets, against a plain socket standing for
+//! the phone: round trips, statistics under injected loss, reordering,
+//! duplicates and jitter, RTCP both ways, latching, the RTP timeout, and
+//! garbage on the port.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use gst_check::Harness;
+use rtcp_types::{Compound, Packet, RtcpPacketWriterExt};
+
+const PCMU: &str = "application/x-rtp,media=audio,payload=0,clock-rate=8000,encoding-name=PCMU";
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstsipcc::register().unwrap();
+    });
+}
+
+fn rtp(seq: u16, ssrc: u32, payload_type: u8) -> Vec<u8> {
+    rtp_types::RtpPacketBuilder::new()
+        .payload_type(payload_type)
+        .sequence_number(seq)
+        .timestamp(u32::from(seq) * 160)
+        .ssrc(ssrc)
+        .payload([0x55u8; 160].as_slice())
+        .write_vec()
+        .unwrap()
+}
+
+/// A plain UDP socket playing the phone.
+fn phone(address: &str) -> UdpSocket {
+    let socket = UdpSocket::bind((address, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    socket
+}
+
+fn src_harness(properties: &[(&str, &dyn ToValue)]) -> Harness {
+    init();
+    let src = gst::ElementFactory::make("sipsrc")
+        .property("local-address", "127.0.0.1")
+        .property("payload-map", PCMU.parse::<gst::Caps>().unwrap())
+        .property("stats-interval", 0u32)
+        .build()
+        .unwrap();
+    for (name, value) in properties {
+        src.set_property_from_value(name, &value.to_value());
+    }
+    let mut harness = Harness::with_element(&src, None, Some("src"));
+    // The jitter buffer plays out by the clock: a test clock would never advance.
+    harness.use_systemclock();
+    harness.play();
+    harness
+}
+
+fn sink_harness(properties: &[(&str, &dyn ToValue)]) -> Harness {
+    init();
+    let sink = gst::ElementFactory::make("sipsink")
+        .property("local-address", "127.0.0.1")
+        .build()
+        .unwrap();
+    for (name, value) in properties {
+        sink.set_property_from_value(name, &value.to_value());
+    }
+    let mut harness = Harness::with_element(&sink, Some("sink"), None);
+    harness.set_src_caps(PCMU.parse::<gst::Caps>().unwrap());
+    harness.play();
+    harness
+}
+
+fn local_port(harness: &Harness) -> u16 {
+    harness.element().unwrap().property::<u32>("local-port") as u16
+}
+
+fn stats(harness: &Harness) -> gst::Structure {
+    harness
+        .element()
+        .unwrap()
+        .property::<gst::Structure>("stats")
+}
+
+/// Polls the stats until `done` holds or 5 s pass.
+fn wait_for_stats(harness: &Harness, done: impl Fn(&gst::Structure) -> bool) -> gst::Structure {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = stats(harness);
+        if done(&s) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn push(harness: &mut Harness, packet: Vec<u8>) {
+    harness.push(gst::Buffer::from_mut_slice(packet)).unwrap();
+}
+
+fn round_trip(address: &str) {
+    let phone = phone(address);
+    let phone_address = phone.local_addr().unwrap();
+    let session = format!("round-trip-{address}");
+    let mut sink = sink_harness(&[
+        ("session", &session),
+        ("local-address", &address),
+        ("remote-address", &phone_address.ip().to_string()),
+        ("remote-port", &u32::from(phone_address.port())),
+    ]);
+    let mut src = src_harness(&[("session", &session), ("local-address", &address)]);
+    let bridge_port = local_port(&src);
+    assert_eq!(
+        bridge_port,
+        local_port(&sink),
+        "sipsrc and sipsink share one socket"
+    );
+
+    // Bridge → phone: the bytes arrive unchanged, from the port the bridge receives on.
+    let mut received = [0u8; 2048];
+    for seq in 0..5 {
+        let packet = rtp(seq, 0xabc, 0);
+        push(&mut sink, packet.clone());
+        let (len, from) = phone.recv_from(&mut received).unwrap();
+        assert_eq!(&received[..len], packet.as_slice());
+        assert_eq!(from.port(), bridge_port, "symmetric RTP");
+    }
+
+    // Phone → bridge: out of the jitter buffer in order.
+    let bridge: SocketAddr = SocketAddr::new(phone_address.ip(), bridge_port);
+    for seq in 100..105 {
+        phone.send_to(&rtp(seq, 0x1234, 0), bridge).unwrap();
+    }
+    for seq in 100..105 {
+        let buffer = src.pull().unwrap();
+        let map = buffer.map_readable().unwrap();
+        let packet = rtp_types::RtpPacket::parse(map.as_slice()).unwrap();
+        assert_eq!(packet.sequence_number(), seq);
+        assert_eq!(packet.ssrc(), 0x1234);
+    }
+    let s = stats(&src);
+    assert_eq!(s.get::<u64>("packets-received").unwrap(), 5);
+    assert_eq!(s.get::<u64>("packets-sent").unwrap(), 5);
+}
+
+#[test]
+fn packets_round_trip_over_ipv4() {
+    round_trip("127.0.0.1");
+}
+
+#[test]
+fn packets_round_trip_over_ipv6() {
+    round_trip("::1");
+}
+
+#[test]
+fn stats_count_loss_reordering_duplicates_and_garbage() {
+    let stranger = phone("127.0.0.1");
+    let phone = phone("127.0.0.1");
+    let phone_address = phone.local_addr().unwrap();
+    let mut src = src_harness(&[
+        ("latch", &false),
+        ("remote-address", &"127.0.0.1"),
+        ("remote-port", &u32::from(phone_address.port())),
+    ]);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+
+    // 0..100 with 5 lost, 3 pairs swapped and 2 packets sent twice.
+    let lost = [10u16, 20, 30, 40, 50];
+    let mut order: Vec<u16> = (0..100).filter(|s| !lost.contains(s)).collect();
+    for first in [60u16, 70, 80] {
+        let i = order.iter().position(|s| *s == first).unwrap();
+        order.swap(i, i + 1);
+    }
+    for duplicate in [90u16, 95] {
+        let i = order.iter().position(|s| *s == duplicate).unwrap();
+        order.insert(i + 1, duplicate);
+    }
+    for seq in &order {
+        phone.send_to(&rtp(*seq, 7, 0), bridge).unwrap();
+    }
+    // Garbage: too short, wrong version, an unknown payload type, a stranger.
+    phone.send_to(&[0x80, 0x00, 0x01], bridge).unwrap();
+    let mut wrong_version = rtp(200, 7, 0);
+    wrong_version[0] = 0x40;
+    phone.send_to(&wrong_version, bridge).unwrap();
+    phone.send_to(&rtp(201, 7, 99), bridge).unwrap();
+    stranger.send_to(&rtp(202, 8, 0), bridge).unwrap();
+
+    let s = wait_for_stats(&src, |s| {
+        s.get::<u64>("packets-received").unwrap() >= 95
+            && s.get::<u64>("packets-wrong-source").unwrap() >= 1
+    });
+    assert_eq!(s.get::<u64>("packets-received").unwrap(), 95, "{s}");
+    assert_eq!(s.get::<i64>("packets-lost").unwrap(), 5, "{s}");
+    assert_eq!(s.get::<u64>("packets-duplicated").unwrap(), 2, "{s}");
+    assert_eq!(s.get::<u64>("packets-reordered").unwrap(), 3, "{s}");
+    assert_eq!(s.get::<u64>("packets-invalid").unwrap(), 2, "{s}");
+    assert_eq!(s.get::<u64>("packets-unknown-pt").unwrap(), 1, "{s}");
+    assert_eq!(s.get::<u64>("packets-wrong-source").unwrap(), 1, "{s}");
+
+    // Everything accepted comes out, reordered back into sequence.
+    let mut previous = None;
+    for _ in 0..95 {
+        let buffer = src.pull().unwrap();
+        let map = buffer.map_readable().unwrap();
+        let seq = rtp_types::RtpPacket::parse(map.as_slice())
+            .unwrap()
+            .sequence_number();
+        assert!(previous.is_none_or(|p| seq > p), "{seq} after {previous:?}");
+        previous = Some(seq);
+    }
+}
+
+#[test]
+fn a_packet_after_the_jitter_buffer_played_out_counts_as_late() {
+    let phone = phone("127.0.0.1");
+    let src = src_harness(&[("latency", &20u32)]);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+    let start = Instant::now();
+    for seq in 0..30u16 {
+        if seq == 10 {
+            continue; // sent 300 ms late, below
+        }
+        std::thread::sleep(
+            (start + Duration::from_millis(u64::from(seq) * 20))
+                .saturating_duration_since(Instant::now()),
+        );
+        phone.send_to(&rtp(seq, 7, 0), bridge).unwrap();
+    }
+    phone.send_to(&rtp(10, 7, 0), bridge).unwrap();
+    let mut src = src;
+    for _ in 0..29 {
+        src.pull().unwrap();
+    }
+    let s = wait_for_stats(&src, |s| s.get::<u64>("packets-late").unwrap() >= 1);
+    assert_eq!(s.get::<u64>("packets-late").unwrap(), 1, "{s}");
+    assert_eq!(s.get::<u64>("packets-reordered").unwrap(), 1, "{s}");
+}
+
+#[test]
+fn jitter_estimate_follows_injected_jitter() {
+    let phone = phone("127.0.0.1");
+    let src = src_harness(&[]);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+    // Every other packet 10 ms late: |D| is 10 ms for each pair (RFC 3550 A.8).
+    let start = Instant::now();
+    for seq in 0..150u16 {
+        let due =
+            start + Duration::from_millis(u64::from(seq) * 20 + if seq % 2 == 1 { 10 } else { 0 });
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        phone.send_to(&rtp(seq, 7, 0), bridge).unwrap();
+    }
+    let s = wait_for_stats(&src, |s| s.get::<u64>("packets-received").unwrap() == 150);
+    let jitter_ms = s.get::<f64>("jitter-ms").unwrap();
+    assert!(
+        (jitter_ms - 10.0).abs() < 3.0,
+        "jitter {jitter_ms} ms, injected 10 ms"
+    );
+    assert_eq!(
+        s.get::<u32>("jitter").unwrap(),
+        (jitter_ms * 8.0) as u32,
+        "RTP units at 8 kHz"
+    );
+}
+
+#[test]
+fn rtcp_reports_go_both_ways_and_give_rtt() {
+    let phone = phone("127.0.0.1");
+    let phone_address = phone.local_addr().unwrap();
+    let phone_rtcp = UdpSocket::bind(("127.0.0.1", phone_address.port() + 1)).unwrap();
+    phone_rtcp
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut sink = sink_harness(&[
+        ("remote-address", &"127.0.0.1"),
+        ("remote-port", &u32::from(phone_address.port())),
+        ("rtcp-interval", &200u32),
+    ]);
+    for seq in 0..10 {
+        push(&mut sink, rtp(seq, 0x5151, 0));
+    }
+
+    // The phone sees a Sender Report about what the bridge sent.
+    let mut buffer = [0u8; 1500];
+    let (sender_report, bridge_rtcp) = loop {
+        let (len, from) = phone_rtcp.recv_from(&mut buffer).unwrap();
+        let compound: Vec<_> = Compound::parse(&buffer[..len])
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if let Some(Packet::Sr(sr)) = compound.first() {
+            break ((sr.ssrc(), sr.packet_count(), sr.ntp_timestamp()), from);
+        }
+    };
+    assert_eq!(sender_report.0, 0x5151);
+    assert_eq!(sender_report.1, 10);
+    assert_eq!(
+        bridge_rtcp.port(),
+        local_port(&sink) + 1,
+        "RTCP on the odd port"
+    );
+
+    // The phone answers with a Receiver Report quoting it, 30 ms later.
+    std::thread::sleep(Duration::from_millis(30));
+    let rr = rtcp_types::ReceiverReport::builder(0x7777).add_report_block(
+        rtcp_types::ReportBlock::builder(0x5151)
+            .last_sender_report_timestamp((sender_report.2 >> 16) as u32)
+            .delay_since_last_sender_report_timestamp((0.030 * 65536.0) as u32),
+    );
+    let mut packet = vec![0u8; 64];
+    let len = rr.write_into(&mut packet).unwrap();
+    phone_rtcp.send_to(&packet[..len], bridge_rtcp).unwrap();
+
+    let s = wait_for_stats(&sink, |s| s.get::<f64>("rtt-ms").unwrap() >= 0.0);
+    let rtt = s.get::<f64>("rtt-ms").unwrap();
+    assert!((0.0..25.0).contains(&rtt), "loopback RTT {rtt} ms");
+    assert!(s.get::<u64>("rtcp-received").unwrap() >= 1);
+    assert!(s.get::<u64>("rtcp-sent").unwrap() >= 1);
+}
+
+#[test]
+fn latch_follows_a_changed_source_port() {
+    let first = phone("127.0.0.1");
+    let second = phone("127.0.0.1");
+    let session = "latch-test";
+    let mut sink = sink_harness(&[("session", &session)]);
+    let src = src_harness(&[("session", &session)]);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+    let mut buffer = [0u8; 2048];
+
+    // No remote address yet: the first packet from the phone decides it.
+    first.send_to(&rtp(0, 42, 0), bridge).unwrap();
+    wait_for_stats(&src, |s| s.get::<u64>("packets-received").unwrap() == 1);
+    push(&mut sink, rtp(0, 1, 0));
+    first.recv_from(&mut buffer).unwrap();
+
+    // The phone's NAT mapping changes: same SSRC, new port. Media follows.
+    second.send_to(&rtp(1, 42, 0), bridge).unwrap();
+    let s = wait_for_stats(&src, |s| s.get::<u64>("packets-received").unwrap() == 2);
+    assert_eq!(
+        s.get::<String>("remote-address").unwrap(),
+        second.local_addr().unwrap().to_string()
+    );
+    push(&mut sink, rtp(1, 1, 0));
+    let (len, _) = second.recv_from(&mut buffer).unwrap();
+    assert_eq!(
+        rtp_types::RtpPacket::parse(&buffer[..len])
+            .unwrap()
+            .sequence_number(),
+        1
+    );
+}
+
+#[test]
+fn rtp_timeout_is_posted_once_per_silence() {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "sipsrc name=src local-address=127.0.0.1 timeout=300 stats-interval=0 payload-map=\"{PCMU}\" ! fakesink async=false"
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let timeout_message = |within: u64| {
+        bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(within),
+            &[gst::MessageType::Element],
+        )
+        .filter(|m| m.structure().is_some_and(|s| s.name() == "sip-rtp-timeout"))
+    };
+    let started = Instant::now();
+    let message = timeout_message(3000).expect("sip-rtp-timeout after 300 ms of silence");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        message.src().unwrap().name(),
+        "src",
+        "posted by sipsrc itself"
+    );
+    assert!(
+        message
+            .structure()
+            .unwrap()
+            .get::<u64>("silence-ms")
+            .unwrap()
+            >= 300
+    );
+    assert!(timeout_message(600).is_none(), "one message per silence");
+
+    // Media resumes, then stops again: a new timeout.
+    let src = pipeline.by_name("src").unwrap();
+    let bridge: SocketAddr = ([127, 0, 0, 1], src.property::<u32>("local-port") as u16).into();
+    phone("127.0.0.1").send_to(&rtp(0, 1, 0), bridge).unwrap();
+    assert!(
+        timeout_message(3000).is_some(),
+        "a second silence is reported too"
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+}
+
+#[test]
+fn random_datagrams_never_stop_the_stream() {
+    let phone = phone("127.0.0.1");
+    let mut src = src_harness(&[]);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..2000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = (seed % 300) as usize;
+        let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
+        phone.send_to(&bytes, bridge).unwrap();
+    }
+    phone.send_to(&rtp(1000, 99, 0), bridge).unwrap();
+    let buffer = src.pull().unwrap();
+    let map = buffer.map_readable().unwrap();
+    assert_eq!(
+        rtp_types::RtpPacket::parse(map.as_slice()).unwrap().ssrc(),
+        99
+    );
+}
+
+#[test]
+fn sdp_sets_payload_map_and_remote() {
+    init();
+    let src = gst::ElementFactory::make("sipsrc").build().unwrap();
+    src.set_property(
+        "sdp",
+        "m=audio 4000 RTP/AVP 8 101\r\nc=IN IP4 192.0.2.7\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=rtcp:4005\r\n",
+    );
+    assert_eq!(
+        src.property::<Option<String>>("remote-address").as_deref(),
+        Some("192.0.2.7")
+    );
+    assert_eq!(src.property::<u32>("remote-port"), 4000);
+    assert_eq!(src.property::<u32>("remote-rtcp-port"), 4005);
+    let caps = src.property::<gst::Caps>("payload-map");
+    assert_eq!(caps.size(), 2);
+    assert_eq!(
+        caps.structure(0)
+            .unwrap()
+            .get::<&str>("encoding-name")
+            .unwrap(),
+        "PCMA"
+    );
+    assert_eq!(
+        caps.structure(1)
+            .unwrap()
+            .get::<&str>("encoding-name")
+            .unwrap(),
+        "TELEPHONE-EVENT"
+    );
+}
+
+#[test]
+fn a_bad_local_address_is_an_error_naming_the_property() {
+    init();
+    let pipeline = gst::parse::launch("sipsrc local-address=not-an-ip ! fakesink").unwrap();
+    let _ = pipeline.set_state(gst::State::Playing);
+    let message = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error])
+        .expect("an error message");
+    let gst::MessageView::Error(error) = message.view() else {
+        unreachable!()
+    };
+    assert!(
+        error.error().to_string().contains("local-address"),
+        "{}",
+        error.error()
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+}
