@@ -92,9 +92,11 @@ pub fn run(seconds: u32, tone: u32) -> anyhow::Result<()> {
 
     let heard = heard.lock().unwrap();
     let tail = &heard[heard.len().min(48000 / 2)..];
-    match bridge_protocol::tone::dominant_frequency(tail, 48000) {
-        Some(f) => println!("The app side heard {f:.0} Hz (sent {tone} Hz)."),
-        None => return Err(anyhow!("the app side heard silence")),
+    let heard = bridge_protocol::tone::dominant_frequency(tail, 48000)
+        .ok_or_else(|| anyhow!("the app side heard silence"))?;
+    println!("The app side heard {heard:.0} Hz (sent {tone} Hz).");
+    if (heard - f64::from(tone)).abs() > f64::from(tone) * 0.05 {
+        return Err(anyhow!("the tone arrived as {heard:.0} Hz instead of {tone} Hz"));
     }
     Ok(())
 }

@@ -209,10 +209,10 @@ impl SessionProperties {
             other => unreachable!("not a session property: {other}"),
         }
         // Changes to the peer apply at once to a running session (re-INVITE).
-        if let Some(session) = self.session.lock().unwrap().as_ref() {
-            if let Err(e) = apply_to_session(&settings, session) {
-                gst::element_warning!(element, gst::ResourceError::Settings, ("{e}"));
-            }
+        if let Some(session) = self.session.lock().unwrap().as_ref()
+            && let Err(e) = apply_to_session(&settings, session)
+        {
+            gst::element_warning!(element, gst::ResourceError::Settings, ("{e}"));
         }
         section
     }
