@@ -96,7 +96,9 @@ pub fn run(seconds: u32, tone: u32) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("the app side heard silence"))?;
     println!("The app side heard {heard:.0} Hz (sent {tone} Hz).");
     if (heard - f64::from(tone)).abs() > f64::from(tone) * 0.05 {
-        return Err(anyhow!("the tone arrived as {heard:.0} Hz instead of {tone} Hz"));
+        return Err(anyhow!(
+            "the tone arrived as {heard:.0} Hz instead of {tone} Hz"
+        ));
     }
     Ok(())
 }

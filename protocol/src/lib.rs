@@ -5,5 +5,6 @@
 //! from `gst-launch-1.0` or driven by the bridge.
 
 pub mod codec;
+pub mod connectycube;
 pub mod sdp;
 pub mod tone;
