@@ -10,7 +10,7 @@ SYSTEM_PACKAGES=(
   libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
-  libbcg729-dev meson ninja-build sox
+  libbcg729-dev meson ninja-build sox chromium
 )
 
 # Installs whatever of SYSTEM_PACKAGES is missing (apt-get update only when needed).
@@ -25,6 +25,19 @@ ensure_system_packages() {
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# Node for the SDK tests (Debian's nodejs when none is installed), and the npm
+# packages of package-lock.json (the real ConnectyCube SDK, playwright-core)
+# installed into the repository.
+ensure_node_packages() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    SYSTEM_PACKAGES=(nodejs npm) ensure_system_packages
+  fi
+  if [ ! -f "$ROOT/node_modules/.package-lock.json" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
+    echo "==> installing npm packages (package-lock.json)"
+    (cd "$ROOT" && npm ci --no-audit --no-fund)
+  fi
 }
 
 ensure_rust() {

@@ -1,7 +1,6 @@
 //! `sip-cc-bridge`: the SIP ↔ ConnectyCube media gateway.
 
-mod analyze;
-mod demo;
+use sip_cc_bridge::{analyze, demo, sandbox};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +27,20 @@ enum Command {
         #[arg(long, default_value_t = 440)]
         tone: u32,
     },
+    /// Run the local ConnectyCube-compatible sandbox: REST, chat (XMPP over
+    /// WebSocket at /ws), the SDK at /connectycube.min.js and a demo page at /.
+    Sandbox {
+        /// Address and port to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        app_id: u64,
+        #[arg(long, default_value = "sandbox")]
+        auth_key: String,
+        /// Path of connectycube.min.js (default: found in node_modules).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Print the dominant frequency and level of WAV recordings.
     Analyze {
         files: Vec<PathBuf>,
@@ -47,6 +60,18 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Demo { seconds, tone } => demo::run(seconds, tone),
         Command::Analyze { files, expect } => analyze::run(&files, expect),
+        Command::Sandbox {
+            listen,
+            app_id,
+            auth_key,
+            sdk,
+        } => run_sandbox(sandbox::SandboxConfig {
+            listen,
+            app_id,
+            auth_key,
+            sdk_path: sdk,
+            ..Default::default()
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,4 +80,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_sandbox(config: sandbox::SandboxConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (app_id, auth_key) = (config.app_id, config.auth_key.clone());
+        let running = sandbox::Sandbox::start(config).await?;
+        let address = running.address;
+        println!("ConnectyCube sandbox on http://{address}/ (application id {app_id}, auth key {auth_key:?})");
+        println!("  REST: http://{address}   chat: ws://{address}/ws   SDK: http://{address}/connectycube.min.js");
+        println!("  Open http://localhost:{}/ in a browser (localhost, for WebRTC). Ctrl-C stops.", address.port());
+        tokio::signal::ctrl_c().await?;
+        drop(running);
+        Ok(())
+    })
 }

@@ -4,6 +4,7 @@
 pub mod rest;
 pub mod signaling;
 pub mod xml;
+pub mod xmpp;
 
 /// The application's keys, from the ConnectyCube dashboard.
 #[derive(Clone)]

@@ -1,0 +1,6 @@
+//! The `sip-cc-bridge` runtime: its commands, and the local
+//! ConnectyCube-compatible sandbox.
+
+pub mod analyze;
+pub mod demo;
+pub mod sandbox;

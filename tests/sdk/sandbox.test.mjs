@@ -1,0 +1,74 @@
+// The sandbox proven with the real ConnectyCube JS SDK 6.1.2 in headless
+// Chromium: two browser users sign in and call each other through it, and
+// each hears the other's microphone tone.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startSandbox, launchBrowser, signedInPage, waitFor, has, hears, sleep } from './harness.mjs';
+
+let sandbox, browserA, browserB, alice, bob;
+
+before(async () => {
+  sandbox = await startSandbox();
+  [browserA, browserB] = await Promise.all([launchBrowser(440), launchBrowser(660)]);
+  alice = await signedInPage(browserA, sandbox, 'alice', 'pw-a', '?answerTimeout=5');
+  bob = await signedInPage(browserB, sandbox, 'bob', 'pw-b');
+});
+
+after(async () => {
+  await Promise.all([browserA?.close(), browserB?.close()]);
+  await sandbox?.stop();
+});
+
+test('users are created by their first session and keep their password', async () => {
+  assert.notEqual(alice.userId, bob.userId);
+  const again = await signedInPage(browserA, sandbox, 'alice', 'pw-a');
+  assert.equal(again.userId, alice.userId);
+  await again.page.close();
+  const wrong = await browserA.newPage();
+  await wrong.goto(sandbox.url);
+  await wrong.waitForFunction(() => window.demo !== undefined);
+  const refused = await wrong.evaluate(() => window.demo.signIn('alice', 'not-her-password').then(() => null, (e) => e.code));
+  assert.equal(refused, 401);
+  await wrong.close();
+});
+
+test('an audio call connects and each side hears the other', async () => {
+  await bob.page.evaluate(() => window.demo.setAutoAnswer(true));
+  await alice.page.evaluate(() => window.demo.call('bob'));
+  await waitFor('bob to see the call', () => has(bob, 'incoming call'));
+  await waitFor('alice to see the accept', () => has(alice, 'accepted'));
+  await hears(alice, 660);
+  await hears(bob, 440);
+  await alice.page.evaluate(() => window.demo.hangUp());
+  await waitFor('bob to see the hang-up', () => has(bob, 'hung up'));
+  await bob.page.evaluate(() => window.demo.setAutoAnswer(false));
+});
+
+test('a rejected call reaches the caller with the reason', async () => {
+  await sleep(500);
+  await bob.page.evaluate(() => window.demo.rejectNextCall({ busy: true }));
+  await alice.page.evaluate(() => window.demo.call('bob'));
+  const rejected = await waitFor('alice to see the reject', () =>
+    alice.page.evaluate(() => window.demo.events.filter((e) => e.kind === 'rejected').pop()));
+  assert.match(rejected.detail, /"busy":"true"/);
+});
+
+test('the callee can hang up', async () => {
+  await sleep(500);
+  await bob.page.evaluate(() => window.demo.setAutoAnswer(true));
+  const count = (peer, kind) => peer.page.evaluate((k) => window.demo.events.filter((e) => e.kind === k).length, kind);
+  const before = await count(alice, 'hung up');
+  const answered = await count(bob, 'answered');
+  await alice.page.evaluate(() => window.demo.call('bob'));
+  await waitFor('bob to answer', async () => (await count(bob, 'answered')) > answered);
+  await hears(alice, 660);
+  await bob.page.evaluate(() => window.demo.hangUp());
+  await waitFor('alice to see the hang-up', async () => (await count(alice, 'hung up')) > before);
+  await bob.page.evaluate(() => window.demo.setAutoAnswer(false));
+});
+
+test('an unanswered call times out at the caller', async () => {
+  await sleep(500);
+  await alice.page.evaluate(() => window.demo.call('bob'));
+  await waitFor('alice to give up', () => has(alice, 'no answer'), 15000);
+});
