@@ -10,7 +10,7 @@ SYSTEM_PACKAGES=(
   libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
-  libbcg729-dev meson ninja-build sox chromium
+  libbcg729-dev meson ninja-build sox chromium iproute2
 )
 
 # Installs whatever of SYSTEM_PACKAGES is missing (apt-get update only when needed).
@@ -58,4 +58,31 @@ build_all() {
   cp "$ROOT/target/release/libgstsipcc.so" "$ROOT/target/gst-plugins/"
   export GST_PLUGIN_PATH="$ROOT/target/gst-plugins"
   export PATH="$ROOT/target/release:$PATH"
+}
+
+# Runs a command inside a network namespace made for it: loopback plus a veth
+# pair with documentation-range addresses and no route out. WebRTC peers
+# (Chromium ignores loopback) talk over the veth; nothing leaves the namespace.
+in_test_netns() {
+  local ns="sipcc-test-$$" status
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if ! $sudo ip netns add "$ns" 2>/dev/null; then
+    echo "warning: cannot create a network namespace (needs root); running on the host" >&2
+    "$@"
+    return
+  fi
+  $sudo ip netns exec "$ns" sh -e -c '
+    ip link set lo up
+    ip link add veth-a type veth peer name veth-b
+    ip addr add 192.0.2.50/32 dev veth-a
+    ip addr add 192.0.2.51/32 dev veth-b
+    ip link set veth-a up
+    ip link set veth-b up
+    ip route add 192.0.2.51 dev veth-a
+    ip route add 192.0.2.50 dev veth-b'
+  $sudo ip netns exec "$ns" "$@"
+  status=$?
+  $sudo ip netns del "$ns"
+  return $status
 }

@@ -1,0 +1,233 @@
+//! Shared by the bridge-app tests: the real sandbox process, Rust ConnectyCube
+//! users, and browser users (the real SDK in Chromium) as child processes.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bridge_protocol::connectycube::rest::{RestClient, UserSession};
+use bridge_protocol::connectycube::signaling::{CallSignal, ReceivedSignal};
+use bridge_protocol::connectycube::xmpp::{Chat, ChatConfig, ChatEvent};
+use bridge_protocol::connectycube::{AppCredentials, UserCredentials};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+pub const APP_ID: u64 = 1;
+pub const AUTH_KEY: &str = "sandbox";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `sip-cc-bridge sandbox` as a child process; killed when dropped.
+pub struct SandboxProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl SandboxProcess {
+    pub fn start(port: u16) -> SandboxProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
+            .args(["sandbox", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the sip-cc-bridge binary runs");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("ConnectyCube sandbox on"),
+            "sandbox did not start: {line}"
+        );
+        // Keep reading: a closed pipe would kill the sandbox at its next line.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        SandboxProcess { child, port }
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn chat_url(&self) -> String {
+        format!("ws://localhost:{}/ws", self.port)
+    }
+}
+
+impl Drop for SandboxProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Rust ConnectyCube user: REST session and chat, with signals collected.
+pub struct RustUser {
+    pub user_id: u64,
+    pub chat: Chat,
+    pub events: mpsc::UnboundedReceiver<ChatEvent>,
+    pub session: Arc<UserSession>,
+}
+
+pub fn app() -> AppCredentials {
+    AppCredentials {
+        app_id: APP_ID,
+        auth_key: AUTH_KEY.into(),
+        auth_secret: None,
+    }
+}
+
+impl RustUser {
+    pub async fn sign_in(api_url: &str, chat_url: &str, login: &str, password: &str) -> RustUser {
+        let session = Arc::new(UserSession::new(
+            RestClient::new(api_url, app()),
+            UserCredentials::Login {
+                login: login.into(),
+                password: password.into(),
+            },
+        ));
+        let user_id = session.session().await.expect("session").user_id;
+        let source = session.clone();
+        let (chat, mut events) = Chat::start(ChatConfig {
+            url: chat_url.into(),
+            domain: "localhost".into(),
+            user_id,
+            app_id: APP_ID,
+            // Each (re)connection signs in again: a restarted server knows no tokens.
+            password: Arc::new(move || {
+                let source = source.clone();
+                Box::pin(async move {
+                    source.renew().await.map_err(|e| e.to_string())?;
+                    source.chat_password().await.map_err(|e| e.to_string())
+                })
+            }),
+            keepalive: Duration::from_secs(2),
+        });
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(ChatEvent::Online { .. })) => {}
+            other => panic!("{login} did not come online: {other:?}"),
+        }
+        RustUser {
+            user_id,
+            chat,
+            events,
+            session,
+        }
+    }
+
+    pub fn send_signal(&self, to_user: u64, signal: &CallSignal) {
+        let to = format!("{to_user}-{APP_ID}@localhost");
+        self.chat
+            .send(&signal.to_stanza(&to, &format!("{:024x}", rand::random::<u128>() >> 32)));
+    }
+
+    /// The next call signal that satisfies `wanted`, within `within`.
+    pub async fn signal(
+        &mut self,
+        within: Duration,
+        wanted: impl Fn(&ReceivedSignal) -> bool,
+    ) -> ReceivedSignal {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("timed out waiting for a call signal")
+                .expect("chat ended");
+            if let ChatEvent::Stanza(stanza) = event
+                && let Ok(signal) = CallSignal::from_stanza(&stanza)
+                && wanted(&signal)
+            {
+                return signal;
+            }
+        }
+    }
+}
+
+/// A browser user: `tests/sdk/browser-peer.mjs` (the real SDK in Chromium).
+pub struct BrowserPeer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub user_id: u64,
+}
+
+impl BrowserPeer {
+    pub fn start(sandbox_url: &str, login: &str, password: &str, tone: u32) -> BrowserPeer {
+        let mut child = Command::new("node")
+            .arg(repo_root().join("tests/sdk/browser-peer.mjs"))
+            .args([sandbox_url, login, password, &tone.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node runs");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("browser peer failed to start: {line:?}"));
+        let user_id = ready["userId"].as_u64().unwrap();
+        BrowserPeer {
+            child,
+            stdin,
+            stdout,
+            user_id,
+        }
+    }
+
+    pub fn command(&mut self, command: Value) -> Value {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let answer: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("bad answer {line:?}"));
+        assert_eq!(answer["ok"], true, "{command} failed: {answer}");
+        answer["value"].clone()
+    }
+
+    /// Waits until the page logged an event of `kind`; returns its detail.
+    pub fn wait_event(&mut self, kind: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let events = self.command(json!({"op": "events"}));
+            if let Some(e) = events
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|e| e["kind"] == kind)
+            {
+                return e["detail"].as_str().unwrap_or_default().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {kind:?} event; events: {events}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for BrowserPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
