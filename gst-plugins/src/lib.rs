@@ -3,6 +3,8 @@
 //! - `sipsrc` / `sipsink`: RTP and RTCP toward SIP phones over one symmetric
 //!   UDP socket pair, shared through a `session` name.
 //! - `g729enc` / `g729dec`: G.729 (Annex A, with Annex B VAD/CNG) on libbcg729.
+//! - `connectycubesink` / `connectycubesrc`: the WebRTC leg toward ConnectyCube
+//!   apps, on one `webrtcbin` per call shared through a `session` name.
 //!
 //! Build as a cdylib for `GST_PLUGIN_PATH`, or link the rlib and call
 //! [`plugin_register_static`].
@@ -10,6 +12,10 @@
 use std::sync::LazyLock;
 
 mod bcg729;
+mod call_session;
+mod cc_common;
+mod connectycubesink;
+mod connectycubesrc;
 mod g729dec;
 mod g729enc;
 pub mod media_session;
@@ -60,6 +66,8 @@ fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     sipsink::register(plugin)?;
     g729enc::register(plugin)?;
     g729dec::register(plugin)?;
+    connectycubesink::register(plugin)?;
+    connectycubesrc::register(plugin)?;
     Ok(())
 }
 

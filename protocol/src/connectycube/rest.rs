@@ -146,6 +146,20 @@ impl RestClient {
             })
     }
 
+    /// `GET /users/by_login.json`: a user's id from their login.
+    pub async fn user_id_by_login(&self, token: &str, login: &str) -> Result<u64, RestError> {
+        let route = format!("users/by_login.json?login={}", url_escape(login));
+        let response = self
+            .request(reqwest::Method::GET, &route, Some(token), None)
+            .await?;
+        response["user"]["id"]
+            .as_u64()
+            .ok_or_else(|| RestError::BadBody {
+                url: self.url(&route),
+                problem: "no user.id".into(),
+            })
+    }
+
     /// `DELETE /session.json`.
     pub async fn destroy_session(&self, token: &str) -> Result<(), RestError> {
         self.request(reqwest::Method::DELETE, "session.json", Some(token), None)
@@ -229,6 +243,17 @@ impl RestClient {
             problem: e.to_string(),
         })
     }
+}
+
+fn url_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// HMAC-SHA1 over the sorted `key=value&…` string, nested keys as `user[login]`

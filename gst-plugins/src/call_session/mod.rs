@@ -1,0 +1,721 @@
+//! The WebRTC call that `connectycubesink` and `connectycubesrc` share through
+//! their `session` name: one `webrtcbin` (one RTCPeerConnection per call, as
+//! the ConnectyCube SDK expects) in an internal pipeline of its own. Sinks
+//! feed it through `appsrc`s; what arrives leaves through `appsink`s into the
+//! sources' queues. Stand-alone signalling lives in [`signalling`].
+
+mod signalling;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+use gst::glib;
+use gst::prelude::*;
+use tokio::sync::mpsc;
+
+pub use signalling::SignallingSettings;
+
+use crate::CAT;
+
+/// Received packets kept for a source that is not reading (about 2 s of audio).
+const MAX_QUEUED: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[enum_type(name = "GstConnectyCubeMedia")]
+pub enum MediaKind {
+    #[default]
+    #[enum_value(name = "Audio", nick = "audio")]
+    Audio,
+    #[enum_value(name = "Video", nick = "video")]
+    Video,
+}
+
+impl MediaKind {
+    fn of_caps(caps: &gst::CapsRef) -> MediaKind {
+        match caps.structure(0).and_then(|s| s.get::<&str>("media").ok()) {
+            Some("video") => MediaKind::Video,
+            _ => MediaKind::Audio,
+        }
+    }
+
+    /// What a receive-only transceiver offers.
+    fn receive_caps(self) -> gst::Caps {
+        match self {
+            MediaKind::Audio => gst::Caps::builder("application/x-rtp")
+                .field("media", "audio")
+                .field("encoding-name", "OPUS")
+                .field("payload", 111)
+                .field("clock-rate", 48000)
+                .field("encoding-params", "2")
+                .build(),
+            MediaKind::Video => gst::Caps::builder("application/x-rtp")
+                .field("media", "video")
+                .field("encoding-name", "VP8")
+                .field("payload", 96)
+                .field("clock-rate", 90000)
+                .build(),
+        }
+    }
+}
+
+/// Settings of a call, from the element that creates it.
+#[derive(Debug, Clone, Default)]
+pub struct CallSettings {
+    pub stun_server: Option<String>,
+    pub turn_server: Option<String>,
+    pub signalling: Option<SignallingSettings>,
+}
+
+struct Sender {
+    id: u64,
+    appsrc: Option<gst_app::AppSrc>,
+    /// Payload type the peer expects, when it differs from the payloader's.
+    payload_type: Option<u8>,
+}
+
+#[derive(Default)]
+struct Queue {
+    packets: VecDeque<gst::Sample>,
+}
+
+#[derive(Default)]
+struct Inner {
+    senders: Vec<Sender>,
+    next_sender: u64,
+    receivers: HashMap<MediaKind, usize>,
+    negotiation_scheduled: bool,
+    /// Remote candidates that came before the remote description.
+    early_candidates: Vec<(u32, String)>,
+    remote_description_set: bool,
+}
+
+/// Why a call ended, as the elements report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallEnd(pub String);
+
+pub struct CallSession {
+    name: String,
+    pipeline: gst::Pipeline,
+    webrtcbin: gst::Element,
+    settings: CallSettings,
+    inner: Mutex<Inner>,
+    queues: Mutex<HashMap<MediaKind, Queue>>,
+    arrived: Condvar,
+    ended: Mutex<Option<CallEnd>>,
+    started: AtomicBool,
+    signalling: Mutex<Option<mpsc::UnboundedSender<signalling::Command>>>,
+    last_stats: Mutex<Option<gst::Structure>>,
+}
+
+static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<CallSession>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl CallSession {
+    /// Joins the call called `name`, or sets it up with `settings`.
+    pub fn acquire(
+        name: &str,
+        settings: &CallSettings,
+    ) -> Result<Arc<CallSession>, gst::ErrorMessage> {
+        let mut sessions = SESSIONS.lock().unwrap();
+        sessions.retain(|_, w| w.strong_count() > 0);
+        if let Some(existing) = sessions.get(name).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let session = Arc::new(Self::build(name, settings.clone())?);
+        sessions.insert(name.to_owned(), Arc::downgrade(&session));
+        Ok(session)
+    }
+
+    fn build(name: &str, settings: CallSettings) -> Result<CallSession, gst::ErrorMessage> {
+        let missing = |what: &str| {
+            gst::error_msg!(
+                gst::CoreError::MissingPlugin,
+                ("{what} is missing (gst-plugins-bad webrtc, gstreamer1.0-nice)")
+            )
+        };
+        let pipeline = gst::Pipeline::with_name(&format!("connectycube-{name}"));
+        let webrtcbin = gst::ElementFactory::make("webrtcbin")
+            .name("webrtcbin")
+            .property_from_str("bundle-policy", "max-bundle")
+            .build()
+            .map_err(|_| missing("webrtcbin"))?;
+        if let Some(stun) = &settings.stun_server {
+            webrtcbin.set_property("stun-server", stun);
+        }
+        if let Some(turn) = &settings.turn_server {
+            webrtcbin.set_property("turn-server", turn);
+        }
+        // libnice would otherwise send UPnP/SSDP multicast out of the machine.
+        let ice_agent = webrtcbin.property::<glib::Object>("ice-agent");
+        if ice_agent.has_property("agent") {
+            let agent = ice_agent.property::<glib::Object>("agent");
+            agent.set_property("upnp", false);
+        }
+        pipeline.add(&webrtcbin).map_err(|_| missing("webrtcbin"))?;
+        Ok(CallSession {
+            name: name.to_owned(),
+            pipeline,
+            webrtcbin,
+            settings,
+            inner: Mutex::new(Inner::default()),
+            queues: Mutex::new(HashMap::new()),
+            arrived: Condvar::new(),
+            ended: Mutex::new(None),
+            started: AtomicBool::new(false),
+            signalling: Mutex::new(None),
+            last_stats: Mutex::new(None),
+        })
+    }
+
+    /// Starts the internal pipeline and, with credentials, the signalling.
+    pub fn start(self: &Arc<Self>) -> Result<(), gst::ErrorMessage> {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        self.webrtcbin.connect_pad_added(move |_, pad| {
+            if let Some(session) = weak.upgrade() {
+                session.on_incoming_pad(pad);
+            }
+        });
+        let weak = Arc::downgrade(self);
+        self.webrtcbin
+            .connect_notify(Some("connection-state"), move |webrtcbin, _| {
+                let state =
+                    webrtcbin.property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state");
+                gst::info!(CAT, obj = webrtcbin, "connection state {state:?}");
+                if state == gst_webrtc::WebRTCPeerConnectionState::Failed
+                    && let Some(session) = weak.upgrade()
+                {
+                    session.end("ICE/DTLS connection failed");
+                }
+            });
+        self.pipeline.set_state(gst::State::Playing).map_err(|_| {
+            gst::error_msg!(
+                gst::CoreError::StateChange,
+                ("cannot start the WebRTC pipeline of call {}", self.name)
+            )
+        })?;
+        if let Some(settings) = self.settings.signalling.clone() {
+            let commands = signalling::start(Arc::downgrade(self), settings);
+            *self.signalling.lock().unwrap() = Some(commands);
+        }
+        self.poll_stats();
+        Ok(())
+    }
+
+    fn signal(&self, command: signalling::Command) {
+        if let Some(commands) = self.signalling.lock().unwrap().as_ref() {
+            let _ = commands.send(command);
+        }
+    }
+
+    // ---- senders (connectycubesink) -------------------------------------
+
+    pub fn add_sender(self: &Arc<Self>) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        inner.next_sender += 1;
+        let id = inner.next_sender;
+        inner.senders.push(Sender {
+            id,
+            appsrc: None,
+            payload_type: None,
+        });
+        id
+    }
+
+    /// The sender's caps are known: give it a path into webrtcbin.
+    pub fn set_sender_caps(
+        self: &Arc<Self>,
+        id: u64,
+        caps: &gst::Caps,
+    ) -> Result<(), gst::ErrorMessage> {
+        let appsrc = gst_app::AppSrc::builder()
+            .caps(caps)
+            .is_live(true)
+            .format(gst::Format::Time)
+            .do_timestamp(true)
+            .build();
+        self.pipeline.add(&appsrc).map_err(|_| {
+            gst::error_msg!(
+                gst::CoreError::Negotiation,
+                ("cannot add a stream to call {}", self.name)
+            )
+        })?;
+        let sink_pad = self
+            .webrtcbin
+            .request_pad_simple("sink_%u")
+            .ok_or_else(|| {
+                gst::error_msg!(
+                    gst::CoreError::Negotiation,
+                    ("webrtcbin refused another stream")
+                )
+            })?;
+        appsrc
+            .static_pad("src")
+            .unwrap()
+            .link(&sink_pad)
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::CoreError::Negotiation,
+                    ("cannot link {caps} into webrtcbin: {e:?}")
+                )
+            })?;
+        let _ = appsrc.sync_state_with_parent();
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
+            sender.appsrc = Some(appsrc);
+        }
+        drop(inner);
+        self.schedule_negotiation();
+        Ok(())
+    }
+
+    /// Hands one RTP packet to webrtcbin.
+    pub fn push(&self, id: u64, mut buffer: gst::Buffer) -> Result<(), CallEnd> {
+        if let Some(end) = self.ended.lock().unwrap().clone() {
+            return Err(end);
+        }
+        let inner = self.inner.lock().unwrap();
+        let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
+            return Ok(());
+        };
+        let (Some(appsrc), payload_type) = (sender.appsrc.clone(), sender.payload_type) else {
+            return Ok(());
+        };
+        drop(inner);
+        if let Some(pt) = payload_type {
+            rewrite_payload_type(buffer.make_mut(), pt);
+        }
+        let _ = appsrc.push_buffer(buffer);
+        Ok(())
+    }
+
+    pub fn remove_sender(&self, id: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(sender) = inner.senders.iter().find(|s| s.id == id)
+            && let Some(appsrc) = &sender.appsrc
+        {
+            let _ = appsrc.end_of_stream();
+        }
+        inner.senders.retain(|s| s.id != id);
+    }
+
+    // ---- receivers (connectycubesrc) ------------------------------------
+
+    pub fn add_receiver(self: &Arc<Self>, kind: MediaKind) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .receivers
+            .entry(kind)
+            .or_default() += 1;
+        self.schedule_negotiation();
+    }
+
+    pub fn remove_receiver(&self, kind: MediaKind) {
+        if let Some(count) = self.inner.lock().unwrap().receivers.get_mut(&kind) {
+            *count = count.saturating_sub(1);
+        }
+        self.arrived.notify_all();
+    }
+
+    /// The next received packet of `kind`, waiting at most `wait`.
+    pub fn pull(&self, kind: MediaKind, wait: Duration) -> Result<Option<gst::Sample>, CallEnd> {
+        let queues = self.queues.lock().unwrap();
+        let (mut queues, _) = self
+            .arrived
+            .wait_timeout_while(queues, wait, |q| {
+                q.get(&kind).is_none_or(|q| q.packets.is_empty())
+                    && self.ended.lock().unwrap().is_none()
+            })
+            .unwrap();
+        if let Some(sample) = queues.get_mut(&kind).and_then(|q| q.packets.pop_front()) {
+            return Ok(Some(sample));
+        }
+        match self.ended.lock().unwrap().clone() {
+            Some(end) => Err(end),
+            None => Ok(None),
+        }
+    }
+
+    fn on_incoming_pad(self: &Arc<Self>, pad: &gst::Pad) {
+        if pad.direction() != gst::PadDirection::Src {
+            return;
+        }
+        let kind = pad
+            .current_caps()
+            .map(|c| MediaKind::of_caps(&c))
+            .unwrap_or_default();
+        gst::info!(CAT, obj = pad, "receiving {kind:?}");
+        let appsink = gst_app::AppSink::builder().sync(false).build();
+        let weak = Arc::downgrade(self);
+        appsink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    if let Some(session) = weak.upgrade() {
+                        let mut queues = session.queues.lock().unwrap();
+                        let queue = &mut queues.entry(kind).or_default().packets;
+                        if queue.len() >= MAX_QUEUED {
+                            queue.pop_front();
+                        }
+                        queue.push_back(sample);
+                        session.arrived.notify_all();
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        let _ = self.pipeline.add(&appsink);
+        let _ = pad.link(&appsink.static_pad("sink").unwrap());
+        let _ = appsink.sync_state_with_parent();
+    }
+
+    // ---- negotiation ----------------------------------------------------
+
+    /// Once every sender knows its caps, negotiation may begin (after a short
+    /// pause, so that all streams of a pipeline are in the offer).
+    fn schedule_negotiation(self: &Arc<Self>) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.negotiation_scheduled || inner.senders.iter().any(|s| s.appsrc.is_none()) {
+            return;
+        }
+        inner.negotiation_scheduled = true;
+        drop(inner);
+        let weak = Arc::downgrade(self);
+        crate::RUNTIME.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Some(session) = weak.upgrade() {
+                session.add_receive_only_transceivers();
+                session.signal(signalling::Command::MediaReady);
+            }
+        });
+    }
+
+    /// Media we only receive needs a transceiver of its own in an offer.
+    fn add_receive_only_transceivers(&self) {
+        let inner = self.inner.lock().unwrap();
+        let sending: Vec<MediaKind> = inner
+            .senders
+            .iter()
+            .filter_map(|s| s.appsrc.as_ref()?.caps().map(|c| MediaKind::of_caps(&c)))
+            .collect();
+        for (kind, count) in &inner.receivers {
+            if *count > 0 && !sending.contains(kind) {
+                self.webrtcbin.emit_by_name::<glib::Object>(
+                    "add-transceiver",
+                    &[
+                        &gst_webrtc::WebRTCRTPTransceiverDirection::Recvonly,
+                        &kind.receive_caps(),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Creates the local offer and waits for ICE gathering, so that every
+    /// candidate is in the SDP (the SDK drops trickled ones before `accept`).
+    pub(crate) async fn create_offer(self: &Arc<Self>) -> Result<String, String> {
+        let offer = self.promise("create-offer", None).await?;
+        let offer = offer
+            .value("offer")
+            .ok()
+            .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
+            .ok_or("webrtcbin made no offer")?;
+        self.set_local(&offer).await
+    }
+
+    /// Applies the remote offer and answers it.
+    pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+        self.set_remote(gst_webrtc::WebRTCSDPType::Offer, offer_sdp)
+            .await?;
+        let answer = self.promise("create-answer", None).await?;
+        let answer = answer
+            .value("answer")
+            .ok()
+            .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
+            .ok_or("webrtcbin made no answer")?;
+        self.set_local(&answer).await
+    }
+
+    pub(crate) async fn set_remote(
+        self: &Arc<Self>,
+        kind: gst_webrtc::WebRTCSDPType,
+        sdp: &str,
+    ) -> Result<(), String> {
+        let message = gst_sdp::SDPMessage::parse_buffer(sdp.as_bytes())
+            .map_err(|_| "the peer's SDP does not parse".to_owned())?;
+        self.adopt_payload_types(&message);
+        let description = gst_webrtc::WebRTCSessionDescription::new(kind, message);
+        self.promise("set-remote-description", Some(&description))
+            .await?;
+        let early = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.remote_description_set = true;
+            std::mem::take(&mut inner.early_candidates)
+        };
+        for (mline, candidate) in early {
+            self.webrtcbin
+                .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate]);
+        }
+        Ok(())
+    }
+
+    /// A remote ICE candidate; held until the remote description is set.
+    pub(crate) fn add_remote_candidate(&self, mline: u32, candidate: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if !inner.remote_description_set {
+            inner.early_candidates.push((mline, candidate.to_owned()));
+            return;
+        }
+        drop(inner);
+        self.webrtcbin
+            .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate]);
+    }
+
+    /// When the peer numbered a codec differently from our payloader, rewrite
+    /// the payload type of what we send (headers only, no transcoding).
+    fn adopt_payload_types(&self, remote: &gst_sdp::SDPMessage) {
+        let mut inner = self.inner.lock().unwrap();
+        for sender in &mut inner.senders {
+            let Some(caps) = sender.appsrc.as_ref().and_then(|a| a.caps()) else {
+                continue;
+            };
+            let Some(s) = caps.structure(0) else { continue };
+            let (Ok(name), Ok(ours)) = (s.get::<&str>("encoding-name"), s.get::<i32>("payload"))
+            else {
+                continue;
+            };
+            let theirs = remote.medias().flat_map(|m| m.attributes()).find_map(|a| {
+                let (pt, codec) = a.value()?.split_once(' ')?;
+                (a.key() == "rtpmap" && codec.split('/').next()?.eq_ignore_ascii_case(name))
+                    .then(|| pt.parse::<u8>().ok())
+                    .flatten()
+            });
+            sender.payload_type = theirs.filter(|pt| i32::from(*pt) != ours);
+        }
+    }
+
+    async fn set_local(
+        self: &Arc<Self>,
+        description: &gst_webrtc::WebRTCSessionDescription,
+    ) -> Result<String, String> {
+        self.promise("set-local-description", Some(description))
+            .await?;
+        let (done, gathered) = tokio::sync::oneshot::channel();
+        let done = Mutex::new(Some(done));
+        let handler =
+            self.webrtcbin
+                .connect_notify(Some("ice-gathering-state"), move |webrtcbin, _| {
+                    if webrtcbin
+                        .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
+                        == gst_webrtc::WebRTCICEGatheringState::Complete
+                        && let Some(done) = done.lock().unwrap().take()
+                    {
+                        let _ = done.send(());
+                    }
+                });
+        let complete = self
+            .webrtcbin
+            .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
+            == gst_webrtc::WebRTCICEGatheringState::Complete;
+        if !complete {
+            // Host candidates come at once; STUN/TURN may take a while.
+            let _ = tokio::time::timeout(Duration::from_secs(5), gathered).await;
+        }
+        self.webrtcbin.disconnect(handler);
+        let local = self
+            .webrtcbin
+            .property::<Option<gst_webrtc::WebRTCSessionDescription>>("local-description")
+            .ok_or("no local description")?;
+        let text = local.sdp().as_text().map_err(|e| e.to_string())?;
+        Ok(with_trickle_option(&text))
+    }
+
+    async fn promise(
+        &self,
+        signal: &str,
+        argument: Option<&gst_webrtc::WebRTCSessionDescription>,
+    ) -> Result<gst::Structure, String> {
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let reply = Mutex::new(Some(reply));
+        let promise = gst::Promise::with_change_func(move |result| {
+            let value = match result {
+                Ok(Some(s)) => Ok(s.to_owned()),
+                Ok(None) => Ok(gst::Structure::new_empty("empty")),
+                Err(e) => Err(format!("{e:?}")),
+            };
+            if let Some(reply) = reply.lock().unwrap().take() {
+                let _ = reply.send(value);
+            }
+        });
+        match argument {
+            Some(description) => self
+                .webrtcbin
+                .emit_by_name::<()>(signal, &[description, &promise]),
+            None => self
+                .webrtcbin
+                .emit_by_name::<()>(signal, &[&None::<gst::Structure>, &promise]),
+        }
+        let result = tokio::time::timeout(Duration::from_secs(10), replied)
+            .await
+            .map_err(|_| format!("webrtcbin did not answer {signal}"))?
+            .map_err(|_| format!("{signal} was abandoned"))??;
+        if let Ok(error) = result.get::<glib::Error>("error") {
+            return Err(format!("{signal}: {error}"));
+        }
+        Ok(result)
+    }
+
+    // ---- end of call and statistics ------------------------------------
+
+    /// Ends the call (remote hang-up, reject, timeout, ICE failure).
+    pub(crate) fn end(&self, reason: &str) {
+        let mut ended = self.ended.lock().unwrap();
+        if ended.is_some() {
+            return;
+        }
+        gst::info!(CAT, "call {} ended: {reason}", self.name);
+        *ended = Some(CallEnd(reason.to_owned()));
+        drop(ended);
+        self.arrived.notify_all();
+    }
+
+    pub fn ended(&self) -> Option<CallEnd> {
+        self.ended.lock().unwrap().clone()
+    }
+
+    pub fn stats(&self) -> gst::Structure {
+        let mut stats = gst::Structure::builder("connectycube-stats")
+            .field("session", &self.name)
+            .field(
+                "connection-state",
+                format!(
+                    "{:?}",
+                    self.webrtcbin
+                        .property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state")
+                )
+                .to_lowercase(),
+            )
+            .field(
+                "ice-connection-state",
+                format!(
+                    "{:?}",
+                    self.webrtcbin
+                        .property::<gst_webrtc::WebRTCICEConnectionState>("ice-connection-state")
+                )
+                .to_lowercase(),
+            )
+            .field("ended", self.ended().map(|e| e.0).unwrap_or_default())
+            .build();
+        if let Some(webrtc) = self.last_stats.lock().unwrap().as_ref() {
+            summarize_webrtc_stats(webrtc, &mut stats);
+        }
+        stats
+    }
+
+    fn poll_stats(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        crate::RUNTIME.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(session) = weak.upgrade() else {
+                    return;
+                };
+                if let Ok(stats) = session.promise_stats().await {
+                    *session.last_stats.lock().unwrap() = Some(stats);
+                }
+            }
+        });
+    }
+
+    async fn promise_stats(&self) -> Result<gst::Structure, String> {
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let reply = Mutex::new(Some(reply));
+        let promise = gst::Promise::with_change_func(move |result| {
+            if let (Ok(Some(s)), Some(reply)) = (result, reply.lock().unwrap().take()) {
+                let _ = reply.send(s.to_owned());
+            }
+        });
+        self.webrtcbin
+            .emit_by_name::<()>("get-stats", &[&None::<gst::Pad>, &promise]);
+        tokio::time::timeout(Duration::from_secs(2), replied)
+            .await
+            .map_err(|_| "no stats".to_owned())?
+            .map_err(|_| "no stats".to_owned())
+    }
+}
+
+impl Drop for CallSession {
+    fn drop(&mut self) {
+        if let Some(commands) = self.signalling.lock().unwrap().take() {
+            let _ = commands.send(signalling::Command::HangUp);
+        }
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// RTT, loss, jitter, bitrate and ICE state from webrtcbin's stats.
+fn summarize_webrtc_stats(webrtc: &gst::Structure, out: &mut gst::Structure) {
+    let (
+        mut packets_received,
+        mut packets_lost,
+        mut bytes_received,
+        mut bytes_sent,
+        mut packets_sent,
+    ) = (0u64, 0i64, 0u64, 0u64, 0u64);
+    let (mut jitter, mut rtt) = (0f64, -1f64);
+    for (_, value) in webrtc.iter() {
+        let Ok(s) = value.get::<gst::Structure>() else {
+            continue;
+        };
+        match s.get::<gst_webrtc::WebRTCStatsType>("type") {
+            Ok(gst_webrtc::WebRTCStatsType::InboundRtp) => {
+                packets_received += s.get::<u64>("packets-received").unwrap_or(0);
+                packets_lost += s.get::<i64>("packets-lost").unwrap_or(0);
+                bytes_received += s.get::<u64>("bytes-received").unwrap_or(0);
+                jitter = jitter.max(s.get::<f64>("jitter").unwrap_or(0.0));
+            }
+            Ok(gst_webrtc::WebRTCStatsType::OutboundRtp) => {
+                packets_sent += s.get::<u64>("packets-sent").unwrap_or(0);
+                bytes_sent += s.get::<u64>("bytes-sent").unwrap_or(0);
+            }
+            Ok(gst_webrtc::WebRTCStatsType::RemoteInboundRtp) => {
+                if let Ok(r) = s.get::<f64>("round-trip-time") {
+                    rtt = r * 1000.0;
+                }
+            }
+            _ => {}
+        }
+    }
+    out.set("packets-received", packets_received);
+    out.set("packets-lost", packets_lost);
+    out.set("bytes-received", bytes_received);
+    out.set("packets-sent", packets_sent);
+    out.set("bytes-sent", bytes_sent);
+    out.set("jitter-ms", jitter * 1000.0);
+    out.set("rtt-ms", rtt);
+}
+
+fn rewrite_payload_type(buffer: &mut gst::BufferRef, payload_type: u8) {
+    if let Ok(mut map) = buffer.map_writable()
+        && map.len() >= 12
+    {
+        map[1] = (map[1] & 0x80) | (payload_type & 0x7f);
+    }
+}
+
+/// The SDK trickles candidates only to peers whose SDP says it can take them.
+fn with_trickle_option(sdp: &str) -> String {
+    if sdp.contains("a=ice-options:trickle") {
+        return sdp.to_owned();
+    }
+    match sdp.find("\r\nm=") {
+        Some(at) => format!("{}\r\na=ice-options:trickle{}", &sdp[..at], &sdp[at..]),
+        None => format!("{sdp}a=ice-options:trickle\r\n"),
+    }
+}

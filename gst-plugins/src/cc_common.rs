@@ -1,0 +1,271 @@
+//! What `connectycubesink` and `connectycubesrc` share: the call they join
+//! (by `session` name), its ICE servers, and the credentials for stand-alone
+//! signalling.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridge_protocol::connectycube::AppCredentials;
+use gst::glib;
+use gst::prelude::*;
+
+use crate::call_session::{CallSession, CallSettings, SignallingSettings};
+
+const DEFAULT_SESSION: &str = "default";
+const DEFAULT_API_URL: &str = "https://api.connectycube.com";
+const DEFAULT_CHAT_URL: &str = "wss://chat.connectycube.com:5291";
+const DEFAULT_CHAT_DOMAIN: &str = "chat.connectycube.com";
+const DEFAULT_ANSWER_TIMEOUT_S: u32 = 60;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    session: String,
+    app_id: u32,
+    auth_key: Option<String>,
+    auth_secret: Option<String>,
+    login: Option<String>,
+    password: Option<String>,
+    api_url: String,
+    chat_url: String,
+    chat_domain: String,
+    peer: Option<String>,
+    answer_timeout: u32,
+    stun_server: Option<String>,
+    turn_server: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            session: DEFAULT_SESSION.into(),
+            app_id: 0,
+            auth_key: None,
+            auth_secret: None,
+            login: None,
+            password: None,
+            api_url: DEFAULT_API_URL.into(),
+            chat_url: DEFAULT_CHAT_URL.into(),
+            chat_domain: DEFAULT_CHAT_DOMAIN.into(),
+            peer: None,
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT_S,
+            stun_server: None,
+            turn_server: None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct CallProperties {
+    settings: Mutex<Settings>,
+    call: Mutex<Option<Arc<CallSession>>>,
+}
+
+fn string(
+    name: &'static str,
+    nick: &'static str,
+    blurb: &'static str,
+    default: Option<&'static str>,
+) -> glib::ParamSpec {
+    glib::ParamSpecString::builder(name)
+        .nick(nick)
+        .blurb(blurb)
+        .default_value(default)
+        .mutable_ready()
+        .build()
+}
+
+impl CallProperties {
+    pub fn properties() -> Vec<glib::ParamSpec> {
+        vec![
+            string(
+                "session",
+                "Session",
+                "Name shared by the connectycubesink/src elements of one call (one RTCPeerConnection)",
+                Some(DEFAULT_SESSION),
+            ),
+            glib::ParamSpecUInt::builder("app-id")
+                .nick("Application id")
+                .blurb("ConnectyCube application id (stand-alone signalling)")
+                .mutable_ready()
+                .build(),
+            string(
+                "auth-key",
+                "Auth key",
+                "ConnectyCube application auth key",
+                None,
+            ),
+            string(
+                "auth-secret",
+                "Auth secret",
+                "Auth secret: sessions are then signed (legacy form)",
+                None,
+            ),
+            string(
+                "login",
+                "Login",
+                "Login of the ConnectyCube user this pipeline signs in as; set it for stand-alone signalling",
+                None,
+            ),
+            string("password", "Password", "That user's password", None),
+            string(
+                "api-url",
+                "API URL",
+                "REST endpoint (endpoints.api_url)",
+                Some(DEFAULT_API_URL),
+            ),
+            string(
+                "chat-url",
+                "Chat URL",
+                "XMPP WebSocket endpoint (chatProtocol.websocket)",
+                Some(DEFAULT_CHAT_URL),
+            ),
+            string(
+                "chat-domain",
+                "Chat domain",
+                "JID domain (endpoints.chat)",
+                Some(DEFAULT_CHAT_DOMAIN),
+            ),
+            string(
+                "peer",
+                "Peer",
+                "User id or login to call; unset: answer the first incoming call",
+                None,
+            ),
+            glib::ParamSpecUInt::builder("answer-timeout")
+                .nick("Answer timeout")
+                .blurb("Seconds to wait for the peer to answer (or for a call to come)")
+                .minimum(1)
+                .default_value(DEFAULT_ANSWER_TIMEOUT_S)
+                .mutable_ready()
+                .build(),
+            string("stun-server", "STUN server", "stun://host:port", None),
+            string(
+                "turn-server",
+                "TURN server",
+                "turn(s)://user:password@host:port",
+                None,
+            ),
+            glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                .nick("Statistics")
+                .blurb("Connection and ICE state, packets, loss, jitter, RTT and bytes of the call")
+                .read_only()
+                .build(),
+        ]
+    }
+
+    pub fn set_property(&self, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap();
+        let text = || {
+            value
+                .get::<Option<String>>()
+                .unwrap()
+                .filter(|t| !t.is_empty())
+        };
+        match pspec.name() {
+            "session" => s.session = text().unwrap_or_else(|| DEFAULT_SESSION.into()),
+            "app-id" => s.app_id = value.get().unwrap(),
+            "auth-key" => s.auth_key = text(),
+            "auth-secret" => s.auth_secret = text(),
+            "login" => s.login = text(),
+            "password" => s.password = text(),
+            "api-url" => s.api_url = text().unwrap_or_else(|| DEFAULT_API_URL.into()),
+            "chat-url" => s.chat_url = text().unwrap_or_else(|| DEFAULT_CHAT_URL.into()),
+            "chat-domain" => s.chat_domain = text().unwrap_or_else(|| DEFAULT_CHAT_DOMAIN.into()),
+            "peer" => s.peer = text(),
+            "answer-timeout" => s.answer_timeout = value.get().unwrap(),
+            "stun-server" => s.stun_server = text(),
+            "turn-server" => s.turn_server = text(),
+            other => unreachable!("not a call property: {other}"),
+        }
+    }
+
+    pub fn property(&self, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings.lock().unwrap();
+        match pspec.name() {
+            "session" => s.session.to_value(),
+            "app-id" => s.app_id.to_value(),
+            "auth-key" => s.auth_key.to_value(),
+            // Secrets are write-only.
+            "auth-secret" | "password" => None::<String>.to_value(),
+            "login" => s.login.to_value(),
+            "api-url" => s.api_url.to_value(),
+            "chat-url" => s.chat_url.to_value(),
+            "chat-domain" => s.chat_domain.to_value(),
+            "peer" => s.peer.to_value(),
+            "answer-timeout" => s.answer_timeout.to_value(),
+            "stun-server" => s.stun_server.to_value(),
+            "turn-server" => s.turn_server.to_value(),
+            "stats" => self
+                .call
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or_else(
+                    || gst::Structure::new_empty("connectycube-stats"),
+                    |c| c.stats(),
+                )
+                .to_value(),
+            other => unreachable!("not a call property: {other}"),
+        }
+    }
+
+    /// Joins the call; with `login` set this element also brings the signalling.
+    pub fn join(&self) -> Result<Arc<CallSession>, gst::ErrorMessage> {
+        let s = self.settings.lock().unwrap().clone();
+        let signalling = match &s.login {
+            None => None,
+            Some(login) => {
+                let missing = |key: &str| {
+                    gst::error_msg!(
+                        gst::ResourceError::Settings,
+                        ("{key} is needed with login (stand-alone signalling)")
+                    )
+                };
+                if s.app_id == 0 {
+                    return Err(missing("app-id"));
+                }
+                Some(SignallingSettings {
+                    app: AppCredentials {
+                        app_id: s.app_id.into(),
+                        auth_key: s.auth_key.clone().ok_or_else(|| missing("auth-key"))?,
+                        auth_secret: s.auth_secret.clone(),
+                    },
+                    login: login.clone(),
+                    password: s.password.clone().ok_or_else(|| missing("password"))?,
+                    api_url: s.api_url.clone(),
+                    chat_url: s.chat_url.clone(),
+                    chat_domain: s.chat_domain.clone(),
+                    peer: s.peer.clone(),
+                    answer_timeout: Duration::from_secs(s.answer_timeout.into()),
+                })
+            }
+        };
+        let call = CallSession::acquire(
+            &s.session,
+            &CallSettings {
+                stun_server: s.stun_server,
+                turn_server: s.turn_server,
+                signalling,
+            },
+        )?;
+        *self.call.lock().unwrap() = Some(call.clone());
+        Ok(call)
+    }
+
+    pub fn leave(&self) {
+        self.call.lock().unwrap().take();
+    }
+
+    pub fn call(&self) -> Option<Arc<CallSession>> {
+        self.call.lock().unwrap().clone()
+    }
+}
+
+/// Tells the application once that the call is over, and why.
+pub fn post_call_ended(element: &gst::Element, reason: &str) {
+    gst::info!(crate::CAT, obj = element, "call ended: {reason}");
+    let s = gst::Structure::builder("connectycube-call-ended")
+        .field("reason", reason)
+        .build();
+    let _ = element.post_message(gst::message::Element::builder(s).src(element).build());
+}

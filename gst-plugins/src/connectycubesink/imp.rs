@@ -1,0 +1,126 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::prelude::*;
+
+use crate::cc_common::{CallProperties, post_call_ended};
+
+#[derive(Default)]
+pub struct ConnectyCubeSink {
+    call: CallProperties,
+    sender: Mutex<Option<u64>>,
+    has_caps: AtomicBool,
+    ended_posted: AtomicBool,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for ConnectyCubeSink {
+    const NAME: &'static str = "GstConnectyCubeSink";
+    type Type = super::ConnectyCubeSink;
+    type ParentType = gst_base::BaseSink;
+}
+
+impl ObjectImpl for ConnectyCubeSink {
+    fn constructed(&self) {
+        self.parent_constructed();
+        // A call is live: never wait for preroll, never hold packets for the clock.
+        self.obj().set_async(false);
+        self.obj().set_sync(false);
+    }
+
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> =
+            LazyLock::new(CallProperties::properties);
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        self.call.set_property(value, pspec);
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        self.call.property(pspec)
+    }
+}
+
+impl GstObjectImpl for ConnectyCubeSink {}
+
+impl ElementImpl for ConnectyCubeSink {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "ConnectyCube sink",
+                "Sink/Network/WebRTC",
+                "Sends an RTP stream into a ConnectyCube P2P call (webrtcbin); places the call itself when given credentials and a peer",
+                "sip-cc-bridge developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = gst::Caps::builder("application/x-rtp").build();
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .unwrap(),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BaseSinkImpl for ConnectyCubeSink {
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let call = self.call.join()?;
+        *self.sender.lock().unwrap() = Some(call.add_sender());
+        self.has_caps.store(false, Ordering::SeqCst);
+        self.ended_posted.store(false, Ordering::SeqCst);
+        call.start()
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        if let (Some(call), Some(id)) = (self.call.call(), self.sender.lock().unwrap().take()) {
+            call.remove_sender(id);
+        }
+        self.call.leave();
+        Ok(())
+    }
+
+    fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        // The stream's codec is fixed for the call; later caps only refine it.
+        if self.has_caps.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (Some(call), Some(id)) = (self.call.call(), *self.sender.lock().unwrap()) else {
+            return Err(gst::loggable_error!(crate::CAT, "not started"));
+        };
+        call.set_sender_caps(id, caps)
+            .map_err(|e| gst::loggable_error!(crate::CAT, "{e:?}"))
+    }
+
+    fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let (Some(call), Some(id)) = (self.call.call(), *self.sender.lock().unwrap()) else {
+            return Err(gst::FlowError::Flushing);
+        };
+        match call.push(id, buffer.clone()) {
+            Ok(()) => Ok(gst::FlowSuccess::Ok),
+            Err(end) => {
+                if !self.ended_posted.swap(true, Ordering::SeqCst) {
+                    post_call_ended(self.obj().upcast_ref(), &end.0);
+                }
+                // Upstream then sends EOS, and the pipeline ends cleanly.
+                Err(gst::FlowError::Eos)
+            }
+        }
+    }
+}
