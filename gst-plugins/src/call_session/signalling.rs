@@ -84,7 +84,6 @@ struct Active {
     session_id: String,
     call_type: CallType,
     caller: u64,
-    answered: bool,
 }
 
 struct Call {
@@ -184,11 +183,9 @@ impl Call {
     }
 
     async fn wait_media_ready(&mut self) -> Result<(), String> {
-        loop {
-            match self.commands.recv().await {
-                Some(Command::MediaReady) => return Ok(()),
-                Some(Command::HangUp) | None => return Err("hung up locally".into()),
-            }
+        match self.commands.recv().await {
+            Some(Command::MediaReady) => Ok(()),
+            Some(Command::HangUp) | None => Err("hung up locally".into()),
         }
     }
 
@@ -206,7 +203,6 @@ impl Call {
             session_id: session_id.clone(),
             call_type,
             caller: self.user_id,
-            answered: false,
         });
         let mut call = CallSignal::new(
             SignalType::Call,
@@ -230,9 +226,6 @@ impl Call {
                         self.session()?
                             .set_remote(gst_webrtc::WebRTCSDPType::Answer, &answer)
                             .await?;
-                        if let Some(active) = self.active.as_mut() {
-                            active.answered = true;
-                        }
                         return self.in_call().await;
                     }
                     SignalType::Reject => {
@@ -278,7 +271,6 @@ impl Call {
             session_id: signal.session_id.clone(),
             call_type: signal.call_type,
             caller: offer.from_user_id,
-            answered: true,
         });
         self.wait_media_ready().await?;
         let answer = self
@@ -350,7 +342,6 @@ impl Call {
                 vec![active.peer],
             );
             self.send(active.peer, &signal);
-            let _ = active.answered;
         }
         // Give the stanza a moment to leave before the chat closes.
         if let Some((chat, events)) = self.chat.take() {
