@@ -9,7 +9,7 @@ use bridge_protocol::connectycube::AppCredentials;
 use gst::glib;
 use gst::prelude::*;
 
-use crate::call_session::{CallSession, CallSettings, SignallingSettings};
+use crate::call_session::{CallEnd, CallSession, CallSettings, SignallingSettings};
 
 const DEFAULT_SESSION: &str = "default";
 const DEFAULT_API_URL: &str = "https://api.connectycube.com";
@@ -261,11 +261,19 @@ impl CallProperties {
     }
 }
 
-/// Tells the application once that the call is over, and why.
-pub fn post_call_ended(element: &gst::Element, reason: &str) {
-    gst::info!(crate::CAT, obj = element, "call ended: {reason}");
+/// Tells the application that the call is over, and why; returns how the
+/// element's stream ends: EOS after a normal end, an error after a failure.
+pub fn call_over(element: &gst::Element, end: &CallEnd) -> gst::FlowError {
+    gst::info!(crate::CAT, obj = element, "call ended: {}", end.reason);
     let s = gst::Structure::builder("connectycube-call-ended")
-        .field("reason", reason)
+        .field("reason", &end.reason)
+        .field("error", end.error)
         .build();
     let _ = element.post_message(gst::message::Element::builder(s).src(element).build());
+    if end.error {
+        gst::element_error!(element, gst::ResourceError::Failed, ("{}", end.reason));
+        gst::FlowError::Error
+    } else {
+        gst::FlowError::Eos
+    }
 }

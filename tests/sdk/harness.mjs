@@ -2,7 +2,7 @@
 // start headless Chromium with a fake microphone playing a known tone, open
 // the sandbox's demo page (the real connectycube.min.js) and drive it.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -83,3 +83,30 @@ export const frequency = (peer) => peer.page.evaluate(() => window.demo.dominant
 export async function hears(peer, hz) {
   return waitFor(`${peer.login} to hear ${hz} Hz`, async () => Math.abs((await frequency(peer)) - hz) < 15, 20000);
 }
+
+/** Runs gst-launch-1.0 on a description (shell-quoted like a pipelines/ file) in `dir`. */
+export function launch(description, dir) {
+  const env = { ...process.env, GST_PLUGIN_PATH: process.env.GST_PLUGIN_PATH || join(root, 'target', 'gst-plugins') };
+  const child = spawn('sh', ['-c', `exec gst-launch-1.0 -e -m ${description}`], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (d) => { output += d; });
+  child.stderr.on('data', (d) => { output += d; });
+  const exited = new Promise((resolve) => child.on('close', (code) => resolve(code)));
+  return { output: () => output, exited, kill: () => child.kill('SIGINT') };
+}
+
+/** A pipelines/ file's description, pointed at this sandbox. */
+export function pipelineFile(name, sandbox, replacements = {}) {
+  let text = readFileSync(join(root, 'pipelines', `${name}.pipeline`), 'utf8')
+    .split('\n').filter((l) => !l.trim().startsWith('#')).join(' ')
+    .replaceAll(':8080', `:${sandbox.port}`);
+  for (const [from, to] of Object.entries(replacements)) text = text.replaceAll(from, to);
+  return text;
+}
+
+/** The dominant frequency of a WAV file, by `sip-cc-bridge analyze`. */
+export function analyze(file, expectHz) {
+  return execFileSync(bridgeBinary, ['analyze', '--expect', String(expectHz), file], { encoding: 'utf8' });
+}
+
+export const scratchDir = scratch;

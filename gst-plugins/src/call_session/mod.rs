@@ -91,9 +91,32 @@ struct Inner {
     remote_description_set: bool,
 }
 
-/// Why a call ended, as the elements report it.
+/// Why a call ended, as the elements report it. A normal end (hang-up,
+/// reject, no answer) ends the stream; a failure (sign-in, chat, ICE) is an
+/// error of the pipeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallEnd(pub String);
+pub struct CallEnd {
+    pub reason: String,
+    pub error: bool,
+}
+
+impl CallEnd {
+    pub fn normal(reason: impl Into<String>) -> Self {
+        CallEnd {
+            reason: reason.into(),
+            error: false,
+        }
+    }
+}
+
+impl From<String> for CallEnd {
+    fn from(reason: String) -> Self {
+        CallEnd {
+            reason,
+            error: true,
+        }
+    }
+}
 
 pub struct CallSession {
     name: String,
@@ -189,7 +212,7 @@ impl CallSession {
                 if state == gst_webrtc::WebRTCPeerConnectionState::Failed
                     && let Some(session) = weak.upgrade()
                 {
-                    session.end("ICE/DTLS connection failed");
+                    session.end(CallEnd::from("ICE/DTLS connection failed".to_owned()));
                 }
             });
         self.pipeline.set_state(gst::State::Playing).map_err(|_| {
@@ -574,13 +597,13 @@ impl CallSession {
     // ---- end of call and statistics ------------------------------------
 
     /// Ends the call (remote hang-up, reject, timeout, ICE failure).
-    pub(crate) fn end(&self, reason: &str) {
+    pub(crate) fn end(&self, end: CallEnd) {
         let mut ended = self.ended.lock().unwrap();
         if ended.is_some() {
             return;
         }
-        gst::info!(CAT, "call {} ended: {reason}", self.name);
-        *ended = Some(CallEnd(reason.to_owned()));
+        gst::info!(CAT, "call {} ended: {}", self.name, end.reason);
+        *ended = Some(end);
         drop(ended);
         self.arrived.notify_all();
     }
@@ -610,7 +633,7 @@ impl CallSession {
                 )
                 .to_lowercase(),
             )
-            .field("ended", self.ended().map(|e| e.0).unwrap_or_default())
+            .field("ended", self.ended().map(|e| e.reason).unwrap_or_default())
             .build();
         if let Some(webrtc) = self.last_stats.lock().unwrap().as_ref() {
             summarize_webrtc_stats(webrtc, &mut stats);

@@ -14,7 +14,7 @@ use bridge_protocol::connectycube::{AppCredentials, UserCredentials};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::CallSession;
+use super::{CallEnd, CallSession};
 use crate::CAT;
 
 /// The SDK resends `call` this often until it is answered.
@@ -66,11 +66,12 @@ pub fn start(
             chat: None,
             user_id: 0,
             active: None,
+            media_ready: false,
         };
-        if let Err(reason) = call.run().await {
-            gst::warning!(CAT, "call ended: {reason}");
+        if let Err(end) = call.run().await {
+            gst::warning!(CAT, "call ended: {}", end.reason);
             if let Some(session) = call.session.upgrade() {
-                session.end(&reason);
+                session.end(end);
             }
         }
         call.hang_up();
@@ -93,16 +94,18 @@ struct Call {
     chat: Option<(Chat, mpsc::UnboundedReceiver<ChatEvent>)>,
     user_id: u64,
     active: Option<Active>,
+    /// Every local stream is known (it may come while waiting for a call).
+    media_ready: bool,
 }
 
 impl Call {
-    fn session(&self) -> Result<Arc<CallSession>, String> {
+    fn session(&self) -> Result<Arc<CallSession>, CallEnd> {
         self.session
             .upgrade()
-            .ok_or_else(|| "the pipeline is gone".to_owned())
+            .ok_or_else(|| CallEnd::normal("the pipeline is gone"))
     }
 
-    async fn run(&mut self) -> Result<(), String> {
+    async fn run(&mut self) -> Result<(), CallEnd> {
         let rest = RestClient::new(&self.settings.api_url, self.settings.app.clone());
         let user = Arc::new(UserSession::new(
             rest.clone(),
@@ -143,9 +146,13 @@ impl Call {
         match tokio::time::timeout(Duration::from_secs(15), events.recv()).await {
             Ok(Some(ChatEvent::Online { jid })) => gst::info!(CAT, "chat online as {jid}"),
             Ok(Some(ChatEvent::Offline { reason, .. })) => {
-                return Err(format!("chat sign-in failed: {reason}"));
+                return Err(format!("chat sign-in failed: {reason}").into());
             }
-            _ => return Err("chat did not come online within 15 s".into()),
+            _ => {
+                return Err(CallEnd::from(
+                    "chat did not come online within 15 s".to_owned(),
+                ));
+            }
         }
         self.chat = Some((chat, events));
         match peer {
@@ -157,14 +164,17 @@ impl Call {
     async fn next_signal(
         &mut self,
         until: Option<Instant>,
-    ) -> Result<Option<ReceivedSignal>, String> {
+    ) -> Result<Option<ReceivedSignal>, CallEnd> {
         let (_, events) = self.chat.as_mut().expect("signed in");
         loop {
             let event = tokio::select! {
                 event = events.recv() => event,
                 command = self.commands.recv() => match command {
-                    Some(Command::HangUp) | None => return Err("hung up locally".into()),
-                    Some(Command::MediaReady) => continue,
+                    Some(Command::HangUp) | None => return Err(CallEnd::normal("hung up locally")),
+                    Some(Command::MediaReady) => {
+                        self.media_ready = true;
+                        continue;
+                    }
                 },
                 _ = sleep_until(until) => return Ok(None),
             };
@@ -177,19 +187,25 @@ impl Call {
                     gst::warning!(CAT, "chat offline ({reason}); reconnecting")
                 }
                 Some(ChatEvent::Online { .. }) => {}
-                None => return Err("chat ended".into()),
+                None => return Err(CallEnd::from("chat ended".to_owned())),
             }
         }
     }
 
-    async fn wait_media_ready(&mut self) -> Result<(), String> {
+    async fn wait_media_ready(&mut self) -> Result<(), CallEnd> {
+        if self.media_ready {
+            return Ok(());
+        }
         match self.commands.recv().await {
-            Some(Command::MediaReady) => Ok(()),
-            Some(Command::HangUp) | None => Err("hung up locally".into()),
+            Some(Command::MediaReady) => {
+                self.media_ready = true;
+                Ok(())
+            }
+            Some(Command::HangUp) | None => Err(CallEnd::normal("hung up locally")),
         }
     }
 
-    async fn place_call(&mut self, peer: u64) -> Result<(), String> {
+    async fn place_call(&mut self, peer: u64) -> Result<(), CallEnd> {
         self.wait_media_ready().await?;
         let offer = self.session()?.create_offer().await?;
         let call_type = if offer.contains("m=video") {
@@ -230,36 +246,36 @@ impl Call {
                     }
                     SignalType::Reject => {
                         self.active = None;
-                        return Err(format!(
+                        return Err(CallEnd::normal(format!(
                             "rejected by user {peer}{}",
                             describe(&received.signal.user_info)
-                        ));
+                        )));
                     }
                     SignalType::HangUp => {
                         self.active = None;
-                        return Err(format!("hung up by user {peer}"));
+                        return Err(CallEnd::normal(format!("hung up by user {peer}")));
                     }
                     SignalType::IceCandidates => self.add_candidates(&received.signal),
                     _ => {}
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(CallEnd::normal(format!(
                     "no answer from user {peer} within {} s",
                     self.settings.answer_timeout.as_secs()
-                ));
+                )));
             }
         }
     }
 
-    async fn answer_call(&mut self) -> Result<(), String> {
+    async fn answer_call(&mut self) -> Result<(), CallEnd> {
         let deadline = Instant::now() + self.settings.answer_timeout;
         let offer = loop {
             let Some(received) = self.next_signal(Some(deadline)).await? else {
-                return Err(format!(
+                return Err(CallEnd::normal(format!(
                     "no call came within {} s",
                     self.settings.answer_timeout.as_secs()
-                ));
+                )));
             };
             if received.signal.signal_type == SignalType::Call {
                 break received;
@@ -290,7 +306,7 @@ impl Call {
     }
 
     /// Connected: apply trickled candidates until someone hangs up.
-    async fn in_call(&mut self) -> Result<(), String> {
+    async fn in_call(&mut self) -> Result<(), CallEnd> {
         let (peer, session_id) = {
             let active = self.active.as_ref().expect("in a call");
             (active.peer, active.session_id.clone())
@@ -306,10 +322,10 @@ impl Call {
                 SignalType::IceCandidates => self.add_candidates(&received.signal),
                 SignalType::HangUp | SignalType::Reject => {
                     self.active = None;
-                    return Err(format!(
+                    return Err(CallEnd::normal(format!(
                         "hung up by user {peer}{}",
                         describe(&received.signal.user_info)
-                    ));
+                    )));
                 }
                 _ => {}
             }

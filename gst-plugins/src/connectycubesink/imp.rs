@@ -7,7 +7,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::cc_common::{CallProperties, post_call_ended};
+use crate::cc_common::{CallProperties, call_over};
 
 #[derive(Default)]
 pub struct ConnectyCubeSink {
@@ -114,13 +114,13 @@ impl BaseSinkImpl for ConnectyCubeSink {
         };
         match call.push(id, buffer.clone()) {
             Ok(()) => Ok(gst::FlowSuccess::Ok),
-            Err(end) => {
-                if !self.ended_posted.swap(true, Ordering::SeqCst) {
-                    post_call_ended(self.obj().upcast_ref(), &end.0);
-                }
-                // Upstream then sends EOS, and the pipeline ends cleanly.
-                Err(gst::FlowError::Eos)
-            }
+            // After EOS upstream sends EOS, and the pipeline ends cleanly.
+            Err(end) if self.ended_posted.swap(true, Ordering::SeqCst) => Err(if end.error {
+                gst::FlowError::Error
+            } else {
+                gst::FlowError::Eos
+            }),
+            Err(end) => Err(call_over(self.obj().upcast_ref(), &end)),
         }
     }
 }

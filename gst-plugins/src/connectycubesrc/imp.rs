@@ -10,7 +10,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use crate::call_session::MediaKind;
-use crate::cc_common::{CallProperties, post_call_ended};
+use crate::cc_common::{CallProperties, call_over};
 
 #[derive(Default)]
 pub struct ConnectyCubeSrc {
@@ -138,10 +138,7 @@ impl PushSrcImpl for ConnectyCubeSrc {
             let sample = match call.pull(media, Duration::from_millis(50)) {
                 Ok(Some(sample)) => sample,
                 Ok(None) => continue,
-                Err(end) => {
-                    post_call_ended(self.obj().upcast_ref(), &end.0);
-                    return Err(gst::FlowError::Eos);
-                }
+                Err(end) => return Err(call_over(self.obj().upcast_ref(), &end)),
             };
             let Some(mut buffer) = sample.buffer_owned() else {
                 continue;
