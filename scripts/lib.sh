@@ -74,13 +74,13 @@ in_test_netns() {
   fi
   $sudo ip netns exec "$ns" sh -e -c '
     ip link set lo up
-    ip link add veth-a type veth peer name veth-b
-    ip addr add 192.0.2.50/32 dev veth-a
-    ip addr add 192.0.2.51/32 dev veth-b
-    ip link set veth-a up
-    ip link set veth-b up
-    ip route add 192.0.2.51 dev veth-a
-    ip route add 192.0.2.50 dev veth-b'
+    ip link add media0 type veth peer name media1
+    ip addr add 192.0.2.50/32 dev media0
+    ip addr add 192.0.2.51/32 dev media1
+    ip link set media0 up
+    ip link set media1 up
+    ip route add 192.0.2.51 dev media0
+    ip route add 192.0.2.50 dev media1'
   $sudo ip netns exec "$ns" "$@"
   status=$?
   $sudo ip netns del "$ns"

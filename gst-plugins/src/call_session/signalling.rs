@@ -208,6 +208,7 @@ impl Call {
     async fn place_call(&mut self, peer: u64) -> Result<(), CallEnd> {
         self.wait_media_ready().await?;
         let offer = self.session()?.create_offer().await?;
+        gst::debug!(CAT, "local offer:\n{offer}");
         let call_type = if offer.contains("m=video") {
             CallType::Video
         } else {
