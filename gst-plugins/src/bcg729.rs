@@ -121,3 +121,20 @@ impl Drop for Decoder {
         unsafe { closeBcg729DecoderChannel(self.0.as_ptr()) }
     }
 }
+
+/// `audio/G729` as `rtpg729pay`/`rtpg729depay` take and give it.
+pub fn g729_caps() -> gst::Caps {
+    gst::Caps::builder("audio/G729")
+        .field("rate", 8000)
+        .field("channels", 1)
+        .build()
+}
+
+/// The PCM side of the codec: 8 kHz mono S16.
+pub fn pcm_caps() -> gst::Caps {
+    gst_audio::AudioCapsBuilder::new_interleaved()
+        .format(gst_audio::AUDIO_FORMAT_S16)
+        .rate(8000)
+        .channels(1)
+        .build()
+}

@@ -44,6 +44,13 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
         .expect("cannot start the plugin's tokio runtime")
 });
 
+/// The always-present `application/x-rtp` pad of the network elements.
+pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst::PadTemplate {
+    let caps = gst::Caps::builder("application/x-rtp").build();
+    gst::PadTemplate::new(name, direction, gst::PadPresence::Always, &caps)
+        .expect("a valid template")
+}
+
 /// Registers the linked-in elements for an application (or test) that links
 /// this crate. An installed copy of the plugin found on `GST_PLUGIN_PATH` is
 /// dropped first: two copies would each keep their own session registry, and

@@ -6,7 +6,7 @@ use gst_audio::prelude::*;
 use gst_audio::subclass::prelude::*;
 
 use crate::CAT;
-use crate::bcg729::{Decoder, FRAME_BYTES, FRAME_SAMPLES, SID_BYTES};
+use crate::bcg729::{Decoder, FRAME_BYTES, FRAME_SAMPLES, SID_BYTES, g729_caps, pcm_caps};
 
 const FRAME_DURATION: gst::ClockTime = gst::ClockTime::from_mseconds(10);
 
@@ -47,15 +47,8 @@ impl ElementImpl for G729Dec {
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let g729 = gst::Caps::builder("audio/G729")
-                .field("rate", 8000)
-                .field("channels", 1)
-                .build();
-            let raw = gst_audio::AudioCapsBuilder::new_interleaved()
-                .format(gst_audio::AUDIO_FORMAT_S16)
-                .rate(8000)
-                .channels(1)
-                .build();
+            let g729 = g729_caps();
+            let raw = pcm_caps();
             vec![
                 gst::PadTemplate::new(
                     "sink",

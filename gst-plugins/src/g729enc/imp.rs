@@ -7,7 +7,7 @@ use gst_audio::prelude::*;
 use gst_audio::subclass::prelude::*;
 
 use crate::CAT;
-use crate::bcg729::{Encoder, FRAME_BYTES, FRAME_SAMPLES};
+use crate::bcg729::{Encoder, FRAME_BYTES, FRAME_SAMPLES, g729_caps, pcm_caps};
 
 #[derive(Default)]
 pub struct G729Enc {
@@ -67,15 +67,8 @@ impl ElementImpl for G729Enc {
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let raw = gst_audio::AudioCapsBuilder::new_interleaved()
-                .format(gst_audio::AUDIO_FORMAT_S16)
-                .rate(8000)
-                .channels(1)
-                .build();
-            let g729 = gst::Caps::builder("audio/G729")
-                .field("rate", 8000)
-                .field("channels", 1)
-                .build();
+            let raw = pcm_caps();
+            let g729 = g729_caps();
             vec![
                 gst::PadTemplate::new(
                     "sink",
@@ -117,10 +110,7 @@ impl AudioEncoderImpl for G729Enc {
 
     fn set_format(&self, _info: &gst_audio::AudioInfo) -> Result<(), gst::LoggableError> {
         let obj = self.obj();
-        let caps = gst::Caps::builder("audio/G729")
-            .field("rate", 8000)
-            .field("channels", 1)
-            .build();
+        let caps = g729_caps();
         obj.set_output_format(&caps)
             .map_err(|_| gst::loggable_error!(CAT, "cannot set the G.729 output caps"))?;
         // One 10 ms frame per call; the payloader packs them by ptime.

@@ -57,16 +57,7 @@ impl ElementImpl for SipReceiver {
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: std::sync::LazyLock<Vec<gst::PadTemplate>> =
             std::sync::LazyLock::new(|| {
-                let caps = gst::Caps::builder("application/x-rtp").build();
-                vec![
-                    gst::PadTemplate::new(
-                        "src",
-                        gst::PadDirection::Src,
-                        gst::PadPresence::Always,
-                        &caps,
-                    )
-                    .unwrap(),
-                ]
+                vec![crate::rtp_pad_template("src", gst::PadDirection::Src)]
             });
         TEMPLATES.as_ref()
     }
