@@ -472,6 +472,14 @@ impl CallSession {
     ) -> Result<(), String> {
         let message = gst_sdp::SDPMessage::parse_buffer(sdp.as_bytes())
             .map_err(|_| "the peer's SDP does not parse".to_owned())?;
+        // GStreamer's parser skips lines it does not know: insist on media.
+        if message.medias_len() == 0
+            || message
+                .medias()
+                .any(|m| m.media().is_none() || m.formats_len() == 0)
+        {
+            return Err("the peer's SDP describes no usable media".to_owned());
+        }
         self.adopt_payload_types(&message);
         let description = gst_webrtc::WebRTCSessionDescription::new(kind, message);
         self.promise("set-remote-description", Some(&description))

@@ -269,41 +269,65 @@ impl Call {
         }
     }
 
+    /// Answers the first usable call. An offer whose SDP cannot be used is
+    /// rejected (the reason in userInfo) and the element keeps waiting.
     async fn answer_call(&mut self) -> Result<(), CallEnd> {
         let deadline = Instant::now() + self.settings.answer_timeout;
-        let offer = loop {
-            let Some(received) = self.next_signal(Some(deadline)).await? else {
+        loop {
+            let Some(offer) = self.next_signal(Some(deadline)).await? else {
                 return Err(CallEnd::normal(format!(
                     "no call came within {} s",
                     self.settings.answer_timeout.as_secs()
                 )));
             };
-            if received.signal.signal_type == SignalType::Call {
-                break received;
+            if offer.signal.signal_type != SignalType::Call {
+                continue;
             }
-        };
-        let signal = &offer.signal;
-        self.active = Some(Active {
-            peer: offer.from_user_id,
-            session_id: signal.session_id.clone(),
-            call_type: signal.call_type,
-            caller: offer.from_user_id,
-        });
-        self.wait_media_ready().await?;
-        let answer = self
-            .session()?
-            .answer(signal.sdp.as_deref().unwrap_or_default())
-            .await?;
-        let mut accept = CallSignal::new(
-            SignalType::Accept,
-            &signal.session_id,
-            signal.call_type,
-            offer.from_user_id,
-            vec![self.user_id],
-        );
-        accept.sdp = Some(answer);
-        self.send(offer.from_user_id, &accept);
-        self.in_call().await
+            let signal = &offer.signal;
+            self.wait_media_ready().await?;
+            let answer = match self
+                .session()?
+                .answer(signal.sdp.as_deref().unwrap_or_default())
+                .await
+            {
+                Ok(answer) => answer,
+                Err(problem) => {
+                    gst::warning!(
+                        CAT,
+                        "refusing the call from user {}: {}",
+                        offer.from_user_id,
+                        problem
+                    );
+                    let mut reject = CallSignal::new(
+                        SignalType::Reject,
+                        &signal.session_id,
+                        signal.call_type,
+                        offer.from_user_id,
+                        vec![self.user_id],
+                    );
+                    reject.user_info =
+                        vec![("reason".into(), format!("unusable offer: {problem}"))];
+                    self.send(offer.from_user_id, &reject);
+                    continue;
+                }
+            };
+            self.active = Some(Active {
+                peer: offer.from_user_id,
+                session_id: signal.session_id.clone(),
+                call_type: signal.call_type,
+                caller: offer.from_user_id,
+            });
+            let mut accept = CallSignal::new(
+                SignalType::Accept,
+                &signal.session_id,
+                signal.call_type,
+                offer.from_user_id,
+                vec![self.user_id],
+            );
+            accept.sdp = Some(answer);
+            self.send(offer.from_user_id, &accept);
+            return self.in_call().await;
+        }
     }
 
     /// Connected: apply trickled candidates until someone hangs up.
