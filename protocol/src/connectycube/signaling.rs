@@ -333,13 +333,8 @@ mod tests {
 
     /// Stanzas the server delivered to the SDK in the captured real traffic.
     fn fixture_stanzas(name: &str) -> Vec<Element> {
-        let path = format!(
-            "{}/../../shared/fixtures/connectycube-sdk-6.1.2/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            panic!("fixture {path} missing: shared/ must sit beside the repository");
-        };
+        let path = format!("{}/tests/fixtures/connectycube-sdk-6.1.2/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"));
         // A logged stanza may span lines (SDP keeps its line breaks).
         let mut stanzas = Vec::new();
         let mut current: Option<String> = None;
