@@ -261,6 +261,98 @@ impl CallProperties {
     }
 }
 
+/// The elements whose implementation carries [`CallProperties`].
+pub trait HasCall {
+    fn call_properties(&self) -> &CallProperties;
+}
+
+/// Action signals for an application that carries the signalling itself
+/// (the pattern of gst-plugins-rs's `Signallable`): it asks for an offer,
+/// hands in the peer's SDP and candidates, and hears `local-description`.
+/// SDPs carry every local candidate, as ConnectyCube's SDK needs them.
+pub fn signals<T>() -> Vec<glib::subclass::Signal>
+where
+    T: glib::subclass::types::ObjectSubclass + HasCall,
+    T::Type: IsA<glib::Object>,
+{
+    use glib::subclass::types::ObjectSubclassIsExt;
+    fn call_of<T: glib::subclass::types::ObjectSubclass + HasCall>(
+        value: &glib::Value,
+    ) -> Option<Arc<CallSession>>
+    where
+        T::Type: IsA<glib::Object>,
+    {
+        let element = value.get::<T::Type>().ok()?;
+        element.imp().call_properties().call()
+    }
+    vec![
+        glib::subclass::Signal::builder("create-offer")
+            .action()
+            .class_handler(|args| {
+                if let Some(call) = call_of::<T>(&args[0]) {
+                    call.app_create_offer();
+                }
+                None
+            })
+            .build(),
+        glib::subclass::Signal::builder("set-remote-description")
+            .param_types([String::static_type(), String::static_type()])
+            .action()
+            .class_handler(|args| {
+                if let (Some(call), Ok(kind), Ok(sdp)) = (
+                    call_of::<T>(&args[0]),
+                    args[1].get::<String>(),
+                    args[2].get::<String>(),
+                ) {
+                    call.app_set_remote_description(&kind, sdp);
+                }
+                None
+            })
+            .build(),
+        glib::subclass::Signal::builder("add-ice-candidate")
+            .param_types([u32::static_type(), String::static_type()])
+            .action()
+            .class_handler(|args| {
+                if let (Some(call), Ok(mline), Ok(candidate)) = (
+                    call_of::<T>(&args[0]),
+                    args[1].get::<u32>(),
+                    args[2].get::<String>(),
+                ) {
+                    call.add_remote_candidate(mline, &candidate);
+                }
+                None
+            })
+            .build(),
+        glib::subclass::Signal::builder("end-call")
+            .param_types([String::static_type()])
+            .action()
+            .class_handler(|args| {
+                if let (Some(call), Ok(reason)) = (call_of::<T>(&args[0]), args[1].get::<String>())
+                {
+                    call.end(CallEnd::normal(reason));
+                }
+                None
+            })
+            .build(),
+        glib::subclass::Signal::builder("local-description")
+            .param_types([String::static_type(), String::static_type()])
+            .build(),
+    ]
+}
+
+/// Lets `element` emit `local-description` for its call.
+pub fn forward_local_descriptions(element: &gst::Element, call: &CallSession) {
+    let weak = element.downgrade();
+    call.add_description_listener(
+        element.as_ptr() as u64,
+        Box::new(move |kind, sdp| {
+            if let Some(element) = weak.upgrade() {
+                element.emit_by_name::<()>("local-description", &[&kind, &sdp]);
+            }
+        }),
+    );
+}
+
 /// Tells the application that the call is over, and why; returns how the
 /// element's stream ends: EOS after a normal end, an error after a failure.
 pub fn call_over(element: &gst::Element, end: &CallEnd) -> gst::FlowError {

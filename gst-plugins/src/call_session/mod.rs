@@ -118,6 +118,9 @@ impl From<String> for CallEnd {
     }
 }
 
+/// Receives the local SDP in app-driven mode: ("offer" | "answer", sdp).
+pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 pub struct CallSession {
     name: String,
     pipeline: gst::Pipeline,
@@ -130,6 +133,9 @@ pub struct CallSession {
     started: AtomicBool,
     signalling: Mutex<Option<mpsc::UnboundedSender<signalling::Command>>>,
     last_stats: Mutex<Option<gst::Structure>>,
+    /// Every local stream is known, so an offer or answer can include them.
+    media_ready: tokio::sync::watch::Sender<bool>,
+    listeners: Mutex<Vec<(u64, DescriptionListener)>>,
 }
 
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<CallSession>>>> =
@@ -189,6 +195,8 @@ impl CallSession {
             started: AtomicBool::new(false),
             signalling: Mutex::new(None),
             last_stats: Mutex::new(None),
+            media_ready: tokio::sync::watch::channel(false).0,
+            listeners: Mutex::new(Vec::new()),
         })
     }
 
@@ -414,6 +422,7 @@ impl CallSession {
             tokio::time::sleep(Duration::from_millis(300)).await;
             if let Some(session) = weak.upgrade() {
                 session.add_receive_only_transceivers();
+                session.media_ready.send_replace(true);
                 session.signal(signalling::Command::MediaReady);
             }
         });
@@ -497,7 +506,7 @@ impl CallSession {
     }
 
     /// A remote ICE candidate; held until the remote description is set.
-    pub(crate) fn add_remote_candidate(&self, mline: u32, candidate: &str) {
+    pub fn add_remote_candidate(&self, mline: u32, candidate: &str) {
         let mut inner = self.inner.lock().unwrap();
         if !inner.remote_description_set {
             inner.early_candidates.push((mline, candidate.to_owned()));
@@ -602,10 +611,65 @@ impl CallSession {
         Ok(result)
     }
 
+    // ---- app-driven signalling (the application carries the SDP) --------
+
+    pub fn add_description_listener(&self, id: u64, listener: DescriptionListener) {
+        self.listeners.lock().unwrap().push((id, listener));
+    }
+
+    pub fn remove_description_listener(&self, id: u64) {
+        self.listeners.lock().unwrap().retain(|(i, _)| *i != id);
+    }
+
+    fn emit_local_description(&self, kind: &str, sdp: &str) {
+        for (_, listener) in self.listeners.lock().unwrap().iter() {
+            listener(kind, sdp);
+        }
+    }
+
+    async fn wait_media_ready(&self) {
+        let mut ready = self.media_ready.subscribe();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    /// Makes an offer once every stream is known; it comes back through the listeners.
+    pub fn app_create_offer(self: &Arc<Self>) {
+        let session = self.clone();
+        crate::RUNTIME.spawn(async move {
+            session.wait_media_ready().await;
+            match session.create_offer().await {
+                Ok(offer) => session.emit_local_description("offer", &offer),
+                Err(e) => session.end(CallEnd::from(e)),
+            }
+        });
+    }
+
+    /// Applies the peer's offer (and answers it through the listeners) or answer.
+    pub fn app_set_remote_description(self: &Arc<Self>, kind: &str, sdp: String) {
+        let session = self.clone();
+        let is_offer = kind.eq_ignore_ascii_case("offer");
+        crate::RUNTIME.spawn(async move {
+            session.wait_media_ready().await;
+            let result = if is_offer {
+                session
+                    .answer(&sdp)
+                    .await
+                    .map(|answer| session.emit_local_description("answer", &answer))
+            } else {
+                session
+                    .set_remote(gst_webrtc::WebRTCSDPType::Answer, &sdp)
+                    .await
+            };
+            if let Err(e) = result {
+                session.end(CallEnd::from(e));
+            }
+        });
+    }
+
     // ---- end of call and statistics ------------------------------------
 
     /// Ends the call (remote hang-up, reject, timeout, ICE failure).
-    pub(crate) fn end(&self, end: CallEnd) {
+    pub fn end(&self, end: CallEnd) {
         let mut ended = self.ended.lock().unwrap();
         if ended.is_some() {
             return;

@@ -7,7 +7,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::cc_common::{CallProperties, call_over};
+use crate::cc_common::{CallProperties, HasCall, call_over, forward_local_descriptions, signals};
 
 #[derive(Default)]
 pub struct ConnectyCubeSink {
@@ -24,7 +24,19 @@ impl ObjectSubclass for ConnectyCubeSink {
     type ParentType = gst_base::BaseSink;
 }
 
+impl HasCall for ConnectyCubeSink {
+    fn call_properties(&self) -> &CallProperties {
+        &self.call
+    }
+}
+
 impl ObjectImpl for ConnectyCubeSink {
+    fn signals() -> &'static [glib::subclass::Signal] {
+        static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> =
+            LazyLock::new(signals::<ConnectyCubeSink>);
+        SIGNALS.as_ref()
+    }
+
     fn constructed(&self) {
         self.parent_constructed();
         // A call is live: never wait for preroll, never hold packets for the clock.
@@ -72,6 +84,7 @@ impl ElementImpl for ConnectyCubeSink {
 impl BaseSinkImpl for ConnectyCubeSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let call = self.call.join()?;
+        forward_local_descriptions(self.obj().upcast_ref(), &call);
         *self.sender.lock().unwrap() = Some(call.add_sender());
         self.has_caps.store(false, Ordering::SeqCst);
         self.ended_posted.store(false, Ordering::SeqCst);
@@ -79,6 +92,9 @@ impl BaseSinkImpl for ConnectyCubeSink {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(call) = self.call.call() {
+            call.remove_description_listener(self.obj().as_ptr() as u64);
+        }
         if let (Some(call), Some(id)) = (self.call.call(), self.sender.lock().unwrap().take()) {
             call.remove_sender(id);
         }

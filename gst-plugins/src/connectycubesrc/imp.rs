@@ -10,7 +10,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use crate::call_session::MediaKind;
-use crate::cc_common::{CallProperties, call_over};
+use crate::cc_common::{CallProperties, HasCall, call_over, forward_local_descriptions, signals};
 
 #[derive(Default)]
 pub struct ConnectyCubeSrc {
@@ -27,7 +27,19 @@ impl ObjectSubclass for ConnectyCubeSrc {
     type ParentType = gst_base::PushSrc;
 }
 
+impl HasCall for ConnectyCubeSrc {
+    fn call_properties(&self) -> &CallProperties {
+        &self.call
+    }
+}
+
 impl ObjectImpl for ConnectyCubeSrc {
+    fn signals() -> &'static [glib::subclass::Signal] {
+        static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> =
+            LazyLock::new(signals::<ConnectyCubeSrc>);
+        SIGNALS.as_ref()
+    }
+
     fn constructed(&self) {
         self.parent_constructed();
         let obj = self.obj();
@@ -90,12 +102,16 @@ impl ElementImpl for ConnectyCubeSrc {
 impl BaseSrcImpl for ConnectyCubeSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let call = self.call.join()?;
+        forward_local_descriptions(self.obj().upcast_ref(), &call);
         call.add_receiver(*self.media.lock().unwrap());
         self.caps.lock().unwrap().take();
         call.start()
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(call) = self.call.call() {
+            call.remove_description_listener(self.obj().as_ptr() as u64);
+        }
         if let Some(call) = self.call.call() {
             call.remove_receiver(*self.media.lock().unwrap());
         }

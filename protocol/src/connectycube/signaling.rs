@@ -333,7 +333,10 @@ mod tests {
 
     /// Stanzas the server delivered to the SDK in the captured real traffic.
     fn fixture_stanzas(name: &str) -> Vec<Element> {
-        let path = format!("{}/tests/fixtures/connectycube-sdk-6.1.2/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/connectycube-sdk-6.1.2/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"));
         // A logged stanza may span lines (SDP keeps its line breaks).
         let mut stanzas = Vec::new();
