@@ -6,6 +6,8 @@ mod support;
 
 use std::time::Duration;
 
+use bridge_protocol::connectycube::UserCredentials;
+use bridge_protocol::connectycube::rest::RestClient;
 use bridge_protocol::connectycube::signaling::{CallSignal, CallType, SignalType};
 use gst::prelude::*;
 use serde_json::json;
@@ -27,21 +29,15 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
     // The element signs in (creating its user) before anyone can call it.
     let mut mallory =
         RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "mallory", "m").await;
-    let ear = loop {
-        let http = reqwest::Client::new();
-        let session: serde_json::Value = http
-            .post(format!("{}/session.json", sandbox.api_url()))
-            .json(&json!({"application_id": 1, "auth_key": "sandbox", "user": {"login": "ear", "password": "e"}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(id) = session["session"]["user_id"].as_u64() {
-            break id;
-        }
-    };
+    // Signing in as the element's user finds it (or creates it, the element reusing it).
+    let ear = RestClient::new(&sandbox.api_url(), support::app())
+        .create_session(&UserCredentials::Login {
+            login: "ear".into(),
+            password: "e".into(),
+        })
+        .await
+        .expect("ear's session")
+        .user_id;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let mut call = CallSignal::new(

@@ -209,8 +209,9 @@ impl CallProperties {
         }
     }
 
-    /// Joins the call; with `login` set this element also brings the signalling.
-    pub fn join(&self) -> Result<Arc<CallSession>, gst::ErrorMessage> {
+    /// Joins the call, and lets `element` emit `local-description` for it;
+    /// with `login` set this element also brings the signalling.
+    pub fn join(&self, element: &gst::Element) -> Result<Arc<CallSession>, gst::ErrorMessage> {
         let s = self.settings.lock().unwrap().clone();
         let signalling = match &s.login {
             None => None,
@@ -248,12 +249,15 @@ impl CallProperties {
                 signalling,
             },
         )?;
+        forward_local_descriptions(element, &call);
         *self.call.lock().unwrap() = Some(call.clone());
         Ok(call)
     }
 
-    pub fn leave(&self) {
-        self.call.lock().unwrap().take();
+    pub fn leave(&self, element: &gst::Element) {
+        if let Some(call) = self.call.lock().unwrap().take() {
+            call.remove_description_listener(listener_id(element));
+        }
     }
 
     pub fn call(&self) -> Option<Arc<CallSession>> {
@@ -340,11 +344,14 @@ where
     ]
 }
 
-/// Lets `element` emit `local-description` for its call.
-pub fn forward_local_descriptions(element: &gst::Element, call: &CallSession) {
+fn listener_id(element: &gst::Element) -> u64 {
+    element.as_ptr() as u64
+}
+
+fn forward_local_descriptions(element: &gst::Element, call: &CallSession) {
     let weak = element.downgrade();
     call.add_description_listener(
-        element.as_ptr() as u64,
+        listener_id(element),
         Box::new(move |kind, sdp| {
             if let Some(element) = weak.upgrade() {
                 element.emit_by_name::<()>("local-description", &[&kind, &sdp]);

@@ -7,7 +7,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::cc_common::{CallProperties, HasCall, call_over, forward_local_descriptions, signals};
+use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
 #[derive(Default)]
 pub struct ConnectyCubeSink {
@@ -83,8 +83,7 @@ impl ElementImpl for ConnectyCubeSink {
 
 impl BaseSinkImpl for ConnectyCubeSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
-        let call = self.call.join()?;
-        forward_local_descriptions(self.obj().upcast_ref(), &call);
+        let call = self.call.join(self.obj().upcast_ref())?;
         *self.sender.lock().unwrap() = Some(call.add_sender());
         self.has_caps.store(false, Ordering::SeqCst);
         self.ended_posted.store(false, Ordering::SeqCst);
@@ -92,13 +91,10 @@ impl BaseSinkImpl for ConnectyCubeSink {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        if let Some(call) = self.call.call() {
-            call.remove_description_listener(self.obj().as_ptr() as u64);
-        }
         if let (Some(call), Some(id)) = (self.call.call(), self.sender.lock().unwrap().take()) {
             call.remove_sender(id);
         }
-        self.call.leave();
+        self.call.leave(self.obj().upcast_ref());
         Ok(())
     }
 

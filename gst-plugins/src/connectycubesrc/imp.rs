@@ -10,7 +10,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use crate::call_session::MediaKind;
-use crate::cc_common::{CallProperties, HasCall, call_over, forward_local_descriptions, signals};
+use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
 #[derive(Default)]
 pub struct ConnectyCubeSrc {
@@ -101,8 +101,7 @@ impl ElementImpl for ConnectyCubeSrc {
 
 impl BaseSrcImpl for ConnectyCubeSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
-        let call = self.call.join()?;
-        forward_local_descriptions(self.obj().upcast_ref(), &call);
+        let call = self.call.join(self.obj().upcast_ref())?;
         call.add_receiver(*self.media.lock().unwrap());
         self.caps.lock().unwrap().take();
         call.start()
@@ -110,12 +109,9 @@ impl BaseSrcImpl for ConnectyCubeSrc {
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         if let Some(call) = self.call.call() {
-            call.remove_description_listener(self.obj().as_ptr() as u64);
-        }
-        if let Some(call) = self.call.call() {
             call.remove_receiver(*self.media.lock().unwrap());
         }
-        self.call.leave();
+        self.call.leave(self.obj().upcast_ref());
         Ok(())
     }
 

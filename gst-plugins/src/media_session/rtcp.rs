@@ -155,7 +155,7 @@ pub fn parse(data: &[u8], our_ssrc: u32) -> Result<Incoming, InvalidRtcp> {
             }
             Packet::Rr(rr) => rr.report_blocks().collect(),
             Packet::Bye(bye) => {
-                incoming.bye.extend(bye_sources(bye));
+                incoming.bye.extend(bye.ssrcs());
                 Vec::new()
             }
             _ => Vec::new(),
@@ -174,10 +174,6 @@ pub fn parse(data: &[u8], our_ssrc: u32) -> Result<Incoming, InvalidRtcp> {
         }
     }
     Ok(incoming)
-}
-
-fn bye_sources(bye: &Bye) -> Vec<u32> {
-    bye.ssrcs().collect()
 }
 
 /// Round-trip time from a report block (RFC 3550 §6.4.1), if the peer had
