@@ -6,5 +6,7 @@
 
 pub mod codec;
 pub mod connectycube;
+pub mod dtmf;
+pub mod offer_answer;
 pub mod sdp;
 pub mod tone;

@@ -1,0 +1,586 @@
+//! SDP offer/answer (RFC 3264) for the SIP leg: picks, for each offered
+//! stream, the first codec in the *offerer's* order that the bridge can carry,
+//! keeps the offerer's payload-type numbers and fmtp, and writes the answer.
+//! It also writes the bridge's own offers (outbound calls, re-INVITEs without
+//! SDP).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::codec::{self, Codec, MediaKind};
+use crate::sdp::{Direction, MediaSection, PayloadFormat, SessionDescription};
+
+/// Why no answer can be given; a UAS answers 488 Not Acceptable Here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NegotiationError {
+    #[error("no offered stream carries a codec the bridge supports ({0})")]
+    NoCommonCodec(String),
+    #[error("offered stream {index} has no connection address")]
+    NoAddress { index: usize },
+}
+
+/// What the bridge is willing to carry, in its own order of preference
+/// (used only for its offers; answers follow the offerer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Encoding names from [`codec::CODECS`], e.g. `["PCMU", "OPUS"]`.
+    pub audio: Vec<&'static str>,
+    pub video: Vec<&'static str>,
+    /// Accept and offer RFC 4733 `telephone-event/8000`.
+    pub dtmf: bool,
+}
+
+impl Capabilities {
+    /// Every audio codec of the table, no video.
+    pub fn all_audio() -> Self {
+        Self {
+            audio: codec::CODECS
+                .iter()
+                .filter(|c| c.kind == MediaKind::Audio && c.encoding_name != DTMF)
+                .map(|c| c.encoding_name)
+                .collect(),
+            video: Vec::new(),
+            dtmf: true,
+        }
+    }
+
+    /// Every audio and video codec of the table.
+    pub fn all() -> Self {
+        Self {
+            video: codec::CODECS
+                .iter()
+                .filter(|c| c.kind == MediaKind::Video)
+                .map(|c| c.encoding_name)
+                .collect(),
+            ..Self::all_audio()
+        }
+    }
+
+    fn allows(&self, kind: MediaKind, encoding_name: &str) -> bool {
+        let list = match kind {
+            MediaKind::Audio => &self.audio,
+            MediaKind::Video => &self.video,
+        };
+        list.iter().any(|n| n.eq_ignore_ascii_case(encoding_name))
+    }
+}
+
+const DTMF: &str = "TELEPHONE-EVENT";
+
+/// One accepted stream: what both ends send and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NegotiatedStream {
+    /// Index of the `m=` section in the offer.
+    pub index: usize,
+    pub kind: MediaKind,
+    pub codec: &'static Codec,
+    /// The payload format as the offerer numbered it (and its fmtp).
+    pub format: PayloadFormat,
+    /// RFC 4733 events, when both sides do them.
+    pub dtmf_payload_type: Option<u8>,
+    /// Packet time in ms (offered, or 20).
+    pub ptime: u32,
+    /// Where the peer wants RTP.
+    pub remote_rtp: SocketAddr,
+    /// Where the peer wants RTCP (equal to `remote_rtp` with mux).
+    pub remote_rtcp: SocketAddr,
+    pub rtcp_mux: bool,
+    /// The direction *we* use (the offer's, seen from our side).
+    pub direction: Direction,
+}
+
+impl NegotiatedStream {
+    /// Whether we may send media to the peer.
+    pub fn we_send(&self) -> bool {
+        matches!(self.direction, Direction::SendRecv | Direction::SendOnly)
+    }
+
+    /// The peer's `m=` section restricted to the chosen format (and DTMF),
+    /// as `sipsrc`/`sipsink` take it in their `sdp` property.
+    pub fn media_section_text(&self) -> String {
+        let mut text = String::new();
+        let mut pts = vec![self.format.payload_type];
+        pts.extend(self.dtmf_payload_type);
+        let pts: Vec<String> = pts.iter().map(u8::to_string).collect();
+        let _ = write!(
+            text,
+            "m={} {} RTP/AVP {}\r\nc=IN {} {}\r\n",
+            self.kind.as_str(),
+            self.remote_rtp.port(),
+            pts.join(" "),
+            addr_type(self.remote_rtp.ip()),
+            self.remote_rtp.ip()
+        );
+        write_format(&mut text, &self.format);
+        if let Some(pt) = self.dtmf_payload_type {
+            let _ = write!(text, "a=rtpmap:{pt} telephone-event/8000\r\n");
+        }
+        if self.rtcp_mux {
+            text.push_str("a=rtcp-mux\r\n");
+        } else {
+            let _ = write!(text, "a=rtcp:{}\r\n", self.remote_rtcp.port());
+        }
+        text
+    }
+}
+
+/// The outcome of answering an offer: the streams accepted, in offer order.
+/// Every offered `m=` line gets a line in the answer; the others are refused
+/// with port 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiation {
+    pub streams: Vec<NegotiatedStream>,
+    offered_kinds: Vec<(String, String, String)>,
+}
+
+impl Negotiation {
+    pub fn audio(&self) -> Option<&NegotiatedStream> {
+        self.streams.iter().find(|s| s.kind == MediaKind::Audio)
+    }
+
+    pub fn video(&self) -> Option<&NegotiatedStream> {
+        self.streams.iter().find(|s| s.kind == MediaKind::Video)
+    }
+}
+
+/// Answers `offer`: for each kind, the first usable stream takes the first
+/// offered codec we allow; more streams of a kind are refused.
+pub fn answer(
+    offer: &SessionDescription,
+    capabilities: &Capabilities,
+) -> Result<Negotiation, NegotiationError> {
+    let mut streams: Vec<NegotiatedStream> = Vec::new();
+    let mut offered_kinds = Vec::new();
+    for (index, media) in offer.media.iter().enumerate() {
+        offered_kinds.push((
+            media.kind.clone(),
+            media.proto.clone(),
+            media
+                .formats
+                .first()
+                .map_or_else(|| "0".to_owned(), |f| f.payload_type.to_string()),
+        ));
+        let Some(kind) = media_kind(&media.kind) else {
+            continue;
+        };
+        if media.port == 0 || streams.iter().any(|s| s.kind == kind) {
+            continue;
+        }
+        // Only plain RTP; SRTP offers are refused stream by stream.
+        if !media.proto.eq_ignore_ascii_case("RTP/AVP") {
+            continue;
+        }
+        let Some((codec, format)) = media.formats.iter().find_map(|f| {
+            let codec = codec::lookup(&f.encoding_name, f.clock_rate)?;
+            (codec.kind == kind
+                && codec.encoding_name != DTMF
+                && capabilities.allows(kind, codec.encoding_name))
+            .then(|| (codec, f.clone()))
+        }) else {
+            continue;
+        };
+        let address = media
+            .address
+            .ok_or(NegotiationError::NoAddress { index })?;
+        let dtmf_payload_type = (kind == MediaKind::Audio && capabilities.dtmf)
+            .then(|| dtmf_format(media))
+            .flatten();
+        let remote_rtp = SocketAddr::new(address, media.port);
+        let remote_rtcp = if media.rtcp_mux {
+            remote_rtp
+        } else {
+            SocketAddr::new(
+                media.rtcp_address.unwrap_or(address),
+                media.effective_rtcp_port(),
+            )
+        };
+        streams.push(NegotiatedStream {
+            index,
+            kind,
+            codec,
+            format,
+            dtmf_payload_type,
+            ptime: media.ptime.filter(|p| (10..=120).contains(p)).unwrap_or(20),
+            remote_rtp,
+            remote_rtcp,
+            rtcp_mux: media.rtcp_mux,
+            direction: reverse(media.direction),
+        });
+    }
+    if streams.is_empty() {
+        let offered: Vec<String> = offer
+            .media
+            .iter()
+            .flat_map(|m| {
+                m.formats
+                    .iter()
+                    .map(move |f| format!("{} {}/{}", m.proto, f.encoding_name, f.clock_rate))
+            })
+            .collect();
+        return Err(NegotiationError::NoCommonCodec(if offered.is_empty() {
+            "nothing offered".to_owned()
+        } else {
+            format!("offered: {}", offered.join(", "))
+        }));
+    }
+    Ok(Negotiation {
+        streams,
+        offered_kinds,
+    })
+}
+
+/// Where the bridge receives one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalStream {
+    pub rtp_port: u16,
+}
+
+/// Identity of the SDP session (`o=` line): the version must grow with every
+/// changed description sent in the same dialog (RFC 3264 §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub session_id: u64,
+    pub version: u64,
+}
+
+/// Writes the answer to an offer already negotiated. `local[i]` is where
+/// the bridge receives `negotiation.streams[i]`.
+pub fn render_answer(
+    negotiation: &Negotiation,
+    origin: Origin,
+    address: IpAddr,
+    local: &[LocalStream],
+) -> String {
+    let mut sdp = session_header(origin, address);
+    for (index, (kind, proto, first_pt)) in negotiation.offered_kinds.iter().enumerate() {
+        let accepted = negotiation
+            .streams
+            .iter()
+            .zip(local)
+            .find(|(s, _)| s.index == index);
+        match accepted {
+            Some((stream, local)) => {
+                let mut pts = vec![stream.format.payload_type];
+                pts.extend(stream.dtmf_payload_type);
+                write_media_line(&mut sdp, stream.kind.as_str(), local.rtp_port, &pts);
+                write_format(&mut sdp, &stream.format);
+                if let Some(pt) = stream.dtmf_payload_type {
+                    write_dtmf(&mut sdp, pt);
+                }
+                if stream.kind == MediaKind::Audio {
+                    let _ = write!(sdp, "a=ptime:{}\r\n", stream.ptime);
+                }
+                if stream.rtcp_mux {
+                    sdp.push_str("a=rtcp-mux\r\n");
+                }
+                let _ = write!(sdp, "a={}\r\n", direction_attribute(stream.direction));
+            }
+            None => {
+                let _ = write!(sdp, "m={kind} 0 {proto} {first_pt}\r\n");
+            }
+        }
+    }
+    sdp
+}
+
+/// One stream of an offer the bridge makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfferedStream {
+    pub kind: MediaKind,
+    pub rtp_port: u16,
+    pub direction: Direction,
+}
+
+/// Writes an offer listing every allowed codec of each stream in the bridge's
+/// order, with dynamic payload types from 96 up.
+pub fn render_offer(
+    capabilities: &Capabilities,
+    origin: Origin,
+    address: IpAddr,
+    streams: &[OfferedStream],
+) -> String {
+    let mut sdp = session_header(origin, address);
+    let mut next_dynamic = 96u8;
+    for stream in streams {
+        let names = match stream.kind {
+            MediaKind::Audio => &capabilities.audio,
+            MediaKind::Video => &capabilities.video,
+        };
+        let mut formats: Vec<PayloadFormat> = names
+            .iter()
+            .filter_map(|name| {
+                codec::CODECS
+                    .iter()
+                    .find(|c| c.kind == stream.kind && c.encoding_name.eq_ignore_ascii_case(name))
+            })
+            .map(|c| {
+                let payload_type = c.static_payload_type.unwrap_or_else(|| {
+                    next_dynamic += 1;
+                    next_dynamic - 1
+                });
+                offered_format(c, payload_type)
+            })
+            .collect();
+        let dtmf = (stream.kind == MediaKind::Audio && capabilities.dtmf).then(|| {
+            next_dynamic += 1;
+            next_dynamic - 1
+        });
+        let mut pts: Vec<u8> = formats.iter().map(|f| f.payload_type).collect();
+        pts.extend(dtmf);
+        write_media_line(&mut sdp, stream.kind.as_str(), stream.rtp_port, &pts);
+        for format in formats.drain(..) {
+            write_format(&mut sdp, &format);
+        }
+        if let Some(pt) = dtmf {
+            write_dtmf(&mut sdp, pt);
+        }
+        if stream.kind == MediaKind::Audio {
+            sdp.push_str("a=ptime:20\r\n");
+        }
+        let _ = write!(sdp, "a={}\r\n", direction_attribute(stream.direction));
+    }
+    sdp
+}
+
+/// The fmtp the bridge offers for a codec it sends.
+fn offered_format(codec: &Codec, payload_type: u8) -> PayloadFormat {
+    let fmtp = match codec.encoding_name {
+        "OPUS" => Some("useinbandfec=1"),
+        "G729" => Some("annexb=yes"),
+        "H264" => Some("profile-level-id=42e01f;packetization-mode=1"),
+        _ => None,
+    };
+    PayloadFormat {
+        payload_type,
+        encoding_name: codec.encoding_name.to_owned(),
+        clock_rate: codec.clock_rate,
+        channels: (codec.channels > 1).then_some(codec.channels),
+        fmtp: fmtp.map(str::to_owned),
+    }
+}
+
+fn session_header(origin: Origin, address: IpAddr) -> String {
+    let kind = addr_type(address);
+    format!(
+        "v=0\r\no=sip-cc-bridge {} {} IN {kind} {address}\r\ns=sip-cc-bridge\r\nc=IN {kind} {address}\r\nt=0 0\r\n",
+        origin.session_id, origin.version
+    )
+}
+
+fn write_media_line(sdp: &mut String, kind: &str, port: u16, pts: &[u8]) {
+    let pts: Vec<String> = pts.iter().map(u8::to_string).collect();
+    let _ = write!(sdp, "m={kind} {port} RTP/AVP {}\r\n", pts.join(" "));
+}
+
+fn write_format(sdp: &mut String, format: &PayloadFormat) {
+    let pt = format.payload_type;
+    let name = rtpmap_name(&format.encoding_name);
+    let _ = match format.channels {
+        Some(channels) if channels > 1 => write!(
+            sdp,
+            "a=rtpmap:{pt} {name}/{}/{channels}\r\n",
+            format.clock_rate
+        ),
+        _ => write!(sdp, "a=rtpmap:{pt} {name}/{}\r\n", format.clock_rate),
+    };
+    if let Some(fmtp) = &format.fmtp {
+        let _ = write!(sdp, "a=fmtp:{pt} {fmtp}\r\n");
+    }
+}
+
+fn write_dtmf(sdp: &mut String, pt: u8) {
+    let _ = write!(
+        sdp,
+        "a=rtpmap:{pt} telephone-event/8000\r\na=fmtp:{pt} 0-16\r\n"
+    );
+}
+
+/// Encoding names as phones spell them in `a=rtpmap`.
+fn rtpmap_name(encoding_name: &str) -> &str {
+    match encoding_name {
+        "OPUS" => "opus",
+        "TELEPHONE-EVENT" => "telephone-event",
+        other => other,
+    }
+}
+
+fn dtmf_format(media: &MediaSection) -> Option<u8> {
+    media
+        .formats
+        .iter()
+        .find(|f| f.encoding_name.eq_ignore_ascii_case(DTMF) && f.clock_rate == 8000)
+        .map(|f| f.payload_type)
+}
+
+fn media_kind(name: &str) -> Option<MediaKind> {
+    match name {
+        "audio" => Some(MediaKind::Audio),
+        "video" => Some(MediaKind::Video),
+        _ => None,
+    }
+}
+
+fn reverse(direction: Direction) -> Direction {
+    match direction {
+        Direction::SendOnly => Direction::RecvOnly,
+        Direction::RecvOnly => Direction::SendOnly,
+        other => other,
+    }
+}
+
+fn direction_attribute(direction: Direction) -> &'static str {
+    match direction {
+        Direction::SendRecv => "sendrecv",
+        Direction::SendOnly => "sendonly",
+        Direction::RecvOnly => "recvonly",
+        Direction::Inactive => "inactive",
+    }
+}
+
+fn addr_type(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IP4" } else { "IP6" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sdp;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    const ORIGIN: Origin = Origin {
+        session_id: 7,
+        version: 1,
+    };
+
+    fn offer(body: &str) -> SessionDescription {
+        sdp::parse(&format!(
+            "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n{body}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn follows_the_offerers_order_and_numbers() {
+        let offer = offer(
+            "m=audio 4000 RTP/AVP 8 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:30\r\n",
+        );
+        let negotiation = answer(&offer, &Capabilities::all_audio()).unwrap();
+        let audio = negotiation.audio().unwrap();
+        assert_eq!(audio.codec.encoding_name, "PCMA");
+        assert_eq!(audio.dtmf_payload_type, Some(101));
+        assert_eq!(audio.ptime, 30);
+        assert_eq!(audio.remote_rtp, "10.0.0.1:4000".parse().unwrap());
+        assert_eq!(audio.remote_rtcp, "10.0.0.1:4001".parse().unwrap());
+
+        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        assert!(text.contains("m=audio 5000 RTP/AVP 8 101\r\n"), "{text}");
+        assert!(text.contains("a=rtpmap:101 telephone-event/8000\r\n"));
+        assert!(text.contains("a=sendrecv\r\n"));
+        // The answer itself parses back to the chosen codec.
+        let parsed = sdp::parse(&text).unwrap();
+        assert_eq!(parsed.media[0].formats[0].encoding_name, "PCMA");
+    }
+
+    #[test]
+    fn skips_codecs_not_allowed_and_keeps_fmtp() {
+        let offer = offer(
+            "m=audio 4000 RTP/AVP 18 111\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 useinbandfec=1\r\n",
+        );
+        let capabilities = Capabilities {
+            audio: vec!["OPUS"],
+            video: vec![],
+            dtmf: true,
+        };
+        let negotiation = answer(&offer, &capabilities).unwrap();
+        let audio = negotiation.audio().unwrap();
+        assert_eq!(audio.codec.encoding_name, "OPUS");
+        assert_eq!(audio.dtmf_payload_type, None);
+        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        assert!(text.contains("a=rtpmap:111 opus/48000/2\r\na=fmtp:111 useinbandfec=1\r\n"));
+    }
+
+    #[test]
+    fn refuses_unsupported_streams_with_port_zero() {
+        let offer = offer(
+            "m=video 4002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\nm=audio 4000 RTP/AVP 0\r\n",
+        );
+        let negotiation = answer(&offer, &Capabilities::all_audio()).unwrap();
+        assert!(negotiation.video().is_none());
+        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        let parsed = sdp::parse(&text).unwrap();
+        assert_eq!(parsed.media.len(), 2, "one answer line per offered line");
+        assert_eq!((parsed.media[0].kind.as_str(), parsed.media[0].port), ("video", 0));
+        assert_eq!((parsed.media[1].kind.as_str(), parsed.media[1].port), ("audio", 5000));
+    }
+
+    #[test]
+    fn hold_is_answered_in_the_reverse_direction() {
+        for (offered, answered) in [
+            ("sendonly", Direction::RecvOnly),
+            ("recvonly", Direction::SendOnly),
+            ("inactive", Direction::Inactive),
+        ] {
+            let offer = offer(&format!("m=audio 4000 RTP/AVP 0\r\na={offered}\r\n"));
+            let audio = answer(&offer, &Capabilities::all_audio()).unwrap().streams[0].clone();
+            assert_eq!(audio.direction, answered);
+        }
+    }
+
+    #[test]
+    fn no_common_codec_names_what_was_offered() {
+        let offer = offer("m=audio 4000 RTP/AVP 3\r\na=rtpmap:3 GSM/8000\r\n");
+        let err = answer(&offer, &Capabilities::all_audio()).unwrap_err();
+        assert!(err.to_string().contains("GSM/8000"), "{err}");
+        let srtp = offer_srtp();
+        assert!(answer(&srtp, &Capabilities::all_audio()).is_err());
+    }
+
+    fn offer_srtp() -> SessionDescription {
+        offer("m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n")
+    }
+
+    #[test]
+    fn rtcp_mux_and_explicit_rtcp_port() {
+        let muxed = offer("m=audio 4000 RTP/AVP 0\r\na=rtcp-mux\r\n");
+        let audio = answer(&muxed, &Capabilities::all_audio()).unwrap().streams[0].clone();
+        assert_eq!(audio.remote_rtcp, audio.remote_rtp);
+        let explicit = offer("m=audio 4000 RTP/AVP 0\r\na=rtcp:4100 IN IP4 10.0.0.9\r\n");
+        let audio = answer(&explicit, &Capabilities::all_audio()).unwrap().streams[0].clone();
+        assert_eq!(audio.remote_rtcp, "10.0.0.9:4100".parse().unwrap());
+        let section = sdp::parse_media_section(&audio.media_section_text()).unwrap();
+        assert_eq!(section.effective_rtcp_port(), 4100);
+    }
+
+    #[test]
+    fn offers_parse_back_with_every_codec() {
+        let text = render_offer(
+            &Capabilities::all(),
+            ORIGIN,
+            LOCAL,
+            &[
+                OfferedStream {
+                    kind: MediaKind::Audio,
+                    rtp_port: 5000,
+                    direction: Direction::SendRecv,
+                },
+                OfferedStream {
+                    kind: MediaKind::Video,
+                    rtp_port: 5002,
+                    direction: Direction::SendRecv,
+                },
+            ],
+        );
+        let parsed = sdp::parse(&text).unwrap();
+        let names: Vec<&str> = parsed.media[0]
+            .formats
+            .iter()
+            .map(|f| f.encoding_name.as_str())
+            .collect();
+        assert_eq!(names, ["OPUS", "G722", "PCMU", "PCMA", "G729", "TELEPHONE-EVENT"]);
+        assert_eq!(parsed.media[1].formats.len(), 3);
+        // Answering our own offer picks our first choice.
+        let negotiation = answer(&parsed, &Capabilities::all()).unwrap();
+        assert_eq!(negotiation.audio().unwrap().codec.encoding_name, "OPUS");
+        assert_eq!(negotiation.video().unwrap().codec.encoding_name, "H264");
+    }
+}
