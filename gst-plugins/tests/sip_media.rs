@@ -477,3 +477,97 @@ fn a_bad_local_address_is_an_error_naming_the_property() {
     );
     pipeline.set_state(gst::State::Null).unwrap();
 }
+
+#[test]
+fn telephone_events_become_dtmf_messages_and_leave_the_stream() {
+    init();
+    let map = format!(
+        "{PCMU}; application/x-rtp,media=audio,payload=101,clock-rate=8000,encoding-name=TELEPHONE-EVENT"
+    );
+    let pipeline = gst::parse::launch(&format!(
+        "sipsrc name=src local-address=127.0.0.1 stats-interval=0 payload-map=\"{map}\" \
+         ! appsink name=out sync=false async=false"
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let src = pipeline.by_name("src").unwrap();
+    let bridge: SocketAddr = ([127, 0, 0, 1], src.property::<u32>("local-port") as u16).into();
+    let phone = phone("127.0.0.1");
+    let event = |seq: u16, digit: u8, end: bool, duration: u16| {
+        let payload = bridge_protocol::dtmf::TelephoneEvent {
+            event: digit,
+            end,
+            volume: 10,
+            duration,
+        }
+        .to_bytes();
+        rtp_types::RtpPacketBuilder::new()
+            .payload_type(101)
+            .sequence_number(seq)
+            .timestamp(8000)
+            .ssrc(7)
+            .payload(payload.as_slice())
+            .write_vec()
+            .unwrap()
+    };
+    phone.send_to(&rtp(1, 7, 0), bridge).unwrap();
+    // Digit 5 for 100 ms: two progress packets and the end packet three times.
+    for (seq, end, duration) in [
+        (2, false, 160),
+        (3, false, 320),
+        (4, true, 800),
+        (5, true, 800),
+        (6, true, 800),
+    ] {
+        phone
+            .send_to(&event(seq, 5, end, duration), bridge)
+            .unwrap();
+    }
+    phone.send_to(&rtp(7, 7, 0), bridge).unwrap();
+
+    let bus = pipeline.bus().unwrap();
+    let mut digits = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Some(message) = bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(100),
+            &[gst::MessageType::Element],
+        ) {
+            let s = message.structure().unwrap();
+            if s.name() == "sip-dtmf" {
+                digits.push((
+                    s.get::<String>("digit").unwrap(),
+                    s.get::<u32>("duration-ms").unwrap(),
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        digits,
+        [("5".to_owned(), 100)],
+        "one digit despite three end packets"
+    );
+
+    let out = pipeline
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    let mut payload_types = Vec::new();
+    while let Some(sample) = out.try_pull_sample(gst::ClockTime::from_mseconds(200)) {
+        let map = sample.buffer().unwrap().map_readable().unwrap();
+        payload_types.push(
+            rtp_types::RtpPacket::parse(map.as_slice())
+                .unwrap()
+                .payload_type(),
+        );
+    }
+    assert_eq!(
+        payload_types,
+        [0, 0],
+        "only the audio packets go downstream"
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+}

@@ -145,8 +145,14 @@ mod tests {
             info_digit("application/dtmf-relay", "Signal=5\r\nDuration=160\r\n"),
             Some('5')
         );
-        assert_eq!(info_digit("Application/DTMF-Relay", "Signal= #\r\n"), Some('#'));
-        assert_eq!(info_digit("application/dtmf-relay", "Signal=11\r\n"), Some('#'));
+        assert_eq!(
+            info_digit("Application/DTMF-Relay", "Signal= #\r\n"),
+            Some('#')
+        );
+        assert_eq!(
+            info_digit("application/dtmf-relay", "Signal=11\r\n"),
+            Some('#')
+        );
         assert_eq!(info_digit("application/dtmf", "9"), Some('9'));
         assert_eq!(info_digit("application/dtmf-relay", "Signal=X\r\n"), None);
         assert_eq!(info_digit("text/plain", "Signal=5"), None);

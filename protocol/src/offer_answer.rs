@@ -179,9 +179,7 @@ pub fn answer(
         }) else {
             continue;
         };
-        let address = media
-            .address
-            .ok_or(NegotiationError::NoAddress { index })?;
+        let address = media.address.ok_or(NegotiationError::NoAddress { index })?;
         let dtmf_payload_type = (kind == MediaKind::Audio && capabilities.dtmf)
             .then(|| dtmf_format(media))
             .flatten();
@@ -472,7 +470,12 @@ mod tests {
         assert_eq!(audio.remote_rtp, "10.0.0.1:4000".parse().unwrap());
         assert_eq!(audio.remote_rtcp, "10.0.0.1:4001".parse().unwrap());
 
-        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[LocalStream { rtp_port: 5000 }],
+        );
         assert!(text.contains("m=audio 5000 RTP/AVP 8 101\r\n"), "{text}");
         assert!(text.contains("a=rtpmap:101 telephone-event/8000\r\n"));
         assert!(text.contains("a=sendrecv\r\n"));
@@ -495,7 +498,12 @@ mod tests {
         let audio = negotiation.audio().unwrap();
         assert_eq!(audio.codec.encoding_name, "OPUS");
         assert_eq!(audio.dtmf_payload_type, None);
-        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[LocalStream { rtp_port: 5000 }],
+        );
         assert!(text.contains("a=rtpmap:111 opus/48000/2\r\na=fmtp:111 useinbandfec=1\r\n"));
     }
 
@@ -506,11 +514,22 @@ mod tests {
         );
         let negotiation = answer(&offer, &Capabilities::all_audio()).unwrap();
         assert!(negotiation.video().is_none());
-        let text = render_answer(&negotiation, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[LocalStream { rtp_port: 5000 }],
+        );
         let parsed = sdp::parse(&text).unwrap();
         assert_eq!(parsed.media.len(), 2, "one answer line per offered line");
-        assert_eq!((parsed.media[0].kind.as_str(), parsed.media[0].port), ("video", 0));
-        assert_eq!((parsed.media[1].kind.as_str(), parsed.media[1].port), ("audio", 5000));
+        assert_eq!(
+            (parsed.media[0].kind.as_str(), parsed.media[0].port),
+            ("video", 0)
+        );
+        assert_eq!(
+            (parsed.media[1].kind.as_str(), parsed.media[1].port),
+            ("audio", 5000)
+        );
     }
 
     #[test]
@@ -536,7 +555,9 @@ mod tests {
     }
 
     fn offer_srtp() -> SessionDescription {
-        offer("m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n")
+        offer(
+            "m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n",
+        )
     }
 
     #[test]
@@ -545,7 +566,10 @@ mod tests {
         let audio = answer(&muxed, &Capabilities::all_audio()).unwrap().streams[0].clone();
         assert_eq!(audio.remote_rtcp, audio.remote_rtp);
         let explicit = offer("m=audio 4000 RTP/AVP 0\r\na=rtcp:4100 IN IP4 10.0.0.9\r\n");
-        let audio = answer(&explicit, &Capabilities::all_audio()).unwrap().streams[0].clone();
+        let audio = answer(&explicit, &Capabilities::all_audio())
+            .unwrap()
+            .streams[0]
+            .clone();
         assert_eq!(audio.remote_rtcp, "10.0.0.9:4100".parse().unwrap());
         let section = sdp::parse_media_section(&audio.media_section_text()).unwrap();
         assert_eq!(section.effective_rtcp_port(), 4100);
@@ -576,7 +600,10 @@ mod tests {
             .iter()
             .map(|f| f.encoding_name.as_str())
             .collect();
-        assert_eq!(names, ["OPUS", "G722", "PCMU", "PCMA", "G729", "TELEPHONE-EVENT"]);
+        assert_eq!(
+            names,
+            ["OPUS", "G722", "PCMU", "PCMA", "G729", "TELEPHONE-EVENT"]
+        );
         assert_eq!(parsed.media[1].formats.len(), 3);
         // Answering our own offer picks our first choice.
         let negotiation = answer(&parsed, &Capabilities::all()).unwrap();

@@ -17,6 +17,8 @@ pub const DEFAULT_STATS_INTERVAL_MS: u32 = 1_000;
 /// One payload type of the payload map, ready for the receiving thread.
 struct PayloadType {
     caps: gst::Caps,
+    /// RFC 4733 events: reported as `sip-dtmf` messages, not pushed.
+    telephone_event: bool,
 }
 
 pub(crate) struct SrcSettings {
@@ -47,10 +49,14 @@ impl SrcSettings {
                 let pt = u8::try_from(s.get::<i32>("payload").ok()?)
                     .ok()
                     .filter(|pt| *pt < 128)?;
+                let telephone_event = s
+                    .get::<&str>("encoding-name")
+                    .is_ok_and(|name| name.eq_ignore_ascii_case("TELEPHONE-EVENT"));
                 Some((
                     pt,
                     PayloadType {
                         caps: gst::Caps::from(s.to_owned()),
+                        telephone_event,
                     },
                 ))
             })
@@ -68,12 +74,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn caps_for(&self, payload_type: u8) -> Option<gst::Caps> {
+    /// The caps of a payload type and whether it carries telephone events.
+    pub(super) fn caps_for(&self, payload_type: u8) -> Option<(gst::Caps, bool)> {
         let settings = self.settings.lock().unwrap();
         settings
             .payload_types
             .get(&payload_type)
-            .map(|p| p.caps.clone())
+            .map(|p| (p.caps.clone(), p.telephone_event))
     }
 
     /// Session stats with the jitter buffer's count of late packets.

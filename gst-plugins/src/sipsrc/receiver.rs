@@ -13,6 +13,8 @@ use gst_base::prelude::*;
 use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
+use bridge_protocol::dtmf::EventDetector;
+
 use super::imp::Shared;
 use crate::CAT;
 use crate::media_session::{Datagram, MediaSession, RtpVerdict, classify};
@@ -32,6 +34,7 @@ pub struct SipReceiver {
     flushing: AtomicBool,
     timers: Mutex<Timers>,
     buffer: Mutex<Vec<u8>>,
+    dtmf: Mutex<EventDetector>,
 }
 
 #[glib::object_subclass]
@@ -169,7 +172,7 @@ impl SipReceiver {
         data: &[u8],
     ) -> Option<gst::Buffer> {
         let payload_type = packet.payload_type();
-        let Some(caps) = self.shared().caps_for(payload_type) else {
+        let Some((caps, telephone_event)) = self.shared().caps_for(payload_type) else {
             session.count_unknown_payload_type();
             gst::debug!(
                 CAT,
@@ -194,6 +197,10 @@ impl SipReceiver {
         if verdict == RtpVerdict::Drop {
             return None;
         }
+        if telephone_event {
+            self.report_dtmf(packet, clock_rate);
+            return None;
+        }
         let mut timers = self.timers.lock().unwrap();
         timers.timeout_posted = false;
         if timers.current_payload_type != Some(payload_type) {
@@ -208,6 +215,30 @@ impl SipReceiver {
             }
         }
         Some(gst::Buffer::from_slice(data.to_vec()))
+    }
+
+    /// Posts a `sip-dtmf` message (digit, duration-ms) from `sipsrc` when an
+    /// RFC 4733 event ends.
+    fn report_dtmf(&self, packet: &rtp_types::RtpPacket, clock_rate: u32) {
+        let ended = self
+            .dtmf
+            .lock()
+            .unwrap()
+            .push(packet.timestamp(), packet.payload());
+        let Some((digit, duration)) = ended else {
+            return;
+        };
+        gst::info!(CAT, imp = self, "DTMF {digit} ({duration} clock units)");
+        if let Some(owner) = self.obj().parent().and_downcast::<gst::Element>() {
+            let s = gst::Structure::builder("sip-dtmf")
+                .field("digit", digit.to_string())
+                .field(
+                    "duration-ms",
+                    u32::from(duration) * 1000 / clock_rate.max(1),
+                )
+                .build();
+            let _ = owner.post_message(gst::message::Element::builder(s).src(&owner).build());
+        }
     }
 
     /// Posts the periodic `sip-rtp-stats` message and, once per silence,
