@@ -3,4 +3,6 @@
 
 pub mod analyze;
 pub mod demo;
+pub mod run;
 pub mod sandbox;
+pub mod sip;

@@ -1,6 +1,6 @@
 //! `sip-cc-bridge`: the SIP ↔ ConnectyCube media gateway.
 
-use sip_cc_bridge::{analyze, demo, sandbox};
+use sip_cc_bridge::{analyze, demo, run, sandbox};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the bridge. With no options: SIP on 127.0.0.1:5060 (UDP and TCP)
+    /// with the built-in extensions `echo` (you hear yourself) and `tone`
+    /// (you hear 440 Hz).
+    Run(run::RunOptions),
     /// Carry a call's audio through the plugin on loopback and show its
     /// statistics live: a "phone" sends a PCMU tone to a SIP leg, which
     /// transcodes it to Opus for the other leg, where the tone is measured.
@@ -55,10 +59,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // rsipstack logs every datagram at info.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rsipstack=warn")),
         )
         .init();
     let result = match Cli::parse().command {
+        Command::Run(options) => run::run(options),
         Command::Demo { seconds, tone } => demo::run(seconds, tone),
         Command::Analyze { files, expect } => analyze::run(&files, expect),
         Command::Sandbox {

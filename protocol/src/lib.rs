@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod connectycube;
+pub mod digest;
 pub mod dtmf;
 pub mod offer_answer;
 pub mod sdp;

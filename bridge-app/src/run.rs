@@ -1,0 +1,78 @@
+//! `sip-cc-bridge run`: the bridge's main job.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::sip::{Listener, SipConfig, Transport, UserAgent};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunOptions {
+    /// Address SIP listens on, UDP and TCP.
+    #[arg(long, default_value = "127.0.0.1:5060")]
+    pub sip: SocketAddr,
+    /// A SIP server whose requests need no authentication (repeatable;
+    /// default: loopback).
+    #[arg(long = "trust")]
+    pub trusted: Vec<IpAddr>,
+    /// A user who may call the bridge directly after a digest challenge,
+    /// as NAME:PASSWORD (repeatable).
+    #[arg(long = "user", value_parser = parse_user)]
+    pub users: Vec<(String, String)>,
+    /// Milliseconds without RTP before a call is ended.
+    #[arg(long, default_value_t = 30_000)]
+    pub rtp_timeout_ms: u64,
+    /// Calls carried at once; more get 503.
+    #[arg(long, default_value_t = 200)]
+    pub max_calls: usize,
+}
+
+fn parse_user(text: &str) -> Result<(String, String), String> {
+    let (name, password) = text
+        .split_once(':')
+        .ok_or_else(|| "expected NAME:PASSWORD".to_owned())?;
+    Ok((name.to_owned(), password.to_owned()))
+}
+
+impl RunOptions {
+    fn sip_config(&self) -> SipConfig {
+        let mut config = SipConfig::embedded_default();
+        config.listeners = [Transport::Udp, Transport::Tcp]
+            .into_iter()
+            .map(|transport| Listener {
+                transport,
+                address: self.sip,
+            })
+            .collect();
+        config.media_address = self.sip.ip();
+        if !self.trusted.is_empty() {
+            config.admission.trusted = self.trusted.clone();
+        }
+        config.admission.users = self.users.iter().cloned().collect();
+        config.rtp_timeout = Duration::from_millis(self.rtp_timeout_ms);
+        config.max_calls = self.max_calls;
+        config
+    }
+}
+
+pub fn run(options: RunOptions) -> anyhow::Result<()> {
+    gst::init()?;
+    gstsipcc::register()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let config = options.sip_config();
+        let sip = UserAgent::start(config).await.context("cannot start SIP")?;
+        let address = options.sip;
+        println!("sip-cc-bridge is running. SIP on udp and tcp {address}.");
+        println!("  Call sip:echo@{address} to hear yourself, sip:tone@{address} to hear 440 Hz.");
+        println!("  e.g. sipp -sn uac -s echo {address}   Ctrl-C stops.");
+        tokio::signal::ctrl_c().await?;
+        println!("Stopping: ending {} call(s).", sip.active_calls());
+        sip.shutdown().await;
+        Ok(())
+    })
+}

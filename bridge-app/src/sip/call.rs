@@ -1,0 +1,525 @@
+//! One inbound call, from INVITE to BYE: admission, target, capacity,
+//! session timer and offer checks (each with its own final response), then
+//! 180, 200 with the answer, and the life of the dialog — re-INVITE and
+//! UPDATE (hold, resume, new address or codec, refreshes, offers in ACK),
+//! INFO DTMF, RTP timeout, session expiry, shutdown.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bridge_protocol::codec::MediaKind;
+use bridge_protocol::dtmf;
+use bridge_protocol::offer_answer::{
+    self, Capabilities, LocalStream, NegotiatedStream, OfferedStream, Origin,
+};
+use bridge_protocol::sdp::{self, Direction};
+use rsipstack::dialog::dialog::{DialogState, TerminatedReason, TransactionHandle};
+use rsipstack::dialog::invite_dialog::InviteDialog;
+use rsipstack::sip::prelude::HeadersExt;
+use rsipstack::sip::{Header, Method, Request, StatusCode};
+use rsipstack::transaction::transaction::Transaction;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::admission::Verdict;
+use super::media::{CallMedia, MediaEvent, PortReservation, Service};
+use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
+
+pub(super) fn incoming(shared: Arc<Shared>, tx: Transaction) {
+    tokio::spawn(async move {
+        let call_id = tx
+            .original
+            .call_id_header()
+            .map(|h| h.value().to_owned())
+            .unwrap_or_default();
+        if let Err(e) = answer_call(shared, tx, &call_id).await {
+            warn!("call {call_id}: {e:#}");
+        }
+    });
+}
+
+/// Counts a call as active for as long as it lives.
+struct ActiveCall {
+    shared: Arc<Shared>,
+    call_id: String,
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.shared.active_calls.fetch_sub(1, Ordering::Relaxed);
+        self.shared.calls.lock().unwrap().remove(&self.call_id);
+    }
+}
+
+/// The session timer the caller asked for (RFC 4028).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SessionTimer {
+    interval: u32,
+}
+
+impl SessionTimer {
+    /// When the session is over unless refreshed: the interval less a
+    /// margin (RFC 4028 §10: a third, at most 32 s).
+    fn deadline(self) -> Instant {
+        let interval = u64::from(self.interval);
+        Instant::now() + Duration::from_secs(interval - (interval / 3).min(32))
+    }
+
+    fn header(self) -> Header {
+        Header::SessionExpires(format!("{};refresher=uac", self.interval).into())
+    }
+}
+
+/// Reads `Session-Expires: 1800;refresher=uac`; `None` when absent or unreadable.
+fn requested_session_interval(request: &Request) -> Option<u32> {
+    let value = request
+        .header_value("Session-Expires")
+        // `x` is its compact form.
+        .or_else(|| request.header_value("x"))?;
+    value.split(';').next()?.trim().parse().ok()
+}
+
+async fn answer_call(
+    shared: Arc<Shared>,
+    mut tx: Transaction,
+    call_id: &str,
+) -> anyhow::Result<()> {
+    let Some(source) = source_of(&tx) else {
+        return Ok(());
+    };
+    let verdict = shared.admission.check(&tx.original, source);
+    if !matches!(verdict, Verdict::Admit { .. }) {
+        info!("call {call_id} from {source}: {verdict:?}");
+        refuse(&mut tx, &verdict).await;
+        return Ok(());
+    }
+    let caller = tx
+        .original
+        .from_header()
+        .map(|h| h.value().to_owned())
+        .unwrap_or_default();
+    let target = tx
+        .original
+        .uri
+        .auth
+        .as_ref()
+        .map(|a| a.user.clone())
+        .unwrap_or_default();
+    let Some(service) = shared.config.services.get(&target).copied() else {
+        info!("call {call_id} from {caller} to unknown user {target:?}: 404");
+        reply(&mut tx, StatusCode::NotFound, vec![]).await;
+        return Ok(());
+    };
+    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
+        shared.active_calls.fetch_sub(1, Ordering::Relaxed);
+        warn!(
+            "call {call_id}: over capacity ({} calls), 503",
+            shared.config.max_calls
+        );
+        reply(
+            &mut tx,
+            StatusCode::ServiceUnavailable,
+            vec![Header::RetryAfter("10".into())],
+        )
+        .await;
+        return Ok(());
+    }
+    let token = shared.shutdown.child_token();
+    shared
+        .calls
+        .lock()
+        .unwrap()
+        .insert(call_id.to_owned(), token.clone());
+    let _active = ActiveCall {
+        shared: shared.clone(),
+        call_id: call_id.to_owned(),
+    };
+
+    let session_timer = match requested_session_interval(&tx.original) {
+        Some(interval) if interval < shared.config.min_session_expires => {
+            info!("call {call_id}: Session-Expires {interval} below Min-SE, 422");
+            let min_se = Header::MinSE(shared.config.min_session_expires.to_string().into());
+            reply(&mut tx, StatusCode::SessionIntervalTooSmall, vec![min_se]).await;
+            return Ok(());
+        }
+        Some(interval) => Some(SessionTimer { interval }),
+        None => None,
+    };
+
+    let capabilities = Capabilities::all_audio();
+    let offer = match offered_sdp(&tx.original) {
+        Ok(offer) => offer,
+        Err(reason) => {
+            info!("call {call_id}: {reason}, 488");
+            let warning = Header::Warning(format!("399 sip-cc-bridge \"{reason}\"").into());
+            reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
+            return Ok(());
+        }
+    };
+    let negotiated = match offer
+        .as_ref()
+        .map(|o| offer_answer::answer(o, &capabilities))
+    {
+        Some(Err(e)) => {
+            info!("call {call_id}: {e}, 488");
+            let warning = Header::Warning(format!("304 sip-cc-bridge \"{e}\"").into());
+            reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
+            return Ok(());
+        }
+        Some(Ok(negotiation)) => Some(negotiation),
+        None => None,
+    };
+
+    let reservation = match PortReservation::new(shared.config.media_address) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("call {call_id}: {e:#}, 503");
+            reply(&mut tx, StatusCode::ServiceUnavailable, vec![]).await;
+            return Ok(());
+        }
+    };
+    let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
+    let dialog = shared.dialogs.get_or_create_server_invite(
+        &tx,
+        state_sender,
+        None,
+        Some(shared.contact.clone()),
+    )?;
+    let mut driver = dialog.clone();
+    tokio::spawn(async move {
+        // Sends 100 Trying, retransmits responses, takes the ACK or CANCEL.
+        let _ = driver.handle(&mut tx).await;
+    });
+    dialog.ringing(None, None)?;
+    info!("call {call_id} from {caller} to {target}: ringing");
+
+    let mut call = Call {
+        shared: shared.clone(),
+        dialog,
+        call_id: call_id.to_owned(),
+        service,
+        reservation,
+        media: None,
+        media_events: mpsc::unbounded_channel(),
+        origin: Origin {
+            session_id: rand::random::<u32>().into(),
+            version: 1,
+        },
+        answer_expected_in_ack: false,
+        session_timer,
+        capabilities,
+    };
+    let body = match negotiated {
+        Some(negotiation) => {
+            let audio = negotiation.audio().cloned();
+            let body = call.render_answer(&negotiation);
+            if let Some(audio) = audio {
+                call.apply(&audio)?;
+            }
+            body
+        }
+        None => {
+            call.answer_expected_in_ack = true;
+            call.render_offer(Direction::SendRecv)
+        }
+    };
+    call.dialog
+        .accept(Some(call.answer_headers()), Some(body.into_bytes()))?;
+    info!(
+        "call {call_id}: answered by {service:?} ({})",
+        call.media
+            .as_ref()
+            .map_or("codec from the ACK", |m| m.codec())
+    );
+    call.run(states, token).await;
+    Ok(())
+}
+
+/// The SDP offer of a request: `Ok(None)` without a body.
+fn offered_sdp(request: &Request) -> Result<Option<sdp::SessionDescription>, String> {
+    if request.body.is_empty() {
+        return Ok(None);
+    }
+    let content_type = request.header_value("Content-Type").unwrap_or_default();
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("application/sdp")
+    {
+        return Err(format!("body of type {content_type:?} is not SDP"));
+    }
+    let text = std::str::from_utf8(&request.body).map_err(|_| "SDP is not UTF-8".to_owned())?;
+    sdp::parse(text).map(Some).map_err(|e| e.to_string())
+}
+
+struct Call {
+    shared: Arc<Shared>,
+    dialog: InviteDialog,
+    call_id: String,
+    service: Service,
+    reservation: PortReservation,
+    media: Option<CallMedia>,
+    media_events: (
+        mpsc::UnboundedSender<MediaEvent>,
+        mpsc::UnboundedReceiver<MediaEvent>,
+    ),
+    origin: Origin,
+    /// We offered in a 200 OK; the answer arrives in the ACK.
+    answer_expected_in_ack: bool,
+    session_timer: Option<SessionTimer>,
+    capabilities: Capabilities,
+}
+
+impl Call {
+    fn sdp_address(&self) -> IpAddr {
+        self.shared
+            .config
+            .public_address
+            .unwrap_or(self.reservation.address)
+    }
+
+    fn next_origin(&mut self) -> Origin {
+        let origin = self.origin;
+        self.origin.version += 1;
+        origin
+    }
+
+    fn render_answer(&mut self, negotiation: &offer_answer::Negotiation) -> String {
+        let local: Vec<LocalStream> = negotiation
+            .streams
+            .iter()
+            .map(|_| LocalStream {
+                rtp_port: self.reservation.port,
+            })
+            .collect();
+        let origin = self.next_origin();
+        offer_answer::render_answer(negotiation, origin, self.sdp_address(), &local)
+    }
+
+    fn render_offer(&mut self, direction: Direction) -> String {
+        let origin = self.next_origin();
+        let stream = OfferedStream {
+            kind: MediaKind::Audio,
+            rtp_port: self.reservation.port,
+            direction,
+        };
+        offer_answer::render_offer(&self.capabilities, origin, self.sdp_address(), &[stream])
+    }
+
+    fn answer_headers(&self) -> Vec<Header> {
+        let mut headers = vec![
+            Header::ContentType("application/sdp".into()),
+            Header::Allow(ALLOW.into()),
+            Header::Supported(SUPPORTED.into()),
+        ];
+        if let Some(timer) = self.session_timer {
+            headers.push(timer.header());
+            headers.push(Header::Require("timer".into()));
+        }
+        headers
+    }
+
+    /// Starts the media, or moves it to the renegotiated stream.
+    fn apply(&mut self, stream: &NegotiatedStream) -> anyhow::Result<()> {
+        match &self.media {
+            Some(media) if media.codec() == stream.codec.encoding_name => media.update(stream),
+            _ => {
+                if let Some(old) = self.media.take() {
+                    old.stop();
+                }
+                let timeout = self.shared.config.rtp_timeout.as_millis() as u32;
+                self.media = Some(CallMedia::start(
+                    &self.reservation,
+                    stream,
+                    self.service,
+                    timeout,
+                    self.media_events.0.clone(),
+                )?);
+            }
+        }
+        info!(
+            "call {}: {} {:?} to {}",
+            self.call_id, stream.codec.encoding_name, stream.direction, stream.remote_rtp
+        );
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut states: mpsc::UnboundedReceiver<DialogState>,
+        shutdown: CancellationToken,
+    ) {
+        let mut session_deadline = self.session_timer.map(SessionTimer::deadline);
+        let ending = loop {
+            let expiry = async {
+                match session_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                state = states.recv() => match state {
+                    None => break None,
+                    Some(DialogState::Confirmed(..)) => self.on_confirmed(),
+                    Some(DialogState::Updated(_, request, handle)) => {
+                        session_deadline = self.session_timer.map(SessionTimer::deadline);
+                        self.on_update(&request, handle).await;
+                    }
+                    Some(DialogState::Info(_, request, handle)) => self.on_info(&request, handle).await,
+                    Some(DialogState::Options(_, _, handle)) => {
+                        let _ = handle.reply(StatusCode::OK).await;
+                    }
+                    Some(DialogState::Terminated(_, reason)) => {
+                        info!("call {}: ended ({})", self.call_id, describe(&reason));
+                        break None;
+                    }
+                    Some(_) => {}
+                },
+                Some(event) = self.media_events.1.recv() => match event {
+                    MediaEvent::Dtmf { digit, duration_ms } => {
+                        info!("call {}: DTMF {digit} ({duration_ms} ms, RFC 4733)", self.call_id);
+                    }
+                    MediaEvent::RtpTimeout { silence_ms } => {
+                        break Some(format!("SIP;cause=408;text=\"no RTP for {silence_ms} ms\""));
+                    }
+                    MediaEvent::Failed(error) => {
+                        warn!("call {}: media failed: {error}", self.call_id);
+                        break Some("SIP;cause=500;text=\"media failure\"".to_owned());
+                    }
+                },
+                () = expiry => break Some("SIP;cause=408;text=\"session timer expired\"".to_owned()),
+                () = shutdown.cancelled() => break Some("SIP;cause=503;text=\"bridge shutting down\"".to_owned()),
+            }
+        };
+        if let Some(media) = self.media.take() {
+            media.stop();
+        }
+        if let Some(reason) = ending {
+            info!("call {}: hanging up ({reason})", self.call_id);
+            let headers = vec![Header::Reason(reason.into())];
+            if let Err(e) = self.dialog.bye_with_headers(Some(headers)).await {
+                warn!("call {}: BYE failed: {e}", self.call_id);
+            }
+        }
+        self.shared.dialogs.remove_dialog(&self.dialog.id());
+    }
+
+    /// ACK arrived: if we offered in the 200, it carries the answer.
+    fn on_confirmed(&mut self) {
+        if !std::mem::take(&mut self.answer_expected_in_ack) {
+            return;
+        }
+        let ack = self.dialog.last_remote_ack();
+        let negotiated = match ack.as_ref().map(offered_sdp) {
+            Some(Ok(Some(answer))) => {
+                offer_answer::answer(&answer, &self.capabilities).map_err(|e| e.to_string())
+            }
+            Some(Ok(None)) | None => Err("the ACK carries no SDP answer".to_owned()),
+            Some(Err(e)) => Err(e),
+        };
+        match negotiated.and_then(|n| n.audio().cloned().ok_or("no audio stream".into())) {
+            Ok(audio) => {
+                if let Err(e) = self.apply(&audio) {
+                    warn!("call {}: {e:#}", self.call_id);
+                }
+            }
+            Err(e) => warn!("call {}: {e}; media stays as it was", self.call_id),
+        }
+    }
+
+    /// re-INVITE or UPDATE: with an offer, answer it and move the media; a
+    /// re-INVITE without one gets our offer; either way the timer restarts.
+    async fn on_update(&mut self, request: &Request, handle: TransactionHandle) {
+        let offer = match offered_sdp(request) {
+            Ok(offer) => offer,
+            Err(reason) => {
+                warn!("call {}: re-offer refused: {reason}", self.call_id);
+                let _ = handle.reply(StatusCode::NotAcceptableHere).await;
+                return;
+            }
+        };
+        if let Some(interval) = requested_session_interval(request) {
+            self.session_timer = Some(SessionTimer {
+                interval: interval.max(self.shared.config.min_session_expires),
+            });
+        }
+        let body = match offer {
+            Some(offer) => match offer_answer::answer(&offer, &self.capabilities) {
+                Ok(negotiation) => {
+                    if let Some(audio) = negotiation.audio().cloned() {
+                        if let Err(e) = self.apply(&audio) {
+                            warn!("call {}: {e:#}", self.call_id);
+                            let _ = handle.reply(StatusCode::NotAcceptableHere).await;
+                            return;
+                        }
+                    }
+                    self.render_answer(&negotiation)
+                }
+                Err(e) => {
+                    // The call goes on with what it had (RFC 3264 §8).
+                    info!("call {}: re-offer refused ({e})", self.call_id);
+                    let _ = handle.reply(StatusCode::NotAcceptableHere).await;
+                    return;
+                }
+            },
+            None if request.method == Method::Invite => {
+                self.answer_expected_in_ack = true;
+                self.render_offer(Direction::SendRecv)
+            }
+            None => {
+                // A session refresh by UPDATE without SDP.
+                let _ = handle
+                    .respond(StatusCode::OK, Some(self.refresh_headers()), None)
+                    .await;
+                return;
+            }
+        };
+        let mut headers = self.answer_headers();
+        headers.retain(|h| !matches!(h, Header::Require(_)));
+        let _ = handle
+            .respond(StatusCode::OK, Some(headers), Some(body.into_bytes()))
+            .await;
+    }
+
+    fn refresh_headers(&self) -> Vec<Header> {
+        self.session_timer
+            .map(SessionTimer::header)
+            .into_iter()
+            .collect()
+    }
+
+    async fn on_info(&mut self, request: &Request, handle: TransactionHandle) {
+        let content_type = request.header_value("Content-Type").unwrap_or_default();
+        let body = String::from_utf8_lossy(&request.body);
+        match dtmf::info_digit(&content_type, &body) {
+            Some(digit) => {
+                info!("call {}: DTMF {digit} (SIP INFO)", self.call_id);
+                let _ = handle.reply(StatusCode::OK).await;
+            }
+            None if content_type.is_empty() => {
+                // An empty INFO is a keep-alive.
+                let _ = handle.reply(StatusCode::OK).await;
+            }
+            None => {
+                info!(
+                    "call {}: INFO of type {content_type:?} not understood",
+                    self.call_id
+                );
+                let _ = handle.reply(StatusCode::UnsupportedMediaType).await;
+            }
+        }
+    }
+}
+
+fn describe(reason: &TerminatedReason) -> String {
+    match reason {
+        TerminatedReason::UacBye => "the caller hung up".into(),
+        TerminatedReason::UacCancel => "the caller cancelled".into(),
+        TerminatedReason::UasBye => "the bridge hung up".into(),
+        TerminatedReason::Timeout => "no ACK".into(),
+        other => format!("{other:?}"),
+    }
+}

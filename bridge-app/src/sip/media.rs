@@ -1,0 +1,279 @@
+//! The media of one SIP call on `sipsrc`/`sipsink`: a port reserved before
+//! the SDP is written, then a pipeline for the negotiated codec that plays
+//! one of the built-in services (echo, tone). Events a call reacts to —
+//! DTMF, RTP timeout, pipeline errors — come back on a channel.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, anyhow};
+use bridge_protocol::offer_answer::NegotiatedStream;
+use gst::prelude::*;
+use tokio::sync::mpsc;
+
+/// GStreamer elements that carry one audio codec between RTP and raw audio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioChain {
+    pub depayloader: &'static str,
+    pub decoder: &'static str,
+    pub encoder: &'static str,
+    pub payloader: &'static str,
+    /// The sample rate the encoder is fed at.
+    pub encoder_rate: u32,
+}
+
+/// The chain for a codec of the table, by encoding name.
+pub fn audio_chain(encoding_name: &str) -> Option<AudioChain> {
+    let chain = |depayloader, decoder, encoder, payloader, encoder_rate| AudioChain {
+        depayloader,
+        decoder,
+        encoder,
+        payloader,
+        encoder_rate,
+    };
+    Some(match encoding_name {
+        "PCMU" => chain("rtppcmudepay", "mulawdec", "mulawenc", "rtppcmupay", 8000),
+        "PCMA" => chain("rtppcmadepay", "alawdec", "alawenc", "rtppcmapay", 8000),
+        "G722" => chain(
+            "rtpg722depay",
+            "avdec_g722",
+            "avenc_g722",
+            "rtpg722pay",
+            16000,
+        ),
+        "G729" => chain("rtpg729depay", "g729dec", "g729enc", "rtpg729pay", 8000),
+        // Opus straight from the phone's rate: no 48 kHz resample delay.
+        "OPUS" => chain("rtpopusdepay", "opusdec", "opusenc", "rtpopuspay", 16000),
+        _ => return None,
+    })
+}
+
+/// What the bridge plays into a call that ends at the bridge itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Service {
+    /// The caller hears themself.
+    Echo,
+    /// The caller hears a sine tone of this frequency.
+    Tone(f64),
+}
+
+/// Something the call's media reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    Dtmf { digit: char, duration_ms: u32 },
+    RtpTimeout { silence_ms: u64 },
+    Failed(String),
+}
+
+/// Seconds without RTP before a call is ended.
+pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;
+
+/// A reserved RTP/RTCP port pair; the call's pipeline joins it by session name.
+pub struct PortReservation {
+    session: String,
+    holder: gst::Element,
+    pub port: u16,
+    pub address: IpAddr,
+}
+
+impl PortReservation {
+    pub fn new(address: IpAddr) -> anyhow::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let session = format!("sip-call-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let holder = gst::ElementFactory::make("sipsink")
+            .property("session", &session)
+            .property("local-address", address.to_string())
+            .build()
+            .context("the sipcc plugin is not registered")?;
+        holder
+            .set_state(gst::State::Ready)
+            .map_err(|_| anyhow!("no free RTP port on {address}"))?;
+        let port = holder.property::<u32>("local-port") as u16;
+        Ok(Self {
+            session,
+            holder,
+            port,
+            address,
+        })
+    }
+}
+
+impl Drop for PortReservation {
+    fn drop(&mut self) {
+        let _ = self.holder.set_state(gst::State::Null);
+    }
+}
+
+/// A running call pipeline.
+pub struct CallMedia {
+    pipeline: gst::Pipeline,
+    receiver: gst::Element,
+    sender: gst::Element,
+    valve: gst::Element,
+    codec: &'static str,
+}
+
+impl CallMedia {
+    /// Starts `service` on the reserved port for the negotiated audio stream.
+    pub fn start(
+        reservation: &PortReservation,
+        stream: &NegotiatedStream,
+        service: Service,
+        rtp_timeout_ms: u32,
+        events: mpsc::UnboundedSender<MediaEvent>,
+    ) -> anyhow::Result<Self> {
+        let codec = stream.codec.encoding_name;
+        let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
+        let session = &reservation.session;
+        let address = reservation.address;
+        let pt = stream.format.payload_type;
+        let ptime_ns = u64::from(stream.ptime) * 1_000_000;
+        let encoder = match codec {
+            "OPUS" => format!("opusenc frame-size={}", opus_frame_size(stream.ptime)),
+            _ => chain.encoder.to_owned(),
+        };
+        let source = match service {
+            Service::Echo => format!(
+                "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 \
+                   ! {} ! {} ! audioconvert ! audioresample",
+                chain.depayloader, chain.decoder
+            ),
+            Service::Tone(frequency) => format!(
+                "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 \
+                   ! fakesink sync=false async=false \
+                 audiotestsrc is-live=true freq={frequency} volume=0.4 ! audioconvert ! audioresample"
+            ),
+        };
+        let description = format!(
+            "{source} ! audio/x-raw,rate={},channels=1 ! {encoder} \
+               ! {} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns} \
+               ! valve name=hold drop=false \
+               ! sipsink name=tx session={session} local-address={address}",
+            chain.encoder_rate, chain.payloader,
+        );
+        let pipeline = gst::parse::launch(&description)
+            .with_context(|| format!("cannot build the {codec} pipeline"))?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| anyhow!("not a pipeline"))?;
+        let by_name = |name: &str| {
+            pipeline
+                .by_name(name)
+                .with_context(|| format!("pipeline lacks {name}"))
+        };
+        let (receiver, sender, valve) = (by_name("rx")?, by_name("tx")?, by_name("hold")?);
+        receiver.set_property("sdp", stream.media_section_text());
+        let media = Self {
+            pipeline,
+            receiver,
+            sender,
+            valve,
+            codec,
+        };
+        media.set_direction(stream);
+        media.watch_bus(events);
+        media
+            .pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|_| anyhow!("the {codec} pipeline did not start"))?;
+        Ok(media)
+    }
+
+    pub fn codec(&self) -> &'static str {
+        self.codec
+    }
+
+    /// Applies a renegotiated stream of the same codec: a new remote address
+    /// or port, and hold (nothing is sent while the phone does not receive).
+    pub fn update(&self, stream: &NegotiatedStream) {
+        self.receiver
+            .set_property("sdp", stream.media_section_text());
+        self.set_direction(stream);
+    }
+
+    fn set_direction(&self, stream: &NegotiatedStream) {
+        self.valve.set_property("drop", !stream.we_send());
+    }
+
+    /// RTP statistics of the SIP leg (`sipsrc`'s `stats`).
+    pub fn stats(&self) -> gst::Structure {
+        self.receiver.property::<gst::Structure>("stats")
+    }
+
+    /// Sends RTCP BYE and stops.
+    pub fn stop(&self) {
+        self.sender.send_event(gst::event::Eos::new());
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+
+    fn watch_bus(&self, events: mpsc::UnboundedSender<MediaEvent>) {
+        let bus = self.pipeline.bus().expect("a pipeline has a bus");
+        bus.set_sync_handler(move |_, message| {
+            let event = match message.view() {
+                gst::MessageView::Element(element) => {
+                    element.structure().and_then(|s| match s.name().as_str() {
+                        "sip-dtmf" => Some(MediaEvent::Dtmf {
+                            digit: s.get::<String>("digit").ok()?.chars().next()?,
+                            duration_ms: s.get::<u32>("duration-ms").unwrap_or(0),
+                        }),
+                        "sip-rtp-timeout" => Some(MediaEvent::RtpTimeout {
+                            silence_ms: s.get::<u64>("silence-ms").unwrap_or(0),
+                        }),
+                        _ => None,
+                    })
+                }
+                gst::MessageView::Error(error) => Some(MediaEvent::Failed(format!(
+                    "{} ({:?})",
+                    error.error(),
+                    error.debug()
+                ))),
+                _ => None,
+            };
+            if let Some(event) = event {
+                let _ = events.send(event);
+            }
+            gst::BusSyncReply::Drop
+        });
+    }
+}
+
+impl Drop for CallMedia {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// The Opus frame size (ms) closest to the negotiated ptime.
+fn opus_frame_size(ptime: u32) -> u32 {
+    [10, 20, 40, 60]
+        .into_iter()
+        .min_by_key(|size: &u32| size.abs_diff(ptime))
+        .unwrap_or(20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_audio_codec_of_the_table_has_a_chain() {
+        for codec in bridge_protocol::codec::CODECS {
+            if codec.kind == bridge_protocol::codec::MediaKind::Audio
+                && codec.encoding_name != "TELEPHONE-EVENT"
+            {
+                assert!(
+                    audio_chain(codec.encoding_name).is_some(),
+                    "{}",
+                    codec.encoding_name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn opus_frames_follow_ptime() {
+        assert_eq!(opus_frame_size(20), 20);
+        assert_eq!(opus_frame_size(30), 20);
+        assert_eq!(opus_frame_size(60), 60);
+        assert_eq!(opus_frame_size(10), 10);
+    }
+}

@@ -1,0 +1,95 @@
+//! The SIP leg of the bridge on rsipstack: transports, admission, inbound
+//! calls (UAS) with SDP offer/answer, DTMF, hold and session timers, and the
+//! media of each call on `sipsrc`/`sipsink`.
+
+pub mod admission;
+mod call;
+pub mod media;
+mod ua;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use admission::AdmissionConfig;
+pub use media::Service;
+pub use ua::UserAgent;
+
+/// A transport the bridge listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub transport: Transport,
+    pub address: SocketAddr,
+}
+
+/// Certificate and key (PEM) for the TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct SipConfig {
+    pub listeners: Vec<Listener>,
+    pub tls: Option<TlsFiles>,
+    /// The address put in Contact and SDP when the bridge is behind NAT.
+    pub public_address: Option<IpAddr>,
+    /// Where RTP sockets are bound.
+    pub media_address: IpAddr,
+    pub admission: AdmissionConfig,
+    /// Targets served by the bridge itself, by user part.
+    pub services: HashMap<String, Service>,
+    /// Calls carried at once; more get 503.
+    pub max_calls: usize,
+    pub rtp_timeout: Duration,
+    /// Session interval asked of callers that use session timers (RFC 4028).
+    pub session_expires: u32,
+    /// The smallest session interval accepted; shorter ones get 422.
+    pub min_session_expires: u32,
+}
+
+impl SipConfig {
+    /// The embedded default: loopback UDP and TCP on 5060, `echo` and `tone`.
+    pub fn embedded_default() -> Self {
+        let loopback: IpAddr = [127, 0, 0, 1].into();
+        let address = SocketAddr::new(loopback, 5060);
+        Self {
+            listeners: vec![
+                Listener {
+                    transport: Transport::Udp,
+                    address,
+                },
+                Listener {
+                    transport: Transport::Tcp,
+                    address,
+                },
+            ],
+            tls: None,
+            public_address: None,
+            media_address: loopback,
+            admission: AdmissionConfig {
+                trusted: vec![loopback, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)],
+                realm: "sip-cc-bridge".into(),
+                users: HashMap::new(),
+                requests_per_second: 50.0,
+            },
+            services: HashMap::from([
+                ("echo".to_owned(), Service::Echo),
+                ("tone".to_owned(), Service::Tone(440.0)),
+            ]),
+            max_calls: 200,
+            rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),
+            session_expires: 1800,
+            min_session_expires: 90,
+        }
+    }
+}

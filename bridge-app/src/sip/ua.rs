@@ -1,0 +1,278 @@
+//! The user agent: listeners, the rsipstack endpoint, and the dispatch of
+//! every incoming request — new calls to [`super::call`], requests inside a
+//! dialog to the dialog, OPTIONS answered, the rest refused.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rsipstack::EndpointBuilder;
+use rsipstack::dialog::dialog::Dialog;
+use rsipstack::dialog::dialog_layer::DialogLayer;
+use rsipstack::sip::prelude::HeadersExt;
+use rsipstack::sip::{Header, Method, StatusCode};
+use rsipstack::transaction::transaction::Transaction;
+use rsipstack::transport::TransportLayer;
+use rsipstack::transport::tcp_listener::TcpListenerConnection;
+use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
+use rsipstack::transport::udp::UdpConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::admission::{Admission, Verdict};
+use super::{SipConfig, Transport, call};
+
+pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+pub(super) const SUPPORTED: &str = "timer";
+
+/// What every call task shares.
+pub(super) struct Shared {
+    pub config: SipConfig,
+    pub admission: Admission,
+    pub dialogs: Arc<DialogLayer>,
+    /// The Contact URI of the bridge (public address when configured).
+    pub contact: rsipstack::sip::Uri,
+    pub active_calls: AtomicUsize,
+    /// Calls in progress by Call-ID, so shutdown can end them.
+    pub calls: Mutex<HashMap<String, CancellationToken>>,
+    pub shutdown: CancellationToken,
+}
+
+/// A running SIP user agent. Dropping it (or [`UserAgent::shutdown`]) ends
+/// every call with BYE and closes the listeners.
+pub struct UserAgent {
+    shared: Arc<Shared>,
+    addresses: Vec<SocketAddr>,
+}
+
+impl UserAgent {
+    pub async fn start(config: SipConfig) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let transports = TransportLayer::new(shutdown.child_token());
+        let external = |address: SocketAddr| {
+            config
+                .public_address
+                .map(|public| SocketAddr::new(public, address.port()))
+        };
+        let mut addresses = Vec::new();
+        for listener in &config.listeners {
+            let address = listener.address;
+            match listener.transport {
+                Transport::Udp => {
+                    let connection = UdpConnection::create_connection(
+                        address,
+                        external(address),
+                        Some(shutdown.child_token()),
+                    )
+                    .await
+                    .with_context(|| format!("cannot listen for SIP on udp {address}"))?;
+                    transports.add_transport(connection.into());
+                }
+                Transport::Tcp => {
+                    let connection = TcpListenerConnection::new(address, external(address))
+                        .await
+                        .with_context(|| format!("cannot listen for SIP on tcp {address}"))?;
+                    transports.add_transport(connection.into());
+                }
+                Transport::Tls => {
+                    let files = config
+                        .tls
+                        .as_ref()
+                        .context("sip.tls: a TLS listener needs a certificate and key")?;
+                    let read = |path: &std::path::Path| {
+                        std::fs::read(path)
+                            .with_context(|| format!("sip.tls: cannot read {}", path.display()))
+                    };
+                    let tls = TlsConfig {
+                        cert: Some(read(&files.certificate)?),
+                        key: Some(read(&files.key)?),
+                        ..Default::default()
+                    };
+                    let connection = TlsListenerConnection::new(address, external(address), tls)
+                        .await
+                        .with_context(|| format!("cannot listen for SIP on tls {address}"))?;
+                    transports.add_transport(connection.into());
+                }
+            }
+            info!(
+                "SIP listening on {} {address}",
+                format!("{:?}", listener.transport).to_lowercase()
+            );
+            addresses.push(address);
+        }
+
+        let endpoint = EndpointBuilder::new()
+            .with_cancel_token(shutdown.child_token())
+            .with_transport_layer(transports)
+            .with_user_agent(concat!("sip-cc-bridge/", env!("CARGO_PKG_VERSION")))
+            .with_allows(
+                ALLOW
+                    .split(", ")
+                    .filter_map(|m| m.parse::<Method>().ok())
+                    .collect(),
+            )
+            .build();
+        let mut incoming = endpoint.incoming_transactions()?;
+        let dialogs = Arc::new(DialogLayer::new(endpoint.inner.clone()));
+        let first = addresses.first().context("sip: no listener configured")?;
+        let contact_host =
+            SocketAddr::new(config.public_address.unwrap_or(first.ip()), first.port());
+        let contact = format!("sip:bridge@{contact_host}")
+            .as_str()
+            .try_into()
+            .context("cannot build the Contact URI")?;
+        let shared = Arc::new(Shared {
+            admission: Admission::new(config.admission.clone()),
+            config,
+            dialogs,
+            contact,
+            active_calls: AtomicUsize::new(0),
+            calls: Mutex::default(),
+            shutdown: shutdown.clone(),
+        });
+
+        let serving = endpoint.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serving.serve().await {
+                warn!("SIP endpoint stopped: {e}");
+            }
+        });
+        let dispatcher = shared.clone();
+        tokio::spawn(async move {
+            // The endpoint lives as long as this loop.
+            let _endpoint = endpoint;
+            loop {
+                tokio::select! {
+                    _ = dispatcher.shutdown.cancelled() => break,
+                    tx = incoming.recv() => match tx {
+                        Some(tx) => dispatch(&dispatcher, tx).await,
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(Self { shared, addresses })
+    }
+
+    /// The addresses SIP listens on.
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
+    }
+
+    pub fn active_calls(&self) -> usize {
+        self.shared.active_calls.load(Ordering::Relaxed)
+    }
+
+    /// Ends every call with BYE, waits (up to 2 s) for them to finish, then
+    /// closes the listeners.
+    pub async fn shutdown(&self) {
+        let calls: Vec<CancellationToken> = self
+            .shared
+            .calls
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        for call in calls {
+            call.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.active_calls() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.shared.shutdown.cancel();
+    }
+}
+
+impl Drop for UserAgent {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Where a request came from (the transport's peer, else the top Via).
+pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
+    tx.connection
+        .as_ref()
+        .and_then(|c| c.get_remote_addr())
+        .and_then(|addr| SocketAddr::try_from(addr.addr.clone()).ok())
+        .map(|addr| addr.ip())
+}
+
+async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
+    let in_dialog = tx
+        .original
+        .to_header()
+        .ok()
+        .and_then(|to| to.tag().ok().flatten())
+        .is_some();
+    let method = tx.original.method;
+    debug!("{method} {} (in dialog: {in_dialog})", tx.original.uri);
+    if in_dialog {
+        match shared.dialogs.match_dialog(&tx) {
+            Some(Dialog::Invite(mut dialog)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = dialog.handle(&mut tx).await {
+                        debug!("in-dialog {method}: {e}");
+                    }
+                });
+            }
+            _ => reply(&mut tx, StatusCode::CallTransactionDoesNotExist, vec![]).await,
+        }
+        return;
+    }
+    match method {
+        Method::Invite => call::incoming(shared.clone(), tx),
+        Method::Options => {
+            let Some(source) = source_of(&tx) else { return };
+            if !shared.admission.within_rate(source) {
+                return;
+            }
+            let headers = vec![
+                Header::Allow(ALLOW.into()),
+                Header::Accept("application/sdp".into()),
+                Header::Supported(SUPPORTED.into()),
+            ];
+            reply(&mut tx, StatusCode::OK, headers).await;
+        }
+        Method::Bye | Method::Info | Method::Update => {
+            reply(&mut tx, StatusCode::CallTransactionDoesNotExist, vec![]).await
+        }
+        _ => {
+            let headers = vec![Header::Allow(ALLOW.into())];
+            reply(&mut tx, StatusCode::MethodNotAllowed, headers).await;
+        }
+    }
+}
+
+pub(super) async fn reply(tx: &mut Transaction, status: StatusCode, headers: Vec<Header>) {
+    if let Err(e) = tx.reply_with(status.clone(), headers, None).await {
+        debug!("cannot send {status}: {e}");
+    }
+}
+
+/// Verdicts that end a request before it becomes a call.
+pub(super) async fn refuse(tx: &mut Transaction, verdict: &Verdict) {
+    match verdict {
+        Verdict::Admit { .. } => {}
+        Verdict::Challenge(challenges) => {
+            let headers = challenges
+                .iter()
+                .map(|c| Header::WwwAuthenticate(c.as_str().into()))
+                .collect();
+            reply(tx, StatusCode::Unauthorized, headers).await;
+        }
+        Verdict::Forbidden => reply(tx, StatusCode::Forbidden, vec![]).await,
+        Verdict::RateLimited => {
+            reply(
+                tx,
+                StatusCode::ServiceUnavailable,
+                vec![Header::RetryAfter("5".into())],
+            )
+            .await
+        }
+    }
+}
