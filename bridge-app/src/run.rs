@@ -26,6 +26,12 @@ pub struct RunOptions {
     /// Calls carried at once; more get 503.
     #[arg(long, default_value_t = 200)]
     pub max_calls: usize,
+    /// Milliseconds the built-in extensions ring before they answer.
+    #[arg(long, default_value_t = 0)]
+    pub answer_delay_ms: u64,
+    /// Milliseconds of ringing after which a call gets 480.
+    #[arg(long, default_value_t = 60_000)]
+    pub no_answer_timeout_ms: u64,
 }
 
 fn parse_user(text: &str) -> Result<(String, String), String> {
@@ -52,6 +58,8 @@ impl RunOptions {
         config.admission.users = self.users.iter().cloned().collect();
         config.rtp_timeout = Duration::from_millis(self.rtp_timeout_ms);
         config.max_calls = self.max_calls;
+        config.answer_delay = Duration::from_millis(self.answer_delay_ms);
+        config.no_answer_timeout = Duration::from_millis(self.no_answer_timeout_ms);
         config
     }
 }

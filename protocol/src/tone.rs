@@ -36,11 +36,11 @@ pub fn dominant_frequency(samples: &[f32], sample_rate: u32) -> Option<f64> {
         return None;
     }
     let top = 4000.0f64.min(f64::from(sample_rate) / 2.0 - 10.0);
-    let strongest = |from: f64, to: f64, step: f64| {
+    let strongest = |power: &dyn Fn(f64) -> f64, from: f64, to: f64, step: f64| {
         let mut best = (from, 0.0);
         let mut f = from;
         while f <= to {
-            let p = tone_power(samples, sample_rate, f);
+            let p = power(f);
             if p > best.1 {
                 best = (f, p);
             }
@@ -48,8 +48,24 @@ pub fn dominant_frequency(samples: &[f32], sample_rate: u32) -> Option<f64> {
         }
         best.0
     };
-    let coarse = strongest(50.0, top, 10.0);
-    Some(strongest((coarse - 10.0).max(1.0), coarse + 10.0, 1.0))
+    // A Goertzel filter over N samples is rate/N Hz wide: the 10 Hz coarse
+    // grid uses 0.1 s pieces (10 Hz wide, so no tone falls between two
+    // steps), summed over the recording; the 1 Hz pass uses all of it.
+    let piece = (sample_rate as usize / 10).clamp(1, samples.len());
+    let coarse_power = |f: f64| {
+        samples
+            .chunks_exact(piece)
+            .map(|chunk| tone_power(chunk, sample_rate, f))
+            .sum::<f64>()
+    };
+    let coarse = strongest(&coarse_power, 50.0, top, 10.0);
+    let fine_power = |f: f64| tone_power(samples, sample_rate, f);
+    Some(strongest(
+        &fine_power,
+        (coarse - 10.0).max(1.0),
+        coarse + 10.0,
+        1.0,
+    ))
 }
 
 #[cfg(test)]
@@ -64,8 +80,15 @@ mod tests {
 
     #[test]
     fn finds_the_tone() {
-        for (f, rate) in [(440.0, 8000), (880.0, 48000), (1000.0, 16000)] {
-            let found = dominant_frequency(&sine(f, rate, 0.5), rate).unwrap();
+        // Off the 10 Hz grid too, over windows long enough to be narrow.
+        for (f, rate, seconds) in [
+            (440.0, 8000, 0.5),
+            (880.0, 48000, 0.5),
+            (1000.0, 16000, 0.5),
+            (523.0, 48000, 1.0),
+            (587.0, 8000, 2.0),
+        ] {
+            let found = dominant_frequency(&sine(f, rate, seconds), rate).unwrap();
             assert!((found - f).abs() <= 2.0, "{f} Hz at {rate}: found {found}");
         }
     }

@@ -129,24 +129,25 @@ impl Admission {
         }
     }
 
-    /// A fresh nonce offered with SHA-256 first and MD5 for older phones.
+    /// A fresh nonce offered with MD5 first and SHA-256 second: many phones
+    /// read only the first challenge and know only MD5, while RFC 8760
+    /// clients pick the strongest they support from all of them.
     fn challenge(&self) -> Vec<String> {
         let nonce = hex::encode(rand::rng().random::<[u8; 16]>());
         let now = Instant::now();
         let mut nonces = self.nonces.lock().unwrap();
         nonces.retain(|_, issued| now.duration_since(*issued) < NONCE_LIFETIME);
-        if nonces.len() >= MAX_NONCES {
-            if let Some(oldest) = nonces
+        if nonces.len() >= MAX_NONCES
+            && let Some(oldest) = nonces
                 .iter()
                 .min_by_key(|(_, t)| **t)
                 .map(|(n, _)| n.clone())
-            {
-                nonces.remove(&oldest);
-            }
+        {
+            nonces.remove(&oldest);
         }
         nonces.insert(nonce.clone(), now);
         let realm = &self.config.realm;
-        [Algorithm::Sha256, Algorithm::Md5]
+        [Algorithm::Md5, Algorithm::Sha256]
             .iter()
             .map(|algorithm| {
                 format!(

@@ -196,6 +196,36 @@ async fn answer_call(
     });
     dialog.ringing(None, None)?;
     info!("call {call_id} from {caller} to {target}: ringing");
+    let mut states = states;
+    let config = &shared.config;
+    let ring = async {
+        loop {
+            match states.recv().await {
+                Some(DialogState::Terminated(_, reason)) => return describe(&reason),
+                None => return "the dialog closed".to_owned(),
+                Some(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(config.answer_delay) => {}
+        ended = ring => {
+            info!("call {call_id}: ended while ringing ({ended})");
+            return Ok(());
+        }
+        () = tokio::time::sleep(config.no_answer_timeout) => {
+            info!("call {call_id}: no answer within {:?}, 480", config.no_answer_timeout);
+            dialog.reject(
+                Some(StatusCode::TemporarilyUnavailable),
+                Some("SIP;cause=480;text=\"no answer\"".to_owned()),
+            )?;
+            return Ok(());
+        }
+        () = token.cancelled() => {
+            dialog.reject(Some(StatusCode::ServiceUnavailable), None)?;
+            return Ok(());
+        }
+    }
 
     let mut call = Call {
         shared: shared.clone(),
@@ -341,8 +371,13 @@ impl Call {
             }
         }
         info!(
-            "call {}: {} {:?} to {}",
-            self.call_id, stream.codec.encoding_name, stream.direction, stream.remote_rtp
+            "call {}: {} {:?}, local {}:{} remote {}",
+            self.call_id,
+            stream.codec.encoding_name,
+            stream.direction,
+            self.reservation.address,
+            self.reservation.port,
+            stream.remote_rtp
         );
         Ok(())
     }
@@ -449,12 +484,12 @@ impl Call {
         let body = match offer {
             Some(offer) => match offer_answer::answer(&offer, &self.capabilities) {
                 Ok(negotiation) => {
-                    if let Some(audio) = negotiation.audio().cloned() {
-                        if let Err(e) = self.apply(&audio) {
-                            warn!("call {}: {e:#}", self.call_id);
-                            let _ = handle.reply(StatusCode::NotAcceptableHere).await;
-                            return;
-                        }
+                    if let Some(audio) = negotiation.audio().cloned()
+                        && let Err(e) = self.apply(&audio)
+                    {
+                        warn!("call {}: {e:#}", self.call_id);
+                        let _ = handle.reply(StatusCode::NotAcceptableHere).await;
+                        return;
                     }
                     self.render_answer(&negotiation)
                 }

@@ -50,6 +50,10 @@ pub struct SipConfig {
     pub services: HashMap<String, Service>,
     /// Calls carried at once; more get 503.
     pub max_calls: usize,
+    /// How long the built-in services ring before answering.
+    pub answer_delay: Duration,
+    /// Ringing longer than this ends the call with 480.
+    pub no_answer_timeout: Duration,
     pub rtp_timeout: Duration,
     /// Session interval asked of callers that use session timers (RFC 4028).
     pub session_expires: u32,
@@ -87,6 +91,8 @@ impl SipConfig {
                 ("tone".to_owned(), Service::Tone(440.0)),
             ]),
             max_calls: 200,
+            answer_delay: Duration::ZERO,
+            no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),
             session_expires: 1800,
             min_session_expires: 90,

@@ -211,6 +211,12 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
         .is_some();
     let method = tx.original.method;
     debug!("{method} {} (in dialog: {in_dialog})", tx.original.uri);
+    if let Err(problem) = check_request(&tx.original) {
+        info!("{method} {}: {problem}, 400", tx.original.uri);
+        let warning = Header::Warning(format!("399 sip-cc-bridge \"{problem}\"").into());
+        reply(&mut tx, StatusCode::BadRequest, vec![warning]).await;
+        return;
+    }
     if in_dialog {
         match shared.dialogs.match_dialog(&tx) {
             Some(Dialog::Invite(mut dialog)) => {
@@ -246,6 +252,37 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             reply(&mut tx, StatusCode::MethodNotAllowed, headers).await;
         }
     }
+}
+
+/// Longest header value accepted; real ones are far shorter.
+const MAX_HEADER_LEN: usize = 2048;
+const MAX_HEADERS: usize = 64;
+
+/// Mandatory headers present (RFC 3261 §8.1.1) and nothing oversized.
+fn check_request(request: &rsipstack::sip::Request) -> Result<(), String> {
+    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+        if request.header_value(name).is_none_or(|v| v.is_empty()) {
+            return Err(format!("missing {name}"));
+        }
+    }
+    // A dialog needs somewhere to send its requests.
+    if request.method == Method::Invite && request.header_value("Contact").is_none() {
+        return Err("missing Contact".to_owned());
+    }
+    if request.headers.iter().count() > MAX_HEADERS {
+        return Err(format!("more than {MAX_HEADERS} headers"));
+    }
+    if let Some(header) = request
+        .headers
+        .iter()
+        .find(|h| h.value().len() > MAX_HEADER_LEN)
+    {
+        return Err(format!(
+            "{} header longer than {MAX_HEADER_LEN} bytes",
+            header.name()
+        ));
+    }
+    Ok(())
 }
 
 pub(super) async fn reply(tx: &mut Transaction, status: StatusCode, headers: Vec<Header>) {

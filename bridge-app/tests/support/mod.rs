@@ -231,3 +231,157 @@ impl Drop for BrowserPeer {
         let _ = self.child.wait();
     }
 }
+
+/// `sip-cc-bridge run` as a child process with its log lines collected;
+/// killed when dropped.
+pub struct BridgeProcess {
+    child: Child,
+    pub sip_port: u16,
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl BridgeProcess {
+    pub fn start(extra_args: &[&str]) -> BridgeProcess {
+        let sip_port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
+            .arg("run")
+            .args(["--sip", &format!("127.0.0.1:{sip_port}")])
+            .args(extra_args)
+            .current_dir(repo_root())
+            .env("RUST_LOG", "info,rsipstack=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the sip-cc-bridge binary runs");
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let collected = logs.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        let bridge = BridgeProcess {
+            child,
+            sip_port,
+            logs,
+        };
+        bridge
+            .wait_for_log(
+                |l| l.contains("SIP listening on tcp"),
+                Duration::from_secs(10),
+            )
+            .expect("the bridge starts listening");
+        bridge
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.sip_port)
+    }
+
+    /// The first log line matching `matches`, waiting up to `timeout`.
+    pub fn wait_for_log(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| matches(l)) {
+                return Some(line.clone());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The bridge's RTP port of a call, from its log.
+    pub fn media_port(&self, call_id: &str) -> u16 {
+        let line = self
+            .wait_for_log(
+                |l| l.contains(&format!("call {call_id}:")) && l.contains(" local "),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("no media for call {call_id}: {:#?}", self.logs()));
+        let local = line.split(" local ").nth(1).unwrap();
+        let address = local.split_whitespace().next().unwrap();
+        address.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One SIPp run of a scenario in `tests/sipp/`; returns whether every call
+/// succeeded, with SIPp's output for the failure message.
+pub fn sipp(scenario: &str, target: &str, service: &str, extra_args: &[&str]) -> (bool, String) {
+    let dir = tempdir();
+    let scenario_path = repo_root().join("bridge-app/tests/sipp").join(scenario);
+    let output = Command::new("sipp")
+        .arg("-sf")
+        .arg(&scenario_path)
+        .args(["-s", service, target])
+        .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
+        .args(["-mp", &free_even_port().to_string()])
+        .args([
+            "-m",
+            "1",
+            "-nostdin",
+            "-timeout",
+            "30s",
+            "-timeout_error",
+            "-trace_err",
+        ])
+        .args(extra_args)
+        .current_dir(&dir)
+        .output()
+        .expect("sipp (Debian sip-tester) is installed");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().ends_with("_errors.log") {
+            text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    (output.status.success(), text)
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn tempdir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "sip-cc-bridge-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An even UDP port with its odd neighbour free (for RTP and RTCP).
+pub fn free_even_port() -> u16 {
+    loop {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        if port.is_multiple_of(2)
+            && port < 65534
+            && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok()
+        {
+            return port;
+        }
+    }
+}

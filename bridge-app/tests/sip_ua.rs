@@ -1,0 +1,531 @@
+//! The SIP leg of `sip-cc-bridge run` against SIPp: calls in every audio
+//! codec with the echo heard back at the right frequency, the tone service
+//! and RFC 4733 digits, INFO DTMF, hold and resume, offers in the ACK,
+//! session timers, CANCEL, no answer, 404, 488, 422, digest authentication,
+//! the RTP timeout, TCP, and malformed requests next to a call in progress.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use bridge_protocol::dtmf::TelephoneEvent;
+use gst::prelude::*;
+use sip_cc_bridge::sip::media::audio_chain;
+use support::{BridgeProcess, free_even_port, sipp};
+
+fn assert_sipp((success, output): (bool, String), what: &str) {
+    assert!(success, "{what} failed:\n{output}");
+}
+
+#[test]
+fn options_are_answered_with_allow() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp("options.xml", &bridge.address(), "echo", &[]),
+        "OPTIONS",
+    );
+}
+
+#[test]
+fn refusals_carry_the_right_status() {
+    let mut bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp("not-found.xml", &bridge.address(), "nobody", &[]),
+        "unknown user → 404",
+    );
+    assert_sipp(
+        sipp("no-common-codec.xml", &bridge.address(), "echo", &[]),
+        "GSM only → 488",
+    );
+    assert_sipp(
+        sipp("session-too-short.xml", &bridge.address(), "echo", &[]),
+        "Session-Expires 30 → 422 with Min-SE 90",
+    );
+    assert!(bridge.is_running());
+}
+
+#[test]
+fn session_timer_is_granted_and_refreshed() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp("session-timer.xml", &bridge.address(), "echo", &[]),
+        "session timer",
+    );
+}
+
+#[test]
+fn hold_resume_and_an_offer_in_the_ack() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp(
+            "hold.xml",
+            &bridge.address(),
+            "echo",
+            &["-cid_str", "hold-%u"],
+        ),
+        "hold / resume / re-INVITE without SDP",
+    );
+    let directions: Vec<String> = bridge
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("call hold-1: PCMU"))
+        .collect();
+    assert_eq!(directions.len(), 4, "{directions:#?}");
+    assert!(directions[1].contains("RecvOnly"), "{directions:#?}");
+    assert!(directions[2].contains("SendRecv"), "{directions:#?}");
+}
+
+#[test]
+fn info_dtmf_becomes_call_events() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp(
+            "info-dtmf.xml",
+            &bridge.address(),
+            "echo",
+            &["-cid_str", "info-%u"],
+        ),
+        "INFO DTMF",
+    );
+    for digit in ['5', '#'] {
+        assert!(
+            bridge
+                .wait_for_log(
+                    |l| l.contains(&format!("call info-1: DTMF {digit} (SIP INFO)")),
+                    Duration::from_secs(2)
+                )
+                .is_some(),
+            "digit {digit} not reported: {:#?}",
+            bridge.logs()
+        );
+    }
+}
+
+#[test]
+fn a_ringing_call_can_be_cancelled_or_go_unanswered() {
+    let bridge = BridgeProcess::start(&[
+        "--answer-delay-ms",
+        "5000",
+        "--no-answer-timeout-ms",
+        "1000",
+    ]);
+    assert_sipp(
+        sipp("cancel.xml", &bridge.address(), "echo", &[]),
+        "CANCEL → 487",
+    );
+    assert_sipp(
+        sipp("no-answer.xml", &bridge.address(), "echo", &[]),
+        "no answer → 480",
+    );
+}
+
+#[test]
+fn direct_callers_must_answer_a_digest_challenge() {
+    // Loopback is not a trusted server here, so SIPp counts as a direct caller.
+    let bridge = BridgeProcess::start(&["--trust", "192.0.2.123", "--user", "alice:secret"]);
+    assert_sipp(
+        sipp(
+            "auth.xml",
+            &bridge.address(),
+            "echo",
+            &["-au", "alice", "-ap", "secret"],
+        ),
+        "digest with the right password",
+    );
+    assert_sipp(
+        sipp(
+            "auth-wrong.xml",
+            &bridge.address(),
+            "echo",
+            &["-au", "alice", "-ap", "guess"],
+        ),
+        "digest with a wrong password → 403",
+    );
+    let phone_port = free_even_port().to_string();
+    let (success, _) = sipp(
+        "call.xml",
+        &bridge.address(),
+        "echo",
+        &[
+            "-key",
+            "pt",
+            "0",
+            "-key",
+            "rtpmap",
+            "PCMU/8000",
+            "-key",
+            "phone_port",
+            &phone_port,
+        ],
+    );
+    assert!(!success, "a call without credentials must not connect");
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .all(|l| !l.contains("guess") && !l.contains("secret")),
+        "no password in the log"
+    );
+}
+
+#[test]
+fn a_call_over_tcp() {
+    let bridge = BridgeProcess::start(&[]);
+    let phone_port = free_even_port().to_string();
+    assert_sipp(
+        sipp(
+            "call.xml",
+            &bridge.address(),
+            "echo",
+            &[
+                "-t",
+                "t1",
+                "-d",
+                "500",
+                "-key",
+                "pt",
+                "8",
+                "-key",
+                "rtpmap",
+                "PCMA/8000",
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        ),
+        "call over TCP",
+    );
+}
+
+#[test]
+fn a_silent_phone_is_hung_up_after_the_rtp_timeout() {
+    let bridge = BridgeProcess::start(&["--rtp-timeout-ms", "1500"]);
+    assert_sipp(
+        sipp("wait-for-bye.xml", &bridge.address(), "echo", &[]),
+        "BYE with Reason after the RTP timeout",
+    );
+}
+
+#[test]
+fn malformed_requests_leave_a_call_in_progress_alone() {
+    let mut bridge = BridgeProcess::start(&[]);
+    let address = bridge.address();
+    let phone_port = free_even_port().to_string();
+    let call = std::thread::spawn(move || {
+        sipp(
+            "call.xml",
+            &address,
+            "echo",
+            &[
+                "-d",
+                "4000",
+                "-key",
+                "pt",
+                "0",
+                "-key",
+                "rtpmap",
+                "PCMU/8000",
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_sipp(
+        sipp("malformed.xml", &bridge.address(), "echo", &[]),
+        "malformed requests answered 400/488 or dropped",
+    );
+    // Raw garbage, straight onto the SIP port.
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for garbage in [
+        &b"\x00\x01\x02"[..],
+        b"INVITE\r\n\r\n",
+        &[0xffu8; 1400],
+        b"SIP/2.0 200 OK\r\n\r\n",
+    ] {
+        socket.send_to(garbage, bridge.address()).unwrap();
+    }
+    assert_sipp(call.join().unwrap(), "the call in progress");
+    assert!(bridge.is_running());
+    // Without a Call-ID or CSeq there is no transaction to answer in: dropped, logged.
+    for refusal in [
+        "missing header: Call-ID",
+        "missing header: CSeq",
+        "missing Contact, 400",
+        "malformed SDP",
+        "Subject header longer than 2048 bytes, 400",
+    ] {
+        assert!(
+            bridge.logs().iter().any(|l| l.contains(refusal)),
+            "no {refusal:?} in {:#?}",
+            bridge.logs()
+        );
+    }
+    assert_sipp(
+        sipp("options.xml", &bridge.address(), "echo", &[]),
+        "OPTIONS afterwards",
+    );
+}
+
+/// A phone made of GStreamer elements: sends a tone in one codec and
+/// records what comes back.
+struct Phone {
+    pipeline: gst::Pipeline,
+    heard: Arc<Mutex<Vec<f32>>>,
+}
+
+impl Phone {
+    fn new(encoding_name: &str, payload_type: u8, clock_rate: u32, frequency: u32) -> Phone {
+        static INIT: Once = Once::new();
+        INIT.call_once(|| {
+            gst::init().unwrap();
+            gstsipcc::register().unwrap();
+        });
+        let chain = audio_chain(encoding_name).unwrap();
+        let params = if encoding_name == "OPUS" {
+            ",encoding-params=(string)2"
+        } else {
+            ""
+        };
+        let session = format!("phone-{encoding_name}");
+        let description = format!(
+            "audiotestsrc is-live=true freq={frequency} volume=0.5 ! audioconvert ! audioresample \
+               ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} \
+               ! sipsink name=tx session={session} local-address=127.0.0.1 \
+             sipsrc name=rx session={session} local-address=127.0.0.1 stats-interval=0 \
+               payload-map=\"application/x-rtp,media=audio,payload={payload_type},clock-rate={clock_rate},encoding-name={encoding_name}{params}\" \
+               ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
+               ! appsink name=ear sync=false",
+            chain.encoder_rate, chain.encoder, chain.payloader, chain.depayloader, chain.decoder
+        );
+        let pipeline = gst::parse::launch(&description)
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink_heard = heard.clone();
+        let ear = pipeline
+            .by_name("ear")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        ear.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let map = sample.buffer().unwrap().map_readable().unwrap();
+                    sink_heard.lock().unwrap().extend(
+                        map.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        pipeline.set_state(gst::State::Paused).unwrap();
+        Phone { pipeline, heard }
+    }
+
+    fn port(&self) -> u16 {
+        self.pipeline
+            .by_name("rx")
+            .unwrap()
+            .property::<u32>("local-port") as u16
+    }
+
+    fn call(&self, bridge_port: u16) {
+        let tx = self.pipeline.by_name("tx").unwrap();
+        tx.set_property("remote-address", "127.0.0.1");
+        tx.set_property("remote-port", u32::from(bridge_port));
+        self.pipeline.set_state(gst::State::Playing).unwrap();
+    }
+
+    /// The dominant frequency of the last second heard.
+    fn heard_frequency(&self) -> Option<f64> {
+        let heard = self.heard.lock().unwrap();
+        let tail = &heard[heard.len().saturating_sub(48000)..];
+        bridge_protocol::tone::dominant_frequency(tail, 48000)
+    }
+}
+
+impl Drop for Phone {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+#[test]
+fn the_echo_returns_the_callers_tone_in_every_codec() {
+    let bridge = BridgeProcess::start(&[]);
+    let codecs: [(&str, u8, u32, &str, u32); 5] = [
+        ("PCMU", 0, 8000, "PCMU/8000", 440),
+        ("PCMA", 8, 8000, "PCMA/8000", 523),
+        ("G722", 9, 8000, "G722/8000", 660),
+        ("G729", 18, 8000, "G729/8000", 587),
+        ("OPUS", 111, 48000, "opus/48000/2", 880),
+    ];
+    let address = bridge.address();
+    let calls: Vec<_> = codecs
+        .iter()
+        .map(|&(name, pt, rate, rtpmap, frequency)| {
+            let phone = Phone::new(name, pt, rate, frequency);
+            let (address, phone_port) = (address.clone(), phone.port().to_string());
+            let call_id = format!("echo-{name}-%u");
+            let signalling = std::thread::spawn(move || {
+                sipp(
+                    "call.xml",
+                    &address,
+                    "echo",
+                    &[
+                        "-d",
+                        "4000",
+                        "-cid_str",
+                        &call_id,
+                        "-key",
+                        "pt",
+                        &pt.to_string(),
+                        "-key",
+                        "rtpmap",
+                        rtpmap,
+                        "-key",
+                        "phone_port",
+                        &phone_port,
+                    ],
+                )
+            });
+            (name, frequency, phone, signalling)
+        })
+        .collect();
+    for (name, _, phone, _) in &calls {
+        phone.call(bridge.media_port(&format!("echo-{name}-1")));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for (name, frequency, phone, signalling) in calls {
+        let heard = phone.heard_frequency();
+        drop(phone);
+        assert_sipp(signalling.join().unwrap(), &format!("{name} call"));
+        let heard = heard.unwrap_or_else(|| panic!("{name}: the phone heard silence"));
+        assert!(
+            (heard - f64::from(frequency)).abs() < f64::from(frequency) * 0.03,
+            "{name}: sent {frequency} Hz, heard {heard:.0} Hz"
+        );
+        assert!(
+            bridge
+                .logs()
+                .iter()
+                .any(|l| l.contains(&format!("call echo-{name}-1: {name} SendRecv"))),
+            "{name} negotiated"
+        );
+    }
+}
+
+/// G.711 μ-law to linear (ITU-T G.711).
+fn ulaw_to_linear(byte: u8) -> f32 {
+    let byte = !byte;
+    let exponent = (byte >> 4) & 0x07;
+    let magnitude = ((i32::from(byte & 0x0f) << 3) + 0x84) << exponent;
+    let sample = magnitude - 0x84;
+    (if byte & 0x80 != 0 { -sample } else { sample }) as f32 / 32768.0
+}
+
+#[test]
+fn the_tone_is_heard_and_rfc4733_digits_are_reported() {
+    let bridge = BridgeProcess::start(&[]);
+    let phone = UdpSocket::bind(("127.0.0.1", free_even_port())).unwrap();
+    phone
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let phone_port = phone.local_addr().unwrap().port().to_string();
+    let address = bridge.address();
+    let signalling = std::thread::spawn(move || {
+        sipp(
+            "call.xml",
+            &address,
+            "tone",
+            &[
+                "-d",
+                "4000",
+                "-cid_str",
+                "tone-%u",
+                "-key",
+                "pt",
+                "0",
+                "-key",
+                "rtpmap",
+                "PCMU/8000",
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    });
+    let bridge_media: SocketAddr = ([127, 0, 0, 1], bridge.media_port("tone-1")).into();
+
+    let mut samples = Vec::new();
+    let mut buffer = [0u8; 1500];
+    while samples.len() < 8000 {
+        let (len, from) = phone.recv_from(&mut buffer).expect("the tone arrives");
+        assert_eq!(from, bridge_media, "RTP comes from the port in the SDP");
+        let Ok(packet) = rtp_types::RtpPacket::parse(&buffer[..len]) else {
+            continue;
+        };
+        assert_eq!(packet.payload_type(), 0);
+        samples.extend(packet.payload().iter().map(|&b| ulaw_to_linear(b)));
+    }
+    let heard = bridge_protocol::tone::dominant_frequency(&samples, 8000).unwrap();
+    assert!((heard - 440.0).abs() < 10.0, "heard {heard:.0} Hz");
+
+    // Two digits as a phone sends them: progress packets, then the end three times.
+    let mut seq = 100u16;
+    for (index, digit) in [(0u32, 7u8), (1, 11)] {
+        let timestamp = 16_000 + index * 8000;
+        for (end, duration) in [
+            (false, 160u16),
+            (false, 320),
+            (true, 800),
+            (true, 800),
+            (true, 800),
+        ] {
+            let payload = TelephoneEvent {
+                event: digit,
+                end,
+                volume: 10,
+                duration,
+            }
+            .to_bytes();
+            let packet = rtp_types::RtpPacketBuilder::new()
+                .payload_type(101)
+                .sequence_number(seq)
+                .timestamp(timestamp)
+                .ssrc(0x5eed)
+                .payload(payload.as_slice())
+                .write_vec()
+                .unwrap();
+            phone.send_to(&packet, bridge_media).unwrap();
+            seq += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for digit in ['7', '#'] {
+        assert!(
+            bridge
+                .wait_for_log(
+                    |l| l.contains(&format!("call tone-1: DTMF {digit} (100 ms, RFC 4733)")),
+                    Duration::from_secs(3)
+                )
+                .is_some(),
+            "digit {digit} not reported: {:#?}",
+            bridge.logs()
+        );
+    }
+    let reported = bridge
+        .logs()
+        .iter()
+        .filter(|l| l.contains("call tone-1: DTMF"))
+        .count();
+    assert_eq!(reported, 2, "one event per digit");
+    assert_sipp(signalling.join().unwrap(), "tone call");
+}
