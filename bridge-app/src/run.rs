@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::sip::{Listener, SipConfig, Transport, UserAgent};
+use crate::sip::{Account, Listener, SipConfig, Transport, UserAgent};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOptions {
@@ -20,6 +20,11 @@ pub struct RunOptions {
     /// as NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_parser = parse_user)]
     pub users: Vec<(String, String)>,
+    /// An account to keep registered, as USER:PASSWORD@REGISTRAR
+    /// (repeatable). Calls the registrar routes to USER reach the extension
+    /// of that name.
+    #[arg(long = "register", value_parser = Account::parse)]
+    pub accounts: Vec<Account>,
     /// Milliseconds without RTP before a call is ended.
     #[arg(long, default_value_t = 30_000)]
     pub rtp_timeout_ms: u64,
@@ -56,6 +61,7 @@ impl RunOptions {
             config.admission.trusted = self.trusted.clone();
         }
         config.admission.users = self.users.iter().cloned().collect();
+        config.accounts = self.accounts.clone();
         config.rtp_timeout = Duration::from_millis(self.rtp_timeout_ms);
         config.max_calls = self.max_calls;
         config.answer_delay = Duration::from_millis(self.answer_delay_ms);

@@ -5,6 +5,7 @@
 pub mod admission;
 mod call;
 pub mod media;
+pub mod registration;
 mod ua;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use admission::AdmissionConfig;
 pub use media::Service;
+pub use registration::Account;
 pub use ua::UserAgent;
 
 /// A transport the bridge listens on.
@@ -46,6 +48,8 @@ pub struct SipConfig {
     /// Where RTP sockets are bound.
     pub media_address: IpAddr,
     pub admission: AdmissionConfig,
+    /// Accounts registered at their registrar.
+    pub accounts: Vec<Account>,
     /// Targets served by the bridge itself, by user part.
     pub services: HashMap<String, Service>,
     /// Calls carried at once; more get 503.
@@ -86,6 +90,7 @@ impl SipConfig {
                 users: HashMap::new(),
                 requests_per_second: 50.0,
             },
+            accounts: Vec::new(),
             services: HashMap::from([
                 ("echo".to_owned(), Service::Echo),
                 ("tone".to_owned(), Service::Tone(440.0)),

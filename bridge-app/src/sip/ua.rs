@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
+use super::registration::{self, RegistrationStates};
 use super::{SipConfig, Transport, call};
 
 pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
@@ -45,6 +46,9 @@ pub(super) struct Shared {
 pub struct UserAgent {
     shared: Arc<Shared>,
     addresses: Vec<SocketAddr>,
+    registrations: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    registration_stop: CancellationToken,
+    registration_states: RegistrationStates,
 }
 
 impl UserAgent {
@@ -133,6 +137,22 @@ impl UserAgent {
             shutdown: shutdown.clone(),
         });
 
+        let registration_stop = CancellationToken::new();
+        let registration_states = RegistrationStates::default();
+        let registrations = shared
+            .config
+            .accounts
+            .iter()
+            .map(|account| {
+                registration::spawn(
+                    endpoint.inner.clone(),
+                    account.clone(),
+                    registration_states.clone(),
+                    registration_stop.clone(),
+                )
+            })
+            .collect();
+
         let serving = endpoint.inner.clone();
         tokio::spawn(async move {
             if let Err(e) = serving.serve().await {
@@ -153,7 +173,18 @@ impl UserAgent {
                 }
             }
         });
-        Ok(Self { shared, addresses })
+        Ok(Self {
+            shared,
+            addresses,
+            registrations: Mutex::new(registrations),
+            registration_stop,
+            registration_states,
+        })
+    }
+
+    /// Each account's state: `registered`, `failed: <reason>`, …
+    pub fn registrations(&self) -> HashMap<String, String> {
+        self.registration_states.lock().unwrap().clone()
     }
 
     /// The addresses SIP listens on.
@@ -165,8 +196,8 @@ impl UserAgent {
         self.shared.active_calls.load(Ordering::Relaxed)
     }
 
-    /// Ends every call with BYE, waits (up to 2 s) for them to finish, then
-    /// closes the listeners.
+    /// Ends every call with BYE, waits (up to 2 s) for them to finish,
+    /// unregisters every account, then closes the listeners.
     pub async fn shutdown(&self) {
         let calls: Vec<CancellationToken> = self
             .shared
@@ -182,6 +213,11 @@ impl UserAgent {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         while self.active_calls() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.registration_stop.cancel();
+        let registrations = std::mem::take(&mut *self.registrations.lock().unwrap());
+        for registration in registrations {
+            let _ = registration.await;
         }
         self.shared.shutdown.cancel();
     }

@@ -317,6 +317,20 @@ impl BridgeProcess {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Ctrl-C, as a user stops it; waits up to 10 s for it to exit.
+    pub fn interrupt(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
 }
 
 impl Drop for BridgeProcess {
@@ -384,4 +398,186 @@ pub fn free_even_port() -> u16 {
             return port;
         }
     }
+}
+
+/// Kamailio as registrar and proxy (config `tests/kamailio/kamailio.cfg`),
+/// on a free loopback port; killed when dropped.
+pub struct KamailioProcess {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl KamailioProcess {
+    pub fn start() -> KamailioProcess {
+        let port = free_port();
+        let dir = tempdir();
+        let template =
+            std::fs::read_to_string(repo_root().join("bridge-app/tests/kamailio/kamailio.cfg"))
+                .unwrap();
+        let config = dir.join("kamailio.cfg");
+        std::fs::write(
+            &config,
+            template.replace("KAMAILIO_PORT", &port.to_string()),
+        )
+        .unwrap();
+        let child = Command::new("kamailio")
+            .arg("-f")
+            .arg(&config)
+            .args(["-DD", "-E", "-P"])
+            .arg(dir.join("kamailio.pid"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("kamailio.log")).unwrap())
+            .spawn()
+            .expect("kamailio (Debian kamailio) is installed");
+        let kamailio = KamailioProcess { child, port, dir };
+        // Alive once it answers anything.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let options = format!(
+            "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {0};branch=z9hG4bKprobe\r\nFrom: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            probe.local_addr().unwrap()
+        );
+        let mut buffer = [0u8; 2048];
+        loop {
+            probe
+                .send_to(options.as_bytes(), ("127.0.0.1", port))
+                .unwrap();
+            if probe.recv_from(&mut buffer).is_ok() {
+                return kamailio;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kamailio did not start: {}",
+                kamailio.log()
+            );
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kamailio.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for KamailioProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A baresip phone registered to Kamailio: its microphone is a WAV tone
+/// and what it hears is recorded (the sndfile module).
+pub struct Baresip {
+    dir: PathBuf,
+    kamailio_port: u16,
+}
+
+impl Baresip {
+    /// A phone for `user`/`password` that sends `frequency` Hz and offers
+    /// only `codec` (baresip module name: g711, g722, opus).
+    pub fn new(
+        user: &str,
+        password: &str,
+        kamailio_port: u16,
+        frequency: u32,
+        codec: &str,
+    ) -> Baresip {
+        let dir = tempdir();
+        let tone = dir.join("tone.wav");
+        // aufile wants the codec's own rate and channels.
+        let (rate, channels) = match codec {
+            "g722" => ("16000", "1"),
+            "opus" => ("48000", "2"),
+            _ => ("8000", "1"),
+        };
+        let status = Command::new("sox")
+            .args(["-n", "-r", rate, "-c", channels, "-b", "16"])
+            .arg(&tone)
+            .args(["synth", "20", "sine", &frequency.to_string(), "vol", "0.5"])
+            .status()
+            .expect("sox is installed");
+        assert!(status.success());
+        let config = format!(
+            "poll_method epoll\n\
+             sip_listen 127.0.0.1:{sip_port}\n\
+             audio_source aufile,{tone}\n\
+             audio_player aubridge,nil\n\
+             audio_alert aubridge,nil\n\
+             module_path /usr/lib/baresip/modules\n\
+             module {codec}.so\n\
+             module aufile.so\n\
+             module aubridge.so\n\
+             module sndfile.so\n\
+             module_app account.so\n\
+             module_app menu.so\n\
+             snd_path {dir}\n",
+            sip_port = free_port(),
+            tone = tone.display(),
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("config"), config).unwrap();
+        std::fs::write(
+            dir.join("accounts"),
+            format!("<sip:{user}@127.0.0.1:{kamailio_port}>;auth_pass={password};regint=60\n"),
+        )
+        .unwrap();
+        Baresip { dir, kamailio_port }
+    }
+
+    /// Calls `user` through Kamailio, stays on the line `seconds`, hangs up;
+    /// returns baresip's output.
+    pub fn call(&self, user: &str, seconds: u32) -> String {
+        let output = Command::new("baresip")
+            .arg("-f")
+            .arg(&self.dir)
+            .args(["-n", "127.0.0.1"])
+            .arg("-e")
+            .arg(format!("/dial sip:{user}@127.0.0.1:{}", self.kamailio_port))
+            .args(["-t", &seconds.to_string()])
+            .output()
+            .expect("baresip is installed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The recording of what the phone heard (sndfile's `*-dec.wav`).
+    pub fn heard(&self) -> Option<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The dominant frequency of a WAV file.
+pub fn wav_frequency(path: &std::path::Path) -> Option<f64> {
+    let mut reader = hound::WavReader::open(path).ok()?;
+    let spec = reader.spec();
+    let samples: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Int => reader
+            .samples::<i32>()
+            .map_while(Result::ok)
+            .map(|s| s as f32 / (1u32 << (spec.bits_per_sample - 1)) as f32)
+            .collect(),
+        hound::SampleFormat::Float => reader.samples::<f32>().map_while(Result::ok).collect(),
+    };
+    let mono: Vec<f32> = samples
+        .iter()
+        .step_by(spec.channels.into())
+        .copied()
+        .collect();
+    // Skip the first second: call setup.
+    let skip = (spec.sample_rate as usize).min(mono.len() / 2);
+    bridge_protocol::tone::dominant_frequency(&mono[skip..], spec.sample_rate)
 }

@@ -1,0 +1,98 @@
+//! The SIP leg with real phones and a real SIP server: the bridge registers
+//! its `echo` and `tone` accounts at Kamailio (digest), baresip registers as
+//! carol and calls them through Kamailio; what baresip hears is checked.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Baresip, BridgeProcess, KamailioProcess, wav_frequency};
+
+#[test]
+fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
+    let kamailio = KamailioProcess::start();
+    let registrar = format!("127.0.0.1:{}", kamailio.port);
+    let mut bridge = BridgeProcess::start(&[
+        "--register",
+        &format!("echo:echopw@{registrar}"),
+        "--register",
+        &format!("tone:wrong-password@{registrar}"),
+    ]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registration echo@") && l.ends_with(": registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "echo registers: {:#?}\n{}",
+        bridge.logs(),
+        kamailio.log()
+    );
+    let failed = bridge
+        .wait_for_log(
+            |l| l.contains("registration tone@") && l.contains("failed: "),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("a refused account is reported: {:#?}", bridge.logs()));
+    assert!(failed.contains("401") || failed.contains("403"), "{failed}");
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .all(|l| !l.contains("echopw") && !l.contains("wrong-password"))
+    );
+
+    // Three phones at once, one codec each, all calling the echo.
+    let phones = [("g711", 523), ("g722", 660), ("opus", 880)];
+    let calls: Vec<_> = phones
+        .iter()
+        .map(|&(codec, frequency)| {
+            let port = kamailio.port;
+            std::thread::spawn(move || {
+                let phone = Baresip::new("carol", "carolpw", port, frequency, codec);
+                let output = phone.call("echo", 6);
+                let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
+                (codec, frequency, heard, output)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (codec, frequency, heard, output) = call.join().unwrap();
+        let heard = heard.unwrap_or_else(|| {
+            panic!(
+                "{codec}: baresip heard nothing\n{output}\n{:#?}",
+                bridge.logs()
+            )
+        });
+        assert!(
+            (heard - f64::from(frequency)).abs() < f64::from(frequency) * 0.03,
+            "{codec}: sent {frequency} Hz, heard {heard:.0} Hz"
+        );
+    }
+    for codec in ["PCMU", "G722", "OPUS"] {
+        assert!(
+            bridge
+                .logs()
+                .iter()
+                .any(|l| l.contains(&format!(": {codec} SendRecv"))),
+            "a {codec} call: {:#?}",
+            bridge.logs()
+        );
+    }
+
+    // Stopping the bridge takes its binding away: the echo is no longer found.
+    assert!(bridge.interrupt(), "the bridge exits cleanly on Ctrl-C");
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains("registration echo@") && l.ends_with(": unregistered"))
+    );
+    let phone = Baresip::new("carol", "carolpw", kamailio.port, 440, "g711");
+    let output = phone.call("echo", 3);
+    assert!(
+        output.contains("404"),
+        "Kamailio no longer routes to the bridge:\n{output}"
+    );
+}
