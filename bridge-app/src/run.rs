@@ -1,11 +1,12 @@
 //! `sip-cc-bridge run`: the bridge's main job.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::sip::{Account, Listener, SipConfig, Transport, UserAgent};
+use crate::sip::{Account, Listener, Services, SipConfig, Transport, UserAgent};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOptions {
@@ -79,7 +80,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let config = options.sip_config();
-        let sip = UserAgent::start(config).await.context("cannot start SIP")?;
+        let sip = UserAgent::start(config, Arc::new(Services::line_checks()))
+            .await
+            .context("cannot start SIP")?;
         let address = options.sip;
         println!("sip-cc-bridge is running. SIP on udp and tcp {address}.");
         println!("  Call sip:echo@{address} to hear yourself, sip:tone@{address} to hear 440 Hz.");

@@ -17,16 +17,17 @@ use bridge_protocol::offer_answer::{
 use bridge_protocol::sdp::{self, Direction};
 use rsipstack::dialog::dialog::{DialogState, TerminatedReason, TransactionHandle};
 use rsipstack::dialog::invite_dialog::InviteDialog;
-use rsipstack::sip::prelude::HeadersExt;
+use rsipstack::sip::prelude::{HeadersExt, ToTypedHeader};
 use rsipstack::sip::{Header, Method, Request, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
-use super::media::{CallMedia, MediaEvent, PortReservation, Service};
+use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
+use super::routing::{AppLeg, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
 
 pub(super) fn incoming(shared: Arc<Shared>, tx: Transaction) {
@@ -97,11 +98,8 @@ async fn answer_call(
         refuse(&mut tx, &verdict).await;
         return Ok(());
     }
-    let caller = tx
-        .original
-        .from_header()
-        .map(|h| h.value().to_owned())
-        .unwrap_or_default();
+    let started = std::time::SystemTime::now();
+    let caller = caller_of(&tx.original);
     let target = tx
         .original
         .uri
@@ -109,8 +107,11 @@ async fn answer_call(
         .as_ref()
         .map(|a| a.user.clone())
         .unwrap_or_default();
-    let Some(service) = shared.config.services.get(&target).copied() else {
-        info!("call {call_id} from {caller} to unknown user {target:?}: 404");
+    let Some(destination) = shared.router.route(&target, &caller) else {
+        info!(
+            "call {call_id} from {} to unknown user {target:?}: 404",
+            caller.uri
+        );
         reply(&mut tx, StatusCode::NotFound, vec![]).await;
         return Ok(());
     };
@@ -174,6 +175,12 @@ async fn answer_call(
         None => None,
     };
 
+    if negotiated.is_none() && matches!(destination, Destination::App(_)) {
+        info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
+        let warning = Header::Warning("399 sip-cc-bridge \"an SDP offer is required\"".into());
+        reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
+        return Ok(());
+    }
     let reservation = match PortReservation::new(shared.config.media_address) {
         Ok(r) => r,
         Err(e) => {
@@ -195,43 +202,24 @@ async fn answer_call(
         let _ = driver.handle(&mut tx).await;
     });
     dialog.ringing(None, None)?;
-    info!("call {call_id} from {caller} to {target}: ringing");
-    let mut states = states;
-    let config = &shared.config;
-    let ring = async {
-        loop {
-            match states.recv().await {
-                Some(DialogState::Terminated(_, reason)) => return describe(&reason),
-                None => return "the dialog closed".to_owned(),
-                Some(_) => {}
-            }
-        }
+    let (peer, mut app) = match destination {
+        Destination::Service(service) => (Peer::Service(service), None),
+        Destination::App(leg) => (
+            Peer::App {
+                session: format!("app-{}", reservation.session()),
+            },
+            Some(leg),
+        ),
     };
-    tokio::select! {
-        () = tokio::time::sleep(config.answer_delay) => {}
-        ended = ring => {
-            info!("call {call_id}: ended while ringing ({ended})");
-            return Ok(());
-        }
-        () = tokio::time::sleep(config.no_answer_timeout) => {
-            info!("call {call_id}: no answer within {:?}, 480", config.no_answer_timeout);
-            dialog.reject(
-                Some(StatusCode::TemporarilyUnavailable),
-                Some("SIP;cause=480;text=\"no answer\"".to_owned()),
-            )?;
-            return Ok(());
-        }
-        () = token.cancelled() => {
-            dialog.reject(Some(StatusCode::ServiceUnavailable), None)?;
-            return Ok(());
-        }
-    }
-
+    let callee = app
+        .as_ref()
+        .map_or_else(|| target.clone(), |leg| leg.describe());
+    info!("call {call_id} from {} to {callee}: ringing", caller.uri);
     let mut call = Call {
         shared: shared.clone(),
         dialog,
         call_id: call_id.to_owned(),
-        service,
+        peer,
         reservation,
         media: None,
         media_events: mpsc::unbounded_channel(),
@@ -242,13 +230,104 @@ async fn answer_call(
         answer_expected_in_ack: false,
         session_timer,
         capabilities,
+        app: None,
+        app_hangup: None,
+        record: CallRecord {
+            call_id: call_id.to_owned(),
+            caller: caller.clone(),
+            target: target.clone(),
+            callee: callee.clone(),
+            started,
+            answered: None,
+            ended: started,
+            status: 0,
+            cause: String::new(),
+            sip_codec: None,
+            app_codec: None,
+            transcoded: false,
+            packets_received: 0,
+            packets_lost: 0,
+            jitter_ms: 0.0,
+        },
     };
-    let body = match negotiated {
+    // A bridged call's media runs while it rings: the app's offer needs it.
+    let audio = negotiated.as_ref().and_then(|n| n.audio().cloned());
+    if let (Some(_), Some(audio)) = (&app, &audio) {
+        call.apply(audio)?;
+        // Later offers may move or hold the stream, not change its codec.
+        call.capabilities.audio = vec![audio.codec.encoding_name];
+    }
+
+    let mut states = states;
+    let config = &shared.config;
+    let webrtc = call.media.as_ref().and_then(|m| m.app_element().cloned());
+    let answered = async {
+        match (app.as_mut(), webrtc) {
+            (Some(leg), Some(webrtc)) => leg.ring(webrtc).await.map(Some),
+            _ => {
+                tokio::time::sleep(config.answer_delay).await;
+                Ok(None)
+            }
+        }
+    };
+    let ring_ended = async {
+        loop {
+            match states.recv().await {
+                Some(DialogState::Terminated(_, reason)) => return describe(&reason),
+                None => return "the dialog closed".to_owned(),
+                Some(_) => {}
+            }
+        }
+    };
+    let hang_up = |app: &mut Option<Box<dyn AppLeg>>, reason: &str| {
+        if let Some(leg) = app.as_mut() {
+            leg.hang_up(reason);
+        }
+    };
+    let app_hangup = tokio::select! {
+        result = answered => match result {
+            Ok(hangup) => hangup,
+            Err(refusal) => {
+                info!("call {call_id}: {callee} refused ({}), {}", refusal.reason, refusal.status);
+                call.finish(refusal.status, format!("refused: {}", refusal.reason));
+                call.dialog.reject(
+                    Some(StatusCode::from(refusal.status)),
+                    Some(format!("SIP;cause={};text=\"{}\"", refusal.status, refusal.reason.replace('"', "'"))),
+                )?;
+                return Ok(());
+            }
+        },
+        ended = ring_ended => {
+            info!("call {call_id}: ended while ringing ({ended})");
+            hang_up(&mut app, &ended);
+            call.finish(487, ended);
+            return Ok(());
+        }
+        () = tokio::time::sleep(config.no_answer_timeout) => {
+            info!("call {call_id}: no answer within {:?}, 480", config.no_answer_timeout);
+            hang_up(&mut app, "no answer");
+            call.finish(480, "no answer".into());
+            call.dialog.reject(
+                Some(StatusCode::TemporarilyUnavailable),
+                Some("SIP;cause=480;text=\"no answer\"".to_owned()),
+            )?;
+            return Ok(());
+        }
+        () = token.cancelled() => {
+            hang_up(&mut app, "the bridge is shutting down");
+            call.finish(503, "the bridge shut down".into());
+            call.dialog.reject(Some(StatusCode::ServiceUnavailable), None)?;
+            return Ok(());
+        }
+    };
+    call.app = app;
+    call.app_hangup = app_hangup;
+
+    let body = match &negotiated {
         Some(negotiation) => {
-            let audio = negotiation.audio().cloned();
-            let body = call.render_answer(&negotiation);
-            if let Some(audio) = audio {
-                call.apply(&audio)?;
+            let body = call.render_answer(negotiation);
+            if let (None, Some(audio)) = (&call.media, &audio) {
+                call.apply(audio)?;
             }
             body
         }
@@ -259,14 +338,33 @@ async fn answer_call(
     };
     call.dialog
         .accept(Some(call.answer_headers()), Some(body.into_bytes()))?;
+    call.record.answered = Some(std::time::SystemTime::now());
+    call.record.status = 200;
     info!(
-        "call {call_id}: answered by {service:?} ({})",
+        "call {call_id}: answered by {callee} ({})",
         call.media
             .as_ref()
             .map_or("codec from the ACK", |m| m.codec())
     );
     call.run(states, token).await;
     Ok(())
+}
+
+fn caller_of(request: &Request) -> Caller {
+    let from = request.from_header().ok().and_then(|h| h.typed().ok());
+    Caller {
+        user: from
+            .as_ref()
+            .and_then(|f| f.uri.auth.as_ref())
+            .map(|a| a.user.clone())
+            .unwrap_or_default(),
+        display_name: from
+            .as_ref()
+            .and_then(|f| f.display_name.clone())
+            .map(|name| name.trim_matches('"').to_owned())
+            .filter(|name| !name.is_empty()),
+        uri: from.map(|f| f.uri.to_string()).unwrap_or_default(),
+    }
 }
 
 /// The SDP offer of a request: `Ok(None)` without a body.
@@ -289,7 +387,7 @@ struct Call {
     shared: Arc<Shared>,
     dialog: InviteDialog,
     call_id: String,
-    service: Service,
+    peer: Peer,
     reservation: PortReservation,
     media: Option<CallMedia>,
     media_events: (
@@ -301,6 +399,11 @@ struct Call {
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
+    /// The far side of a bridged call.
+    app: Option<Box<dyn AppLeg>>,
+    /// Yields why the app hung up.
+    app_hangup: Option<oneshot::Receiver<String>>,
+    record: CallRecord,
 }
 
 impl Call {
@@ -364,7 +467,7 @@ impl Call {
                 self.media = Some(CallMedia::start(
                     &self.reservation,
                     stream,
-                    self.service,
+                    &self.peer,
                     timeout,
                     self.media_events.0.clone(),
                 )?);
@@ -388,16 +491,25 @@ impl Call {
         shutdown: CancellationToken,
     ) {
         let mut session_deadline = self.session_timer.map(SessionTimer::deadline);
-        let ending = loop {
+        let mut app_hangup = self.app_hangup.take();
+        // What ends the call: the Reason of our BYE (none when the phone hung
+        // up), and the cause for the app and the record.
+        let (bye_reason, cause) = loop {
             let expiry = async {
                 match session_deadline {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
                     None => std::future::pending().await,
                 }
             };
+            let app_ended = async {
+                match app_hangup.as_mut() {
+                    Some(hangup) => hangup.await.unwrap_or_else(|_| "the app leg closed".into()),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 state = states.recv() => match state {
-                    None => break None,
+                    None => break (None, "the dialog closed".to_owned()),
                     Some(DialogState::Confirmed(..)) => self.on_confirmed(),
                     Some(DialogState::Updated(_, request, handle)) => {
                         session_deadline = self.session_timer.map(SessionTimer::deadline);
@@ -407,10 +519,7 @@ impl Call {
                     Some(DialogState::Options(_, _, handle)) => {
                         let _ = handle.reply(StatusCode::OK).await;
                     }
-                    Some(DialogState::Terminated(_, reason)) => {
-                        info!("call {}: ended ({})", self.call_id, describe(&reason));
-                        break None;
-                    }
+                    Some(DialogState::Terminated(_, reason)) => break (None, describe(&reason)),
                     Some(_) => {}
                 },
                 Some(event) = self.media_events.1.recv() => match event {
@@ -418,28 +527,73 @@ impl Call {
                         info!("call {}: DTMF {digit} ({duration_ms} ms, RFC 4733)", self.call_id);
                     }
                     MediaEvent::RtpTimeout { silence_ms } => {
-                        break Some(format!("SIP;cause=408;text=\"no RTP for {silence_ms} ms\""));
+                        break (
+                            Some(format!("SIP;cause=408;text=\"no RTP for {silence_ms} ms\"")),
+                            format!("no RTP from the phone for {silence_ms} ms"),
+                        );
+                    }
+                    MediaEvent::AppEnded { reason } => {
+                        break (
+                            Some(format!("SIP;cause=502;text=\"{}\"", reason.replace('"', "'"))),
+                            format!("the app leg ended: {reason}"),
+                        );
                     }
                     MediaEvent::Failed(error) => {
                         warn!("call {}: media failed: {error}", self.call_id);
-                        break Some("SIP;cause=500;text=\"media failure\"".to_owned());
+                        break (
+                            Some("SIP;cause=500;text=\"media failure\"".to_owned()),
+                            format!("media failure: {error}"),
+                        );
                     }
                 },
-                () = expiry => break Some("SIP;cause=408;text=\"session timer expired\"".to_owned()),
-                () = shutdown.cancelled() => break Some("SIP;cause=503;text=\"bridge shutting down\"".to_owned()),
+                reason = app_ended => break (
+                    Some("Q.850;cause=16;text=\"hung up in the app\"".to_owned()),
+                    format!("the app hung up ({reason})"),
+                ),
+                () = expiry => break (
+                    Some("SIP;cause=408;text=\"session timer expired\"".to_owned()),
+                    "the session timer expired".to_owned(),
+                ),
+                () = shutdown.cancelled() => break (
+                    Some("SIP;cause=503;text=\"bridge shutting down\"".to_owned()),
+                    "the bridge shut down".to_owned(),
+                ),
             }
         };
+        info!("call {}: ended ({cause})", self.call_id);
+        if let Some(leg) = self.app.as_mut() {
+            leg.hang_up(&cause);
+        }
+        if let Some(stats) = self.media.as_ref().map(CallMedia::stats) {
+            self.record.packets_received = stats.get::<u64>("packets-received").unwrap_or(0);
+            self.record.packets_lost = stats.get::<i64>("packets-lost").unwrap_or(0);
+            self.record.jitter_ms = stats.get::<f64>("jitter-ms").unwrap_or(0.0);
+        }
         if let Some(media) = self.media.take() {
             media.stop();
         }
-        if let Some(reason) = ending {
-            info!("call {}: hanging up ({reason})", self.call_id);
+        if let Some(reason) = bye_reason {
             let headers = vec![Header::Reason(reason.into())];
             if let Err(e) = self.dialog.bye_with_headers(Some(headers)).await {
                 warn!("call {}: BYE failed: {e}", self.call_id);
             }
         }
+        self.finish(200, cause);
         self.shared.dialogs.remove_dialog(&self.dialog.id());
+    }
+
+    /// Completes the record and hands it over (once per call).
+    fn finish(&mut self, status: u16, cause: String) {
+        let record = &mut self.record;
+        record.ended = std::time::SystemTime::now();
+        record.status = status;
+        record.cause = cause;
+        if let Some(media) = &self.media {
+            record.sip_codec = Some(media.codec());
+            record.transcoded = media.transcoding();
+            record.app_codec = media.app_element().map(|_| "OPUS");
+        }
+        self.shared.router.call_ended(record);
     }
 
     /// ACK arrived: if we offered in the 200, it carries the answer.

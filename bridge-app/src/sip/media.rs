@@ -1,7 +1,9 @@
 //! The media of one SIP call on `sipsrc`/`sipsink`: a port reserved before
-//! the SDP is written, then a pipeline for the negotiated codec that plays
-//! one of the built-in services (echo, tone). Events a call reacts to —
-//! DTMF, RTP timeout, pipeline errors — come back on a channel.
+//! the SDP is written, then a pipeline for the negotiated codec that either
+//! plays one of the built-in services (echo, tone) or bridges to a WebRTC
+//! leg (`connectycubesink`/`connectycubesrc`, Opus), transcoding unless the
+//! phone speaks Opus too. Events a call reacts to — DTMF, RTP timeout, the
+//! app leg's end, pipeline errors — come back on a channel.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,11 +59,30 @@ pub enum Service {
     Tone(f64),
 }
 
+/// What the SIP leg is connected to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Peer {
+    Service(Service),
+    /// A WebRTC leg in the call session of this name (app-driven signalling).
+    App {
+        session: String,
+    },
+}
+
 /// Something the call's media reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaEvent {
-    Dtmf { digit: char, duration_ms: u32 },
-    RtpTimeout { silence_ms: u64 },
+    Dtmf {
+        digit: char,
+        duration_ms: u32,
+    },
+    RtpTimeout {
+        silence_ms: u64,
+    },
+    /// The WebRTC leg ended (ICE failure, closed connection).
+    AppEnded {
+        reason: String,
+    },
     Failed(String),
 }
 
@@ -98,6 +119,13 @@ impl PortReservation {
     }
 }
 
+impl PortReservation {
+    /// The media session name the call's pipeline joins.
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+}
+
 impl Drop for PortReservation {
     fn drop(&mut self) {
         let _ = self.holder.set_state(gst::State::Null);
@@ -107,6 +135,7 @@ impl Drop for PortReservation {
 /// A running call pipeline.
 pub struct CallMedia {
     pipeline: gst::Pipeline,
+    app: Option<gst::Element>,
     receiver: gst::Element,
     sender: gst::Element,
     valve: gst::Element,
@@ -114,11 +143,11 @@ pub struct CallMedia {
 }
 
 impl CallMedia {
-    /// Starts `service` on the reserved port for the negotiated audio stream.
+    /// Starts the media of `stream` on the reserved port, toward `peer`.
     pub fn start(
         reservation: &PortReservation,
         stream: &NegotiatedStream,
-        service: Service,
+        peer: &Peer,
         rtp_timeout_ms: u32,
         events: mpsc::UnboundedSender<MediaEvent>,
     ) -> anyhow::Result<Self> {
@@ -128,29 +157,50 @@ impl CallMedia {
         let address = reservation.address;
         let pt = stream.format.payload_type;
         let ptime_ns = u64::from(stream.ptime) * 1_000_000;
+        let receiver = format!(
+            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0"
+        );
+        let to_phone = format!(
+            "valve name=hold drop=false ! sipsink name=tx session={session} local-address={address}"
+        );
+        let payloader = format!(
+            "{} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns}",
+            chain.payloader
+        );
         let encoder = match codec {
             "OPUS" => format!("opusenc frame-size={}", opus_frame_size(stream.ptime)),
             _ => chain.encoder.to_owned(),
         };
-        let source = match service {
-            Service::Echo => format!(
-                "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 \
-                   ! {} ! {} ! audioconvert ! audioresample",
+        let encode_for_phone = format!(
+            "audio/x-raw,rate={},channels=1 ! {encoder} ! {payloader}",
+            chain.encoder_rate
+        );
+        let description = match peer {
+            Peer::Service(Service::Echo) => format!(
+                "{receiver} ! {} ! {} ! audioconvert ! audioresample ! {encode_for_phone} ! {to_phone}",
                 chain.depayloader, chain.decoder
             ),
-            Service::Tone(frequency) => format!(
-                "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 \
-                   ! fakesink sync=false async=false \
-                 audiotestsrc is-live=true freq={frequency} volume=0.4 ! audioconvert ! audioresample"
+            Peer::Service(Service::Tone(frequency)) => format!(
+                "{receiver} ! fakesink sync=false async=false \
+                 audiotestsrc is-live=true freq={frequency} volume=0.4 ! audioconvert ! audioresample \
+                   ! {encode_for_phone} ! {to_phone}"
+            ),
+            // Opus both ways: new RTP headers only, no decoding.
+            Peer::App { session: app } if codec == "OPUS" => format!(
+                "{receiver} ! rtpopusdepay ! rtpopuspay pt=111 ! connectycubesink name=app session={app} \
+                 connectycubesrc session={app} media=audio ! rtpopusdepay ! {payloader} ! {to_phone}"
+            ),
+            // Opus fed at the phone's own rate: no 48 kHz resampling delay.
+            Peer::App { session: app } => format!(
+                "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
+                   ! opusenc frame-size=20 ! rtpopuspay pt=111 ! connectycubesink name=app session={app} \
+                 connectycubesrc session={app} media=audio ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
+                   ! {encode_for_phone} ! {to_phone}",
+                chain.depayloader,
+                chain.decoder,
+                opus_input_rate(chain.encoder_rate)
             ),
         };
-        let description = format!(
-            "{source} ! audio/x-raw,rate={},channels=1 ! {encoder} \
-               ! {} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns} \
-               ! valve name=hold drop=false \
-               ! sipsink name=tx session={session} local-address={address}",
-            chain.encoder_rate, chain.payloader,
-        );
         let pipeline = gst::parse::launch(&description)
             .with_context(|| format!("cannot build the {codec} pipeline"))?
             .downcast::<gst::Pipeline>()
@@ -163,6 +213,7 @@ impl CallMedia {
         let (receiver, sender, valve) = (by_name("rx")?, by_name("tx")?, by_name("hold")?);
         receiver.set_property("sdp", stream.media_section_text());
         let media = Self {
+            app: pipeline.by_name("app"),
             pipeline,
             receiver,
             sender,
@@ -176,6 +227,16 @@ impl CallMedia {
             .set_state(gst::State::Playing)
             .map_err(|_| anyhow!("the {codec} pipeline did not start"))?;
         Ok(media)
+    }
+
+    /// The `connectycubesink` of a bridged call, for its signalling.
+    pub fn app_element(&self) -> Option<&gst::Element> {
+        self.app.as_ref()
+    }
+
+    /// Whether audio is decoded and encoded again on its way through.
+    pub fn transcoding(&self) -> bool {
+        !(self.app.is_some() && self.codec == "OPUS")
     }
 
     pub fn codec(&self) -> &'static str {
@@ -218,6 +279,9 @@ impl CallMedia {
                         "sip-rtp-timeout" => Some(MediaEvent::RtpTimeout {
                             silence_ms: s.get::<u64>("silence-ms").unwrap_or(0),
                         }),
+                        "connectycube-call-ended" => Some(MediaEvent::AppEnded {
+                            reason: s.get::<String>("reason").unwrap_or_default(),
+                        }),
                         _ => None,
                     })
                 }
@@ -239,6 +303,15 @@ impl CallMedia {
 impl Drop for CallMedia {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// The rate Opus is fed at for a phone codec of `rate`: one Opus takes
+/// natively (8, 12, 16, 24 or 48 kHz), so nothing is resampled.
+fn opus_input_rate(rate: u32) -> u32 {
+    match rate {
+        8000 | 12000 | 16000 | 24000 | 48000 => rate,
+        _ => 48000,
     }
 }
 

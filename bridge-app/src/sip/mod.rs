@@ -6,6 +6,7 @@ pub mod admission;
 mod call;
 pub mod media;
 pub mod registration;
+pub mod routing;
 mod ua;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use std::time::Duration;
 pub use admission::AdmissionConfig;
 pub use media::Service;
 pub use registration::Account;
+pub use routing::{AppLeg, CallRecord, Caller, Destination, Refusal, Router, Services};
 pub use ua::UserAgent;
 
 /// A transport the bridge listens on.
@@ -50,8 +52,6 @@ pub struct SipConfig {
     pub admission: AdmissionConfig,
     /// Accounts registered at their registrar.
     pub accounts: Vec<Account>,
-    /// Targets served by the bridge itself, by user part.
-    pub services: HashMap<String, Service>,
     /// Calls carried at once; more get 503.
     pub max_calls: usize,
     /// How long the built-in services ring before answering.
@@ -66,7 +66,7 @@ pub struct SipConfig {
 }
 
 impl SipConfig {
-    /// The embedded default: loopback UDP and TCP on 5060, `echo` and `tone`.
+    /// The embedded default: loopback UDP and TCP on 5060.
     pub fn embedded_default() -> Self {
         let loopback: IpAddr = [127, 0, 0, 1].into();
         let address = SocketAddr::new(loopback, 5060);
@@ -91,10 +91,6 @@ impl SipConfig {
                 requests_per_second: 50.0,
             },
             accounts: Vec::new(),
-            services: HashMap::from([
-                ("echo".to_owned(), Service::Echo),
-                ("tone".to_owned(), Service::Tone(440.0)),
-            ]),
             max_calls: 200,
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
 use super::registration::{self, RegistrationStates};
-use super::{SipConfig, Transport, call};
+use super::{Router, SipConfig, Transport, call};
 
 pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
 pub(super) const SUPPORTED: &str = "timer";
@@ -31,6 +31,7 @@ pub(super) const SUPPORTED: &str = "timer";
 /// What every call task shares.
 pub(super) struct Shared {
     pub config: SipConfig,
+    pub router: Arc<dyn Router>,
     pub admission: Admission,
     pub dialogs: Arc<DialogLayer>,
     /// The Contact URI of the bridge (public address when configured).
@@ -52,7 +53,7 @@ pub struct UserAgent {
 }
 
 impl UserAgent {
-    pub async fn start(config: SipConfig) -> anyhow::Result<Self> {
+    pub async fn start(config: SipConfig, router: Arc<dyn Router>) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let transports = TransportLayer::new(shutdown.child_token());
         let external = |address: SocketAddr| {
@@ -130,6 +131,7 @@ impl UserAgent {
         let shared = Arc::new(Shared {
             admission: Admission::new(config.admission.clone()),
             config,
+            router,
             dialogs,
             contact,
             active_calls: AtomicUsize::new(0),

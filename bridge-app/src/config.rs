@@ -1,0 +1,547 @@
+//! The bridge's configuration: one TOML file, the seed's environment
+//! variables (and a `.env` file) over it, and a check that names every bad
+//! key. With no file at all, the embedded default: the local sandbox and the
+//! demo users alice and bob.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub sip: SipSection,
+    pub connectycube: ConnectyCubeSection,
+    pub users: Vec<UserMapping>,
+    pub recording: RecordingSection,
+    pub cdr: CdrSection,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipSection {
+    /// UDP and TCP.
+    pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Put in Contact and SDP when the bridge is behind NAT.
+    pub public_address: Option<IpAddr>,
+    /// The SIP server's domain; outbound calls go to `sip:<extension>@<domain>`.
+    pub domain: Option<String>,
+    /// Where outbound INVITEs are sent (default: the domain).
+    pub outbound_proxy: Option<String>,
+    /// A trunk account registered at the domain.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// SIP servers whose requests need no authentication.
+    pub trusted: Vec<IpAddr>,
+    /// Act as the registrar for the mapped extensions (their `sip_password`).
+    pub registrar: bool,
+    pub rtp_timeout_ms: u64,
+    pub no_answer_timeout_ms: u64,
+    pub max_calls: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectyCubeSection {
+    pub app_id: u64,
+    pub auth_key: String,
+    pub auth_secret: Option<String>,
+    pub account_key: Option<String>,
+    pub api_url: String,
+    pub chat_url: String,
+    pub chat_domain: String,
+    /// Run the local sandbox at `api_url`'s address.
+    pub sandbox: bool,
+    /// The user calls from unmapped numbers come from.
+    pub gateway_login: Option<String>,
+    pub gateway_password: Option<String>,
+    /// Seconds an app may ring before the SIP caller gets 480.
+    pub answer_timeout_s: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserMapping {
+    /// The SIP user part (`alice` in `sip:alice@pbx`).
+    pub extension: String,
+    /// ConnectyCube login and password of the user standing for it.
+    pub login: String,
+    pub password: String,
+    /// Digest password of the extension's phone (registrar, direct calls).
+    pub sip_password: Option<String>,
+    pub display_name: Option<String>,
+    pub department: Option<String>,
+    /// Record this user's calls even when recording is off globally.
+    #[serde(default)]
+    pub record: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingSection {
+    pub enabled: bool,
+    pub directory: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdrSection {
+    /// One JSON line per call is appended here (default: standard output).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for SipSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            tls_listen: None,
+            tls_certificate: None,
+            tls_key: None,
+            public_address: None,
+            domain: None,
+            outbound_proxy: None,
+            username: None,
+            password: None,
+            trusted: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
+            registrar: false,
+            rtp_timeout_ms: 30_000,
+            no_answer_timeout_ms: 60_000,
+            max_calls: 200,
+        }
+    }
+}
+
+impl Default for ConnectyCubeSection {
+    fn default() -> Self {
+        Self {
+            app_id: 1,
+            auth_key: "sandbox".into(),
+            auth_secret: None,
+            account_key: None,
+            api_url: "http://127.0.0.1:8080".into(),
+            chat_url: "ws://127.0.0.1:8080/ws".into(),
+            chat_domain: "localhost".into(),
+            sandbox: false,
+            gateway_login: None,
+            gateway_password: None,
+            answer_timeout_s: 45,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::embedded_default()
+    }
+}
+
+/// Problems found in a configuration, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "the configuration has {} problem(s):", self.0.len())?;
+        for problem in &self.0 {
+            writeln!(f, "  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The environment variables that override the file, with their keys.
+const ENVIRONMENT: &[(&str, &str)] = &[
+    ("SIP_DOMAIN", "sip.domain"),
+    ("SIP_USERNAME", "sip.username"),
+    ("SIP_PASSWORD", "sip.password"),
+    ("CONNECTYCUBE_APP_ID", "connectycube.app_id"),
+    ("CONNECTYCUBE_AUTH_KEY", "connectycube.auth_key"),
+    ("CONNECTYCUBE_AUTH_SECRET", "connectycube.auth_secret"),
+    ("CONNECTYCUBE_ACCOUNT_KEY", "connectycube.account_key"),
+    ("CONNECTYCUBE_API_URL", "connectycube.api_url"),
+    ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
+];
+
+impl Config {
+    /// No file: the local sandbox with alice and bob (password `demo`),
+    /// the bridge their registrar, SIP on 127.0.0.1:5060.
+    pub fn embedded_default() -> Self {
+        let demo = |name: &str, display: &str| UserMapping {
+            extension: name.into(),
+            login: name.into(),
+            password: "demo".into(),
+            sip_password: Some("demo".into()),
+            display_name: Some(display.into()),
+            department: Some("Demo".into()),
+            record: false,
+        };
+        Self {
+            sip: SipSection {
+                registrar: true,
+                ..SipSection::default()
+            },
+            connectycube: ConnectyCubeSection {
+                sandbox: true,
+                ..ConnectyCubeSection::default()
+            },
+            users: vec![demo("alice", "Alice"), demo("bob", "Bob")],
+            recording: RecordingSection::default(),
+            cdr: CdrSection::default(),
+        }
+    }
+
+    /// Reads `path` (or the embedded default), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigErrors> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())])
+                })?;
+                Self::parse(&text)?
+            }
+            None => Self::embedded_default(),
+        };
+        load_dotenv(Path::new(".env"));
+        config.apply_environment(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML; an unknown or mistyped key is an error naming it.
+    pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
+        toml::from_str::<Config>(text)
+            .map_err(|e| ConfigErrors(vec![describe_toml_error(text, &e)]))
+    }
+
+    fn apply_environment(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        for (name, key) in ENVIRONMENT {
+            let Some(value) = get(name) else { continue };
+            let cc = &mut self.connectycube;
+            match *name {
+                "SIP_DOMAIN" => self.sip.domain = Some(value),
+                "SIP_USERNAME" => self.sip.username = Some(value),
+                "SIP_PASSWORD" => self.sip.password = Some(value),
+                "CONNECTYCUBE_APP_ID" => match value.trim().parse() {
+                    Ok(id) => cc.app_id = id,
+                    Err(_) => problems.push(format!("{key} (from {name}): not a number")),
+                },
+                "CONNECTYCUBE_AUTH_KEY" => cc.auth_key = value,
+                "CONNECTYCUBE_AUTH_SECRET" => cc.auth_secret = Some(value),
+                "CONNECTYCUBE_ACCOUNT_KEY" => cc.account_key = Some(value),
+                "CONNECTYCUBE_API_URL" => cc.api_url = value,
+                "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
+                _ => {}
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// Checks what TOML types cannot: every problem, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        let cc = &self.connectycube;
+        if !(cc.api_url.starts_with("http://") || cc.api_url.starts_with("https://")) {
+            problems.push(format!(
+                "connectycube.api_url: {:?} is not an http(s) URL",
+                cc.api_url
+            ));
+        }
+        if !(cc.chat_url.starts_with("ws://") || cc.chat_url.starts_with("wss://")) {
+            problems.push(format!(
+                "connectycube.chat_url: {:?} is not a ws(s) URL",
+                cc.chat_url
+            ));
+        }
+        if cc.auth_key.is_empty() {
+            problems.push("connectycube.auth_key: empty".into());
+        }
+        if cc.sandbox && cc.api_url.starts_with("http://") && sandbox_address(cc).is_none() {
+            problems.push(format!(
+                "connectycube.api_url: the sandbox needs host:port, got {:?}",
+                cc.api_url
+            ));
+        }
+        if cc.gateway_login.is_some() != cc.gateway_password.is_some() {
+            problems
+                .push("connectycube.gateway_login / gateway_password: give both or neither".into());
+        }
+        if self.sip.username.is_some() && self.sip.domain.is_none() {
+            problems.push("sip.domain: needed to register sip.username".into());
+        }
+        if self.sip.username.is_some() != self.sip.password.is_some() {
+            problems.push("sip.username / sip.password: give both or neither".into());
+        }
+        if self.sip.tls_listen.is_some()
+            && (self.sip.tls_certificate.is_none() || self.sip.tls_key.is_none())
+        {
+            problems.push("sip.tls_certificate / sip.tls_key: needed by sip.tls_listen".into());
+        }
+        if self.sip.rtp_timeout_ms == 0 {
+            problems.push("sip.rtp_timeout_ms: must be more than 0".into());
+        }
+        let mut extensions = HashSet::new();
+        let mut logins = HashSet::new();
+        for (index, user) in self.users.iter().enumerate() {
+            let key = |field: &str| format!("users[{index}].{field}");
+            if user.extension.is_empty()
+                || !user
+                    .extension
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            {
+                problems.push(format!(
+                    "{}: {:?} is not a SIP user part",
+                    key("extension"),
+                    user.extension
+                ));
+            }
+            if !extensions.insert(user.extension.to_ascii_lowercase()) {
+                problems.push(format!(
+                    "{}: {:?} is mapped twice",
+                    key("extension"),
+                    user.extension
+                ));
+            }
+            if user.login.is_empty() {
+                problems.push(format!("{}: empty", key("login")));
+            } else if !logins.insert(user.login.clone()) {
+                problems.push(format!(
+                    "{}: {:?} is mapped twice",
+                    key("login"),
+                    user.login
+                ));
+            }
+            if user.password.is_empty() {
+                problems.push(format!("{}: empty", key("password")));
+            }
+            if self.sip.registrar && user.sip_password.as_deref().is_none_or(str::is_empty) {
+                problems.push(format!(
+                    "{}: needed when sip.registrar is on",
+                    key("sip_password")
+                ));
+            }
+        }
+        if (self.recording.enabled || self.users.iter().any(|u| u.record))
+            && self.recording.directory.is_none()
+        {
+            problems.push("recording.directory: needed to record calls".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    pub fn user_by_extension(&self, extension: &str) -> Option<&UserMapping> {
+        self.users
+            .iter()
+            .find(|u| u.extension.eq_ignore_ascii_case(extension))
+    }
+}
+
+/// Where the embedded sandbox listens: `api_url`'s host and port.
+pub fn sandbox_address(cc: &ConnectyCubeSection) -> Option<SocketAddr> {
+    let rest = cc.api_url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let authority = authority.replace("localhost", "127.0.0.1");
+    authority.parse().ok()
+}
+
+/// `KEY=value` lines into the environment, for variables not already set.
+fn load_dotenv(path: &Path) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.trim_start_matches("export ").split_once('=') else {
+            continue;
+        };
+        let (name, value) = (
+            name.trim(),
+            value.trim().trim_matches('"').trim_matches('\''),
+        );
+        if ENVIRONMENT.iter().any(|(n, _)| *n == name) && std::env::var_os(name).is_none() {
+            // SAFETY: called once at start-up, before any other thread exists.
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+}
+
+/// One line: where, the offending line itself (so its key), and why.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line_number = text[..start].matches('\n').count() + 1;
+            let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
+            format!("line {line_number} `{line}`: {message}")
+        }
+        None => message,
+    }
+}
+
+impl fmt::Debug for SipSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SipSection")
+            .field("listen", &self.listen)
+            .field("domain", &self.domain)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("trusted", &self.trusted)
+            .field("registrar", &self.registrar)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ConnectyCubeSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectyCubeSection")
+            .field("app_id", &self.app_id)
+            .field("auth_key", &"<redacted>")
+            .field(
+                "auth_secret",
+                &self.auth_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("api_url", &self.api_url)
+            .field("chat_url", &self.chat_url)
+            .field("sandbox", &self.sandbox)
+            .field("gateway_login", &self.gateway_login)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for UserMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserMapping")
+            .field("extension", &self.extension)
+            .field("login", &self.login)
+            .field("password", &"<redacted>")
+            .field("display_name", &self.display_name)
+            .field("department", &self.department)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[sip]
+listen = "127.0.0.1:5070"
+domain = "pbx.example.com"
+trusted = ["10.0.0.1"]
+
+[connectycube]
+app_id = 42
+auth_key = "key"
+api_url = "https://api.connectycube.com"
+chat_url = "wss://chat.connectycube.com:5291"
+chat_domain = "chat.connectycube.com"
+
+[[users]]
+extension = "100"
+login = "alice"
+password = "secret"
+display_name = "Alice"
+department = "Sales"
+"#;
+
+    #[test]
+    fn a_file_with_every_section_reads() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.sip.listen, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(config.connectycube.app_id, 42);
+        assert_eq!(config.user_by_extension("100").unwrap().login, "alice");
+        assert!(
+            !format!("{config:?}").contains("\"secret\""),
+            "passwords stay out of logs"
+        );
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let err = Config::parse("[sip]\nlisten = \"127.0.0.1:5060\"\nlisen = 1\n").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let err = Config::parse("[connectycube]\napp_id = \"one\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("app_id") || err.to_string().contains("integer"),
+            "{err}"
+        );
+        let err = Config::parse("[sip]\nlisten = \"not an address\"\n").unwrap_err();
+        assert!(err.to_string().contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_every_bad_key() {
+        let text = format!(
+            "{EXAMPLE}\n[[users]]\nextension = \"100\"\nlogin = \"\"\npassword = \"\"\n\n[recording]\nenabled = true\n"
+        );
+        let mut config = Config::parse(&text).unwrap();
+        config.connectycube.chat_url = "http://wrong".into();
+        let problems = config.validate().unwrap_err().0;
+        for key in [
+            "users[1].extension",
+            "users[1].login",
+            "users[1].password",
+            "connectycube.chat_url",
+            "recording.directory",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "{key} in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let mut config = Config::parse(EXAMPLE).unwrap();
+        let env = |name: &str| match name {
+            "CONNECTYCUBE_APP_ID" => Some("7".to_owned()),
+            "SIP_DOMAIN" => Some("other.example".to_owned()),
+            _ => None,
+        };
+        config.apply_environment(env).unwrap();
+        assert_eq!(config.connectycube.app_id, 7);
+        assert_eq!(config.sip.domain.as_deref(), Some("other.example"));
+        let err = config
+            .apply_environment(|n| (n == "CONNECTYCUBE_APP_ID").then(|| "x".to_owned()))
+            .unwrap_err();
+        assert!(err.0[0].contains("connectycube.app_id"));
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let config = Config::embedded_default();
+        config.validate().unwrap();
+        assert_eq!(
+            sandbox_address(&config.connectycube),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(config.users.len(), 2);
+    }
+}

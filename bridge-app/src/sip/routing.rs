@@ -1,0 +1,97 @@
+//! Where an inbound call goes: a built-in service, or an application on the
+//! other side of the bridge. The SIP leg knows the latter only through
+//! [`AppLeg`], so it carries no ConnectyCube code.
+
+use std::collections::HashMap;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::media::Service;
+
+/// Who is calling, as the INVITE says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// User part of the From URI (the number).
+    pub user: String,
+    pub display_name: Option<String>,
+    pub uri: String,
+}
+
+/// The far side of a bridged call.
+pub trait AppLeg: Send {
+    /// For logs: who is being called.
+    fn describe(&self) -> String;
+    /// Offers the call through `webrtc` (a `connectycubesink`); resolves
+    /// when the app answers — with a receiver of the reason it later hangs
+    /// up for — or refuses.
+    fn ring(
+        &mut self,
+        webrtc: gst::Element,
+    ) -> BoxFuture<'_, Result<oneshot::Receiver<String>, Refusal>>;
+    /// The SIP side ended the call (BYE, CANCEL, timeout, failure).
+    fn hang_up(&mut self, reason: &str);
+}
+
+/// Why the app side did not take the call, as a SIP final response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+}
+
+pub enum Destination {
+    Service(Service),
+    App(Box<dyn AppLeg>),
+}
+
+pub trait Router: Send + Sync {
+    /// `None`: nobody by that name (404).
+    fn route(&self, target: &str, caller: &Caller) -> Option<Destination>;
+    /// Every call that rang ends here once, whatever became of it.
+    fn call_ended(&self, _record: &CallRecord) {}
+}
+
+/// Only the built-in services, by user part.
+pub struct Services(pub HashMap<String, Service>);
+
+impl Services {
+    /// `echo` and `tone` (440 Hz).
+    pub fn line_checks() -> Self {
+        Services(HashMap::from([
+            ("echo".to_owned(), Service::Echo),
+            ("tone".to_owned(), Service::Tone(440.0)),
+        ]))
+    }
+}
+
+impl Router for Services {
+    fn route(&self, target: &str, _caller: &Caller) -> Option<Destination> {
+        self.0.get(target).copied().map(Destination::Service)
+    }
+}
+
+/// What happened to one call that rang, for the call detail record.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub call_id: String,
+    pub caller: Caller,
+    /// The user part dialled.
+    pub target: String,
+    /// Who took it: a service or the app party.
+    pub callee: String,
+    pub started: std::time::SystemTime,
+    pub answered: Option<std::time::SystemTime>,
+    pub ended: std::time::SystemTime,
+    /// The SIP final response the caller got (200 when answered).
+    pub status: u16,
+    pub cause: String,
+    pub sip_codec: Option<&'static str>,
+    /// Opus toward the app, for bridged calls.
+    pub app_codec: Option<&'static str>,
+    pub transcoded: bool,
+    /// RTP from the phone: received, lost, interarrival jitter (ms).
+    pub packets_received: u64,
+    pub packets_lost: i64,
+    pub jitter_ms: f64,
+}
