@@ -2,6 +2,7 @@
 //! ConnectyCube-compatible sandbox.
 
 pub mod analyze;
+pub mod bridge;
 pub mod config;
 pub mod demo;
 pub mod run;

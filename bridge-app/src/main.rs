@@ -16,10 +16,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bridge. With no options: SIP on 127.0.0.1:5060 (UDP and TCP)
-    /// with the built-in extensions `echo` (you hear yourself) and `tone`
-    /// (you hear 440 Hz).
+    /// Run the bridge. With no options, the embedded default: SIP on
+    /// 127.0.0.1:5060 (UDP and TCP), the ConnectyCube sandbox on
+    /// 127.0.0.1:8080 with the demo users alice and bob (password `demo`)
+    /// mapped to sip:alice and sip:bob, and the line checks `echo` and `tone`.
     Run(run::RunOptions),
+    /// Check a configuration (the same options as `run`) and name every bad key.
+    Check(run::RunOptions),
     /// Carry a call's audio through the plugin on loopback and show its
     /// statistics live: a "phone" sends a PCMU tone to a SIP leg, which
     /// transcodes it to Opus for the other leg, where the tone is measured.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Run(options) => run::run(options),
+        Command::Check(options) => run::check(options),
         Command::Demo { seconds, tone } => demo::run(seconds, tone),
         Command::Analyze { files, expect } => analyze::run(&files, expect),
         Command::Sandbox {

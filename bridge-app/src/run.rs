@@ -1,20 +1,30 @@
-//! `sip-cc-bridge run`: the bridge's main job.
+//! `sip-cc-bridge run` and `check`: the bridge's main job, on the embedded
+//! default or a configuration file, with command-line overrides.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::sip::{Account, Listener, Services, SipConfig, Transport, UserAgent};
+use crate::bridge::Bridge;
+use crate::config::Config;
+use crate::sip::{Account, SipConfig};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOptions {
-    /// Address SIP listens on, UDP and TCP.
-    #[arg(long, default_value = "127.0.0.1:5060")]
-    pub sip: SocketAddr,
+    /// The configuration file (TOML). Without one: the embedded default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address SIP listens on, UDP and TCP (overrides sip.listen).
+    #[arg(long)]
+    pub sip: Option<SocketAddr>,
+    /// Run the ConnectyCube sandbox here (overrides connectycube.api_url
+    /// and chat_url).
+    #[arg(long)]
+    pub sandbox: Option<SocketAddr>,
     /// A SIP server whose requests need no authentication (repeatable;
-    /// default: loopback).
+    /// replaces sip.trusted).
     #[arg(long = "trust")]
     pub trusted: Vec<IpAddr>,
     /// A user who may call the bridge directly after a digest challenge,
@@ -27,17 +37,21 @@ pub struct RunOptions {
     #[arg(long = "register", value_parser = Account::parse)]
     pub accounts: Vec<Account>,
     /// Milliseconds without RTP before a call is ended.
-    #[arg(long, default_value_t = 30_000)]
-    pub rtp_timeout_ms: u64,
+    #[arg(long)]
+    pub rtp_timeout_ms: Option<u64>,
     /// Calls carried at once; more get 503.
-    #[arg(long, default_value_t = 200)]
-    pub max_calls: usize,
-    /// Milliseconds the built-in extensions ring before they answer.
+    #[arg(long)]
+    pub max_calls: Option<usize>,
+    /// Milliseconds the line-check extensions (echo, tone) ring before they
+    /// answer.
     #[arg(long, default_value_t = 0)]
     pub answer_delay_ms: u64,
     /// Milliseconds of ringing after which a call gets 480.
-    #[arg(long, default_value_t = 60_000)]
-    pub no_answer_timeout_ms: u64,
+    #[arg(long)]
+    pub no_answer_timeout_ms: Option<u64>,
+    /// Append call detail records (JSON lines) here.
+    #[arg(long)]
+    pub cdr: Option<PathBuf>,
 }
 
 fn parse_user(text: &str) -> Result<(String, String), String> {
@@ -48,30 +62,62 @@ fn parse_user(text: &str) -> Result<(String, String), String> {
 }
 
 impl RunOptions {
-    fn sip_config(&self) -> SipConfig {
-        let mut config = SipConfig::embedded_default();
-        config.listeners = [Transport::Udp, Transport::Tcp]
-            .into_iter()
-            .map(|transport| Listener {
-                transport,
-                address: self.sip,
-            })
-            .collect();
-        config.media_address = self.sip.ip();
-        if !self.trusted.is_empty() {
-            config.admission.trusted = self.trusted.clone();
+    /// The configuration with the file-level overrides applied.
+    fn configuration(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(sip) = self.sip {
+            config.sip.listen = sip;
         }
-        config.admission.users = self.users.iter().cloned().collect();
-        config.accounts = self.accounts.clone();
-        config.rtp_timeout = Duration::from_millis(self.rtp_timeout_ms);
-        config.max_calls = self.max_calls;
-        config.answer_delay = Duration::from_millis(self.answer_delay_ms);
-        config.no_answer_timeout = Duration::from_millis(self.no_answer_timeout_ms);
-        config
+        if let Some(sandbox) = self.sandbox {
+            config.connectycube.sandbox = true;
+            config.connectycube.api_url = format!("http://{sandbox}");
+            config.connectycube.chat_url = format!("ws://{sandbox}/ws");
+        }
+        if !self.trusted.is_empty() {
+            config.sip.trusted = self.trusted.clone();
+        }
+        if let Some(ms) = self.rtp_timeout_ms {
+            config.sip.rtp_timeout_ms = ms;
+        }
+        if let Some(calls) = self.max_calls {
+            config.sip.max_calls = calls;
+        }
+        if let Some(ms) = self.no_answer_timeout_ms {
+            config.sip.no_answer_timeout_ms = ms;
+        }
+        if let Some(path) = &self.cdr {
+            config.cdr.path = Some(path.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// What only the command line sets on the SIP leg.
+    fn adjust(&self, sip: &mut SipConfig) {
+        sip.admission.users.extend(self.users.iter().cloned());
+        sip.accounts.extend(self.accounts.iter().cloned());
+        sip.answer_delay = Duration::from_millis(self.answer_delay_ms);
     }
 }
 
+pub fn check(options: RunOptions) -> anyhow::Result<()> {
+    let config = options.configuration()?;
+    println!(
+        "configuration OK: SIP on {}, {} mapped user(s), ConnectyCube at {}{}",
+        config.sip.listen,
+        config.users.len(),
+        config.connectycube.api_url,
+        if config.connectycube.sandbox {
+            " (embedded sandbox)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config = options.configuration()?;
     gst::init()?;
     gstsipcc::register()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -79,17 +125,28 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let config = options.sip_config();
-        let sip = UserAgent::start(config, Arc::new(Services::line_checks()))
+        let bridge = Bridge::start(config.clone(), |sip| options.adjust(sip))
             .await
-            .context("cannot start SIP")?;
-        let address = options.sip;
+            .context("cannot start the bridge")?;
+        let address = config.sip.listen;
         println!("sip-cc-bridge is running. SIP on udp and tcp {address}.");
-        println!("  Call sip:echo@{address} to hear yourself, sip:tone@{address} to hear 440 Hz.");
-        println!("  e.g. sipp -sn uac -s echo {address}   Ctrl-C stops.");
+        println!("  Line checks: sip:echo@{address} (you hear yourself), sip:tone@{address} (440 Hz).");
+        if let Some(sandbox) = &bridge.sandbox {
+            let port = sandbox.address.port();
+            println!("  ConnectyCube sandbox: http://localhost:{port}/ — open it, sign in as a user below, tick auto-answer.");
+        }
+        for (extension, user_id) in bridge.signed_in() {
+            let mapping = config.user_by_extension(&extension);
+            println!(
+                "  sip:{extension}@{address} ↔ ConnectyCube user {user_id} (login {:?}{})",
+                mapping.map_or("", |m| m.login.as_str()),
+                if config.sip.registrar { ", phones may REGISTER as this extension" } else { "" }
+            );
+        }
+        println!("  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops.");
         tokio::signal::ctrl_c().await?;
-        println!("Stopping: ending {} call(s).", sip.active_calls());
-        sip.shutdown().await;
+        println!("Stopping: ending {} call(s).", bridge.sip.active_calls());
+        bridge.sip.shutdown().await;
         Ok(())
     })
 }

@@ -99,6 +99,12 @@ impl Admission {
         if self.is_trusted(source) {
             return Verdict::Admit { user: None };
         }
+        self.authenticate(request)
+    }
+
+    /// Digest only, whoever the source: for REGISTER, where the server must
+    /// know the user is who they say.
+    pub fn authenticate(&self, request: &Request) -> Verdict {
         let Some(raw) = request.headers.iter().find_map(|h| match h {
             Header::Authorization(a) => Some(a.value().to_owned()),
             Header::ProxyAuthorization(a) => Some(a.value().to_owned()),

@@ -5,6 +5,7 @@
 pub mod admission;
 mod call;
 pub mod media;
+pub mod registrar;
 pub mod registration;
 pub mod routing;
 mod ua;
@@ -52,6 +53,8 @@ pub struct SipConfig {
     pub admission: AdmissionConfig,
     /// Accounts registered at their registrar.
     pub accounts: Vec<Account>,
+    /// Accept REGISTER from the users of `admission.users`.
+    pub registrar: bool,
     /// Calls carried at once; more get 503.
     pub max_calls: usize,
     /// How long the built-in services ring before answering.
@@ -91,6 +94,7 @@ impl SipConfig {
                 requests_per_second: 50.0,
             },
             accounts: Vec::new(),
+            registrar: false,
             max_calls: 200,
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
+use super::registrar::{Binding, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::{Router, SipConfig, Transport, call};
 
@@ -40,6 +41,7 @@ pub(super) struct Shared {
     /// Calls in progress by Call-ID, so shutdown can end them.
     pub calls: Mutex<HashMap<String, CancellationToken>>,
     pub shutdown: CancellationToken,
+    pub registrar: Option<Registrar>,
 }
 
 /// A running SIP user agent. Dropping it (or [`UserAgent::shutdown`]) ends
@@ -130,6 +132,7 @@ impl UserAgent {
             .context("cannot build the Contact URI")?;
         let shared = Arc::new(Shared {
             admission: Admission::new(config.admission.clone()),
+            registrar: config.registrar.then(Registrar::default),
             config,
             router,
             dialogs,
@@ -182,6 +185,11 @@ impl UserAgent {
             registration_stop,
             registration_states,
         })
+    }
+
+    /// Where a phone registered with the bridge is reached.
+    pub fn binding(&self, user: &str) -> Option<Binding> {
+        self.shared.registrar.as_ref()?.lookup(user)
     }
 
     /// Each account's state: `registered`, `failed: <reason>`, …
@@ -281,6 +289,11 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
                 Header::Supported(SUPPORTED.into()),
             ];
             reply(&mut tx, StatusCode::OK, headers).await;
+        }
+        Method::Register if shared.registrar.is_some() => {
+            if let Some(registrar) = &shared.registrar {
+                registrar.handle(&shared.admission, &mut tx).await;
+            }
         }
         Method::Bye | Method::Info | Method::Update => {
             reply(&mut tx, StatusCode::CallTransactionDoesNotExist, vec![]).await

@@ -237,15 +237,19 @@ impl Drop for BrowserPeer {
 pub struct BridgeProcess {
     child: Child,
     pub sip_port: u16,
+    /// The embedded sandbox (demo users alice and bob).
+    pub sandbox_port: u16,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl BridgeProcess {
     pub fn start(extra_args: &[&str]) -> BridgeProcess {
         let sip_port = free_port();
+        let sandbox_port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
             .arg("run")
             .args(["--sip", &format!("127.0.0.1:{sip_port}")])
+            .args(["--sandbox", &format!("127.0.0.1:{sandbox_port}")])
             .args(extra_args)
             .current_dir(repo_root())
             .env("RUST_LOG", "info,rsipstack=warn")
@@ -264,6 +268,7 @@ impl BridgeProcess {
         let bridge = BridgeProcess {
             child,
             sip_port,
+            sandbox_port,
             logs,
         };
         bridge

@@ -1,0 +1,257 @@
+//! A SIP call carried on to a ConnectyCube user: the offer of the call's
+//! `connectycubesink`, sent as a `call` from the caller's identity (again
+//! every 5 s, as the SDK does, until answered), the answer applied from
+//! `accept`, trickled candidates handed over, and `hangUp` either way.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridge_protocol::connectycube::signaling::{CallSignal, CallType, ReceivedSignal, SignalType};
+use futures_util::future::BoxFuture;
+use gst::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info};
+
+use super::identity::Identity;
+use crate::sip::{AppLeg, Refusal};
+
+/// The SDK's dial interval: `call` is sent again until answered.
+const REDIAL: Duration = Duration::from_secs(5);
+/// Longest wait for the WebRTC leg's offer (ICE gathering included).
+const OFFER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Session ids of calls the bridge placed: their `call`, reaching the
+/// bridge's own identity of the callee, is not a new call.
+pub type PlacedSessions = Arc<Mutex<HashSet<String>>>;
+
+pub struct ConnectyCubeLeg {
+    pub from: Arc<Identity>,
+    pub to_user_id: u64,
+    pub to_name: String,
+    pub user_info: Vec<(String, String)>,
+    pub placed: PlacedSessions,
+    /// How long the app may ring.
+    pub answer_timeout: Duration,
+    session_id: String,
+    signalling: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ConnectyCubeLeg {
+    pub fn new(
+        from: Arc<Identity>,
+        to_user_id: u64,
+        to_name: String,
+        user_info: Vec<(String, String)>,
+        placed: PlacedSessions,
+        answer_timeout: Duration,
+    ) -> Self {
+        Self {
+            from,
+            to_user_id,
+            to_name,
+            user_info,
+            placed,
+            answer_timeout,
+            session_id: uuid_like(),
+            signalling: None,
+        }
+    }
+
+    fn signal(&self, signal_type: SignalType) -> CallSignal {
+        CallSignal::new(
+            signal_type,
+            &self.session_id,
+            CallType::Audio,
+            self.from.user_id,
+            vec![self.to_user_id],
+        )
+    }
+
+    async fn place(&mut self, webrtc: gst::Element) -> Result<oneshot::Receiver<String>, Refusal> {
+        let (descriptions, mut described) = mpsc::unbounded_channel();
+        let handler = webrtc.connect("local-description", false, move |args| {
+            if let (Ok(kind), Ok(sdp)) = (args[1].get::<String>(), args[2].get::<String>()) {
+                let _ = descriptions.send((kind, sdp));
+            }
+            None
+        });
+        webrtc.emit_by_name::<()>("create-offer", &[]);
+        let offer = tokio::time::timeout(OFFER_TIMEOUT, described.recv()).await;
+        webrtc.disconnect(handler);
+        let offer = match offer {
+            Ok(Some((kind, sdp))) if kind == "offer" => sdp,
+            _ => {
+                return Err(Refusal {
+                    status: 503,
+                    reason: "the WebRTC leg produced no offer".into(),
+                });
+            }
+        };
+
+        self.placed.lock().unwrap().insert(self.session_id.clone());
+        let mut signals = self.from.subscribe(&self.session_id);
+        let mut call = self.signal(SignalType::Call);
+        call.sdp = Some(offer);
+        call.user_info = self.user_info.clone();
+        let deadline = tokio::time::Instant::now() + self.answer_timeout;
+        loop {
+            self.from.send(self.to_user_id, &call);
+            let redial = (tokio::time::Instant::now() + REDIAL).min(deadline);
+            loop {
+                let received = match tokio::time::timeout_at(redial, signals.recv()).await {
+                    Ok(Some(received)) => received,
+                    Ok(None) => {
+                        return Err(Refusal {
+                            status: 503,
+                            reason: "the chat connection closed".into(),
+                        });
+                    }
+                    Err(_) => break,
+                };
+                if received.from_user_id != self.to_user_id {
+                    continue;
+                }
+                let signal = &received.signal;
+                match signal.signal_type {
+                    SignalType::Accept => {
+                        let answer = signal.sdp.clone().unwrap_or_default();
+                        webrtc.emit_by_name::<()>("set-remote-description", &[&"answer", &answer]);
+                        add_candidates(&webrtc, &received);
+                        let (hangup, hung_up) = oneshot::channel();
+                        self.signalling = Some(tokio::spawn(follow(webrtc, signals, hangup)));
+                        return Ok(hung_up);
+                    }
+                    SignalType::Reject => {
+                        self.forget();
+                        let busy = signal
+                            .user_info
+                            .iter()
+                            .any(|(k, v)| k == "busy" && v == "true");
+                        return Err(Refusal {
+                            status: if busy { 486 } else { 603 },
+                            reason: format!(
+                                "{} rejected the call{}",
+                                self.to_name,
+                                describe(&signal.user_info)
+                            ),
+                        });
+                    }
+                    SignalType::HangUp => {
+                        self.forget();
+                        return Err(Refusal {
+                            status: 603,
+                            reason: format!("{} hung up before answering", self.to_name),
+                        });
+                    }
+                    SignalType::IceCandidates => add_candidates(&webrtc, &received),
+                    _ => {}
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Refusal {
+                    status: 480,
+                    reason: format!("{} did not answer", self.to_name),
+                });
+            }
+        }
+    }
+}
+
+/// After `accept`: candidates keep coming until someone hangs up.
+async fn follow(
+    webrtc: gst::Element,
+    mut signals: mpsc::UnboundedReceiver<ReceivedSignal>,
+    hangup: oneshot::Sender<String>,
+) {
+    while let Some(received) = signals.recv().await {
+        match received.signal.signal_type {
+            SignalType::IceCandidates => add_candidates(&webrtc, &received),
+            SignalType::HangUp | SignalType::Reject => {
+                let _ = hangup.send(format!(
+                    "user {} hung up{}",
+                    received.from_user_id,
+                    describe(&received.signal.user_info)
+                ));
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn add_candidates(webrtc: &gst::Element, received: &ReceivedSignal) {
+    for candidate in &received.signal.candidates {
+        webrtc.emit_by_name::<()>(
+            "add-ice-candidate",
+            &[&candidate.sdp_mline_index, &candidate.candidate],
+        );
+    }
+}
+
+impl ConnectyCubeLeg {
+    /// The app ended the call itself: nothing to tell it.
+    fn forget(&self) {
+        self.placed.lock().unwrap().remove(&self.session_id);
+        self.from.unsubscribe(&self.session_id);
+    }
+}
+
+impl AppLeg for ConnectyCubeLeg {
+    fn describe(&self) -> String {
+        format!("ConnectyCube user {} ({})", self.to_user_id, self.to_name)
+    }
+
+    fn ring(
+        &mut self,
+        webrtc: gst::Element,
+    ) -> BoxFuture<'_, Result<oneshot::Receiver<String>, Refusal>> {
+        Box::pin(self.place(webrtc))
+    }
+
+    fn hang_up(&mut self, reason: &str) {
+        if !self.placed.lock().unwrap().remove(&self.session_id) {
+            return;
+        }
+        info!(
+            "ConnectyCube call {} to {}: hangUp ({reason})",
+            self.session_id, self.to_name
+        );
+        let mut hang_up = self.signal(SignalType::HangUp);
+        hang_up.user_info = vec![("reason".into(), reason.to_owned())];
+        self.from.send(self.to_user_id, &hang_up);
+        self.from.unsubscribe(&self.session_id);
+        if let Some(task) = self.signalling.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for ConnectyCubeLeg {
+    fn drop(&mut self) {
+        debug!("ConnectyCube call {} done", self.session_id);
+        self.hang_up("the SIP call ended");
+    }
+}
+
+fn describe(user_info: &[(String, String)]) -> String {
+    if user_info.is_empty() {
+        return String::new();
+    }
+    let fields: Vec<String> = user_info.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(" ({})", fields.join(", "))
+}
+
+/// A session id shaped like the SDK's (a UUID).
+pub fn uuid_like() -> String {
+    let bits = rand::random::<u128>();
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}

@@ -1,0 +1,156 @@
+//! A ConnectyCube user the bridge acts as: its REST session and its chat
+//! connection, kept open for as long as the bridge runs. Call signals for a
+//! session the bridge follows go to that session's subscriber; new `call`s
+//! go to the bridge's handler of incoming app calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridge_protocol::connectycube::rest::{RestClient, UserSession};
+use bridge_protocol::connectycube::signaling::{CallSignal, ReceivedSignal, SignalType, user_jid};
+use bridge_protocol::connectycube::xmpp::{Chat, ChatConfig, ChatEvent};
+use bridge_protocol::connectycube::{AppCredentials, UserCredentials};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::ConnectyCubeSection;
+
+/// A `call` that no session of the bridge follows: someone calls this user.
+pub struct IncomingCall {
+    pub identity: Arc<Identity>,
+    pub received: ReceivedSignal,
+}
+
+pub struct Identity {
+    pub user_id: u64,
+    pub login: String,
+    app_id: u64,
+    chat_domain: String,
+    chat: Chat,
+    subscribers: Mutex<HashMap<String, mpsc::UnboundedSender<ReceivedSignal>>>,
+}
+
+impl Identity {
+    /// Signs in as `login` and opens its chat; signals start flowing at once.
+    pub async fn sign_in(
+        cc: &ConnectyCubeSection,
+        login: &str,
+        password: &str,
+        incoming: mpsc::UnboundedSender<IncomingCall>,
+    ) -> Result<Arc<Identity>, String> {
+        let app = AppCredentials {
+            app_id: cc.app_id,
+            auth_key: cc.auth_key.clone(),
+            auth_secret: cc.auth_secret.clone(),
+        };
+        let session = Arc::new(UserSession::new(
+            RestClient::new(&cc.api_url, app),
+            UserCredentials::Login {
+                login: login.to_owned(),
+                password: password.to_owned(),
+            },
+        ));
+        let user_id = session
+            .session()
+            .await
+            .map_err(|e| format!("cannot sign in as {login:?}: {e}"))?
+            .user_id;
+        let source = session.clone();
+        let (chat, events) = Chat::start(ChatConfig {
+            url: cc.chat_url.clone(),
+            domain: cc.chat_domain.clone(),
+            user_id,
+            app_id: cc.app_id,
+            // Each (re)connection signs in again: tokens expire, servers restart.
+            password: Arc::new(move || {
+                let source = source.clone();
+                Box::pin(async move {
+                    source.renew().await.map_err(|e| e.to_string())?;
+                    source.chat_password().await.map_err(|e| e.to_string())
+                })
+            }),
+            keepalive: Duration::from_secs(30),
+        });
+        let identity = Arc::new(Identity {
+            user_id,
+            login: login.to_owned(),
+            app_id: cc.app_id,
+            chat_domain: cc.chat_domain.clone(),
+            chat,
+            subscribers: Mutex::default(),
+        });
+        tokio::spawn(dispatch(Arc::downgrade(&identity), events, incoming));
+        Ok(identity)
+    }
+
+    pub fn send(&self, to: u64, signal: &CallSignal) {
+        let jid = user_jid(to, self.app_id, &self.chat_domain);
+        let id = format!("{:024x}", rand::random::<u128>() >> 32);
+        self.chat.send(&signal.to_stanza(&jid, &id));
+    }
+
+    /// Signals of session `session_id` from now on.
+    pub fn subscribe(&self, session_id: &str) -> mpsc::UnboundedReceiver<ReceivedSignal> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .unwrap()
+            .insert(session_id.to_owned(), sender);
+        receiver
+    }
+
+    pub fn unsubscribe(&self, session_id: &str) {
+        self.subscribers.lock().unwrap().remove(session_id);
+    }
+
+    fn route(
+        self: &Arc<Self>,
+        received: ReceivedSignal,
+        incoming: &mpsc::UnboundedSender<IncomingCall>,
+    ) {
+        let session_id = received.signal.session_id.clone();
+        let subscriber = self.subscribers.lock().unwrap().get(&session_id).cloned();
+        match subscriber {
+            Some(subscriber) => {
+                let _ = subscriber.send(received);
+            }
+            None if received.signal.signal_type == SignalType::Call => {
+                let _ = incoming.send(IncomingCall {
+                    identity: self.clone(),
+                    received,
+                });
+            }
+            None => debug!(
+                "{}: {} for session {session_id} that nobody follows",
+                self.login,
+                received.signal.signal_type.as_str()
+            ),
+        }
+    }
+}
+
+async fn dispatch(
+    identity: std::sync::Weak<Identity>,
+    mut events: mpsc::UnboundedReceiver<ChatEvent>,
+    incoming: mpsc::UnboundedSender<IncomingCall>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(identity) = identity.upgrade() else {
+            return;
+        };
+        match event {
+            ChatEvent::Online { jid } => {
+                info!("ConnectyCube user {}: chat online as {jid}", identity.login)
+            }
+            ChatEvent::Offline { reason, retry_in } => warn!(
+                "ConnectyCube user {}: chat offline ({reason}), retrying in {retry_in:?}",
+                identity.login
+            ),
+            ChatEvent::Stanza(stanza) => match CallSignal::from_stanza(&stanza) {
+                Ok(received) => identity.route(received, &incoming),
+                Err(e) => debug!("{}: ignored stanza: {e}", identity.login),
+            },
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The bridge: the SIP leg and ConnectyCube joined by the user mapping.
+//! Every mapped extension's ConnectyCube user is signed in (chat open) for
+//! as long as the bridge runs; a SIP call to a mapped extension becomes a
+//! `call` from the caller's user (or the gateway user) to the extension's
+//! user; every call ends in one CDR line.
+
+pub mod app_leg;
+pub mod cdr;
+pub mod identity;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::{Config, sandbox_address};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sip::{
+    self, Account, AdmissionConfig, CallRecord, Caller, Destination, Listener, Router, Services,
+    SipConfig, TlsFiles, Transport, UserAgent,
+};
+use app_leg::{ConnectyCubeLeg, PlacedSessions};
+use cdr::CdrWriter;
+use identity::{Identity, IncomingCall};
+
+pub struct Bridge {
+    pub sip: UserAgent,
+    /// The embedded ConnectyCube sandbox, when configured.
+    pub sandbox: Option<Sandbox>,
+    router: Arc<BridgeRouter>,
+}
+
+impl Bridge {
+    /// Starts everything `config` asks for; `adjust` has the last word on
+    /// the SIP leg's settings (command-line options).
+    pub async fn start(
+        config: Config,
+        adjust: impl FnOnce(&mut SipConfig),
+    ) -> anyhow::Result<Bridge> {
+        let cc = &config.connectycube;
+        let sandbox = if cc.sandbox {
+            let listen =
+                sandbox_address(cc).context("connectycube.api_url: no address for the sandbox")?;
+            Some(
+                Sandbox::start(SandboxConfig {
+                    listen,
+                    app_id: cc.app_id,
+                    auth_key: cc.auth_key.clone(),
+                    domain: cc.chat_domain.clone(),
+                    sdk_path: None,
+                })
+                .await?,
+            )
+        } else {
+            None
+        };
+
+        let (incoming, incoming_calls) = mpsc::unbounded_channel();
+        let mut identities = HashMap::new();
+        let mut unavailable = HashMap::new();
+        for user in &config.users {
+            match Identity::sign_in(cc, &user.login, &user.password, incoming.clone()).await {
+                Ok(identity) => {
+                    info!(
+                        "mapping {} ↔ ConnectyCube user {} ({}): signed in",
+                        user.extension, identity.user_id, user.login
+                    );
+                    identities.insert(user.extension.to_ascii_lowercase(), identity);
+                }
+                Err(e) => {
+                    warn!(
+                        "mapping {} ↔ ConnectyCube {:?}: {e}",
+                        user.extension, user.login
+                    );
+                    unavailable.insert(user.extension.to_ascii_lowercase(), e);
+                }
+            }
+        }
+        let gateway = match (&cc.gateway_login, &cc.gateway_password) {
+            (Some(login), Some(password)) => {
+                match Identity::sign_in(cc, login, password, incoming.clone()).await {
+                    Ok(identity) => Some(identity),
+                    Err(e) => {
+                        warn!("gateway user {login:?}: {e}; calls from unmapped numbers will fail");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let router = Arc::new(BridgeRouter {
+            answer_timeout: Duration::from_secs(cc.answer_timeout_s),
+            identities,
+            unavailable,
+            gateway,
+            services: Services::line_checks(),
+            placed: PlacedSessions::default(),
+            cdr: CdrWriter::open(config.cdr.path.as_deref())?,
+            config: config.clone(),
+        });
+        let mut sip_settings = sip_config(&config);
+        adjust(&mut sip_settings);
+        let sip = UserAgent::start(sip_settings, router.clone()).await?;
+        tokio::spawn(ignore_or_log_incoming(router.clone(), incoming_calls));
+        Ok(Bridge {
+            sip,
+            sandbox,
+            router,
+        })
+    }
+
+    /// Mapped extensions whose ConnectyCube user is signed in.
+    pub fn signed_in(&self) -> Vec<(String, u64)> {
+        let mut users: Vec<(String, u64)> = self
+            .router
+            .identities
+            .iter()
+            .map(|(extension, identity)| (extension.clone(), identity.user_id))
+            .collect();
+        users.sort();
+        users
+    }
+}
+
+/// The SIP leg's settings from the bridge's configuration.
+fn sip_config(config: &Config) -> SipConfig {
+    let s = &config.sip;
+    let mut listeners: Vec<Listener> = [Transport::Udp, Transport::Tcp]
+        .into_iter()
+        .map(|transport| Listener {
+            transport,
+            address: s.listen,
+        })
+        .collect();
+    if let Some(address) = s.tls_listen {
+        listeners.push(Listener {
+            transport: Transport::Tls,
+            address,
+        });
+    }
+    let accounts = match (&s.username, &s.password, &s.domain) {
+        (Some(username), Some(password), Some(domain)) => vec![Account {
+            username: username.clone(),
+            password: password.clone(),
+            registrar: format!("sip:{domain}"),
+            expires: 600,
+        }],
+        _ => Vec::new(),
+    };
+    SipConfig {
+        listeners,
+        tls: s
+            .tls_certificate
+            .clone()
+            .zip(s.tls_key.clone())
+            .map(|(certificate, key)| TlsFiles { certificate, key }),
+        public_address: s.public_address,
+        // RTP binds where SIP listens.
+        media_address: s.listen.ip(),
+        admission: AdmissionConfig {
+            trusted: s.trusted.clone(),
+            realm: "sip-cc-bridge".into(),
+            users: config
+                .users
+                .iter()
+                .filter_map(|u| Some((u.extension.clone(), u.sip_password.clone()?)))
+                .collect(),
+            requests_per_second: 50.0,
+        },
+        accounts,
+        registrar: s.registrar,
+        max_calls: s.max_calls,
+        answer_delay: Duration::ZERO,
+        no_answer_timeout: Duration::from_millis(s.no_answer_timeout_ms),
+        rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),
+        ..SipConfig::embedded_default()
+    }
+}
+
+struct BridgeRouter {
+    config: Config,
+    identities: HashMap<String, Arc<Identity>>,
+    /// Mapped extensions whose sign-in failed, with why.
+    unavailable: HashMap<String, String>,
+    gateway: Option<Arc<Identity>>,
+    services: Services,
+    placed: PlacedSessions,
+    answer_timeout: Duration,
+    cdr: CdrWriter,
+}
+
+impl Router for BridgeRouter {
+    fn route(&self, target: &str, caller: &Caller) -> Option<Destination> {
+        let Some(mapping) = self.config.user_by_extension(target) else {
+            return self.services.route(target, caller);
+        };
+        let key = mapping.extension.to_ascii_lowercase();
+        let Some(callee) = self.identities.get(&key) else {
+            let problem = self.unavailable.get(&key).cloned().unwrap_or_default();
+            warn!(
+                "call to {target}: mapping {} ↔ {:?} unusable: {problem}",
+                mapping.extension, mapping.login
+            );
+            return Some(Destination::App(Box::new(Unavailable(format!(
+                "ConnectyCube user of {} cannot sign in",
+                mapping.extension
+            )))));
+        };
+        let from = self
+            .identities
+            .get(&caller.user.to_ascii_lowercase())
+            .or(self.gateway.as_ref());
+        let Some(from) = from else {
+            warn!(
+                "call to {target} from unmapped {}: no gateway user configured",
+                caller.uri
+            );
+            return None;
+        };
+        let mut user_info = vec![("callerNumber".to_owned(), caller.user.clone())];
+        if let Some(name) = &caller.display_name {
+            user_info.push(("callerName".to_owned(), name.clone()));
+        }
+        Some(Destination::App(Box::new(ConnectyCubeLeg::new(
+            from.clone(),
+            callee.user_id,
+            mapping
+                .display_name
+                .clone()
+                .unwrap_or_else(|| mapping.login.clone()),
+            user_info,
+            self.placed.clone(),
+            self.answer_timeout,
+        ))))
+    }
+
+    fn call_ended(&self, record: &CallRecord) {
+        self.cdr.write(record);
+    }
+}
+
+/// A mapped user the bridge cannot act for: every call gets 503.
+struct Unavailable(String);
+
+impl sip::AppLeg for Unavailable {
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+
+    fn ring(
+        &mut self,
+        _webrtc: gst::Element,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<tokio::sync::oneshot::Receiver<String>, sip::Refusal>,
+    > {
+        let reason = self.0.clone();
+        Box::pin(async move {
+            Err(sip::Refusal {
+                status: 503,
+                reason,
+            })
+        })
+    }
+
+    fn hang_up(&mut self, _reason: &str) {}
+}
+
+/// App calls toward SIP: calls the bridge placed itself are not new calls.
+async fn ignore_or_log_incoming(
+    router: Arc<BridgeRouter>,
+    mut incoming: mpsc::UnboundedReceiver<IncomingCall>,
+) {
+    while let Some(call) = incoming.recv().await {
+        let session = &call.received.signal.session_id;
+        if router.placed.lock().unwrap().contains(session) {
+            continue;
+        }
+        info!(
+            "ConnectyCube user {} calls {} (session {session})",
+            call.received.from_user_id, call.identity.login
+        );
+    }
+}
