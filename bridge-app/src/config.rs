@@ -190,6 +190,9 @@ impl Config {
             },
             connectycube: ConnectyCubeSection {
                 sandbox: true,
+                // Calls from numbers nobody is mapped to come from this user.
+                gateway_login: Some("sip-gateway".into()),
+                gateway_password: Some("demo".into()),
                 ..ConnectyCubeSection::default()
             },
             users: vec![demo("alice", "Alice"), demo("bob", "Bob")],

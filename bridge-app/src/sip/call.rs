@@ -30,6 +30,9 @@ use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::routing::{AppLeg, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
 
+/// How often a call's RTP statistics are logged.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
 pub(super) fn incoming(shared: Arc<Shared>, tx: Transaction) {
     tokio::spawn(async move {
         let call_id = tx
@@ -473,6 +476,11 @@ impl Call {
                 )?);
             }
         }
+        if let Some(media) = &self.media {
+            self.record.sip_codec = Some(media.codec());
+            self.record.transcoded = media.transcoding();
+            self.record.app_codec = media.app_element().map(|_| "OPUS");
+        }
         info!(
             "call {}: {} {:?}, local {}:{} remote {}",
             self.call_id,
@@ -492,6 +500,8 @@ impl Call {
     ) {
         let mut session_deadline = self.session_timer.map(SessionTimer::deadline);
         let mut app_hangup = self.app_hangup.take();
+        let mut report = tokio::time::interval(STATS_INTERVAL);
+        report.tick().await;
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
@@ -550,6 +560,7 @@ impl Call {
                     Some("Q.850;cause=16;text=\"hung up in the app\"".to_owned()),
                     format!("the app hung up ({reason})"),
                 ),
+                _ = report.tick() => self.report_stats(),
                 () = expiry => break (
                     Some("SIP;cause=408;text=\"session timer expired\"".to_owned()),
                     "the session timer expired".to_owned(),
@@ -582,17 +593,27 @@ impl Call {
         self.shared.dialogs.remove_dialog(&self.dialog.id());
     }
 
+    /// One line of the SIP leg's RTP statistics, for the terminal.
+    fn report_stats(&self) {
+        if let Some(media) = &self.media {
+            let stats = media.stats();
+            info!(
+                "call {}: {} rx {} pkts, lost {}, jitter {:.1} ms",
+                self.call_id,
+                media.codec(),
+                stats.get::<u64>("packets-received").unwrap_or(0),
+                stats.get::<i64>("packets-lost").unwrap_or(0),
+                stats.get::<f64>("jitter-ms").unwrap_or(0.0),
+            );
+        }
+    }
+
     /// Completes the record and hands it over (once per call).
     fn finish(&mut self, status: u16, cause: String) {
         let record = &mut self.record;
         record.ended = std::time::SystemTime::now();
         record.status = status;
         record.cause = cause;
-        if let Some(media) = &self.media {
-            record.sip_codec = Some(media.codec());
-            record.transcoded = media.transcoding();
-            record.app_codec = media.app_element().map(|_| "OPUS");
-        }
         self.shared.router.call_ended(record);
     }
 

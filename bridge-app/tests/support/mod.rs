@@ -7,14 +7,16 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bridge_protocol::connectycube::rest::{RestClient, UserSession};
 use bridge_protocol::connectycube::signaling::{CallSignal, ReceivedSignal};
 use bridge_protocol::connectycube::xmpp::{Chat, ChatConfig, ChatEvent};
 use bridge_protocol::connectycube::{AppCredentials, UserCredentials};
+use gst::prelude::*;
 use serde_json::{Value, json};
+use sip_cc_bridge::sip::media::audio_chain;
 use tokio::sync::mpsc;
 
 pub const APP_ID: u64 = 1;
@@ -585,4 +587,91 @@ pub fn wav_frequency(path: &std::path::Path) -> Option<f64> {
     // Skip the first second: call setup.
     let skip = (spec.sample_rate as usize).min(mono.len() / 2);
     bridge_protocol::tone::dominant_frequency(&mono[skip..], spec.sample_rate)
+}
+
+/// A phone made of GStreamer elements: sends a tone in one codec and
+/// records what comes back.
+pub struct Phone {
+    pipeline: gst::Pipeline,
+    heard: Arc<Mutex<Vec<f32>>>,
+}
+
+impl Phone {
+    pub fn new(encoding_name: &str, payload_type: u8, clock_rate: u32, frequency: u32) -> Phone {
+        static INIT: Once = Once::new();
+        INIT.call_once(|| {
+            gst::init().unwrap();
+            gstsipcc::register().unwrap();
+        });
+        let chain = audio_chain(encoding_name).unwrap();
+        let params = if encoding_name == "OPUS" {
+            ",encoding-params=(string)2"
+        } else {
+            ""
+        };
+        let session = format!("phone-{encoding_name}");
+        let description = format!(
+            "audiotestsrc is-live=true freq={frequency} volume=0.5 ! audioconvert ! audioresample \
+               ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} \
+               ! sipsink name=tx session={session} local-address=127.0.0.1 \
+             sipsrc name=rx session={session} local-address=127.0.0.1 stats-interval=0 \
+               payload-map=\"application/x-rtp,media=audio,payload={payload_type},clock-rate={clock_rate},encoding-name={encoding_name}{params}\" \
+               ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
+               ! appsink name=ear sync=false",
+            chain.encoder_rate, chain.encoder, chain.payloader, chain.depayloader, chain.decoder
+        );
+        let pipeline = gst::parse::launch(&description)
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink_heard = heard.clone();
+        let ear = pipeline
+            .by_name("ear")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        ear.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let map = sample.buffer().unwrap().map_readable().unwrap();
+                    sink_heard.lock().unwrap().extend(
+                        map.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        pipeline.set_state(gst::State::Paused).unwrap();
+        Phone { pipeline, heard }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.pipeline
+            .by_name("rx")
+            .unwrap()
+            .property::<u32>("local-port") as u16
+    }
+
+    pub fn call(&self, bridge_port: u16) {
+        let tx = self.pipeline.by_name("tx").unwrap();
+        tx.set_property("remote-address", "127.0.0.1");
+        tx.set_property("remote-port", u32::from(bridge_port));
+        self.pipeline.set_state(gst::State::Playing).unwrap();
+    }
+
+    /// The dominant frequency of the last second heard.
+    pub fn heard_frequency(&self) -> Option<f64> {
+        let heard = self.heard.lock().unwrap();
+        let tail = &heard[heard.len().saturating_sub(48000)..];
+        bridge_protocol::tone::dominant_frequency(tail, 48000)
+    }
+}
+
+impl Drop for Phone {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
 }
