@@ -612,7 +612,7 @@ impl Phone {
         let session = format!("phone-{encoding_name}");
         let description = format!(
             "audiotestsrc is-live=true freq={frequency} volume=0.5 ! audioconvert ! audioresample \
-               ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} \
+               ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} max-ptime=20000000 \
                ! sipsink name=tx session={session} local-address=127.0.0.1 \
              sipsrc name=rx session={session} local-address=127.0.0.1 stats-interval=0 \
                payload-map=\"application/x-rtp,media=audio,payload={payload_type},clock-rate={clock_rate},encoding-name={encoding_name}{params}\" \
