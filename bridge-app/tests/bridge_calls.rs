@@ -112,3 +112,182 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
         bridge.logs()
     );
 }
+
+/// One phone call to alice in `codec`; returns what the app and the phone heard.
+fn call_alice(
+    bridge: &BridgeProcess,
+    alice: &mut BrowserPeer,
+    (name, pt, rate, rtpmap, frequency): (&str, u8, u32, &str, u32),
+) -> (Option<f64>, Option<f64>) {
+    let hung_up = alice.count_events("hung up");
+    let phone = Phone::new(name, pt, rate, frequency);
+    let phone_port = phone.port().to_string();
+    let address = bridge.address();
+    let (call_id, rtpmap) = (format!("codec-{name}-%u"), rtpmap.to_owned());
+    let signalling = std::thread::spawn(move || {
+        sipp(
+            "call.xml",
+            &address,
+            "alice",
+            &[
+                "-d",
+                "6000",
+                "-cid_str",
+                &call_id,
+                "-key",
+                "pt",
+                &pt.to_string(),
+                "-key",
+                "rtpmap",
+                &rtpmap,
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    });
+    phone.call(bridge.media_port(&format!("codec-{name}-1")));
+    let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut heard = (None, None);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        heard = (
+            alice.command(json!({"op": "frequency"})).as_f64(),
+            phone.heard_frequency(),
+        );
+        if near(heard.0, f64::from(frequency)) && near(heard.1, 660.0) {
+            break;
+        }
+    }
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "{name} call: {output}");
+    alice.wait_for_more("hung up", hung_up, Duration::from_secs(10));
+    heard
+}
+
+#[test]
+fn every_sip_codec_is_bridged_to_opus_and_back() {
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let codecs = [
+        ("PCMA", 8, 8000, "PCMA/8000", 523),
+        ("G722", 9, 8000, "G722/8000", 784),
+        ("G729", 18, 8000, "G729/8000", 587),
+        ("OPUS", 111, 48000, "opus/48000/2", 880),
+    ];
+    for codec in codecs {
+        let (name, frequency) = (codec.0, codec.4);
+        let (app_heard, phone_heard) = call_alice(&bridge, &mut alice, codec);
+        assert!(
+            app_heard
+                .is_some_and(|f| (f - f64::from(frequency)).abs() < f64::from(frequency) * 0.03),
+            "{name}: the app heard {app_heard:?}, the phone sent {frequency} Hz"
+        );
+        assert!(
+            phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+            "{name}: the phone heard {phone_heard:?}, the app sent 660 Hz"
+        );
+    }
+    let lines = wait_for_cdr(&cdr, codecs.len());
+    for (name, ..) in codecs {
+        let line = lines
+            .iter()
+            .find(|l| l["call_id"] == format!("codec-{name}-1"))
+            .unwrap_or_else(|| panic!("no CDR for {name}: {lines:#?}"));
+        assert_eq!(line["sip_codec"], name, "{line}");
+        let expected = if name == "OPUS" {
+            "passthrough"
+        } else {
+            "transcoded"
+        };
+        assert_eq!(line["media"], expected, "{line}");
+    }
+}
+
+#[test]
+fn refusals_and_hang_ups_cross_the_bridge() {
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&[
+        "--cdr",
+        cdr.to_str().unwrap(),
+        "--no-answer-timeout-ms",
+        "4000",
+    ]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    let ok = |(success, output): (bool, String), what: &str| assert!(success, "{what}: {output}");
+
+    // Busy: the app rejects with userInfo {busy: true}.
+    alice.command(json!({"op": "rejectNext", "userInfo": {"busy": true}}));
+    let busy = sipp(
+        "busy.xml",
+        &bridge.address(),
+        "alice",
+        &["-cid_str", "busy-%u"],
+    );
+    ok(busy, "reject → 486");
+
+    // Nobody answers: 480 to the phone, the app stops ringing.
+    let stopped = alice.count_events("hung up");
+    ok(
+        sipp(
+            "no-answer.xml",
+            &bridge.address(),
+            "alice",
+            &["-cid_str", "unanswered-%u"],
+        ),
+        "no answer → 480",
+    );
+    alice.wait_for_more("hung up", stopped, Duration::from_secs(10));
+
+    // The phone gives up while the app rings.
+    let stopped = alice.count_events("hung up");
+    ok(
+        sipp(
+            "cancel.xml",
+            &bridge.address(),
+            "alice",
+            &["-cid_str", "cancelled-%u"],
+        ),
+        "CANCEL → 487",
+    );
+    alice.wait_for_more("hung up", stopped, Duration::from_secs(10));
+
+    // The app answers, then hangs up: BYE with a Reason to the phone.
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let address = bridge.address();
+    let phone = std::thread::spawn(move || {
+        sipp(
+            "app-hangs-up.xml",
+            &address,
+            "alice",
+            &["-cid_str", "app-bye-%u"],
+        )
+    });
+    alice.wait_event("connection", Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(1));
+    alice.command(json!({"op": "hangUp"}));
+    ok(phone.join().unwrap(), "app hang-up → BYE");
+
+    let lines = wait_for_cdr(&cdr, 4);
+    let status = |id: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l["call_id"] == id)
+            .unwrap_or_else(|| panic!("no CDR for {id}: {lines:#?}"));
+        (
+            line["status"].as_u64().unwrap(),
+            line["cause"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(status("busy-1").0, 486);
+    assert_eq!(status("unanswered-1").0, 480);
+    assert_eq!(status("cancelled-1").0, 487);
+    let (code, cause) = status("app-bye-1");
+    assert_eq!(code, 200);
+    assert!(cause.contains("app hung up"), "{cause}");
+}

@@ -95,6 +95,10 @@ impl ConnectyCubeLeg {
         call.sdp = Some(offer);
         call.user_info = self.user_info.clone();
         let deadline = tokio::time::Instant::now() + self.answer_timeout;
+        info!(
+            "ConnectyCube call {} from {} to {}: calling",
+            self.session_id, self.from.login, self.to_name
+        );
         loop {
             self.from.send(self.to_user_id, &call);
             let redial = (tokio::time::Instant::now() + REDIAL).min(deadline);

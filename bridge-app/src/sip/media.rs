@@ -86,6 +86,10 @@ pub enum MediaEvent {
     Failed(String),
 }
 
+/// What the WebRTC leg sends, announced before the phone's first packet:
+/// phones are often silent until answered, and the app's offer cannot wait.
+const OPUS_RTP_CAPS: &str = "application/x-rtp,media=(string)audio,clock-rate=(int)48000,encoding-name=(string)OPUS,payload=(int)111,encoding-params=(string)2";
+
 /// Seconds without RTP before a call is ended.
 pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;
 
@@ -187,13 +191,14 @@ impl CallMedia {
             ),
             // Opus both ways: new RTP headers only, no decoding.
             Peer::App { session: app } if codec == "OPUS" => format!(
-                "{receiver} ! rtpopusdepay ! rtpopuspay pt=111 ! connectycubesink name=app session={app} \
+                "{receiver} ! rtpopusdepay ! rtpopuspay pt=111 ! connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\" \
                  connectycubesrc session={app} media=audio ! rtpopusdepay ! {payloader} ! {to_phone}"
             ),
             // Opus fed at the phone's own rate: no 48 kHz resampling delay.
             Peer::App { session: app } => format!(
                 "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
-                   ! opusenc frame-size=20 ! rtpopuspay pt=111 ! connectycubesink name=app session={app} \
+                   ! opusenc frame-size=20 ! rtpopuspay pt=111 \
+                   ! connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\" \
                  connectycubesrc session={app} media=audio ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
                    ! {encode_for_phone} ! {to_phone}",
                 chain.depayloader,

@@ -204,6 +204,30 @@ impl BrowserPeer {
         answer["value"].clone()
     }
 
+    /// How many events of `kind` the page logged so far.
+    pub fn count_events(&mut self, kind: &str) -> usize {
+        let events = self.command(json!({"op": "events"}));
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .count()
+    }
+
+    /// Waits until the page logged more than `seen` events of `kind`.
+    pub fn wait_for_more(&mut self, kind: &str, seen: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.count_events(kind) <= seen {
+            assert!(
+                Instant::now() < deadline,
+                "no new {kind:?} event; events: {}",
+                self.command(json!({"op": "events"}))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until the page logged an event of `kind`; returns its detail.
     pub fn wait_event(&mut self, kind: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;

@@ -12,6 +12,8 @@ use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 #[derive(Default)]
 pub struct ConnectyCubeSink {
     call: CallProperties,
+    /// The stream's caps before its first buffer, from the `caps` property.
+    announced_caps: Mutex<Option<gst::Caps>>,
     sender: Mutex<Option<u64>>,
     has_caps: AtomicBool,
     ended_posted: AtomicBool,
@@ -45,17 +47,32 @@ impl ObjectImpl for ConnectyCubeSink {
     }
 
     fn properties() -> &'static [glib::ParamSpec] {
-        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> =
-            LazyLock::new(CallProperties::properties);
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            let mut properties = CallProperties::properties();
+            properties.push(
+                glib::ParamSpecBoxed::builder::<gst::Caps>("caps")
+                    .nick("Caps")
+                    .blurb("RTP caps of the stream, announced before its first buffer so the call can be offered while upstream is still silent (a phone that sends nothing until answered)")
+                    .mutable_ready()
+                    .build(),
+            );
+            properties
+        });
         PROPERTIES.as_ref()
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        self.call.set_property(value, pspec);
+        match pspec.name() {
+            "caps" => *self.announced_caps.lock().unwrap() = value.get().unwrap(),
+            _ => self.call.set_property(value, pspec),
+        }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        self.call.property(pspec)
+        match pspec.name() {
+            "caps" => self.announced_caps.lock().unwrap().to_value(),
+            _ => self.call.property(pspec),
+        }
     }
 }
 
@@ -84,10 +101,16 @@ impl ElementImpl for ConnectyCubeSink {
 impl BaseSinkImpl for ConnectyCubeSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let call = self.call.join(self.obj().upcast_ref())?;
-        *self.sender.lock().unwrap() = Some(call.add_sender());
-        self.has_caps.store(false, Ordering::SeqCst);
+        let sender = call.add_sender();
+        *self.sender.lock().unwrap() = Some(sender);
         self.ended_posted.store(false, Ordering::SeqCst);
-        call.start()
+        let announced = self.announced_caps.lock().unwrap().clone();
+        self.has_caps.store(announced.is_some(), Ordering::SeqCst);
+        call.start()?;
+        if let Some(caps) = announced {
+            call.set_sender_caps(sender, &caps)?;
+        }
+        Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
