@@ -104,9 +104,9 @@ fn info_dtmf_becomes_call_events() {
 fn a_ringing_call_can_be_cancelled_or_go_unanswered() {
     let bridge = BridgeProcess::start(&[
         "--answer-delay-ms",
-        "5000",
+        "8000",
         "--no-answer-timeout-ms",
-        "1000",
+        "3000",
     ]);
     assert_sipp(
         sipp("cancel.xml", &bridge.address(), "echo", &[]),
