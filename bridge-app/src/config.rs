@@ -41,6 +41,8 @@ pub struct SipSection {
     pub trusted: Vec<IpAddr>,
     /// Act as the registrar for the mapped extensions (their `sip_password`).
     pub registrar: bool,
+    /// Also challenge with SHA-256 digests (RFC 8760); some phones fail on it.
+    pub digest_sha256: bool,
     pub rtp_timeout_ms: u64,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
@@ -110,6 +112,7 @@ impl Default for SipSection {
             password: None,
             trusted: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
             registrar: false,
+            digest_sha256: false,
             rtp_timeout_ms: 30_000,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{BridgeProcess, BrowserPeer, Phone, sipp, tempdir};
+use support::{Baresip, BridgeProcess, BrowserPeer, Phone, sipp, tempdir, wav_frequency};
 
 fn cdr_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -290,4 +290,64 @@ fn refusals_and_hang_ups_cross_the_bridge() {
     let (code, cause) = status("app-bye-1");
     assert_eq!(code, 200);
     assert!(cause.contains("app hung up"), "{cause}");
+}
+
+#[test]
+fn an_app_user_calls_a_registered_phone() {
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    // baresip registers with the bridge as alice and answers at once.
+    let port = bridge.sip_port;
+    let phone = std::thread::spawn(move || {
+        let phone = Baresip::new("alice", "demo", port, 523, "g711");
+        let output = phone.answer_calls(14);
+        let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
+        (heard, output)
+    });
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registrar: alice registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "baresip registers: {:#?}",
+        bridge.logs()
+    );
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("accepted", Duration::from_secs(15));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut app_heard = None;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
+        if app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    bob.command(json!({"op": "hangUp"}));
+    let (phone_heard, output) = phone.join().unwrap();
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the phone's 523 Hz\n{output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    let line = &lines[0];
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(
+        line["caller"]["number"], "bob",
+        "a mapped app user calls as its extension: {line}"
+    );
+    assert!(
+        line["cause"].as_str().unwrap().contains("app hung up"),
+        "{line}"
+    );
 }

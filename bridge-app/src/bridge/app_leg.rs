@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
 use super::identity::Identity;
-use crate::sip::{AppLeg, Refusal};
+use crate::sip::{AppLeg, AppSide, Refusal};
 
 /// The SDK's dial interval: `call` is sent again until answered.
 const REDIAL: Duration = Duration::from_secs(5);
@@ -163,7 +163,7 @@ impl ConnectyCubeLeg {
 }
 
 /// After `accept`: candidates keep coming until someone hangs up.
-async fn follow(
+pub(super) async fn follow(
     webrtc: gst::Element,
     mut signals: mpsc::UnboundedReceiver<ReceivedSignal>,
     hangup: oneshot::Sender<String>,
@@ -202,15 +202,17 @@ impl ConnectyCubeLeg {
 }
 
 impl AppLeg for ConnectyCubeLeg {
-    fn describe(&self) -> String {
-        format!("ConnectyCube user {} ({})", self.to_user_id, self.to_name)
-    }
-
     fn ring(
         &mut self,
         webrtc: gst::Element,
     ) -> BoxFuture<'_, Result<oneshot::Receiver<String>, Refusal>> {
         Box::pin(self.place(webrtc))
+    }
+}
+
+impl AppSide for ConnectyCubeLeg {
+    fn describe(&self) -> String {
+        format!("ConnectyCube user {} ({})", self.to_user_id, self.to_name)
     }
 
     fn hang_up(&mut self, reason: &str) {

@@ -4,6 +4,7 @@
 //! `call` from the caller's user (or the gateway user) to the extension's
 //! user; every call ends in one CDR line.
 
+pub mod app_caller;
 pub mod app_leg;
 pub mod cdr;
 pub mod identity;
@@ -19,9 +20,10 @@ use tracing::{info, warn};
 use crate::config::{Config, sandbox_address};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sip::{
-    self, Account, AdmissionConfig, CallRecord, Caller, Destination, Listener, Router, Services,
-    SipConfig, TlsFiles, Transport, UserAgent,
+    self, Account, AdmissionConfig, AppCaller, CallRecord, Caller, Destination, Dialer, Listener,
+    OutboundCall, Router, Services, SipConfig, TlsFiles, Transport, UserAgent,
 };
+use app_caller::ConnectyCubeCaller;
 use app_leg::{ConnectyCubeLeg, PlacedSessions};
 use cdr::CdrWriter;
 use identity::{Identity, IncomingCall};
@@ -104,7 +106,7 @@ impl Bridge {
         let mut sip_settings = sip_config(&config);
         adjust(&mut sip_settings);
         let sip = UserAgent::start(sip_settings, router.clone()).await?;
-        tokio::spawn(ignore_or_log_incoming(router.clone(), incoming_calls));
+        tokio::spawn(dial_out(router.clone(), sip.dialer(), incoming_calls));
         Ok(Bridge {
             sip,
             sandbox,
@@ -169,6 +171,7 @@ fn sip_config(config: &Config) -> SipConfig {
                 .filter_map(|u| Some((u.extension.clone(), u.sip_password.clone()?)))
                 .collect(),
             requests_per_second: 50.0,
+            sha256: s.digest_sha256,
         },
         accounts,
         registrar: s.registrar,
@@ -190,6 +193,20 @@ struct BridgeRouter {
     placed: PlacedSessions,
     answer_timeout: Duration,
     cdr: CdrWriter,
+}
+
+impl BridgeRouter {
+    /// The extension the bridge acts for as ConnectyCube user `user_id`.
+    fn extension_of(&self, user_id: u64) -> Option<String> {
+        self.identities
+            .iter()
+            .find(|(_, identity)| identity.user_id == user_id)
+            .map(|(extension, _)| extension.clone())
+    }
+
+    fn mapping_of(&self, user_id: u64) -> Option<&crate::config::UserMapping> {
+        self.config.user_by_extension(&self.extension_of(user_id)?)
+    }
 }
 
 impl Router for BridgeRouter {
@@ -245,11 +262,15 @@ impl Router for BridgeRouter {
 /// A mapped user the bridge cannot act for: every call gets 503.
 struct Unavailable(String);
 
-impl sip::AppLeg for Unavailable {
+impl sip::AppSide for Unavailable {
     fn describe(&self) -> String {
         self.0.clone()
     }
 
+    fn hang_up(&mut self, _reason: &str) {}
+}
+
+impl sip::AppLeg for Unavailable {
     fn ring(
         &mut self,
         _webrtc: gst::Element,
@@ -265,23 +286,54 @@ impl sip::AppLeg for Unavailable {
             })
         })
     }
-
-    fn hang_up(&mut self, _reason: &str) {}
 }
 
-/// App calls toward SIP: calls the bridge placed itself are not new calls.
-async fn ignore_or_log_incoming(
+/// App calls toward SIP: each `call` to a mapped user rings that
+/// extension's phone (its registration with the bridge, else
+/// `sip:<extension>@<sip.domain>`). Calls the bridge placed itself are not
+/// new calls.
+async fn dial_out(
     router: Arc<BridgeRouter>,
+    dialer: Dialer,
     mut incoming: mpsc::UnboundedReceiver<IncomingCall>,
 ) {
-    while let Some(call) = incoming.recv().await {
-        let session = &call.received.signal.session_id;
-        if router.placed.lock().unwrap().contains(session) {
+    while let Some(IncomingCall { identity, received }) = incoming.recv().await {
+        let session = received.signal.session_id.clone();
+        if router.placed.lock().unwrap().contains(&session) {
             continue;
         }
-        info!(
-            "ConnectyCube user {} calls {} (session {session})",
-            call.received.from_user_id, call.identity.login
-        );
+        // From now on the SDK's redials reach this call, not this loop.
+        let signals = identity.subscribe(&session);
+        let Some(extension) = router.extension_of(identity.user_id) else {
+            continue;
+        };
+        let caller_id = received.from_user_id;
+        let mut caller = ConnectyCubeCaller::new(identity.clone(), received, signals);
+        let target = match (dialer.binding(&extension), &router.config.sip.domain) {
+            (Some(binding), _) => binding.contact,
+            (None, Some(domain)) => format!("sip:{extension}@{domain}"),
+            (None, None) => {
+                info!("ConnectyCube user {caller_id} calls {extension}: no phone registered");
+                caller.refuse(480, &format!("{extension} has no phone registered"));
+                continue;
+            }
+        };
+        let (from_user, from_display) = match router.mapping_of(caller_id) {
+            Some(mapping) => (mapping.extension.clone(), mapping.display_name.clone()),
+            None => (format!("cc-{caller_id}"), None),
+        };
+        info!("ConnectyCube user {caller_id} calls {extension}: dialling {target}");
+        dialer.call(OutboundCall {
+            target,
+            destination: router
+                .config
+                .sip
+                .outbound_proxy
+                .as_deref()
+                .and_then(|proxy| proxy.parse().ok()),
+            from_user,
+            from_display,
+            app: Box::new(caller),
+        });
     }
 }

@@ -28,6 +28,10 @@ pub struct AdmissionConfig {
     pub users: HashMap<String, String>,
     /// New requests per second a source may send (burst: twice as many).
     pub requests_per_second: f64,
+    /// Also challenge with SHA-256 (RFC 8760). Off by default: some phones
+    /// (baresip 1.x, libre) try to answer every challenge and give up on
+    /// one whose algorithm they lack, instead of picking MD5.
+    pub sha256: bool,
 }
 
 /// The decision on one request.
@@ -135,9 +139,8 @@ impl Admission {
         }
     }
 
-    /// A fresh nonce offered with MD5 first and SHA-256 second: many phones
-    /// read only the first challenge and know only MD5, while RFC 8760
-    /// clients pick the strongest they support from all of them.
+    /// A fresh nonce, offered with MD5 first (many phones read only the
+    /// first challenge and know only MD5), then SHA-256 when enabled.
     fn challenge(&self) -> Vec<String> {
         let nonce = hex::encode(rand::rng().random::<[u8; 16]>());
         let now = Instant::now();
@@ -153,7 +156,12 @@ impl Admission {
         }
         nonces.insert(nonce.clone(), now);
         let realm = &self.config.realm;
-        [Algorithm::Md5, Algorithm::Sha256]
+        let algorithms: &[Algorithm] = if self.config.sha256 {
+            &[Algorithm::Md5, Algorithm::Sha256]
+        } else {
+            &[Algorithm::Md5]
+        };
+        algorithms
             .iter()
             .map(|algorithm| {
                 format!(
@@ -184,6 +192,7 @@ mod tests {
             realm: "bridge".into(),
             users: HashMap::from([("alice".to_owned(), "secret".to_owned())]),
             requests_per_second: 5.0,
+            sha256: true,
         })
     }
 

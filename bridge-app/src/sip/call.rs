@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
-use super::routing::{AppLeg, CallRecord, Caller, Destination};
+use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
 
 /// How often a call's RTP statistics are logged.
@@ -323,7 +323,7 @@ async fn answer_call(
             return Ok(());
         }
     };
-    call.app = app;
+    call.app = app.map(|leg| leg as Box<dyn AppSide>);
     call.app_hangup = app_hangup;
 
     let body = match &negotiated {
@@ -403,7 +403,7 @@ struct Call {
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
     /// The far side of a bridged call.
-    app: Option<Box<dyn AppLeg>>,
+    app: Option<Box<dyn AppSide>>,
     /// Yields why the app hung up.
     app_hangup: Option<oneshot::Receiver<String>>,
     record: CallRecord,
@@ -732,4 +732,235 @@ fn describe(reason: &TerminatedReason) -> String {
         TerminatedReason::Timeout => "no ACK".into(),
         other => format!("{other:?}"),
     }
+}
+
+/// A call the bridge places toward a SIP phone for an app.
+pub struct OutboundCall {
+    /// Request URI, e.g. a registered phone's Contact or `sip:alice@pbx`.
+    pub target: String,
+    /// Where the INVITE goes when not to the target's own host (outbound proxy).
+    pub destination: Option<std::net::SocketAddr>,
+    /// The user part and display name the phone sees as the caller.
+    pub from_user: String,
+    pub from_display: Option<String>,
+    pub app: Box<dyn AppCaller>,
+}
+
+pub(super) fn outgoing(shared: Arc<Shared>, request: OutboundCall) {
+    tokio::spawn(async move {
+        let target = request.target.clone();
+        if let Err(e) = place_call(shared, request).await {
+            warn!("call to {target}: {e:#}");
+        }
+    });
+}
+
+async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Result<()> {
+    let OutboundCall {
+        target,
+        destination,
+        from_user,
+        from_display,
+        mut app,
+    } = request;
+    let started = std::time::SystemTime::now();
+    let callee_uri = rsipstack::sip::Uri::try_from(target.as_str())
+        .map_err(|e| anyhow::anyhow!("bad target {target:?}: {e}"));
+    let callee_uri = match callee_uri {
+        Ok(uri) => uri,
+        Err(e) => {
+            app.refuse(404, "the extension has no usable address");
+            return Err(e);
+        }
+    };
+    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
+        shared.active_calls.fetch_sub(1, Ordering::Relaxed);
+        app.refuse(503, "the bridge is at capacity");
+        return Ok(());
+    }
+    let call_id = format!("{:032x}", rand::random::<u128>());
+    let token = shared.shutdown.child_token();
+    shared
+        .calls
+        .lock()
+        .unwrap()
+        .insert(call_id.clone(), token.clone());
+    let _active = ActiveCall {
+        shared: shared.clone(),
+        call_id: call_id.clone(),
+    };
+    let reservation = match PortReservation::new(shared.config.media_address) {
+        Ok(r) => r,
+        Err(e) => {
+            app.refuse(503, "no media port");
+            return Err(e);
+        }
+    };
+    let caller = Caller {
+        user: from_user.clone(),
+        display_name: from_display.clone(),
+        uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
+    };
+    let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
+    let capabilities = Capabilities::all_audio();
+    let origin = Origin {
+        session_id: rand::random::<u32>().into(),
+        version: 1,
+    };
+    let offer = offer_answer::render_offer(
+        &capabilities,
+        origin,
+        shared.config.public_address.unwrap_or(reservation.address),
+        &[OfferedStream {
+            kind: MediaKind::Audio,
+            rtp_port: reservation.port,
+            direction: Direction::SendRecv,
+        }],
+    );
+    let credential =
+        shared
+            .config
+            .accounts
+            .first()
+            .map(|account| rsipstack::dialog::authenticate::Credential {
+                username: account.username.clone(),
+                password: account.password.clone(),
+                realm: None,
+                auth_username: None,
+            });
+    let option = rsipstack::dialog::invitation::InviteOption {
+        caller_display_name: from_display,
+        caller: caller.uri.as_str().try_into()?,
+        callee: callee_uri,
+        destination: destination.map(Into::into),
+        content_type: Some("application/sdp".into()),
+        offer: Some(offer.into_bytes()),
+        contact: shared.contact.clone(),
+        credential,
+        call_id: Some(call_id.clone()),
+        ..Default::default()
+    };
+    info!("call {call_id}: {} calls {target}", app.describe());
+    let (dialog, invite) = shared.dialogs.do_invite_async(option, state_sender)?;
+    let mut call = Call {
+        shared: shared.clone(),
+        dialog,
+        call_id: call_id.clone(),
+        peer: Peer::App {
+            session: format!("app-{}", reservation.session()),
+        },
+        reservation,
+        media: None,
+        media_events: mpsc::unbounded_channel(),
+        origin: Origin {
+            version: origin.version + 1,
+            ..origin
+        },
+        answer_expected_in_ack: false,
+        session_timer: None,
+        capabilities,
+        app: None,
+        app_hangup: None,
+        record: CallRecord {
+            call_id: call_id.clone(),
+            caller: caller.clone(),
+            target: target.clone(),
+            callee: app.describe(),
+            started,
+            answered: None,
+            ended: started,
+            status: 0,
+            cause: String::new(),
+            sip_codec: None,
+            app_codec: None,
+            transcoded: false,
+            packets_received: 0,
+            packets_lost: 0,
+            jitter_ms: 0.0,
+        },
+    };
+    let config = &shared.config;
+    let outcome = tokio::select! {
+        result = invite => result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
+        reason = app.abandoned() => {
+            info!("call {call_id}: the app gave up ({reason}), CANCEL");
+            let _ = call.dialog.cancel().await;
+            call.finish(487, format!("the app gave up: {reason}"));
+            return Ok(());
+        }
+        () = tokio::time::sleep(config.no_answer_timeout) => {
+            info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
+            let _ = call.dialog.cancel().await;
+            app.refuse(480, "no answer");
+            call.finish(480, "no answer".into());
+            return Ok(());
+        }
+        () = token.cancelled() => {
+            let _ = call.dialog.cancel().await;
+            app.refuse(503, "the bridge is shutting down");
+            call.finish(503, "the bridge shut down".into());
+            return Ok(());
+        }
+    };
+    let response = match outcome {
+        Ok((_, Some(response))) => response,
+        Ok((_, None)) => {
+            app.refuse(408, "no final response");
+            call.finish(408, "no final response".into());
+            return Ok(());
+        }
+        Err(e) => {
+            app.refuse(503, &format!("{e}"));
+            call.finish(503, format!("{e}"));
+            return Ok(());
+        }
+    };
+    let status = u16::from(response.status_code.clone());
+    if !(200..300).contains(&status) {
+        let reason = response.status_code.to_string();
+        info!("call {call_id}: {target} answered {reason}");
+        app.refuse(status, &reason);
+        call.finish(status, format!("the phone answered {reason}"));
+        return Ok(());
+    }
+    let answer = std::str::from_utf8(&response.body)
+        .ok()
+        .and_then(|text| sdp::parse(text).ok())
+        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok())
+        .and_then(|negotiation| negotiation.audio().cloned());
+    let Some(audio) = answer else {
+        warn!("call {call_id}: the 200 OK carries no usable SDP answer; hanging up");
+        app.refuse(488, "the phone's answer was unusable");
+        let _ = call.dialog.bye().await;
+        call.finish(488, "unusable SDP answer".into());
+        return Ok(());
+    };
+    call.apply(&audio)?;
+    call.capabilities.audio = vec![audio.codec.encoding_name];
+    let webrtc = call
+        .media
+        .as_ref()
+        .and_then(|m| m.app_element().cloned())
+        .ok_or_else(|| anyhow::anyhow!("a bridged call without a WebRTC leg"))?;
+    match app.answer(webrtc).await {
+        Ok(hangup) => {
+            call.record.answered = Some(std::time::SystemTime::now());
+            call.app_hangup = Some(hangup);
+            call.app = Some(app as Box<dyn AppSide>);
+            info!(
+                "call {call_id}: {target} answered ({})",
+                audio.codec.encoding_name
+            );
+            call.run(states, token).await;
+        }
+        Err(e) => {
+            warn!("call {call_id}: the app leg failed after the phone answered: {e}");
+            let headers = vec![Header::Reason(
+                "SIP;cause=502;text=\"app leg failed\"".into(),
+            )];
+            let _ = call.dialog.bye_with_headers(Some(headers)).await;
+            call.finish(502, format!("the app leg failed: {e}"));
+        }
+    }
+    Ok(())
 }

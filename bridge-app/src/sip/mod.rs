@@ -16,10 +16,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use admission::AdmissionConfig;
+pub use call::OutboundCall;
 pub use media::Service;
 pub use registration::Account;
-pub use routing::{AppLeg, CallRecord, Caller, Destination, Refusal, Router, Services};
-pub use ua::UserAgent;
+pub use routing::{
+    AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination, Refusal, Router, Services,
+};
+pub use ua::{Dialer, UserAgent};
 
 /// A transport the bridge listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +95,7 @@ impl SipConfig {
                 realm: "sip-cc-bridge".into(),
                 users: HashMap::new(),
                 requests_per_second: 50.0,
+                sha256: false,
             },
             accounts: Vec::new(),
             registrar: false,

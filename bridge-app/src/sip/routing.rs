@@ -18,10 +18,16 @@ pub struct Caller {
     pub uri: String,
 }
 
-/// The far side of a bridged call.
-pub trait AppLeg: Send {
-    /// For logs: who is being called.
+/// The far side of a bridged call, whichever side called.
+pub trait AppSide: Send {
+    /// For logs: who is on the app side.
     fn describe(&self) -> String;
+    /// The SIP side ended the call (BYE, CANCEL, timeout, failure).
+    fn hang_up(&mut self, reason: &str);
+}
+
+/// An app the SIP caller reaches.
+pub trait AppLeg: AppSide {
     /// Offers the call through `webrtc` (a `connectycubesink`); resolves
     /// when the app answers — with a receiver of the reason it later hangs
     /// up for — or refuses.
@@ -29,8 +35,20 @@ pub trait AppLeg: Send {
         &mut self,
         webrtc: gst::Element,
     ) -> BoxFuture<'_, Result<oneshot::Receiver<String>, Refusal>>;
-    /// The SIP side ended the call (BYE, CANCEL, timeout, failure).
-    fn hang_up(&mut self, reason: &str);
+}
+
+/// An app calling a SIP phone.
+pub trait AppCaller: AppSide {
+    /// The phone answered: answer the app's offer through `webrtc`;
+    /// resolves with a receiver of the reason the app later hangs up for.
+    fn answer(
+        &mut self,
+        webrtc: gst::Element,
+    ) -> BoxFuture<'_, Result<oneshot::Receiver<String>, String>>;
+    /// The phone side refused or failed before answering.
+    fn refuse(&mut self, status: u16, reason: &str);
+    /// Resolves when the app gives up while the phone rings.
+    fn abandoned(&mut self) -> BoxFuture<'_, String>;
 }
 
 /// Why the app side did not take the call, as a SIP final response.

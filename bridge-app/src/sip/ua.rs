@@ -26,7 +26,7 @@ use super::registrar::{Binding, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::{Router, SipConfig, Transport, call};
 
-pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER";
 pub(super) const SUPPORTED: &str = "timer";
 
 /// What every call task shares.
@@ -187,9 +187,11 @@ impl UserAgent {
         })
     }
 
-    /// Where a phone registered with the bridge is reached.
-    pub fn binding(&self, user: &str) -> Option<Binding> {
-        self.shared.registrar.as_ref()?.lookup(user)
+    /// A handle for placing calls toward SIP phones.
+    pub fn dialer(&self) -> Dialer {
+        Dialer {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Each account's state: `registered`, `failed: <reason>`, …
@@ -236,6 +238,23 @@ impl UserAgent {
 impl Drop for UserAgent {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+/// Places calls toward SIP phones (for apps calling a SIP user).
+#[derive(Clone)]
+pub struct Dialer {
+    shared: Arc<Shared>,
+}
+
+impl Dialer {
+    /// Where a phone registered with the bridge is reached.
+    pub fn binding(&self, user: &str) -> Option<Binding> {
+        self.shared.registrar.as_ref()?.lookup(user)
+    }
+
+    pub fn call(&self, request: call::OutboundCall) {
+        call::outgoing(self.shared.clone(), request);
     }
 }
 

@@ -505,7 +505,7 @@ impl Drop for KamailioProcess {
 /// and what it hears is recorded (the sndfile module).
 pub struct Baresip {
     dir: PathBuf,
-    kamailio_port: u16,
+    registrar_port: u16,
 }
 
 impl Baresip {
@@ -514,7 +514,7 @@ impl Baresip {
     pub fn new(
         user: &str,
         password: &str,
-        kamailio_port: u16,
+        registrar_port: u16,
         frequency: u32,
         codec: &str,
     ) -> Baresip {
@@ -554,13 +554,18 @@ impl Baresip {
         std::fs::write(dir.join("config"), config).unwrap();
         std::fs::write(
             dir.join("accounts"),
-            format!("<sip:{user}@127.0.0.1:{kamailio_port}>;auth_pass={password};regint=60\n"),
+            format!(
+                "<sip:{user}@127.0.0.1:{registrar_port}>;auth_pass={password};answermode=auto;regint=60\n"
+            ),
         )
         .unwrap();
-        Baresip { dir, kamailio_port }
+        Baresip {
+            dir,
+            registrar_port,
+        }
     }
 
-    /// Calls `user` through Kamailio, stays on the line `seconds`, hangs up;
+    /// Calls `user` through the registrar, stays on the line `seconds`, hangs up;
     /// returns baresip's output.
     pub fn call(&self, user: &str, seconds: u32) -> String {
         let output = Command::new("baresip")
@@ -568,8 +573,23 @@ impl Baresip {
             .arg(&self.dir)
             .args(["-n", "127.0.0.1"])
             .arg("-e")
-            .arg(format!("/dial sip:{user}@127.0.0.1:{}", self.kamailio_port))
+            .arg(format!(
+                "/dial sip:{user}@127.0.0.1:{}",
+                self.registrar_port
+            ))
             .args(["-t", &seconds.to_string()])
+            .output()
+            .expect("baresip is installed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Registers, answers every call at once, and quits after `seconds`;
+    /// returns baresip's output.
+    pub fn answer_calls(&self, seconds: u32) -> String {
+        let output = Command::new("baresip")
+            .arg("-f")
+            .arg(&self.dir)
+            .args(["-n", "127.0.0.1", "-t", &seconds.to_string()])
             .output()
             .expect("baresip is installed");
         String::from_utf8_lossy(&output.stdout).into_owned()
