@@ -541,6 +541,14 @@ department = "Sales"
     }
 
     #[test]
+    fn the_example_in_the_repository_is_valid() {
+        let config = Config::parse(include_str!("../../bridge.example.toml")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.users.len(), 2);
+        assert_eq!(config.sip.domain.as_deref(), Some("pbx.example.com"));
+    }
+
+    #[test]
     fn the_embedded_default_is_valid() {
         let config = Config::embedded_default();
         config.validate().unwrap();
