@@ -52,6 +52,10 @@ pub struct RunOptions {
     /// Append call detail records (JSON lines) here.
     #[arg(long)]
     pub cdr: Option<PathBuf>,
+    /// Record every bridged call (both voices, one WAV file per call) into
+    /// this directory.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 fn parse_user(text: &str) -> Result<(String, String), String> {
@@ -87,6 +91,10 @@ impl RunOptions {
         }
         if let Some(path) = &self.cdr {
             config.cdr.path = Some(path.clone());
+        }
+        if let Some(directory) = &self.record {
+            config.recording.enabled = true;
+            config.recording.directory = Some(directory.clone());
         }
         config.validate()?;
         Ok(config)

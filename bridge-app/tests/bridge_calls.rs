@@ -161,7 +161,7 @@ fn call_alice(
         }
     }
     let (success, output) = signalling.join().unwrap();
-    assert!(success, "{name} call: {output}");
+    assert!(success, "{name} call: {output}\n{:#?}", bridge.logs());
     alice.wait_for_more("hung up", hung_up, Duration::from_secs(10));
     heard
 }
@@ -350,4 +350,44 @@ fn an_app_user_calls_a_registered_phone() {
         line["cause"].as_str().unwrap().contains("app hung up"),
         "{line}"
     );
+}
+
+#[test]
+fn a_recorded_call_holds_both_voices() {
+    let dir = tempdir();
+    let cdr = dir.join("cdr.jsonl");
+    let recordings = dir.join("recordings");
+    let bridge = BridgeProcess::start(&[
+        "--cdr",
+        cdr.to_str().unwrap(),
+        "--record",
+        recordings.to_str().unwrap(),
+    ]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    call_alice(&bridge, &mut alice, ("PCMU", 0, 8000, "PCMU/8000", 440));
+
+    let lines = wait_for_cdr(&cdr, 1);
+    let path = lines[0]["recording"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the CDR names the recording: {}", lines[0]));
+    let mut reader = hound::WavReader::open(path).expect("a finalized, readable WAV file");
+    let rate = reader.spec().sample_rate;
+    let samples: Vec<f32> = reader
+        .samples::<i16>()
+        .map(|s| f32::from(s.unwrap()) / 32768.0)
+        .collect();
+    assert!(
+        samples.len() > rate as usize * 3,
+        "{} samples",
+        samples.len()
+    );
+    let power = |hz| bridge_protocol::tone::tone_power(&samples, rate, hz);
+    let (phone, app, neither) = (power(440.0), power(660.0), power(1000.0));
+    assert!(
+        phone > neither * 20.0,
+        "the phone's voice: {phone} vs {neither}"
+    );
+    assert!(app > neither * 20.0, "the app's voice: {app} vs {neither}");
 }

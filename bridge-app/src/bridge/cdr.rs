@@ -76,6 +76,7 @@ pub fn line(record: &CallRecord) -> serde_json::Value {
         "sip_codec": record.sip_codec,
         "app_codec": record.app_codec,
         "media": if record.transcoded { "transcoded" } else { "passthrough" },
+        "recording": record.recording.as_ref().map(|p| p.display().to_string()),
         "rtp": {
             "packets_received": record.packets_received,
             "packets_lost": record.packets_lost,

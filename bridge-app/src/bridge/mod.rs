@@ -60,6 +60,11 @@ impl Bridge {
             None
         };
 
+        if let Some(directory) = &config.recording.directory {
+            std::fs::create_dir_all(directory).with_context(|| {
+                format!("recording.directory: cannot create {}", directory.display())
+            })?;
+        }
         let (incoming, incoming_calls) = mpsc::unbounded_channel();
         let mut identities = HashMap::new();
         let mut unavailable = HashMap::new();
@@ -204,6 +209,19 @@ impl BridgeRouter {
             .map(|(extension, _)| extension.clone())
     }
 
+    /// A new file for a call of `extension`, when its calls are recorded.
+    fn recording_path(&self, extension: &str, recorded: bool) -> Option<std::path::PathBuf> {
+        let recording = &self.config.recording;
+        if !(recording.enabled || recorded) {
+            return None;
+        }
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = format!("{seconds}-{extension}-{:08x}.wav", rand::random::<u32>());
+        Some(recording.directory.as_ref()?.join(name))
+    }
+
     fn mapping_of(&self, user_id: u64) -> Option<&crate::config::UserMapping> {
         self.config.user_by_extension(&self.extension_of(user_id)?)
     }
@@ -221,10 +239,13 @@ impl Router for BridgeRouter {
                 "call to {target}: mapping {} ↔ {:?} unusable: {problem}",
                 mapping.extension, mapping.login
             );
-            return Some(Destination::App(Box::new(Unavailable(format!(
-                "ConnectyCube user of {} cannot sign in",
-                mapping.extension
-            )))));
+            return Some(Destination::App {
+                leg: Box::new(Unavailable(format!(
+                    "ConnectyCube user of {} cannot sign in",
+                    mapping.extension
+                ))),
+                record_to: None,
+            });
         };
         let from = self
             .identities
@@ -241,17 +262,20 @@ impl Router for BridgeRouter {
         if let Some(name) = &caller.display_name {
             user_info.push(("callerName".to_owned(), name.clone()));
         }
-        Some(Destination::App(Box::new(ConnectyCubeLeg::new(
-            from.clone(),
-            callee.user_id,
-            mapping
-                .display_name
-                .clone()
-                .unwrap_or_else(|| mapping.login.clone()),
-            user_info,
-            self.placed.clone(),
-            self.answer_timeout,
-        ))))
+        Some(Destination::App {
+            leg: Box::new(ConnectyCubeLeg::new(
+                from.clone(),
+                callee.user_id,
+                mapping
+                    .display_name
+                    .clone()
+                    .unwrap_or_else(|| mapping.login.clone()),
+                user_info,
+                self.placed.clone(),
+                self.answer_timeout,
+            )),
+            record_to: self.recording_path(&mapping.extension, mapping.record),
+        })
     }
 
     fn call_ended(&self, record: &CallRecord) {
@@ -331,6 +355,13 @@ async fn dial_out(
                 .outbound_proxy
                 .as_deref()
                 .and_then(|proxy| proxy.parse().ok()),
+            record_to: router.recording_path(
+                &extension,
+                router
+                    .config
+                    .user_by_extension(&extension)
+                    .is_some_and(|m| m.record),
+            ),
             from_user,
             from_display,
             app: Box::new(caller),

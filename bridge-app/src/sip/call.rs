@@ -178,7 +178,7 @@ async fn answer_call(
         None => None,
     };
 
-    if negotiated.is_none() && matches!(destination, Destination::App(_)) {
+    if negotiated.is_none() && matches!(destination, Destination::App { .. }) {
         info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
         let warning = Header::Warning("399 sip-cc-bridge \"an SDP offer is required\"".into());
         reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
@@ -207,9 +207,10 @@ async fn answer_call(
     dialog.ringing(None, None)?;
     let (peer, mut app) = match destination {
         Destination::Service(service) => (Peer::Service(service), None),
-        Destination::App(leg) => (
+        Destination::App { leg, record_to } => (
             Peer::App {
                 session: format!("app-{}", reservation.session()),
+                record_to,
             },
             Some(leg),
         ),
@@ -248,6 +249,7 @@ async fn answer_call(
             sip_codec: None,
             app_codec: None,
             transcoded: false,
+            recording: None,
             packets_received: 0,
             packets_lost: 0,
             jitter_ms: 0.0,
@@ -480,6 +482,7 @@ impl Call {
             self.record.sip_codec = Some(media.codec());
             self.record.transcoded = media.transcoding();
             self.record.app_codec = media.app_element().map(|_| "OPUS");
+            self.record.recording = media.recording().map(ToOwned::to_owned);
         }
         info!(
             "call {}: {} {:?}, local {}:{} remote {}",
@@ -744,6 +747,8 @@ pub struct OutboundCall {
     pub from_user: String,
     pub from_display: Option<String>,
     pub app: Box<dyn AppCaller>,
+    /// Record both voices into this WAV file.
+    pub record_to: Option<std::path::PathBuf>,
 }
 
 pub(super) fn outgoing(shared: Arc<Shared>, request: OutboundCall) {
@@ -762,6 +767,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         from_user,
         from_display,
         mut app,
+        record_to,
     } = request;
     let started = std::time::SystemTime::now();
     let callee_uri = rsipstack::sip::Uri::try_from(target.as_str())
@@ -848,6 +854,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         call_id: call_id.clone(),
         peer: Peer::App {
             session: format!("app-{}", reservation.session()),
+            record_to,
         },
         reservation,
         media: None,
@@ -874,6 +881,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             sip_codec: None,
             app_codec: None,
             transcoded: false,
+            recording: None,
             packets_received: 0,
             packets_lost: 0,
             jitter_ms: 0.0,

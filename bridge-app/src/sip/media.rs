@@ -7,6 +7,8 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use bridge_protocol::offer_answer::NegotiatedStream;
@@ -63,9 +65,11 @@ pub enum Service {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Peer {
     Service(Service),
-    /// A WebRTC leg in the call session of this name (app-driven signalling).
+    /// A WebRTC leg in the call session of this name (app-driven signalling),
+    /// both voices recorded to a WAV file when asked.
     App {
         session: String,
+        record_to: Option<std::path::PathBuf>,
     },
 }
 
@@ -140,6 +144,10 @@ impl Drop for PortReservation {
 pub struct CallMedia {
     pipeline: gst::Pipeline,
     app: Option<gst::Element>,
+    /// Where both voices are recorded; finalized by `stop`.
+    recording: Option<std::path::PathBuf>,
+    /// Set when the pipeline has drained after `stop`'s EOS.
+    drained: Arc<(Mutex<bool>, Condvar)>,
     receiver: gst::Element,
     sender: gst::Element,
     valve: gst::Element,
@@ -189,23 +197,65 @@ impl CallMedia {
                  audiotestsrc is-live=true freq={frequency} volume=0.4 ! audioconvert ! audioresample \
                    ! {encode_for_phone} ! {to_phone}"
             ),
-            // Opus both ways: new RTP headers only, no decoding.
-            Peer::App { session: app } if codec == "OPUS" => format!(
-                "{receiver} ! rtpopusdepay ! rtpopuspay pt=111 ! connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\" \
-                 connectycubesrc session={app} media=audio ! rtpopusdepay ! {payloader} ! {to_phone}"
-            ),
-            // Opus fed at the phone's own rate: no 48 kHz resampling delay.
-            Peer::App { session: app } => format!(
-                "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
-                   ! opusenc frame-size=20 ! rtpopuspay pt=111 \
-                   ! connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\" \
-                 connectycubesrc session={app} media=audio ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
-                   ! {encode_for_phone} ! {to_phone}",
-                chain.depayloader,
-                chain.decoder,
-                opus_input_rate(chain.encoder_rate)
-            ),
+            Peer::App {
+                session: app,
+                record_to,
+            } => {
+                // Each voice, decoded, into the recorder (a mix of both).
+                let to_recorder = "queue ! audioconvert ! audioresample \
+                    ! audio/x-raw,format=S16LE,rate=16000,channels=1 ! recorder.";
+                let (split_phone, split_app, recorder) = match record_to {
+                    Some(path) => (
+                        "tee name=from_phone ! queue ! ",
+                        "tee name=from_app ! queue ! ",
+                        format!(
+                            // The mixer resamples nothing: its output is fixed
+                            // to what both voices are converted to.
+                            "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1 \
+                               ! wavenc ! filesink location=\"{}\"",
+                            path.display()
+                        ),
+                    ),
+                    None => ("", "", String::new()),
+                };
+                let app_sink =
+                    format!("connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\"");
+                let app_src = format!("connectycubesrc session={app} media=audio");
+                if codec == "OPUS" {
+                    // Opus both ways: new RTP headers only, no decoding (but
+                    // for the recording).
+                    let record = if record_to.is_some() {
+                        format!(
+                            "from_phone. ! queue ! rtpopusdepay ! opusdec ! {to_recorder} \
+                             from_app. ! queue ! rtpopusdepay ! opusdec ! {to_recorder} {recorder}"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{receiver} ! {split_phone}rtpopusdepay ! rtpopuspay pt=111 ! {app_sink} \
+                         {app_src} ! {split_app}rtpopusdepay ! {payloader} ! {to_phone} {record}"
+                    )
+                } else {
+                    // Opus fed at the phone's own rate: no 48 kHz resampling delay.
+                    let record = if record_to.is_some() {
+                        format!("from_phone. ! {to_recorder} from_app. ! {to_recorder} {recorder}")
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
+                           ! {split_phone}opusenc frame-size=20 ! rtpopuspay pt=111 ! {app_sink} \
+                         {app_src} ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
+                           ! {split_app}{encode_for_phone} ! {to_phone} {record}",
+                        chain.depayloader,
+                        chain.decoder,
+                        opus_input_rate(chain.encoder_rate)
+                    )
+                }
+            }
         };
+        tracing::debug!("call pipeline: {description}");
         let pipeline = gst::parse::launch(&description)
             .with_context(|| format!("cannot build the {codec} pipeline"))?
             .downcast::<gst::Pipeline>()
@@ -219,6 +269,11 @@ impl CallMedia {
         receiver.set_property("sdp", stream.media_section_text());
         let media = Self {
             app: pipeline.by_name("app"),
+            recording: match peer {
+                Peer::App { record_to, .. } => record_to.clone(),
+                Peer::Service(_) => None,
+            },
+            drained: Arc::default(),
             pipeline,
             receiver,
             sender,
@@ -265,16 +320,36 @@ impl CallMedia {
         self.receiver.property::<gst::Structure>("stats")
     }
 
-    /// Sends RTCP BYE and stops.
+    /// Sends RTCP BYE, finalizes the recording (waiting up to 3 s for it to
+    /// drain) and stops.
     pub fn stop(&self) {
-        self.sender.send_event(gst::event::Eos::new());
+        if self.recording.is_some() {
+            self.pipeline.send_event(gst::event::Eos::new());
+            let (done, drained) = &*self.drained;
+            let guard = done.lock().unwrap();
+            let _ = drained.wait_timeout_while(guard, Duration::from_secs(3), |done| !*done);
+        } else {
+            self.sender.send_event(gst::event::Eos::new());
+        }
         let _ = self.pipeline.set_state(gst::State::Null);
+    }
+
+    /// The recording's file, if this call is recorded.
+    pub fn recording(&self) -> Option<&std::path::Path> {
+        self.recording.as_deref()
     }
 
     fn watch_bus(&self, events: mpsc::UnboundedSender<MediaEvent>) {
         let bus = self.pipeline.bus().expect("a pipeline has a bus");
+        let drained = self.drained.clone();
         bus.set_sync_handler(move |_, message| {
             let event = match message.view() {
+                gst::MessageView::Eos(_) => {
+                    let (done, notify) = &*drained;
+                    *done.lock().unwrap() = true;
+                    notify.notify_all();
+                    None
+                }
                 gst::MessageView::Element(element) => {
                     element.structure().and_then(|s| match s.name().as_str() {
                         "sip-dtmf" => Some(MediaEvent::Dtmf {

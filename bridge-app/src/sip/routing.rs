@@ -60,7 +60,11 @@ pub struct Refusal {
 
 pub enum Destination {
     Service(Service),
-    App(Box<dyn AppLeg>),
+    App {
+        leg: Box<dyn AppLeg>,
+        /// Record both voices into this WAV file.
+        record_to: Option<std::path::PathBuf>,
+    },
 }
 
 pub trait Router: Send + Sync {
@@ -108,6 +112,8 @@ pub struct CallRecord {
     /// Opus toward the app, for bridged calls.
     pub app_codec: Option<&'static str>,
     pub transcoded: bool,
+    /// The recording of both voices, when the call was recorded.
+    pub recording: Option<std::path::PathBuf>,
     /// RTP from the phone: received, lost, interarrival jitter (ms).
     pub packets_received: u64,
     pub packets_lost: i64,
