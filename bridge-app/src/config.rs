@@ -138,9 +138,17 @@ impl Default for ConnectyCubeSection {
     }
 }
 
+/// What a file leaves out: no users, no sandbox (the embedded default is
+/// only for running without a file).
 impl Default for Config {
     fn default() -> Self {
-        Self::embedded_default()
+        Self {
+            sip: SipSection::default(),
+            connectycube: ConnectyCubeSection::default(),
+            users: Vec::new(),
+            recording: RecordingSection::default(),
+            cdr: CdrSection::default(),
+        }
     }
 }
 
@@ -546,6 +554,14 @@ department = "Sales"
         config.validate().unwrap();
         assert_eq!(config.users.len(), 2);
         assert_eq!(config.sip.domain.as_deref(), Some("pbx.example.com"));
+    }
+
+    #[test]
+    fn a_file_leaves_out_the_demo_users() {
+        let config = Config::parse("[sip]\nlisten = \"127.0.0.1:5070\"\n").unwrap();
+        assert!(config.users.is_empty());
+        assert!(!config.connectycube.sandbox);
+        assert!(!config.sip.registrar);
     }
 
     #[test]

@@ -439,3 +439,105 @@ fn the_tone_is_heard_and_rfc4733_digits_are_reported() {
     assert_eq!(reported, 2, "one event per digit");
     assert_sipp(signalling.join().unwrap(), "tone call");
 }
+
+#[test]
+fn a_call_over_ipv6() {
+    let bridge = BridgeProcess::start_on("::1", &[]);
+    assert_sipp(
+        sipp(
+            "session-timer.xml",
+            &bridge.address(),
+            "echo",
+            &["-cid_str", "v6-%u"],
+        ),
+        "call over IPv6",
+    );
+    let media = bridge
+        .wait_for_log(|l| l.contains("call v6-1: PCMU"), Duration::from_secs(5))
+        .expect("the call's media");
+    assert!(media.contains("local [::1]:"), "RTP on IPv6 too: {media}");
+}
+
+#[test]
+fn tls_carries_sip() {
+    let dir = support::tempdir();
+    let (certificate, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success());
+    let (sip, tls, sandbox) = (
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    );
+    let config = dir.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = \"127.0.0.1:{sip}\"\ntls_listen = \"127.0.0.1:{tls}\"\n\
+             tls_certificate = \"{}\"\ntls_key = \"{}\"\n\n\
+             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox}\"\nchat_url = \"ws://127.0.0.1:{sandbox}/ws\"\n",
+            certificate.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains(&format!("SIP listening on tls 127.0.0.1:{tls}")),
+                Duration::from_secs(5)
+            )
+            .is_some()
+    );
+    let mut client = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{tls}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    let options = format!(
+        "OPTIONS sip:echo@127.0.0.1:{tls};transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:40000;branch=z9hG4bKtls1\r\n\
+         From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:echo@127.0.0.1>\r\nCall-ID: tls-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    );
+    client
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(options.as_bytes())
+        .unwrap();
+    let mut answer = vec![0u8; 15];
+    client
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut answer)
+        .unwrap();
+    let _ = client.kill();
+    assert_eq!(String::from_utf8_lossy(&answer), "SIP/2.0 200 OK\r");
+}

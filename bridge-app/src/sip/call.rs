@@ -485,12 +485,11 @@ impl Call {
             self.record.recording = media.recording().map(ToOwned::to_owned);
         }
         info!(
-            "call {}: {} {:?}, local {}:{} remote {}",
+            "call {}: {} {:?}, local {} remote {}",
             self.call_id,
             stream.codec.encoding_name,
             stream.direction,
-            self.reservation.address,
-            self.reservation.port,
+            std::net::SocketAddr::new(self.reservation.address, self.reservation.port),
             stream.remote_rtp
         );
         Ok(())

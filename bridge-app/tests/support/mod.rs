@@ -265,16 +265,27 @@ pub struct BridgeProcess {
     pub sip_port: u16,
     /// The embedded sandbox (demo users alice and bob).
     pub sandbox_port: u16,
+    host: String,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl BridgeProcess {
     pub fn start(extra_args: &[&str]) -> BridgeProcess {
+        Self::start_on("127.0.0.1", extra_args)
+    }
+
+    /// With SIP on `host` (an IPv4 or IPv6 address) and a free port.
+    pub fn start_on(host: &str, extra_args: &[&str]) -> BridgeProcess {
         let sip_port = free_port();
         let sandbox_port = free_port();
+        let sip = if host.contains(':') {
+            format!("[{host}]:{sip_port}")
+        } else {
+            format!("{host}:{sip_port}")
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
             .arg("run")
-            .args(["--sip", &format!("127.0.0.1:{sip_port}")])
+            .args(["--sip", &sip])
             .args(["--sandbox", &format!("127.0.0.1:{sandbox_port}")])
             .args(extra_args)
             .current_dir(repo_root())
@@ -295,6 +306,7 @@ impl BridgeProcess {
             child,
             sip_port,
             sandbox_port,
+            host: host.to_owned(),
             logs,
         };
         bridge
@@ -307,7 +319,11 @@ impl BridgeProcess {
     }
 
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.sip_port)
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.sip_port)
+        } else {
+            format!("{}:{}", self.host, self.sip_port)
+        }
     }
 
     /// The first log line matching `matches`, waiting up to `timeout`.
@@ -380,7 +396,15 @@ pub fn sipp(scenario: &str, target: &str, service: &str, extra_args: &[&str]) ->
         .arg("-sf")
         .arg(&scenario_path)
         .args(["-s", service, target])
-        .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
+        .args([
+            "-i",
+            if target.starts_with('[') {
+                "::1"
+            } else {
+                "127.0.0.1"
+            },
+        ])
+        .args(["-p", &free_port().to_string()])
         .args(["-mp", &free_even_port().to_string()])
         .args([
             "-m",
