@@ -539,5 +539,6 @@ fn tls_carries_sip() {
         .read_exact(&mut answer)
         .unwrap();
     let _ = client.kill();
+    let _ = client.wait();
     assert_eq!(String::from_utf8_lossy(&answer), "SIP/2.0 200 OK\r");
 }
