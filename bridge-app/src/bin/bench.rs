@@ -1,0 +1,417 @@
+//! `sip-cc-bridge-bench`: N concurrent SIP → ConnectyCube calls through a
+//! real `sip-cc-bridge` process, measured from outside it.
+//!
+//! - SIP leg: SIPp places the calls (`bridge-app/bench/call.xml`), this
+//!   process sends each call's PCMU (20 ms packets) from its own socket;
+//! - app leg: one light WebRTC peer per call in this process (a
+//!   `connectycubesink`/`src` pair answering as the mapped user, Opus);
+//! - the bridge runs on its own sandbox with N mapped users;
+//! - CPU, RSS and threads come from `/proc/<bridge pid>`, loss and setup time
+//!   from the bridge's CDR lines.
+//!
+//! `--smoke` (CI): a few calls, fails unless every call connects.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+use gst::prelude::*;
+
+#[derive(Parser)]
+#[command(
+    about = "Concurrent bridged calls through sip-cc-bridge: CPU, memory, threads, loss, setup time"
+)]
+struct Args {
+    /// Concurrent calls.
+    #[arg(long, default_value_t = 10)]
+    calls: usize,
+    /// How long the calls last, in seconds (measured over the middle part).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// CI mode: 2 calls of 6 s unless given; fail unless all connect.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The bridge's log lines, collected as they come.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn wait_for(log: &Log, within: Duration, done: impl Fn(&[String]) -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if done(&log.lock().unwrap()) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// CPU ticks (user + system), RSS in kB and threads of a process.
+fn sample(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("odd /proc/pid/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((ticks, field("VmRSS:"), field("Threads:")))
+}
+
+struct Bridge {
+    child: Child,
+    log: Log,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Result<Bridge> {
+    let mut config = format!(
+        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\n\n\
+         [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
+         chat_url = \"ws://127.0.0.1:{sandbox}/ws\"\ngateway_login = \"bench-gateway\"\ngateway_password = \"bench\"\n\n\
+         [cdr]\npath = \"{}\"\n",
+        calls + 10,
+        dir.join("cdr.jsonl").display()
+    );
+    for k in 1..=calls {
+        config.push_str(&format!(
+            "\n[[users]]\nextension = \"u{k}\"\nlogin = \"bench-u{k}\"\npassword = \"bench\"\n"
+        ));
+    }
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, config)?;
+    let exe = std::env::current_exe()?.with_file_name("sip-cc-bridge");
+    let mut child = Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info,rsipstack=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let log = Log::default();
+    let lines = log.clone();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let bridge = Bridge { child, log };
+    if !wait_for(&bridge.log, Duration::from_secs(30), |l| {
+        l.iter().any(|l| l.contains("SIP listening on tcp"))
+    }) {
+        bail!(
+            "the bridge did not start: {:#?}",
+            bridge.log.lock().unwrap()
+        );
+    }
+    Ok(bridge)
+}
+
+/// One light WebRTC peer per call: answers as `bench-u<k>` and sends Opus.
+fn start_peers(calls: usize, sandbox: u16) -> anyhow::Result<Vec<gst::Pipeline>> {
+    (1..=calls)
+        .map(|k| {
+            let credentials = format!(
+                "app-id=1 auth-key=sandbox login=bench-u{k} password=bench answer-timeout=300 \
+                 api-url=http://127.0.0.1:{sandbox} chat-url=ws://localhost:{sandbox}/ws chat-domain=localhost"
+            );
+            let pipeline = gst::parse::launch(&format!(
+                "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
+                   ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} \
+                 connectycubesrc session=peer-{k} ! fakesink sync=false async=false"
+            ))?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| anyhow!("not a pipeline"))?;
+            pipeline.set_state(gst::State::Playing)?;
+            Ok(pipeline)
+        })
+        .collect()
+}
+
+/// The phone side's RTP: PCMU every 20 ms from each call's socket to the
+/// bridge port the bridge's log names; counts what comes back.
+struct Phones {
+    running: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Phones {
+    fn start(sockets: Vec<UdpSocket>, log: Log) -> Phones {
+        let running = Arc::new(AtomicBool::new(true));
+        let received = Arc::new(AtomicU64::new(0));
+        let (run, count) = (running.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let mut targets: HashMap<u16, SocketAddr> = HashMap::new();
+            let mut seq = 0u16;
+            let mut next = Instant::now();
+            let mut buffer = [0u8; 1500];
+            while run.load(Ordering::Relaxed) {
+                if targets.len() < sockets.len() {
+                    for line in log.lock().unwrap().iter() {
+                        let Some((_, rest)) = line.split_once(" local ") else {
+                            continue;
+                        };
+                        let mut words = rest.split_whitespace();
+                        let (Some(local), Some("remote"), Some(remote)) =
+                            (words.next(), words.next(), words.next())
+                        else {
+                            continue;
+                        };
+                        if let (Ok(local), Ok(remote)) =
+                            (local.parse::<SocketAddr>(), remote.parse::<SocketAddr>())
+                        {
+                            targets.insert(remote.port(), local);
+                        }
+                    }
+                }
+                let packet = |ssrc: u32| {
+                    rtp_types::RtpPacketBuilder::new()
+                        .payload_type(0)
+                        .sequence_number(seq)
+                        .timestamp(u32::from(seq) * 160)
+                        .ssrc(ssrc)
+                        .payload([0x55u8; 160].as_slice())
+                        .write_vec()
+                        .unwrap()
+                };
+                for socket in &sockets {
+                    let port = socket.local_addr().unwrap().port();
+                    if let Some(target) = targets.get(&port) {
+                        let _ = socket.send_to(&packet(u32::from(port)), target);
+                    }
+                    while let Ok((len, _)) = socket.recv_from(&mut buffer) {
+                        // RTP only (RTCP's second byte is a packet type 200–204).
+                        if len > 12 && !(200..=204).contains(&buffer[1]) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                seq = seq.wrapping_add(1);
+                next += Duration::from_millis(20);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+        Phones {
+            running,
+            received,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Phones {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (calls, seconds) = if args.smoke {
+        (args.calls.min(2), args.seconds.min(6))
+    } else {
+        (args.calls, args.seconds)
+    };
+    gst::init()?;
+    gstsipcc::register()?;
+    let dir = std::env::temp_dir().join(format!("sip-cc-bridge-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (sip, sandbox) = (free_port(), free_port());
+    let bridge = start_bridge(&dir, calls, sip, sandbox)?;
+    let pid = bridge.child.id();
+    if !wait_for(&bridge.log, Duration::from_secs(60), |l| {
+        l.iter().filter(|l| l.contains(": signed in")).count() >= calls
+    }) {
+        bail!("the mapped users did not sign in");
+    }
+    let idle = sample(pid)?;
+    let peers = start_peers(calls, sandbox)?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let sockets: Vec<UdpSocket> = (0..calls)
+        .map(|_| {
+            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<_>>()?;
+    let csv: String = std::iter::once("SEQUENTIAL\n".to_owned())
+        .chain(
+            sockets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("u{};{};\n", i + 1, s.local_addr().unwrap().port())),
+        )
+        .collect();
+    std::fs::write(dir.join("calls.csv"), csv)?;
+    let phones = Phones::start(sockets, bridge.log.clone());
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/call.xml");
+    let started = Instant::now();
+    let mut sipp = Command::new("sipp")
+        .arg("-sf")
+        .arg(&scenario)
+        .arg("-inf")
+        .arg(dir.join("calls.csv"))
+        .args([
+            "-s",
+            "bench",
+            &format!("127.0.0.1:{sip}"),
+            "-i",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &free_port().to_string(),
+            "-mp",
+            &free_port().to_string(),
+        ])
+        .args([
+            "-m",
+            &calls.to_string(),
+            "-l",
+            &calls.to_string(),
+            "-r",
+            "20",
+        ])
+        .args([
+            "-d",
+            &(seconds * 1000).to_string(),
+            "-nostdin",
+            "-timeout",
+            &format!("{}s", seconds + 90),
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("sipp (Debian sip-tester) is needed")?;
+
+    let all_answered = wait_for(&bridge.log, Duration::from_secs(seconds / 2 + 30), |l| {
+        l.iter().filter(|l| l.contains(": answered by ")).count() >= calls
+    });
+    // Measure over the middle of the calls, once all are up.
+    let window = Duration::from_secs((seconds / 3).max(2));
+    let before = sample(pid)?;
+    let back_before = phones.received.load(Ordering::Relaxed);
+    let measured_at = Instant::now();
+    std::thread::sleep(window);
+    let after = sample(pid)?;
+    let back = phones.received.load(Ordering::Relaxed) - back_before;
+    let elapsed = measured_at.elapsed().as_secs_f64();
+    let status = sipp.wait()?;
+    drop(phones);
+    drop(peers);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let cdr: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("cdr.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let answered: Vec<&serde_json::Value> = cdr.iter().filter(|l| l["status"] == 200).collect();
+    let mut setup_ms: Vec<f64> = answered
+        .iter()
+        .filter_map(|l| Some((l["answer"].as_f64()? - l["start"].as_f64()?) * 1000.0))
+        .collect();
+    let (received, lost) = answered.iter().fold((0u64, 0i64), |(r, l), line| {
+        (
+            r + line["rtp"]["packets_received"].as_u64().unwrap_or(0),
+            l + line["rtp"]["packets_lost"].as_i64().unwrap_or(0),
+        )
+    });
+    let ticks_per_second = 100.0;
+    let cpu_percent = (after.0 - before.0) as f64 / ticks_per_second / elapsed * 100.0;
+    let per_call = |total: f64| total / calls as f64;
+
+    println!(
+        "sip-cc-bridge-bench: {calls} concurrent calls, PCMU (SIP) <-> Opus (WebRTC, DTLS-SRTP), transcoded, {seconds} s"
+    );
+    println!(
+        "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | RTP reaching the phones | setup p50 / p99 | bridge-added latency |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {calls} | {} | {:.2} % | {:.2} MB | {} → {} (+{:.1} per call) | {:.2} % | {:.0} pkt/s per call | {:.0} / {:.0} ms | not measured |",
+        answered.len(),
+        per_call(cpu_percent),
+        per_call(after.1.saturating_sub(idle.1) as f64 / 1024.0),
+        idle.2,
+        after.2,
+        per_call(after.2 as f64 - idle.2 as f64),
+        if received + lost.max(0) as u64 > 0 {
+            lost.max(0) as f64 / (received as f64 + lost.max(0) as f64) * 100.0
+        } else {
+            f64::NAN
+        },
+        per_call(back as f64 / elapsed),
+        percentile(&mut setup_ms, 0.5),
+        percentile(&mut setup_ms, 0.99),
+    );
+    println!(
+        "(whole run {:.0} s; the bridge used {:.1} % of one core over the measured {:.1} s; SIPp {})",
+        started.elapsed().as_secs_f64(),
+        cpu_percent,
+        elapsed,
+        if status.success() {
+            "ok"
+        } else {
+            "reported failed calls"
+        }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    if !all_answered || answered.len() < calls {
+        let log = bridge.log.lock().unwrap();
+        eprintln!("the bridge's last log lines:");
+        for line in log.iter().rev().take(20).rev() {
+            eprintln!("  {line}");
+        }
+        bail!("only {} of {calls} calls connected", answered.len());
+    }
+    Ok(())
+}
