@@ -364,11 +364,11 @@ fn main() -> anyhow::Result<()> {
         "sip-cc-bridge-bench: {calls} concurrent calls, PCMU (SIP) <-> Opus (WebRTC, DTLS-SRTP), transcoded, {seconds} s"
     );
     println!(
-        "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | RTP reaching the phones | setup p50 / p99 | bridge-added latency |"
+        "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | bridge-added latency |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {calls} | {} | {:.2} % | {:.2} MB | {} → {} (+{:.1} per call) | {:.2} % | {:.0} pkt/s per call | {:.0} / {:.0} ms | not measured |",
+        "| {calls} | {} | {:.2} % | {:.2} MB | {} → {} (+{:.1} per call) | {:.2} % | {:.0} / {:.0} ms | not measured |",
         answered.len(),
         per_call(cpu_percent),
         per_call(after.1.saturating_sub(idle.1) as f64 / 1024.0),
