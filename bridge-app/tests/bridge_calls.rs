@@ -391,3 +391,41 @@ fn a_recorded_call_holds_both_voices() {
     );
     assert!(app > neither * 20.0, "the app's voice: {app} vs {neither}");
 }
+
+#[test]
+fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
+    // A sandbox where dave already exists with another password.
+    let sandbox = support::SandboxProcess::start(support::free_port());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(support::RustUser::sign_in(
+        &sandbox.api_url(),
+        &sandbox.chat_url(),
+        "dave",
+        "right",
+    ));
+    let dir = tempdir();
+    let config = dir.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\ngateway_login = \"gw\"\ngateway_password = \"gw\"\n\n\
+             [[users]]\nextension = \"dave\"\nlogin = \"dave\"\npassword = \"wrong\"\n",
+            sandbox.api_url(),
+            sandbox.chat_url()
+        ),
+    )
+    .unwrap();
+    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
+    let warning = bridge
+        .wait_for_log(
+            |l| l.contains("mapping dave ↔ ConnectyCube \"dave\""),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("a log line names the mapping: {:#?}", bridge.logs()));
+    assert!(
+        !warning.contains("wrong"),
+        "no password in the log: {warning}"
+    );
+    let (success, output) = sipp("unavailable.xml", &bridge.address(), "dave", &[]);
+    assert!(success, "503 with a Reason: {output}\n{:#?}", bridge.logs());
+}

@@ -283,10 +283,16 @@ impl BridgeProcess {
         } else {
             format!("{host}:{sip_port}")
         };
+        // A configuration file says where ConnectyCube is; else an own sandbox.
+        let sandbox = if extra_args.contains(&"--config") {
+            vec![]
+        } else {
+            vec!["--sandbox".to_owned(), format!("127.0.0.1:{sandbox_port}")]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
             .arg("run")
             .args(["--sip", &sip])
-            .args(["--sandbox", &format!("127.0.0.1:{sandbox_port}")])
+            .args(&sandbox)
             .args(extra_args)
             .current_dir(repo_root())
             .env("RUST_LOG", "info,rsipstack=warn")
