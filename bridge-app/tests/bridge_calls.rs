@@ -429,3 +429,93 @@ fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
     let (success, output) = sipp("unavailable.xml", &bridge.address(), "dave", &[]);
     assert!(success, "503 with a Reason: {output}\n{:#?}", bridge.logs());
 }
+
+#[test]
+fn a_phone_on_hold_pauses_what_the_app_hears() {
+    let bridge = BridgeProcess::start(&[]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let phone = Phone::new("PCMU", 0, 8000, 440);
+    let phone_port = phone.port().to_string();
+    let address = bridge.address();
+    let signalling = std::thread::spawn(move || {
+        sipp(
+            "hold-call.xml",
+            &address,
+            "alice",
+            &[
+                "-d",
+                "3000",
+                "-cid_str",
+                "held-%u",
+                "-key",
+                "pt",
+                "0",
+                "-key",
+                "rtpmap",
+                "PCMU/8000",
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    });
+    phone.call(bridge.media_port("held-1"));
+    // What the browser's WebRTC stack receives: Opus carrying a tone takes
+    // tens of bytes a packet, Opus carrying silence a few.
+    fn bytes_per_packet(alice: &mut BrowserPeer, within: Duration) -> f64 {
+        let mut stats = || {
+            let s = alice.command(json!({"op": "audioStats"}));
+            (
+                s["bytesReceived"].as_f64().unwrap_or(0.0),
+                s["packetsReceived"].as_f64().unwrap_or(0.0),
+            )
+        };
+        let (bytes, packets) = stats();
+        std::thread::sleep(within);
+        let (bytes2, packets2) = stats();
+        (bytes2 - bytes) / (packets2 - packets).max(1.0)
+    }
+    alice.wait_event("connection", Duration::from_secs(15));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = bytes_per_packet(&mut alice, Duration::from_secs(1));
+    bridge
+        .wait_for_log(
+            |l| l.contains("call held-1: PCMU RecvOnly"),
+            Duration::from_secs(10),
+        )
+        .expect("the hold is applied");
+    std::thread::sleep(Duration::from_millis(300));
+    let held = bytes_per_packet(&mut alice, Duration::from_secs(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bridge
+        .logs()
+        .iter()
+        .filter(|l| l.contains("call held-1: PCMU SendRecv"))
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resume is applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let resumed = bytes_per_packet(&mut alice, Duration::from_secs(1));
+    assert!(
+        before > 40.0,
+        "before the hold the app receives the phone's voice: {before} bytes a packet"
+    );
+    assert!(
+        held < 15.0,
+        "on hold the app receives silence: {held} bytes a packet"
+    );
+    assert!(
+        resumed > 40.0,
+        "after the resume the voice is back: {resumed} bytes a packet"
+    );
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "hold and resume: {output}");
+}

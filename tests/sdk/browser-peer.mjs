@@ -5,7 +5,7 @@
 //   node browser-peer.mjs SANDBOX_URL LOGIN PASSWORD [TONE_HZ]
 //   → {"ready":true,"userId":1001}
 //   ← {"op":"call","to":"bob","video":false,"userInfo":{}}   → {"ok":true,"value":...}
-//   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded
+//   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats
 import { createInterface } from 'node:readline';
 import { launchBrowser, signedInPage } from './harness.mjs';
 
@@ -26,6 +26,7 @@ const ops = {
   events: () => peer.page.evaluate(() => window.demo.events),
   frequency: () => peer.page.evaluate(() => window.demo.dominantFrequency()),
   framesDecoded: () => peer.page.evaluate(() => window.demo.framesDecoded()),
+  audioStats: () => peer.page.evaluate(() => window.demo.audioStats()),
 };
 
 for await (const line of createInterface({ input: process.stdin })) {

@@ -236,24 +236,13 @@ async fn answer_call(
         capabilities,
         app: None,
         app_hangup: None,
-        record: CallRecord {
-            call_id: call_id.to_owned(),
-            caller: caller.clone(),
-            target: target.clone(),
-            callee: callee.clone(),
+        record: CallRecord::new(
+            call_id.to_owned(),
+            caller.clone(),
+            target.clone(),
+            callee.clone(),
             started,
-            answered: None,
-            ended: started,
-            status: 0,
-            cause: String::new(),
-            sip_codec: None,
-            app_codec: None,
-            transcoded: false,
-            recording: None,
-            packets_received: 0,
-            packets_lost: 0,
-            jitter_ms: 0.0,
-        },
+        ),
     };
     // A bridged call's media runs while it rings: the app's offer needs it.
     let audio = negotiated.as_ref().and_then(|n| n.audio().cloned());
@@ -867,24 +856,13 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         capabilities,
         app: None,
         app_hangup: None,
-        record: CallRecord {
-            call_id: call_id.clone(),
-            caller: caller.clone(),
-            target: target.clone(),
-            callee: app.describe(),
+        record: CallRecord::new(
+            call_id.clone(),
+            caller.clone(),
+            target.clone(),
+            app.describe(),
             started,
-            answered: None,
-            ended: started,
-            status: 0,
-            cause: String::new(),
-            sip_codec: None,
-            app_codec: None,
-            transcoded: false,
-            recording: None,
-            packets_received: 0,
-            packets_lost: 0,
-            jitter_ms: 0.0,
-        },
+        ),
     };
     let config = &shared.config;
     let outcome = tokio::select! {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use bridge_protocol::offer_answer::NegotiatedStream;
+use bridge_protocol::sdp::Direction;
 use gst::prelude::*;
 use tokio::sync::mpsc;
 
@@ -144,6 +145,9 @@ impl Drop for PortReservation {
 pub struct CallMedia {
     pipeline: gst::Pipeline,
     app: Option<gst::Element>,
+    /// Mutes (a `volume`) or stops (a `valve`) what goes to the app while
+    /// the phone holds the call.
+    to_app: Option<gst::Element>,
     /// Where both voices are recorded; finalized by `stop`.
     recording: Option<std::path::PathBuf>,
     /// Set when the pipeline has drained after `stop`'s EOS.
@@ -233,7 +237,7 @@ impl CallMedia {
                         String::new()
                     };
                     format!(
-                        "{receiver} ! {split_phone}rtpopusdepay ! rtpopuspay pt=111 ! {app_sink} \
+                        "{receiver} ! {split_phone}rtpopusdepay ! rtpopuspay pt=111 ! valve name=to_app drop=false ! {app_sink} \
                          {app_src} ! {split_app}rtpopusdepay ! {payloader} ! {to_phone} {record}"
                     )
                 } else {
@@ -245,7 +249,7 @@ impl CallMedia {
                     };
                     format!(
                         "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
-                           ! {split_phone}opusenc frame-size=20 ! rtpopuspay pt=111 ! {app_sink} \
+                           ! {split_phone}volume name=to_app ! opusenc frame-size=20 ! rtpopuspay pt=111 ! {app_sink} \
                          {app_src} ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
                            ! {split_app}{encode_for_phone} ! {to_phone} {record}",
                         chain.depayloader,
@@ -269,6 +273,7 @@ impl CallMedia {
         receiver.set_property("sdp", stream.media_section_text());
         let media = Self {
             app: pipeline.by_name("app"),
+            to_app: pipeline.by_name("to_app"),
             recording: match peer {
                 Peer::App { record_to, .. } => record_to.clone(),
                 Peer::Service(_) => None,
@@ -311,8 +316,19 @@ impl CallMedia {
         self.set_direction(stream);
     }
 
+    /// Nothing goes to a phone that does not receive; while the phone holds
+    /// the call (sendonly or inactive), the app hears silence (transcoded:
+    /// muted, so its decoder does not conceal a gap) or nothing (Opus passed
+    /// through).
     fn set_direction(&self, stream: &NegotiatedStream) {
         self.valve.set_property("drop", !stream.we_send());
+        let held = stream.direction != Direction::SendRecv;
+        if let Some(to_app) = &self.to_app {
+            match to_app.find_property("mute") {
+                Some(_) => to_app.set_property("mute", held),
+                None => to_app.set_property("drop", held),
+            }
+        }
     }
 
     /// RTP statistics of the SIP leg (`sipsrc`'s `stats`).

@@ -119,3 +119,33 @@ pub struct CallRecord {
     pub packets_lost: i64,
     pub jitter_ms: f64,
 }
+
+impl CallRecord {
+    /// A call that has just started ringing.
+    pub fn new(
+        call_id: String,
+        caller: Caller,
+        target: String,
+        callee: String,
+        started: std::time::SystemTime,
+    ) -> Self {
+        Self {
+            call_id,
+            caller,
+            target,
+            callee,
+            started,
+            answered: None,
+            ended: started,
+            status: 0,
+            cause: String::new(),
+            sip_codec: None,
+            app_codec: None,
+            transcoded: false,
+            recording: None,
+            packets_received: 0,
+            packets_lost: 0,
+            jitter_ms: 0.0,
+        }
+    }
+}

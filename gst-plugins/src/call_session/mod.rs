@@ -21,6 +21,8 @@ use crate::CAT;
 
 /// Received packets kept for a source that is not reading (about 2 s of audio).
 const MAX_QUEUED: usize = 100;
+/// Most media held for webrtcbin before the oldest is dropped.
+const SEND_QUEUE: gst::ClockTime = gst::ClockTime::from_mseconds(200);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
 #[enum_type(name = "GstConnectyCubeMedia")]
@@ -131,6 +133,9 @@ pub struct CallSession {
     arrived: Condvar,
     ended: Mutex<Option<CallEnd>>,
     started: AtomicBool,
+    /// Media is only handed to webrtcbin once the peer connection is up:
+    /// what it would queue before then comes out later as lasting delay.
+    connected: AtomicBool,
     signalling: Mutex<Option<mpsc::UnboundedSender<signalling::Command>>>,
     last_stats: Mutex<Option<gst::Structure>>,
     /// Every local stream is known, so an offer or answer can include them.
@@ -193,6 +198,7 @@ impl CallSession {
             arrived: Condvar::new(),
             ended: Mutex::new(None),
             started: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             signalling: Mutex::new(None),
             last_stats: Mutex::new(None),
             media_ready: tokio::sync::watch::channel(false).0,
@@ -217,9 +223,14 @@ impl CallSession {
                 let state =
                     webrtcbin.property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state");
                 gst::info!(CAT, obj = webrtcbin, "connection state {state:?}");
-                if state == gst_webrtc::WebRTCPeerConnectionState::Failed
-                    && let Some(session) = weak.upgrade()
-                {
+                let Some(session) = weak.upgrade() else {
+                    return;
+                };
+                session.connected.store(
+                    state == gst_webrtc::WebRTCPeerConnectionState::Connected,
+                    Ordering::SeqCst,
+                );
+                if state == gst_webrtc::WebRTCPeerConnectionState::Failed {
                     session.end(CallEnd::from("ICE/DTLS connection failed".to_owned()));
                 }
             });
@@ -263,11 +274,17 @@ impl CallSession {
         id: u64,
         caps: &gst::Caps,
     ) -> Result<(), gst::ErrorMessage> {
+        // Live media: what webrtcbin cannot take yet (before the connection
+        // is up) is dropped, oldest first, never queued into latency.
         let appsrc = gst_app::AppSrc::builder()
             .caps(caps)
             .is_live(true)
             .format(gst::Format::Time)
             .do_timestamp(true)
+            .max_time(SEND_QUEUE)
+            .max_bytes(0)
+            .max_buffers(0)
+            .leaky_type(gst_app::AppLeakyType::Downstream)
             .build();
         self.pipeline.add(&appsrc).map_err(|_| {
             gst::error_msg!(
@@ -308,6 +325,9 @@ impl CallSession {
     pub fn push(&self, id: u64, mut buffer: gst::Buffer) -> Result<(), CallEnd> {
         if let Some(end) = self.ended.lock().unwrap().clone() {
             return Err(end);
+        }
+        if !self.connected.load(Ordering::SeqCst) {
+            return Ok(());
         }
         let inner = self.inner.lock().unwrap();
         let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
