@@ -383,3 +383,62 @@ pub(super) async fn refuse(tx: &mut Transaction, verdict: &Verdict) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const INVITE: &str = "INVITE sip:echo@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:echo@127.0.0.1>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContact: <sip:a@10.0.0.9>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+
+    fn parse(bytes: &[u8]) -> Option<rsipstack::sip::Request> {
+        match rsipstack::sip::SipMessage::try_from(bytes).ok()? {
+            rsipstack::sip::SipMessage::Request(request) => Some(request),
+            rsipstack::sip::SipMessage::Response(_) => None,
+        }
+    }
+
+    #[test]
+    fn well_formed_requests_pass_and_incomplete_ones_are_named() {
+        assert_eq!(check_request(&parse(INVITE.as_bytes()).unwrap()), Ok(()));
+        let without_contact = INVITE.replace("Contact: <sip:a@10.0.0.9>\r\n", "");
+        assert_eq!(
+            check_request(&parse(without_contact.as_bytes()).unwrap()),
+            Err("missing Contact".to_owned())
+        );
+        let huge = INVITE.replace(
+            "Max-Forwards: 70",
+            &format!("Subject: {}\r\nMax-Forwards: 70", "x".repeat(5000)),
+        );
+        assert!(
+            check_request(&parse(huge.as_bytes()).unwrap())
+                .unwrap_err()
+                .contains("Subject")
+        );
+    }
+
+    proptest! {
+        /// Whatever arrives on the SIP port, parsing and checking it never panics.
+        #[test]
+        fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Some(request) = parse(&bytes) {
+                let _ = check_request(&request);
+            }
+        }
+
+        /// Valid requests with one line cut, doubled or garbled.
+        #[test]
+        fn damaged_requests_never_panic(line in 0usize..10, damage in 0u8..3, junk in "[ -~]{0,40}") {
+            let mut lines: Vec<String> = INVITE.split("\r\n").map(str::to_owned).collect();
+            let line = line.min(lines.len() - 1);
+            match damage {
+                0 => { lines.remove(line); }
+                1 => { let copy = lines[line].clone(); lines.insert(line, copy); }
+                _ => lines[line] = junk,
+            }
+            if let Some(request) = parse(lines.join("\r\n").as_bytes()) {
+                let _ = check_request(&request);
+            }
+        }
+    }
+}
