@@ -326,11 +326,11 @@ async fn dial_out(
         if router.placed.lock().unwrap().contains(&session) {
             continue;
         }
-        // From now on the SDK's redials reach this call, not this loop.
-        let signals = identity.subscribe(&session);
         let Some(extension) = router.extension_of(identity.user_id) else {
             continue;
         };
+        // From now on the SDK's redials reach this call, not this loop.
+        let signals = identity.subscribe(&session);
         let caller_id = received.from_user_id;
         let mut caller = ConnectyCubeCaller::new(identity.clone(), received, signals);
         let target = match (dialer.binding(&extension), &router.config.sip.domain) {
