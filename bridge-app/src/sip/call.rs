@@ -30,6 +30,10 @@ use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
 
+/// How long a bridged call may wait for its WebRTC connection after the
+/// app answered.
+const ICE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How often a call's RTP statistics are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -551,7 +555,12 @@ impl Call {
                     Some("Q.850;cause=16;text=\"hung up in the app\"".to_owned()),
                     format!("the app hung up ({reason})"),
                 ),
-                _ = report.tick() => self.report_stats(),
+                _ = report.tick() => {
+                    self.report_stats();
+                    if let Some(reason) = self.app_never_connected() {
+                        break (Some("SIP;cause=504;text=\"the app's WebRTC connection did not come up\"".to_owned()), reason);
+                    }
+                }
                 () = expiry => break (
                     Some("SIP;cause=408;text=\"session timer expired\"".to_owned()),
                     "the session timer expired".to_owned(),
@@ -582,6 +591,19 @@ impl Call {
         }
         self.finish(200, cause);
         self.shared.dialogs.remove_dialog(&self.dialog.id());
+    }
+
+    /// A bridged call whose WebRTC connection is still not up long after
+    /// the app answered (no candidates, blocked network): over.
+    fn app_never_connected(&self) -> Option<String> {
+        let state = self.media.as_ref()?.app_connection_state()?;
+        let waited = self.record.answered?.elapsed().unwrap_or_default();
+        (state != "connected" && waited >= ICE_TIMEOUT).then(|| {
+            format!(
+                "the app's WebRTC connection is {state:?} {} s after answering",
+                waited.as_secs()
+            )
+        })
     }
 
     /// One line of the SIP leg's RTP statistics, for the terminal.

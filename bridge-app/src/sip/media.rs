@@ -299,6 +299,13 @@ impl CallMedia {
         self.app.as_ref()
     }
 
+    /// The WebRTC leg's peer-connection state (`new`, `connecting`,
+    /// `connected`, `failed`, …), for a bridged call.
+    pub fn app_connection_state(&self) -> Option<String> {
+        let stats = self.app.as_ref()?.property::<gst::Structure>("stats");
+        Some(stats.get::<String>("connection-state").unwrap_or_default())
+    }
+
     /// Whether audio is decoded and encoded again on its way through.
     pub fn transcoding(&self) -> bool {
         !(self.app.is_some() && self.codec == "OPUS")
