@@ -519,3 +519,78 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
     let (success, output) = signalling.join().unwrap();
     assert!(success, "hold and resume: {output}");
 }
+
+#[test]
+fn an_app_call_follows_a_redirect_to_the_phone() {
+    let dir = tempdir();
+    let (phone_port, sandbox_port) = (support::free_port(), support::free_port());
+    let config = dir.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\ndomain = \"127.0.0.1:{phone_port}\"\n\n\
+             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
+             [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
+             [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n\n\
+             [cdr]\npath = \"{}\"\n",
+            dir.join("cdr.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
+    // The "phone" at the SIP domain: SIPp redirecting, then answering.
+    let phone = std::thread::spawn(move || {
+        let output = std::process::Command::new("sipp")
+            .arg("-sf")
+            .arg(support::repo_root().join("bridge-app/tests/sipp/redirect-then-answer.xml"))
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &phone_port.to_string(),
+                "-s",
+                "alice",
+            ])
+            .args(["-mp", &support::free_even_port().to_string()])
+            .args([
+                "-m",
+                "1",
+                "-nostdin",
+                "-timeout",
+                "40s",
+                "-timeout_error",
+                "-trace_err",
+            ])
+            .current_dir(tempdir())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    });
+    let mut bob = BrowserPeer::start(
+        &format!("http://localhost:{sandbox_port}/"),
+        "bob",
+        "demo",
+        660,
+    );
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("accepted", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(1));
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = phone.join().unwrap();
+    assert!(
+        success,
+        "302, then the redirected INVITE answered, then BYE:\n{output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains("302, redirected to sip:alice@127.0.0.1"))
+    );
+    let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 1);
+    assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+}

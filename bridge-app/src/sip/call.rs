@@ -34,6 +34,9 @@ use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
 /// app answered.
 const ICE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Redirections (3xx) followed for one outbound call.
+const MAX_REDIRECTS: u32 = 3;
+
 /// How often a call's RTP statistics are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -844,20 +847,25 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 realm: None,
                 auth_username: None,
             });
-    let option = rsipstack::dialog::invitation::InviteOption {
-        caller_display_name: from_display,
-        caller: caller.uri.as_str().try_into()?,
-        callee: callee_uri,
-        destination: destination.map(Into::into),
-        content_type: Some("application/sdp".into()),
-        offer: Some(offer.into_bytes()),
-        contact: shared.contact.clone(),
-        credential,
-        call_id: Some(call_id.clone()),
-        ..Default::default()
+    let invite_option = |callee: rsipstack::sip::Uri| -> anyhow::Result<_> {
+        Ok(rsipstack::dialog::invitation::InviteOption {
+            caller_display_name: from_display.clone(),
+            caller: caller.uri.as_str().try_into()?,
+            callee,
+            destination: destination.map(Into::into),
+            content_type: Some("application/sdp".into()),
+            offer: Some(offer.clone().into_bytes()),
+            contact: shared.contact.clone(),
+            credential: credential.clone(),
+            call_id: Some(call_id.clone()),
+            ..Default::default()
+        })
     };
     info!("call {call_id}: {} calls {target}", app.describe());
-    let (dialog, invite) = shared.dialogs.do_invite_async(option, state_sender)?;
+    let (dialog, mut invite) = shared
+        .dialogs
+        .do_invite_async(invite_option(callee_uri)?, state_sender)?;
+    let mut states = states;
     let mut call = Call {
         shared: shared.clone(),
         dialog,
@@ -887,40 +895,62 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         ),
     };
     let config = &shared.config;
-    let outcome = tokio::select! {
-        result = invite => result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
-        reason = app.abandoned() => {
-            info!("call {call_id}: the app gave up ({reason}), CANCEL");
-            let _ = call.dialog.cancel().await;
-            call.finish(487, format!("the app gave up: {reason}"));
-            return Ok(());
-        }
-        () = tokio::time::sleep(config.no_answer_timeout) => {
-            info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
-            let _ = call.dialog.cancel().await;
-            app.refuse(480, "no answer");
-            call.finish(480, "no answer".into());
-            return Ok(());
-        }
-        () = token.cancelled() => {
-            let _ = call.dialog.cancel().await;
-            app.refuse(503, "the bridge is shutting down");
-            call.finish(503, "the bridge shut down".into());
-            return Ok(());
-        }
-    };
-    let response = match outcome {
-        Ok((_, Some(response))) => response,
-        Ok((_, None)) => {
-            app.refuse(408, "no final response");
-            call.finish(408, "no final response".into());
-            return Ok(());
-        }
-        Err(e) => {
-            app.refuse(503, &format!("{e}"));
-            call.finish(503, format!("{e}"));
-            return Ok(());
-        }
+    let mut redirects = 0;
+    let response = loop {
+        let outcome = tokio::select! {
+            result = &mut invite => result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
+            reason = app.abandoned() => {
+                info!("call {call_id}: the app gave up ({reason}), CANCEL");
+                let _ = call.dialog.cancel().await;
+                call.finish(487, format!("the app gave up: {reason}"));
+                return Ok(());
+            }
+            () = tokio::time::sleep(config.no_answer_timeout) => {
+                info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
+                let _ = call.dialog.cancel().await;
+                app.refuse(480, "no answer");
+                call.finish(480, "no answer".into());
+                return Ok(());
+            }
+            () = token.cancelled() => {
+                let _ = call.dialog.cancel().await;
+                app.refuse(503, "the bridge is shutting down");
+                call.finish(503, "the bridge shut down".into());
+                return Ok(());
+            }
+        };
+        let response = match outcome {
+            Ok((_, Some(response))) => response,
+            Ok((_, None)) => {
+                app.refuse(408, "no final response");
+                call.finish(408, "no final response".into());
+                return Ok(());
+            }
+            Err(e) => {
+                app.refuse(503, &format!("{e}"));
+                call.finish(503, format!("{e}"));
+                return Ok(());
+            }
+        };
+        // 3xx: try the first Contact, a few times at most (RFC 3261 §8.1.3.4).
+        let status = u16::from(response.status_code.clone());
+        let redirect = (300..400)
+            .contains(&status)
+            .then(|| response.contact_header().ok()?.typed().ok())
+            .flatten()
+            .filter(|_| redirects < MAX_REDIRECTS);
+        let Some(contact) = redirect else {
+            break response;
+        };
+        redirects += 1;
+        info!("call {call_id}: {status}, redirected to {}", contact.uri);
+        let (sender, receiver) = shared.dialogs.new_dialog_state_channel();
+        states = receiver;
+        let (dialog, next) = shared
+            .dialogs
+            .do_invite_async(invite_option(contact.uri)?, sender)?;
+        call.dialog = dialog;
+        invite = next;
     };
     let status = u16::from(response.status_code.clone());
     if !(200..300).contains(&status) {
