@@ -477,8 +477,19 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
         let (bytes2, packets2) = stats();
         (bytes2 - bytes) / (packets2 - packets).max(1.0)
     }
-    alice.wait_event("connection", Duration::from_secs(15));
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the WebRTC connection carries audio (slow on a loaded machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while alice.command(json!({"op": "audioStats"}))["packetsReceived"]
+        .as_u64()
+        .unwrap_or(0)
+        < 10
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the app receives audio"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = bytes_per_packet(&mut alice, Duration::from_secs(1));
     bridge
         .wait_for_log(
