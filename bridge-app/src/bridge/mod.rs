@@ -10,7 +10,7 @@ pub mod cdr;
 pub mod identity;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -66,25 +66,16 @@ impl Bridge {
             })?;
         }
         let (incoming, incoming_calls) = mpsc::unbounded_channel();
-        let mut identities = HashMap::new();
-        let mut unavailable = HashMap::new();
+        let identities = Arc::new(Identities::default());
         for user in &config.users {
-            match Identity::sign_in(cc, &user.login, &user.password, incoming.clone()).await {
-                Ok(identity) => {
-                    info!(
-                        "mapping {} ↔ ConnectyCube user {} ({}): signed in",
-                        user.extension, identity.user_id, user.login
-                    );
-                    identities.insert(user.extension.to_ascii_lowercase(), identity);
-                }
-                Err(e) => {
-                    warn!(
-                        "mapping {} ↔ ConnectyCube {:?}: {e}",
-                        user.extension, user.login
-                    );
-                    unavailable.insert(user.extension.to_ascii_lowercase(), e);
-                }
-            }
+            identities.sign_in(cc, user, &incoming).await;
+        }
+        if !identities.unavailable.lock().unwrap().is_empty() {
+            tokio::spawn(retry_sign_ins(
+                Arc::downgrade(&identities),
+                config.clone(),
+                incoming.clone(),
+            ));
         }
         let gateway = match (&cc.gateway_login, &cc.gateway_password) {
             (Some(login), Some(password)) => {
@@ -101,7 +92,6 @@ impl Bridge {
         let router = Arc::new(BridgeRouter {
             answer_timeout: Duration::from_secs(cc.answer_timeout_s),
             identities,
-            unavailable,
             gateway,
             services: Services::line_checks(),
             placed: PlacedSessions::default(),
@@ -124,6 +114,9 @@ impl Bridge {
         let mut users: Vec<(String, u64)> = self
             .router
             .identities
+            .signed_in
+            .read()
+            .unwrap()
             .iter()
             .map(|(extension, identity)| (extension.clone(), identity.user_id))
             .collect();
@@ -188,11 +181,106 @@ fn sip_config(config: &Config) -> SipConfig {
     }
 }
 
+/// The ConnectyCube users the bridge acts as, by extension.
+#[derive(Default)]
+struct Identities {
+    signed_in: RwLock<HashMap<String, Arc<Identity>>>,
+    /// Mapped extensions whose sign-in failed, with why (retried).
+    unavailable: Mutex<HashMap<String, String>>,
+}
+
+impl Identities {
+    async fn sign_in(
+        &self,
+        cc: &crate::config::ConnectyCubeSection,
+        user: &crate::config::UserMapping,
+        incoming: &mpsc::UnboundedSender<IncomingCall>,
+    ) {
+        let key = user.extension.to_ascii_lowercase();
+        match Identity::sign_in(cc, &user.login, &user.password, incoming.clone()).await {
+            Ok(identity) => {
+                info!(
+                    "mapping {} ↔ ConnectyCube user {} ({}): signed in",
+                    user.extension, identity.user_id, user.login
+                );
+                self.unavailable.lock().unwrap().remove(&key);
+                self.signed_in.write().unwrap().insert(key, identity);
+            }
+            Err(e) => {
+                let mut unavailable = self.unavailable.lock().unwrap();
+                if unavailable.get(&key) != Some(&e) {
+                    warn!(
+                        "mapping {} ↔ ConnectyCube {:?}: {e}",
+                        user.extension, user.login
+                    );
+                }
+                unavailable.insert(key, e);
+            }
+        }
+    }
+
+    fn get(&self, extension: &str) -> Option<Arc<Identity>> {
+        self.signed_in
+            .read()
+            .unwrap()
+            .get(&extension.to_ascii_lowercase())
+            .cloned()
+    }
+
+    fn problem(&self, extension: &str) -> String {
+        self.unavailable
+            .lock()
+            .unwrap()
+            .get(&extension.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn extension_of(&self, user_id: u64) -> Option<String> {
+        self.signed_in
+            .read()
+            .unwrap()
+            .iter()
+            .find(|(_, identity)| identity.user_id == user_id)
+            .map(|(extension, _)| extension.clone())
+    }
+}
+
+/// Mappings that could not sign in (ConnectyCube unreachable at start, a
+/// password changed later) are tried again every 30 s.
+async fn retry_sign_ins(
+    identities: std::sync::Weak<Identities>,
+    config: Config,
+    incoming: mpsc::UnboundedSender<IncomingCall>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let Some(identities) = identities.upgrade() else {
+            return;
+        };
+        let pending: Vec<String> = identities
+            .unavailable
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        for extension in pending {
+            if let Some(user) = config.user_by_extension(&extension) {
+                identities
+                    .sign_in(&config.connectycube, user, &incoming)
+                    .await;
+            }
+        }
+    }
+}
+
 struct BridgeRouter {
     config: Config,
-    identities: HashMap<String, Arc<Identity>>,
-    /// Mapped extensions whose sign-in failed, with why.
-    unavailable: HashMap<String, String>,
+    identities: Arc<Identities>,
     gateway: Option<Arc<Identity>>,
     services: Services,
     placed: PlacedSessions,
@@ -203,10 +291,7 @@ struct BridgeRouter {
 impl BridgeRouter {
     /// The extension the bridge acts for as ConnectyCube user `user_id`.
     fn extension_of(&self, user_id: u64) -> Option<String> {
-        self.identities
-            .iter()
-            .find(|(_, identity)| identity.user_id == user_id)
-            .map(|(extension, _)| extension.clone())
+        self.identities.extension_of(user_id)
     }
 
     /// A new file for a call of `extension`, when its calls are recorded.
@@ -234,7 +319,7 @@ impl Router for BridgeRouter {
         };
         let key = mapping.extension.to_ascii_lowercase();
         let Some(callee) = self.identities.get(&key) else {
-            let problem = self.unavailable.get(&key).cloned().unwrap_or_default();
+            let problem = self.identities.problem(&key);
             warn!(
                 "call to {target}: mapping {} ↔ {:?} unusable: {problem}",
                 mapping.extension, mapping.login
@@ -249,8 +334,8 @@ impl Router for BridgeRouter {
         };
         let from = self
             .identities
-            .get(&caller.user.to_ascii_lowercase())
-            .or(self.gateway.as_ref());
+            .get(&caller.user)
+            .or_else(|| self.gateway.clone());
         let Some(from) = from else {
             warn!(
                 "call to {target} from unmapped {}: no gateway user configured",
@@ -264,7 +349,7 @@ impl Router for BridgeRouter {
         }
         Some(Destination::App {
             leg: Box::new(ConnectyCubeLeg::new(
-                from.clone(),
+                from,
                 callee.user_id,
                 mapping
                     .display_name

@@ -47,7 +47,11 @@ impl Registrar {
         }
         let user = match admission.authenticate(&tx.original) {
             Verdict::Admit { user: Some(user) } => user,
-            Verdict::Admit { user: None } => return,
+            // Digest always names a user; anything else is not a registration.
+            Verdict::Admit { user: None } => {
+                reply(tx, StatusCode::Forbidden, vec![]).await;
+                return;
+            }
             verdict => {
                 refuse(tx, &verdict).await;
                 return;
