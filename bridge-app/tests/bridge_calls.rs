@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Baresip, BridgeProcess, BrowserPeer, Phone, sipp, tempdir, wav_frequency};
+use support::{
+    Baresip, BridgeProcess, BrowserPeer, PhoneCodec, phone_call, sipp, tempdir, wav_frequency,
+};
 
 fn cdr_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -37,32 +39,14 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
     alice.command(json!({"op": "autoAnswer", "on": true}));
 
-    let phone = Phone::new("PCMU", 0, 8000, 440);
-    let phone_port = phone.port().to_string();
-    let address = bridge.address();
-    let signalling = std::thread::spawn(move || {
-        sipp(
-            "call.xml",
-            &address,
-            "alice",
-            &[
-                "-d",
-                "8000",
-                "-cid_str",
-                "to-alice-%u",
-                "-key",
-                "pt",
-                "0",
-                "-key",
-                "rtpmap",
-                "PCMU/8000",
-                "-key",
-                "phone_port",
-                &phone_port,
-            ],
-        )
-    });
-    phone.call(bridge.media_port("to-alice-1"));
+    let (phone, signalling) = phone_call(
+        &bridge,
+        "call.xml",
+        "alice",
+        ("PCMU", 0, 8000, "PCMU/8000", 440),
+        8,
+        "to-alice",
+    );
     let incoming = alice.wait_event("incoming call", Duration::from_secs(15));
     assert!(
         incoming.contains("callerNumber"),
@@ -117,36 +101,18 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
 fn call_alice(
     bridge: &BridgeProcess,
     alice: &mut BrowserPeer,
-    (name, pt, rate, rtpmap, frequency): (&str, u8, u32, &str, u32),
+    codec: PhoneCodec,
 ) -> (Option<f64>, Option<f64>) {
+    let (name, frequency) = (codec.0, codec.4);
     let hung_up = alice.count_events("hung up");
-    let phone = Phone::new(name, pt, rate, frequency);
-    let phone_port = phone.port().to_string();
-    let address = bridge.address();
-    let (call_id, rtpmap) = (format!("codec-{name}-%u"), rtpmap.to_owned());
-    let signalling = std::thread::spawn(move || {
-        sipp(
-            "call.xml",
-            &address,
-            "alice",
-            &[
-                "-d",
-                "6000",
-                "-cid_str",
-                &call_id,
-                "-key",
-                "pt",
-                &pt.to_string(),
-                "-key",
-                "rtpmap",
-                &rtpmap,
-                "-key",
-                "phone_port",
-                &phone_port,
-            ],
-        )
-    });
-    phone.call(bridge.media_port(&format!("codec-{name}-1")));
+    let (phone, signalling) = phone_call(
+        bridge,
+        "call.xml",
+        "alice",
+        codec,
+        6,
+        &format!("codec-{name}"),
+    );
     let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let mut heard = (None, None);
@@ -436,32 +402,14 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
     alice.command(json!({"op": "autoAnswer", "on": true}));
-    let phone = Phone::new("PCMU", 0, 8000, 440);
-    let phone_port = phone.port().to_string();
-    let address = bridge.address();
-    let signalling = std::thread::spawn(move || {
-        sipp(
-            "hold-call.xml",
-            &address,
-            "alice",
-            &[
-                "-d",
-                "3000",
-                "-cid_str",
-                "held-%u",
-                "-key",
-                "pt",
-                "0",
-                "-key",
-                "rtpmap",
-                "PCMU/8000",
-                "-key",
-                "phone_port",
-                &phone_port,
-            ],
-        )
-    });
-    phone.call(bridge.media_port("held-1"));
+    let (_phone, signalling) = phone_call(
+        &bridge,
+        "hold-call.xml",
+        "alice",
+        ("PCMU", 0, 8000, "PCMU/8000", 440),
+        3,
+        "held",
+    );
     // What the browser's WebRTC stack receives: Opus carrying a tone takes
     // tens of bytes a packet, Opus carrying silence a few.
     fn bytes_per_packet(alice: &mut BrowserPeer, within: Duration) -> f64 {

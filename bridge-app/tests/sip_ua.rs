@@ -10,7 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use bridge_protocol::dtmf::TelephoneEvent;
-use support::{BridgeProcess, Phone, free_even_port, sipp};
+use support::{BridgeProcess, free_even_port, sipp};
 
 fn assert_sipp((success, output): (bool, String), what: &str) {
     assert!(success, "{what} failed:\n{output}");
@@ -270,48 +270,28 @@ fn malformed_requests_leave_a_call_in_progress_alone() {
 #[test]
 fn the_echo_returns_the_callers_tone_in_every_codec() {
     let bridge = BridgeProcess::start(&[]);
-    let codecs: [(&str, u8, u32, &str, u32); 5] = [
+    let codecs: [support::PhoneCodec; 5] = [
         ("PCMU", 0, 8000, "PCMU/8000", 440),
         ("PCMA", 8, 8000, "PCMA/8000", 523),
         ("G722", 9, 8000, "G722/8000", 660),
         ("G729", 18, 8000, "G729/8000", 587),
         ("OPUS", 111, 48000, "opus/48000/2", 880),
     ];
-    let address = bridge.address();
     let calls: Vec<_> = codecs
         .iter()
-        .map(|&(name, pt, rate, rtpmap, frequency)| {
-            let phone = Phone::new(name, pt, rate, frequency);
-            let (address, phone_port) = (address.clone(), phone.port().to_string());
-            let call_id = format!("echo-{name}-%u");
-            let signalling = std::thread::spawn(move || {
-                sipp(
-                    "call.xml",
-                    &address,
-                    "echo",
-                    &[
-                        "-d",
-                        "4000",
-                        "-cid_str",
-                        &call_id,
-                        "-key",
-                        "pt",
-                        &pt.to_string(),
-                        "-key",
-                        "rtpmap",
-                        rtpmap,
-                        "-key",
-                        "phone_port",
-                        &phone_port,
-                    ],
-                )
-            });
+        .map(|&codec| {
+            let (name, frequency) = (codec.0, codec.4);
+            let (phone, signalling) = support::phone_call(
+                &bridge,
+                "call.xml",
+                "echo",
+                codec,
+                4,
+                &format!("echo-{name}"),
+            );
             (name, frequency, phone, signalling)
         })
         .collect();
-    for (name, _, phone, _) in &calls {
-        phone.call(bridge.media_port(&format!("echo-{name}-1")));
-    }
     std::thread::sleep(Duration::from_secs(3));
     for (name, frequency, phone, signalling) in calls {
         let heard = phone.heard_frequency();

@@ -749,3 +749,52 @@ impl Drop for Phone {
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
+
+/// One codec as the test phones use it: encoding name, payload type, clock
+/// rate, `a=rtpmap` value, and the phone's tone in Hz.
+pub type PhoneCodec = (&'static str, u8, u32, &'static str, u32);
+
+/// A GStreamer phone sending its tone in `codec`, calling `service` through
+/// SIPp (`scenario`, with the Call-ID `<call_id>-1`) for `seconds`; its RTP
+/// flows once the bridge has picked a port. The thread yields SIPp's verdict.
+pub fn phone_call(
+    bridge: &BridgeProcess,
+    scenario: &'static str,
+    service: &str,
+    codec: PhoneCodec,
+    seconds: u32,
+    call_id: &str,
+) -> (Phone, std::thread::JoinHandle<(bool, String)>) {
+    let (name, pt, rate, rtpmap, frequency) = codec;
+    let phone = Phone::new(name, pt, rate, frequency);
+    let (address, service, phone_port) = (
+        bridge.address(),
+        service.to_owned(),
+        phone.port().to_string(),
+    );
+    let cid = format!("{call_id}-%u");
+    let signalling = std::thread::spawn(move || {
+        sipp(
+            scenario,
+            &address,
+            &service,
+            &[
+                "-d",
+                &(seconds * 1000).to_string(),
+                "-cid_str",
+                &cid,
+                "-key",
+                "pt",
+                &pt.to_string(),
+                "-key",
+                "rtpmap",
+                rtpmap,
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    });
+    phone.call(bridge.media_port(&format!("{call_id}-1")));
+    (phone, signalling)
+}
