@@ -22,6 +22,15 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Alice in Chromium on the bridge's sandbox, her microphone a 660 Hz tone,
+/// answering every call by herself when `auto_answer`.
+fn alice_answering(bridge: &BridgeProcess, auto_answer: bool) -> BrowserPeer {
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": auto_answer}));
+    alice
+}
+
 fn cdr_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -46,9 +55,7 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
-    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let mut alice = alice_answering(&bridge, true);
 
     let (phone, signalling) = phone_call(
         &bridge,
@@ -148,9 +155,7 @@ fn every_sip_codec_is_bridged_to_opus_and_back() {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
-    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let mut alice = alice_answering(&bridge, true);
     let codecs = [
         ("PCMA", 8, 8000, "PCMA/8000", 523),
         ("G722", 9, 8000, "G722/8000", 784),
@@ -196,8 +201,7 @@ fn refusals_and_hang_ups_cross_the_bridge() {
         "--no-answer-timeout-ms",
         "4000",
     ]);
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    let mut alice = alice_answering(&bridge, false);
     let ok = |(success, output): (bool, String), what: &str| assert!(success, "{what}: {output}");
 
     // Busy: the app rejects with userInfo {busy: true}.
@@ -344,9 +348,7 @@ fn a_recorded_call_holds_both_voices() {
         "--record",
         recordings.to_str().unwrap(),
     ]);
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
-    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let mut alice = alice_answering(&bridge, true);
     call_alice(&bridge, &mut alice, ("PCMU", 0, 8000, "PCMU/8000", 440));
 
     let lines = wait_for_cdr(&cdr, 1);
@@ -416,9 +418,7 @@ fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
 fn a_phone_on_hold_pauses_what_the_app_hears() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
-    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let mut alice = alice_answering(&bridge, true);
     let (_phone, signalling) = phone_call(
         &bridge,
         "hold-call.xml",

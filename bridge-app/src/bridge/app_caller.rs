@@ -4,7 +4,6 @@
 //! callee's identity, and refusals come back as `reject` with the reason.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bridge_protocol::connectycube::signaling::{
     CallSignal, IceCandidate, ReceivedSignal, SignalType,
@@ -14,11 +13,9 @@ use gst::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
+use super::app_leg::{add_candidates, follow, local_description};
 use super::identity::Identity;
 use crate::sip::{AppCaller, AppSide};
-
-/// Longest wait for the WebRTC leg's answer (ICE gathering included).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct ConnectyCubeCaller {
     /// The bridge acts as the called user.
@@ -78,27 +75,14 @@ impl ConnectyCubeCaller {
         &mut self,
         webrtc: gst::Element,
     ) -> Result<oneshot::Receiver<String>, String> {
-        let (descriptions, mut described) = mpsc::unbounded_channel();
-        let handler = webrtc.connect("local-description", false, move |args| {
-            if let (Ok(kind), Ok(sdp)) = (args[1].get::<String>(), args[2].get::<String>()) {
-                let _ = descriptions.send((kind, sdp));
-            }
-            None
-        });
         let offer = self.call.signal.sdp.clone().unwrap_or_default();
-        webrtc.emit_by_name::<()>("set-remote-description", &[&"offer", &offer]);
-        for candidate in self.early_candidates.drain(..) {
-            webrtc.emit_by_name::<()>(
-                "add-ice-candidate",
-                &[&candidate.sdp_mline_index, &candidate.candidate],
-            );
-        }
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, described.recv()).await;
-        webrtc.disconnect(handler);
-        let answer = match answer {
-            Ok(Some((kind, sdp))) if kind == "answer" => sdp,
-            _ => return Err("the WebRTC leg produced no answer".into()),
-        };
+        let early_candidates = std::mem::take(&mut self.early_candidates);
+        let answer = local_description(&webrtc, "answer", |webrtc| {
+            webrtc.emit_by_name::<()>("set-remote-description", &[&"offer", &offer]);
+            add_candidates(webrtc, &early_candidates);
+        })
+        .await
+        .ok_or("the WebRTC leg produced no answer")?;
         let mut accept = self.reply(SignalType::Accept);
         accept.sdp = Some(answer);
         self.callee.send(self.call.from_user_id, &accept);
@@ -108,9 +92,7 @@ impl ConnectyCubeCaller {
         );
         let signals = self.signals.take().ok_or("the call's signals are gone")?;
         let (hangup, hung_up) = oneshot::channel();
-        self.signalling = Some(tokio::spawn(super::app_leg::follow(
-            webrtc, signals, hangup,
-        )));
+        self.signalling = Some(tokio::spawn(follow(webrtc, signals, hangup)));
         Ok(hung_up)
     }
 

@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bridge_protocol::connectycube::signaling::{CallSignal, CallType, ReceivedSignal, SignalType};
+use bridge_protocol::connectycube::signaling::{
+    CallSignal, CallType, IceCandidate, ReceivedSignal, SignalType,
+};
 use futures_util::future::BoxFuture;
 use gst::prelude::*;
 use tokio::sync::{mpsc, oneshot};
@@ -18,8 +20,31 @@ use crate::sip::{AppLeg, AppSide, Refusal};
 
 /// The SDK's dial interval: `call` is sent again until answered.
 const REDIAL: Duration = Duration::from_secs(5);
-/// Longest wait for the WebRTC leg's offer (ICE gathering included).
-const OFFER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for the WebRTC leg's offer or answer (ICE gathering included).
+const DESCRIPTION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Does `start` on a call's `connectycubesink` and waits for the local
+/// description of `kind` it leads to.
+pub(super) async fn local_description(
+    webrtc: &gst::Element,
+    kind: &str,
+    start: impl FnOnce(&gst::Element),
+) -> Option<String> {
+    let (descriptions, mut described) = mpsc::unbounded_channel();
+    let handler = webrtc.connect("local-description", false, move |args| {
+        if let (Ok(kind), Ok(sdp)) = (args[1].get::<String>(), args[2].get::<String>()) {
+            let _ = descriptions.send((kind, sdp));
+        }
+        None
+    });
+    start(webrtc);
+    let described = tokio::time::timeout(DESCRIPTION_TIMEOUT, described.recv()).await;
+    webrtc.disconnect(handler);
+    match described {
+        Ok(Some((described_kind, sdp))) if described_kind == kind => Some(sdp),
+        _ => None,
+    }
+}
 
 /// Session ids of calls the bridge placed: their `call`, reaching the
 /// bridge's own identity of the callee, is not a new call.
@@ -69,24 +94,15 @@ impl ConnectyCubeLeg {
     }
 
     async fn place(&mut self, webrtc: gst::Element) -> Result<oneshot::Receiver<String>, Refusal> {
-        let (descriptions, mut described) = mpsc::unbounded_channel();
-        let handler = webrtc.connect("local-description", false, move |args| {
-            if let (Ok(kind), Ok(sdp)) = (args[1].get::<String>(), args[2].get::<String>()) {
-                let _ = descriptions.send((kind, sdp));
-            }
-            None
-        });
-        webrtc.emit_by_name::<()>("create-offer", &[]);
-        let offer = tokio::time::timeout(OFFER_TIMEOUT, described.recv()).await;
-        webrtc.disconnect(handler);
-        let offer = match offer {
-            Ok(Some((kind, sdp))) if kind == "offer" => sdp,
-            _ => {
-                return Err(Refusal {
-                    status: 503,
-                    reason: "the WebRTC leg produced no offer".into(),
-                });
-            }
+        let Some(offer) = local_description(&webrtc, "offer", |webrtc| {
+            webrtc.emit_by_name::<()>("create-offer", &[]);
+        })
+        .await
+        else {
+            return Err(Refusal {
+                status: 503,
+                reason: "the WebRTC leg produced no offer".into(),
+            });
         };
 
         self.placed.lock().unwrap().insert(self.session_id.clone());
@@ -121,7 +137,7 @@ impl ConnectyCubeLeg {
                     SignalType::Accept => {
                         let answer = signal.sdp.clone().unwrap_or_default();
                         webrtc.emit_by_name::<()>("set-remote-description", &[&"answer", &answer]);
-                        add_candidates(&webrtc, &received);
+                        add_candidates(&webrtc, &received.signal.candidates);
                         let (hangup, hung_up) = oneshot::channel();
                         self.signalling = Some(tokio::spawn(follow(webrtc, signals, hangup)));
                         return Ok(hung_up);
@@ -148,7 +164,9 @@ impl ConnectyCubeLeg {
                             reason: format!("{} hung up before answering", self.to_name),
                         });
                     }
-                    SignalType::IceCandidates => add_candidates(&webrtc, &received),
+                    SignalType::IceCandidates => {
+                        add_candidates(&webrtc, &received.signal.candidates)
+                    }
                     _ => {}
                 }
             }
@@ -170,7 +188,7 @@ pub(super) async fn follow(
 ) {
     while let Some(received) = signals.recv().await {
         match received.signal.signal_type {
-            SignalType::IceCandidates => add_candidates(&webrtc, &received),
+            SignalType::IceCandidates => add_candidates(&webrtc, &received.signal.candidates),
             SignalType::HangUp | SignalType::Reject => {
                 let _ = hangup.send(format!(
                     "user {} hung up{}",
@@ -184,8 +202,8 @@ pub(super) async fn follow(
     }
 }
 
-fn add_candidates(webrtc: &gst::Element, received: &ReceivedSignal) {
-    for candidate in &received.signal.candidates {
+pub(super) fn add_candidates(webrtc: &gst::Element, candidates: &[IceCandidate]) {
+    for candidate in candidates {
         webrtc.emit_by_name::<()>(
             "add-ice-candidate",
             &[&candidate.sdp_mline_index, &candidate.candidate],
