@@ -43,14 +43,23 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
             .all(|l| !l.contains("echopw") && !l.contains("wrong-password"))
     );
 
-    // Three phones at once, one codec each, all calling the echo.
-    let phones = [("g711", 523), ("g722", 660), ("opus", 880)];
+    // Four phones at once, one codec each, one of them insisting on
+    // SDES-SRTP, all calling the echo.
+    let phones = [
+        ("g711", 523, false),
+        ("g722", 660, false),
+        ("opus", 880, false),
+        ("g711", 740, true),
+    ];
     let calls: Vec<_> = phones
         .iter()
-        .map(|&(codec, frequency)| {
+        .map(|&(codec, frequency, srtp)| {
             let port = kamailio.port;
             std::thread::spawn(move || {
-                let phone = Baresip::new("carol", "carolpw", port, frequency, codec);
+                let mut phone = Baresip::new("carol", "carolpw", port, frequency, codec);
+                if srtp {
+                    phone = phone.with_mandatory_srtp();
+                }
                 let output = phone.call("echo", 6);
                 let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
                 (codec, frequency, heard, output)
@@ -70,13 +79,18 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
             "{codec}: sent {frequency} Hz, heard {heard:.0} Hz"
         );
     }
-    for codec in ["PCMU", "G722", "OPUS"] {
+    for media in [
+        "PCMU SendRecv,",
+        "G722 SendRecv,",
+        "OPUS SendRecv,",
+        "PCMU SendRecv SRTP AES_CM_128_HMAC_SHA1_80,",
+    ] {
         assert!(
             bridge
                 .logs()
                 .iter()
-                .any(|l| l.contains(&format!(": {codec} SendRecv"))),
-            "a {codec} call: {:#?}",
+                .any(|l| l.contains(&format!(": {media}"))),
+            "a {media} call: {:#?}",
             bridge.logs()
         );
     }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bridge_protocol::sdes::SrtpKey;
 use bridge_protocol::sdp::{self, MediaSection};
 use gst::glib;
 use gst::prelude::*;
@@ -30,6 +31,8 @@ struct Settings {
     latch: Option<bool>,
     rtcp_interval_ms: Option<u32>,
     sdp: Option<String>,
+    srtp_send_key: Option<SrtpKey>,
+    srtp_receive_key: Option<SrtpKey>,
 }
 
 impl Default for Settings {
@@ -47,6 +50,8 @@ impl Default for Settings {
             latch: None,
             rtcp_interval_ms: None,
             sdp: None,
+            srtp_send_key: None,
+            srtp_receive_key: None,
         }
     }
 }
@@ -134,6 +139,18 @@ impl SessionProperties {
                 .blurb("The phone's SDP (a whole body or one m= section): sets remote address, ports and RTCP mux, and on sipsrc the payload map")
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecString::builder("srtp-send-key")
+                .nick("SRTP send key")
+                .blurb("SDES-SRTP key for what we send, as in a=crypto without the tag: \"AES_CM_128_HMAC_SHA1_80 inline:<base64>\". Set with srtp-receive-key; write-only")
+                .write_only()
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecString::builder("srtp-receive-key")
+                .nick("SRTP receive key")
+                .blurb("SDES-SRTP key of the phone (its a=crypto without the tag); write-only")
+                .write_only()
+                .mutable_playing()
+                .build(),
             glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                 .nick("Statistics")
                 .blurb("Packets, octets, loss, late, duplicates, jitter, RTT and last-packet age of the session")
@@ -179,6 +196,32 @@ impl SessionProperties {
             "remote-rtcp-port" => settings.remote_rtcp_port = value.get().unwrap(),
             "latch" => settings.latch = Some(value.get().unwrap()),
             "rtcp-interval" => settings.rtcp_interval_ms = Some(value.get().unwrap()),
+            name @ ("srtp-send-key" | "srtp-receive-key") => {
+                let key = match value
+                    .get::<Option<String>>()
+                    .unwrap()
+                    .filter(|s| !s.is_empty())
+                {
+                    None => None,
+                    Some(text) => match text.parse::<SrtpKey>() {
+                        Ok(key) => Some(key),
+                        Err(e) => {
+                            // The value is a secret: name the fault, not the key.
+                            gst::element_warning!(
+                                element,
+                                gst::ResourceError::Settings,
+                                ("Ignoring {name}: {e}")
+                            );
+                            return None;
+                        }
+                    },
+                };
+                if name == "srtp-send-key" {
+                    settings.srtp_send_key = key;
+                } else {
+                    settings.srtp_receive_key = key;
+                }
+            }
             "sdp" => {
                 let text = value.get::<Option<String>>().unwrap();
                 match text.as_deref().map(sdp::parse_media_section) {
@@ -243,6 +286,7 @@ impl SessionProperties {
                 .unwrap_or(crate::media_session::DEFAULT_RTCP_INTERVAL.as_millis() as u32)
                 .to_value(),
             "sdp" => settings.sdp.to_value(),
+            "srtp-send-key" | "srtp-receive-key" => None::<String>.to_value(),
             "stats" => {
                 stats_structure(&session.as_ref().map(|s| s.stats()).unwrap_or_default()).to_value()
             }
@@ -305,6 +349,11 @@ fn apply_to_session(settings: &Settings, session: &MediaSession) -> Result<(), S
     if let Some(ms) = settings.rtcp_interval_ms {
         session.set_rtcp_interval(Duration::from_millis(ms.into()));
     }
+    match (&settings.srtp_send_key, &settings.srtp_receive_key) {
+        (Some(send), Some(receive)) => session.set_srtp(Some((send.clone(), receive.clone())))?,
+        (None, None) => {}
+        _ => return Err("srtp-send-key and srtp-receive-key go together".into()),
+    }
     if let Some(address) = &settings.remote_address {
         let ip: IpAddr = address
             .parse()
@@ -349,6 +398,7 @@ pub fn stats_structure(stats: &SessionStats) -> gst::Structure {
         .field("rtcp-sent", stats.rtcp_sent)
         .field("rtcp-received", stats.rtcp_received)
         .field("rtcp-invalid", stats.rtcp_invalid)
+        .field("srtp-rejected", stats.srtp_rejected)
         .field("remote-fraction-lost", stats.remote_fraction_lost)
         .field("remote-cumulative-lost", stats.remote_cumulative_lost)
         .field("remote-jitter", stats.remote_jitter)

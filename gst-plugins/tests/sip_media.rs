@@ -571,3 +571,144 @@ fn telephone_events_become_dtmf_messages_and_leave_the_stream() {
     );
     pipeline.set_state(gst::State::Null).unwrap();
 }
+
+/// Runs `srtpenc` or `srtpdec` (libsrtp, the phone's side) over single packets.
+struct LibSrtp {
+    pipeline: gst::Pipeline,
+    input: gst_app::AppSrc,
+    output: gst_app::AppSink,
+}
+
+impl LibSrtp {
+    fn new(description: &str, caps: gst::Caps, configure: impl FnOnce(&gst::Pipeline)) -> Self {
+        let pipeline = gst::parse::launch(&format!(
+            "appsrc name=in format=time ! {description} ! appsink name=out sync=false"
+        ))
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+        let input: gst_app::AppSrc = pipeline.by_name("in").unwrap().downcast().unwrap();
+        let output = pipeline.by_name("out").unwrap().downcast().unwrap();
+        input.set_caps(Some(&caps));
+        configure(&pipeline);
+        pipeline.set_state(gst::State::Playing).unwrap();
+        LibSrtp {
+            pipeline,
+            input,
+            output,
+        }
+    }
+
+    fn encoder(key: &bridge_protocol::sdes::SrtpKey) -> Self {
+        Self::new(
+            "srtpenc name=srtp",
+            "application/x-rtp".parse().unwrap(),
+            |pipeline| {
+                pipeline
+                    .by_name("srtp")
+                    .unwrap()
+                    .set_property("key", gst::Buffer::from_slice(key.key_salt))
+            },
+        )
+    }
+
+    fn decoder(key: &bridge_protocol::sdes::SrtpKey, ssrc: u32) -> Self {
+        let caps = gst::Caps::builder("application/x-srtp")
+            .field("ssrc", ssrc)
+            .field("srtp-key", gst::Buffer::from_slice(key.key_salt))
+            .field("srtp-cipher", "aes-128-icm")
+            .field("srtp-auth", "hmac-sha1-80")
+            .field("srtcp-cipher", "aes-128-icm")
+            .field("srtcp-auth", "hmac-sha1-80")
+            .build();
+        Self::new("srtpdec", caps, |_| {})
+    }
+
+    fn process(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        self.input
+            .push_buffer(gst::Buffer::from_slice(packet.to_vec()))
+            .unwrap();
+        let sample = self
+            .output
+            .try_pull_sample(gst::ClockTime::from_mseconds(500))?;
+        let map = sample.buffer().unwrap().map_readable().unwrap();
+        Some(map.to_vec())
+    }
+}
+
+impl Drop for LibSrtp {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+#[test]
+fn sdes_srtp_interoperates_with_libsrtp_and_rejects_forgeries() {
+    use bridge_protocol::sdes::{CryptoSuite, SrtpKey};
+    init();
+    let phone_key = SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80);
+    let bridge_key = SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80);
+    let phone = phone("127.0.0.1");
+    let phone_address = phone.local_addr().unwrap();
+    let session = "srtp-test";
+    let keys: [(&str, &dyn ToValue); 3] = [
+        ("session", &session),
+        ("srtp-send-key", &bridge_key.to_string()),
+        ("srtp-receive-key", &phone_key.to_string()),
+    ];
+    let mut sink = sink_harness(&[
+        keys[0],
+        keys[1],
+        keys[2],
+        ("remote-address", &"127.0.0.1"),
+        ("remote-port", &u32::from(phone_address.port())),
+    ]);
+    let mut src = src_harness(&keys);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+
+    // Phone → bridge: libsrtp protects, sipsrc hands out the plain packet.
+    let encoder = LibSrtp::encoder(&phone_key);
+    for seq in 10..15 {
+        let protected = encoder.process(&rtp(seq, 0x4242, 0)).unwrap();
+        assert_eq!(protected.len(), rtp(seq, 0x4242, 0).len() + 10);
+        phone.send_to(&protected, bridge).unwrap();
+    }
+    for seq in 10..15 {
+        let buffer = src.pull().unwrap();
+        let map = buffer.map_readable().unwrap();
+        assert_eq!(map.as_slice(), rtp(seq, 0x4242, 0).as_slice());
+    }
+
+    // Bridge → phone: on the wire it is not the plain packet; libsrtp opens it.
+    let decoder = LibSrtp::decoder(&bridge_key, 0xabc);
+    let mut received = [0u8; 2048];
+    for seq in 0..3 {
+        push(&mut sink, rtp(seq, 0xabc, 0));
+        let (len, _) = phone.recv_from(&mut received).unwrap();
+        assert_ne!(&received[12..len - 10], &rtp(seq, 0xabc, 0)[12..]);
+        let plain = decoder
+            .process(&received[..len])
+            .expect("libsrtp accepts it");
+        assert_eq!(plain, rtp(seq, 0xabc, 0));
+    }
+
+    // Forged (plain RTP), tampered and replayed packets never reach the pipeline.
+    let replayed = encoder.process(&rtp(15, 0x4242, 0)).unwrap();
+    let mut tampered = encoder.process(&rtp(16, 0x4242, 0)).unwrap();
+    tampered[30] ^= 0x80;
+    phone.send_to(&rtp(17, 0x4242, 0), bridge).unwrap();
+    phone.send_to(&tampered, bridge).unwrap();
+    phone.send_to(&replayed, bridge).unwrap();
+    phone.send_to(&replayed, bridge).unwrap();
+    let s = wait_for_stats(&src, |s| s.get::<u64>("srtp-rejected").unwrap() >= 3);
+    assert_eq!(s.get::<u64>("srtp-rejected").unwrap(), 3, "{s}");
+    let buffer = src.pull().unwrap();
+    let map = buffer.map_readable().unwrap();
+    assert_eq!(
+        rtp_types::RtpPacket::parse(map.as_slice())
+            .unwrap()
+            .sequence_number(),
+        15
+    );
+    assert!(src.try_pull().is_none());
+}

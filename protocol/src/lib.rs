@@ -9,5 +9,6 @@ pub mod connectycube;
 pub mod digest;
 pub mod dtmf;
 pub mod offer_answer;
+pub mod sdes;
 pub mod sdp;
 pub mod tone;

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::codec::{self, Codec, MediaKind};
+use crate::sdes::{CryptoAttribute, SrtpKey};
 use crate::sdp::{Direction, MediaSection, PayloadFormat, SessionDescription};
 
 /// Why no answer can be given; a UAS answers 488 Not Acceptable Here.
@@ -28,6 +29,9 @@ pub struct Capabilities {
     pub video: Vec<&'static str>,
     /// Accept and offer RFC 4733 `telephone-event/8000`.
     pub dtmf: bool,
+    /// Our master key and salt for SDES-SRTP (the suite follows the offer);
+    /// without one, RTP/SAVP streams are refused.
+    pub sdes: Option<SrtpKey>,
 }
 
 impl Capabilities {
@@ -41,6 +45,7 @@ impl Capabilities {
                 .collect(),
             video: Vec::new(),
             dtmf: true,
+            sdes: None,
         }
     }
 
@@ -87,6 +92,41 @@ pub struct NegotiatedStream {
     pub rtcp_mux: bool,
     /// The direction *we* use (the offer's, seen from our side).
     pub direction: Direction,
+    /// SDES-SRTP keys, when the stream is RTP/SAVP.
+    pub srtp: Option<NegotiatedSrtp>,
+}
+
+/// The keys of one SRTP stream: the peer's from its `a=crypto`, ours for
+/// the answer, under the tag and suite the peer chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NegotiatedSrtp {
+    pub tag: u32,
+    pub send: SrtpKey,
+    pub receive: SrtpKey,
+}
+
+impl NegotiatedSrtp {
+    /// Takes the first offered attribute we can use; `ours` gives the key.
+    fn choose(crypto: &[String], ours: &SrtpKey) -> Option<Self> {
+        let offered = crypto
+            .iter()
+            .find_map(|value| CryptoAttribute::parse(value).ok())?;
+        Some(Self {
+            tag: offered.tag,
+            send: SrtpKey {
+                suite: offered.key.suite,
+                key_salt: ours.key_salt,
+            },
+            receive: offered.key,
+        })
+    }
+
+    fn answer_attribute(&self) -> CryptoAttribute {
+        CryptoAttribute {
+            tag: self.tag,
+            key: self.send.clone(),
+        }
+    }
 }
 
 impl NegotiatedStream {
@@ -166,10 +206,22 @@ pub fn answer(
         if media.port == 0 || streams.iter().any(|s| s.kind == kind) {
             continue;
         }
-        // Only plain RTP; SRTP offers are refused stream by stream.
-        if !media.proto.eq_ignore_ascii_case("RTP/AVP") {
+        // Plain RTP, or SDES-SRTP when we have a key and a usable a=crypto;
+        // anything else (DTLS, AVPF) is refused stream by stream.
+        let srtp = if media.proto.eq_ignore_ascii_case("RTP/AVP") {
+            None
+        } else if media.proto.eq_ignore_ascii_case("RTP/SAVP") {
+            match capabilities
+                .sdes
+                .as_ref()
+                .and_then(|ours| NegotiatedSrtp::choose(&media.crypto, ours))
+            {
+                Some(srtp) => Some(srtp),
+                None => continue,
+            }
+        } else {
             continue;
-        }
+        };
         let Some((codec, format)) = media.formats.iter().find_map(|f| {
             let codec = codec::lookup(&f.encoding_name, f.clock_rate)?;
             (codec.kind == kind
@@ -203,6 +255,7 @@ pub fn answer(
             remote_rtcp,
             rtcp_mux: media.rtcp_mux,
             direction: reverse(media.direction),
+            srtp,
         });
     }
     if streams.is_empty() {
@@ -260,7 +313,12 @@ pub fn render_answer(
             Some((stream, local)) => {
                 let mut pts = vec![stream.format.payload_type];
                 pts.extend(stream.dtmf_payload_type);
-                write_media_line(&mut sdp, stream.kind.as_str(), local.rtp_port, &pts);
+                let proto = if stream.srtp.is_some() {
+                    "RTP/SAVP"
+                } else {
+                    "RTP/AVP"
+                };
+                write_media_line(&mut sdp, stream.kind.as_str(), proto, local.rtp_port, &pts);
                 write_format(&mut sdp, &stream.format);
                 if let Some(pt) = stream.dtmf_payload_type {
                     write_dtmf(&mut sdp, pt);
@@ -270,6 +328,9 @@ pub fn render_answer(
                 }
                 if stream.rtcp_mux {
                     sdp.push_str("a=rtcp-mux\r\n");
+                }
+                if let Some(srtp) = &stream.srtp {
+                    let _ = write!(sdp, "a=crypto:{}\r\n", srtp.answer_attribute().value());
                 }
                 let _ = write!(sdp, "a={}\r\n", direction_attribute(stream.direction));
             }
@@ -325,7 +386,13 @@ pub fn render_offer(
         });
         let mut pts: Vec<u8> = formats.iter().map(|f| f.payload_type).collect();
         pts.extend(dtmf);
-        write_media_line(&mut sdp, stream.kind.as_str(), stream.rtp_port, &pts);
+        write_media_line(
+            &mut sdp,
+            stream.kind.as_str(),
+            "RTP/AVP",
+            stream.rtp_port,
+            &pts,
+        );
         for format in formats.drain(..) {
             write_format(&mut sdp, &format);
         }
@@ -365,9 +432,9 @@ fn session_header(origin: Origin, address: IpAddr) -> String {
     )
 }
 
-fn write_media_line(sdp: &mut String, kind: &str, port: u16, pts: &[u8]) {
+fn write_media_line(sdp: &mut String, kind: &str, proto: &str, port: u16, pts: &[u8]) {
     let pts: Vec<String> = pts.iter().map(u8::to_string).collect();
-    let _ = write!(sdp, "m={kind} {port} RTP/AVP {}\r\n", pts.join(" "));
+    let _ = write!(sdp, "m={kind} {port} {proto} {}\r\n", pts.join(" "));
 }
 
 fn write_format(sdp: &mut String, format: &PayloadFormat) {
@@ -442,6 +509,7 @@ fn addr_type(address: IpAddr) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sdes::CryptoSuite;
     use crate::sdp;
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -493,6 +561,7 @@ mod tests {
             audio: vec!["OPUS"],
             video: vec![],
             dtmf: true,
+            sdes: None,
         };
         let negotiation = answer(&offer, &capabilities).unwrap();
         let audio = negotiation.audio().unwrap();
@@ -552,6 +621,44 @@ mod tests {
         assert!(err.to_string().contains("GSM/8000"), "{err}");
         let srtp = offer_srtp();
         assert!(answer(&srtp, &Capabilities::all_audio()).is_err());
+    }
+
+    #[test]
+    fn sdes_srtp_is_answered_with_our_key_under_the_offered_tag() {
+        let ours = SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80);
+        let capabilities = Capabilities {
+            sdes: Some(ours.clone()),
+            ..Capabilities::all_audio()
+        };
+        // The first usable attribute wins; unsupported suites are skipped.
+        let srtp_offer = offer(
+            "m=audio 4000 RTP/SAVP 0\r\n\
+             a=crypto:1 AES_256_CM_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVzWVNfX19zZW1jdGwg\r\n\
+             a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n",
+        );
+        let negotiation = answer(&srtp_offer, &capabilities).unwrap();
+        let srtp = negotiation.audio().unwrap().srtp.clone().unwrap();
+        assert_eq!(srtp.tag, 2);
+        assert_eq!(srtp.receive.suite, CryptoSuite::AesCm128HmacSha1_32);
+        assert_eq!(srtp.send.suite, CryptoSuite::AesCm128HmacSha1_32);
+        assert_eq!(srtp.send.key_salt, ours.key_salt);
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[LocalStream { rtp_port: 5000 }],
+        );
+        assert!(text.contains("m=audio 5000 RTP/SAVP 0\r\n"), "{text}");
+        let crypto = sdp::parse(&text).unwrap().media[0].crypto.clone();
+        assert_eq!(crypto.len(), 1);
+        let attribute = CryptoAttribute::parse(&crypto[0]).unwrap();
+        assert_eq!((attribute.tag, attribute.key), (2, srtp.send));
+
+        // RTP/SAVP without a usable key is refused like an unknown codec.
+        let unusable = offer(
+            "m=audio 4000 RTP/SAVP 0\r\na=crypto:1 F8_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n",
+        );
+        assert!(answer(&unusable, &capabilities).is_err());
     }
 
     fn offer_srtp() -> SessionDescription {

@@ -74,6 +74,7 @@ pub fn line(record: &CallRecord) -> serde_json::Value {
         "status": record.status,
         "cause": record.cause,
         "sip_codec": record.sip_codec,
+        "sip_srtp": record.sip_srtp,
         "app_codec": record.app_codec,
         "media": if record.transcoded { "transcoded" } else { "passthrough" },
         "recording": record.recording.as_ref().map(|p| p.display().to_string()),

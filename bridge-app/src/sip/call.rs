@@ -14,6 +14,7 @@ use bridge_protocol::dtmf;
 use bridge_protocol::offer_answer::{
     self, Capabilities, LocalStream, NegotiatedStream, OfferedStream, Origin,
 };
+use bridge_protocol::sdes::{CryptoSuite, SrtpKey};
 use bridge_protocol::sdp::{self, Direction};
 use rsipstack::dialog::dialog::{DialogState, TerminatedReason, TransactionHandle};
 use rsipstack::dialog::invite_dialog::InviteDialog;
@@ -161,7 +162,11 @@ async fn answer_call(
         None => None,
     };
 
-    let capabilities = Capabilities::all_audio();
+    // One SDES key per call, so that re-offers keep what the phone knows.
+    let capabilities = Capabilities {
+        sdes: Some(SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80)),
+        ..Capabilities::all_audio()
+    };
     let offer = match offered_sdp(&tx.original) {
         Ok(offer) => offer,
         Err(reason) => {
@@ -476,15 +481,20 @@ impl Call {
         }
         if let Some(media) = &self.media {
             self.record.sip_codec = Some(media.codec());
+            self.record.sip_srtp = stream.srtp.as_ref().map(|s| s.send.suite.name());
             self.record.transcoded = media.transcoding();
             self.record.app_codec = media.app_element().map(|_| "OPUS");
             self.record.recording = media.recording().map(ToOwned::to_owned);
         }
         info!(
-            "call {}: {} {:?}, local {} remote {}",
+            "call {}: {} {:?}{}, local {} remote {}",
             self.call_id,
             stream.codec.encoding_name,
             stream.direction,
+            match &stream.srtp {
+                Some(srtp) => format!(" SRTP {}", srtp.send.suite.name()),
+                None => String::new(),
+            },
             std::net::SocketAddr::new(self.reservation.address, self.reservation.port),
             stream.remote_rtp
         );

@@ -270,7 +270,6 @@ impl CallMedia {
                 .with_context(|| format!("pipeline lacks {name}"))
         };
         let (receiver, sender, valve) = (by_name("rx")?, by_name("tx")?, by_name("hold")?);
-        receiver.set_property("sdp", stream.media_section_text());
         let media = Self {
             app: pipeline.by_name("app"),
             to_app: pipeline.by_name("to_app"),
@@ -285,6 +284,7 @@ impl CallMedia {
             valve,
             codec,
         };
+        media.set_peer(stream);
         media.set_direction(stream);
         media.watch_bus(events);
         media
@@ -318,9 +318,21 @@ impl CallMedia {
     /// Applies a renegotiated stream of the same codec: a new remote address
     /// or port, and hold (nothing is sent while the phone does not receive).
     pub fn update(&self, stream: &NegotiatedStream) {
+        self.set_peer(stream);
+        self.set_direction(stream);
+    }
+
+    /// Where the phone's media is, and its SRTP keys (set on the session
+    /// that `rx` and `tx` share).
+    fn set_peer(&self, stream: &NegotiatedStream) {
         self.receiver
             .set_property("sdp", stream.media_section_text());
-        self.set_direction(stream);
+        if let Some(srtp) = &stream.srtp {
+            self.receiver
+                .set_property("srtp-send-key", srtp.send.to_string());
+            self.receiver
+                .set_property("srtp-receive-key", srtp.receive.to_string());
+        }
     }
 
     /// Nothing goes to a phone that does not receive; while the phone holds

@@ -109,6 +109,8 @@ pub struct CallRecord {
     pub status: u16,
     pub cause: String,
     pub sip_codec: Option<&'static str>,
+    /// The SDES-SRTP suite protecting the SIP leg, if any.
+    pub sip_srtp: Option<&'static str>,
     /// Opus toward the app, for bridged calls.
     pub app_codec: Option<&'static str>,
     pub transcoded: bool,
@@ -140,6 +142,7 @@ impl CallRecord {
             status: 0,
             cause: String::new(),
             sip_codec: None,
+            sip_srtp: None,
             app_codec: None,
             transcoded: false,
             recording: None,

@@ -595,6 +595,22 @@ impl Baresip {
         }
     }
 
+    /// Makes the phone insist on SDES-SRTP (RTP/SAVP with a=crypto).
+    pub fn with_mandatory_srtp(self) -> Baresip {
+        let config = self.dir.join("config");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("module srtp.so\n");
+        std::fs::write(&config, text).unwrap();
+        let accounts = self.dir.join("accounts");
+        let line = std::fs::read_to_string(&accounts).unwrap();
+        std::fs::write(
+            &accounts,
+            line.trim_end().to_owned() + ";mediaenc=srtp-mand\n",
+        )
+        .unwrap();
+        self
+    }
+
     /// Calls `user` through the registrar, stays on the line `seconds`, hangs up;
     /// returns baresip's output.
     pub fn call(&self, user: &str, seconds: u32) -> String {

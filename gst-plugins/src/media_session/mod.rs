@@ -8,6 +8,7 @@
 
 mod receiver_stats;
 pub mod rtcp;
+mod srtp;
 
 use std::collections::HashMap;
 use std::io;
@@ -16,12 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use bridge_protocol::sdes::SrtpKey;
 use rand::Rng;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Notify;
 
 pub use receiver_stats::Arrival;
 use receiver_stats::ReceiverStats;
+use srtp::Protection;
 
 /// How long the receiving thread blocks in one `recv` before it looks at
 /// flushing, timeouts and periodic statistics again.
@@ -109,6 +112,8 @@ pub struct SessionStats {
     pub rtcp_sent: u64,
     pub rtcp_received: u64,
     pub rtcp_invalid: u64,
+    /// SRTP/SRTCP datagrams that failed authentication or replay checks.
+    pub srtp_rejected: u64,
     /// What the peer's last report said about the media we send.
     pub remote_fraction_lost: f64,
     pub remote_cumulative_lost: i64,
@@ -142,6 +147,7 @@ struct Counters {
     rtcp_sent: u64,
     rtcp_received: u64,
     rtcp_invalid: u64,
+    srtp_rejected: u64,
 }
 
 #[derive(Debug)]
@@ -177,6 +183,8 @@ pub struct MediaSession {
     bye_received: AtomicBool,
     bye_sent: AtomicBool,
     shutdown: Arc<Notify>,
+    /// SDES-SRTP, when the stream is RTP/SAVP.
+    protection: Mutex<Option<Arc<Protection>>>,
 }
 
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<MediaSession>>>> =
@@ -246,6 +254,7 @@ impl MediaSession {
             bye_received: AtomicBool::new(false),
             bye_sent: AtomicBool::new(false),
             shutdown: Arc::new(Notify::new()),
+            protection: Mutex::new(None),
         })
     }
 
@@ -282,6 +291,54 @@ impl MediaSession {
         self.state.lock().unwrap().latch = latch;
     }
 
+    /// Switches SRTP on with these keys (ours for sending, the peer's for
+    /// receiving), or off. The same keys again change nothing.
+    pub fn set_srtp(&self, keys: Option<(SrtpKey, SrtpKey)>) -> Result<(), String> {
+        let mut protection = self.protection.lock().unwrap();
+        *protection = match keys {
+            Some((send, receive)) => {
+                if protection
+                    .as_ref()
+                    .is_some_and(|p| p.has_keys(&send, &receive))
+                {
+                    return Ok(());
+                }
+                Some(Arc::new(Protection::new(send, receive)?))
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn protection(&self) -> Option<Arc<Protection>> {
+        self.protection.lock().unwrap().clone()
+    }
+
+    /// With SRTP on, replaces `datagram` by its plain form; `false` when it
+    /// failed authentication (counted, and reported once).
+    fn unprotect(&self, datagram: &mut Vec<u8>, from: SocketAddr) -> bool {
+        let Some(protection) = self.protection() else {
+            return true;
+        };
+        match protection.unprotect(datagram) {
+            Ok(plain) => {
+                *datagram = plain;
+                true
+            }
+            Err(e) => {
+                let first = {
+                    let mut state = self.state.lock().unwrap();
+                    state.counters.srtp_rejected += 1;
+                    state.counters.srtp_rejected == 1
+                };
+                if first {
+                    warn(&self.name, &format!("dropped SRTP from {from}: {e}"));
+                }
+                false
+            }
+        }
+    }
+
     pub fn set_rtcp_interval(&self, interval: Duration) {
         self.state.lock().unwrap().rtcp_interval = interval.max(Duration::from_millis(100));
     }
@@ -295,13 +352,16 @@ impl MediaSession {
         }
     }
 
-    /// Receives one datagram on the RTP socket, waiting at most [`RECV_POLL`].
+    /// Receives one datagram on the RTP socket, waiting at most [`RECV_POLL`];
+    /// with SRTP, what comes back is already unprotected (rejected datagrams
+    /// count as nothing received).
     pub fn recv_rtp(&self, buffer: &mut Vec<u8>) -> io::Result<Option<SocketAddr>> {
         buffer.resize(MAX_DATAGRAM, 0);
         match self.rtp_socket.recv_from(buffer) {
             Ok((len, from)) => {
                 buffer.truncate(len);
-                Ok(Some(canonical(from)))
+                let from = canonical(from);
+                Ok(self.unprotect(buffer, from).then_some(from))
             }
             Err(e)
                 if matches!(
@@ -454,8 +514,14 @@ impl MediaSession {
             sender.sent_since_report = true;
             remote
         };
-        self.rtp_socket
-            .send_to(packet, self.destination(destination))?;
+        let destination = self.destination(destination);
+        match self.protection() {
+            Some(protection) => {
+                let protected = protection.protect_rtp(packet).map_err(io::Error::other)?;
+                self.rtp_socket.send_to(&protected, destination)?
+            }
+            None => self.rtp_socket.send_to(packet, destination)?,
+        };
         Ok(true)
     }
 
@@ -474,6 +540,15 @@ impl MediaSession {
             return;
         };
         let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);
+        let protected;
+        let data = match self.protection().map(|p| p.protect_rtcp(data)) {
+            Some(Ok(packet)) => {
+                protected = packet;
+                &protected
+            }
+            Some(Err(e)) => return warn(&self.name, &format!("cannot protect RTCP: {e}")),
+            None => data,
+        };
         match socket.send_to(data, self.destination(remote)) {
             Ok(_) => self.state.lock().unwrap().counters.rtcp_sent += 1,
             Err(e) => warn(&self.name, &format!("sending RTCP to {remote} failed: {e}")),
@@ -606,6 +681,7 @@ impl MediaSession {
             rtcp_sent: c.rtcp_sent,
             rtcp_received: c.rtcp_received,
             rtcp_invalid: c.rtcp_invalid,
+            srtp_rejected: c.srtp_rejected,
             remote_fraction_lost: state
                 .remote_report
                 .map_or(0.0, |r| f64::from(r.fraction_lost) / 256.0),
@@ -647,7 +723,10 @@ async fn rtcp_task(session: Weak<MediaSession>, socket: Option<UdpSocket>, shutd
             received = receive => {
                 let Some(session) = session.upgrade() else { return };
                 if let Ok((len, from)) = received {
-                    session.on_rtcp_received(from, &buffer[..len]);
+                    let mut datagram = buffer[..len].to_vec();
+                    if session.unprotect(&mut datagram, canonical(from)) {
+                        session.on_rtcp_received(from, &datagram);
+                    }
                 }
             }
             _ = tokio::time::sleep_until(next_report) => {
