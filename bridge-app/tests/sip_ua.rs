@@ -1,13 +1,13 @@
 //! The SIP leg of `sip-cc-bridge run` against SIPp: calls in every audio
 //! codec with the echo heard back at the right frequency, the tone service
-//! and RFC 4733 digits, INFO DTMF, hold and resume, offers in the ACK,
+//! and RFC 4733 digits (reported, and played back), INFO DTMF, hold and resume, offers in the ACK,
 //! session timers, CANCEL, no answer, 404, 488, 422, digest authentication,
 //! the RTP timeout, TCP, and malformed requests next to a call in progress.
 
 mod support;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bridge_protocol::dtmf::TelephoneEvent;
 use support::{BridgeProcess, free_even_port, sipp};
@@ -414,9 +414,24 @@ fn the_tone_is_heard_and_rfc4733_digits_are_reported() {
     let reported = bridge
         .logs()
         .iter()
-        .filter(|l| l.contains("call tone-1: DTMF"))
+        .filter(|l| l.contains("call tone-1: DTMF") && l.ends_with(" ms, RFC 4733)"))
         .count();
     assert_eq!(reported, 2, "one event per digit");
+
+    // The line check plays each digit back as RFC 4733 events.
+    let mut detector = bridge_protocol::dtmf::EventDetector::default();
+    let mut echoed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while echoed.len() < 2 && Instant::now() < deadline {
+        let (len, _) = phone.recv_from(&mut buffer).expect("RTP keeps coming");
+        let Ok(packet) = rtp_types::RtpPacket::parse(&buffer[..len]) else {
+            continue;
+        };
+        if packet.payload_type() == 101 {
+            echoed.extend(detector.push(packet.timestamp(), packet.payload()));
+        }
+    }
+    assert_eq!(echoed, [('7', 800), ('#', 800)], "digits sent back");
     assert_sipp(signalling.join().unwrap(), "tone call");
 }
 

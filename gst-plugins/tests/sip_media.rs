@@ -712,3 +712,71 @@ fn sdes_srtp_interoperates_with_libsrtp_and_rejects_forgeries() {
     );
     assert!(src.try_pull().is_none());
 }
+
+#[test]
+fn send_dtmf_replaces_audio_with_events_that_rtpdtmfdepay_reads() {
+    let phone = phone("127.0.0.1");
+    let phone_address = phone.local_addr().unwrap();
+    let mut sink = sink_harness(&[(
+        "sdp",
+        &format!(
+            "m=audio {} RTP/AVP 0 101\r\nc=IN IP4 127.0.0.1\r\na=rtpmap:101 telephone-event/8000\r\n",
+            phone_address.port()
+        ),
+    )]);
+    let element = sink.element().unwrap();
+    assert!(!element.emit_by_name::<bool>("send-dtmf", &[&"x", &100u32]));
+    assert!(element.emit_by_name::<bool>("send-dtmf", &[&"7", &100u32]));
+
+    // The phone side: GStreamer's own RFC 4733 depayloader.
+    let pipeline = gst::parse::launch(
+        "appsrc name=in is-live=true do-timestamp=true format=time \
+           caps=application/x-rtp,media=audio,encoding-name=TELEPHONE-EVENT,clock-rate=8000,payload=101 \
+         ! rtpdtmfdepay ! fakesink sync=false async=false",
+    )
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let input = pipeline
+        .by_name("in")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+
+    let mut sequence = Vec::new();
+    let mut received = [0u8; 2048];
+    for seq in 0..20u16 {
+        push(&mut sink, rtp(seq, 0xd7, 0));
+        let (len, _) = phone.recv_from(&mut received).unwrap();
+        let packet = rtp_types::RtpPacket::parse(&received[..len]).unwrap();
+        sequence.push((packet.sequence_number(), packet.payload_type()));
+        if packet.payload_type() == 101 {
+            input
+                .push_buffer(gst::Buffer::from_slice(received[..len].to_vec()))
+                .unwrap();
+        }
+    }
+    // No gap in numbering; 100 ms of event (4 packets + 3 ends) then audio again.
+    assert!(
+        sequence
+            .iter()
+            .enumerate()
+            .all(|(i, (seq, _))| *seq == i as u16)
+    );
+    let payload_types: Vec<u8> = sequence.iter().map(|(_, pt)| *pt).collect();
+    assert_eq!(&payload_types[..7], &[101; 7]);
+    assert!(payload_types[7..].iter().all(|&pt| pt == 0));
+
+    let bus = pipeline.bus().unwrap();
+    let event = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(3),
+            &[gst::MessageType::Element],
+        )
+        .expect("rtpdtmfdepay reports the event");
+    let s = event.structure().unwrap();
+    assert_eq!(s.name(), "dtmf-event");
+    assert_eq!(s.get::<i32>("number").unwrap(), 7);
+    pipeline.set_state(gst::State::Null).unwrap();
+}

@@ -78,6 +78,110 @@ impl EventDetector {
     }
 }
 
+/// How many times the end of an event is sent (RFC 4733 §2.5.1.4).
+const END_REPEATS: u8 = 3;
+
+/// One packet of an outgoing event, sent in place of an audio packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutgoingEvent {
+    /// The RTP timestamp of the event's start (the same in all its packets).
+    pub timestamp: u32,
+    /// Set on the event's first packet.
+    pub marker: bool,
+    pub payload: [u8; 4],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ActiveEvent {
+    event: u8,
+    /// Wanted length in clock units.
+    length: u32,
+    start: u32,
+    ends_sent: u8,
+    first: bool,
+}
+
+/// Sends digits as RFC 4733 events inside an audio stream: while an event
+/// lasts, each audio packet is replaced by an event packet with the same
+/// sequence number, so the stream needs no renumbering.
+#[derive(Debug, Default)]
+pub struct EventSender {
+    queue: std::collections::VecDeque<(u8, u32)>,
+    active: Option<ActiveEvent>,
+    last_timestamp: Option<u32>,
+    /// Clock units per audio packet, learnt from the stream.
+    step: u32,
+}
+
+/// At most this many digits wait; a flood of requests is refused.
+const MAX_QUEUED: usize = 32;
+
+impl EventSender {
+    /// Queues `digit` for `length` clock units (clamped to the 16-bit field);
+    /// `false` for a character that is no DTMF digit or a full queue.
+    pub fn queue(&mut self, digit: char, length: u32) -> bool {
+        let Some(event) = digit_event(digit) else {
+            return false;
+        };
+        if self.queue.len() >= MAX_QUEUED {
+            return false;
+        }
+        self.queue
+            .push_back((event, length.clamp(1, u32::from(u16::MAX))));
+        true
+    }
+
+    /// Whether digits are waiting or being sent.
+    pub fn busy(&self) -> bool {
+        self.active.is_some() || !self.queue.is_empty()
+    }
+
+    /// Called for each outgoing audio packet with its RTP timestamp: the
+    /// event packet to send instead, if a digit is being sent.
+    pub fn replace(&mut self, timestamp: u32) -> Option<OutgoingEvent> {
+        if let Some(last) = self.last_timestamp.replace(timestamp) {
+            let step = timestamp.wrapping_sub(last);
+            if step > 0 && step < 8 * 48_000 {
+                self.step = step;
+            }
+        }
+        if self.active.is_none() {
+            let (event, length) = self.queue.pop_front()?;
+            self.active = Some(ActiveEvent {
+                event,
+                length,
+                start: timestamp,
+                ends_sent: 0,
+                first: true,
+            });
+        }
+        let active = self.active.as_mut()?;
+        // Before the stream showed its packet size, assume 20 ms at 8 kHz.
+        let step = if self.step == 0 { 160 } else { self.step };
+        let elapsed = timestamp.wrapping_sub(active.start) + step;
+        let end = active.ends_sent > 0 || elapsed >= active.length;
+        let duration = if end { active.length } else { elapsed };
+        let packet = OutgoingEvent {
+            timestamp: active.start,
+            marker: std::mem::take(&mut active.first),
+            payload: TelephoneEvent {
+                event: active.event,
+                end,
+                volume: 10,
+                duration: duration.min(u32::from(u16::MAX)) as u16,
+            }
+            .to_bytes(),
+        };
+        if end {
+            active.ends_sent += 1;
+            if active.ends_sent == END_REPEATS {
+                self.active = None;
+            }
+        }
+        Some(packet)
+    }
+}
+
 /// Reads the digit of a SIP INFO body: `Signal=5` lines (dtmf-relay) or a
 /// bare digit (application/dtmf).
 pub fn info_digit(content_type: &str, body: &str) -> Option<char> {
@@ -107,6 +211,32 @@ pub fn info_digit(content_type: &str, body: &str) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sent_events_replace_audio_packets_and_read_back_as_digits() {
+        let mut sender = EventSender::default();
+        assert!(!sender.queue('x', 800));
+        assert!(sender.queue('5', 800));
+        assert!(sender.queue('#', 400));
+        let mut detector = EventDetector::default();
+        let mut digits = Vec::new();
+        let mut replaced = 0;
+        let mut markers = 0;
+        for packet in 0..40u32 {
+            let timestamp = 1000 + packet * 160;
+            if let Some(event) = sender.replace(timestamp) {
+                replaced += 1;
+                markers += usize::from(event.marker);
+                digits.extend(detector.push(event.timestamp, &event.payload));
+            }
+        }
+        // 100 ms = 5 packets, the last one the first of three ends; 50 ms = 3 + 2.
+        assert_eq!(replaced, (4 + 3) + (2 + 3));
+        assert_eq!(markers, 2);
+        assert_eq!(digits, [('5', 800), ('#', 400)]);
+        assert!(!sender.busy());
+        assert_eq!(sender.replace(1000 + 40 * 160), None);
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -40,6 +40,8 @@ const MAX_REDIRECTS: u32 = 3;
 
 /// How often a call's RTP statistics are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a digit from SIP INFO is played back (INFO bodies rarely say).
+const INFO_DIGIT_MS: u32 = 160;
 
 pub(super) fn incoming(shared: Arc<Shared>, tx: Transaction) {
     tokio::spawn(async move {
@@ -543,6 +545,7 @@ impl Call {
                 Some(event) = self.media_events.1.recv() => match event {
                     MediaEvent::Dtmf { digit, duration_ms } => {
                         info!("call {}: DTMF {digit} ({duration_ms} ms, RFC 4733)", self.call_id);
+                        self.echo_dtmf(digit, duration_ms);
                     }
                     MediaEvent::RtpTimeout { silence_ms } => {
                         break (
@@ -727,6 +730,16 @@ impl Call {
             .collect()
     }
 
+    /// The line checks send each digit back as RFC 4733 events, so a user
+    /// can test DTMF both ways.
+    fn echo_dtmf(&self, digit: char, duration_ms: u32) {
+        if let (Peer::Service(_), Some(media)) = (&self.peer, &self.media)
+            && media.send_dtmf(digit, duration_ms)
+        {
+            info!("call {}: DTMF {digit} sent back (RFC 4733)", self.call_id);
+        }
+    }
+
     async fn on_info(&mut self, request: &Request, handle: TransactionHandle) {
         let content_type = request.header_value("Content-Type").unwrap_or_default();
         let body = String::from_utf8_lossy(&request.body);
@@ -734,6 +747,7 @@ impl Call {
             Some(digit) => {
                 info!("call {}: DTMF {digit} (SIP INFO)", self.call_id);
                 let _ = handle.reply(StatusCode::OK).await;
+                self.echo_dtmf(digit, INFO_DIGIT_MS);
             }
             None if content_type.is_empty() => {
                 // An empty INFO is a keep-alive.

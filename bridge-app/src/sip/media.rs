@@ -325,8 +325,10 @@ impl CallMedia {
     /// Where the phone's media is, and its SRTP keys (set on the session
     /// that `rx` and `tx` share).
     fn set_peer(&self, stream: &NegotiatedStream) {
-        self.receiver
-            .set_property("sdp", stream.media_section_text());
+        let section = stream.media_section_text();
+        // The sink learns the phone's telephone-event from it.
+        self.sender.set_property("sdp", &section);
+        self.receiver.set_property("sdp", section);
         if let Some(srtp) = &stream.srtp {
             self.receiver
                 .set_property("srtp-send-key", srtp.send.to_string());
@@ -348,6 +350,13 @@ impl CallMedia {
                 None => to_app.set_property("drop", held),
             }
         }
+    }
+
+    /// Sends a digit to the phone as RFC 4733 events; `false` when the
+    /// phone did not negotiate telephone-event.
+    pub fn send_dtmf(&self, digit: char, duration_ms: u32) -> bool {
+        self.sender
+            .emit_by_name::<bool>("send-dtmf", &[&digit.to_string(), &duration_ms])
     }
 
     /// RTP statistics of the SIP leg (`sipsrc`'s `stats`).

@@ -7,14 +7,25 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
+use bridge_protocol::dtmf::EventSender;
+
 use crate::CAT;
 use crate::sip_common::SessionProperties;
+
+/// RFC 4733 events toward the phone, when its SDP offers telephone-event.
+#[derive(Default)]
+struct Dtmf {
+    /// Payload type and clock rate of the phone's telephone-event.
+    format: Option<(u8, u32)>,
+    sender: EventSender,
+}
 
 #[derive(Default)]
 pub struct SipSink {
     session: SessionProperties,
     /// RTP clock rate of the negotiated caps, for the timestamps in Sender Reports.
     clock_rate: Mutex<u32>,
+    dtmf: Mutex<Dtmf>,
 }
 
 #[glib::object_subclass]
@@ -38,9 +49,38 @@ impl ObjectImpl for SipSink {
         PROPERTIES.as_ref()
     }
 
+    fn signals() -> &'static [glib::subclass::Signal] {
+        static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
+            vec![
+                // send-dtmf(digit, duration-ms) -> queued: sends the digit as
+                // RFC 4733 events in place of audio packets.
+                glib::subclass::Signal::builder("send-dtmf")
+                    .param_types([String::static_type(), u32::static_type()])
+                    .return_type::<bool>()
+                    .action()
+                    .class_handler(|args| {
+                        let element = args[0].get::<super::SipSink>().unwrap();
+                        let digit = args[1].get::<String>().unwrap_or_default();
+                        let duration_ms = args[2].get::<u32>().unwrap_or(0);
+                        Some(element.imp().queue_dtmf(&digit, duration_ms).to_value())
+                    })
+                    .build(),
+            ]
+        });
+        SIGNALS.as_ref()
+    }
+
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        self.session
+        let section = self
+            .session
             .set_property(self.obj().upcast_ref(), value, pspec);
+        if let Some(section) = section {
+            self.dtmf.lock().unwrap().format = section
+                .formats
+                .iter()
+                .find(|f| f.encoding_name.eq_ignore_ascii_case("telephone-event"))
+                .map(|f| (f.payload_type, f.clock_rate));
+        }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
@@ -123,6 +163,36 @@ impl BaseSinkImpl for SipSink {
 }
 
 impl SipSink {
+    /// Queues a digit (0–9, *, #, A–D) of at least 40 ms; `false` when the
+    /// phone takes no telephone-event, or its rate differs from the stream's.
+    fn queue_dtmf(&self, digit: &str, duration_ms: u32) -> bool {
+        let clock_rate = *self.clock_rate.lock().unwrap();
+        let mut dtmf = self.dtmf.lock().unwrap();
+        let Some((_, event_rate)) = dtmf.format else {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "no telephone-event in the phone's SDP: digit {digit:?} not sent"
+            );
+            return false;
+        };
+        if clock_rate != 0 && clock_rate != event_rate {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "telephone-event/{event_rate} does not match the stream's clock {clock_rate}: digit {digit:?} not sent"
+            );
+            return false;
+        }
+        let mut chars = digit.chars();
+        let (Some(digit), None) = (chars.next(), chars.next()) else {
+            return false;
+        };
+        let length = u64::from(duration_ms.max(40)) * u64::from(event_rate) / 1000;
+        dtmf.sender
+            .queue(digit, length.min(u64::from(u32::MAX)) as u32)
+    }
+
     /// Sends one packet. A send error is logged, never fatal: a phone that is
     /// briefly unreachable must not end the call.
     fn send(&self, buffer: &gst::BufferRef) {
@@ -142,12 +212,30 @@ impl SipSink {
             return;
         };
         let clock_rate = *self.clock_rate.lock().unwrap();
-        if let Err(e) = session.send_rtp(
-            map.as_slice(),
-            packet.ssrc(),
-            packet.timestamp(),
-            clock_rate,
-        ) {
+        let event = {
+            let mut dtmf = self.dtmf.lock().unwrap();
+            let payload_type = dtmf.format.map(|(pt, _)| pt);
+            match payload_type {
+                Some(pt) if pt != packet.payload_type() => dtmf
+                    .sender
+                    .replace(packet.timestamp())
+                    .map(|event| (pt, event)),
+                _ => None,
+            }
+        };
+        let event_packet = event.and_then(|(pt, event)| {
+            rtp_types::RtpPacketBuilder::new()
+                .payload_type(pt)
+                .marker_bit(event.marker)
+                .sequence_number(packet.sequence_number())
+                .timestamp(event.timestamp)
+                .ssrc(packet.ssrc())
+                .payload(event.payload.as_slice())
+                .write_vec()
+                .ok()
+        });
+        let data = event_packet.as_deref().unwrap_or(map.as_slice());
+        if let Err(e) = session.send_rtp(data, packet.ssrc(), packet.timestamp(), clock_rate) {
             gst::warning!(CAT, imp = self, "sending RTP failed: {e}");
         }
     }
