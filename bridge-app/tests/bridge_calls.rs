@@ -502,7 +502,7 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
 }
 
 #[test]
-fn an_app_call_follows_a_redirect_to_the_phone() {
+fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     let _serial = one_at_a_time();
     let dir = tempdir();
     let (phone_port, sandbox_port) = (support::free_port(), support::free_port());
@@ -524,7 +524,7 @@ fn an_app_call_follows_a_redirect_to_the_phone() {
     let phone = std::thread::spawn(move || {
         let output = std::process::Command::new("sipp")
             .arg("-sf")
-            .arg(support::repo_root().join("bridge-app/tests/sipp/redirect-then-answer.xml"))
+            .arg(support::repo_root().join("bridge-app/tests/sipp/redirect-progress-answer.xml"))
             .args([
                 "-i",
                 "127.0.0.1",
@@ -564,7 +564,7 @@ fn an_app_call_follows_a_redirect_to_the_phone() {
     let (success, output) = phone.join().unwrap();
     assert!(
         success,
-        "302, then the redirected INVITE answered, then BYE:\n{output}\n{:#?}",
+        "302, then the redirected INVITE answered (SDP in the 183 only), then BYE:\n{output}\n{:#?}",
         bridge.logs()
     );
     assert!(
@@ -572,6 +572,14 @@ fn an_app_call_follows_a_redirect_to_the_phone() {
             .logs()
             .iter()
             .any(|l| l.contains("302, redirected to sip:alice@127.0.0.1"))
+    );
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.ends_with("183 Session Progress with SDP (early media)")),
+        "{:#?}",
+        bridge.logs()
     );
     let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 1);
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);

@@ -920,27 +920,47 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     };
     let config = &shared.config;
     let mut redirects = 0;
+    // The answer of an 18x with SDP, for a 200 OK that does not repeat it.
+    let mut early_answer: Option<Vec<u8>> = None;
     let response = loop {
-        let outcome = tokio::select! {
-            result = &mut invite => result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
-            reason = app.abandoned() => {
-                info!("call {call_id}: the app gave up ({reason}), CANCEL");
-                let _ = call.dialog.cancel().await;
-                call.finish(487, format!("the app gave up: {reason}"));
-                return Ok(());
-            }
-            () = tokio::time::sleep(config.no_answer_timeout) => {
-                info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
-                let _ = call.dialog.cancel().await;
-                app.refuse(480, "no answer");
-                call.finish(480, "no answer".into());
-                return Ok(());
-            }
-            () = token.cancelled() => {
-                let _ = call.dialog.cancel().await;
-                app.refuse(503, "the bridge is shutting down");
-                call.finish(503, "the bridge shut down".into());
-                return Ok(());
+        let no_answer = tokio::time::sleep(config.no_answer_timeout);
+        tokio::pin!(no_answer);
+        let outcome = loop {
+            tokio::select! {
+                result = &mut invite => break result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
+                Some(state) = states.recv() => {
+                    // 18x: the app keeps ringing (its SDK has no progress signal).
+                    if let DialogState::Early(_, progress) = state {
+                        let with_sdp = !progress.body.is_empty();
+                        info!(
+                            "call {call_id}: {}{}",
+                            progress.status_code,
+                            if with_sdp { " with SDP (early media)" } else { "" }
+                        );
+                        if with_sdp {
+                            early_answer = Some(progress.body.clone());
+                        }
+                    }
+                }
+                reason = app.abandoned() => {
+                    info!("call {call_id}: the app gave up ({reason}), CANCEL");
+                    let _ = call.dialog.cancel().await;
+                    call.finish(487, format!("the app gave up: {reason}"));
+                    return Ok(());
+                }
+                () = &mut no_answer => {
+                    info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
+                    let _ = call.dialog.cancel().await;
+                    app.refuse(480, "no answer");
+                    call.finish(480, "no answer".into());
+                    return Ok(());
+                }
+                () = token.cancelled() => {
+                    let _ = call.dialog.cancel().await;
+                    app.refuse(503, "the bridge is shutting down");
+                    call.finish(503, "the bridge shut down".into());
+                    return Ok(());
+                }
             }
         };
         let response = match outcome {
@@ -984,7 +1004,11 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         call.finish(status, format!("the phone answered {reason}"));
         return Ok(());
     }
-    let answer = std::str::from_utf8(&response.body)
+    let answer_body = match (&response.body, &early_answer) {
+        (body, Some(early)) if body.is_empty() => early,
+        (body, _) => body,
+    };
+    let answer = std::str::from_utf8(answer_body)
         .ok()
         .and_then(|text| sdp::parse(text).ok())
         .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok())
