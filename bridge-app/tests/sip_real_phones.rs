@@ -110,3 +110,32 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
         "Kamailio no longer routes to the bridge:\n{output}"
     );
 }
+
+#[test]
+fn the_bridge_registers_under_a_sha256_digest_challenge() {
+    let kamailio = KamailioProcess::start_with_digest("SHA-256");
+    let mut bridge = BridgeProcess::start(&[
+        "--register",
+        &format!("echo:echopw@127.0.0.1:{}", kamailio.port),
+    ]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registration echo@") && l.ends_with(": registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "echo registers answering SHA-256: {:#?}\n{}",
+        bridge.logs(),
+        kamailio.log()
+    );
+    assert!(bridge.interrupt(), "the bridge exits cleanly on Ctrl-C");
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains("registration echo@") && l.ends_with(": unregistered")),
+        "the un-REGISTER is accepted too: {:#?}",
+        bridge.logs()
+    );
+}

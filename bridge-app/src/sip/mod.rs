@@ -4,6 +4,7 @@
 
 pub mod admission;
 mod call;
+mod digest_names;
 pub mod media;
 pub mod registrar;
 pub mod registration;

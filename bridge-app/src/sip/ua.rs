@@ -114,6 +114,7 @@ impl UserAgent {
             .with_cancel_token(shutdown.child_token())
             .with_transport_layer(transports)
             .with_user_agent(concat!("sip-cc-bridge/", env!("CARGO_PKG_VERSION")))
+            .with_inspector(Box::new(super::digest_names::DigestAlgorithmNames))
             .with_allows(
                 ALLOW
                     .split(", ")

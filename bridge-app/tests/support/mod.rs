@@ -470,7 +470,13 @@ pub struct KamailioProcess {
 }
 
 impl KamailioProcess {
+    /// Challenges with MD5 digests.
     pub fn start() -> KamailioProcess {
+        Self::start_with_digest("MD5")
+    }
+
+    /// Challenges with `algorithm` (`MD5` or `SHA-256`).
+    pub fn start_with_digest(algorithm: &str) -> KamailioProcess {
         let port = free_port();
         let dir = tempdir();
         let template =
@@ -479,7 +485,9 @@ impl KamailioProcess {
         let config = dir.join("kamailio.cfg");
         std::fs::write(
             &config,
-            template.replace("KAMAILIO_PORT", &port.to_string()),
+            template
+                .replace("KAMAILIO_PORT", &port.to_string())
+                .replace("KAMAILIO_DIGEST_ALGORITHM", algorithm),
         )
         .unwrap();
         let child = Command::new("kamailio")
