@@ -18,6 +18,7 @@ pub struct Config {
     pub users: Vec<UserMapping>,
     pub recording: RecordingSection,
     pub cdr: CdrSection,
+    pub management: ManagementSection,
 }
 
 #[derive(Clone, Deserialize)]
@@ -91,6 +92,18 @@ pub struct RecordingSection {
     pub directory: Option<PathBuf>,
 }
 
+/// The management API (`GET /stats`): off unless `listen` is set, and then
+/// only with a bearer token.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagementSection {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
+/// Shortest management token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdrSection {
@@ -148,6 +161,7 @@ impl Default for Config {
             users: Vec::new(),
             recording: RecordingSection::default(),
             cdr: CdrSection::default(),
+            management: ManagementSection::default(),
         }
     }
 }
@@ -179,6 +193,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_ACCOUNT_KEY", "connectycube.account_key"),
     ("CONNECTYCUBE_API_URL", "connectycube.api_url"),
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
+    ("MANAGEMENT_TOKEN", "management.token"),
 ];
 
 impl Config {
@@ -209,6 +224,7 @@ impl Config {
             users: vec![demo("alice", "Alice"), demo("bob", "Bob")],
             recording: RecordingSection::default(),
             cdr: CdrSection::default(),
+            management: ManagementSection::default(),
         }
     }
 
@@ -256,6 +272,7 @@ impl Config {
                 "CONNECTYCUBE_ACCOUNT_KEY" => cc.account_key = Some(value),
                 "CONNECTYCUBE_API_URL" => cc.api_url = value,
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
+                "MANAGEMENT_TOKEN" => self.management.token = Some(value),
                 _ => {}
             }
         }
@@ -305,6 +322,18 @@ impl Config {
             && (self.sip.tls_certificate.is_none() || self.sip.tls_key.is_none())
         {
             problems.push("sip.tls_certificate / sip.tls_key: needed by sip.tls_listen".into());
+        }
+        if self.management.listen.is_some() {
+            match &self.management.token {
+                None => problems.push(
+                    "management.token: needed by management.listen (or set MANAGEMENT_TOKEN)"
+                        .into(),
+                ),
+                Some(token) if token.chars().count() < MIN_TOKEN_LEN => problems.push(format!(
+                    "management.token: at least {MIN_TOKEN_LEN} characters"
+                )),
+                Some(_) => {}
+            }
         }
         if self.sip.rtp_timeout_ms == 0 {
             problems.push("sip.rtp_timeout_ms: must be more than 0".into());
@@ -416,6 +445,15 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+impl fmt::Debug for ManagementSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagementSection")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 impl fmt::Debug for SipSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SipSection")
@@ -516,6 +554,7 @@ department = "Sales"
         );
         let mut config = Config::parse(&text).unwrap();
         config.connectycube.chat_url = "http://wrong".into();
+        config.management.listen = Some(([127, 0, 0, 1], 8088).into());
         let problems = config.validate().unwrap_err().0;
         for key in [
             "users[1].extension",
@@ -523,6 +562,7 @@ department = "Sales"
             "users[1].password",
             "connectycube.chat_url",
             "recording.directory",
+            "management.token",
         ] {
             assert!(
                 problems.iter().any(|p| p.starts_with(key)),
@@ -537,9 +577,15 @@ department = "Sales"
         let env = |name: &str| match name {
             "CONNECTYCUBE_APP_ID" => Some("7".to_owned()),
             "SIP_DOMAIN" => Some("other.example".to_owned()),
+            "MANAGEMENT_TOKEN" => Some("a-long-enough-token".to_owned()),
             _ => None,
         };
         config.apply_environment(env).unwrap();
+        assert_eq!(
+            config.management.token.as_deref(),
+            Some("a-long-enough-token")
+        );
+        assert!(!format!("{:?}", config.management).contains("a-long-enough-token"));
         assert_eq!(config.connectycube.app_id, 7);
         assert_eq!(config.sip.domain.as_deref(), Some("other.example"));
         let err = config

@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod bridge;
 pub mod config;
 pub mod demo;
+pub mod management;
 pub mod run;
 pub mod sandbox;
 pub mod sip;

@@ -3,12 +3,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::bridge::Bridge;
 use crate::config::Config;
+use crate::management;
 use crate::sip::{Account, SipConfig};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -56,6 +60,11 @@ pub struct RunOptions {
     /// this directory.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Serve the management API (GET /stats) here (overrides
+    /// management.listen); the token comes from management.token or
+    /// MANAGEMENT_TOKEN.
+    #[arg(long)]
+    pub management: Option<SocketAddr>,
 }
 
 fn parse_user(text: &str) -> Result<(String, String), String> {
@@ -96,6 +105,9 @@ impl RunOptions {
             config.recording.enabled = true;
             config.recording.directory = Some(directory.clone());
         }
+        if let Some(listen) = self.management {
+            config.management.listen = Some(listen);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -133,9 +145,22 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let bridge = Bridge::start(config.clone(), |sip| options.adjust(sip))
-            .await
-            .context("cannot start the bridge")?;
+        let bridge = Arc::new(
+            Bridge::start(config.clone(), |sip| options.adjust(sip))
+                .await
+                .context("cannot start the bridge")?,
+        );
+        let stop_management = CancellationToken::new();
+        if let (Some(listen), Some(token)) = (config.management.listen, &config.management.token) {
+            let source = bridge.clone();
+            management::serve(
+                listen,
+                token.clone(),
+                Arc::new(move || source.stats()),
+                stop_management.clone(),
+            )
+            .await?;
+        }
         let address = config.sip.listen;
         println!("sip-cc-bridge is running. SIP on udp and tcp {address}.");
         println!("  Line checks: sip:echo@{address} (you hear yourself), sip:tone@{address} (440 Hz).");
@@ -154,6 +179,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         println!("  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops.");
         tokio::signal::ctrl_c().await?;
         println!("Stopping: ending {} call(s).", bridge.sip.active_calls());
+        stop_management.cancel();
         bridge.sip.shutdown().await;
         Ok(())
     })

@@ -12,11 +12,14 @@ use support::{Baresip, BridgeProcess, KamailioProcess, wav_frequency};
 fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
     let kamailio = KamailioProcess::start();
     let registrar = format!("127.0.0.1:{}", kamailio.port);
+    let management_port = support::free_port();
     let mut bridge = BridgeProcess::start(&[
         "--register",
         &format!("echo:echopw@{registrar}"),
         "--register",
         &format!("tone:wrong-password@{registrar}"),
+        "--management",
+        &format!("127.0.0.1:{management_port}"),
     ]);
     assert!(
         bridge
@@ -36,6 +39,20 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
         )
         .unwrap_or_else(|| panic!("a refused account is reported: {:#?}", bridge.logs()));
     assert!(failed.contains("401") || failed.contains("403"), "{failed}");
+    // Both states are in the management API's stats too.
+    let (_, body) = support::http_get(management_port, "/stats", Some(support::MANAGEMENT_TOKEN));
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let registrations = stats["registrations"].as_object().unwrap();
+    let state = |user: &str| {
+        registrations
+            .iter()
+            .find(|(name, _)| name.starts_with(&format!("{user}@")))
+            .and_then(|(_, state)| state.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(state("echo"), "registered", "{stats:#}");
+    assert!(state("tone").starts_with("failed: "), "{stats:#}");
     assert!(
         bridge
             .logs()

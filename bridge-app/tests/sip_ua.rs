@@ -537,3 +537,63 @@ fn tls_carries_sip() {
     let _ = client.wait();
     assert_eq!(String::from_utf8_lossy(&answer), "SIP/2.0 200 OK\r");
 }
+
+#[test]
+fn the_management_api_shows_a_live_call_to_token_holders_only() {
+    let port = support::free_port();
+    let bridge = BridgeProcess::start(&["--management", &format!("127.0.0.1:{port}")]);
+    bridge
+        .wait_for_log(|l| l.contains("management API on"), Duration::from_secs(5))
+        .expect("the management API starts");
+    assert_eq!(support::http_get(port, "/stats", None).0, 401);
+    assert_eq!(
+        support::http_get(port, "/stats", Some("test-management-token-0124")).0,
+        401
+    );
+
+    let (phone, signalling) = support::phone_call(
+        &bridge,
+        "call.xml",
+        "echo",
+        ("PCMA", 8, 8000, "PCMA/8000", 523),
+        4,
+        "managed",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, body) = support::http_get(port, "/stats", Some(support::MANAGEMENT_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["active_calls"], 1, "{stats:#}");
+    let call = &stats["calls"][0];
+    assert_eq!(call["call_id"], "managed-1", "{stats:#}");
+    assert_eq!(call["state"], "answered");
+    assert_eq!(call["callee"], "echo");
+    assert_eq!(call["sip_codec"], "PCMA");
+    let received = call["rtp"]["packets_received"].as_u64().unwrap();
+    assert!(received >= 50, "1 s of 20 ms packets at least: {call:#}");
+    assert!(
+        call["rtp"]["packets_sent"].as_u64().unwrap() >= 50,
+        "{call:#}"
+    );
+    drop(phone);
+    assert_sipp(signalling.join().unwrap(), "managed call");
+
+    // Gone once the BYE is handled.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let stats = loop {
+        let (_, body) = support::http_get(port, "/stats", Some(support::MANAGEMENT_TOKEN));
+        let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if stats["calls"] == serde_json::json!([]) || Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stats["calls"], serde_json::json!([]), "{stats:#}");
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .all(|l| !l.contains(support::MANAGEMENT_TOKEN)),
+        "the token is never logged"
+    );
+}

@@ -109,6 +109,19 @@ impl Bridge {
         })
     }
 
+    /// The SIP leg's registrations and calls, and which mapped users are
+    /// signed in to ConnectyCube (for the management API).
+    pub fn stats(&self) -> serde_json::Value {
+        let mut stats = self.sip.stats();
+        let signed_in: serde_json::Map<String, serde_json::Value> = self
+            .signed_in()
+            .into_iter()
+            .map(|(extension, user_id)| (extension, user_id.into()))
+            .collect();
+        stats["connectycube_signed_in"] = signed_in.into();
+        stats
+    }
+
     /// Mapped extensions whose ConnectyCube user is signed in.
     pub fn signed_in(&self) -> Vec<(String, u64)> {
         let mut users: Vec<(String, u64)> = self

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
-use super::ua::{ALLOW, SUPPORTED, Shared, refuse, reply, source_of};
+use super::ua::{ALLOW, LiveCall, SUPPORTED, Shared, refuse, reply, source_of};
 
 /// How long a bridged call may wait for its WebRTC connection after the
 /// app answered.
@@ -60,6 +60,25 @@ pub(super) fn incoming(shared: Arc<Shared>, tx: Transaction) {
 struct ActiveCall {
     shared: Arc<Shared>,
     call_id: String,
+}
+
+impl ActiveCall {
+    /// Lists the call among those in progress; the token ends it.
+    fn register(shared: &Arc<Shared>, call_id: &str) -> (ActiveCall, CancellationToken) {
+        let stop = shared.shutdown.child_token();
+        shared.calls.lock().unwrap().insert(
+            call_id.to_owned(),
+            LiveCall {
+                stop: stop.clone(),
+                view: None,
+            },
+        );
+        let active = ActiveCall {
+            shared: shared.clone(),
+            call_id: call_id.to_owned(),
+        };
+        (active, stop)
+    }
 }
 
 impl Drop for ActiveCall {
@@ -142,16 +161,7 @@ async fn answer_call(
         .await;
         return Ok(());
     }
-    let token = shared.shutdown.child_token();
-    shared
-        .calls
-        .lock()
-        .unwrap()
-        .insert(call_id.to_owned(), token.clone());
-    let _active = ActiveCall {
-        shared: shared.clone(),
-        call_id: call_id.to_owned(),
-    };
+    let (_active, token) = ActiveCall::register(&shared, call_id);
 
     let session_timer = match requested_session_interval(&tx.original) {
         Some(interval) if interval < shared.config.min_session_expires => {
@@ -488,6 +498,7 @@ impl Call {
             self.record.app_codec = media.app_element().map(|_| "OPUS");
             self.record.recording = media.recording().map(ToOwned::to_owned);
         }
+        self.publish();
         info!(
             "call {}: {} {:?}{}, local {} remote {}",
             self.call_id,
@@ -510,6 +521,7 @@ impl Call {
     ) {
         let mut session_deadline = self.session_timer.map(SessionTimer::deadline);
         let mut app_hangup = self.app_hangup.take();
+        self.publish();
         let mut report = tokio::time::interval(STATS_INTERVAL);
         report.tick().await;
         // What ends the call: the Reason of our BYE (none when the phone hung
@@ -620,6 +632,20 @@ impl Call {
                 waited.as_secs()
             )
         })
+    }
+
+    /// Shows the call's record and media to the management API.
+    fn publish(&self) {
+        if let (Some(media), Some(call)) = (
+            &self.media,
+            self.shared.calls.lock().unwrap().get_mut(&self.call_id),
+        ) {
+            call.view = Some((
+                self.record.clone(),
+                media.rtp_element().clone(),
+                media.app_element().cloned(),
+            ));
+        }
     }
 
     /// One line of the SIP leg's RTP statistics, for the terminal.
@@ -822,16 +848,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         return Ok(());
     }
     let call_id = format!("{:032x}", rand::random::<u128>());
-    let token = shared.shutdown.child_token();
-    shared
-        .calls
-        .lock()
-        .unwrap()
-        .insert(call_id.clone(), token.clone());
-    let _active = ActiveCall {
-        shared: shared.clone(),
-        call_id: call_id.clone(),
-    };
+    let (_active, token) = ActiveCall::register(&shared, &call_id);
     let reservation = match PortReservation::new(shared.config.media_address) {
         Ok(r) => r,
         Err(e) => {

@@ -359,6 +359,11 @@ impl CallMedia {
             .emit_by_name::<bool>("send-dtmf", &[&digit.to_string(), &duration_ms])
     }
 
+    /// The `sipsrc` of the SIP leg, whose `stats` describe its RTP.
+    pub fn rtp_element(&self) -> &gst::Element {
+        &self.receiver
+    }
+
     /// RTP statistics of the SIP leg (`sipsrc`'s `stats`).
     pub fn stats(&self) -> gst::Structure {
         self.receiver.property::<gst::Structure>("stats")

@@ -3,8 +3,10 @@
 //! [`AppLeg`], so it carries no ConnectyCube code.
 
 use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
+use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::media::Service;
@@ -150,5 +152,47 @@ impl CallRecord {
             packets_lost: 0,
             jitter_ms: 0.0,
         }
+    }
+}
+
+fn seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl CallRecord {
+    /// The record as one JSON object (a CDR line).
+    pub fn to_json(&self) -> serde_json::Value {
+        let record = self;
+        let duration = record
+            .answered
+            .and_then(|answered| record.ended.duration_since(answered).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        json!({
+            "call_id": record.call_id,
+            "caller": {
+                "number": record.caller.user,
+                "name": record.caller.display_name,
+                "uri": record.caller.uri,
+            },
+            "called": record.target,
+            "callee": record.callee,
+            "start": seconds(record.started),
+            "answer": record.answered.map(seconds),
+            "end": seconds(record.ended),
+            "duration_s": (duration * 1000.0).round() / 1000.0,
+            "status": record.status,
+            "cause": record.cause,
+            "sip_codec": record.sip_codec,
+            "sip_srtp": record.sip_srtp,
+            "app_codec": record.app_codec,
+            "media": if record.transcoded { "transcoded" } else { "passthrough" },
+            "recording": record.recording.as_ref().map(|p| p.display().to_string()),
+            "rtp": {
+                "packets_received": record.packets_received,
+                "packets_lost": record.packets_lost,
+                "jitter_ms": (record.jitter_ms * 100.0).round() / 100.0,
+            },
+        })
     }
 }

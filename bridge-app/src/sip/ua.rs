@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use gst::prelude::*;
 use rsipstack::EndpointBuilder;
 use rsipstack::dialog::dialog::Dialog;
 use rsipstack::dialog::dialog_layer::DialogLayer;
@@ -18,12 +19,14 @@ use rsipstack::transport::TransportLayer;
 use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
 use rsipstack::transport::udp::UdpConnection;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
 use super::registrar::{Binding, Registrar};
 use super::registration::{self, RegistrationStates};
+use super::routing::CallRecord;
 use super::{Router, SipConfig, Transport, call};
 
 pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER";
@@ -38,10 +41,72 @@ pub(super) struct Shared {
     /// The Contact URI of the bridge (public address when configured).
     pub contact: rsipstack::sip::Uri,
     pub active_calls: AtomicUsize,
-    /// Calls in progress by Call-ID, so shutdown can end them.
-    pub calls: Mutex<HashMap<String, CancellationToken>>,
+    /// Calls in progress by Call-ID, so shutdown can end them and the
+    /// management API can show them.
+    pub calls: Mutex<HashMap<String, LiveCall>>,
     pub shutdown: CancellationToken,
     pub registrar: Option<Registrar>,
+}
+
+/// A call in progress as the rest of the bridge sees it.
+pub(super) struct LiveCall {
+    pub stop: CancellationToken,
+    /// The call's record so far and where its live statistics come from
+    /// (`sipsrc`, and `connectycubesink` when bridged); `None` while the
+    /// call is still being set up.
+    pub view: Option<(CallRecord, gst::Element, Option<gst::Element>)>,
+}
+
+impl LiveCall {
+    fn to_json(&self, call_id: &str) -> serde_json::Value {
+        let Some((record, sip, app)) = &self.view else {
+            return json!({ "call_id": call_id, "state": "setting up" });
+        };
+        let mut record = record.clone();
+        record.ended = std::time::SystemTime::now();
+        let mut view = record.to_json();
+        let object = view.as_object_mut().expect("a record is an object");
+        for done_only in ["end", "status", "cause"] {
+            object.remove(done_only);
+        }
+        let state = if record.answered.is_some() {
+            "answered"
+        } else {
+            "ringing"
+        };
+        object.insert("state".into(), state.into());
+        object.insert("rtp".into(), structure_json(&sip.property("stats")));
+        if let Some(app) = app {
+            object.insert("webrtc".into(), structure_json(&app.property("stats")));
+        }
+        view
+    }
+}
+
+/// The plain fields of a GStreamer `stats` structure as JSON.
+fn structure_json(structure: &gst::Structure) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    for (name, value) in structure.iter() {
+        let json = if let Ok(v) = value.get::<u64>() {
+            v.into()
+        } else if let Ok(v) = value.get::<i64>() {
+            v.into()
+        } else if let Ok(v) = value.get::<u32>() {
+            v.into()
+        } else if let Ok(v) = value.get::<i32>() {
+            v.into()
+        } else if let Ok(v) = value.get::<f64>() {
+            ((v * 1000.0).round() / 1000.0).into()
+        } else if let Ok(v) = value.get::<bool>() {
+            v.into()
+        } else if let Ok(v) = value.get::<String>() {
+            v.into()
+        } else {
+            continue;
+        };
+        object.insert(name.replace('-', "_"), json);
+    }
+    object.into()
 }
 
 /// A running SIP user agent. Dropping it (or [`UserAgent::shutdown`]) ends
@@ -209,6 +274,24 @@ impl UserAgent {
         self.shared.active_calls.load(Ordering::Relaxed)
     }
 
+    /// Registrations and calls in progress with their live media
+    /// statistics, for the management API.
+    pub fn stats(&self) -> serde_json::Value {
+        let calls: Vec<serde_json::Value> = self
+            .shared
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(call_id, call)| call.to_json(call_id))
+            .collect();
+        json!({
+            "active_calls": self.active_calls(),
+            "registrations": self.registrations(),
+            "calls": calls,
+        })
+    }
+
     /// Ends every call with BYE, waits (up to 2 s) for them to finish,
     /// unregisters every account, then closes the listeners.
     pub async fn shutdown(&self) {
@@ -218,7 +301,7 @@ impl UserAgent {
             .lock()
             .unwrap()
             .values()
-            .cloned()
+            .map(|call| call.stop.clone())
             .collect();
         for call in calls {
             call.cancel();

@@ -269,6 +269,38 @@ pub struct BridgeProcess {
     logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// The management token every test bridge gets.
+pub const MANAGEMENT_TOKEN: &str = "test-management-token-0123";
+
+/// A GET on loopback `port`, with `token` as bearer when given: status and body.
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 impl BridgeProcess {
     pub fn start(extra_args: &[&str]) -> BridgeProcess {
         Self::start_on("127.0.0.1", extra_args)
@@ -296,6 +328,8 @@ impl BridgeProcess {
             .args(extra_args)
             .current_dir(repo_root())
             .env("RUST_LOG", "info,rsipstack=warn")
+            // Used only with --management.
+            .env("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
