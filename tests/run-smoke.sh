@@ -16,7 +16,10 @@ grep -q "sip:alice@127.0.0.1:5060 ↔ ConnectyCube user" out.log || fail "alice 
 sipp -sn uac -s echo 127.0.0.1:5060 -i 127.0.0.1 -m 1 -d 2000 -nostdin -timeout 20s -timeout_error \
   > sipp.log 2>&1 || { cat sipp.log; fail "the echo call failed"; }
 grep -q "call .*: answered by echo (PCMU)" err.log || fail "no echo call in the log"
-curl -sf http://127.0.0.1:8080/ | grep -q "connectycube" || fail "no demo page on :8080"
+# Fetched whole before the check: with pipefail, grep -q closing the pipe
+# early would fail curl's write and the pipeline with it.
+curl -sf -o page.html http://127.0.0.1:8080/ || fail "no demo page on :8080"
+grep -q "connectycube.min.js" page.html || fail "the page on :8080 is not the demo page"
 kill -INT "$pid"
 wait "$pid" || fail "the bridge did not exit cleanly on Ctrl-C"
 grep -q '"called":"echo"' out.log || fail "no CDR line for the echo call"
