@@ -276,7 +276,7 @@ fn refusals_and_hang_ups_cross_the_bridge() {
 }
 
 #[test]
-fn an_app_user_calls_a_registered_phone() {
+fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
@@ -284,7 +284,7 @@ fn an_app_user_calls_a_registered_phone() {
     let port = bridge.sip_port;
     let phone = std::thread::spawn(move || {
         let phone = Baresip::new("alice", "demo", port, 523, "g711");
-        let output = phone.answer_calls(14);
+        let output = phone.answer_calls(20);
         let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
         (heard, output)
     });
@@ -311,13 +311,46 @@ fn an_app_user_calls_a_registered_phone() {
             break;
         }
     }
+    // The app's network changes: it restarts ICE; the bridge answers and
+    // the audio goes on.
+    let before = bob.command(json!({"op": "iceUfrags"}));
+    bob.command(json!({"op": "iceRestart"}));
+    let restarted = bridge.wait_for_log(
+        |l| l.contains("ICE restarted by user"),
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let after = bob.command(json!({"op": "iceUfrags"}));
+    let packets = |bob: &mut BrowserPeer| {
+        bob.command(json!({"op": "audioStats"}))["packetsReceived"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let first = packets(&mut bob);
     std::thread::sleep(Duration::from_secs(2));
+    let received_after_restart = packets(&mut bob) - first;
     bob.command(json!({"op": "hangUp"}));
     let (phone_heard, output) = phone.join().unwrap();
     assert!(
         app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
         "the app heard {app_heard:?} instead of the phone's 523 Hz\n{output}\n{:#?}",
         bridge.logs()
+    );
+    assert!(
+        restarted.is_some(),
+        "ICE restart answered: {:#?}",
+        bridge.logs()
+    );
+    // A new candidate pair, checked with the app's new credentials, is in
+    // use (webrtcbin keeps its own credentials when answering a restart).
+    assert!(after["local"].is_string(), "{after}");
+    assert_ne!(
+        before["local"], after["local"],
+        "ICE ran again: {before} {after}"
+    );
+    assert!(
+        received_after_restart >= 75,
+        "{received_after_restart} packets in the 2 s after the ICE restart"
     );
     assert!(
         phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),

@@ -5,7 +5,8 @@
 //   node browser-peer.mjs SANDBOX_URL LOGIN PASSWORD [TONE_HZ]
 //   → {"ready":true,"userId":1001}
 //   ← {"op":"call","to":"bob","video":false,"userInfo":{}}   → {"ok":true,"value":...}
-//   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats
+//   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats,
+//        iceRestart, iceUfrags
 import { createInterface } from 'node:readline';
 import { launchBrowser, signedInPage } from './harness.mjs';
 
@@ -27,6 +28,8 @@ const ops = {
   frequency: () => peer.page.evaluate(() => window.demo.dominantFrequency()),
   framesDecoded: () => peer.page.evaluate(() => window.demo.framesDecoded()),
   audioStats: () => peer.page.evaluate(() => window.demo.audioStats()),
+  iceRestart: () => peer.page.evaluate(() => window.demo.iceRestart()),
+  iceUfrags: () => peer.page.evaluate(() => window.demo.iceUfrags()),
 };
 
 for await (const line of createInterface({ input: process.stdin })) {

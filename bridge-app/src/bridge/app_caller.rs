@@ -92,7 +92,12 @@ impl ConnectyCubeCaller {
         );
         let signals = self.signals.take().ok_or("the call's signals are gone")?;
         let (hangup, hung_up) = oneshot::channel();
-        self.signalling = Some(tokio::spawn(follow(webrtc, signals, hangup)));
+        self.signalling = Some(tokio::spawn(follow(
+            webrtc,
+            signals,
+            hangup,
+            self.callee.clone(),
+        )));
         Ok(hung_up)
     }
 

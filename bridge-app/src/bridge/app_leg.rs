@@ -13,7 +13,7 @@ use bridge_protocol::connectycube::signaling::{
 use futures_util::future::BoxFuture;
 use gst::prelude::*;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::identity::Identity;
 use crate::sip::{AppLeg, AppSide, Refusal};
@@ -139,7 +139,12 @@ impl ConnectyCubeLeg {
                         webrtc.emit_by_name::<()>("set-remote-description", &[&"answer", &answer]);
                         add_candidates(&webrtc, &received.signal.candidates);
                         let (hangup, hung_up) = oneshot::channel();
-                        self.signalling = Some(tokio::spawn(follow(webrtc, signals, hangup)));
+                        self.signalling = Some(tokio::spawn(follow(
+                            webrtc,
+                            signals,
+                            hangup,
+                            self.from.clone(),
+                        )));
                         return Ok(hung_up);
                     }
                     SignalType::Reject => {
@@ -180,15 +185,19 @@ impl ConnectyCubeLeg {
     }
 }
 
-/// After `accept`: candidates keep coming until someone hangs up.
+/// After `accept`: candidates keep coming, and the app may restart ICE
+/// (its network changed), until someone hangs up. `us` is the identity the
+/// bridge speaks as in this call.
 pub(super) async fn follow(
     webrtc: gst::Element,
     mut signals: mpsc::UnboundedReceiver<ReceivedSignal>,
     hangup: oneshot::Sender<String>,
+    us: Arc<Identity>,
 ) {
     while let Some(received) = signals.recv().await {
         match received.signal.signal_type {
             SignalType::IceCandidates => add_candidates(&webrtc, &received.signal.candidates),
+            SignalType::IceRestart => restart_ice(&webrtc, &received, &us).await,
             SignalType::HangUp | SignalType::Reject => {
                 let _ = hangup.send(format!(
                     "user {} hung up{}",
@@ -200,6 +209,37 @@ pub(super) async fn follow(
             _ => {}
         }
     }
+}
+
+/// Answers an `iceRestart` offer with `iceRestartAccept`, as the SDK does,
+/// so the call survives the app's move to another network.
+async fn restart_ice(webrtc: &gst::Element, received: &ReceivedSignal, us: &Identity) {
+    let session_id = &received.signal.session_id;
+    let Some(offer) = received.signal.sdp.clone() else {
+        warn!("ConnectyCube call {session_id}: iceRestart without SDP ignored");
+        return;
+    };
+    let answer = local_description(webrtc, "answer", |webrtc| {
+        webrtc.emit_by_name::<()>("set-remote-description", &[&"offer", &offer]);
+    })
+    .await;
+    let Some(answer) = answer else {
+        warn!("ConnectyCube call {session_id}: the WebRTC leg did not answer the ICE restart");
+        return;
+    };
+    let mut accept = CallSignal::new(
+        SignalType::IceRestartAccept,
+        session_id,
+        received.signal.call_type,
+        us.user_id,
+        vec![received.from_user_id],
+    );
+    accept.sdp = Some(answer);
+    us.send(received.from_user_id, &accept);
+    info!(
+        "ConnectyCube call {session_id}: ICE restarted by user {}",
+        received.from_user_id
+    );
 }
 
 pub(super) fn add_candidates(webrtc: &gst::Element, candidates: &[IceCandidate]) {

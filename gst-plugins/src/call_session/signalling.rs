@@ -345,6 +345,7 @@ impl Call {
             }
             match received.signal.signal_type {
                 SignalType::IceCandidates => self.add_candidates(&received.signal),
+                SignalType::IceRestart => self.restart_ice(&received).await?,
                 SignalType::HangUp | SignalType::Reject => {
                     self.active = None;
                     return Err(CallEnd::normal(format!(
@@ -355,6 +356,33 @@ impl Call {
                 _ => {}
             }
         }
+    }
+
+    /// The peer's network changed: answer its ICE-restart offer with
+    /// `iceRestartAccept`, as the SDK does.
+    async fn restart_ice(&mut self, received: &ReceivedSignal) -> Result<(), CallEnd> {
+        let Some(offer) = received.signal.sdp.as_deref() else {
+            gst::warning!(CAT, "iceRestart without SDP ignored");
+            return Ok(());
+        };
+        let answer = match self.session()?.answer(offer).await {
+            Ok(answer) => answer,
+            Err(problem) => {
+                gst::warning!(CAT, "cannot answer the ICE restart: {problem}");
+                return Ok(());
+            }
+        };
+        let mut accept = CallSignal::new(
+            SignalType::IceRestartAccept,
+            &received.signal.session_id,
+            received.signal.call_type,
+            self.user_id,
+            vec![received.from_user_id],
+        );
+        accept.sdp = Some(answer);
+        self.send(received.from_user_id, &accept);
+        gst::info!(CAT, "ICE restarted by user {}", received.from_user_id);
+        Ok(())
     }
 
     fn add_candidates(&self, signal: &CallSignal) {
