@@ -1,7 +1,7 @@
 //! The SIP leg of `sip-cc-bridge run` against SIPp: calls in every audio
 //! codec with the echo heard back at the right frequency, the tone service
 //! and RFC 4733 digits (reported, and played back), INFO DTMF, hold and resume, offers in the ACK,
-//! session timers, CANCEL, no answer, 404, 488, 422, digest authentication,
+//! session timers, requests out of order, CANCEL, no answer, 404, 488, 422, digest authentication,
 //! the RTP timeout, TCP, and malformed requests next to a call in progress.
 
 mod support;
@@ -98,6 +98,32 @@ fn info_dtmf_becomes_call_events() {
             bridge.logs()
         );
     }
+}
+
+#[test]
+fn a_request_out_of_order_gets_500_and_the_call_goes_on() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp(
+            "out-of-order-cseq.xml",
+            &bridge.address(),
+            "echo",
+            &["-cid_str", "order-%u"],
+        ),
+        "500 for CSeq 5 after 11, then BYE answered",
+    );
+    let logs = bridge.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("call order-1: DTMF 5 (SIP INFO)")),
+        "the INFO in order was not taken: {logs:#?}"
+    );
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("call order-1: DTMF # (SIP INFO)")),
+        "the INFO out of order was acted on: {logs:#?}"
+    );
 }
 
 #[test]

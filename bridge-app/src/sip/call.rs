@@ -64,13 +64,20 @@ struct ActiveCall {
 
 impl ActiveCall {
     /// Lists the call among those in progress; the token ends it.
-    fn register(shared: &Arc<Shared>, call_id: &str) -> (ActiveCall, CancellationToken) {
+    /// `remote_cseq` is the CSeq of the phone's INVITE (0 when the bridge
+    /// placed the call).
+    fn register(
+        shared: &Arc<Shared>,
+        call_id: &str,
+        remote_cseq: u32,
+    ) -> (ActiveCall, CancellationToken) {
         let stop = shared.shutdown.child_token();
         shared.calls.lock().unwrap().insert(
             call_id.to_owned(),
             LiveCall {
                 stop: stop.clone(),
                 view: None,
+                remote_cseq,
             },
         );
         let active = ActiveCall {
@@ -161,7 +168,8 @@ async fn answer_call(
         .await;
         return Ok(());
     }
-    let (_active, token) = ActiveCall::register(&shared, call_id);
+    let invite_cseq = tx.original.cseq_header().ok().and_then(|c| c.seq().ok());
+    let (_active, token) = ActiveCall::register(&shared, call_id, invite_cseq.unwrap_or(0));
 
     let session_timer = match requested_session_interval(&tx.original) {
         Some(interval) if interval < shared.config.min_session_expires => {
@@ -848,7 +856,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         return Ok(());
     }
     let call_id = format!("{:032x}", rand::random::<u128>());
-    let (_active, token) = ActiveCall::register(&shared, &call_id);
+    let (_active, token) = ActiveCall::register(&shared, &call_id, 0);
     let reservation = match PortReservation::new(shared.config.media_address) {
         Ok(r) => r,
         Err(e) => {

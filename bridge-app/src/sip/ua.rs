@@ -55,6 +55,9 @@ pub(super) struct LiveCall {
     /// (`sipsrc`, and `connectycubesink` when bridged); `None` while the
     /// call is still being set up.
     pub view: Option<(CallRecord, gst::Element, Option<gst::Element>)>,
+    /// The highest CSeq the other party has used in this dialog (0: none
+    /// yet), so that a request out of order gets its 500 (RFC 3261 §12.2.2).
+    pub remote_cseq: u32,
 }
 
 impl LiveCall {
@@ -367,6 +370,13 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
         return;
     }
     if in_dialog {
+        if let Err(highest) = in_order(shared, &tx.original) {
+            info!("{method} {}: CSeq below {highest}, 500", tx.original.uri);
+            let warning =
+                Header::Warning(format!("399 sip-cc-bridge \"CSeq out of order\"").into());
+            reply(&mut tx, StatusCode::ServerInternalError, vec![warning]).await;
+            return;
+        }
         match shared.dialogs.match_dialog(&tx) {
             Some(Dialog::Invite(mut dialog)) => {
                 tokio::spawn(async move {
@@ -406,6 +416,30 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             reply(&mut tx, StatusCode::MethodNotAllowed, headers).await;
         }
     }
+}
+
+/// Records the CSeq of a new in-dialog request, or returns the highest one
+/// seen when the request comes after a later one. ACK and CANCEL repeat
+/// their INVITE's number and are not new requests.
+fn in_order(shared: &Shared, request: &rsipstack::sip::Request) -> Result<(), u32> {
+    if matches!(request.method, Method::Ack | Method::Cancel) {
+        return Ok(());
+    }
+    let (Ok(call_id), Some(cseq)) = (
+        request.call_id_header(),
+        request.cseq_header().ok().and_then(|c| c.seq().ok()),
+    ) else {
+        return Ok(());
+    };
+    let mut calls = shared.calls.lock().unwrap();
+    let Some(call) = calls.get_mut(call_id.value()) else {
+        return Ok(());
+    };
+    if cseq < call.remote_cseq {
+        return Err(call.remote_cseq);
+    }
+    call.remote_cseq = cseq;
+    Ok(())
 }
 
 /// Longest header value accepted; real ones are far shorter.
