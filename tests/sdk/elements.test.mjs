@@ -5,6 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import {
   startSandbox, launchBrowser, signedInPage, waitFor, has, hears, sleep, launch, pipelineFile, analyze, scratchDir,
@@ -113,3 +114,46 @@ for (const [codec, encoder] of [
     await carol.page.evaluate(() => window.demo.setAutoAnswer(false));
   });
 }
+
+// Congestion control: the link narrows to 600 kbit/s (tc in the test's own
+// network namespace; the SDK files run one at a time, so nothing else shares
+// it), the browser's transport-cc reports reach rtpgccbwe, and the VP8
+// encoder, configured for 2 Mbit/s, is turned down while frames keep coming.
+test('congestion control turns the encoder down on a narrow link', async () => {
+  const links = ['lo', 'media0', 'media1'];
+  const narrow = (on) => {
+    for (const dev of links) {
+      const args = on
+        ? ['qdisc', 'add', 'dev', dev, 'root', 'tbf', 'rate', '600kbit', 'burst', '30kb', 'latency', '300ms']
+        : ['qdisc', 'del', 'dev', dev, 'root'];
+      execFileSync('tc', args);
+    }
+  };
+  await carol.page.evaluate(() => window.demo.setAutoAnswer(true));
+  const gst = launch(
+    `videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=320,height=240,framerate=30/1
+     ! vp8enc deadline=1 cpu-used=8 target-bitrate=2000000 keyframe-max-dist=60 ! rtpvp8pay
+     ! connectycubesink ${credentials()} login=gst-cc password=x peer=carol`.replace(/\n/g, ' '),
+    workdir(),
+  );
+  const encoderRates = () => [...said(gst).matchAll(/connectycube-bitrate.*?encoder=\(string\)vp8enc, encoder-bitrate=\(uint\)(\d+)/g)]
+    .map((m) => Number(m[1]));
+  try {
+    await waitFor('video in the browser', async () => (await carol.page.evaluate(() => window.demo.framesDecoded())) >= 10, 25000);
+    narrow(true);
+    const lowered = await waitFor('the encoder turned below 800 kbit/s', async () => {
+      const rates = encoderRates();
+      return rates.length > 0 && rates[rates.length - 1] < 800000 && rates[rates.length - 1];
+    }, 30000).catch((e) => { throw new Error(`${e.message}\nrates: ${encoderRates()}\n${execFileSync('tc', ['-s', 'qdisc']).toString()}\n${said(gst).slice(-1500)}`); });
+    assert.ok(lowered >= 30000, `the encoder still runs (${lowered} bit/s)`);
+    const before = await carol.page.evaluate(() => window.demo.framesDecoded());
+    await sleep(6000);
+    const after = await carol.page.evaluate(() => window.demo.framesDecoded());
+    assert.ok(after - before >= 30, `frames kept coming on the narrow link: ${after - before} in 6 s; rates ${encoderRates()}`);
+  } finally {
+    narrow(false);
+    await carol.page.evaluate(() => window.demo.hangUp());
+    await carol.page.evaluate(() => window.demo.setAutoAnswer(false));
+  }
+  assert.equal(await gst.exited, 0, gst.output());
+});

@@ -4,10 +4,11 @@
 //! feed it through `appsrc`s; what arrives leaves through `appsink`s into the
 //! sources' queues. Stand-alone signalling lives in [`signalling`].
 
+mod congestion;
 mod signalling;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -73,8 +74,12 @@ pub struct CallSettings {
 struct Sender {
     id: u64,
     appsrc: Option<gst_app::AppSrc>,
+    kind: MediaKind,
     /// Payload type the peer expects, when it differs from the payloader's.
     payload_type: Option<u8>,
+    /// Id of the transport-wide-cc header extension written into each packet.
+    twcc_id: Option<u8>,
+    feedback: Arc<dyn SenderFeedback>,
 }
 
 #[derive(Default)]
@@ -123,6 +128,16 @@ impl From<String> for CallEnd {
 /// Receives the local SDP in app-driven mode: ("offer" | "answer", sdp).
 pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 
+/// What the network asks of a stream's producer: a bitrate (bit/s) from
+/// congestion control, and key frames the peer requests (PLI/FIR, which
+/// webrtcbin turns into `GstForceKeyUnit` upstream events).
+pub trait SenderFeedback: Send + Sync {
+    fn bitrate(&self, bits_per_second: u32);
+    fn upstream_event(&self, event: gst::Event);
+}
+
+pub use congestion::EncoderControl;
+
 pub struct CallSession {
     name: String,
     pipeline: gst::Pipeline,
@@ -141,6 +156,8 @@ pub struct CallSession {
     /// Every local stream is known, so an offer or answer can include them.
     media_ready: tokio::sync::watch::Sender<bool>,
     listeners: Mutex<Vec<(u64, DescriptionListener)>>,
+    /// The congestion controller's latest estimate (bit/s; 0 before one).
+    estimated_bitrate: AtomicU32,
 }
 
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<CallSession>>>> =
@@ -203,6 +220,7 @@ impl CallSession {
             last_stats: Mutex::new(None),
             media_ready: tokio::sync::watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
+            estimated_bitrate: AtomicU32::new(0),
         })
     }
 
@@ -217,6 +235,18 @@ impl CallSession {
                 session.on_incoming_pad(pad);
             }
         });
+        let weak = Arc::downgrade(self);
+        self.webrtcbin
+            .connect("request-aux-sender", false, move |_| {
+                let estimator = congestion::make_estimator()?;
+                let weak = weak.clone();
+                estimator.connect_notify(Some("estimated-bitrate"), move |estimator, _| {
+                    if let Some(session) = weak.upgrade() {
+                        session.share_bitrate(estimator.property::<u32>("estimated-bitrate"));
+                    }
+                });
+                Some(estimator.to_value())
+            });
         let weak = Arc::downgrade(self);
         self.webrtcbin
             .connect_notify(Some("connection-state"), move |webrtcbin, _| {
@@ -256,16 +286,37 @@ impl CallSession {
 
     // ---- senders (connectycubesink) -------------------------------------
 
-    pub fn add_sender(self: &Arc<Self>) -> u64 {
+    pub fn add_sender(self: &Arc<Self>, feedback: Arc<dyn SenderFeedback>) -> u64 {
         let mut inner = self.inner.lock().unwrap();
         inner.next_sender += 1;
         let id = inner.next_sender;
         inner.senders.push(Sender {
             id,
             appsrc: None,
+            kind: MediaKind::Audio,
             payload_type: None,
+            twcc_id: None,
+            feedback,
         });
         id
+    }
+
+    /// A new estimate from congestion control, shared out among the streams.
+    fn share_bitrate(&self, total: u32) {
+        self.estimated_bitrate.store(total, Ordering::Relaxed);
+        let senders: Vec<(MediaKind, Arc<dyn SenderFeedback>)> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .senders
+                .iter()
+                .filter(|s| s.appsrc.is_some())
+                .map(|s| (s.kind, s.feedback.clone()))
+                .collect()
+        };
+        let kinds: Vec<MediaKind> = senders.iter().map(|(kind, _)| *kind).collect();
+        for ((_, feedback), share) in senders.iter().zip(congestion::allocate(total, &kinds)) {
+            feedback.bitrate(share);
+        }
     }
 
     /// The sender's caps are known: give it a path into webrtcbin.
@@ -274,6 +325,8 @@ impl CallSession {
         id: u64,
         caps: &gst::Caps,
     ) -> Result<(), gst::ErrorMessage> {
+        let (caps, twcc_id) = congestion::with_twcc(caps);
+        let caps = &caps;
         // Live media: what webrtcbin cannot take yet (before the connection
         // is up) is dropped, oldest first, never queued into latency.
         let appsrc = gst_app::AppSrc::builder()
@@ -314,7 +367,24 @@ impl CallSession {
         let _ = appsrc.sync_state_with_parent();
         let mut inner = self.inner.lock().unwrap();
         if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
+            // Key-frame requests stop at the appsrc: hand them to the
+            // element, which sends them on to its encoder.
+            let feedback = Arc::downgrade(&sender.feedback);
+            appsrc.static_pad("src").unwrap().add_probe(
+                gst::PadProbeType::EVENT_UPSTREAM,
+                move |_, info| {
+                    if let (Some(gst::PadProbeData::Event(event)), Some(feedback)) =
+                        (&info.data, feedback.upgrade())
+                        && event.type_() == gst::EventType::CustomUpstream
+                    {
+                        feedback.upstream_event(event.clone());
+                    }
+                    gst::PadProbeReturn::Ok
+                },
+            );
             sender.appsrc = Some(appsrc);
+            sender.kind = MediaKind::of_caps(caps);
+            sender.twcc_id = twcc_id;
         }
         drop(inner);
         self.schedule_negotiation();
@@ -333,12 +403,17 @@ impl CallSession {
         let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
             return Ok(());
         };
-        let (Some(appsrc), payload_type) = (sender.appsrc.clone(), sender.payload_type) else {
+        let (Some(appsrc), payload_type, twcc_id) =
+            (sender.appsrc.clone(), sender.payload_type, sender.twcc_id)
+        else {
             return Ok(());
         };
         drop(inner);
         if let Some(pt) = payload_type {
             rewrite_payload_type(buffer.make_mut(), pt);
+        }
+        if let Some(id) = twcc_id {
+            congestion::add_twcc_extension(buffer.make_mut(), id);
         }
         let _ = appsrc.push_buffer(buffer);
         Ok(())
@@ -557,6 +632,7 @@ impl CallSession {
                     .flatten()
             });
             sender.payload_type = theirs.filter(|pt| i32::from(*pt) != ours);
+            sender.twcc_id = congestion::remote_twcc_id(remote, sender.kind);
         }
     }
 
@@ -726,6 +802,10 @@ impl CallSession {
                 .to_lowercase(),
             )
             .field("ended", self.ended().map(|e| e.reason).unwrap_or_default())
+            .field(
+                "estimated-bitrate",
+                self.estimated_bitrate.load(Ordering::Relaxed),
+            )
             .build();
         if let Some(webrtc) = self.last_stats.lock().unwrap().as_ref() {
             summarize_webrtc_stats(webrtc, &mut stats);

@@ -1,5 +1,5 @@
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use gst::glib;
 use gst::prelude::*;
@@ -7,6 +7,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
+use crate::call_session::{EncoderControl, SenderFeedback};
 use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
 #[derive(Default)]
@@ -17,6 +18,8 @@ pub struct ConnectyCubeSink {
     sender: Mutex<Option<u64>>,
     has_caps: AtomicBool,
     ended_posted: AtomicBool,
+    /// The upstream encoder congestion control steers, once found.
+    encoder: Mutex<Option<EncoderControl>>,
 }
 
 #[glib::object_subclass]
@@ -76,6 +79,68 @@ impl ObjectImpl for ConnectyCubeSink {
     }
 }
 
+/// What the call asks of this element's upstream, passed on to it.
+struct Feedback(glib::WeakRef<super::ConnectyCubeSink>);
+
+impl SenderFeedback for Feedback {
+    fn bitrate(&self, bits_per_second: u32) {
+        if let Some(element) = self.0.upgrade() {
+            element.imp().steer_encoder(bits_per_second);
+        }
+    }
+
+    fn upstream_event(&self, event: gst::Event) {
+        if let Some(pad) = self.0.upgrade().and_then(|e| e.static_pad("sink")) {
+            gst::debug!(
+                crate::CAT,
+                obj = pad,
+                "relaying {:?} upstream",
+                event.structure()
+            );
+            pad.push_event(event);
+        }
+    }
+}
+
+impl ConnectyCubeSink {
+    /// Congestion control allotted `bitrate` bit/s to this stream: the
+    /// encoder upstream gets it (never more than it was configured with),
+    /// and a `connectycube-bitrate` message says so.
+    fn steer_encoder(&self, bitrate: u32) {
+        let obj = self.obj();
+        let mut encoder = self.encoder.lock().unwrap();
+        if encoder.is_none() {
+            *encoder = obj
+                .static_pad("sink")
+                .and_then(|pad| EncoderControl::find(&pad));
+        }
+        let Some(control) = encoder.as_mut() else {
+            gst::debug!(
+                crate::CAT,
+                imp = self,
+                "no encoder upstream to give {bitrate} bit/s"
+            );
+            return;
+        };
+        let Some(applied) = control.apply(bitrate) else {
+            return;
+        };
+        let name = control.name();
+        drop(encoder);
+        gst::debug!(
+            crate::CAT,
+            imp = self,
+            "{name}: {applied} bit/s (estimate share {bitrate})"
+        );
+        let message = gst::Structure::builder("connectycube-bitrate")
+            .field("allotted", bitrate)
+            .field("encoder", name)
+            .field("encoder-bitrate", applied)
+            .build();
+        let _ = obj.post_message(gst::message::Element::builder(message).src(&*obj).build());
+    }
+}
+
 impl GstObjectImpl for ConnectyCubeSink {}
 
 impl ElementImpl for ConnectyCubeSink {
@@ -101,7 +166,7 @@ impl ElementImpl for ConnectyCubeSink {
 impl BaseSinkImpl for ConnectyCubeSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let call = self.call.join(self.obj().upcast_ref())?;
-        let sender = call.add_sender();
+        let sender = call.add_sender(Arc::new(Feedback(self.obj().downgrade())));
         *self.sender.lock().unwrap() = Some(sender);
         self.ended_posted.store(false, Ordering::SeqCst);
         let announced = self.announced_caps.lock().unwrap().clone();
