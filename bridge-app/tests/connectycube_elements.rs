@@ -1,6 +1,8 @@
-//! connectycubesrc answering calls, in this process, against hostile and
-//! real callers: an offer with unusable SDP is rejected with its reason and
-//! the element keeps waiting; a real browser's call is then answered.
+//! The ConnectyCube elements, in this process, against hostile, raw and
+//! real peers: an offer with unusable SDP is rejected with its reason and
+//! the element keeps waiting, a real browser's call is then answered; a
+//! callee that sends its candidates before it accepts (and none in its
+//! answer) is still reached.
 
 mod support;
 
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use bridge_protocol::connectycube::UserCredentials;
 use bridge_protocol::connectycube::rest::RestClient;
-use bridge_protocol::connectycube::signaling::{CallSignal, CallType, SignalType};
+use bridge_protocol::connectycube::signaling::{CallSignal, CallType, IceCandidate, SignalType};
 use gst::prelude::*;
 use serde_json::json;
 use support::{BrowserPeer, RustUser, SandboxProcess, free_port};
@@ -75,4 +77,124 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
     .unwrap();
     assert!(accepted.contains(&format!("by {ear}")), "{accepted}");
     pipeline.set_state(gst::State::Null).unwrap();
+}
+
+/// The SDK callee never trickles before `accept`, but other apps may: a raw
+/// callee (its WebRTC side app-driven elements) sends every candidate in
+/// `iceCandidates` first, then `accept` with an answer that carries none.
+/// The calling element must hold those candidates until it has the answer,
+/// or the call never connects; the callee hears the caller's 440 Hz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_sent_before_accept_are_kept_until_the_answer() {
+    gst::init().unwrap();
+    gstsipcc::register().unwrap();
+    let sandbox = SandboxProcess::start(free_port());
+    let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
+    let caller = gst::parse::launch(&format!(
+        "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc ! rtpopuspay \
+         ! connectycubesink session=early-caller app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
+           api-url=\"http://127.0.0.1:{port}\" chat-url=\"ws://localhost:{port}/ws\" chat-domain=localhost",
+        peer = raw.user_id,
+        port = sandbox.port
+    ))
+    .unwrap();
+    let callee = gst::parse::launch(
+        "connectycubesrc name=webrtc session=early-callee ! rtpopusdepay ! opusdec \
+         ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
+         ! appsink name=heard sync=false",
+    )
+    .unwrap()
+    .downcast::<gst::Bin>()
+    .unwrap();
+    let webrtc = callee.by_name("webrtc").unwrap();
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<String>();
+    webrtc.connect("local-description", false, move |args| {
+        if args[1].get::<String>().as_deref() == Ok("answer") {
+            let _ = answers.send(args[2].get::<String>().unwrap());
+        }
+        None
+    });
+    callee.set_state(gst::State::Playing).unwrap();
+    caller.set_state(gst::State::Playing).unwrap();
+
+    let call = raw
+        .signal(Duration::from_secs(15), |s| {
+            s.signal.signal_type == SignalType::Call
+        })
+        .await;
+    // Without the caller's candidates the callee cannot start ICE checks:
+    // only the caller, with the callee's early candidates, can connect.
+    let offer = call.signal.sdp.clone().expect("an offer");
+    let offer: Vec<&str> = offer
+        .split("\r\n")
+        .filter(|line| !line.starts_with("a=candidate:"))
+        .collect();
+    webrtc.emit_by_name::<()>("set-remote-description", &[&"offer", &offer.join("\r\n")]);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answered.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    let (candidates, bare): (Vec<&str>, Vec<&str>) = answer
+        .split("\r\n")
+        .partition(|line| line.starts_with("a=candidate:"));
+    assert!(!candidates.is_empty(), "no candidates gathered: {answer}");
+    let reply = |signal_type| {
+        CallSignal::new(
+            signal_type,
+            &call.signal.session_id,
+            call.signal.call_type,
+            call.from_user_id,
+            vec![raw.user_id],
+        )
+    };
+    let mut early = reply(SignalType::IceCandidates);
+    early.candidates = candidates
+        .iter()
+        .map(|line| IceCandidate {
+            sdp_mline_index: 0,
+            sdp_mid: "0".into(),
+            candidate: line.trim_start_matches("a=").to_owned(),
+        })
+        .collect();
+    raw.send_signal(call.from_user_id, &early);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut accept = reply(SignalType::Accept);
+    accept.sdp = Some(bare.join("\r\n"));
+    raw.send_signal(call.from_user_id, &accept);
+
+    // Two seconds of what the callee hears, once it hears anything.
+    let heard = callee
+        .by_name("heard")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    let samples = tokio::task::spawn_blocking(move || {
+        let mut samples = Vec::new();
+        while samples.len() < 96_000 {
+            let Some(sample) = heard.try_pull_sample(gst::ClockTime::from_seconds(15)) else {
+                break;
+            };
+            let buffer = sample.buffer().unwrap().map_readable().unwrap();
+            samples.extend(
+                buffer
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        samples
+    })
+    .await
+    .unwrap();
+    caller.set_state(gst::State::Null).unwrap();
+    callee.set_state(gst::State::Null).unwrap();
+    assert!(
+        samples.len() >= 96_000,
+        "the call never carried audio ({} samples)",
+        samples.len()
+    );
+    let frequency = bridge_protocol::tone::dominant_frequency(&samples[48_000..], 48_000);
+    assert!(
+        frequency.is_some_and(|f| (f - 440.0).abs() < 15.0),
+        "the callee heard {frequency:?} Hz instead of 440"
+    );
 }
