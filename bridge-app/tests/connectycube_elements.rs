@@ -83,7 +83,8 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// callee (its WebRTC side app-driven elements) sends every candidate in
 /// `iceCandidates` first, then `accept` with an answer that carries none.
 /// The calling element must hold those candidates until it has the answer,
-/// or the call never connects; the callee hears the caller's 440 Hz.
+/// or the call never connects; the callee hears the caller's 440 Hz, and
+/// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
     gst::init().unwrap();
@@ -92,7 +93,7 @@ async fn candidates_sent_before_accept_are_kept_until_the_answer() {
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
     let caller = gst::parse::launch(&format!(
         "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc ! rtpopuspay \
-         ! connectycubesink session=early-caller app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
+         ! connectycubesink name=out session=early-caller app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
            api-url=\"http://127.0.0.1:{port}\" chat-url=\"ws://localhost:{port}/ws\" chat-domain=localhost",
         peer = raw.user_id,
         port = sandbox.port
@@ -185,8 +186,31 @@ async fn candidates_sent_before_accept_are_kept_until_the_answer() {
     })
     .await
     .unwrap();
+    // The caller's statistics show the live call.
+    let stats = caller
+        .downcast_ref::<gst::Bin>()
+        .unwrap()
+        .by_name("out")
+        .unwrap()
+        .property::<gst::Structure>("stats");
     caller.set_state(gst::State::Null).unwrap();
     callee.set_state(gst::State::Null).unwrap();
+    assert_eq!(
+        stats.get::<&str>("connection-state").unwrap(),
+        "connected",
+        "{stats}"
+    );
+    assert_eq!(
+        stats.get::<&str>("dtls-state").unwrap(),
+        "connected",
+        "{stats}"
+    );
+    assert!(stats.get::<u64>("packets-sent").unwrap() >= 50, "{stats}");
+    let sending = stats.get::<u64>("send-bitrate").unwrap();
+    assert!(
+        (10_000..200_000).contains(&sending),
+        "Opus at {sending} bit/s: {stats}"
+    );
     assert!(
         samples.len() >= 96_000,
         "the call never carried audio ({} samples)",

@@ -152,7 +152,8 @@ pub struct CallSession {
     /// what it would queue before then comes out later as lasting delay.
     connected: AtomicBool,
     signalling: Mutex<Option<mpsc::UnboundedSender<signalling::Command>>>,
-    last_stats: Mutex<Option<gst::Structure>>,
+    /// The latest summary of webrtcbin's statistics, and when it was taken.
+    last_stats: Mutex<Option<(std::time::Instant, gst::Structure)>>,
     /// Every local stream is known, so an offer or answer can include them.
     media_ready: tokio::sync::watch::Sender<bool>,
     listeners: Mutex<Vec<(u64, DescriptionListener)>>,
@@ -807,10 +808,32 @@ impl CallSession {
                 self.estimated_bitrate.load(Ordering::Relaxed),
             )
             .build();
-        if let Some(webrtc) = self.last_stats.lock().unwrap().as_ref() {
-            summarize_webrtc_stats(webrtc, &mut stats);
+        stats.set("dtls-state", self.dtls_state());
+        if let Some((_, summary)) = self.last_stats.lock().unwrap().as_ref() {
+            for (name, value) in summary.iter() {
+                stats.set_value(name, value.clone());
+            }
         }
         stats
+    }
+
+    /// The DTLS state of the (bundled) transport: "new" until negotiated.
+    fn dtls_state(&self) -> String {
+        let transport = self
+            .webrtcbin
+            .emit_by_name::<Option<gst_webrtc::WebRTCRTPTransceiver>>("get-transceiver", &[&0i32])
+            .and_then(|t| t.property::<Option<gst_webrtc::WebRTCRTPSender>>("sender"))
+            .and_then(|s| s.property::<Option<gst_webrtc::WebRTCDTLSTransport>>("transport"));
+        transport.map_or_else(
+            || "new".to_owned(),
+            |t| {
+                format!(
+                    "{:?}",
+                    t.property::<gst_webrtc::WebRTCDTLSTransportState>("state")
+                )
+                .to_lowercase()
+            },
+        )
     }
 
     fn poll_stats(self: &Arc<Self>) {
@@ -822,7 +845,13 @@ impl CallSession {
                     return;
                 };
                 if let Ok(stats) = session.promise_stats().await {
-                    *session.last_stats.lock().unwrap() = Some(stats);
+                    let now = std::time::Instant::now();
+                    let mut summary = summarize_webrtc_stats(&stats);
+                    let mut last = session.last_stats.lock().unwrap();
+                    if let Some((then, previous)) = last.as_ref() {
+                        add_bitrates(&mut summary, previous, now - *then);
+                    }
+                    *last = Some((now, summary));
                 }
             }
         });
@@ -855,7 +884,7 @@ impl Drop for CallSession {
 }
 
 /// RTT, loss, jitter, bitrate and ICE state from webrtcbin's stats.
-fn summarize_webrtc_stats(webrtc: &gst::Structure, out: &mut gst::Structure) {
+fn summarize_webrtc_stats(webrtc: &gst::Structure) -> gst::Structure {
     let (
         mut packets_received,
         mut packets_lost,
@@ -887,13 +916,34 @@ fn summarize_webrtc_stats(webrtc: &gst::Structure, out: &mut gst::Structure) {
             _ => {}
         }
     }
-    out.set("packets-received", packets_received);
-    out.set("packets-lost", packets_lost);
-    out.set("bytes-received", bytes_received);
-    out.set("packets-sent", packets_sent);
-    out.set("bytes-sent", bytes_sent);
-    out.set("jitter-ms", jitter * 1000.0);
-    out.set("rtt-ms", rtt);
+    gst::Structure::builder("summary")
+        .field("packets-received", packets_received)
+        .field("packets-lost", packets_lost)
+        .field("bytes-received", bytes_received)
+        .field("packets-sent", packets_sent)
+        .field("bytes-sent", bytes_sent)
+        .field("jitter-ms", jitter * 1000.0)
+        .field("rtt-ms", rtt)
+        .build()
+}
+
+/// `send-bitrate` and `receive-bitrate` (bit/s) over the `elapsed` time
+/// since the `previous` summary.
+fn add_bitrates(summary: &mut gst::Structure, previous: &gst::Structure, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    for (bytes, rate) in [
+        ("bytes-sent", "send-bitrate"),
+        ("bytes-received", "receive-bitrate"),
+    ] {
+        let now = summary.get::<u64>(bytes).unwrap_or(0);
+        let before = previous.get::<u64>(bytes).unwrap_or(0);
+        let bits_per_second = if seconds > 0.0 {
+            (now.saturating_sub(before) * 8) as f64 / seconds
+        } else {
+            0.0
+        };
+        summary.set(rate, bits_per_second.round() as u64);
+    }
 }
 
 fn rewrite_payload_type(buffer: &mut gst::BufferRef, payload_type: u8) {
