@@ -372,8 +372,7 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
     if in_dialog {
         if let Err(highest) = in_order(shared, &tx.original) {
             info!("{method} {}: CSeq below {highest}, 500", tx.original.uri);
-            let warning =
-                Header::Warning(format!("399 sip-cc-bridge \"CSeq out of order\"").into());
+            let warning = Header::Warning("399 sip-cc-bridge \"CSeq out of order\"".into());
             reply(&mut tx, StatusCode::ServerInternalError, vec![warning]).await;
             return;
         }
