@@ -39,6 +39,32 @@ pub fn with_twcc(caps: &gst::Caps) -> (gst::Caps, Option<u8>) {
     (caps, Some(id))
 }
 
+/// `caps` with the transport-wide-cc extension under the peer's id `theirs`
+/// (an offer we answer chooses it), or without it when the peer does not
+/// take it, so webrtcbin's answer agrees with the offer.
+pub fn with_remote_twcc(caps: &gst::Caps, theirs: Option<u8>) -> gst::Caps {
+    let mut caps = caps.clone();
+    if let Some(s) = caps.make_mut().structure_mut(0) {
+        let ours: Vec<String> = s
+            .iter()
+            .filter(|(name, value)| {
+                name.starts_with("extmap-") && value.get::<&str>().is_ok_and(|uri| uri == TWCC_URI)
+            })
+            .map(|(name, _)| name.to_string())
+            .collect();
+        for name in ours {
+            s.remove_field(name.as_str());
+        }
+        match theirs {
+            Some(id) if !s.has_field(format!("extmap-{id}").as_str()) => {
+                s.set(format!("extmap-{id}").as_str(), TWCC_URI);
+            }
+            _ => s.remove_field("rtcp-fb-transport-cc"),
+        }
+    }
+    caps
+}
+
 /// The id the remote SDP gives the transport-wide-cc extension in the
 /// section of `kind`, if it takes it at all.
 pub fn remote_twcc_id(remote: &gst_sdp::SDPMessageRef, kind: MediaKind) -> Option<u8> {
@@ -243,6 +269,19 @@ mod tests {
         assert_eq!(s.get::<&str>("extmap-2").unwrap(), TWCC_URI);
         assert!(s.get::<bool>("rtcp-fb-transport-cc").unwrap());
         assert_eq!(with_twcc(&caps).1, Some(2));
+    }
+
+    #[test]
+    fn an_offer_we_answer_decides_the_extension_id() {
+        gst::init().unwrap();
+        let (ours, _) = with_twcc(&gst::Caps::builder("application/x-rtp").build());
+        let caps = with_remote_twcc(&ours, Some(3));
+        let s = caps.structure(0).unwrap();
+        assert_eq!(s.get::<&str>("extmap-3").unwrap(), TWCC_URI);
+        assert!(!s.has_field("extmap-1"));
+        let caps = with_remote_twcc(&ours, None);
+        let s = caps.structure(0).unwrap();
+        assert!(!s.has_field("extmap-1") && !s.has_field("rtcp-fb-transport-cc"));
     }
 
     #[test]

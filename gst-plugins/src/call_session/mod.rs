@@ -634,6 +634,12 @@ impl CallSession {
             });
             sender.payload_type = theirs.filter(|pt| i32::from(*pt) != ours);
             sender.twcc_id = congestion::remote_twcc_id(remote, sender.kind);
+            let adopted = congestion::with_remote_twcc(&caps, sender.twcc_id);
+            if adopted != caps
+                && let Some(appsrc) = &sender.appsrc
+            {
+                appsrc.set_caps(Some(&adopted));
+            }
         }
     }
 
