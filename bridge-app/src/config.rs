@@ -47,6 +47,9 @@ pub struct SipSection {
     pub rtp_timeout_ms: u64,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
+    /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
+    /// through) or "off".
+    pub video: crate::sip::video::AppVideoCodec,
 }
 
 #[derive(Clone, Deserialize)]
@@ -129,6 +132,7 @@ impl Default for SipSection {
             rtp_timeout_ms: 30_000,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
+            video: Default::default(),
         }
     }
 }

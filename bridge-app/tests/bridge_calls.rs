@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, PhoneCodec, phone_call, sipp, tempdir, wav_frequency,
+    Baresip, BridgeProcess, BrowserPeer, Phone, PhoneCodec, VideoPhone, phone_call, sipp, tempdir,
+    wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -616,4 +617,91 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     );
     let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 1);
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+}
+
+/// A video phone (PCMU and H.264) calls alice, whose browser answers with
+/// its camera: the phone's H.264 reaches the app as VP8, the app's VP8
+/// reaches the phone as H.264, frames are decoded on both sides, the voices
+/// still cross, and the CDR names the video's codecs and encoders.
+#[test]
+fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let mut alice = alice_answering(&bridge, true);
+    let phone = Phone::new("PCMU", 0, 8000, 440);
+    let camera = VideoPhone::new();
+    let (address, audio_port, video_port) = (
+        bridge.address(),
+        phone.port().to_string(),
+        camera.port().to_string(),
+    );
+    let signalling = std::thread::spawn(move || {
+        sipp(
+            "video-call.xml",
+            &address,
+            "alice",
+            &[
+                "-d",
+                "14000",
+                "-cid_str",
+                "video-%u",
+                "-key",
+                "phone_port",
+                &audio_port,
+                "-key",
+                "video_port",
+                &video_port,
+            ],
+        )
+    });
+    phone.call(bridge.media_port("video-1"));
+    camera.call(bridge.video_port("video-1"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let (mut app_frames, mut app_heard) = (0, None);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_frames = alice
+            .command(json!({"op": "framesDecoded"}))
+            .as_u64()
+            .unwrap_or(0);
+        app_heard = alice.command(json!({"op": "frequency"})).as_f64();
+        if app_frames >= 30 && camera.frames() >= 30 {
+            break;
+        }
+    }
+    let phone_frames = camera.frames();
+    let phone_heard = phone.heard_frequency();
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "video call: {output}\n{:#?}", bridge.logs());
+    assert!(
+        app_frames >= 30,
+        "the app decoded {app_frames} frames of the phone's video\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_frames >= 30,
+        "the phone decoded {phone_frames} frames of the app's video\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of 440 Hz"
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of 660 Hz"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    let line = lines
+        .iter()
+        .find(|l| l["call_id"] == "video-1")
+        .expect("a CDR line");
+    assert_eq!(line["video"]["app_codec"], "VP8", "{line}");
+    assert!(
+        line["video"]["encoders"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e == "vp8enc")),
+        "{line}"
+    );
 }

@@ -59,6 +59,8 @@ pub struct ConnectyCubeLeg {
     /// How long the app may ring.
     pub answer_timeout: Duration,
     session_id: String,
+    /// Video once the offer carries video, else audio.
+    call_type: CallType,
     signalling: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -79,6 +81,7 @@ impl ConnectyCubeLeg {
             placed,
             answer_timeout,
             session_id: uuid_like(),
+            call_type: CallType::Audio,
             signalling: None,
         }
     }
@@ -87,7 +90,7 @@ impl ConnectyCubeLeg {
         CallSignal::new(
             signal_type,
             &self.session_id,
-            CallType::Audio,
+            self.call_type,
             self.from.user_id,
             vec![self.to_user_id],
         )
@@ -105,6 +108,9 @@ impl ConnectyCubeLeg {
             });
         };
 
+        if offer.contains("\nm=video") {
+            self.call_type = CallType::Video;
+        }
         self.placed.lock().unwrap().insert(self.session_id.clone());
         let mut signals = self.from.subscribe(&self.session_id);
         let mut call = self.signal(SignalType::Call);

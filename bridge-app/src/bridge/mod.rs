@@ -187,6 +187,7 @@ fn sip_config(config: &Config) -> SipConfig {
         accounts,
         registrar: s.registrar,
         max_calls: s.max_calls,
+        video: s.video,
         answer_delay: Duration::ZERO,
         no_answer_timeout: Duration::from_millis(s.no_answer_timeout_ms),
         rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),

@@ -30,6 +30,7 @@ use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, LiveCall, SUPPORTED, Shared, refuse, reply, source_of};
+use super::video::{AppVideoCodec, CallVideo};
 
 /// How long a bridged call may wait for its WebRTC connection after the
 /// app answered.
@@ -183,10 +184,14 @@ async fn answer_call(
     };
 
     // One SDES key per call, so that re-offers keep what the phone knows.
-    let capabilities = Capabilities {
+    let mut capabilities = Capabilities {
         sdes: Some(SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80)),
         ..Capabilities::all_audio()
     };
+    // A bridged call takes the phone's H.264 video too.
+    if matches!(destination, Destination::App { .. }) && shared.config.video != AppVideoCodec::Off {
+        capabilities.video = vec!["H264"];
+    }
     let offer = match offered_sdp(&tx.original) {
         Ok(offer) => offer,
         Err(reason) => {
@@ -209,6 +214,7 @@ async fn answer_call(
         Some(Ok(negotiation)) => Some(negotiation),
         None => None,
     };
+    let mut negotiated = negotiated;
 
     if negotiated.is_none() && matches!(destination, Destination::App { .. }) {
         info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
@@ -263,6 +269,7 @@ async fn answer_call(
             session_id: rand::random::<u32>().into(),
             version: 1,
         },
+        video: None,
         answer_expected_in_ack: false,
         session_timer,
         capabilities,
@@ -276,7 +283,21 @@ async fn answer_call(
             started,
         ),
     };
-    // A bridged call's media runs while it rings: the app's offer needs it.
+    // A bridged call's media runs while it rings: the app's offer needs it
+    // (the video first, so the offer includes it).
+    if let (Peer::App { session, .. }, Some(stream)) = (
+        &call.peer,
+        negotiated.as_ref().and_then(|n| n.video().cloned()),
+    ) {
+        let session = session.clone();
+        if let Err(e) = call.start_video(&stream, &session) {
+            warn!("call {call_id}: no video ({e:#}); audio only");
+            call.capabilities.video.clear();
+            negotiated = offer
+                .as_ref()
+                .and_then(|o| offer_answer::answer(o, &call.capabilities).ok());
+        }
+    }
     let audio = negotiated.as_ref().and_then(|n| n.audio().cloned());
     if let (Some(_), Some(audio)) = (&app, &audio) {
         call.apply(audio)?;
@@ -422,6 +443,8 @@ struct Call {
     ),
     origin: Origin,
     /// We offered in a 200 OK; the answer arrives in the ACK.
+    /// The phone's video and the port it arrives on, when bridged.
+    video: Option<(PortReservation, CallVideo)>,
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
@@ -450,8 +473,11 @@ impl Call {
         let local: Vec<LocalStream> = negotiation
             .streams
             .iter()
-            .map(|_| LocalStream {
-                rtp_port: self.reservation.port,
+            .map(|stream| LocalStream {
+                rtp_port: match (&self.video, stream.kind) {
+                    (Some((reservation, _)), MediaKind::Video) => reservation.port,
+                    _ => self.reservation.port,
+                },
             })
             .collect();
         let origin = self.next_origin();
@@ -479,6 +505,29 @@ impl Call {
             headers.push(Header::Require("timer".into()));
         }
         headers
+    }
+
+    /// Starts the phone's video toward the app's call `app_session`, on a
+    /// port pair of its own.
+    fn start_video(&mut self, stream: &NegotiatedStream, app_session: &str) -> anyhow::Result<()> {
+        let reservation = PortReservation::new(self.reservation.address)?;
+        let video = CallVideo::start(&reservation, stream, app_session, self.shared.config.video)?;
+        self.record.video = Some(serde_json::json!({
+            "sip_codec": "H264",
+            "app_codec": match video.app_codec {
+                AppVideoCodec::H264 => "H264",
+                _ => "VP8",
+            },
+            "encoders": video.encoders,
+        }));
+        info!(
+            "call {}: video at {} from {}",
+            self.call_id,
+            std::net::SocketAddr::new(reservation.address, reservation.port),
+            stream.remote_rtp
+        );
+        self.video = Some((reservation, video));
+        Ok(())
     }
 
     /// Starts the media, or moves it to the renegotiated stream.
@@ -619,6 +668,9 @@ impl Call {
         if let Some(media) = self.media.take() {
             media.stop();
         }
+        if let Some((_, video)) = self.video.take() {
+            video.stop();
+        }
         if let Some(reason) = bye_reason {
             let headers = vec![Header::Reason(reason.into())];
             if let Err(e) = self.dialog.bye_with_headers(Some(headers)).await {
@@ -728,6 +780,9 @@ impl Call {
                         warn!("call {}: {e:#}", self.call_id);
                         let _ = handle.reply(StatusCode::NotAcceptableHere).await;
                         return;
+                    }
+                    if let (Some((_, video)), Some(stream)) = (&self.video, negotiation.video()) {
+                        video.update(stream);
                     }
                     self.render_answer(&negotiation)
                 }
@@ -930,6 +985,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             version: origin.version + 1,
             ..origin
         },
+        video: None,
         answer_expected_in_ack: false,
         session_timer: None,
         capabilities,

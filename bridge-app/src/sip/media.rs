@@ -95,6 +95,23 @@ pub enum MediaEvent {
 /// phones are often silent until answered, and the app's offer cannot wait.
 const OPUS_RTP_CAPS: &str = "application/x-rtp,media=(string)audio,clock-rate=(int)48000,encoding-name=(string)OPUS,payload=(int)111,encoding-params=(string)2";
 
+/// Where the phone's media is, and its SRTP keys, for a `sipsrc`/`sipsink`
+/// pair (the keys are set on the session the two share).
+pub(super) fn configure_sip_pair(
+    receiver: &gst::Element,
+    sender: &gst::Element,
+    stream: &NegotiatedStream,
+) {
+    let section = stream.media_section_text();
+    // The sink learns the phone's telephone-event from it.
+    sender.set_property("sdp", &section);
+    receiver.set_property("sdp", section);
+    if let Some(srtp) = &stream.srtp {
+        receiver.set_property("srtp-send-key", srtp.send.to_string());
+        receiver.set_property("srtp-receive-key", srtp.receive.to_string());
+    }
+}
+
 /// Seconds without RTP before a call is ended.
 pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;
 
@@ -322,19 +339,8 @@ impl CallMedia {
         self.set_direction(stream);
     }
 
-    /// Where the phone's media is, and its SRTP keys (set on the session
-    /// that `rx` and `tx` share).
     fn set_peer(&self, stream: &NegotiatedStream) {
-        let section = stream.media_section_text();
-        // The sink learns the phone's telephone-event from it.
-        self.sender.set_property("sdp", &section);
-        self.receiver.set_property("sdp", section);
-        if let Some(srtp) = &stream.srtp {
-            self.receiver
-                .set_property("srtp-send-key", srtp.send.to_string());
-            self.receiver
-                .set_property("srtp-receive-key", srtp.receive.to_string());
-        }
+        configure_sip_pair(&self.receiver, &self.sender, stream);
     }
 
     /// Nothing goes to a phone that does not receive; while the phone holds

@@ -10,6 +10,7 @@ pub mod registrar;
 pub mod registration;
 pub mod routing;
 mod ua;
+pub mod video;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +62,8 @@ pub struct SipConfig {
     pub registrar: bool,
     /// Calls carried at once; more get 503.
     pub max_calls: usize,
+    /// Phones' H.264 video toward apps: as VP8, passed through, or refused.
+    pub video: video::AppVideoCodec,
     /// How long the built-in services ring before answering.
     pub answer_delay: Duration,
     /// Ringing longer than this ends the call with 480.
@@ -101,6 +104,7 @@ impl SipConfig {
             accounts: Vec::new(),
             registrar: false,
             max_calls: 200,
+            video: video::AppVideoCodec::default(),
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),

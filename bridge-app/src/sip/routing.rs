@@ -116,6 +116,9 @@ pub struct CallRecord {
     /// Opus toward the app, for bridged calls.
     pub app_codec: Option<&'static str>,
     pub transcoded: bool,
+    /// The video, when the call has some: the app's codec and the encoders
+    /// in use (none when passed through), e.g. `{"app_codec": "VP8", …}`.
+    pub video: Option<serde_json::Value>,
     /// The recording of both voices, when the call was recorded.
     pub recording: Option<std::path::PathBuf>,
     /// RTP from the phone: received, lost, interarrival jitter (ms).
@@ -147,6 +150,7 @@ impl CallRecord {
             sip_srtp: None,
             app_codec: None,
             transcoded: false,
+            video: None,
             recording: None,
             packets_received: 0,
             packets_lost: 0,
@@ -187,6 +191,7 @@ impl CallRecord {
             "sip_srtp": record.sip_srtp,
             "app_codec": record.app_codec,
             "media": if record.transcoded { "transcoded" } else { "passthrough" },
+            "video": record.video,
             "recording": record.recording.as_ref().map(|p| p.display().to_string()),
             "rtp": {
                 "packets_received": record.packets_received,

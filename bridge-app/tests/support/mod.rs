@@ -388,6 +388,19 @@ impl BridgeProcess {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The bridge's RTP port of a call's video, from its log.
+    pub fn video_port(&self, call_id: &str) -> u16 {
+        let line = self
+            .wait_for_log(
+                |l| l.contains(&format!("call {call_id}: video at ")),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("no video for call {call_id}: {:#?}", self.logs()));
+        let at = line.split(" video at ").nth(1).unwrap();
+        let address = at.split_whitespace().next().unwrap();
+        address.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     /// The bridge's RTP port of a call, from its log.
     pub fn media_port(&self, call_id: &str) -> u16 {
         let line = self
@@ -803,6 +816,71 @@ impl Phone {
 }
 
 impl Drop for Phone {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// The camera and screen of a GStreamer video phone: a moving test picture
+/// sent as H.264, and the H.264 it receives decoded, its frames counted.
+pub struct VideoPhone {
+    pipeline: gst::Pipeline,
+    frames: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl VideoPhone {
+    pub fn new() -> VideoPhone {
+        let description = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=15/1 \
+               ! openh264enc gop-size=15 ! h264parse ! rtph264pay pt=102 config-interval=-1 \
+               ! sipsink name=tx session=video-phone local-address=127.0.0.1 \
+             sipsrc name=rx session=video-phone local-address=127.0.0.1 stats-interval=0 timeout=0 \
+               payload-map=\"application/x-rtp,media=video,payload=102,clock-rate=90000,encoding-name=H264\" \
+               ! rtph264depay ! h264parse ! avdec_h264 ! appsink name=screen sync=false";
+        let pipeline = gst::parse::launch(description)
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        let frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = frames.clone();
+        let screen = pipeline
+            .by_name("screen")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        screen.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        pipeline.set_state(gst::State::Paused).unwrap();
+        VideoPhone { pipeline, frames }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.pipeline
+            .by_name("rx")
+            .unwrap()
+            .property::<u32>("local-port") as u16
+    }
+
+    pub fn call(&self, bridge_port: u16) {
+        let tx = self.pipeline.by_name("tx").unwrap();
+        tx.set_property("remote-address", "127.0.0.1");
+        tx.set_property("remote-port", u32::from(bridge_port));
+        self.pipeline.set_state(gst::State::Playing).unwrap();
+    }
+
+    /// Frames decoded so far.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for VideoPhone {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
     }

@@ -1,0 +1,275 @@
+//! The video of a bridged call: H.264 from the phone to the app as VP8
+//! (decoded and encoded again) or as H.264 (passed through, new RTP headers
+//! only), and the app's video back to the phone as H.264. Its own pipeline
+//! beside the audio one, joined to the same WebRTC call by session name.
+//! Encoders are ranked hardware first, software last; the first one this
+//! machine has is used and logged.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, anyhow};
+use bridge_protocol::offer_answer::NegotiatedStream;
+use gst::prelude::*;
+use tracing::info;
+
+use super::media::{PortReservation, configure_sip_pair};
+
+/// Whether phones' video reaches the app, and in which codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppVideoCodec {
+    /// Video offered by phones is refused (port 0); calls are audio only.
+    Off,
+    /// Every WebRTC app decodes it; the phone's H.264 is transcoded.
+    #[default]
+    Vp8,
+    /// The phone's H.264 passes through untouched.
+    H264,
+}
+
+/// An encoder and the settings that make it fit for a live call (low
+/// latency, a key frame at least every two seconds, a modest bitrate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoder {
+    pub factory: &'static str,
+    pub settings: &'static str,
+}
+
+const fn encoder(factory: &'static str, settings: &'static str) -> Encoder {
+    Encoder { factory, settings }
+}
+
+/// H.264 toward phones, best first: VA-API, VideoToolbox, NVENC, then
+/// openh264 (constrained baseline, what desk phones decode) and x264.
+pub const H264_ENCODERS: &[Encoder] = &[
+    encoder("vah264enc", "bitrate=1000 key-int-max=60 b-frames=0"),
+    encoder(
+        "vaapih264enc",
+        "bitrate=1000 keyframe-period=60 max-bframes=0",
+    ),
+    encoder(
+        "vtenc_h264_hw",
+        "bitrate=1000 realtime=true allow-frame-reordering=false max-keyframe-interval=60",
+    ),
+    encoder(
+        "nvh264enc",
+        "bitrate=1000 gop-size=60 zerolatency=true bframes=0",
+    ),
+    encoder("openh264enc", "bitrate=1000000 gop-size=60 complexity=low"),
+    encoder(
+        "x264enc",
+        "bitrate=1000 tune=zerolatency speed-preset=ultrafast key-int-max=60 \
+         ! video/x-h264,profile=constrained-baseline",
+    ),
+];
+
+/// VP8 toward apps, best first.
+pub const VP8_ENCODERS: &[Encoder] = &[
+    encoder("vavp8enc", "bitrate=1000 key-int-max=60"),
+    encoder("vaapivp8enc", "bitrate=1000 keyframe-period=60"),
+    encoder(
+        "vp8enc",
+        "deadline=1 cpu-used=8 target-bitrate=1000000 keyframe-max-dist=60 error-resilient=partitions",
+    ),
+];
+
+/// The first encoder of `ranked` that `available` knows.
+pub fn first_available(
+    ranked: &'static [Encoder],
+    available: impl Fn(&str) -> bool,
+) -> Option<&'static Encoder> {
+    ranked.iter().find(|e| available(e.factory))
+}
+
+/// The best encoder of `ranked` installed here.
+fn installed(ranked: &'static [Encoder]) -> anyhow::Result<&'static Encoder> {
+    first_available(ranked, |name| gst::ElementFactory::find(name).is_some())
+        .with_context(|| format!("no video encoder installed (tried {})", names(ranked)))
+}
+
+fn names(ranked: &[Encoder]) -> String {
+    ranked
+        .iter()
+        .map(|e| e.factory)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The H.264 decoder: libav's, else openh264's (behind a parser either way).
+fn h264_decoder() -> &'static str {
+    if gst::ElementFactory::find("avdec_h264").is_some() {
+        "avdec_h264"
+    } else {
+        "openh264dec"
+    }
+}
+
+const VP8_RTP_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(int)90000,encoding-name=(string)VP8,payload=(int)96";
+const H264_RTP_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(int)90000,encoding-name=(string)H264,payload=(int)102,packetization-mode=(string)1,profile-level-id=(string)42e01f";
+
+/// A live frame queue: a slow encoder drops frames rather than adding delay.
+const LIVE_QUEUE: &str =
+    "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream";
+
+/// The running video of one call.
+pub struct CallVideo {
+    pipeline: gst::Pipeline,
+    receiver: gst::Element,
+    sender: gst::Element,
+    /// Encoders in use, e.g. `["vp8enc", "openh264enc"]` (none when passed through).
+    pub encoders: Vec<&'static str>,
+    pub app_codec: AppVideoCodec,
+}
+
+impl CallVideo {
+    /// Starts the video of `stream` (H.264 from the phone) on `reservation`,
+    /// into the WebRTC call `app_session`. Start it before the audio: the
+    /// app's offer is made once every stream of the call is known.
+    pub fn start(
+        reservation: &PortReservation,
+        stream: &NegotiatedStream,
+        app_session: &str,
+        app_codec: AppVideoCodec,
+    ) -> anyhow::Result<Self> {
+        let session = reservation.session();
+        let address: IpAddr = reservation.address;
+        let pt = stream.format.payload_type;
+        let from_phone = format!(
+            "sipsrc name=vrx session={session} local-address={address} timeout=0 stats-interval=0 \
+             ! rtph264depay ! h264parse config-interval=-1"
+        );
+        let to_phone = format!(
+            "rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
+             ! sipsink name=vtx session={session} local-address={address}"
+        );
+        let app_src = format!("connectycubesrc session={app_session} media=video");
+        let (description, encoders) = match app_codec {
+            AppVideoCodec::Off => anyhow::bail!("video is off"),
+            AppVideoCodec::H264 => (
+                format!(
+                    "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
+                       ! connectycubesink session={app_session} caps=\"{H264_RTP_CAPS}\" \
+                     {app_src} ! rtph264depay ! h264parse ! {to_phone}"
+                ),
+                Vec::new(),
+            ),
+            AppVideoCodec::Vp8 => {
+                let (vp8, h264) = (installed(VP8_ENCODERS)?, installed(H264_ENCODERS)?);
+                let decoder = h264_decoder();
+                (
+                    format!(
+                        "{from_phone} ! {decoder} ! videoconvert ! {LIVE_QUEUE} \
+                           ! {} {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
+                           ! connectycubesink session={app_session} caps=\"{VP8_RTP_CAPS}\" \
+                         {app_src} ! rtpvp8depay ! vp8dec ! videoconvert ! {LIVE_QUEUE} \
+                           ! {} {} ! h264parse ! {to_phone}",
+                        vp8.factory, vp8.settings, h264.factory, h264.settings
+                    ),
+                    vec![vp8.factory, h264.factory],
+                )
+            }
+        };
+        tracing::debug!("video pipeline: {description}");
+        let pipeline = gst::parse::launch(&description)
+            .context("cannot build the video pipeline")?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| anyhow!("not a pipeline"))?;
+        let by_name = |name: &str| {
+            pipeline
+                .by_name(name)
+                .with_context(|| format!("video pipeline lacks {name}"))
+        };
+        let video = CallVideo {
+            receiver: by_name("vrx")?,
+            sender: by_name("vtx")?,
+            pipeline,
+            encoders,
+            app_codec,
+        };
+        video.update(stream);
+        video
+            .pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|_| anyhow!("the video pipeline did not start"))?;
+        info!(
+            "video: phone H.264 ↔ app {} ({})",
+            match app_codec {
+                AppVideoCodec::H264 => "H.264",
+                _ => "VP8",
+            },
+            if video.encoders.is_empty() {
+                "passed through".to_owned()
+            } else {
+                format!("encoders {}", video.encoders.join(", "))
+            }
+        );
+        Ok(video)
+    }
+
+    /// A renegotiated video stream: new address, keys or direction.
+    pub fn update(&self, stream: &NegotiatedStream) {
+        configure_sip_pair(&self.receiver, &self.sender, stream);
+    }
+
+    /// RTP statistics of the phone's video (`sipsrc`'s `stats`).
+    pub fn stats(&self) -> gst::Structure {
+        self.receiver.property::<gst::Structure>("stats")
+    }
+
+    pub fn stop(&self) {
+        self.sender.send_event(gst::event::Eos::new());
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+impl Drop for CallVideo {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_encoders_come_first_and_software_is_the_fallback() {
+        let machine_with = |names: &'static [&'static str]| move |n: &str| names.contains(&n);
+        let pick = |ranked, names| first_available(ranked, machine_with(names)).map(|e| e.factory);
+        assert_eq!(
+            pick(H264_ENCODERS, &["x264enc", "openh264enc", "nvh264enc"]),
+            Some("nvh264enc")
+        );
+        assert_eq!(
+            pick(H264_ENCODERS, &["x264enc", "vaapih264enc", "vah264enc"]),
+            Some("vah264enc")
+        );
+        assert_eq!(pick(H264_ENCODERS, &["x264enc"]), Some("x264enc"));
+        assert_eq!(
+            pick(VP8_ENCODERS, &["vp8enc", "vaapivp8enc"]),
+            Some("vaapivp8enc")
+        );
+        assert_eq!(pick(VP8_ENCODERS, &[]), None);
+    }
+
+    #[test]
+    fn this_machine_falls_back_to_an_installed_software_encoder() {
+        gst::init().unwrap();
+        let h264 = installed(H264_ENCODERS).unwrap();
+        let vp8 = installed(VP8_ENCODERS).unwrap();
+        // No VA-API device here (design.md): the software encoders run.
+        assert!(
+            ["openh264enc", "x264enc"].contains(&h264.factory),
+            "{h264:?}"
+        );
+        assert_eq!(vp8.factory, "vp8enc");
+        // Their settings are valid as written.
+        for encoder in [h264, vp8] {
+            gst::parse::bin_from_description(
+                &format!("{} {}", encoder.factory, encoder.settings),
+                true,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", encoder.factory));
+        }
+    }
+}
