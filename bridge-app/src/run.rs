@@ -50,6 +50,10 @@ pub struct RunOptions {
     /// answer.
     #[arg(long, default_value_t = 0)]
     pub answer_delay_ms: u64,
+    /// Phones' H.264 video toward apps: vp8 (transcoded), h264 (passed
+    /// through) or off (overrides sip.video).
+    #[arg(long, value_enum)]
+    pub video: Option<crate::sip::video::AppVideoCodec>,
     /// Milliseconds of ringing after which a call gets 480.
     #[arg(long)]
     pub no_answer_timeout_ms: Option<u64>,
@@ -94,6 +98,9 @@ impl RunOptions {
         }
         if let Some(calls) = self.max_calls {
             config.sip.max_calls = calls;
+        }
+        if let Some(video) = self.video {
+            config.sip.video = video;
         }
         if let Some(ms) = self.no_answer_timeout_ms {
             config.sip.no_answer_timeout_ms = ms;

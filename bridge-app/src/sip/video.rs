@@ -15,7 +15,7 @@ use tracing::info;
 use super::media::{PortReservation, configure_sip_pair};
 
 /// Whether phones' video reaches the app, and in which codec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AppVideoCodec {
     /// Video offered by phones is refused (port 0); calls are audio only.
