@@ -674,7 +674,8 @@ fn video_call(mode: &str) -> Value {
         )
     });
     phone.call(bridge.media_port("video-1"));
-    camera.call(bridge.video_port("video-1"));
+    let (video_port, payload_type) = bridge.video_port(Some("video-1"));
+    camera.call(video_port, payload_type);
     let deadline = std::time::Instant::now() + Duration::from_secs(12);
     let (mut app_frames, mut app_heard) = (0, None);
     while std::time::Instant::now() < deadline {
@@ -714,4 +715,130 @@ fn video_call(mode: &str) -> Value {
         .into_iter()
         .find(|l| l["call_id"] == "video-1")
         .expect("a CDR line")
+}
+
+/// Bob's browser places a video call to alice, whose phone (SIPp answering
+/// with PCMU and H.264, media from GStreamer phones) is at the SIP domain:
+/// the INVITE offers H.264 video, and frames and voices cross both ways.
+#[test]
+fn an_app_video_call_reaches_a_video_phone() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let (sip_domain_port, sandbox_port) = (support::free_port(), support::free_port());
+    let config = dir.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\ndomain = \"127.0.0.1:{sip_domain_port}\"\n\n\
+             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
+             [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
+             [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n"
+        ),
+    )
+    .unwrap();
+    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
+    let phone = Phone::new("PCMU", 0, 8000, 523);
+    let camera = VideoPhone::new();
+    let (audio_port, video_port) = (phone.port().to_string(), camera.port().to_string());
+    let answering = std::thread::spawn(move || {
+        let output = std::process::Command::new("sipp")
+            .arg("-sf")
+            .arg(support::repo_root().join("bridge-app/tests/sipp/answer-video.xml"))
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &sip_domain_port.to_string(),
+                "-s",
+                "alice",
+            ])
+            .args([
+                "-key",
+                "phone_port",
+                &audio_port,
+                "-key",
+                "video_port",
+                &video_port,
+            ])
+            .args([
+                "-m",
+                "1",
+                "-nostdin",
+                "-timeout",
+                "60s",
+                "-timeout_error",
+                "-trace_err",
+            ])
+            .current_dir(tempdir())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    });
+    let mut bob = BrowserPeer::start(
+        &format!("http://localhost:{sandbox_port}/"),
+        "bob",
+        "demo",
+        660,
+    );
+    bob.command(json!({"op": "call", "to": "alice", "video": true}));
+    let (bridge_video, payload_type) = bridge.video_port(None);
+    let audio_line = bridge
+        .wait_for_log(
+            |l| l.contains("PCMU") && l.contains(" local "),
+            Duration::from_secs(10),
+        )
+        .expect("the call's audio");
+    let local = audio_line.split(" local ").nth(1).unwrap();
+    let bridge_audio = local
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
+    phone.call(bridge_audio.parse().unwrap());
+    camera.call(bridge_video, payload_type);
+    bob.wait_event("accepted", Duration::from_secs(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut app_frames, mut app_heard) = (0, None);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_frames = bob
+            .command(json!({"op": "framesDecoded"}))
+            .as_u64()
+            .unwrap_or(0);
+        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
+        if app_frames >= 30 && camera.frames() >= 30 {
+            break;
+        }
+    }
+    let (phone_frames, phone_heard) = (camera.frames(), phone.heard_frequency());
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = answering.join().unwrap();
+    assert!(
+        success,
+        "the video phone's side: {output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        app_frames >= 30,
+        "the app decoded {app_frames} frames\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_frames >= 30,
+        "the phone decoded {phone_frames} frames\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of 523 Hz"
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of 660 Hz"
+    );
 }

@@ -140,6 +140,14 @@ impl AppSide for ConnectyCubeCaller {
 }
 
 impl AppCaller for ConnectyCubeCaller {
+    fn wants_video(&self) -> bool {
+        self.call
+            .signal
+            .sdp
+            .as_deref()
+            .is_some_and(|sdp| sdp.contains("\nm=video"))
+    }
+
     fn answer(
         &mut self,
         webrtc: gst::Element,

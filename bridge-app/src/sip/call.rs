@@ -290,7 +290,9 @@ async fn answer_call(
         negotiated.as_ref().and_then(|n| n.video().cloned()),
     ) {
         let session = session.clone();
-        if let Err(e) = call.start_video(&stream, &session) {
+        let started = PortReservation::new(call.reservation.address)
+            .and_then(|reservation| call.start_video(reservation, &stream, &session));
+        if let Err(e) = started {
             warn!("call {call_id}: no video ({e:#}); audio only");
             call.capabilities.video.clear();
             negotiated = offer
@@ -509,8 +511,12 @@ impl Call {
 
     /// Starts the phone's video toward the app's call `app_session`, on a
     /// port pair of its own.
-    fn start_video(&mut self, stream: &NegotiatedStream, app_session: &str) -> anyhow::Result<()> {
-        let reservation = PortReservation::new(self.reservation.address)?;
+    fn start_video(
+        &mut self,
+        reservation: PortReservation,
+        stream: &NegotiatedStream,
+        app_session: &str,
+    ) -> anyhow::Result<()> {
         let video = CallVideo::start(&reservation, stream, app_session, self.shared.config.video)?;
         self.record.video = Some(serde_json::json!({
             "sip_codec": "H264",
@@ -521,10 +527,11 @@ impl Call {
             "encoders": video.encoders,
         }));
         info!(
-            "call {}: video at {} from {}",
+            "call {}: video at {} from {} (H264/{})",
             self.call_id,
             std::net::SocketAddr::new(reservation.address, reservation.port),
-            stream.remote_rtp
+            stream.remote_rtp,
+            stream.format.payload_type
         );
         self.video = Some((reservation, video));
         Ok(())
@@ -925,7 +932,28 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
     };
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
-    let capabilities = Capabilities::all_audio();
+    let mut capabilities = Capabilities::all_audio();
+    let mut streams = vec![OfferedStream {
+        kind: MediaKind::Audio,
+        rtp_port: reservation.port,
+        direction: Direction::SendRecv,
+    }];
+    // An app's video call offers the phone H.264 video on a port of its own.
+    let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
+        PortReservation::new(shared.config.media_address)
+            .inspect_err(|e| warn!("call {call_id}: no video ({e:#}); audio only"))
+            .ok()
+    } else {
+        None
+    };
+    if let Some(video) = &video_reservation {
+        capabilities.video = vec!["H264"];
+        streams.push(OfferedStream {
+            kind: MediaKind::Video,
+            rtp_port: video.port,
+            direction: Direction::SendRecv,
+        });
+    }
     let origin = Origin {
         session_id: rand::random::<u32>().into(),
         version: 1,
@@ -934,11 +962,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         &capabilities,
         origin,
         shared.config.public_address.unwrap_or(reservation.address),
-        &[OfferedStream {
-            kind: MediaKind::Audio,
-            rtp_port: reservation.port,
-            direction: Direction::SendRecv,
-        }],
+        &streams,
     );
     let credential =
         shared
@@ -1089,12 +1113,22 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         (body, Some(early)) if body.is_empty() => early,
         (body, _) => body,
     };
-    let answer = std::str::from_utf8(answer_body)
+    let negotiation = std::str::from_utf8(answer_body)
         .ok()
         .and_then(|text| sdp::parse(text).ok())
-        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok())
-        .and_then(|negotiation| negotiation.audio().cloned());
-    let Some(audio) = answer else {
+        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok());
+    // The video first: the app's answer is made once every stream is known.
+    if let (Some(reservation), Some(stream), Peer::App { session, .. }) = (
+        video_reservation,
+        negotiation.as_ref().and_then(|n| n.video().cloned()),
+        &call.peer,
+    ) {
+        let session = session.clone();
+        if let Err(e) = call.start_video(reservation, &stream, &session) {
+            warn!("call {call_id}: no video ({e:#}); audio only");
+        }
+    }
+    let Some(audio) = negotiation.and_then(|n| n.audio().cloned()) else {
         warn!("call {call_id}: the 200 OK carries no usable SDP answer; hanging up");
         app.refuse(488, "the phone's answer was unusable");
         let _ = call.dialog.bye().await;

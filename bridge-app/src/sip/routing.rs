@@ -41,6 +41,8 @@ pub trait AppLeg: AppSide {
 
 /// An app calling a SIP phone.
 pub trait AppCaller: AppSide {
+    /// The app's offer carries video.
+    fn wants_video(&self) -> bool;
     /// The phone answered: answer the app's offer through `webrtc`;
     /// resolves with a receiver of the reason the app later hangs up for.
     fn answer(

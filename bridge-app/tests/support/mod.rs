@@ -388,17 +388,23 @@ impl BridgeProcess {
         self.logs.lock().unwrap().clone()
     }
 
-    /// The bridge's RTP port of a call's video, from its log.
-    pub fn video_port(&self, call_id: &str) -> u16 {
+    /// The bridge's RTP port of a call's video (`None`: the first call
+    /// with video), and its H.264 payload type, from its log.
+    pub fn video_port(&self, call_id: Option<&str>) -> (u16, u8) {
         let line = self
             .wait_for_log(
-                |l| l.contains(&format!("call {call_id}: video at ")),
-                Duration::from_secs(10),
+                |l| {
+                    l.contains(" video at ")
+                        && call_id.is_none_or(|id| l.contains(&format!("call {id}: ")))
+                },
+                Duration::from_secs(20),
             )
-            .unwrap_or_else(|| panic!("no video for call {call_id}: {:#?}", self.logs()));
+            .unwrap_or_else(|| panic!("no video for call {call_id:?}: {:#?}", self.logs()));
         let at = line.split(" video at ").nth(1).unwrap();
         let address = at.split_whitespace().next().unwrap();
-        address.rsplit(':').next().unwrap().parse().unwrap()
+        let port = address.rsplit(':').next().unwrap().parse().unwrap();
+        let pt = line.rsplit("H264/").next().unwrap().trim_end_matches(')');
+        (port, pt.parse().unwrap())
     }
 
     /// The bridge's RTP port of a call, from its log.
@@ -831,10 +837,9 @@ pub struct VideoPhone {
 impl VideoPhone {
     pub fn new() -> VideoPhone {
         let description = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=15/1 \
-               ! openh264enc gop-size=15 ! h264parse ! rtph264pay pt=102 config-interval=-1 \
+               ! openh264enc gop-size=15 ! h264parse ! rtph264pay name=pay config-interval=-1 \
                ! sipsink name=tx session=video-phone local-address=127.0.0.1 \
              sipsrc name=rx session=video-phone local-address=127.0.0.1 stats-interval=0 timeout=0 \
-               payload-map=\"application/x-rtp,media=video,payload=102,clock-rate=90000,encoding-name=H264\" \
                ! rtph264depay ! h264parse ! avdec_h264 ! appsink name=screen sync=false";
         let pipeline = gst::parse::launch(description)
             .unwrap()
@@ -867,10 +872,20 @@ impl VideoPhone {
             .property::<u32>("local-port") as u16
     }
 
-    pub fn call(&self, bridge_port: u16) {
-        let tx = self.pipeline.by_name("tx").unwrap();
+    /// Starts sending to `bridge_port`, H.264 as `payload_type` both ways.
+    pub fn call(&self, bridge_port: u16, payload_type: u8) {
+        let by_name = |name| self.pipeline.by_name(name).unwrap();
+        let tx = by_name("tx");
         tx.set_property("remote-address", "127.0.0.1");
         tx.set_property("remote-port", u32::from(bridge_port));
+        by_name("pay").set_property("pt", u32::from(payload_type));
+        let map = gst::Caps::builder("application/x-rtp")
+            .field("media", "video")
+            .field("payload", i32::from(payload_type))
+            .field("clock-rate", 90000)
+            .field("encoding-name", "H264")
+            .build();
+        by_name("rx").set_property("payload-map", map);
         self.pipeline.set_state(gst::State::Playing).unwrap();
     }
 
