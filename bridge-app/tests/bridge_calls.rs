@@ -539,58 +539,12 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
 fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     let _serial = one_at_a_time();
     let dir = tempdir();
-    let (phone_port, sandbox_port) = (support::free_port(), support::free_port());
-    let config = dir.join("bridge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[sip]\ndomain = \"127.0.0.1:{phone_port}\"\n\n\
-             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
-             [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
-             [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n\n\
-             [cdr]\npath = \"{}\"\n",
-            dir.join("cdr.jsonl").display()
-        ),
-    )
-    .unwrap();
-    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
+    let domain = PhoneAtDomain::new(&dir);
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
     // The "phone" at the SIP domain: SIPp redirecting, then answering.
-    let phone = std::thread::spawn(move || {
-        let output = std::process::Command::new("sipp")
-            .arg("-sf")
-            .arg(support::repo_root().join("bridge-app/tests/sipp/redirect-progress-answer.xml"))
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &phone_port.to_string(),
-                "-s",
-                "alice",
-            ])
-            .args(["-mp", &support::free_even_port().to_string()])
-            .args([
-                "-m",
-                "1",
-                "-nostdin",
-                "-timeout",
-                "40s",
-                "-timeout_error",
-                "-trace_err",
-            ])
-            .current_dir(tempdir())
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
-    });
-    let mut bob = BrowserPeer::start(
-        &format!("http://localhost:{sandbox_port}/"),
-        "bob",
-        "demo",
-        660,
-    );
+    let media_port = support::free_even_port().to_string();
+    let phone = domain.answer("redirect-progress-answer.xml", &["-mp", &media_port]);
+    let mut bob = domain.bob();
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("accepted", Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(1));
@@ -717,49 +671,57 @@ fn video_call(mode: &str) -> Value {
         .expect("a CDR line")
 }
 
-/// Bob's browser places a video call to alice, whose phone (SIPp answering
-/// with PCMU and H.264, media from GStreamer phones) is at the SIP domain:
-/// the INVITE offers H.264 video, and frames and voices cross both ways.
-#[test]
-fn an_app_video_call_reaches_a_video_phone() {
-    let _serial = one_at_a_time();
-    let dir = tempdir();
-    let (sip_domain_port, sandbox_port) = (support::free_port(), support::free_port());
-    let config = dir.join("bridge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[sip]\ndomain = \"127.0.0.1:{sip_domain_port}\"\n\n\
-             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
-             [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
-             [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n"
-        ),
-    )
-    .unwrap();
-    let bridge = BridgeProcess::start(&["--config", config.to_str().unwrap()]);
-    let phone = Phone::new("PCMU", 0, 8000, 523);
-    let camera = VideoPhone::new();
-    let (audio_port, video_port) = (phone.port().to_string(), camera.port().to_string());
-    let answering = std::thread::spawn(move || {
-        let output = std::process::Command::new("sipp")
+/// A bridge configuration whose SIP domain is a SIPp "phone" on a port of
+/// its own (alice and bob mapped, a CDR file beside it), and that phone.
+struct PhoneAtDomain {
+    config: std::path::PathBuf,
+    sip_port: u16,
+    sandbox_port: u16,
+}
+
+impl PhoneAtDomain {
+    fn new(dir: &std::path::Path) -> PhoneAtDomain {
+        let (sip_port, sandbox_port) = (support::free_port(), support::free_port());
+        let config = dir.join("bridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\ndomain = \"127.0.0.1:{sip_port}\"\n\n\
+                 [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
+                 [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
+                 [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n\n\
+                 [cdr]\npath = \"{}\"\n",
+                dir.join("cdr.jsonl").display()
+            ),
+        )
+        .unwrap();
+        PhoneAtDomain {
+            config,
+            sip_port,
+            sandbox_port,
+        }
+    }
+
+    /// SIPp answering one call to alice with `scenario` (and `args`); the
+    /// thread yields its verdict and output.
+    fn answer(&self, scenario: &str, args: &[&str]) -> std::thread::JoinHandle<(bool, String)> {
+        let mut command = std::process::Command::new("sipp");
+        command
             .arg("-sf")
-            .arg(support::repo_root().join("bridge-app/tests/sipp/answer-video.xml"))
+            .arg(
+                support::repo_root()
+                    .join("bridge-app/tests/sipp")
+                    .join(scenario),
+            )
             .args([
                 "-i",
                 "127.0.0.1",
                 "-p",
-                &sip_domain_port.to_string(),
+                &self.sip_port.to_string(),
                 "-s",
                 "alice",
             ])
-            .args([
-                "-key",
-                "phone_port",
-                &audio_port,
-                "-key",
-                "video_port",
-                &video_port,
-            ])
+            .args(args)
             .args([
                 "-m",
                 "1",
@@ -769,20 +731,46 @@ fn an_app_video_call_reaches_a_video_phone() {
                 "-timeout_error",
                 "-trace_err",
             ])
-            .current_dir(tempdir())
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
-    });
-    let mut bob = BrowserPeer::start(
-        &format!("http://localhost:{sandbox_port}/"),
-        "bob",
-        "demo",
-        660,
+            .current_dir(tempdir());
+        std::thread::spawn(move || {
+            let output = command.output().unwrap();
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            )
+        })
+    }
+
+    /// Bob in Chromium on the bridge's sandbox, his microphone a 660 Hz tone.
+    fn bob(&self) -> BrowserPeer {
+        let sandbox = format!("http://localhost:{}/", self.sandbox_port);
+        BrowserPeer::start(&sandbox, "bob", "demo", 660)
+    }
+}
+
+/// Bob's browser places a video call to alice, whose phone (SIPp answering
+/// with PCMU and H.264, media from GStreamer phones) is at the SIP domain:
+/// the INVITE offers H.264 video, and frames and voices cross both ways.
+#[test]
+fn an_app_video_call_reaches_a_video_phone() {
+    let _serial = one_at_a_time();
+    let domain = PhoneAtDomain::new(&tempdir());
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
+    let phone = Phone::new("PCMU", 0, 8000, 523);
+    let camera = VideoPhone::new();
+    let (audio_port, video_port) = (phone.port().to_string(), camera.port().to_string());
+    let answering = domain.answer(
+        "answer-video.xml",
+        &[
+            "-key",
+            "phone_port",
+            &audio_port,
+            "-key",
+            "video_port",
+            &video_port,
+        ],
     );
+    let mut bob = domain.bob();
     bob.command(json!({"op": "call", "to": "alice", "video": true}));
     let (bridge_video, payload_type) = bridge.video_port(None);
     let audio_line = bridge
