@@ -630,41 +630,10 @@ fn video_call(mode: &str) -> Value {
     phone.call(bridge.media_port("video-1"));
     let (video_port, payload_type) = bridge.video_port(Some("video-1"));
     camera.call(video_port, payload_type);
-    let deadline = std::time::Instant::now() + Duration::from_secs(12);
-    let (mut app_frames, mut app_heard) = (0, None);
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        app_frames = alice
-            .command(json!({"op": "framesDecoded"}))
-            .as_u64()
-            .unwrap_or(0);
-        app_heard = alice.command(json!({"op": "frequency"})).as_f64();
-        if app_frames >= 30 && camera.frames() >= 30 {
-            break;
-        }
-    }
-    let phone_frames = camera.frames();
-    let phone_heard = phone.heard_frequency();
+    let seen = watch_video_call(&mut alice, &phone, &camera);
     let (success, output) = signalling.join().unwrap();
     assert!(success, "video call: {output}\n{:#?}", bridge.logs());
-    assert!(
-        app_frames >= 30,
-        "the app decoded {app_frames} frames of the phone's video\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        phone_frames >= 30,
-        "the phone decoded {phone_frames} frames of the app's video\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of 440 Hz"
-    );
-    assert!(
-        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the phone heard {phone_heard:?} instead of 660 Hz"
-    );
+    seen.assert_both_ways(440.0, &bridge.logs());
     wait_for_cdr(&cdr, 1)
         .into_iter()
         .find(|l| l["call_id"] == "video-1")
@@ -790,20 +759,7 @@ fn an_app_video_call_reaches_a_video_phone() {
     phone.call(bridge_audio.parse().unwrap());
     camera.call(bridge_video, payload_type);
     bob.wait_event("accepted", Duration::from_secs(20));
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let (mut app_frames, mut app_heard) = (0, None);
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        app_frames = bob
-            .command(json!({"op": "framesDecoded"}))
-            .as_u64()
-            .unwrap_or(0);
-        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
-        if app_frames >= 30 && camera.frames() >= 30 {
-            break;
-        }
-    }
-    let (phone_frames, phone_heard) = (camera.frames(), phone.heard_frequency());
+    let seen = watch_video_call(&mut bob, &phone, &camera);
     bob.command(json!({"op": "hangUp"}));
     let (success, output) = answering.join().unwrap();
     assert!(
@@ -811,22 +767,65 @@ fn an_app_video_call_reaches_a_video_phone() {
         "the video phone's side: {output}\n{:#?}",
         bridge.logs()
     );
-    assert!(
-        app_frames >= 30,
-        "the app decoded {app_frames} frames\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        phone_frames >= 30,
-        "the phone decoded {phone_frames} frames\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of 523 Hz"
-    );
-    assert!(
-        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the phone heard {phone_heard:?} instead of 660 Hz"
-    );
+    seen.assert_both_ways(523.0, &bridge.logs());
+}
+
+/// What each side of a video call decoded and heard.
+struct Seen {
+    app_frames: u64,
+    app_heard: Option<f64>,
+    phone_frames: u64,
+    phone_heard: Option<f64>,
+}
+
+/// Watches a video call until both sides decoded 30 frames (15 s at most).
+fn watch_video_call(app: &mut BrowserPeer, phone: &Phone, camera: &VideoPhone) -> Seen {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut app_frames, mut app_heard) = (0, None);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_frames = app
+            .command(json!({"op": "framesDecoded"}))
+            .as_u64()
+            .unwrap_or(0);
+        app_heard = app.command(json!({"op": "frequency"})).as_f64();
+        if app_frames >= 30 && camera.frames() >= 30 {
+            break;
+        }
+    }
+    Seen {
+        app_frames,
+        app_heard,
+        phone_frames: camera.frames(),
+        phone_heard: phone.heard_frequency(),
+    }
+}
+
+impl Seen {
+    /// Frames both ways, the phone's `phone_hz` at the app and the app's
+    /// 660 Hz at the phone.
+    fn assert_both_ways(&self, phone_hz: f64, logs: &[String]) {
+        let Seen {
+            app_frames,
+            app_heard,
+            phone_frames,
+            phone_heard,
+        } = self;
+        assert!(
+            *app_frames >= 30,
+            "the app decoded {app_frames} frames of the phone's video\n{logs:#?}"
+        );
+        assert!(
+            *phone_frames >= 30,
+            "the phone decoded {phone_frames} frames of the app's video\n{logs:#?}"
+        );
+        assert!(
+            app_heard.is_some_and(|f| (f - phone_hz).abs() < 15.0),
+            "the app heard {app_heard:?} instead of {phone_hz} Hz"
+        );
+        assert!(
+            phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+            "the phone heard {phone_heard:?} instead of 660 Hz"
+        );
+    }
 }
