@@ -201,7 +201,7 @@ async fn answer_call(
             return Ok(());
         }
     };
-    let negotiated = match offer
+    let mut negotiated = match offer
         .as_ref()
         .map(|o| offer_answer::answer(o, &capabilities))
     {
@@ -214,7 +214,6 @@ async fn answer_call(
         Some(Ok(negotiation)) => Some(negotiation),
         None => None,
     };
-    let mut negotiated = negotiated;
 
     if negotiated.is_none() && matches!(destination, Destination::App { .. }) {
         info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
@@ -285,15 +284,9 @@ async fn answer_call(
     };
     // A bridged call's media runs while it rings: the app's offer needs it
     // (the video first, so the offer includes it).
-    if let (Peer::App { session, .. }, Some(stream)) = (
-        &call.peer,
-        negotiated.as_ref().and_then(|n| n.video().cloned()),
-    ) {
-        let session = session.clone();
-        let started = PortReservation::new(call.reservation.address)
-            .and_then(|reservation| call.start_video(reservation, &stream, &session));
-        if let Err(e) = started {
-            warn!("call {call_id}: no video ({e:#}); audio only");
+    if let Some(stream) = negotiated.as_ref().and_then(|n| n.video().cloned()) {
+        let reservation = PortReservation::new(call.reservation.address);
+        if !call.start_video(reservation, &stream) {
             call.capabilities.video.clear();
             negotiated = offer
                 .as_ref()
@@ -444,9 +437,9 @@ struct Call {
         mpsc::UnboundedReceiver<MediaEvent>,
     ),
     origin: Origin,
-    /// We offered in a 200 OK; the answer arrives in the ACK.
     /// The phone's video and the port it arrives on, when bridged.
     video: Option<(PortReservation, CallVideo)>,
+    /// We offered in a 200 OK; the answer arrives in the ACK.
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
@@ -509,21 +502,31 @@ impl Call {
         headers
     }
 
-    /// Starts the phone's video toward the app's call `app_session`, on a
-    /// port pair of its own.
+    /// Starts the phone's video toward the app, on a port pair of its own;
+    /// `false` (and a warning) when it cannot run and the call goes on with
+    /// audio only.
     fn start_video(
         &mut self,
-        reservation: PortReservation,
+        reservation: anyhow::Result<PortReservation>,
         stream: &NegotiatedStream,
-        app_session: &str,
-    ) -> anyhow::Result<()> {
-        let video = CallVideo::start(&reservation, stream, app_session, self.shared.config.video)?;
+    ) -> bool {
+        let Peer::App { session, .. } = &self.peer else {
+            return false;
+        };
+        let started = reservation.and_then(|reservation| {
+            let video = CallVideo::start(&reservation, stream, session, self.shared.config.video)?;
+            Ok((reservation, video))
+        });
+        let (reservation, video) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                warn!("call {}: no video ({e:#}); audio only", self.call_id);
+                return false;
+            }
+        };
         self.record.video = Some(serde_json::json!({
             "sip_codec": "H264",
-            "app_codec": match video.app_codec {
-                AppVideoCodec::H264 => "H264",
-                _ => "VP8",
-            },
+            "app_codec": video.app_codec.encoding_name(),
             "encoders": video.encoders,
         }));
         info!(
@@ -534,7 +537,7 @@ impl Call {
             stream.format.payload_type
         );
         self.video = Some((reservation, video));
-        Ok(())
+        true
     }
 
     /// Starts the media, or moves it to the renegotiated stream.
@@ -1118,15 +1121,11 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         .and_then(|text| sdp::parse(text).ok())
         .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok());
     // The video first: the app's answer is made once every stream is known.
-    if let (Some(reservation), Some(stream), Peer::App { session, .. }) = (
+    if let (Some(reservation), Some(stream)) = (
         video_reservation,
         negotiation.as_ref().and_then(|n| n.video().cloned()),
-        &call.peer,
     ) {
-        let session = session.clone();
-        if let Err(e) = call.start_video(reservation, &stream, &session) {
-            warn!("call {call_id}: no video ({e:#}); audio only");
-        }
+        call.start_video(Ok(reservation), &stream);
     }
     let Some(audio) = negotiation.and_then(|n| n.audio().cloned()) else {
         warn!("call {call_id}: the 200 OK carries no usable SDP answer; hanging up");

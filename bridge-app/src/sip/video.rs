@@ -27,6 +27,17 @@ pub enum AppVideoCodec {
     H264,
 }
 
+impl AppVideoCodec {
+    /// The RTP encoding name on the WebRTC leg (`None` when off).
+    pub fn encoding_name(self) -> Option<&'static str> {
+        match self {
+            AppVideoCodec::Off => None,
+            AppVideoCodec::Vp8 => Some("VP8"),
+            AppVideoCodec::H264 => Some("H264"),
+        }
+    }
+}
+
 /// An encoder and the settings that make it fit for a live call (low
 /// latency, a key frame at least every two seconds, a modest bitrate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,11 +203,8 @@ impl CallVideo {
             .set_state(gst::State::Playing)
             .map_err(|_| anyhow!("the video pipeline did not start"))?;
         info!(
-            "video: phone H.264 ↔ app {} ({})",
-            match app_codec {
-                AppVideoCodec::H264 => "H.264",
-                _ => "VP8",
-            },
+            "video: phone H264 ↔ app {} ({})",
+            app_codec.encoding_name().unwrap_or_default(),
             if video.encoders.is_empty() {
                 "passed through".to_owned()
             } else {
