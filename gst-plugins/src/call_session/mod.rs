@@ -16,6 +16,7 @@ use gst::glib;
 use gst::prelude::*;
 use tokio::sync::mpsc;
 
+pub use congestion::EncoderControl;
 pub use signalling::SignallingSettings;
 
 use crate::CAT;
@@ -135,8 +136,6 @@ pub trait SenderFeedback: Send + Sync {
     fn bitrate(&self, bits_per_second: u32);
     fn upstream_event(&self, event: gst::Event);
 }
-
-pub use congestion::EncoderControl;
 
 pub struct CallSession {
     name: String,
