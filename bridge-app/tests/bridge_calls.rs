@@ -579,7 +579,7 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
 /// still cross, and the CDR names the video's codecs and encoders.
 #[test]
 fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
-    let cdr = video_call("vp8");
+    let (cdr, _) = video_call("vp8", "video-call.xml");
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
     let encoders = cdr["video"]["encoders"].as_array().unwrap();
     assert!(encoders.iter().any(|e| e == "vp8enc"), "{cdr}");
@@ -587,16 +587,24 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
 
 /// The same with `--video h264`: the phone's H.264 passes through to the
 /// app untouched (no encoder on the way) and the browser still decodes it.
+/// 6 s in, the phone asks for a key frame (SIP INFO picture_fast_update):
+/// the bridge asks the browser (PLI), whose encoder makes key frames only
+/// when asked, and one reaches the phone.
 #[test]
 fn a_video_phones_h264_passes_through_to_the_app() {
-    let cdr = video_call("h264");
+    let (cdr, key_frames) = video_call("h264", "video-call-fast-update.xml");
     assert_eq!(cdr["video"]["app_codec"], "H264", "{cdr}");
     assert_eq!(cdr["video"]["encoders"], json!([]), "{cdr}");
+    assert!(
+        key_frames.iter().any(|t| *t >= Duration::from_millis(5500)),
+        "no key frame after the phone's picture_fast_update: {key_frames:?}"
+    );
 }
 
-/// One video call from a phone to alice with `--video mode`, frames and
-/// voices checked both ways; returns its CDR line.
-fn video_call(mode: &str) -> Value {
+/// One video call from a phone to alice with `--video mode` (SIPp running
+/// `scenario`), frames and voices checked both ways; returns its CDR line
+/// and when key frames reached the phone (since its media started).
+fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>) {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap(), "--video", mode]);
@@ -610,7 +618,7 @@ fn video_call(mode: &str) -> Value {
     );
     let signalling = std::thread::spawn(move || {
         sipp(
-            "video-call.xml",
+            scenario,
             &address,
             "alice",
             &[
@@ -629,15 +637,22 @@ fn video_call(mode: &str) -> Value {
     });
     phone.call(bridge.media_port("video-1"));
     let (video_port, payload_type) = bridge.video_port(Some("video-1"));
+    let started = std::time::Instant::now();
     camera.call(video_port, payload_type);
     let seen = watch_video_call(&mut alice, &phone, &camera);
     let (success, output) = signalling.join().unwrap();
     assert!(success, "video call: {output}\n{:#?}", bridge.logs());
     seen.assert_both_ways(440.0, &bridge.logs());
-    wait_for_cdr(&cdr, 1)
+    let line = wait_for_cdr(&cdr, 1)
         .into_iter()
         .find(|l| l["call_id"] == "video-1")
-        .expect("a CDR line")
+        .expect("a CDR line");
+    let key_frames = camera
+        .key_frames()
+        .iter()
+        .map(|t| t.duration_since(started))
+        .collect();
+    (line, key_frames)
 }
 
 /// A bridge configuration whose SIP domain is a SIPp "phone" on a port of

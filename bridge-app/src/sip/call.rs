@@ -852,6 +852,21 @@ impl Call {
                 // An empty INFO is a keep-alive.
                 let _ = handle.reply(StatusCode::OK).await;
             }
+            // RFC 5168: the phone's decoder lost the picture.
+            None if content_type.starts_with("application/media_control+xml")
+                && body.contains("picture_fast_update") =>
+            {
+                let sent = self
+                    .video
+                    .as_ref()
+                    .is_some_and(|(_, video)| video.request_key_frame());
+                info!(
+                    "call {}: the phone asks for a key frame{}",
+                    self.call_id,
+                    if sent { "" } else { " (no video to ask)" }
+                );
+                let _ = handle.reply(StatusCode::OK).await;
+            }
             None => {
                 info!(
                     "call {}: INFO of type {content_type:?} not understood",

@@ -219,6 +219,20 @@ impl CallVideo {
         configure_sip_pair(&self.receiver, &self.sender, stream);
     }
 
+    /// The phone lost the picture (SIP INFO `picture_fast_update`): a key
+    /// frame from the bridge's encoder, or, when H.264 passes through, from
+    /// the app (PLI).
+    pub fn request_key_frame(&self) -> bool {
+        let event = gst::event::CustomUpstream::new(
+            gst::Structure::builder("GstForceKeyUnit")
+                .field("all-headers", true)
+                .build(),
+        );
+        self.sender
+            .static_pad("sink")
+            .is_some_and(|pad| pad.push_event(event))
+    }
+
     /// RTP statistics of the phone's video (`sipsrc`'s `stats`).
     pub fn stats(&self) -> gst::Structure {
         self.receiver.property::<gst::Structure>("stats")

@@ -832,6 +832,7 @@ impl Drop for Phone {
 pub struct VideoPhone {
     pipeline: gst::Pipeline,
     frames: Arc<std::sync::atomic::AtomicU64>,
+    key_frames: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl VideoPhone {
@@ -840,7 +841,7 @@ impl VideoPhone {
                ! openh264enc gop-size=15 ! h264parse ! rtph264pay name=pay config-interval=-1 \
                ! sipsink name=tx session=video-phone local-address=127.0.0.1 \
              sipsrc name=rx session=video-phone local-address=127.0.0.1 stats-interval=0 timeout=0 \
-               ! rtph264depay ! h264parse ! avdec_h264 ! appsink name=screen sync=false";
+               ! rtph264depay ! h264parse name=parse ! avdec_h264 ! appsink name=screen sync=false";
         let pipeline = gst::parse::launch(description)
             .unwrap()
             .downcast::<gst::Pipeline>()
@@ -861,8 +862,27 @@ impl VideoPhone {
                 })
                 .build(),
         );
+        let key_frames = Arc::new(Mutex::new(Vec::new()));
+        let seen = key_frames.clone();
+        pipeline
+            .by_name("parse")
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                if let Some(buffer) = info.buffer()
+                    && !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT)
+                {
+                    seen.lock().unwrap().push(Instant::now());
+                }
+                gst::PadProbeReturn::Ok
+            });
         pipeline.set_state(gst::State::Paused).unwrap();
-        VideoPhone { pipeline, frames }
+        VideoPhone {
+            pipeline,
+            frames,
+            key_frames,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -887,6 +907,11 @@ impl VideoPhone {
             .build();
         by_name("rx").set_property("payload-map", map);
         self.pipeline.set_state(gst::State::Playing).unwrap();
+    }
+
+    /// When each key frame arrived.
+    pub fn key_frames(&self) -> Vec<Instant> {
+        self.key_frames.lock().unwrap().clone()
     }
 
     /// Frames decoded so far.

@@ -94,6 +94,8 @@ struct Inner {
     next_sender: u64,
     receivers: HashMap<MediaKind, usize>,
     negotiation_scheduled: bool,
+    /// Where each kind of received media leaves webrtcbin (an appsink's pad).
+    incoming: HashMap<MediaKind, gst::Pad>,
     /// Remote candidates that came before the remote description.
     early_candidates: Vec<(u32, String)>,
     remote_description_set: bool,
@@ -499,6 +501,19 @@ impl CallSession {
         let _ = self.pipeline.add(&appsink);
         let _ = pad.link(&appsink.static_pad("sink").unwrap());
         let _ = appsink.sync_state_with_parent();
+        self.inner
+            .lock()
+            .unwrap()
+            .incoming
+            .insert(kind, appsink.static_pad("sink").unwrap());
+    }
+
+    /// Asks the peer for a key frame of what it sends as `kind`: the event
+    /// goes up into webrtcbin, whose RTP session sends PLI/FIR. `false`
+    /// when nothing of that kind arrives yet.
+    pub fn request_key_frame(&self, kind: MediaKind, event: gst::Event) -> bool {
+        let pad = self.inner.lock().unwrap().incoming.get(&kind).cloned();
+        pad.is_some_and(|pad| pad.push_event(event))
     }
 
     // ---- negotiation ----------------------------------------------------

@@ -115,6 +115,21 @@ impl BaseSrcImpl for ConnectyCubeSrc {
         Ok(())
     }
 
+    /// A key-frame request from downstream (a decoder, or a phone's
+    /// `picture_fast_update`) goes to the peer as PLI/FIR.
+    fn event(&self, event: &gst::Event) -> bool {
+        if event.type_() == gst::EventType::CustomUpstream
+            && event
+                .structure()
+                .is_some_and(|s| s.name() == "GstForceKeyUnit")
+        {
+            return self.call.call().is_some_and(|call| {
+                call.request_key_frame(*self.media.lock().unwrap(), event.clone())
+            });
+        }
+        self.parent_event(event)
+    }
+
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
         self.flushing.store(true, Ordering::SeqCst);
         Ok(())
