@@ -233,11 +233,6 @@ impl CallVideo {
             .is_some_and(|pad| pad.push_event(event))
     }
 
-    /// RTP statistics of the phone's video (`sipsrc`'s `stats`).
-    pub fn stats(&self) -> gst::Structure {
-        self.receiver.property::<gst::Structure>("stats")
-    }
-
     pub fn stop(&self) {
         self.sender.send_event(gst::event::Eos::new());
         let _ = self.pipeline.set_state(gst::State::Null);

@@ -9,8 +9,7 @@ use gst::prelude::*;
 use super::MediaKind;
 use crate::CAT;
 
-pub const TWCC_URI: &str =
-    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+const TWCC_URI: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 
 /// Lowest bitrate the estimator may ask for: enough for Opus speech.
 const MIN_BITRATE: u32 = 16_000;
