@@ -500,15 +500,20 @@ pub fn tempdir() -> PathBuf {
     dir
 }
 
-/// An even UDP port with its odd neighbour free (for RTP and RTCP).
+/// An even UDP port with the next three free (RTP and RTCP for audio and video).
 pub fn free_even_port() -> u16 {
+    // Between the bridge's RTP range (10000-20000) and the kernel's ephemeral
+    // range (32768 up), so no socket bound to port 0 meanwhile (ICE, udpsrc)
+    // can take it; each call in this process gets its own block of four, the
+    // ports SIPp binds for audio and video RTP/RTCP.
+    const FIRST: u16 = 20000;
+    const BLOCKS: u16 = (32000 - FIRST) / 4;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(BLOCKS)) as u16;
     loop {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = socket.local_addr().unwrap().port();
-        if port.is_multiple_of(2)
-            && port < 65534
-            && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok()
-        {
+        let block = (start + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % BLOCKS;
+        let port = FIRST + block * 4;
+        if (port..port + 4).all(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
             return port;
         }
     }
