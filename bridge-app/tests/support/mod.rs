@@ -602,6 +602,7 @@ impl Drop for KamailioProcess {
 pub struct Baresip {
     dir: PathBuf,
     registrar_port: u16,
+    video: bool,
 }
 
 impl Baresip {
@@ -658,7 +659,50 @@ impl Baresip {
         Baresip {
             dir,
             registrar_port,
+            video: false,
         }
+    }
+
+    /// Gives the phone a camera (fakevideo) and H.264 (avcodec, Debian
+    /// `baresip-ffmpeg`); the first frame it decodes is saved (`decoded_frame`).
+    pub fn with_video(mut self) -> Baresip {
+        let config = self.dir.join("config");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(
+            "module avcodec.so\n\
+             module fakevideo.so\n\
+             module snapshot.so\n\
+             video_source fakevideo,nil\n\
+             video_display fakevideo,nil\n\
+             video_size 320x240\n\
+             video_bitrate 300000\n\
+             video_fps 15\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        self.video = true;
+        self
+    }
+
+    /// Width and height of the first video frame the phone decoded.
+    pub fn decoded_frame(&self) -> Option<(u32, u32)> {
+        let png = std::fs::read(self.dir.join("decoded.png")).ok()?;
+        // The PNG signature, then the IHDR chunk: length, type, width, height.
+        let dimension = |at: usize| Some(u32::from_be_bytes(png.get(at..at + 4)?.try_into().ok()?));
+        Some((dimension(16)?, dimension(20)?))
+    }
+
+    /// baresip on this phone's configuration; with video, it saves the first
+    /// frame it decodes.
+    fn command(&self) -> Command {
+        let mut command = Command::new("baresip");
+        command.arg("-f").arg(&self.dir).args(["-n", "127.0.0.1"]);
+        if self.video {
+            command.arg("-e").arg(format!(
+                "/snapshot_recv {}",
+                self.dir.join("decoded.png").display()
+            ));
+        }
+        command
     }
 
     /// Makes the phone insist on SDES-SRTP (RTP/SAVP with a=crypto).
@@ -680,10 +724,8 @@ impl Baresip {
     /// Calls `user` through the registrar, stays on the line `seconds`, hangs up;
     /// returns baresip's output.
     pub fn call(&self, user: &str, seconds: u32) -> String {
-        let output = Command::new("baresip")
-            .arg("-f")
-            .arg(&self.dir)
-            .args(["-n", "127.0.0.1"])
+        let output = self
+            .command()
             .arg("-e")
             .arg(format!(
                 "/dial sip:{user}@127.0.0.1:{}",
@@ -698,10 +740,9 @@ impl Baresip {
     /// Registers, answers every call at once, and quits after `seconds`;
     /// returns baresip's output.
     pub fn answer_calls(&self, seconds: u32) -> String {
-        let output = Command::new("baresip")
-            .arg("-f")
-            .arg(&self.dir)
-            .args(["-n", "127.0.0.1", "-t", &seconds.to_string()])
+        let output = self
+            .command()
+            .args(["-t", &seconds.to_string()])
             .output()
             .expect("baresip is installed");
         String::from_utf8_lossy(&output.stdout).into_owned()
