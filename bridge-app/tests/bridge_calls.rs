@@ -579,7 +579,7 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
 /// still cross, and the CDR names the video's codecs and encoders.
 #[test]
 fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
-    let (cdr, _) = video_call("vp8", "video-call.xml");
+    let (cdr, _, _) = video_call("vp8", "video-call.xml");
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
     let encoders = cdr["video"]["encoders"].as_array().unwrap();
     assert!(encoders.iter().any(|e| e == "vp8enc"), "{cdr}");
@@ -592,9 +592,15 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
 /// when asked, and one reaches the phone.
 #[test]
 fn a_video_phones_h264_passes_through_to_the_app() {
-    let (cdr, key_frames) = video_call("h264", "video-call-fast-update.xml");
+    let (cdr, key_frames, key_frames_sent) = video_call("h264", "video-call-fast-update.xml");
     assert_eq!(cdr["video"]["app_codec"], "H264", "{cdr}");
     assert_eq!(cdr["video"]["encoders"], json!([]), "{cdr}");
+    // The camera's first key frame left before the app's connection was up;
+    // the browser decoded only thanks to the one its PLI got (RTCP from the bridge).
+    assert!(
+        key_frames_sent >= 2,
+        "the browser's key-frame request never reached the phone's camera"
+    );
     assert!(
         key_frames.iter().any(|t| *t >= Duration::from_millis(5500)),
         "no key frame after the phone's picture_fast_update: {key_frames:?}"
@@ -602,9 +608,10 @@ fn a_video_phones_h264_passes_through_to_the_app() {
 }
 
 /// One video call from a phone to alice with `--video mode` (SIPp running
-/// `scenario`), frames and voices checked both ways; returns its CDR line
-/// and when key frames reached the phone (since its media started).
-fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>) {
+/// `scenario`), frames and voices checked both ways; returns its CDR line,
+/// when key frames reached the phone (since its media started), and how
+/// many key frames the phone's camera made.
+fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>, u64) {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap(), "--video", mode]);
@@ -652,7 +659,7 @@ fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>) {
         .iter()
         .map(|t| t.duration_since(started))
         .collect();
-    (line, key_frames)
+    (line, key_frames, camera.key_frames_sent())
 }
 
 /// A bridge configuration whose SIP domain is a SIPp "phone" on a port of

@@ -51,6 +51,23 @@ pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst:
         .expect("a valid template")
 }
 
+/// Whether an upstream event asks for a key frame (`GstForceKeyUnit`).
+pub(crate) fn is_key_frame_request(event: &gst::EventRef) -> bool {
+    event.type_() == gst::EventType::CustomUpstream
+        && event
+            .structure()
+            .is_some_and(|s| s.name() == "GstForceKeyUnit")
+}
+
+/// An upstream `GstForceKeyUnit` with stream headers, for an encoder.
+pub(crate) fn key_frame_request() -> gst::Event {
+    gst::event::CustomUpstream::new(
+        gst::Structure::builder("GstForceKeyUnit")
+            .field("all-headers", true)
+            .build(),
+    )
+}
+
 /// Registers the linked-in elements for an application (or test) that links
 /// this crate. An installed copy of the plugin found on `GST_PLUGIN_PATH` is
 /// dropped first: two copies would each keep their own session registry, and

@@ -399,6 +399,11 @@ pub fn stats_structure(stats: &SessionStats) -> gst::Structure {
         .field("rtcp-received", stats.rtcp_received)
         .field("rtcp-invalid", stats.rtcp_invalid)
         .field("srtp-rejected", stats.srtp_rejected)
+        .field(
+            "key-frame-requests-received",
+            stats.key_frame_requests_received,
+        )
+        .field("key-frame-requests-sent", stats.key_frame_requests_sent)
         .field("remote-fraction-lost", stats.remote_fraction_lost)
         .field("remote-cumulative-lost", stats.remote_cumulative_lost)
         .field("remote-jitter", stats.remote_jitter)

@@ -780,3 +780,91 @@ fn send_dtmf_replaces_audio_with_events_that_rtpdtmfdepay_reads() {
     assert_eq!(s.get::<i32>("number").unwrap(), 7);
     pipeline.set_state(gst::State::Null).unwrap();
 }
+
+/// A decoder downstream of `sipsrc` that lost the picture makes the phone
+/// get PLI and FIR about its stream; a PLI from the phone reaches the
+/// encoder upstream of `sipsink` as `GstForceKeyUnit`.
+#[test]
+fn key_frame_requests_cross_in_both_directions() {
+    let phone = phone("127.0.0.1");
+    let phone_address = phone.local_addr().unwrap();
+    let phone_rtcp = UdpSocket::bind(("127.0.0.1", phone_address.port() + 1)).unwrap();
+    phone_rtcp
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let session = "key-frames";
+    let mut sink = sink_harness(&[
+        ("session", &session),
+        ("remote-address", &"127.0.0.1"),
+        ("remote-port", &u32::from(phone_address.port())),
+    ]);
+    let mut src = src_harness(&[("session", &session)]);
+    push(&mut sink, rtp(0, 0x5151, 0));
+    let bridge = SocketAddr::from(([127, 0, 0, 1], local_port(&src)));
+    let bridge_rtcp = SocketAddr::from(([127, 0, 0, 1], local_port(&src) + 1));
+    for seq in 0..3 {
+        phone.send_to(&rtp(seq, 0x1234, 0), bridge).unwrap();
+    }
+    src.pull().unwrap();
+
+    assert!(src.push_upstream_event(gst::event::CustomUpstream::new(
+        gst::Structure::builder("GstForceKeyUnit").build()
+    )));
+    let mut buffer = [0u8; 1500];
+    let (pli, fir) = loop {
+        let (len, _) = phone_rtcp.recv_from(&mut buffer).unwrap();
+        let mut pli = None;
+        let mut fir = None;
+        for packet in Compound::parse(&buffer[..len]).unwrap().flatten() {
+            if let Packet::PayloadFeedback(feedback) = packet {
+                if feedback.parse_fci::<rtcp_types::Pli>().is_ok() {
+                    pli = Some(feedback.media_ssrc());
+                }
+                if let Ok(request) = feedback.parse_fci::<rtcp_types::Fir>() {
+                    fir = request.entries().next().map(|e| e.ssrc());
+                }
+            }
+        }
+        if pli.is_some() || fir.is_some() {
+            break (pli, fir);
+        }
+    };
+    assert_eq!(pli, Some(0x1234), "PLI about the phone's stream");
+    assert_eq!(fir, Some(0x1234), "FIR about the phone's stream");
+    assert_eq!(
+        stats(&src).get::<u64>("key-frame-requests-sent").unwrap(),
+        1
+    );
+
+    let request = rtcp_types::PayloadFeedback::builder_owned(rtcp_types::Pli::builder())
+        .sender_ssrc(0x1234)
+        .media_ssrc(0x5151);
+    let mut packet = vec![0u8; 64];
+    let rr = rtcp_types::CompoundBuilder::default()
+        .add_packet(rtcp_types::ReceiverReport::builder(0x1234))
+        .add_packet(request);
+    let len = rr.write_into(&mut packet).unwrap();
+    phone_rtcp.send_to(&packet[..len], bridge_rtcp).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let asked = loop {
+        match sink.try_pull_upstream_event() {
+            Some(event)
+                if event
+                    .structure()
+                    .is_some_and(|s| s.name() == "GstForceKeyUnit") =>
+            {
+                break true;
+            }
+            Some(_) => continue,
+            None if Instant::now() > deadline => break false,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert!(asked, "a GstForceKeyUnit upstream of sipsink");
+    assert_eq!(
+        stats(&sink)
+            .get::<u64>("key-frame-requests-received")
+            .unwrap(),
+        1
+    );
+}

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bridge_protocol::codec::MediaKind;
@@ -112,6 +112,50 @@ impl SessionTimer {
 
     fn header(self) -> Header {
         Header::SessionExpires(format!("{};refresher=uac", self.interval).into())
+    }
+}
+
+/// Whether a phone's `Allow` lists INFO.
+fn allows_info(message: &impl HeadersExt) -> bool {
+    message.headers().iter().any(|header| {
+        header.name().eq_ignore_ascii_case("Allow")
+            && header
+                .value()
+                .split(',')
+                .any(|method| method.trim().eq_ignore_ascii_case("INFO"))
+    })
+}
+
+/// SIP INFO `picture_fast_update` (RFC 5168) toward a phone, beside the RTCP
+/// PLI/FIR `sipsrc` sends, for phones that read only the former: sent when
+/// the phone's `Allow` lists INFO, at most once a second, never again once
+/// the phone refuses one.
+struct FastUpdate {
+    accepted: Arc<AtomicBool>,
+    last: Option<Instant>,
+}
+
+impl FastUpdate {
+    const INTERVAL: Duration = Duration::from_secs(1);
+    const BODY: &str = "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\r\n\
+        <media_control><vc_primitive><to_encoder><picture_fast_update/></to_encoder></vc_primitive></media_control>\r\n";
+
+    fn new(allowed: bool) -> Self {
+        FastUpdate {
+            accepted: Arc::new(AtomicBool::new(allowed)),
+            last: None,
+        }
+    }
+
+    /// Whether a request may go at `now` (and counts it as gone).
+    fn due(&mut self, now: Instant) -> bool {
+        if !self.accepted.load(Ordering::Relaxed)
+            || self.last.is_some_and(|last| now - last < Self::INTERVAL)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
     }
 }
 
@@ -229,6 +273,7 @@ async fn answer_call(
             return Ok(());
         }
     };
+    let phone_allows_info = allows_info(&tx.original);
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
     let dialog = shared.dialogs.get_or_create_server_invite(
         &tx,
@@ -269,6 +314,7 @@ async fn answer_call(
             version: 1,
         },
         video: None,
+        fast_update: FastUpdate::new(phone_allows_info),
         answer_expected_in_ack: false,
         session_timer,
         capabilities,
@@ -439,6 +485,7 @@ struct Call {
     origin: Origin,
     /// The phone's video and the port it arrives on, when bridged.
     video: Option<(PortReservation, CallVideo)>,
+    fast_update: FastUpdate,
     /// We offered in a 200 OK; the answer arrives in the ACK.
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
@@ -514,7 +561,13 @@ impl Call {
             return false;
         };
         let started = reservation.and_then(|reservation| {
-            let video = CallVideo::start(&reservation, stream, session, self.shared.config.video)?;
+            let video = CallVideo::start(
+                &reservation,
+                stream,
+                session,
+                self.shared.config.video,
+                self.media_events.0.clone(),
+            )?;
             Ok((reservation, video))
         });
         let (reservation, video) = match started {
@@ -626,6 +679,7 @@ impl Call {
                         info!("call {}: DTMF {digit} ({duration_ms} ms, RFC 4733)", self.call_id);
                         self.echo_dtmf(digit, duration_ms);
                     }
+                    MediaEvent::KeyFrameRequested => self.send_fast_update(),
                     MediaEvent::RtpTimeout { silence_ms } => {
                         break (
                             Some(format!("SIP;cause=408;text=\"no RTP for {silence_ms} ms\"")),
@@ -689,6 +743,33 @@ impl Call {
         }
         self.finish(200, cause);
         self.shared.dialogs.remove_dialog(&self.dialog.id());
+    }
+
+    /// Asks the phone for a key frame by SIP INFO, without holding up the call.
+    fn send_fast_update(&mut self) {
+        if !self.fast_update.due(Instant::now()) {
+            return;
+        }
+        let dialog = self.dialog.clone();
+        let accepted = self.fast_update.accepted.clone();
+        let call_id = self.call_id.clone();
+        tokio::spawn(async move {
+            let headers = vec![Header::ContentType("application/media_control+xml".into())];
+            let outcome = dialog
+                .info(Some(headers), Some(FastUpdate::BODY.as_bytes().to_vec()))
+                .await;
+            match outcome {
+                Ok(Some(response)) if u16::from(response.status_code.clone()) >= 300 => {
+                    info!(
+                        "call {call_id}: the phone refuses picture_fast_update ({}); RTCP only from now on",
+                        response.status_code
+                    );
+                    accepted.store(false, Ordering::Relaxed);
+                }
+                Ok(_) => info!("call {call_id}: asked the phone for a key frame (SIP INFO)"),
+                Err(e) => warn!("call {call_id}: picture_fast_update failed: {e}"),
+            }
+        });
     }
 
     /// A bridged call whose WebRTC connection is still not up long after
@@ -1028,6 +1109,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             ..origin
         },
         video: None,
+        fast_update: FastUpdate::new(false),
         answer_expected_in_ack: false,
         session_timer: None,
         capabilities,
@@ -1127,6 +1209,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         call.finish(status, format!("the phone answered {reason}"));
         return Ok(());
     }
+    call.fast_update = FastUpdate::new(allows_info(&response));
     let answer_body = match (&response.body, &early_answer) {
         (body, Some(early)) if body.is_empty() => early,
         (body, _) => body,
@@ -1177,4 +1260,51 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invite_with(headers: &str) -> Request {
+        let text = format!(
+            "INVITE sip:alice@127.0.0.1 SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+             From: <sip:bob@127.0.0.1>;tag=1\r\n\
+             To: <sip:alice@127.0.0.1>\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 1 INVITE\r\n\
+             {headers}Content-Length: 0\r\n\r\n"
+        );
+        Request::try_from(text.as_str()).unwrap()
+    }
+
+    #[test]
+    fn info_goes_only_to_phones_that_allow_it() {
+        assert!(allows_info(&invite_with(
+            "Allow: INVITE, ACK, BYE\r\nAllow: info, UPDATE\r\n"
+        )));
+        assert!(!allows_info(&invite_with(
+            "Allow: INVITE, ACK, BYE, INFORMATION\r\n"
+        )));
+        assert!(!allows_info(&invite_with("")));
+    }
+
+    #[test]
+    fn fast_updates_go_once_a_second_until_refused() {
+        let start = Instant::now();
+        let mut updates = FastUpdate::new(true);
+        assert!(updates.due(start));
+        assert!(
+            !updates.due(start + Duration::from_millis(300)),
+            "a burst of PLIs makes one INFO"
+        );
+        assert!(updates.due(start + FastUpdate::INTERVAL));
+        updates.accepted.store(false, Ordering::Relaxed);
+        assert!(
+            !updates.due(start + FastUpdate::INTERVAL * 3),
+            "never again once the phone refused one"
+        );
+        assert!(!FastUpdate::new(false).due(start));
+    }
 }

@@ -84,6 +84,8 @@ pub enum MediaEvent {
     RtpTimeout {
         silence_ms: u64,
     },
+    /// Something downstream of the phone's video lost the picture.
+    KeyFrameRequested,
     /// The WebRTC leg ended (ICE failure, closed connection).
     AppEnded {
         reason: String,

@@ -10,9 +10,10 @@ use std::net::IpAddr;
 use anyhow::{Context, anyhow};
 use bridge_protocol::offer_answer::NegotiatedStream;
 use gst::prelude::*;
-use tracing::info;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
-use super::media::{PortReservation, configure_sip_pair};
+use super::media::{MediaEvent, PortReservation, configure_sip_pair};
 
 /// Whether phones' video reaches the app, and in which codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -141,13 +142,16 @@ impl CallVideo {
         stream: &NegotiatedStream,
         app_session: &str,
         app_codec: AppVideoCodec,
+        events: mpsc::UnboundedSender<MediaEvent>,
     ) -> anyhow::Result<Self> {
         let session = reservation.session();
         let address: IpAddr = reservation.address;
         let pt = stream.format.payload_type;
+        // Lost packets and undecodable frames ask the sender for a key
+        // frame (PLI/FIR and SIP INFO toward the phone, PLI toward the app).
         let from_phone = format!(
             "sipsrc name=vrx session={session} local-address={address} timeout=0 stats-interval=0 \
-             ! rtph264depay ! h264parse config-interval=-1"
+             ! rtph264depay request-keyframe=true ! h264parse config-interval=-1"
         );
         let to_phone = format!(
             "rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
@@ -160,7 +164,7 @@ impl CallVideo {
                 format!(
                     "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
                        ! connectycubesink session={app_session} caps=\"{H264_RTP_CAPS}\" \
-                     {app_src} ! rtph264depay ! h264parse ! {to_phone}"
+                     {app_src} ! rtph264depay request-keyframe=true ! h264parse ! {to_phone}"
                 ),
                 Vec::new(),
             ),
@@ -169,10 +173,10 @@ impl CallVideo {
                 let decoder = h264_decoder();
                 (
                     format!(
-                        "{from_phone} ! {decoder} ! videoconvert ! {LIVE_QUEUE} \
+                        "{from_phone} ! {decoder} automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
                            ! connectycubesink session={app_session} caps=\"{VP8_RTP_CAPS}\" \
-                         {app_src} ! rtpvp8depay ! vp8dec ! videoconvert ! {LIVE_QUEUE} \
+                         {app_src} ! rtpvp8depay request-keyframe=true ! vp8dec automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! h264parse ! {to_phone}",
                         vp8.factory, vp8.settings, h264.factory, h264.settings
                     ),
@@ -198,6 +202,7 @@ impl CallVideo {
             app_codec,
         };
         video.update(stream);
+        video.watch_bus(events);
         video
             .pipeline
             .set_state(gst::State::Playing)
@@ -231,6 +236,28 @@ impl CallVideo {
         self.sender
             .static_pad("sink")
             .is_some_and(|pad| pad.push_event(event))
+    }
+
+    /// Relays the phone-side key-frame requests to the call (for SIP INFO);
+    /// a video failure is logged, and the call goes on with its audio.
+    fn watch_bus(&self, events: mpsc::UnboundedSender<MediaEvent>) {
+        let bus = self.pipeline.bus().expect("a pipeline has a bus");
+        bus.set_sync_handler(move |_, message| {
+            match message.view() {
+                gst::MessageView::Element(element)
+                    if element
+                        .structure()
+                        .is_some_and(|s| s.name() == "sip-key-frame-request") =>
+                {
+                    let _ = events.send(MediaEvent::KeyFrameRequested);
+                }
+                gst::MessageView::Error(error) => {
+                    warn!("video failed: {} ({:?})", error.error(), error.debug());
+                }
+                _ => {}
+            }
+            gst::BusSyncReply::Drop
+        });
     }
 
     pub fn stop(&self) {

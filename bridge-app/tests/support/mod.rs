@@ -879,12 +879,13 @@ pub struct VideoPhone {
     pipeline: gst::Pipeline,
     frames: Arc<std::sync::atomic::AtomicU64>,
     key_frames: Arc<Mutex<Vec<Instant>>>,
+    key_frames_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl VideoPhone {
     pub fn new() -> VideoPhone {
         let description = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=15/1 \
-               ! openh264enc gop-size=15 ! h264parse ! rtph264pay name=pay config-interval=-1 \
+               ! openh264enc name=camera gop-size=100000 ! h264parse ! rtph264pay name=pay config-interval=-1 \
                ! sipsink name=tx session=video-phone local-address=127.0.0.1 \
              sipsrc name=rx session=video-phone local-address=127.0.0.1 stats-interval=0 timeout=0 \
                ! rtph264depay ! h264parse name=parse ! avdec_h264 ! appsink name=screen sync=false";
@@ -923,11 +924,30 @@ impl VideoPhone {
                 }
                 gst::PadProbeReturn::Ok
             });
+        // The camera makes a key frame at the start and then only when
+        // asked (RTCP PLI/FIR reaching its sipsink).
+        let key_frames_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent = key_frames_sent.clone();
+        pipeline
+            .by_name("camera")
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                if info
+                    .buffer()
+                    .is_some_and(|b| !b.flags().contains(gst::BufferFlags::DELTA_UNIT))
+                {
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                gst::PadProbeReturn::Ok
+            });
         pipeline.set_state(gst::State::Paused).unwrap();
         VideoPhone {
             pipeline,
             frames,
             key_frames,
+            key_frames_sent,
         }
     }
 
@@ -958,6 +978,12 @@ impl VideoPhone {
     /// When each key frame arrived.
     pub fn key_frames(&self) -> Vec<Instant> {
         self.key_frames.lock().unwrap().clone()
+    }
+
+    /// Key frames the camera made (the first, then one per request).
+    pub fn key_frames_sent(&self) -> u64 {
+        self.key_frames_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Frames decoded so far.

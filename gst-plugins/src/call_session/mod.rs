@@ -78,6 +78,10 @@ struct Sender {
     kind: MediaKind,
     /// Payload type the peer expects, when it differs from the payloader's.
     payload_type: Option<u8>,
+    /// The SSRC the stream goes out with, whatever the payloader chose: it
+    /// is in the caps, so webrtcbin can route the peer's PLI/FIR about it
+    /// back to this sender.
+    ssrc: u32,
     /// Id of the transport-wide-cc header extension written into each packet.
     twcc_id: Option<u8>,
     feedback: Arc<dyn SenderFeedback>,
@@ -297,6 +301,7 @@ impl CallSession {
             appsrc: None,
             kind: MediaKind::Audio,
             payload_type: None,
+            ssrc: rand::random(),
             twcc_id: None,
             feedback,
         });
@@ -327,7 +332,15 @@ impl CallSession {
         id: u64,
         caps: &gst::Caps,
     ) -> Result<(), gst::ErrorMessage> {
-        let (caps, twcc_id) = congestion::with_twcc(caps);
+        let ssrc = {
+            let inner = self.inner.lock().unwrap();
+            inner.senders.iter().find(|s| s.id == id).map(|s| s.ssrc)
+        };
+        let mut caps = with_key_frame_feedback(caps);
+        if let (Some(ssrc), Some(s)) = (ssrc, caps.make_mut().structure_mut(0)) {
+            s.set("ssrc", ssrc);
+        }
+        let (caps, twcc_id) = congestion::with_twcc(&caps);
         let caps = &caps;
         // Live media: what webrtcbin cannot take yet (before the connection
         // is up) is dropped, oldest first, never queued into latency.
@@ -405,15 +418,16 @@ impl CallSession {
         let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
             return Ok(());
         };
-        let (Some(appsrc), payload_type, twcc_id) =
-            (sender.appsrc.clone(), sender.payload_type, sender.twcc_id)
-        else {
+        let (Some(appsrc), payload_type, ssrc, twcc_id) = (
+            sender.appsrc.clone(),
+            sender.payload_type,
+            sender.ssrc,
+            sender.twcc_id,
+        ) else {
             return Ok(());
         };
         drop(inner);
-        if let Some(pt) = payload_type {
-            rewrite_payload_type(buffer.make_mut(), pt);
-        }
+        rewrite_header(buffer.make_mut(), payload_type, ssrc);
         if let Some(id) = twcc_id {
             congestion::add_twcc_extension(buffer.make_mut(), id);
         }
@@ -966,11 +980,15 @@ fn add_bitrates(summary: &mut gst::Structure, previous: &gst::Structure, elapsed
     }
 }
 
-fn rewrite_payload_type(buffer: &mut gst::BufferRef, payload_type: u8) {
+/// Sets the SSRC of an RTP packet, and its payload type when given.
+fn rewrite_header(buffer: &mut gst::BufferRef, payload_type: Option<u8>, ssrc: u32) {
     if let Ok(mut map) = buffer.map_writable()
         && map.len() >= 12
     {
-        map[1] = (map[1] & 0x80) | (payload_type & 0x7f);
+        if let Some(pt) = payload_type {
+            map[1] = (map[1] & 0x80) | (pt & 0x7f);
+        }
+        map[8..12].copy_from_slice(&ssrc.to_be_bytes());
     }
 }
 
@@ -983,4 +1001,17 @@ fn with_trickle_option(sdp: &str) -> String {
         Some(at) => format!("{}\r\na=ice-options:trickle{}", &sdp[..at], &sdp[at..]),
         None => format!("{sdp}a=ice-options:trickle\r\n"),
     }
+}
+/// Video caps announcing PLI and FIR feedback (`a=rtcp-fb`): a browser asks
+/// for key frames only in ways the SDP names, and without them a decoder
+/// that missed the first key frame would wait for the next periodic one.
+fn with_key_frame_feedback(caps: &gst::Caps) -> gst::Caps {
+    let mut caps = caps.clone();
+    if let Some(s) = caps.make_mut().structure_mut(0)
+        && s.get::<&str>("media") == Ok("video")
+    {
+        s.set("rtcp-fb-nack-pli", true);
+        s.set("rtcp-fb-ccm-fir", true);
+    }
+    caps
 }

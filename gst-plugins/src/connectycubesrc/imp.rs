@@ -118,11 +118,7 @@ impl BaseSrcImpl for ConnectyCubeSrc {
     /// A key-frame request from downstream (a decoder, or a phone's
     /// `picture_fast_update`) goes to the peer as PLI/FIR.
     fn event(&self, event: &gst::Event) -> bool {
-        if event.type_() == gst::EventType::CustomUpstream
-            && event
-                .structure()
-                .is_some_and(|s| s.name() == "GstForceKeyUnit")
-        {
+        if crate::is_key_frame_request(event) {
             return self.call.call().is_some_and(|call| {
                 call.request_key_frame(*self.media.lock().unwrap(), event.clone())
             });

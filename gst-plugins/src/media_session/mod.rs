@@ -114,6 +114,9 @@ pub struct SessionStats {
     pub rtcp_invalid: u64,
     /// SRTP/SRTCP datagrams that failed authentication or replay checks.
     pub srtp_rejected: u64,
+    /// PLI/FIR the peer sent about our media, and those we sent about its.
+    pub key_frame_requests_received: u64,
+    pub key_frame_requests_sent: u64,
     /// What the peer's last report said about the media we send.
     pub remote_fraction_lost: f64,
     pub remote_cumulative_lost: i64,
@@ -148,6 +151,8 @@ struct Counters {
     rtcp_received: u64,
     rtcp_invalid: u64,
     srtp_rejected: u64,
+    key_frame_requests_received: u64,
+    key_frame_requests_sent: u64,
 }
 
 #[derive(Debug)]
@@ -185,7 +190,11 @@ pub struct MediaSession {
     shutdown: Arc<Notify>,
     /// SDES-SRTP, when the stream is RTP/SAVP.
     protection: Mutex<Option<Arc<Protection>>>,
+    /// Called when the peer asks for a key frame of the media we send.
+    key_frame_handler: Mutex<Option<KeyFrameHandler>>,
 }
+
+pub type KeyFrameHandler = Box<dyn Fn() + Send + Sync>;
 
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<MediaSession>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
@@ -255,6 +264,7 @@ impl MediaSession {
             bye_sent: AtomicBool::new(false),
             shutdown: Arc::new(Notify::new()),
             protection: Mutex::new(None),
+            key_frame_handler: Mutex::new(None),
         })
     }
 
@@ -612,6 +622,28 @@ impl MediaSession {
         self.bye_received.load(Ordering::SeqCst)
     }
 
+    /// Who makes a key frame when the peer asks for one (PLI or FIR): the
+    /// sending element, which asks its encoder.
+    pub fn set_key_frame_handler(&self, handler: Option<KeyFrameHandler>) {
+        *self.key_frame_handler.lock().unwrap() = handler;
+    }
+
+    /// Asks the peer for a key frame of the media it sends (PLI and FIR);
+    /// false when nothing was received yet to ask about.
+    pub fn request_key_frame(&self) -> bool {
+        let packet = {
+            let mut state = self.state.lock().unwrap();
+            let Some(media_ssrc) = state.source.as_ref().map(|s| s.ssrc) else {
+                return false;
+            };
+            state.counters.key_frame_requests_sent += 1;
+            let sequence = state.counters.key_frame_requests_sent as u8;
+            rtcp::build_key_frame_request(state.local_ssrc, &self.cname, media_ssrc, sequence)
+        };
+        self.send_rtcp(&packet);
+        true
+    }
+
     /// Handles a received RTCP datagram (from the RTCP socket, or muxed).
     pub fn on_rtcp_received(&self, from: SocketAddr, data: &[u8]) {
         let from = canonical(from);
@@ -646,8 +678,17 @@ impl MediaSession {
             }
             state.remote_report = Some(report);
         }
+        if parsed.key_frame_requested {
+            state.counters.key_frame_requests_received += 1;
+        }
+        drop(state);
         if !parsed.bye.is_empty() {
             self.bye_received.store(true, Ordering::SeqCst);
+        }
+        if parsed.key_frame_requested
+            && let Some(handler) = self.key_frame_handler.lock().unwrap().as_ref()
+        {
+            handler();
         }
     }
 
@@ -682,6 +723,8 @@ impl MediaSession {
             rtcp_received: c.rtcp_received,
             rtcp_invalid: c.rtcp_invalid,
             srtp_rejected: c.srtp_rejected,
+            key_frame_requests_received: c.key_frame_requests_received,
+            key_frame_requests_sent: c.key_frame_requests_sent,
             remote_fraction_lost: state
                 .remote_report
                 .map_or(0.0, |r| f64::from(r.fraction_lost) / 256.0),

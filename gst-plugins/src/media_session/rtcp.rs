@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rtcp_types::{
-    Bye, Compound, CompoundBuilder, Packet, ReceiverReport, ReportBlock, RtcpPacketWriter,
-    RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem, SenderReport,
+    Bye, Compound, CompoundBuilder, Fir, Packet, PayloadFeedback, Pli, ReceiverReport, ReportBlock,
+    RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem, SenderReport,
 };
 
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
@@ -107,6 +107,33 @@ pub fn build_bye(ssrc: u32, cname: &str) -> Vec<u8> {
     write(&compound)
 }
 
+/// Builds RR + SDES + PLI + FIR asking the sender of `media_ssrc` for a key
+/// frame: phones answer one or the other (RFC 4585 §6.3.1, RFC 5104 §4.3.1).
+/// `fir_sequence` must change with every new request.
+pub fn build_key_frame_request(
+    ssrc: u32,
+    cname: &str,
+    media_ssrc: u32,
+    fir_sequence: u8,
+) -> Vec<u8> {
+    let compound = CompoundBuilder::default()
+        .add_packet(ReceiverReport::builder(ssrc))
+        .add_packet(
+            Sdes::builder()
+                .add_chunk(SdesChunk::builder(ssrc).add_item(SdesItem::builder(1, cname))),
+        )
+        .add_packet(
+            PayloadFeedback::builder_owned(Pli::builder())
+                .sender_ssrc(ssrc)
+                .media_ssrc(media_ssrc),
+        )
+        .add_packet(
+            PayloadFeedback::builder_owned(Fir::builder().add_ssrc(media_ssrc, fir_sequence))
+                .sender_ssrc(ssrc),
+        );
+    write(&compound)
+}
+
 fn write(packet: &impl RtcpPacketWriter) -> Vec<u8> {
     let size = packet
         .calculate_size()
@@ -127,6 +154,8 @@ pub struct Incoming {
     pub report_about_us: Option<ReportAboutUs>,
     /// SSRCs that said BYE.
     pub bye: Vec<u32>,
+    /// The peer lost the picture: a PLI or FIR about `our_ssrc`.
+    pub key_frame_requested: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -156,6 +185,16 @@ pub fn parse(data: &[u8], our_ssrc: u32) -> Result<Incoming, InvalidRtcp> {
             Packet::Rr(rr) => rr.report_blocks().collect(),
             Packet::Bye(bye) => {
                 incoming.bye.extend(bye.ssrcs());
+                Vec::new()
+            }
+            Packet::PayloadFeedback(feedback) => {
+                // Some phones leave the media SSRC of a PLI at 0.
+                let pli = feedback.parse_fci::<Pli>().is_ok()
+                    && [0, our_ssrc].contains(&feedback.media_ssrc());
+                let fir = feedback
+                    .parse_fci::<Fir>()
+                    .is_ok_and(|fir| fir.entries().any(|entry| entry.ssrc() == our_ssrc));
+                incoming.key_frame_requested |= pli || fir;
                 Vec::new()
             }
             _ => Vec::new(),
@@ -244,6 +283,19 @@ mod tests {
         let bye = build_bye(7, "x");
         assert!(looks_like_rtcp(&bye));
         assert_eq!(parse(&bye, 1).unwrap().bye, [7]);
+    }
+
+    #[test]
+    fn a_key_frame_request_is_recognised_by_the_sender_it_names() {
+        let request = build_key_frame_request(1, "x", 0xabcd, 3);
+        assert!(looks_like_rtcp(&request));
+        assert!(parse(&request, 0xabcd).unwrap().key_frame_requested);
+        assert!(!parse(&request, 0x1234).unwrap().key_frame_requested);
+        assert!(
+            !parse(&build_bye(1, "x"), 0xabcd)
+                .unwrap()
+                .key_frame_requested
+        );
     }
 
     #[test]

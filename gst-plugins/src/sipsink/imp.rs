@@ -113,6 +113,13 @@ impl ElementImpl for SipSink {
 impl BaseSinkImpl for SipSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let session = self.session.start()?;
+        // The phone lost the picture (PLI/FIR): ask the encoder upstream.
+        let sink_pad = self.obj().static_pad("sink").unwrap().downgrade();
+        session.set_key_frame_handler(Some(Box::new(move || {
+            if let Some(pad) = sink_pad.upgrade() {
+                pad.push_event(crate::key_frame_request());
+            }
+        })));
         gst::info!(
             CAT,
             imp = self,
@@ -126,6 +133,7 @@ impl BaseSinkImpl for SipSink {
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         if let Some(session) = self.session.session() {
             session.send_bye();
+            session.set_key_frame_handler(None);
         }
         self.session.stop();
         Ok(())

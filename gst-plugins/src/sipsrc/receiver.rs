@@ -88,6 +88,26 @@ impl BaseSrcImpl for SipReceiver {
         Ok(())
     }
 
+    /// A decoder or a WebRTC peer downstream lost the picture: ask the phone
+    /// by RTCP (PLI and FIR), and post `sip-key-frame-request` from `sipsrc`
+    /// for phones that only take SIP INFO `picture_fast_update`.
+    fn event(&self, event: &gst::Event) -> bool {
+        if !crate::is_key_frame_request(event) {
+            return self.parent_event(event);
+        }
+        let asked = self
+            .shared()
+            .session
+            .session()
+            .is_some_and(|session| session.request_key_frame());
+        gst::debug!(CAT, imp = self, "key frame requested (RTCP sent: {asked})");
+        if let Some(owner) = self.obj().parent().and_downcast::<gst::Element>() {
+            let s = gst::Structure::new_empty("sip-key-frame-request");
+            let _ = owner.post_message(gst::message::Element::builder(s).src(&owner).build());
+        }
+        true
+    }
+
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
         self.flushing.store(true, Ordering::SeqCst);
         Ok(())
