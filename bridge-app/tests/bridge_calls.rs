@@ -607,59 +607,150 @@ fn a_video_phones_h264_passes_through_to_the_app() {
     );
 }
 
+/// A video phone (PCMU and H.264 from GStreamer, signalling from SIPp
+/// running `scenario`) calling alice, whose browser answers with its camera.
+struct VideoCallFromPhone {
+    bridge: BridgeProcess,
+    alice: BrowserPeer,
+    phone: Phone,
+    camera: VideoPhone,
+    signalling: Option<std::thread::JoinHandle<(bool, String)>>,
+    /// When the phone's media started.
+    started: std::time::Instant,
+    cdr: std::path::PathBuf,
+}
+
+impl VideoCallFromPhone {
+    /// The call `video-1` with `--video mode`, its media flowing.
+    fn start(mode: &str, scenario: &'static str) -> VideoCallFromPhone {
+        let cdr = tempdir().join("cdr.jsonl");
+        let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap(), "--video", mode]);
+        let alice = alice_answering(&bridge, true);
+        let phone = Phone::new("PCMU", 0, 8000, 440);
+        let camera = VideoPhone::new();
+        let (address, audio_port, video_port) = (
+            bridge.address(),
+            phone.port().to_string(),
+            camera.port().to_string(),
+        );
+        let signalling = std::thread::spawn(move || {
+            sipp(
+                scenario,
+                &address,
+                "alice",
+                &[
+                    "-d",
+                    "14000",
+                    "-cid_str",
+                    "video-%u",
+                    "-key",
+                    "phone_port",
+                    &audio_port,
+                    "-key",
+                    "video_port",
+                    &video_port,
+                ],
+            )
+        });
+        phone.call(bridge.media_port("video-1"));
+        let (video_port, payload_type) = bridge.video_port(Some("video-1"));
+        let started = std::time::Instant::now();
+        camera.call(video_port, payload_type);
+        VideoCallFromPhone {
+            bridge,
+            alice,
+            phone,
+            camera,
+            signalling: Some(signalling),
+            started,
+            cdr,
+        }
+    }
+
+    /// Waits for SIPp to finish the scenario, and for the call's CDR line.
+    fn finish(&mut self) -> Value {
+        let signalling = self
+            .signalling
+            .take()
+            .expect("the call is not finished yet");
+        let (success, output) = signalling.join().unwrap();
+        assert!(success, "video call: {output}\n{:#?}", self.bridge.logs());
+        wait_for_cdr(&self.cdr, 1)
+            .into_iter()
+            .find(|l| l["call_id"] == "video-1")
+            .expect("a CDR line")
+    }
+}
+
 /// One video call from a phone to alice with `--video mode` (SIPp running
 /// `scenario`), frames and voices checked both ways; returns its CDR line,
 /// when key frames reached the phone (since its media started), and how
 /// many key frames the phone's camera made.
 fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>, u64) {
     let _serial = one_at_a_time();
-    let cdr = tempdir().join("cdr.jsonl");
-    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap(), "--video", mode]);
-    let mut alice = alice_answering(&bridge, true);
-    let phone = Phone::new("PCMU", 0, 8000, 440);
-    let camera = VideoPhone::new();
-    let (address, audio_port, video_port) = (
-        bridge.address(),
-        phone.port().to_string(),
-        camera.port().to_string(),
-    );
-    let signalling = std::thread::spawn(move || {
-        sipp(
-            scenario,
-            &address,
-            "alice",
-            &[
-                "-d",
-                "14000",
-                "-cid_str",
-                "video-%u",
-                "-key",
-                "phone_port",
-                &audio_port,
-                "-key",
-                "video_port",
-                &video_port,
-            ],
-        )
-    });
-    phone.call(bridge.media_port("video-1"));
-    let (video_port, payload_type) = bridge.video_port(Some("video-1"));
-    let started = std::time::Instant::now();
-    camera.call(video_port, payload_type);
-    let seen = watch_video_call(&mut alice, &phone, &camera);
-    let (success, output) = signalling.join().unwrap();
-    assert!(success, "video call: {output}\n{:#?}", bridge.logs());
-    seen.assert_both_ways(440.0, &bridge.logs());
-    let line = wait_for_cdr(&cdr, 1)
-        .into_iter()
-        .find(|l| l["call_id"] == "video-1")
-        .expect("a CDR line");
-    let key_frames = camera
+    let mut call = VideoCallFromPhone::start(mode, scenario);
+    let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
+    seen.assert_both_ways(440.0, &call.bridge.logs());
+    let cdr = call.finish();
+    let key_frames = call
+        .camera
         .key_frames()
         .iter()
-        .map(|t| t.duration_since(started))
+        .map(|t| t.duration_since(call.started))
         .collect();
-    (line, key_frames, camera.key_frames_sent())
+    (cdr, key_frames, call.camera.key_frames_sent())
+}
+
+/// The video phone holds the call (both streams sendonly) and resumes:
+/// the app's picture stands still meanwhile and moves again after.
+#[test]
+fn a_video_phone_on_hold_freezes_the_apps_picture() {
+    let _serial = one_at_a_time();
+    let mut call = VideoCallFromPhone::start("vp8", "video-hold.xml");
+    let frames = |alice: &mut BrowserPeer| {
+        alice
+            .command(json!({"op": "framesDecoded"}))
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Frames decoded in 1.5 s.
+    let rate = |alice: &mut BrowserPeer| {
+        let before = frames(alice);
+        std::thread::sleep(Duration::from_millis(1500));
+        frames(alice) - before
+    };
+    let applied = |bridge: &BridgeProcess, direction: &str, count: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while bridge
+            .logs()
+            .iter()
+            .filter(|l| l.contains(&format!("call video-1: PCMU {direction}")))
+            .count()
+            < count
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{direction} is applied: {:#?}",
+                bridge.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while frames(&mut call.alice) < 15 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = rate(&mut call.alice);
+    applied(&call.bridge, "RecvOnly", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let held = rate(&mut call.alice);
+    applied(&call.bridge, "SendRecv", 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    let resumed = rate(&mut call.alice);
+    assert!(before >= 10, "{before} frames in 1.5 s before the hold");
+    assert!(held <= 2, "{held} frames in 1.5 s on hold");
+    assert!(resumed >= 10, "{resumed} frames in 1.5 s after the resume");
+    call.finish();
 }
 
 /// A bridge configuration whose SIP domain is a SIPp "phone" on a port of

@@ -526,14 +526,23 @@ impl Call {
         offer_answer::render_answer(negotiation, origin, self.sdp_address(), &local)
     }
 
+    /// Our offer (in a 200 OK to a re-INVITE without one): the audio, and
+    /// the video when the call has it, which would stop if left out.
     fn render_offer(&mut self, direction: Direction) -> String {
         let origin = self.next_origin();
-        let stream = OfferedStream {
+        let mut streams = vec![OfferedStream {
             kind: MediaKind::Audio,
             rtp_port: self.reservation.port,
             direction,
-        };
-        offer_answer::render_offer(&self.capabilities, origin, self.sdp_address(), &[stream])
+        }];
+        if let Some((reservation, _)) = &self.video {
+            streams.push(OfferedStream {
+                kind: MediaKind::Video,
+                rtp_port: reservation.port,
+                direction,
+            });
+        }
+        offer_answer::render_offer(&self.capabilities, origin, self.sdp_address(), &streams)
     }
 
     fn answer_headers(&self) -> Vec<Header> {
@@ -836,14 +845,25 @@ impl Call {
             Some(Ok(None)) | None => Err("the ACK carries no SDP answer".to_owned()),
             Some(Err(e)) => Err(e),
         };
-        match negotiated.and_then(|n| n.audio().cloned().ok_or("no audio stream".into())) {
-            Ok(audio) => {
-                if let Err(e) = self.apply(&audio) {
+        match negotiated {
+            Ok(negotiation) => {
+                if let Err(e) = self.renegotiate(&negotiation) {
                     warn!("call {}: {e:#}", self.call_id);
                 }
             }
             Err(e) => warn!("call {}: {e}; media stays as it was", self.call_id),
         }
+    }
+
+    /// Moves the call's audio and video to a new offer/answer exchange.
+    fn renegotiate(&mut self, negotiation: &offer_answer::Negotiation) -> anyhow::Result<()> {
+        if let Some(audio) = negotiation.audio() {
+            self.apply(audio)?;
+        }
+        if let (Some((_, video)), Some(stream)) = (&self.video, negotiation.video()) {
+            video.update(stream);
+        }
+        Ok(())
     }
 
     /// re-INVITE or UPDATE: with an offer, answer it and move the media; a
@@ -865,15 +885,10 @@ impl Call {
         let body = match offer {
             Some(offer) => match offer_answer::answer(&offer, &self.capabilities) {
                 Ok(negotiation) => {
-                    if let Some(audio) = negotiation.audio().cloned()
-                        && let Err(e) = self.apply(&audio)
-                    {
+                    if let Err(e) = self.renegotiate(&negotiation) {
                         warn!("call {}: {e:#}", self.call_id);
                         let _ = handle.reply(StatusCode::NotAcceptableHere).await;
                         return;
-                    }
-                    if let (Some((_, video)), Some(stream)) = (&self.video, negotiation.video()) {
-                        video.update(stream);
                     }
                     self.render_answer(&negotiation)
                 }

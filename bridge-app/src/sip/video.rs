@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, anyhow};
 use bridge_protocol::offer_answer::NegotiatedStream;
+use bridge_protocol::sdp::Direction;
 use gst::prelude::*;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -123,11 +124,23 @@ const H264_RTP_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(i
 const LIVE_QUEUE: &str =
     "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream";
 
+/// An upstream `GstForceKeyUnit`, with the stream's parameter sets.
+fn key_frame_request() -> gst::Event {
+    gst::event::CustomUpstream::new(
+        gst::Structure::builder("GstForceKeyUnit")
+            .field("all-headers", true)
+            .build(),
+    )
+}
+
 /// The running video of one call.
 pub struct CallVideo {
     pipeline: gst::Pipeline,
     receiver: gst::Element,
     sender: gst::Element,
+    /// Closed while the phone holds the call (or does not receive).
+    to_app: gst::Element,
+    to_phone: gst::Element,
     /// Encoders in use, e.g. `["vp8enc", "openh264enc"]` (none when passed through).
     pub encoders: Vec<&'static str>,
     pub app_codec: AppVideoCodec,
@@ -154,7 +167,7 @@ impl CallVideo {
              ! rtph264depay request-keyframe=true ! h264parse config-interval=-1"
         );
         let to_phone = format!(
-            "rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
+            "valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
              ! sipsink name=vtx session={session} local-address={address}"
         );
         let app_src = format!("connectycubesrc session={app_session} media=video");
@@ -163,7 +176,7 @@ impl CallVideo {
             AppVideoCodec::H264 => (
                 format!(
                     "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
-                       ! connectycubesink session={app_session} caps=\"{H264_RTP_CAPS}\" \
+                       ! valve name=to_app drop=false ! connectycubesink session={app_session} caps=\"{H264_RTP_CAPS}\" \
                      {app_src} ! rtph264depay request-keyframe=true ! h264parse ! {to_phone}"
                 ),
                 Vec::new(),
@@ -175,7 +188,7 @@ impl CallVideo {
                     format!(
                         "{from_phone} ! {decoder} automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
-                           ! connectycubesink session={app_session} caps=\"{VP8_RTP_CAPS}\" \
+                           ! valve name=to_app drop=false ! connectycubesink session={app_session} caps=\"{VP8_RTP_CAPS}\" \
                          {app_src} ! rtpvp8depay request-keyframe=true ! vp8dec automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! h264parse ! {to_phone}",
                         vp8.factory, vp8.settings, h264.factory, h264.settings
@@ -197,6 +210,8 @@ impl CallVideo {
         let video = CallVideo {
             receiver: by_name("vrx")?,
             sender: by_name("vtx")?,
+            to_app: by_name("to_app")?,
+            to_phone: by_name("to_phone")?,
             pipeline,
             encoders,
             app_codec,
@@ -219,23 +234,22 @@ impl CallVideo {
         Ok(video)
     }
 
-    /// A renegotiated video stream: new address, keys or direction.
+    /// A renegotiated video stream: new address, keys or direction. While
+    /// the phone holds the call the app's picture stands still, and nothing
+    /// goes to a phone that does not receive.
     pub fn update(&self, stream: &NegotiatedStream) {
         configure_sip_pair(&self.receiver, &self.sender, stream);
+        pause(&self.to_app, stream.direction != Direction::SendRecv);
+        pause(&self.to_phone, !stream.we_send());
     }
 
     /// The phone lost the picture (SIP INFO `picture_fast_update`): a key
     /// frame from the bridge's encoder, or, when H.264 passes through, from
     /// the app (PLI).
     pub fn request_key_frame(&self) -> bool {
-        let event = gst::event::CustomUpstream::new(
-            gst::Structure::builder("GstForceKeyUnit")
-                .field("all-headers", true)
-                .build(),
-        );
         self.sender
             .static_pad("sink")
-            .is_some_and(|pad| pad.push_event(event))
+            .is_some_and(|pad| pad.push_event(key_frame_request()))
     }
 
     /// Relays the phone-side key-frame requests to the call (for SIP INFO);
@@ -263,6 +277,19 @@ impl CallVideo {
     pub fn stop(&self) {
         self.sender.send_event(gst::event::Eos::new());
         let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// Opens or closes a valve; a reopened stream starts again from a key frame
+/// (asked upstream: of the encoder, or of the sender when passed through).
+fn pause(valve: &gst::Element, paused: bool) {
+    let was_paused = valve.property::<bool>("drop");
+    valve.set_property("drop", paused);
+    if was_paused
+        && !paused
+        && let Some(pad) = valve.static_pad("sink")
+    {
+        pad.push_event(key_frame_request());
     }
 }
 
