@@ -621,10 +621,12 @@ struct VideoCallFromPhone {
 }
 
 impl VideoCallFromPhone {
-    /// The call `video-1` with `--video mode`, its media flowing.
-    fn start(mode: &str, scenario: &'static str) -> VideoCallFromPhone {
+    /// The call `video-1` with `--video mode` (and `bridge_args`), its media flowing.
+    fn start(mode: &str, scenario: &'static str, bridge_args: &[&str]) -> VideoCallFromPhone {
         let cdr = tempdir().join("cdr.jsonl");
-        let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap(), "--video", mode]);
+        let mut args = vec!["--cdr", cdr.to_str().unwrap(), "--video", mode];
+        args.extend_from_slice(bridge_args);
+        let bridge = BridgeProcess::start(&args);
         let alice = alice_answering(&bridge, true);
         let phone = Phone::new("PCMU", 0, 8000, 440);
         let camera = VideoPhone::new();
@@ -688,7 +690,7 @@ impl VideoCallFromPhone {
 /// many key frames the phone's camera made.
 fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>, u64) {
     let _serial = one_at_a_time();
-    let mut call = VideoCallFromPhone::start(mode, scenario);
+    let mut call = VideoCallFromPhone::start(mode, scenario, &[]);
     let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
     seen.assert_both_ways(440.0, &call.bridge.logs());
     let cdr = call.finish();
@@ -701,12 +703,52 @@ fn video_call(mode: &str, scenario: &'static str) -> (Value, Vec<Duration>, u64)
     (cdr, key_frames, call.camera.key_frames_sent())
 }
 
+/// A recorded video call: one MPEG-TS file holding both voices and both
+/// pictures (the phone's H.264, and the app's as sent to the phone),
+/// decodable after the hang-up.
+#[test]
+fn a_recorded_video_call_holds_both_voices_and_both_pictures() {
+    let _serial = one_at_a_time();
+    let recordings = tempdir();
+    let mut call = VideoCallFromPhone::start(
+        "vp8",
+        "video-call.xml",
+        &["--record", recordings.to_str().unwrap()],
+    );
+    let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
+    seen.assert_both_ways(440.0, &call.bridge.logs());
+    let cdr = call.finish();
+    let path = cdr["recording"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the CDR names the recording: {cdr}"));
+    assert!(path.ends_with(".ts"), "{path}");
+    let recording = support::decode_recording(std::path::Path::new(path));
+    assert_eq!(
+        recording.video_frames.len(),
+        2,
+        "two pictures: {:?}",
+        recording.video_frames
+    );
+    assert!(
+        recording.video_frames.iter().all(|frames| *frames >= 30),
+        "frames of each picture: {:?}",
+        recording.video_frames
+    );
+    let power = |hz| bridge_protocol::tone::tone_power(&recording.audio, 16000, hz);
+    let (phone, app, neither) = (power(440.0), power(660.0), power(1000.0));
+    assert!(
+        phone > neither * 20.0,
+        "the phone's voice: {phone} vs {neither}"
+    );
+    assert!(app > neither * 20.0, "the app's voice: {app} vs {neither}");
+}
+
 /// The video phone holds the call (both streams sendonly) and resumes:
 /// the app's picture stands still meanwhile and moves again after.
 #[test]
 fn a_video_phone_on_hold_freezes_the_apps_picture() {
     let _serial = one_at_a_time();
-    let mut call = VideoCallFromPhone::start("vp8", "video-hold.xml");
+    let mut call = VideoCallFromPhone::start("vp8", "video-hold.xml", &[]);
     let frames = |alice: &mut BrowserPeer| {
         alice
             .command(json!({"op": "framesDecoded"}))

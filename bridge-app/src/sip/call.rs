@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
+use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::ua::{ALLOW, LiveCall, SUPPORTED, Shared, refuse, reply, source_of};
 use super::video::{AppVideoCodec, CallVideo};
@@ -314,6 +315,7 @@ async fn answer_call(
             version: 1,
         },
         video: None,
+        recorder: None,
         fast_update: FastUpdate::new(phone_allows_info),
         answer_expected_in_ack: false,
         session_timer,
@@ -485,6 +487,9 @@ struct Call {
     origin: Origin,
     /// The phone's video and the port it arrives on, when bridged.
     video: Option<(PortReservation, CallVideo)>,
+    /// A recorded video call's file (voices and video); audio-only calls
+    /// record to WAV in their audio pipeline.
+    recorder: Option<Arc<Recorder>>,
     fast_update: FastUpdate,
     /// We offered in a 200 OK; the answer arrives in the ACK.
     answer_expected_in_ack: bool,
@@ -566,17 +571,23 @@ impl Call {
         reservation: anyhow::Result<PortReservation>,
         stream: &NegotiatedStream,
     ) -> bool {
-        let Peer::App { session, .. } = &self.peer else {
+        let Peer::App { session, record_to } = &self.peer else {
             return false;
         };
         let started = reservation.and_then(|reservation| {
+            let recorder = match record_to {
+                Some(path) => Some(Recorder::start(&path.with_extension("ts"))?),
+                None => None,
+            };
             let video = CallVideo::start(
                 &reservation,
                 stream,
                 session,
                 self.shared.config.video,
                 self.media_events.0.clone(),
+                recorder.as_ref(),
             )?;
+            self.recorder = recorder;
             Ok((reservation, video))
         });
         let (reservation, video) = match started {
@@ -617,6 +628,7 @@ impl Call {
                     &self.peer,
                     timeout,
                     self.media_events.0.clone(),
+                    self.recorder.as_ref(),
                 )?);
             }
         }
@@ -625,7 +637,10 @@ impl Call {
             self.record.sip_srtp = stream.srtp.as_ref().map(|s| s.send.suite.name());
             self.record.transcoded = media.transcoding();
             self.record.app_codec = media.app_element().map(|_| "OPUS");
-            self.record.recording = media.recording().map(ToOwned::to_owned);
+            self.record.recording = match &self.recorder {
+                Some(recorder) => Some(recorder.path().to_owned()),
+                None => media.recording().map(ToOwned::to_owned),
+            };
         }
         self.publish();
         info!(
@@ -743,6 +758,9 @@ impl Call {
         }
         if let Some((_, video)) = self.video.take() {
             video.stop();
+        }
+        if let Some(recorder) = self.recorder.take() {
+            recorder.finish();
         }
         if let Some(reason) = bye_reason {
             let headers = vec![Header::Reason(reason.into())];
@@ -1124,6 +1142,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             ..origin
         },
         video: None,
+        recorder: None,
         fast_update: FastUpdate::new(false),
         answer_expected_in_ack: false,
         session_timer: None,

@@ -16,6 +16,8 @@ use bridge_protocol::sdp::Direction;
 use gst::prelude::*;
 use tokio::sync::mpsc;
 
+use super::recorder::{Recorder, Track};
+
 /// GStreamer elements that carry one audio codec between RTP and raw audio.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AudioChain {
@@ -67,7 +69,8 @@ pub enum Service {
 pub enum Peer {
     Service(Service),
     /// A WebRTC leg in the call session of this name (app-driven signalling),
-    /// both voices recorded to a WAV file when asked.
+    /// both voices recorded when asked: to a WAV file, or with the video
+    /// into the call's `Recorder`.
     App {
         session: String,
         record_to: Option<std::path::PathBuf>,
@@ -185,6 +188,7 @@ impl CallMedia {
         peer: &Peer,
         rtp_timeout_ms: u32,
         events: mpsc::UnboundedSender<MediaEvent>,
+        recorder: Option<&Arc<Recorder>>,
     ) -> anyhow::Result<Self> {
         let codec = stream.codec.encoding_name;
         let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
@@ -227,19 +231,23 @@ impl CallMedia {
                 // Each voice, decoded, into the recorder (a mix of both).
                 let to_recorder = "queue ! audioconvert ! audioresample \
                     ! audio/x-raw,format=S16LE,rate=16000,channels=1 ! recorder.";
-                let (split_phone, split_app, recorder) = match record_to {
-                    Some(path) => (
+                // The mixer resamples nothing: its output is fixed to what
+                // both voices are converted to. A video call's recorder takes
+                // the mix; otherwise it goes to a WAV file.
+                let mix =
+                    "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1";
+                let (split_phone, split_app, recorder) = match (record_to, recorder) {
+                    (Some(_), Some(_)) => (
                         "tee name=from_phone ! queue ! ",
                         "tee name=from_app ! queue ! ",
-                        format!(
-                            // The mixer resamples nothing: its output is fixed
-                            // to what both voices are converted to.
-                            "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1 \
-                               ! wavenc ! filesink location=\"{}\"",
-                            path.display()
-                        ),
+                        format!("{mix} ! appsink name=voices sync=false async=false"),
                     ),
-                    None => ("", "", String::new()),
+                    (Some(path), None) => (
+                        "tee name=from_phone ! queue ! ",
+                        "tee name=from_app ! queue ! ",
+                        format!("{mix} ! wavenc ! filesink location=\"{}\"", path.display()),
+                    ),
+                    (None, _) => ("", "", String::new()),
                 };
                 let app_sink =
                     format!("connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\"");
@@ -293,8 +301,8 @@ impl CallMedia {
             app: pipeline.by_name("app"),
             to_app: pipeline.by_name("to_app"),
             recording: match peer {
-                Peer::App { record_to, .. } => record_to.clone(),
-                Peer::Service(_) => None,
+                Peer::App { record_to, .. } if recorder.is_none() => record_to.clone(),
+                _ => None,
             },
             drained: Arc::default(),
             pipeline,
@@ -303,6 +311,15 @@ impl CallMedia {
             valve,
             codec,
         };
+        if let (Some(recorder), Some(voices)) = (
+            recorder,
+            media
+                .pipeline
+                .by_name("voices")
+                .and_downcast::<gst_app::AppSink>(),
+        ) {
+            recorder.feed(&voices, Track::Voices);
+        }
         media.set_peer(stream);
         media.set_direction(stream);
         media.watch_bus(events);

@@ -6,6 +6,7 @@ pub mod admission;
 mod call;
 mod digest_names;
 pub mod media;
+mod recorder;
 pub mod registrar;
 pub mod registration;
 pub mod routing;

@@ -6,6 +6,7 @@
 //! machine has is used and logged.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use bridge_protocol::offer_answer::NegotiatedStream;
@@ -15,6 +16,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::media::{MediaEvent, PortReservation, configure_sip_pair};
+use super::recorder::{Recorder, Track};
 
 /// Whether phones' video reaches the app, and in which codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -156,18 +158,29 @@ impl CallVideo {
         app_session: &str,
         app_codec: AppVideoCodec,
         events: mpsc::UnboundedSender<MediaEvent>,
+        recorder: Option<&Arc<Recorder>>,
     ) -> anyhow::Result<Self> {
         let session = reservation.session();
         let address: IpAddr = reservation.address;
         let pt = stream.format.payload_type;
         // Lost packets and undecodable frames ask the sender for a key
         // frame (PLI/FIR and SIP INFO toward the phone, PLI toward the app).
+        // Recorded: the H.264 from and to the phone, as it is.
+        let (tap_from_phone, tap_to_phone, recording) = match recorder {
+            Some(_) => (
+                " ! tee name=phone_video ! queue",
+                "tee name=app_video ! queue ! ",
+                " phone_video. ! queue ! appsink name=record_phone sync=false async=false \
+                  app_video. ! queue ! appsink name=record_app sync=false async=false",
+            ),
+            None => ("", "", ""),
+        };
         let from_phone = format!(
             "sipsrc name=vrx session={session} local-address={address} timeout=0 stats-interval=0 \
-             ! rtph264depay request-keyframe=true ! h264parse config-interval=-1"
+             ! rtph264depay request-keyframe=true ! h264parse config-interval=-1{tap_from_phone}"
         );
         let to_phone = format!(
-            "valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
+            "{tap_to_phone}valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
              ! sipsink name=vtx session={session} local-address={address}"
         );
         let app_src = format!("connectycubesrc session={app_session} media=video");
@@ -197,6 +210,7 @@ impl CallVideo {
                 )
             }
         };
+        let description = format!("{description}{recording}");
         tracing::debug!("video pipeline: {description}");
         let pipeline = gst::parse::launch(&description)
             .context("cannot build the video pipeline")?
@@ -207,6 +221,17 @@ impl CallVideo {
                 .by_name(name)
                 .with_context(|| format!("video pipeline lacks {name}"))
         };
+        if let Some(recorder) = recorder {
+            for (name, track) in [
+                ("record_phone", Track::PhoneVideo),
+                ("record_app", Track::AppVideo),
+            ] {
+                let sink = by_name(name)?
+                    .downcast::<gst_app::AppSink>()
+                    .map_err(|_| anyhow!("{name} is not an appsink"))?;
+                recorder.feed(&sink, track);
+            }
+        }
         let video = CallVideo {
             receiver: by_name("vrx")?,
             sender: by_name("vtx")?,

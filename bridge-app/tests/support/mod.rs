@@ -1046,3 +1046,110 @@ pub fn phone_call(
     phone.call(bridge.media_port(&format!("{call_id}-1")));
     (phone, signalling)
 }
+
+/// What a recording holds once decoded.
+pub struct Recording {
+    /// Frames decoded from each video track.
+    pub video_frames: Vec<u64>,
+    /// Its audio, mono at 16 kHz.
+    pub audio: Vec<f32>,
+}
+
+/// Decodes every track of a recorded file (20 s at most).
+pub fn decode_recording(path: &std::path::Path) -> Recording {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    gst::init().unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location=\"{}\" ! decodebin name=decoder",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let video_frames: Arc<Mutex<Vec<Arc<AtomicU64>>>> = Arc::default();
+    let audio: Arc<Mutex<Vec<f32>>> = Arc::default();
+    let (frames_seen, audio_heard) = (video_frames.clone(), audio.clone());
+    let weak = pipeline.downgrade();
+    pipeline
+        .by_name("decoder")
+        .unwrap()
+        .connect_pad_added(move |_, pad| {
+            let Some(pipeline) = weak.upgrade() else {
+                return;
+            };
+            let kind = pad
+                .current_caps()
+                .and_then(|c| c.structure(0).map(|s| s.name().to_string()))
+                .unwrap_or_default();
+            let branch = if kind.starts_with("video/") {
+                let frames = Arc::new(AtomicU64::new(0));
+                frames_seen.lock().unwrap().push(frames.clone());
+                let sink = gst::ElementFactory::make("fakesink")
+                    .property("sync", false)
+                    .build()
+                    .unwrap();
+                sink.static_pad("sink").unwrap().add_probe(
+                    gst::PadProbeType::BUFFER,
+                    move |_, _| {
+                        frames.fetch_add(1, Ordering::Relaxed);
+                        gst::PadProbeReturn::Ok
+                    },
+                );
+                sink
+            } else if kind.starts_with("audio/") {
+                let bin = gst::parse::bin_from_description(
+                    "audioconvert ! audioresample ! audio/x-raw,format=F32LE,rate=16000,channels=1 \
+                     ! appsink name=ears sync=false",
+                    true,
+                )
+                .unwrap();
+                let ears = bin
+                    .by_name("ears")
+                    .unwrap()
+                    .downcast::<gst_app::AppSink>()
+                    .unwrap();
+                let heard = audio_heard.clone();
+                ears.set_callbacks(
+                    gst_app::AppSinkCallbacks::builder()
+                        .new_sample(move |sink| {
+                            let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                            let buffer = sample.buffer().ok_or(gst::FlowError::Error)?;
+                            let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+                            heard.lock().unwrap().extend(
+                                map.chunks_exact(4)
+                                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                            );
+                            Ok(gst::FlowSuccess::Ok)
+                        })
+                        .build(),
+                );
+                bin.upcast()
+            } else {
+                return;
+            };
+            pipeline.add(&branch).unwrap();
+            branch.sync_state_with_parent().unwrap();
+            pad.link(&branch.static_pad("sink").unwrap()).unwrap();
+        });
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let ended = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(20),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    let _ = pipeline.set_state(gst::State::Null);
+    if let Some(gst::MessageView::Error(e)) = ended.as_ref().map(|m| m.view()) {
+        panic!("{} does not decode: {}", path.display(), e.error());
+    }
+    let video_frames = video_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|f| f.load(Ordering::Relaxed))
+        .collect();
+    let audio = std::mem::take(&mut *audio.lock().unwrap());
+    Recording {
+        video_frames,
+        audio,
+    }
+}
