@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, Phone, PhoneCodec, VideoPhone, phone_call, sipp, tempdir,
-    wav_frequency,
+    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, Phone, PhoneCodec, VideoPhone,
+    phone_call, sipp, tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -149,6 +149,68 @@ fn call_alice(
     assert!(success, "{name} call: {output}\n{:#?}", bridge.logs());
     alice.wait_for_more("hung up", hung_up, Duration::from_secs(10));
     heard
+}
+
+/// baresip, registered at Kamailio as carol, calls alice, whose extension
+/// the bridge registered there: each of baresip's codecs reaches alice's
+/// browser through Kamailio and the bridge, and back, tones checked both ways.
+#[test]
+fn baresip_calls_an_app_user_through_kamailio_in_each_codec() {
+    let _serial = one_at_a_time();
+    let kamailio = KamailioProcess::start();
+    let bridge = BridgeProcess::start(&[
+        "--register",
+        &format!("alice:alicepw@127.0.0.1:{}", kamailio.port),
+    ]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registration alice@") && l.ends_with(": registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the bridge registers alice's extension: {:#?}\n{}",
+        bridge.logs(),
+        kamailio.log()
+    );
+    let mut alice = alice_answering(&bridge, true);
+    let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
+    for (codec, frequency, encoding_name) in [
+        ("g711", 523, "PCMU"),
+        ("g722", 740, "G722"),
+        ("opus", 880, "OPUS"),
+    ] {
+        let port = kamailio.port;
+        let phone = std::thread::spawn(move || {
+            let phone = Baresip::new("carol", "carolpw", port, frequency, codec);
+            let output = phone.call("alice", 8);
+            (phone.heard().and_then(|wav| wav_frequency(&wav)), output)
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
+        let mut app_heard = None;
+        while std::time::Instant::now() < deadline && !near(app_heard, f64::from(frequency)) {
+            std::thread::sleep(Duration::from_millis(500));
+            app_heard = alice.command(json!({"op": "frequency"})).as_f64();
+        }
+        let (phone_heard, output) = phone.join().unwrap();
+        assert!(
+            near(app_heard, f64::from(frequency)),
+            "{codec}: the app heard {app_heard:?} instead of {frequency} Hz\n{output}\n{:#?}",
+            bridge.logs()
+        );
+        assert!(
+            near(phone_heard, 660.0),
+            "{codec}: baresip heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
+        );
+        assert!(
+            bridge
+                .logs()
+                .iter()
+                .any(|l| l.contains(&format!(": {encoding_name} SendRecv,"))),
+            "{codec}: a {encoding_name} call leg: {:#?}",
+            bridge.logs()
+        );
+    }
 }
 
 #[test]
