@@ -114,6 +114,15 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
         "{line}\n{:#?}",
         bridge.logs()
     );
+    // How long the bridge held the audio each way, measured on real packets.
+    for direction in ["to_app", "to_phone"] {
+        let latency = &line["latency_ms"][direction];
+        let (p50, p99) = (latency["p50"].as_f64(), latency["p99"].as_f64());
+        assert!(
+            p50.is_some_and(|ms| ms > 0.0) && p99 >= p50,
+            "{direction}: {latency} in {line}"
+        );
+    }
 }
 
 /// One phone call to alice in `codec`; returns what the app and the phone heard.

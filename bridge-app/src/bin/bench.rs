@@ -356,6 +356,22 @@ fn main() -> anyhow::Result<()> {
             l + line["rtp"]["packets_lost"].as_i64().unwrap_or(0),
         )
     });
+    // Each call's own percentiles (from the bridge's CDR): the median call's
+    // p50 and the worst call's p99.
+    let latency = |direction: &str| {
+        let of = |p: &str| -> Vec<f64> {
+            answered
+                .iter()
+                .filter_map(|l| l["latency_ms"][direction][p].as_f64())
+                .collect()
+        };
+        let (mut p50, mut p99) = (of("p50"), of("p99"));
+        format!(
+            "{:.1} / {:.1} ms",
+            percentile(&mut p50, 0.5),
+            percentile(&mut p99, 1.0)
+        )
+    };
     let ticks_per_second = 100.0;
     let cpu_percent = (after.0 - before.0) as f64 / ticks_per_second / elapsed * 100.0;
     let per_call = |total: f64| total / calls as f64;
@@ -364,11 +380,11 @@ fn main() -> anyhow::Result<()> {
         "sip-cc-bridge-bench: {calls} concurrent calls, PCMU (SIP) <-> Opus (WebRTC, DTLS-SRTP), transcoded, {seconds} s"
     );
     println!(
-        "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | bridge-added latency |"
+        "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | latency SIP→WebRTC p50 / p99 | latency WebRTC→SIP p50 / p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {calls} | {} | {:.2} % | {:.2} MB | {} → {} (+{:.1} per call) | {:.2} % | {:.0} / {:.0} ms | not measured |",
+        "| {calls} | {} | {:.2} % | {:.2} MB | {} → {} (+{:.1} per call) | {:.2} % | {:.0} / {:.0} ms | {} | {} |",
         answered.len(),
         per_call(cpu_percent),
         per_call(after.1.saturating_sub(idle.1) as f64 / 1024.0),
@@ -382,6 +398,8 @@ fn main() -> anyhow::Result<()> {
         },
         percentile(&mut setup_ms, 0.5),
         percentile(&mut setup_ms, 0.99),
+        latency("to_app"),
+        latency("to_phone"),
     );
     println!(
         "(whole run {:.0} s; the bridge used {:.1} % of one core over the measured {:.1} s; SIPp {})",

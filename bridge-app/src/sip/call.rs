@@ -753,6 +753,7 @@ impl Call {
             self.record.packets_lost = stats.get::<i64>("packets-lost").unwrap_or(0);
             self.record.jitter_ms = stats.get::<f64>("jitter-ms").unwrap_or(0.0);
         }
+        self.record.latency = self.media.as_ref().and_then(CallMedia::latency);
         if let Some(media) = self.media.take() {
             media.stop();
         }

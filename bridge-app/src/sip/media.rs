@@ -16,6 +16,7 @@ use bridge_protocol::sdp::Direction;
 use gst::prelude::*;
 use tokio::sync::mpsc;
 
+use super::latency::{LatencyMeter, Percentiles};
 use super::recorder::{Recorder, Track};
 
 /// GStreamer elements that carry one audio codec between RTP and raw audio.
@@ -178,6 +179,15 @@ pub struct CallMedia {
     sender: gst::Element,
     valve: gst::Element,
     codec: &'static str,
+    /// How long the bridge holds the audio, toward the app and toward the phone.
+    latency: (LatencyMeter, LatencyMeter),
+}
+
+/// Bridge-added latency of a call's audio in each direction, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AudioLatency {
+    pub to_app: Option<Percentiles>,
+    pub to_phone: Option<Percentiles>,
 }
 
 impl CallMedia {
@@ -268,20 +278,21 @@ impl CallMedia {
                          {app_src} ! {split_app}rtpopusdepay ! {payloader} ! {to_phone} {record}"
                     )
                 } else {
-                    // Opus fed at the phone's own rate: no 48 kHz resampling delay.
+                    // Opus encoded and decoded at the phone's own rate: no
+                    // resampler, whose delay would push the audio off the
+                    // packet grid and hold every packet for the next one.
+                    let rate = opus_input_rate(chain.encoder_rate);
                     let record = if record_to.is_some() {
                         format!("from_phone. ! {to_recorder} from_app. ! {to_recorder} {recorder}")
                     } else {
                         String::new()
                     };
                     format!(
-                        "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={},channels=1 \
+                        "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={rate},channels=1 \
                            ! {split_phone}volume name=to_app ! opusenc frame-size=20 ! rtpopuspay pt=111 ! {app_sink} \
-                         {app_src} ! rtpopusdepay ! opusdec ! audioconvert ! audioresample \
+                         {app_src} ! rtpopusdepay ! opusdec ! audio/x-raw,rate={rate},channels=1 ! audioconvert ! audioresample \
                            ! {split_app}{encode_for_phone} ! {to_phone} {record}",
-                        chain.depayloader,
-                        chain.decoder,
-                        opus_input_rate(chain.encoder_rate)
+                        chain.depayloader, chain.decoder,
                     )
                 }
             }
@@ -310,7 +321,15 @@ impl CallMedia {
             sender,
             valve,
             codec,
+            latency: Default::default(),
         };
+        if let Some(app) = &media.app {
+            media.latency.0.watch(&app.static_pad("sink").unwrap());
+            media
+                .latency
+                .1
+                .watch(&media.sender.static_pad("sink").unwrap());
+        }
         if let (Some(recorder), Some(voices)) = (
             recorder,
             media
@@ -387,6 +406,15 @@ impl CallMedia {
     /// The `sipsrc` of the SIP leg, whose `stats` describe its RTP.
     pub fn rtp_element(&self) -> &gst::Element {
         &self.receiver
+    }
+
+    /// Bridge-added latency so far; none for a call with a built-in service.
+    pub fn latency(&self) -> Option<AudioLatency> {
+        self.app.as_ref()?;
+        Some(AudioLatency {
+            to_app: self.latency.0.percentiles(),
+            to_phone: self.latency.1.percentiles(),
+        })
     }
 
     /// RTP statistics of the SIP leg (`sipsrc`'s `stats`).

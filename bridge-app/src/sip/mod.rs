@@ -5,6 +5,7 @@
 pub mod admission;
 mod call;
 mod digest_names;
+mod latency;
 pub mod media;
 mod recorder;
 pub mod registrar;

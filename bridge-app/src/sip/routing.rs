@@ -127,6 +127,8 @@ pub struct CallRecord {
     pub packets_received: u64,
     pub packets_lost: i64,
     pub jitter_ms: f64,
+    /// How long the bridge held the audio in each direction.
+    pub latency: Option<super::media::AudioLatency>,
 }
 
 impl CallRecord {
@@ -157,6 +159,7 @@ impl CallRecord {
             packets_received: 0,
             packets_lost: 0,
             jitter_ms: 0.0,
+            latency: None,
         }
     }
 }
@@ -200,6 +203,7 @@ impl CallRecord {
                 "packets_lost": record.packets_lost,
                 "jitter_ms": (record.jitter_ms * 100.0).round() / 100.0,
             },
+            "latency_ms": record.latency,
         })
     }
 }

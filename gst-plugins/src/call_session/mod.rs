@@ -484,6 +484,17 @@ impl CallSession {
         }
     }
 
+    /// When a received packet was captured (arrived at webrtcbin), as a time
+    /// of `clock`; None when the call runs on another clock.
+    pub fn capture_time(&self, sample: &gst::Sample, clock: &gst::Clock) -> Option<gst::ClockTime> {
+        if self.pipeline.clock().as_ref() != Some(clock) {
+            return None;
+        }
+        let segment = sample.segment()?.downcast_ref::<gst::ClockTime>()?;
+        let running = segment.to_running_time(sample.buffer()?.pts()?)?;
+        Some(running + self.pipeline.base_time()?)
+    }
+
     fn on_incoming_pad(self: &Arc<Self>, pad: &gst::Pad) {
         if pad.direction() != gst::PadDirection::Src {
             return;

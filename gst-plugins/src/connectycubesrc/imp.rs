@@ -162,13 +162,19 @@ impl PushSrcImpl for ConnectyCubeSrc {
                 let _ = self.obj().set_caps(&caps);
                 *self.caps.lock().unwrap() = Some(caps);
             }
-            // Stamp with this pipeline's running time: the call runs on its own clock.
+            // Stamp with this pipeline's running time of its arrival at
+            // webrtcbin (so what the call's pipeline held counts as latency
+            // downstream), or of now when the call runs on another clock.
             let obj = self.obj();
-            let now = obj
-                .clock()
-                .and_then(|c| Some(c.time().saturating_sub(obj.base_time()?)));
+            let stamp = obj.clock().zip(obj.base_time()).map(|(clock, base)| {
+                let now = clock.time().saturating_sub(base);
+                call.capture_time(&sample, &clock)
+                    .and_then(|captured| captured.checked_sub(base))
+                    .filter(|captured| *captured <= now)
+                    .unwrap_or(now)
+            });
             let buffer_mut = buffer.make_mut();
-            buffer_mut.set_pts(now);
+            buffer_mut.set_pts(stamp);
             buffer_mut.set_dts(None::<gst::ClockTime>);
             return Ok(CreateSuccess::NewBuffer(buffer));
         }
