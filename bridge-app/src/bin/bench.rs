@@ -38,6 +38,33 @@ struct Args {
     /// CI mode: 2 calls of 6 s unless given; fail unless all connect.
     #[arg(long)]
     smoke: bool,
+    /// The phones' codec: PCMU (transcoded to the app's Opus) or Opus
+    /// (passed through with new RTP headers only).
+    #[arg(long, value_enum, default_value_t = PhoneCodec::Pcmu)]
+    codec: PhoneCodec,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PhoneCodec {
+    Pcmu,
+    Opus,
+}
+
+impl PhoneCodec {
+    /// Payload type, `a=rtpmap` value, RTP clock units and payload bytes per 20 ms packet.
+    fn rtp(self) -> (u8, &'static str, u32, usize) {
+        match self {
+            PhoneCodec::Pcmu => (0, "PCMU/8000", 160, 160),
+            PhoneCodec::Opus => (96, "opus/48000/2", 960, 60),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            PhoneCodec::Pcmu => "PCMU (SIP) <-> Opus (WebRTC, DTLS-SRTP), transcoded",
+            PhoneCodec::Opus => "Opus (SIP) <-> Opus (WebRTC, DTLS-SRTP), passed through",
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -170,7 +197,8 @@ struct Phones {
 }
 
 impl Phones {
-    fn start(sockets: Vec<UdpSocket>, log: Log) -> Phones {
+    fn start(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Phones {
+        let (payload_type, _, clock_units, payload_bytes) = codec.rtp();
         let running = Arc::new(AtomicBool::new(true));
         let run = running.clone();
         let thread = std::thread::spawn(move || {
@@ -197,13 +225,14 @@ impl Phones {
                         }
                     }
                 }
+                let payload = vec![0x55u8; payload_bytes];
                 let packet = |ssrc: u32| {
                     rtp_types::RtpPacketBuilder::new()
-                        .payload_type(0)
+                        .payload_type(payload_type)
                         .sequence_number(seq)
-                        .timestamp(u32::from(seq) * 160)
+                        .timestamp(u32::from(seq).wrapping_mul(clock_units))
                         .ssrc(ssrc)
-                        .payload([0x55u8; 160].as_slice())
+                        .payload(payload.as_slice())
                         .write_vec()
                         .unwrap()
                 };
@@ -283,7 +312,8 @@ fn main() -> anyhow::Result<()> {
         )
         .collect();
     std::fs::write(dir.join("calls.csv"), csv)?;
-    let phones = Phones::start(sockets, bridge.log.clone());
+    let phones = Phones::start(sockets, bridge.log.clone(), args.codec);
+    let (payload_type, rtpmap, ..) = args.codec.rtp();
     let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/call.xml");
     let started = Instant::now();
     let mut sipp = Command::new("sipp")
@@ -303,6 +333,14 @@ fn main() -> anyhow::Result<()> {
             &free_port().to_string(),
             "-mp",
             &free_port().to_string(),
+        ])
+        .args([
+            "-key",
+            "pt",
+            &payload_type.to_string(),
+            "-key",
+            "rtpmap",
+            rtpmap,
         ])
         .args([
             "-m",
@@ -377,7 +415,8 @@ fn main() -> anyhow::Result<()> {
     let per_call = |total: f64| total / calls as f64;
 
     println!(
-        "sip-cc-bridge-bench: {calls} concurrent calls, PCMU (SIP) <-> Opus (WebRTC, DTLS-SRTP), transcoded, {seconds} s"
+        "sip-cc-bridge-bench: {calls} concurrent calls, {}, {seconds} s",
+        args.codec.describe()
     );
     println!(
         "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | latency SIP→WebRTC p50 / p99 | latency WebRTC→SIP p50 / p99 |"
