@@ -41,6 +41,14 @@ fn phone(address: &str) -> UdpSocket {
     socket
 }
 
+/// A phone with its RTCP socket on the next port.
+fn phone_with_rtcp() -> (UdpSocket, UdpSocket) {
+    let rtp = phone("127.0.0.1");
+    let rtcp = UdpSocket::bind(("127.0.0.1", rtp.local_addr().unwrap().port() + 1)).unwrap();
+    rtcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (rtp, rtcp)
+}
+
 fn src_harness(properties: &[(&str, &dyn ToValue)]) -> Harness {
     init();
     let src = gst::ElementFactory::make("sipsrc")
@@ -269,12 +277,8 @@ fn jitter_estimate_follows_injected_jitter() {
 
 #[test]
 fn rtcp_reports_go_both_ways_and_give_rtt() {
-    let phone = phone("127.0.0.1");
+    let (phone, phone_rtcp) = phone_with_rtcp();
     let phone_address = phone.local_addr().unwrap();
-    let phone_rtcp = UdpSocket::bind(("127.0.0.1", phone_address.port() + 1)).unwrap();
-    phone_rtcp
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     let mut sink = sink_harness(&[
         ("remote-address", &"127.0.0.1"),
         ("remote-port", &u32::from(phone_address.port())),
@@ -786,12 +790,8 @@ fn send_dtmf_replaces_audio_with_events_that_rtpdtmfdepay_reads() {
 /// encoder upstream of `sipsink` as `GstForceKeyUnit`.
 #[test]
 fn key_frame_requests_cross_in_both_directions() {
-    let phone = phone("127.0.0.1");
+    let (phone, phone_rtcp) = phone_with_rtcp();
     let phone_address = phone.local_addr().unwrap();
-    let phone_rtcp = UdpSocket::bind(("127.0.0.1", phone_address.port() + 1)).unwrap();
-    phone_rtcp
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     let session = "key-frames";
     let mut sink = sink_harness(&[
         ("session", &session),
