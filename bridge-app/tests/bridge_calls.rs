@@ -347,6 +347,85 @@ fn refusals_and_hang_ups_cross_the_bridge() {
     assert!(cause.contains("app hung up"), "{cause}");
 }
 
+/// The same refusals and hang-ups with a real phone: baresip, registered
+/// at Kamailio, calls alice's extension (registered there by the bridge).
+/// Each call's CDR line carries the status and cause the phone got.
+#[test]
+fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
+    let _serial = one_at_a_time();
+    let kamailio = KamailioProcess::start();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&[
+        "--register",
+        &format!("alice:alicepw@127.0.0.1:{}", kamailio.port),
+        "--cdr",
+        cdr.to_str().unwrap(),
+        "--no-answer-timeout-ms",
+        "4000",
+    ]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registration alice@") && l.ends_with(": registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the bridge registers alice's extension: {:#?}",
+        bridge.logs()
+    );
+    let mut alice = alice_answering(&bridge, false);
+    let port = kamailio.port;
+    // baresip calls alice and stays `seconds` (hanging up, or cancelling
+    // while it rings); the call's CDR line.
+    let call = |seconds: u32, count: usize| {
+        let phone = Baresip::new("carol", "carolpw", port, 523, "g711");
+        let output = phone.call("alice", seconds);
+        let lines = wait_for_cdr(&cdr, count);
+        let line = lines.last().unwrap().clone();
+        (
+            line["status"].as_u64().unwrap_or(0),
+            line["cause"].as_str().unwrap_or_default().to_owned(),
+            output,
+        )
+    };
+
+    alice.command(json!({"op": "rejectNext", "userInfo": {"busy": true}}));
+    let (status, _, output) = call(4, 1);
+    assert_eq!(status, 486, "the app rejects as busy: {output}");
+
+    let (status, _, output) = call(8, 2);
+    assert_eq!(status, 480, "nobody answers: {output}");
+
+    let stopped = alice.count_events("hung up");
+    let (status, _, output) = call(2, 3);
+    assert_eq!(
+        status, 487,
+        "the phone gives up while the app rings: {output}"
+    );
+    alice.wait_for_more("hung up", stopped, Duration::from_secs(10));
+
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let stopped = alice.count_events("hung up");
+    let (status, cause, output) = call(5, 4);
+    assert_eq!(status, 200, "{output}");
+    assert!(
+        cause.contains("caller hung up"),
+        "the phone hangs up: {cause}"
+    );
+    alice.wait_for_more("hung up", stopped, Duration::from_secs(10));
+
+    let connected = alice.count_events("connection");
+    let hang_up = std::thread::spawn(move || {
+        alice.wait_for_more("connection", connected, Duration::from_secs(15));
+        std::thread::sleep(Duration::from_secs(1));
+        alice.command(json!({"op": "hangUp"}));
+    });
+    let (status, cause, output) = call(10, 5);
+    hang_up.join().unwrap();
+    assert_eq!(status, 200, "{output}");
+    assert!(cause.contains("app hung up"), "the app hangs up: {cause}");
+}
+
 #[test]
 fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     let _serial = one_at_a_time();

@@ -59,8 +59,9 @@ pub(crate) fn is_key_frame_request(event: &gst::EventRef) -> bool {
             .is_some_and(|s| s.name() == "GstForceKeyUnit")
 }
 
-/// An upstream `GstForceKeyUnit` with stream headers, for an encoder.
-pub(crate) fn key_frame_request() -> gst::Event {
+/// An upstream `GstForceKeyUnit` with stream headers: sent toward an
+/// encoder, or toward `sipsrc`/`connectycubesrc`, which ask their peer.
+pub fn key_frame_request() -> gst::Event {
     gst::event::CustomUpstream::new(
         gst::Structure::builder("GstForceKeyUnit")
             .field("all-headers", true)

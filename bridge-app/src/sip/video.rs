@@ -126,15 +126,6 @@ const H264_RTP_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(i
 const LIVE_QUEUE: &str =
     "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream";
 
-/// An upstream `GstForceKeyUnit`, with the stream's parameter sets.
-fn key_frame_request() -> gst::Event {
-    gst::event::CustomUpstream::new(
-        gst::Structure::builder("GstForceKeyUnit")
-            .field("all-headers", true)
-            .build(),
-    )
-}
-
 /// The running video of one call.
 pub struct CallVideo {
     pipeline: gst::Pipeline,
@@ -274,7 +265,7 @@ impl CallVideo {
     pub fn request_key_frame(&self) -> bool {
         self.sender
             .static_pad("sink")
-            .is_some_and(|pad| pad.push_event(key_frame_request()))
+            .is_some_and(|pad| pad.push_event(gstsipcc::key_frame_request()))
     }
 
     /// Relays the phone-side key-frame requests to the call (for SIP INFO);
@@ -314,7 +305,7 @@ fn pause(valve: &gst::Element, paused: bool) {
         && !paused
         && let Some(pad) = valve.static_pad("sink")
     {
-        pad.push_event(key_frame_request());
+        pad.push_event(gstsipcc::key_frame_request());
     }
 }
 
