@@ -42,6 +42,47 @@ struct Args {
     /// (passed through with new RTP headers only).
     #[arg(long, value_enum, default_value_t = PhoneCodec::Pcmu)]
     codec: PhoneCodec,
+    /// Video calls: the phones also send H.264 (640x360, 30 fps), the apps
+    /// VP8; the bridge transcodes both ways.
+    #[arg(long)]
+    video: bool,
+}
+
+const VP8_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(int)90000,encoding-name=(string)VP8,payload=(int)96";
+
+/// The phones' cameras: H.264 to the bridge's video port (found in its
+/// log by the port each phone offered), what comes back is dropped.
+fn start_cameras(ports: &[u16], log: &Log) -> anyhow::Result<Vec<gst::Pipeline>> {
+    let found = wait_for(log, Duration::from_secs(30), |lines| {
+        lines.iter().filter(|l| l.contains(": video at ")).count() >= ports.len()
+    });
+    if !found {
+        bail!("the bridge did not start the calls' video");
+    }
+    let lines = log.lock().unwrap().clone();
+    ports
+        .iter()
+        .map(|port| {
+            // "call ID: video at ADDR:PORT from REMOTE (H264/PT)"
+            let bridge = lines
+                .iter()
+                .filter_map(|l| l.split_once(": video at ")?.1.split_once(" from "))
+                .find(|(_, remote)| remote.starts_with(&format!("127.0.0.1:{port} ")))
+                .and_then(|(local, _)| local.parse::<SocketAddr>().ok())
+                .context("no video port for a call")?;
+            let pipeline = gst::parse::launch(&format!(
+                "videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,framerate=30/1 \
+                   ! openh264enc gop-size=60 ! h264parse ! rtph264pay pt=102 config-interval=-1 \
+                   ! udpsink host=127.0.0.1 port={} sync=false async=false \
+                 udpsrc port={port} ! fakesink sync=false async=false",
+                bridge.port()
+            ))?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| anyhow!("not a pipeline"))?;
+            pipeline.set_state(gst::State::Playing)?;
+            Ok(pipeline)
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -169,7 +210,7 @@ fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Res
 }
 
 /// One light WebRTC peer per call: answers as `bench-u<k>` and sends Opus.
-fn start_peers(calls: usize, sandbox: u16) -> anyhow::Result<Vec<gst::Pipeline>> {
+fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gst::Pipeline>> {
     (1..=calls)
         .map(|k| {
             let credentials = format!(
@@ -179,7 +220,17 @@ fn start_peers(calls: usize, sandbox: u16) -> anyhow::Result<Vec<gst::Pipeline>>
             let pipeline = gst::parse::launch(&format!(
                 "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
                    ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} \
-                 connectycubesrc session=peer-{k} ! fakesink sync=false async=false"
+                 connectycubesrc session=peer-{k} ! fakesink sync=false async=false{}",
+                if video {
+                    format!(
+                        " videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,framerate=30/1 \
+                           ! vp8enc deadline=1 cpu-used=8 ! rtpvp8pay pt=96 \
+                           ! connectycubesink session=peer-{k} {credentials} caps=\"{VP8_CAPS}\" \
+                         connectycubesrc session=peer-{k} media=video ! fakesink sync=false async=false"
+                    )
+                } else {
+                    String::new()
+                }
             ))?
             .downcast::<gst::Pipeline>()
             .map_err(|_| anyhow!("not a pipeline"))?;
@@ -293,7 +344,7 @@ fn main() -> anyhow::Result<()> {
         bail!("the mapped users did not sign in");
     }
     let idle = sample(pid)?;
-    let peers = start_peers(calls, sandbox)?;
+    let peers = start_peers(calls, sandbox, args.video)?;
     std::thread::sleep(Duration::from_secs(2));
 
     let sockets: Vec<UdpSocket> = (0..calls)
@@ -303,18 +354,26 @@ fn main() -> anyhow::Result<()> {
             Ok(socket)
         })
         .collect::<std::io::Result<_>>()?;
+    // Each phone's camera port, when video: free now, bound by its camera.
+    let video_ports: Vec<u16> = if args.video {
+        (0..calls).map(|_| free_port()).collect()
+    } else {
+        Vec::new()
+    };
     let csv: String = std::iter::once("SEQUENTIAL\n".to_owned())
-        .chain(
-            sockets
-                .iter()
-                .enumerate()
-                .map(|(i, s)| format!("u{};{};\n", i + 1, s.local_addr().unwrap().port())),
-        )
+        .chain(sockets.iter().enumerate().map(|(i, s)| {
+            let video = video_ports.get(i).map_or(0, |p| *p);
+            format!("u{};{};{video};\n", i + 1, s.local_addr().unwrap().port())
+        }))
         .collect();
     std::fs::write(dir.join("calls.csv"), csv)?;
     let phones = Phones::start(sockets, bridge.log.clone(), args.codec);
     let (payload_type, rtpmap, ..) = args.codec.rtp();
-    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/call.xml");
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(if args.video {
+        "bench/video-call.xml"
+    } else {
+        "bench/call.xml"
+    });
     let started = Instant::now();
     let mut sipp = Command::new("sipp")
         .arg("-sf")
@@ -363,6 +422,11 @@ fn main() -> anyhow::Result<()> {
         .spawn()
         .context("sipp (Debian sip-tester) is needed")?;
 
+    let cameras = if args.video {
+        start_cameras(&video_ports, &bridge.log)?
+    } else {
+        Vec::new()
+    };
     let all_answered = wait_for(&bridge.log, Duration::from_secs(seconds / 2 + 30), |l| {
         l.iter().filter(|l| l.contains(": answered by ")).count() >= calls
     });
@@ -375,6 +439,7 @@ fn main() -> anyhow::Result<()> {
     let elapsed = measured_at.elapsed().as_secs_f64();
     let status = sipp.wait()?;
     drop(phones);
+    drop(cameras);
     drop(peers);
     std::thread::sleep(Duration::from_secs(1));
 
@@ -415,8 +480,13 @@ fn main() -> anyhow::Result<()> {
     let per_call = |total: f64| total / calls as f64;
 
     println!(
-        "sip-cc-bridge-bench: {calls} concurrent calls, {}, {seconds} s",
-        args.codec.describe()
+        "sip-cc-bridge-bench: {calls} concurrent calls, {}{}, {seconds} s",
+        args.codec.describe(),
+        if args.video {
+            ", with video H.264 (SIP) <-> VP8 (WebRTC), 640x360 at 30 fps, transcoded"
+        } else {
+            ""
+        }
     );
     println!(
         "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | latency SIP→WebRTC p50 / p99 | latency WebRTC→SIP p50 / p99 |"
