@@ -426,6 +426,26 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
     assert!(cause.contains("app hung up"), "the app hangs up: {cause}");
 }
 
+/// Once a phone has registered with the bridge as alice, bob calls her
+/// from Chromium (his microphone a 660 Hz tone) and she answers.
+fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPeer {
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registrar: alice registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the phone registers: {:#?}",
+        bridge.logs()
+    );
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "call", "to": "alice", "video": video}));
+    bob.wait_event("accepted", Duration::from_secs(15));
+    bob
+}
+
 #[test]
 fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     let _serial = one_at_a_time();
@@ -439,20 +459,7 @@ fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
         let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
         (heard, output)
     });
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registrar: alice registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "baresip registers: {:#?}",
-        bridge.logs()
-    );
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
-    bob.command(json!({"op": "call", "to": "alice"}));
-    bob.wait_event("accepted", Duration::from_secs(15));
+    let mut bob = bob_calls_registered_alice(&bridge, false);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut app_heard = None;
     while std::time::Instant::now() < deadline {
@@ -1149,20 +1156,7 @@ fn baresip_with_a_camera_and_an_app_see_each_other() {
             let output = phone.answer_calls(20);
             (phone.decoded_frame(), output)
         });
-        assert!(
-            bridge
-                .wait_for_log(
-                    |l| l.contains("registrar: alice registered"),
-                    Duration::from_secs(10)
-                )
-                .is_some(),
-            "baresip registers: {:#?}",
-            bridge.logs()
-        );
-        let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-        let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
-        bob.command(json!({"op": "call", "to": "alice", "video": true}));
-        bob.wait_event("accepted", Duration::from_secs(15));
+        let mut bob = bob_calls_registered_alice(&bridge, true);
         let deadline = std::time::Instant::now() + Duration::from_secs(12);
         let mut app_frames = 0;
         while std::time::Instant::now() < deadline && app_frames < 30 {

@@ -70,19 +70,24 @@ fn start_cameras(ports: &[u16], log: &Log) -> anyhow::Result<Vec<gst::Pipeline>>
                 .find(|(_, remote)| remote.starts_with(&format!("127.0.0.1:{port} ")))
                 .and_then(|(local, _)| local.parse::<SocketAddr>().ok())
                 .context("no video port for a call")?;
-            let pipeline = gst::parse::launch(&format!(
+            play(&format!(
                 "videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,framerate=30/1 \
                    ! openh264enc gop-size=60 ! h264parse ! rtph264pay pt=102 config-interval=-1 \
                    ! udpsink host=127.0.0.1 port={} sync=false async=false \
                  udpsrc port={port} ! fakesink sync=false async=false",
                 bridge.port()
-            ))?
-            .downcast::<gst::Pipeline>()
-            .map_err(|_| anyhow!("not a pipeline"))?;
-            pipeline.set_state(gst::State::Playing)?;
-            Ok(pipeline)
+            ))
         })
         .collect()
+}
+
+/// A pipeline of the bench's own, playing.
+fn play(description: &str) -> anyhow::Result<gst::Pipeline> {
+    let pipeline = gst::parse::launch(description)?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| anyhow!("not a pipeline"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    Ok(pipeline)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,7 +222,7 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
                 "app-id=1 auth-key=sandbox login=bench-u{k} password=bench answer-timeout=300 \
                  api-url=http://127.0.0.1:{sandbox} chat-url=ws://localhost:{sandbox}/ws chat-domain=localhost"
             );
-            let pipeline = gst::parse::launch(&format!(
+            play(&format!(
                 "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
                    ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} \
                  connectycubesrc session=peer-{k} ! fakesink sync=false async=false{}",
@@ -231,11 +236,7 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
                 } else {
                     String::new()
                 }
-            ))?
-            .downcast::<gst::Pipeline>()
-            .map_err(|_| anyhow!("not a pipeline"))?;
-            pipeline.set_state(gst::State::Playing)?;
-            Ok(pipeline)
+            ))
         })
         .collect()
 }
