@@ -7,6 +7,8 @@ mod support;
 
 use std::time::Duration;
 
+use bridge_protocol::connectycube::signaling::{CallSignal, SignalType};
+use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
     Baresip, BridgeProcess, BrowserPeer, KamailioProcess, Phone, PhoneCodec, VideoPhone,
@@ -1184,4 +1186,88 @@ fn baresip_with_a_camera_and_an_app_see_each_other() {
             "{mode}: baresip decoded the app's 320x240 camera\n{output}\n{logs:#?}"
         );
     }
+}
+
+/// An app that accepts but never sends a candidate, in its answer or after:
+/// the WebRTC connection never comes up, and the bridge ends the call after
+/// its ICE timeout, with BYE and a Reason (504) to the phone and the cause
+/// in the CDR.
+#[test]
+fn an_app_that_never_sends_candidates_is_hung_up_after_the_ice_timeout() {
+    let _serial = one_at_a_time();
+    gst::init().unwrap();
+    gstsipcc::register().unwrap();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut alice = runtime.block_on(support::RustUser::sign_in(
+        &format!("http://127.0.0.1:{}", bridge.sandbox_port),
+        &format!("ws://localhost:{}/ws", bridge.sandbox_port),
+        "alice",
+        "demo",
+    ));
+    let address = bridge.address();
+    let phone = std::thread::spawn(move || {
+        sipp(
+            "wait-for-ice-timeout.xml",
+            &address,
+            "alice",
+            &["-cid_str", "no-ice-%u", "-timeout", "60s"],
+        )
+    });
+    let call = runtime.block_on(alice.signal(Duration::from_secs(15), |s| {
+        s.signal.signal_type == SignalType::Call
+    }));
+    // A real answer from a WebRTC stack, given the offer without the
+    // bridge's candidates and sent back without its own.
+    let callee = gst::parse::launch("connectycubesrc name=webrtc session=mute-callee ! fakesink")
+        .unwrap()
+        .downcast::<gst::Bin>()
+        .unwrap();
+    let webrtc = callee.by_name("webrtc").unwrap();
+    let (answers, answered) = std::sync::mpsc::channel::<String>();
+    webrtc.connect("local-description", false, move |args| {
+        if args[1].get::<String>().as_deref() == Ok("answer") {
+            let _ = answers.send(args[2].get::<String>().unwrap());
+        }
+        None
+    });
+    callee.set_state(gst::State::Playing).unwrap();
+    let without_candidates = |sdp: &str| {
+        sdp.split("\r\n")
+            .filter(|line| !line.starts_with("a=candidate:"))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    };
+    let offer = without_candidates(call.signal.sdp.as_deref().expect("an offer"));
+    webrtc.emit_by_name::<()>("set-remote-description", &[&"offer", &offer]);
+    let answer = answered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an answer");
+    let mut accept = CallSignal::new(
+        SignalType::Accept,
+        &call.signal.session_id,
+        call.signal.call_type,
+        call.from_user_id,
+        vec![alice.user_id],
+    );
+    accept.sdp = Some(without_candidates(&answer));
+    alice.send_signal(call.from_user_id, &accept);
+
+    let (success, output) = phone.join().unwrap();
+    callee.set_state(gst::State::Null).unwrap();
+    assert!(
+        success,
+        "BYE with a 504 Reason: {output}\n{:#?}",
+        bridge.logs()
+    );
+    let line = wait_for_cdr(&cdr, 1)
+        .into_iter()
+        .find(|l| l["call_id"] == "no-ice-1")
+        .expect("a CDR line");
+    let cause = line["cause"].as_str().unwrap();
+    assert!(
+        cause.contains("WebRTC connection is") && cause.contains("after answering"),
+        "{line}"
+    );
 }
