@@ -162,17 +162,13 @@ fn call_alice(
     heard
 }
 
-/// baresip, registered at Kamailio as carol, calls alice, whose extension
-/// the bridge registered there: each of baresip's codecs reaches alice's
-/// browser through Kamailio and the bridge, and back, tones checked both ways.
-#[test]
-fn baresip_calls_an_app_user_through_kamailio_in_each_codec() {
-    let _serial = one_at_a_time();
-    let kamailio = KamailioProcess::start();
-    let bridge = BridgeProcess::start(&[
-        "--register",
-        &format!("alice:alicepw@127.0.0.1:{}", kamailio.port),
-    ]);
+/// The bridge (with `args`), once it has registered alice's extension at
+/// `kamailio`.
+fn bridge_registered_at(kamailio: &KamailioProcess, args: &[&str]) -> BridgeProcess {
+    let account = format!("alice:alicepw@127.0.0.1:{}", kamailio.port);
+    let mut all = vec!["--register", account.as_str()];
+    all.extend_from_slice(args);
+    let bridge = BridgeProcess::start(&all);
     assert!(
         bridge
             .wait_for_log(
@@ -184,6 +180,17 @@ fn baresip_calls_an_app_user_through_kamailio_in_each_codec() {
         bridge.logs(),
         kamailio.log()
     );
+    bridge
+}
+
+/// baresip, registered at Kamailio as carol, calls alice, whose extension
+/// the bridge registered there: each of baresip's codecs reaches alice's
+/// browser through Kamailio and the bridge, and back, tones checked both ways.
+#[test]
+fn baresip_calls_an_app_user_through_kamailio_in_each_codec() {
+    let _serial = one_at_a_time();
+    let kamailio = KamailioProcess::start();
+    let bridge = bridge_registered_at(&kamailio, &[]);
     let mut alice = alice_answering(&bridge, true);
     let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
     for (codec, frequency, encoding_name) in [
@@ -357,23 +364,14 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
     let _serial = one_at_a_time();
     let kamailio = KamailioProcess::start();
     let cdr = tempdir().join("cdr.jsonl");
-    let bridge = BridgeProcess::start(&[
-        "--register",
-        &format!("alice:alicepw@127.0.0.1:{}", kamailio.port),
-        "--cdr",
-        cdr.to_str().unwrap(),
-        "--no-answer-timeout-ms",
-        "4000",
-    ]);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registration alice@") && l.ends_with(": registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "the bridge registers alice's extension: {:#?}",
-        bridge.logs()
+    let bridge = bridge_registered_at(
+        &kamailio,
+        &[
+            "--cdr",
+            cdr.to_str().unwrap(),
+            "--no-answer-timeout-ms",
+            "4000",
+        ],
     );
     let mut alice = alice_answering(&bridge, false);
     let port = kamailio.port;

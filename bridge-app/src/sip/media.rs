@@ -174,7 +174,7 @@ pub struct CallMedia {
     /// Where both voices are recorded; finalized by `stop`.
     recording: Option<std::path::PathBuf>,
     /// Set when the pipeline has drained after `stop`'s EOS.
-    drained: Arc<(Mutex<bool>, Condvar)>,
+    drained: Drained,
     receiver: gst::Element,
     sender: gst::Element,
     valve: gst::Element,
@@ -315,7 +315,7 @@ impl CallMedia {
                 Peer::App { record_to, .. } if recorder.is_none() => record_to.clone(),
                 _ => None,
             },
-            drained: Arc::default(),
+            drained: Drained::default(),
             pipeline,
             receiver,
             sender,
@@ -427,9 +427,7 @@ impl CallMedia {
     pub fn stop(&self) {
         if self.recording.is_some() {
             self.pipeline.send_event(gst::event::Eos::new());
-            let (done, drained) = &*self.drained;
-            let guard = done.lock().unwrap();
-            let _ = drained.wait_timeout_while(guard, Duration::from_secs(3), |done| !*done);
+            self.drained.wait(Duration::from_secs(3));
         } else {
             self.sender.send_event(gst::event::Eos::new());
         }
@@ -447,9 +445,7 @@ impl CallMedia {
         bus.set_sync_handler(move |_, message| {
             let event = match message.view() {
                 gst::MessageView::Eos(_) => {
-                    let (done, notify) = &*drained;
-                    *done.lock().unwrap() = true;
-                    notify.notify_all();
+                    drained.set();
                     None
                 }
                 gst::MessageView::Element(element) => {
@@ -479,6 +475,27 @@ impl CallMedia {
             }
             gst::BusSyncReply::Drop
         });
+    }
+}
+
+/// Set once a pipeline's EOS has reached its sinks (its files are written);
+/// whoever ended it waits for that, for a bounded time.
+#[derive(Clone, Default)]
+pub(super) struct Drained(Arc<(Mutex<bool>, Condvar)>);
+
+impl Drained {
+    /// Called on the pipeline's EOS message.
+    pub(super) fn set(&self) {
+        let (done, notify) = &*self.0;
+        *done.lock().unwrap() = true;
+        notify.notify_all();
+    }
+
+    /// Waits for the EOS, at most `limit`.
+    pub(super) fn wait(&self, limit: Duration) {
+        let (done, notify) = &*self.0;
+        let guard = done.lock().unwrap();
+        let _ = notify.wait_timeout_while(guard, limit, |done| !*done);
     }
 }
 

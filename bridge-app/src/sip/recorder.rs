@@ -7,12 +7,14 @@
 //! bridge stops without finalizing it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use gst::prelude::*;
 use tracing::warn;
+
+use super::media::Drained;
 
 /// What a call's pipelines hand to the recorder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +43,7 @@ const BACKLOG: u64 = 4 * 1024 * 1024;
 pub struct Recorder {
     pipeline: gst::Pipeline,
     path: PathBuf,
-    drained: Arc<(Mutex<bool>, Condvar)>,
+    drained: Drained,
 }
 
 impl Recorder {
@@ -69,17 +71,13 @@ impl Recorder {
         let recorder = Arc::new(Recorder {
             pipeline,
             path: path.to_owned(),
-            drained: Arc::default(),
+            drained: Drained::default(),
         });
         let drained = recorder.drained.clone();
         let bus = recorder.pipeline.bus().expect("a pipeline has a bus");
         bus.set_sync_handler(move |_, message| {
             match message.view() {
-                gst::MessageView::Eos(_) => {
-                    let (done, notify) = &*drained;
-                    *done.lock().unwrap() = true;
-                    notify.notify_all();
-                }
+                gst::MessageView::Eos(_) => drained.set(),
                 gst::MessageView::Error(error) => {
                     warn!("recording: {} ({:?})", error.error(), error.debug());
                 }
@@ -145,9 +143,7 @@ impl Recorder {
                 let _ = source.end_of_stream();
             }
         }
-        let (done, drained) = &*self.drained;
-        let guard = done.lock().unwrap();
-        let _ = drained.wait_timeout_while(guard, Duration::from_secs(3), |done| !*done);
+        self.drained.wait(Duration::from_secs(3));
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
