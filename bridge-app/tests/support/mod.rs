@@ -463,7 +463,9 @@ pub fn sipp(scenario: &str, target: &str, service: &str, extra_args: &[&str]) ->
                 "127.0.0.1"
             },
         ])
-        .args(["-p", &free_port().to_string()])
+        // Its SIP port too from the reserved blocks: a port merely free
+        // now in the ephemeral range can be taken before SIPp binds it.
+        .args(["-p", &free_even_port().to_string()])
         .args(["-mp", &free_even_port().to_string()])
         .args([
             "-m",
