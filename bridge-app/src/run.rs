@@ -147,6 +147,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = options.configuration()?;
     gst::init()?;
     gstsipcc::register()?;
+    gstsipcc::warm_up(crate::sip::media::COMMON_ELEMENTS);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

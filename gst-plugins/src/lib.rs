@@ -69,6 +69,33 @@ pub fn key_frame_request() -> gst::Event {
     )
 }
 
+/// Prepares, on a thread of its own, what the first call of a process
+/// would otherwise wait for: webrtcbin's DTLS certificate (an RSA key, a few
+/// hundred ms of CPU; later calls share it) and the loading of the plugins
+/// of `elements` (webrtcbin's and the caller's codecs).
+pub fn warm_up(elements: &'static [&'static str]) {
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        for name in ["webrtcbin", "nicesrc", "nicesink", "dtlssrtpenc", "rtpbin"]
+            .iter()
+            .chain(elements)
+        {
+            if gst::ElementFactory::make(name).build().is_err() {
+                gst::warning!(CAT, "no element {name}: calls that need it will fail");
+            }
+        }
+        match gst::ElementFactory::make("dtlssrtpdec").build() {
+            // Reading the certificate makes sure it was generated.
+            Ok(dtls)
+                if gst::prelude::ObjectExt::property::<Option<String>>(&dtls, "pem").is_some() =>
+            {
+                gst::info!(CAT, "WebRTC ready for calls in {:?}", started.elapsed());
+            }
+            _ => gst::warning!(CAT, "no DTLS certificate: WebRTC calls cannot be made"),
+        }
+    });
+}
+
 /// Registers the linked-in elements for an application (or test) that links
 /// this crate. An installed copy of the plugin found on `GST_PLUGIN_PATH` is
 /// dropped first: two copies would each keep their own session registry, and

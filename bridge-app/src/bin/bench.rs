@@ -46,6 +46,9 @@ struct Args {
     /// VP8; the bridge transcodes both ways.
     #[arg(long)]
     video: bool,
+    /// Keep the bridge's log in this file (its level from `RUST_LOG`).
+    #[arg(long)]
+    bridge_log: Option<PathBuf>,
 }
 
 const VP8_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(int)90000,encoding-name=(string)VP8,payload=(int)96";
@@ -189,7 +192,10 @@ fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Res
         .arg("run")
         .arg("--config")
         .arg(&path)
-        .env("RUST_LOG", "info,rsipstack=warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,rsipstack=warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -334,6 +340,12 @@ fn main() -> anyhow::Result<()> {
     };
     gst::init()?;
     gstsipcc::register()?;
+    gstsipcc::warm_up(&[
+        "opusenc",
+        "rtpopuspay",
+        "connectycubesink",
+        "connectycubesrc",
+    ]);
     let dir = std::env::temp_dir().join(format!("sip-cc-bridge-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (sip, sandbox) = (free_port(), free_port());
@@ -522,6 +534,9 @@ fn main() -> anyhow::Result<()> {
             "reported failed calls"
         }
     );
+    if let Some(path) = &args.bridge_log {
+        std::fs::write(path, bridge.log.lock().unwrap().join("\n"))?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     if !all_answered || answered.len() < calls {
         let log = bridge.log.lock().unwrap();

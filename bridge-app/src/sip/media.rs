@@ -118,6 +118,26 @@ pub(super) fn configure_sip_pair(
     }
 }
 
+/// The elements of the common calls' pipelines, loaded before the first call.
+pub const COMMON_ELEMENTS: &[&str] = &[
+    "sipsrc",
+    "sipsink",
+    "connectycubesink",
+    "connectycubesrc",
+    "rtppcmudepay",
+    "rtppcmupay",
+    "mulawdec",
+    "mulawenc",
+    "audioconvert",
+    "audioresample",
+    "volume",
+    "valve",
+    "opusenc",
+    "opusdec",
+    "rtpopuspay",
+    "rtpopusdepay",
+];
+
 /// Seconds without RTP before a call is ended.
 pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;
 

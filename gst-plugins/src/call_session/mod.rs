@@ -84,6 +84,8 @@ struct Sender {
     ssrc: u32,
     /// Id of the transport-wide-cc header extension written into each packet.
     twcc_id: Option<u8>,
+    /// Its caps reached webrtcbin, which only offers streams whose caps it has.
+    in_webrtcbin: bool,
     feedback: Arc<dyn SenderFeedback>,
 }
 
@@ -98,11 +100,33 @@ struct Inner {
     next_sender: u64,
     receivers: HashMap<MediaKind, usize>,
     negotiation_scheduled: bool,
+    /// Transceivers for media only received were added (before the first offer).
+    receive_only_added: bool,
     /// Where each kind of received media leaves webrtcbin (an appsink's pad).
     incoming: HashMap<MediaKind, gst::Pad>,
     /// Remote candidates that came before the remote description.
     early_candidates: Vec<(u32, String)>,
     remote_description_set: bool,
+}
+
+/// A jitter buffer holds the first packet of a stream for its whole latency
+/// (and everything behind it) unless told to start from consecutive packets:
+/// those 200 ms would reach the phone as a burst and stay as delay.
+fn start_jitter_buffers_at_once(webrtcbin: &gst::Element) {
+    let Some(rtpbin) = webrtcbin.downcast_ref::<gst::Bin>().and_then(|bin| {
+        bin.iterate_elements()
+            .into_iter()
+            .flatten()
+            .find(|e| e.factory().is_some_and(|f| f.name() == "rtpbin"))
+    }) else {
+        return;
+    };
+    rtpbin.connect("new-jitterbuffer", false, |args| {
+        if let Ok(jitterbuffer) = args[1].get::<gst::Element>() {
+            jitterbuffer.set_property("faststart-min-packets", 2u32);
+        }
+        None
+    });
 }
 
 /// Why a call ended, as the elements report it. A normal end (hang-up,
@@ -159,8 +183,9 @@ pub struct CallSession {
     signalling: Mutex<Option<mpsc::UnboundedSender<signalling::Command>>>,
     /// The latest summary of webrtcbin's statistics, and when it was taken.
     last_stats: Mutex<Option<(std::time::Instant, gst::Structure)>>,
-    /// Every local stream is known, so an offer or answer can include them.
-    media_ready: tokio::sync::watch::Sender<bool>,
+    /// Every stream registered so far knows its caps, so an offer or
+    /// answer can include them.
+    streams_known: tokio::sync::watch::Sender<bool>,
     listeners: Mutex<Vec<(u64, DescriptionListener)>>,
     /// The congestion controller's latest estimate (bit/s; 0 before one).
     estimated_bitrate: AtomicU32,
@@ -210,6 +235,7 @@ impl CallSession {
             let agent = ice_agent.property::<glib::Object>("agent");
             agent.set_property("upnp", false);
         }
+        start_jitter_buffers_at_once(&webrtcbin);
         pipeline.add(&webrtcbin).map_err(|_| missing("webrtcbin"))?;
         Ok(CallSession {
             name: name.to_owned(),
@@ -224,7 +250,7 @@ impl CallSession {
             connected: AtomicBool::new(false),
             signalling: Mutex::new(None),
             last_stats: Mutex::new(None),
-            media_ready: tokio::sync::watch::channel(false).0,
+            streams_known: tokio::sync::watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
             estimated_bitrate: AtomicU32::new(0),
         })
@@ -303,8 +329,11 @@ impl CallSession {
             payload_type: None,
             ssrc: rand::random(),
             twcc_id: None,
+            in_webrtcbin: false,
             feedback,
         });
+        drop(inner);
+        self.streams_known.send_replace(false);
         id
     }
 
@@ -379,7 +408,6 @@ impl CallSession {
                     ("cannot link {caps} into webrtcbin: {e:?}")
                 )
             })?;
-        let _ = appsrc.sync_state_with_parent();
         let mut inner = self.inner.lock().unwrap();
         if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
             // Key-frame requests stop at the appsrc: hand them to the
@@ -397,12 +425,32 @@ impl CallSession {
                     gst::PadProbeReturn::Ok
                 },
             );
-            sender.appsrc = Some(appsrc);
+            sender.appsrc = Some(appsrc.clone());
             sender.kind = MediaKind::of_caps(caps);
             sender.twcc_id = twcc_id;
         }
         drop(inner);
-        self.schedule_negotiation();
+        // Caps notify on webrtcbin's own pad: set once webrtcbin took them.
+        let weak = Arc::downgrade(self);
+        sink_pad.connect_notify(Some("caps"), move |pad, _| {
+            let Some(session) = weak.upgrade() else {
+                return;
+            };
+            let newly = session
+                .inner
+                .lock()
+                .unwrap()
+                .senders
+                .iter_mut()
+                .find(|s| s.id == id)
+                .is_some_and(|s| {
+                    pad.current_caps().is_some() && !std::mem::replace(&mut s.in_webrtcbin, true)
+                });
+            if newly {
+                session.schedule_negotiation();
+            }
+        });
+        let _ = appsrc.sync_state_with_parent();
         Ok(())
     }
 
@@ -543,11 +591,15 @@ impl CallSession {
 
     // ---- negotiation ----------------------------------------------------
 
-    /// Once every sender knows its caps, negotiation may begin (after a short
-    /// pause, so that all streams of a pipeline are in the offer).
+    /// Once every sender's caps reached webrtcbin, negotiation may begin. The
+    /// application driving the signalling says when by asking for an offer
+    /// or answer; the element's own signalling waits a short pause for the
+    /// other streams of its pipeline, so that all of them are in the offer.
     fn schedule_negotiation(self: &Arc<Self>) {
         let mut inner = self.inner.lock().unwrap();
-        if inner.negotiation_scheduled || inner.senders.iter().any(|s| s.appsrc.is_none()) {
+        let known = inner.senders.iter().all(|s| s.in_webrtcbin);
+        self.streams_known.send_replace(known);
+        if inner.negotiation_scheduled || !known || self.settings.signalling.is_none() {
             return;
         }
         inner.negotiation_scheduled = true;
@@ -556,16 +608,18 @@ impl CallSession {
         crate::RUNTIME.spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             if let Some(session) = weak.upgrade() {
-                session.add_receive_only_transceivers();
-                session.media_ready.send_replace(true);
                 session.signal(signalling::Command::MediaReady);
             }
         });
     }
 
-    /// Media we only receive needs a transceiver of its own in an offer.
+    /// Media we only receive needs a transceiver of its own in an offer
+    /// (added once, before the first).
     fn add_receive_only_transceivers(&self) {
-        let inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap();
+        if std::mem::replace(&mut inner.receive_only_added, true) {
+            return;
+        }
         let sending: Vec<MediaKind> = inner
             .senders
             .iter()
@@ -587,6 +641,7 @@ impl CallSession {
     /// Creates the local offer and waits for ICE gathering, so that every
     /// candidate is in the SDP (the SDK drops trickled ones before `accept`).
     pub(crate) async fn create_offer(self: &Arc<Self>) -> Result<String, String> {
+        self.add_receive_only_transceivers();
         let offer = self.promise("create-offer", None).await?;
         let offer = offer
             .value("offer")
@@ -598,6 +653,7 @@ impl CallSession {
 
     /// Applies the remote offer and answers it.
     pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+        self.add_receive_only_transceivers();
         self.set_remote(gst_webrtc::WebRTCSDPType::Offer, offer_sdp)
             .await?;
         let answer = self.promise("create-answer", None).await?;
@@ -769,16 +825,16 @@ impl CallSession {
         }
     }
 
-    async fn wait_media_ready(&self) {
-        let mut ready = self.media_ready.subscribe();
-        let _ = ready.wait_for(|ready| *ready).await;
+    async fn wait_streams_known(&self) {
+        let mut known = self.streams_known.subscribe();
+        let _ = known.wait_for(|known| *known).await;
     }
 
     /// Makes an offer once every stream is known; it comes back through the listeners.
     pub fn app_create_offer(self: &Arc<Self>) {
         let session = self.clone();
         crate::RUNTIME.spawn(async move {
-            session.wait_media_ready().await;
+            session.wait_streams_known().await;
             match session.create_offer().await {
                 Ok(offer) => session.emit_local_description("offer", &offer),
                 Err(e) => session.end(CallEnd::from(e)),
@@ -791,7 +847,7 @@ impl CallSession {
         let session = self.clone();
         let is_offer = kind.eq_ignore_ascii_case("offer");
         crate::RUNTIME.spawn(async move {
-            session.wait_media_ready().await;
+            session.wait_streams_known().await;
             let result = if is_offer {
                 session
                     .answer(&sdp)
