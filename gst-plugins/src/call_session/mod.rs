@@ -1,7 +1,7 @@
 //! The WebRTC call that `connectycubesink` and `connectycubesrc` share through
 //! their `session` name: one `webrtcbin` (one RTCPeerConnection per call, as
 //! the ConnectyCube SDK expects) in an internal pipeline of its own. Sinks
-//! feed it through `appsrc`s; what arrives leaves through `appsink`s into the
+//! push into it straight from their streaming threads; what arrives leaves through `appsink`s into the
 //! sources' queues. Stand-alone signalling lives in [`signalling`].
 
 mod congestion;
@@ -23,8 +23,6 @@ use crate::CAT;
 
 /// Received packets kept for a source that is not reading (about 2 s of audio).
 const MAX_QUEUED: usize = 100;
-/// Most media held for webrtcbin before the oldest is dropped.
-const SEND_QUEUE: gst::ClockTime = gst::ClockTime::from_mseconds(200);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
 #[enum_type(name = "GstConnectyCubeMedia")]
@@ -74,7 +72,11 @@ pub struct CallSettings {
 
 struct Sender {
     id: u64,
-    appsrc: Option<gst_app::AppSrc>,
+    /// Where its packets enter webrtcbin, once its caps are known.
+    pad: Option<gst::Pad>,
+    caps: Option<gst::Caps>,
+    /// Caps changed by the negotiation, sent before the next packet.
+    new_caps: Option<gst::Caps>,
     kind: MediaKind,
     /// Payload type the peer expects, when it differs from the payloader's.
     payload_type: Option<u8>,
@@ -107,6 +109,44 @@ struct Inner {
     /// Remote candidates that came before the remote description.
     early_candidates: Vec<(u32, String)>,
     remote_description_set: bool,
+}
+
+/// The pad a sender's packets enter webrtcbin from: of no element (so it
+/// links into the session's pipeline from the call's), pushed in the
+/// sender's own streaming thread. It answers webrtcbin's caps and latency
+/// queries, and hands key-frame requests to the sender.
+fn sender_pad(name: &str, feedback: Option<Weak<dyn SenderFeedback>>) -> gst::Pad {
+    let pad = gst::Pad::builder(gst::PadDirection::Src)
+        .name(name)
+        .event_function(move |_, _, event| {
+            if event.type_() == gst::EventType::CustomUpstream
+                && let Some(feedback) = feedback.as_ref().and_then(Weak::upgrade)
+            {
+                feedback.upstream_event(event);
+            }
+            true
+        })
+        .query_function(|pad, _, query| match query.view_mut() {
+            gst::QueryViewMut::Caps(q) => {
+                let caps = pad.current_caps().unwrap_or_else(gst::Caps::new_any);
+                let caps = match q.filter() {
+                    Some(filter) => {
+                        filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First)
+                    }
+                    None => caps,
+                };
+                q.set_result(&caps);
+                true
+            }
+            gst::QueryViewMut::Latency(q) => {
+                q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                true
+            }
+            _ => false,
+        })
+        .build();
+    let _ = pad.set_active(true);
+    pad
 }
 
 /// A jitter buffer holds the first packet of a stream for its whole latency
@@ -270,7 +310,16 @@ impl CallSession {
         let weak = Arc::downgrade(self);
         self.webrtcbin
             .connect("request-aux-sender", false, move |_| {
-                let estimator = congestion::make_estimator()?;
+                // Bandwidth estimation steers video; an audio-only call sends
+                // a few dozen kbit/s and would pay for the estimator's pacing
+                // thread (a fifth of the bridge's CPU) for nothing.
+                let no_estimator = Some(None::<gst::Element>.to_value());
+                if !weak.upgrade().is_some_and(|s| s.sends(MediaKind::Video)) {
+                    return no_estimator;
+                }
+                let Some(estimator) = congestion::make_estimator() else {
+                    return no_estimator;
+                };
                 let weak = weak.clone();
                 estimator.connect_notify(Some("estimated-bitrate"), move |estimator, _| {
                     if let Some(session) = weak.upgrade() {
@@ -324,7 +373,9 @@ impl CallSession {
         let id = inner.next_sender;
         inner.senders.push(Sender {
             id,
-            appsrc: None,
+            pad: None,
+            caps: None,
+            new_caps: None,
             kind: MediaKind::Audio,
             payload_type: None,
             ssrc: rand::random(),
@@ -337,6 +388,15 @@ impl CallSession {
         id
     }
 
+    fn sends(&self, kind: MediaKind) -> bool {
+        self.inner
+            .lock()
+            .unwrap()
+            .senders
+            .iter()
+            .any(|s| s.pad.is_some() && s.kind == kind)
+    }
+
     /// A new estimate from congestion control, shared out among the streams.
     fn share_bitrate(&self, total: u32) {
         self.estimated_bitrate.store(total, Ordering::Relaxed);
@@ -345,7 +405,7 @@ impl CallSession {
             inner
                 .senders
                 .iter()
-                .filter(|s| s.appsrc.is_some())
+                .filter(|s| s.pad.is_some())
                 .map(|s| (s.kind, s.feedback.clone()))
                 .collect()
         };
@@ -370,25 +430,6 @@ impl CallSession {
             s.set("ssrc", ssrc);
         }
         let (caps, twcc_id) = congestion::with_twcc(&caps);
-        let caps = &caps;
-        // Live media: what webrtcbin cannot take yet (before the connection
-        // is up) is dropped, oldest first, never queued into latency.
-        let appsrc = gst_app::AppSrc::builder()
-            .caps(caps)
-            .is_live(true)
-            .format(gst::Format::Time)
-            .do_timestamp(true)
-            .max_time(SEND_QUEUE)
-            .max_bytes(0)
-            .max_buffers(0)
-            .leaky_type(gst_app::AppLeakyType::Downstream)
-            .build();
-        self.pipeline.add(&appsrc).map_err(|_| {
-            gst::error_msg!(
-                gst::CoreError::Negotiation,
-                ("cannot add a stream to call {}", self.name)
-            )
-        })?;
         let sink_pad = self
             .webrtcbin
             .request_pad_simple("sink_%u")
@@ -398,38 +439,18 @@ impl CallSession {
                     ("webrtcbin refused another stream")
                 )
             })?;
-        appsrc
-            .static_pad("src")
-            .unwrap()
-            .link(&sink_pad)
-            .map_err(|e| {
-                gst::error_msg!(
-                    gst::CoreError::Negotiation,
-                    ("cannot link {caps} into webrtcbin: {e:?}")
-                )
-            })?;
-        let mut inner = self.inner.lock().unwrap();
-        if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
-            // Key-frame requests stop at the appsrc: hand them to the
-            // element, which sends them on to its encoder.
-            let feedback = Arc::downgrade(&sender.feedback);
-            appsrc.static_pad("src").unwrap().add_probe(
-                gst::PadProbeType::EVENT_UPSTREAM,
-                move |_, info| {
-                    if let (Some(gst::PadProbeData::Event(event)), Some(feedback)) =
-                        (&info.data, feedback.upgrade())
-                        && event.type_() == gst::EventType::CustomUpstream
-                    {
-                        feedback.upstream_event(event.clone());
-                    }
-                    gst::PadProbeReturn::Ok
-                },
-            );
-            sender.appsrc = Some(appsrc.clone());
-            sender.kind = MediaKind::of_caps(caps);
-            sender.twcc_id = twcc_id;
-        }
-        drop(inner);
+        let feedback = {
+            let inner = self.inner.lock().unwrap();
+            let sender = inner.senders.iter().find(|s| s.id == id);
+            sender.map(|s| Arc::downgrade(&s.feedback))
+        };
+        let pad = sender_pad(&format!("{}-{id}", self.name), feedback);
+        pad.link(&sink_pad).map_err(|e| {
+            gst::error_msg!(
+                gst::CoreError::Negotiation,
+                ("cannot link {caps} into webrtcbin: {e:?}")
+            )
+        })?;
         // Caps notify on webrtcbin's own pad: set once webrtcbin took them.
         let weak = Arc::downgrade(self);
         sink_pad.connect_notify(Some("caps"), move |pad, _| {
@@ -450,11 +471,25 @@ impl CallSession {
                 session.schedule_negotiation();
             }
         });
-        let _ = appsrc.sync_state_with_parent();
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
+            sender.pad = Some(pad.clone());
+            sender.caps = Some(caps.clone());
+            sender.kind = MediaKind::of_caps(&caps);
+            sender.twcc_id = twcc_id;
+        }
+        drop(inner);
+        let _ = pad.push_event(gst::event::StreamStart::new(&pad.name()));
+        let _ = pad.push_event(gst::event::Caps::new(&caps));
+        let _ = pad.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()));
         Ok(())
     }
 
-    /// Hands one RTP packet to webrtcbin.
+    /// Hands one RTP packet to webrtcbin, in the caller's thread: no queue
+    /// and no thread of its own per stream. Nothing goes before the
+    /// connection is up (it would come out later as lasting delay).
     pub fn push(&self, id: u64, mut buffer: gst::Buffer) -> Result<(), CallEnd> {
         if let Some(end) = self.ended.lock().unwrap().clone() {
             return Err(end);
@@ -462,12 +497,13 @@ impl CallSession {
         if !self.connected.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let inner = self.inner.lock().unwrap();
-        let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) else {
             return Ok(());
         };
-        let (Some(appsrc), payload_type, ssrc, twcc_id) = (
-            sender.appsrc.clone(),
+        let (Some(pad), new_caps, payload_type, ssrc, twcc_id) = (
+            sender.pad.clone(),
+            sender.new_caps.take(),
             sender.payload_type,
             sender.ssrc,
             sender.twcc_id,
@@ -475,20 +511,26 @@ impl CallSession {
             return Ok(());
         };
         drop(inner);
-        rewrite_header(buffer.make_mut(), payload_type, ssrc);
-        if let Some(id) = twcc_id {
-            congestion::add_twcc_extension(buffer.make_mut(), id);
+        if let Some(caps) = new_caps {
+            let _ = pad.push_event(gst::event::Caps::new(&caps));
         }
-        let _ = appsrc.push_buffer(buffer);
+        let buffer_mut = buffer.make_mut();
+        rewrite_header(buffer_mut, payload_type, ssrc);
+        if let Some(id) = twcc_id {
+            congestion::add_twcc_extension(buffer_mut, id);
+        }
+        buffer_mut.set_pts(self.pipeline.current_running_time());
+        buffer_mut.set_dts(None::<gst::ClockTime>);
+        let _ = pad.push(buffer);
         Ok(())
     }
 
     pub fn remove_sender(&self, id: u64) {
         let mut inner = self.inner.lock().unwrap();
         if let Some(sender) = inner.senders.iter().find(|s| s.id == id)
-            && let Some(appsrc) = &sender.appsrc
+            && let Some(pad) = &sender.pad
         {
-            let _ = appsrc.end_of_stream();
+            let _ = pad.push_event(gst::event::Eos::new());
         }
         inner.senders.retain(|s| s.id != id);
     }
@@ -623,7 +665,7 @@ impl CallSession {
         let sending: Vec<MediaKind> = inner
             .senders
             .iter()
-            .filter_map(|s| s.appsrc.as_ref()?.caps().map(|c| MediaKind::of_caps(&c)))
+            .filter_map(|s| s.caps.as_ref().map(|c| MediaKind::of_caps(c)))
             .collect();
         for (kind, count) in &inner.receivers {
             if *count > 0 && !sending.contains(kind) {
@@ -713,7 +755,7 @@ impl CallSession {
     fn adopt_payload_types(&self, remote: &gst_sdp::SDPMessage) {
         let mut inner = self.inner.lock().unwrap();
         for sender in &mut inner.senders {
-            let Some(caps) = sender.appsrc.as_ref().and_then(|a| a.caps()) else {
+            let Some(caps) = sender.caps.clone() else {
                 continue;
             };
             let Some(s) = caps.structure(0) else { continue };
@@ -730,10 +772,9 @@ impl CallSession {
             sender.payload_type = theirs.filter(|pt| i32::from(*pt) != ours);
             sender.twcc_id = congestion::remote_twcc_id(remote, sender.kind);
             let adopted = congestion::with_remote_twcc(&caps, sender.twcc_id);
-            if adopted != caps
-                && let Some(appsrc) = &sender.appsrc
-            {
-                appsrc.set_caps(Some(&adopted));
+            if adopted != caps {
+                sender.caps = Some(adopted.clone());
+                sender.new_caps = Some(adopted);
             }
         }
     }
