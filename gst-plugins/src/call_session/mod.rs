@@ -75,8 +75,6 @@ struct Sender {
     /// Where its packets enter webrtcbin, once its caps are known.
     pad: Option<gst::Pad>,
     caps: Option<gst::Caps>,
-    /// Caps changed by the negotiation, sent before the next packet.
-    new_caps: Option<gst::Caps>,
     kind: MediaKind,
     /// Payload type the peer expects, when it differs from the payloader's.
     payload_type: Option<u8>,
@@ -375,7 +373,6 @@ impl CallSession {
             id,
             pad: None,
             caps: None,
-            new_caps: None,
             kind: MediaKind::Audio,
             payload_type: None,
             ssrc: rand::random(),
@@ -497,13 +494,12 @@ impl CallSession {
         if !self.connected.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut inner = self.inner.lock().unwrap();
-        let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) else {
+        let inner = self.inner.lock().unwrap();
+        let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
             return Ok(());
         };
-        let (Some(pad), new_caps, payload_type, ssrc, twcc_id) = (
+        let (Some(pad), payload_type, ssrc, twcc_id) = (
             sender.pad.clone(),
-            sender.new_caps.take(),
             sender.payload_type,
             sender.ssrc,
             sender.twcc_id,
@@ -511,9 +507,6 @@ impl CallSession {
             return Ok(());
         };
         drop(inner);
-        if let Some(caps) = new_caps {
-            let _ = pad.push_event(gst::event::Caps::new(&caps));
-        }
         let buffer_mut = buffer.make_mut();
         rewrite_header(buffer_mut, payload_type, ssrc);
         if let Some(id) = twcc_id {
@@ -753,6 +746,7 @@ impl CallSession {
     /// When the peer numbered a codec differently from our payloader, rewrite
     /// the payload type of what we send (headers only, no transcoding).
     fn adopt_payload_types(&self, remote: &gst_sdp::SDPMessage) {
+        let mut changed = Vec::new();
         let mut inner = self.inner.lock().unwrap();
         for sender in &mut inner.senders {
             let Some(caps) = sender.caps.clone() else {
@@ -774,8 +768,16 @@ impl CallSession {
             let adopted = congestion::with_remote_twcc(&caps, sender.twcc_id);
             if adopted != caps {
                 sender.caps = Some(adopted.clone());
-                sender.new_caps = Some(adopted);
+                if let Some(pad) = &sender.pad {
+                    changed.push((pad.clone(), adopted));
+                }
             }
+        }
+        drop(inner);
+        // Now, not with the next packet: the answer webrtcbin is about to
+        // make is built from the caps its pads hold.
+        for (pad, caps) in changed {
+            let _ = pad.push_event(gst::event::Caps::new(&caps));
         }
     }
 
