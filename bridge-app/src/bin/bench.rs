@@ -159,16 +159,19 @@ fn sample(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
     Ok((ticks, field("VmRSS:"), field("Threads:")))
 }
 
-struct Bridge {
-    child: Child,
-    log: Log,
+/// A child process, killed when dropped (also when the bench stops early).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+struct Bridge {
+    child: Killed,
+    log: Log,
 }
 
 fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Result<Bridge> {
@@ -208,7 +211,10 @@ fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Res
             lines.lock().unwrap().push(line);
         }
     });
-    let bridge = Bridge { child, log };
+    let bridge = Bridge {
+        child: Killed(child),
+        log,
+    };
     if !wait_for(&bridge.log, Duration::from_secs(30), |l| {
         l.iter().any(|l| l.contains("SIP listening on tcp"))
     }) {
@@ -350,7 +356,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (sip, sandbox) = (free_port(), free_port());
     let bridge = start_bridge(&dir, calls, sip, sandbox)?;
-    let pid = bridge.child.id();
+    let pid = bridge.child.0.id();
     if !wait_for(&bridge.log, Duration::from_secs(60), |l| {
         l.iter().filter(|l| l.contains(": signed in")).count() >= calls
     }) {
@@ -388,52 +394,54 @@ fn main() -> anyhow::Result<()> {
         "bench/call.xml"
     });
     let started = Instant::now();
-    let mut sipp = Command::new("sipp")
-        .arg("-sf")
-        .arg(&scenario)
-        .arg("-inf")
-        .arg(dir.join("calls.csv"))
-        .args([
-            "-s",
-            "bench",
-            &format!("127.0.0.1:{sip}"),
-            "-i",
-            "127.0.0.1",
-        ])
-        .args([
-            "-p",
-            &free_port().to_string(),
-            "-mp",
-            &free_port().to_string(),
-        ])
-        .args([
-            "-key",
-            "pt",
-            &payload_type.to_string(),
-            "-key",
-            "rtpmap",
-            rtpmap,
-        ])
-        .args([
-            "-m",
-            &calls.to_string(),
-            "-l",
-            &calls.to_string(),
-            "-r",
-            "20",
-        ])
-        .args([
-            "-d",
-            &(seconds * 1000).to_string(),
-            "-nostdin",
-            "-timeout",
-            &format!("{}s", seconds + 90),
-        ])
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("sipp (Debian sip-tester) is needed")?;
+    let mut sipp = Killed(
+        Command::new("sipp")
+            .arg("-sf")
+            .arg(&scenario)
+            .arg("-inf")
+            .arg(dir.join("calls.csv"))
+            .args([
+                "-s",
+                "bench",
+                &format!("127.0.0.1:{sip}"),
+                "-i",
+                "127.0.0.1",
+            ])
+            .args([
+                "-p",
+                &free_port().to_string(),
+                "-mp",
+                &free_port().to_string(),
+            ])
+            .args([
+                "-key",
+                "pt",
+                &payload_type.to_string(),
+                "-key",
+                "rtpmap",
+                rtpmap,
+            ])
+            .args([
+                "-m",
+                &calls.to_string(),
+                "-l",
+                &calls.to_string(),
+                "-r",
+                "20",
+            ])
+            .args([
+                "-d",
+                &(seconds * 1000).to_string(),
+                "-nostdin",
+                "-timeout",
+                &format!("{}s", seconds + 90),
+            ])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("sipp (Debian sip-tester) is needed")?,
+    );
 
     let cameras = if args.video {
         start_cameras(&video_ports, &bridge.log)?
@@ -450,7 +458,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(window);
     let after = sample(pid)?;
     let elapsed = measured_at.elapsed().as_secs_f64();
-    let status = sipp.wait()?;
+    let status = sipp.0.wait()?;
     drop(phones);
     drop(cameras);
     drop(peers);

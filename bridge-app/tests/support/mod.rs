@@ -593,6 +593,15 @@ impl KamailioProcess {
 
 impl Drop for KamailioProcess {
     fn drop(&mut self) {
+        // SIGTERM: Kamailio then stops its worker processes, which a
+        // SIGKILL of the main one would leave running.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
