@@ -1,15 +1,16 @@
 //! The WebRTC call that `connectycubesink` and `connectycubesrc` share through
 //! their `session` name: one `webrtcbin` (one RTCPeerConnection per call, as
 //! the ConnectyCube SDK expects) in an internal pipeline of its own. Sinks
-//! push into it straight from their streaming threads; what arrives leaves through `appsink`s into the
-//! sources' queues. Stand-alone signalling lives in [`signalling`].
+//! push into it straight from their streaming threads; what arrives is
+//! pushed on by the sources in webrtcbin's streaming threads. Stand-alone
+//! signalling lives in [`signalling`].
 
 mod congestion;
 mod signalling;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use gst::glib;
@@ -20,9 +21,6 @@ pub use congestion::EncoderControl;
 pub use signalling::SignallingSettings;
 
 use crate::CAT;
-
-/// Received packets kept for a source that is not reading (about 2 s of audio).
-const MAX_QUEUED: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
 #[enum_type(name = "GstConnectyCubeMedia")]
@@ -89,16 +87,18 @@ struct Sender {
     feedback: Arc<dyn SenderFeedback>,
 }
 
-#[derive(Default)]
-struct Queue {
-    packets: VecDeque<gst::Sample>,
+struct Receiver {
+    id: u64,
+    kind: MediaKind,
+    output: Arc<dyn ReceiverOutput>,
 }
 
 #[derive(Default)]
 struct Inner {
     senders: Vec<Sender>,
     next_sender: u64,
-    receivers: HashMap<MediaKind, usize>,
+    receivers: Vec<Receiver>,
+    next_receiver: u64,
     negotiation_scheduled: bool,
     /// Transceivers for media only received were added (before the first offer).
     receive_only_added: bool,
@@ -200,6 +200,13 @@ pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// What the network asks of a stream's producer: a bitrate (bit/s) from
 /// congestion control, and key frames the peer requests (PLI/FIR, which
 /// webrtcbin turns into `GstForceKeyUnit` upstream events).
+/// Where a received stream goes (a `connectycubesrc`): handed each packet
+/// in webrtcbin's streaming thread, and told when the call ends.
+pub trait ReceiverOutput: Send + Sync {
+    fn deliver(&self, sample: gst::Sample);
+    fn ended(&self, end: &CallEnd);
+}
+
 pub trait SenderFeedback: Send + Sync {
     fn bitrate(&self, bits_per_second: u32);
     fn upstream_event(&self, event: gst::Event);
@@ -211,8 +218,6 @@ pub struct CallSession {
     webrtcbin: gst::Element,
     settings: CallSettings,
     inner: Mutex<Inner>,
-    queues: Mutex<HashMap<MediaKind, Queue>>,
-    arrived: Condvar,
     ended: Mutex<Option<CallEnd>>,
     started: AtomicBool,
     /// Media is only handed to webrtcbin once the peer connection is up:
@@ -281,8 +286,6 @@ impl CallSession {
             webrtcbin,
             settings,
             inner: Mutex::new(Inner::default()),
-            queues: Mutex::new(HashMap::new()),
-            arrived: Condvar::new(),
             ended: Mutex::new(None),
             started: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -530,41 +533,25 @@ impl CallSession {
 
     // ---- receivers (connectycubesrc) ------------------------------------
 
-    pub fn add_receiver(self: &Arc<Self>, kind: MediaKind) {
-        *self
-            .inner
-            .lock()
-            .unwrap()
-            .receivers
-            .entry(kind)
-            .or_default() += 1;
+    pub fn add_receiver(self: &Arc<Self>, kind: MediaKind, output: Arc<dyn ReceiverOutput>) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        inner.next_receiver += 1;
+        let id = inner.next_receiver;
+        inner.receivers.push(Receiver {
+            id,
+            kind,
+            output: output.clone(),
+        });
+        drop(inner);
+        if let Some(end) = self.ended() {
+            output.ended(&end);
+        }
         self.schedule_negotiation();
+        id
     }
 
-    pub fn remove_receiver(&self, kind: MediaKind) {
-        if let Some(count) = self.inner.lock().unwrap().receivers.get_mut(&kind) {
-            *count = count.saturating_sub(1);
-        }
-        self.arrived.notify_all();
-    }
-
-    /// The next received packet of `kind`, waiting at most `wait`.
-    pub fn pull(&self, kind: MediaKind, wait: Duration) -> Result<Option<gst::Sample>, CallEnd> {
-        let queues = self.queues.lock().unwrap();
-        let (mut queues, _) = self
-            .arrived
-            .wait_timeout_while(queues, wait, |q| {
-                q.get(&kind).is_none_or(|q| q.packets.is_empty())
-                    && self.ended.lock().unwrap().is_none()
-            })
-            .unwrap();
-        if let Some(sample) = queues.get_mut(&kind).and_then(|q| q.packets.pop_front()) {
-            return Ok(Some(sample));
-        }
-        match self.ended.lock().unwrap().clone() {
-            Some(end) => Err(end),
-            None => Ok(None),
-        }
+    pub fn remove_receiver(&self, id: u64) {
+        self.inner.lock().unwrap().receivers.retain(|r| r.id != id);
     }
 
     /// When a received packet was captured (arrived at webrtcbin), as a time
@@ -594,13 +581,14 @@ impl CallSession {
                 .new_sample(move |sink| {
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     if let Some(session) = weak.upgrade() {
-                        let mut queues = session.queues.lock().unwrap();
-                        let queue = &mut queues.entry(kind).or_default().packets;
-                        if queue.len() >= MAX_QUEUED {
-                            queue.pop_front();
+                        let outputs: Vec<Arc<dyn ReceiverOutput>> = {
+                            let inner = session.inner.lock().unwrap();
+                            let receivers = inner.receivers.iter().filter(|r| r.kind == kind);
+                            receivers.map(|r| r.output.clone()).collect()
+                        };
+                        for output in outputs {
+                            output.deliver(sample.clone());
                         }
-                        queue.push_back(sample);
-                        session.arrived.notify_all();
                     }
                     Ok(gst::FlowSuccess::Ok)
                 })
@@ -660,8 +648,14 @@ impl CallSession {
             .iter()
             .filter_map(|s| s.caps.as_ref().map(|c| MediaKind::of_caps(c)))
             .collect();
-        for (kind, count) in &inner.receivers {
-            if *count > 0 && !sending.contains(kind) {
+        let mut receiving: Vec<MediaKind> = Vec::new();
+        for receiver in &inner.receivers {
+            if !receiving.contains(&receiver.kind) {
+                receiving.push(receiver.kind);
+            }
+        }
+        for kind in &receiving {
+            if !sending.contains(kind) {
                 self.webrtcbin.emit_by_name::<glib::Object>(
                     "add-transceiver",
                     &[
@@ -916,9 +910,15 @@ impl CallSession {
             return;
         }
         gst::info!(CAT, "call {} ended: {}", self.name, end.reason);
-        *ended = Some(end);
+        *ended = Some(end.clone());
         drop(ended);
-        self.arrived.notify_all();
+        let outputs: Vec<Arc<dyn ReceiverOutput>> = {
+            let inner = self.inner.lock().unwrap();
+            inner.receivers.iter().map(|r| r.output.clone()).collect()
+        };
+        for output in outputs {
+            output.ended(&end);
+        }
     }
 
     pub fn ended(&self) -> Option<CallEnd> {

@@ -1,30 +1,65 @@
+//! No streaming thread of its own: what webrtcbin hands out is pushed on
+//! in webrtcbin's thread, with no queue in between.
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
-use gst_base::prelude::*;
-use gst_base::subclass::base_src::CreateSuccess;
-use gst_base::subclass::prelude::*;
 
-use crate::call_session::MediaKind;
+use crate::call_session::{CallEnd, MediaKind, ReceiverOutput};
 use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
+/// What went out ahead of the packets: stream-start and segment, and the caps last sent.
 #[derive(Default)]
+struct Stream {
+    started: bool,
+    caps: Option<gst::Caps>,
+}
+
 pub struct ConnectyCubeSrc {
+    srcpad: gst::Pad,
     call: CallProperties,
     media: Mutex<MediaKind>,
-    flushing: AtomicBool,
-    caps: Mutex<Option<gst::Caps>>,
+    receiver: Mutex<Option<u64>>,
+    stream: Mutex<Stream>,
+    playing: AtomicBool,
 }
 
 #[glib::object_subclass]
 impl ObjectSubclass for ConnectyCubeSrc {
     const NAME: &'static str = "GstConnectyCubeSrc";
     type Type = super::ConnectyCubeSrc;
-    type ParentType = gst_base::PushSrc;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let template = klass.pad_template("src").unwrap();
+        let srcpad = gst::Pad::builder_from_template(&template)
+            .event_function(|pad, parent, event| {
+                ConnectyCubeSrc::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.src_event(pad, event),
+                )
+            })
+            .query_function(|pad, parent, query| {
+                ConnectyCubeSrc::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.src_query(pad, query),
+                )
+            })
+            .build();
+        Self {
+            srcpad,
+            call: CallProperties::default(),
+            media: Mutex::new(MediaKind::default()),
+            receiver: Mutex::new(None),
+            stream: Mutex::new(Stream::default()),
+            playing: AtomicBool::new(false),
+        }
+    }
 }
 
 impl HasCall for ConnectyCubeSrc {
@@ -42,9 +77,7 @@ impl ObjectImpl for ConnectyCubeSrc {
 
     fn constructed(&self) {
         self.parent_constructed();
-        let obj = self.obj();
-        obj.set_live(true);
-        obj.set_format(gst::Format::Time);
+        self.obj().add_pad(&self.srcpad).unwrap();
     }
 
     fn properties() -> &'static [glib::ParamSpec] {
@@ -97,86 +130,157 @@ impl ElementImpl for ConnectyCubeSrc {
             LazyLock::new(|| vec![crate::rtp_pad_template("src", gst::PadDirection::Src)]);
         TEMPLATES.as_ref()
     }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        match transition {
+            gst::StateChange::ReadyToPaused => self.start().map_err(|e| {
+                self.post_error_message(e);
+                gst::StateChangeError
+            })?,
+            gst::StateChange::PausedToPlaying => self.playing.store(true, Ordering::SeqCst),
+            gst::StateChange::PlayingToPaused => self.playing.store(false, Ordering::SeqCst),
+            _ => {}
+        }
+        let success = self.parent_change_state(transition)?;
+        match transition {
+            // Live: nothing to preroll.
+            gst::StateChange::ReadyToPaused | gst::StateChange::PlayingToPaused => {
+                Ok(gst::StateChangeSuccess::NoPreroll)
+            }
+            gst::StateChange::PausedToReady => {
+                self.stop();
+                Ok(success)
+            }
+            _ => Ok(success),
+        }
+    }
 }
 
-impl BaseSrcImpl for ConnectyCubeSrc {
+/// What the call hands this element, from webrtcbin's streaming thread.
+struct Output(glib::WeakRef<super::ConnectyCubeSrc>);
+
+impl ReceiverOutput for Output {
+    fn deliver(&self, sample: gst::Sample) {
+        if let Some(element) = self.0.upgrade() {
+            element.imp().deliver(sample);
+        }
+    }
+
+    fn ended(&self, end: &CallEnd) {
+        if let Some(element) = self.0.upgrade() {
+            let flow = call_over(element.upcast_ref(), end);
+            if flow == gst::FlowError::Eos {
+                element.imp().srcpad.push_event(gst::event::Eos::new());
+            }
+        }
+    }
+}
+
+impl ConnectyCubeSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let call = self.call.join(self.obj().upcast_ref())?;
-        call.add_receiver(*self.media.lock().unwrap());
-        self.caps.lock().unwrap().take();
+        *self.stream.lock().unwrap() = Stream::default();
+        let output = Arc::new(Output(self.obj().downgrade()));
+        let id = call.add_receiver(*self.media.lock().unwrap(), output);
+        *self.receiver.lock().unwrap() = Some(id);
         call.start()
     }
 
-    fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        if let Some(call) = self.call.call() {
-            call.remove_receiver(*self.media.lock().unwrap());
+    fn stop(&self) {
+        if let (Some(call), Some(id)) = (self.call.call(), self.receiver.lock().unwrap().take()) {
+            call.remove_receiver(id);
         }
         self.call.leave(self.obj().upcast_ref());
-        Ok(())
+    }
+
+    fn deliver(&self, sample: gst::Sample) {
+        if !self.playing.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(mut buffer) = sample.buffer_owned() else {
+            return;
+        };
+        let obj = self.obj();
+        {
+            let mut stream = self.stream.lock().unwrap();
+            let starting = !stream.started;
+            if starting {
+                let media = format!("{:?}", *self.media.lock().unwrap()).to_lowercase();
+                let id = self.srcpad.create_stream_id(&*obj, Some(&media));
+                self.srcpad.push_event(
+                    gst::event::StreamStart::builder(&id)
+                        .group_id(gst::GroupId::next())
+                        .build(),
+                );
+                stream.started = true;
+            }
+            if let Some(caps) = sample.caps_owned()
+                && stream.caps.as_ref() != Some(&caps)
+            {
+                self.srcpad.push_event(gst::event::Caps::new(&caps));
+                stream.caps = Some(caps);
+            }
+            if starting {
+                self.srcpad
+                    .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+                        gst::ClockTime,
+                    >::new()));
+            }
+        }
+        // Stamped with this pipeline's running time of its arrival at
+        // webrtcbin (so what the call's pipeline held counts as latency
+        // downstream), or of now when the call runs on another clock.
+        let stamp = obj.clock().zip(obj.base_time()).map(|(clock, base)| {
+            let now = clock.time().saturating_sub(base);
+            self.call
+                .call()
+                .and_then(|call| call.capture_time(&sample, &clock))
+                .and_then(|captured| captured.checked_sub(base))
+                .filter(|captured| *captured <= now)
+                .unwrap_or(now)
+        });
+        let buffer_mut = buffer.make_mut();
+        buffer_mut.set_pts(stamp);
+        buffer_mut.set_dts(None::<gst::ClockTime>);
+        let _ = self.srcpad.push(buffer);
     }
 
     /// A key-frame request from downstream (a decoder, or a phone's
     /// `picture_fast_update`) goes to the peer as PLI/FIR.
-    fn event(&self, event: &gst::Event) -> bool {
-        if crate::is_key_frame_request(event) {
-            return self.call.call().is_some_and(|call| {
-                call.request_key_frame(*self.media.lock().unwrap(), event.clone())
-            });
+    fn src_event(&self, _pad: &gst::Pad, event: gst::Event) -> bool {
+        if crate::is_key_frame_request(&event) {
+            return self
+                .call
+                .call()
+                .is_some_and(|call| call.request_key_frame(*self.media.lock().unwrap(), event));
         }
-        self.parent_event(event)
+        // Nothing to seek in a call.
+        event.type_() != gst::EventType::Seek
     }
 
-    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.flushing.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.flushing.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-impl PushSrcImpl for ConnectyCubeSrc {
-    fn create(
-        &self,
-        _buffer: Option<&mut gst::BufferRef>,
-    ) -> Result<CreateSuccess, gst::FlowError> {
-        let call = self.call.call().ok_or(gst::FlowError::Flushing)?;
-        let media = *self.media.lock().unwrap();
-        loop {
-            if self.flushing.load(Ordering::SeqCst) {
-                return Err(gst::FlowError::Flushing);
+    fn src_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        match query.view_mut() {
+            gst::QueryViewMut::Latency(q) => {
+                q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                true
             }
-            let sample = match call.pull(media, Duration::from_millis(50)) {
-                Ok(Some(sample)) => sample,
-                Ok(None) => continue,
-                Err(end) => return Err(call_over(self.obj().upcast_ref(), &end)),
-            };
-            let Some(mut buffer) = sample.buffer_owned() else {
-                continue;
-            };
-            if let Some(caps) = sample.caps_owned()
-                && self.caps.lock().unwrap().as_ref() != Some(&caps)
-            {
-                let _ = self.obj().set_caps(&caps);
-                *self.caps.lock().unwrap() = Some(caps);
+            gst::QueryViewMut::Caps(q) => {
+                let caps = pad
+                    .current_caps()
+                    .unwrap_or_else(|| pad.pad_template_caps());
+                let caps = match q.filter() {
+                    Some(filter) => {
+                        filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First)
+                    }
+                    None => caps,
+                };
+                q.set_result(&caps);
+                true
             }
-            // Stamp with this pipeline's running time of its arrival at
-            // webrtcbin (so what the call's pipeline held counts as latency
-            // downstream), or of now when the call runs on another clock.
-            let obj = self.obj();
-            let stamp = obj.clock().zip(obj.base_time()).map(|(clock, base)| {
-                let now = clock.time().saturating_sub(base);
-                call.capture_time(&sample, &clock)
-                    .and_then(|captured| captured.checked_sub(base))
-                    .filter(|captured| *captured <= now)
-                    .unwrap_or(now)
-            });
-            let buffer_mut = buffer.make_mut();
-            buffer_mut.set_pts(stamp);
-            buffer_mut.set_dts(None::<gst::ClockTime>);
-            return Ok(CreateSuccess::NewBuffer(buffer));
+            _ => gst::Pad::query_default(pad, Some(&*self.obj()), query),
         }
     }
 }

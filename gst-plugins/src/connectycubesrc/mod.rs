@@ -8,7 +8,7 @@ use gst::prelude::*;
 mod imp;
 
 glib::wrapper! {
-    pub struct ConnectyCubeSrc(ObjectSubclass<imp::ConnectyCubeSrc>) @extends gst_base::PushSrc, gst_base::BaseSrc, gst::Element, gst::Object;
+    pub struct ConnectyCubeSrc(ObjectSubclass<imp::ConnectyCubeSrc>) @extends gst::Element, gst::Object;
 }
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
