@@ -77,7 +77,10 @@ impl ObjectImpl for ConnectyCubeSrc {
 
     fn constructed(&self) {
         self.parent_constructed();
-        self.obj().add_pad(&self.srcpad).unwrap();
+        let obj = self.obj();
+        obj.add_pad(&self.srcpad).unwrap();
+        // A source to its bin: an EOS sent to the pipeline comes here.
+        obj.set_element_flags(gst::ElementFlags::SOURCE);
     }
 
     fn properties() -> &'static [glib::ParamSpec] {
@@ -131,6 +134,17 @@ impl ElementImpl for ConnectyCubeSrc {
         TEMPLATES.as_ref()
     }
 
+    /// An EOS sent to the pipeline (to finish a recording) goes out here,
+    /// as from any source.
+    fn send_event(&self, event: gst::Event) -> bool {
+        if event.is_downstream() {
+            self.announce(None);
+            self.srcpad.push_event(event)
+        } else {
+            self.src_event(&self.srcpad, event)
+        }
+    }
+
     fn change_state(
         &self,
         transition: gst::StateChange,
@@ -173,7 +187,7 @@ impl ReceiverOutput for Output {
         if let Some(element) = self.0.upgrade() {
             let flow = call_over(element.upcast_ref(), end);
             if flow == gst::FlowError::Eos {
-                element.imp().srcpad.push_event(gst::event::Eos::new());
+                element.send_event(gst::event::Eos::new());
             }
         }
     }
@@ -196,6 +210,35 @@ impl ConnectyCubeSrc {
         self.call.leave(self.obj().upcast_ref());
     }
 
+    /// Stream-start and segment ahead of the first packet (or an EOS before
+    /// any), and new caps ahead of the packets they describe.
+    fn announce(&self, caps: Option<gst::Caps>) {
+        let mut stream = self.stream.lock().unwrap();
+        let starting = !stream.started;
+        if starting {
+            let media = format!("{:?}", *self.media.lock().unwrap()).to_lowercase();
+            let id = self.srcpad.create_stream_id(&*self.obj(), Some(&media));
+            self.srcpad.push_event(
+                gst::event::StreamStart::builder(&id)
+                    .group_id(gst::GroupId::next())
+                    .build(),
+            );
+            stream.started = true;
+        }
+        if let Some(caps) = caps
+            && stream.caps.as_ref() != Some(&caps)
+        {
+            self.srcpad.push_event(gst::event::Caps::new(&caps));
+            stream.caps = Some(caps);
+        }
+        if starting {
+            self.srcpad
+                .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+                    gst::ClockTime,
+                >::new()));
+        }
+    }
+
     fn deliver(&self, sample: gst::Sample) {
         if !self.playing.load(Ordering::SeqCst) {
             return;
@@ -204,32 +247,7 @@ impl ConnectyCubeSrc {
             return;
         };
         let obj = self.obj();
-        {
-            let mut stream = self.stream.lock().unwrap();
-            let starting = !stream.started;
-            if starting {
-                let media = format!("{:?}", *self.media.lock().unwrap()).to_lowercase();
-                let id = self.srcpad.create_stream_id(&*obj, Some(&media));
-                self.srcpad.push_event(
-                    gst::event::StreamStart::builder(&id)
-                        .group_id(gst::GroupId::next())
-                        .build(),
-                );
-                stream.started = true;
-            }
-            if let Some(caps) = sample.caps_owned()
-                && stream.caps.as_ref() != Some(&caps)
-            {
-                self.srcpad.push_event(gst::event::Caps::new(&caps));
-                stream.caps = Some(caps);
-            }
-            if starting {
-                self.srcpad
-                    .push_event(gst::event::Segment::new(&gst::FormattedSegment::<
-                        gst::ClockTime,
-                    >::new()));
-            }
-        }
+        self.announce(sample.caps_owned());
         // Stamped with this pipeline's running time of its arrival at
         // webrtcbin (so what the call's pipeline held counts as latency
         // downstream), or of now when the call runs on another clock.
