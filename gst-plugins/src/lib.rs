@@ -51,6 +51,31 @@ pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst:
         .expect("a valid template")
 }
 
+/// Answers the queries that reach a live source pad pushed from another
+/// thread: live with no latency of its own, and the caps it pushes (or its
+/// template's before the first). `None` for other queries.
+pub(crate) fn live_source_query(pad: &gst::Pad, query: &mut gst::QueryRef) -> Option<bool> {
+    use gst::prelude::*;
+    match query.view_mut() {
+        gst::QueryViewMut::Latency(q) => {
+            q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+            Some(true)
+        }
+        gst::QueryViewMut::Caps(q) => {
+            let caps = pad
+                .current_caps()
+                .unwrap_or_else(|| pad.pad_template_caps());
+            let caps = match q.filter() {
+                Some(filter) => filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
+                None => caps,
+            };
+            q.set_result(&caps);
+            Some(true)
+        }
+        _ => None,
+    }
+}
+
 /// Whether an upstream event asks for a key frame (`GstForceKeyUnit`).
 pub(crate) fn is_key_frame_request(event: &gst::EventRef) -> bool {
     event.type_() == gst::EventType::CustomUpstream

@@ -124,24 +124,7 @@ fn sender_pad(name: &str, feedback: Option<Weak<dyn SenderFeedback>>) -> gst::Pa
             }
             true
         })
-        .query_function(|pad, _, query| match query.view_mut() {
-            gst::QueryViewMut::Caps(q) => {
-                let caps = pad.current_caps().unwrap_or_else(gst::Caps::new_any);
-                let caps = match q.filter() {
-                    Some(filter) => {
-                        filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First)
-                    }
-                    None => caps,
-                };
-                q.set_result(&caps);
-                true
-            }
-            gst::QueryViewMut::Latency(q) => {
-                q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
-                true
-            }
-            _ => false,
-        })
+        .query_function(|pad, _, query| crate::live_source_query(pad, query).unwrap_or(false))
         .build();
     let _ = pad.set_active(true);
     pad
@@ -197,9 +180,6 @@ impl From<String> for CallEnd {
 /// Receives the local SDP in app-driven mode: ("offer" | "answer", sdp).
 pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 
-/// What the network asks of a stream's producer: a bitrate (bit/s) from
-/// congestion control, and key frames the peer requests (PLI/FIR, which
-/// webrtcbin turns into `GstForceKeyUnit` upstream events).
 /// Where a received stream goes (a `connectycubesrc`): handed each packet
 /// in webrtcbin's streaming thread, and told when the call ends.
 pub trait ReceiverOutput: Send + Sync {
@@ -207,6 +187,9 @@ pub trait ReceiverOutput: Send + Sync {
     fn ended(&self, end: &CallEnd);
 }
 
+/// What the network asks of a stream's producer: a bitrate (bit/s) from
+/// congestion control, and key frames the peer requests (PLI/FIR, which
+/// webrtcbin turns into `GstForceKeyUnit` upstream events).
 pub trait SenderFeedback: Send + Sync {
     fn bitrate(&self, bits_per_second: u32);
     fn upstream_event(&self, event: gst::Event);

@@ -280,25 +280,7 @@ impl ConnectyCubeSrc {
     }
 
     fn src_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
-        match query.view_mut() {
-            gst::QueryViewMut::Latency(q) => {
-                q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
-                true
-            }
-            gst::QueryViewMut::Caps(q) => {
-                let caps = pad
-                    .current_caps()
-                    .unwrap_or_else(|| pad.pad_template_caps());
-                let caps = match q.filter() {
-                    Some(filter) => {
-                        filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First)
-                    }
-                    None => caps,
-                };
-                q.set_result(&caps);
-                true
-            }
-            _ => gst::Pad::query_default(pad, Some(&*self.obj()), query),
-        }
+        crate::live_source_query(pad, query)
+            .unwrap_or_else(|| gst::Pad::query_default(pad, Some(&*self.obj()), query))
     }
 }
