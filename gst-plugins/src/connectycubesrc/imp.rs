@@ -150,20 +150,24 @@ impl ElementImpl for ConnectyCubeSrc {
         transition: gst::StateChange,
     ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         match transition {
-            gst::StateChange::ReadyToPaused => self.start().map_err(|e| {
-                self.post_error_message(e);
-                gst::StateChangeError
-            })?,
             gst::StateChange::PausedToPlaying => self.playing.store(true, Ordering::SeqCst),
             gst::StateChange::PlayingToPaused => self.playing.store(false, Ordering::SeqCst),
             _ => {}
         }
         let success = self.parent_change_state(transition)?;
         match transition {
-            // Live: nothing to preroll.
-            gst::StateChange::ReadyToPaused | gst::StateChange::PlayingToPaused => {
+            // Joined once the pad is active, so that the end of a call that
+            // is already over can still go out as EOS.
+            gst::StateChange::ReadyToPaused => {
+                if let Err(e) = self.start() {
+                    self.post_error_message(e);
+                    let _ = self.parent_change_state(gst::StateChange::PausedToReady);
+                    return Err(gst::StateChangeError);
+                }
                 Ok(gst::StateChangeSuccess::NoPreroll)
             }
+            // Live: nothing to preroll.
+            gst::StateChange::PlayingToPaused => Ok(gst::StateChangeSuccess::NoPreroll),
             gst::StateChange::PausedToReady => {
                 self.stop();
                 Ok(success)
