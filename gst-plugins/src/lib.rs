@@ -11,6 +11,8 @@
 
 use std::sync::LazyLock;
 
+use gst::prelude::*;
+
 mod bcg729;
 mod call_session;
 mod cc_common;
@@ -55,7 +57,6 @@ pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst:
 /// thread: live with no latency of its own, and the caps it pushes (or its
 /// template's before the first). `None` for other queries.
 pub(crate) fn live_source_query(pad: &gst::Pad, query: &mut gst::QueryRef) -> Option<bool> {
-    use gst::prelude::*;
     match query.view_mut() {
         gst::QueryViewMut::Latency(q) => {
             q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
@@ -111,9 +112,7 @@ pub fn warm_up(elements: &'static [&'static str]) {
         }
         match gst::ElementFactory::make("dtlssrtpdec").build() {
             // Reading the certificate makes sure it was generated.
-            Ok(dtls)
-                if gst::prelude::ObjectExt::property::<Option<String>>(&dtls, "pem").is_some() =>
-            {
+            Ok(dtls) if dtls.property::<Option<String>>("pem").is_some() => {
                 gst::info!(CAT, "WebRTC ready for calls in {:?}", started.elapsed());
             }
             _ => gst::warning!(CAT, "no DTLS certificate: WebRTC calls cannot be made"),

@@ -82,8 +82,6 @@ struct Sender {
     ssrc: u32,
     /// Id of the transport-wide-cc header extension written into each packet.
     twcc_id: Option<u8>,
-    /// Its caps reached webrtcbin, which only offers streams whose caps it has.
-    in_webrtcbin: bool,
     feedback: Arc<dyn SenderFeedback>,
 }
 
@@ -183,7 +181,7 @@ pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// Where a received stream goes (a `connectycubesrc`): handed each packet
 /// in webrtcbin's streaming thread, and told when the call ends.
 pub trait ReceiverOutput: Send + Sync {
-    fn deliver(&self, sample: gst::Sample);
+    fn deliver(&self, call: &CallSession, sample: gst::Sample);
     fn ended(&self, end: &CallEnd);
 }
 
@@ -363,7 +361,6 @@ impl CallSession {
             payload_type: None,
             ssrc: rand::random(),
             twcc_id: None,
-            in_webrtcbin: false,
             feedback,
         });
         drop(inner);
@@ -434,23 +431,10 @@ impl CallSession {
                 ("cannot link {caps} into webrtcbin: {e:?}")
             )
         })?;
-        // Caps notify on webrtcbin's own pad: set once webrtcbin took them.
+        // Caps notify on webrtcbin's own pad: webrtcbin took them.
         let weak = Arc::downgrade(self);
-        sink_pad.connect_notify(Some("caps"), move |pad, _| {
-            let Some(session) = weak.upgrade() else {
-                return;
-            };
-            let newly = session
-                .inner
-                .lock()
-                .unwrap()
-                .senders
-                .iter_mut()
-                .find(|s| s.id == id)
-                .is_some_and(|s| {
-                    pad.current_caps().is_some() && !std::mem::replace(&mut s.in_webrtcbin, true)
-                });
-            if newly {
+        sink_pad.connect_notify(Some("caps"), move |_, _| {
+            if let Some(session) = weak.upgrade() {
                 session.schedule_negotiation();
             }
         });
@@ -570,7 +554,7 @@ impl CallSession {
                             receivers.map(|r| r.output.clone()).collect()
                         };
                         for output in outputs {
-                            output.deliver(sample.clone());
+                            output.deliver(&session, sample.clone());
                         }
                     }
                     Ok(gst::FlowSuccess::Ok)
@@ -603,7 +587,11 @@ impl CallSession {
     /// other streams of its pipeline, so that all of them are in the offer.
     fn schedule_negotiation(self: &Arc<Self>) {
         let mut inner = self.inner.lock().unwrap();
-        let known = inner.senders.iter().all(|s| s.in_webrtcbin);
+        // webrtcbin only offers streams whose caps reached its pad.
+        let known = inner.senders.iter().all(|s| {
+            let in_webrtcbin = s.pad.as_ref().and_then(|pad| pad.peer());
+            in_webrtcbin.is_some_and(|pad| pad.current_caps().is_some())
+        });
         self.streams_known.send_replace(known);
         if inner.negotiation_scheduled || !known || self.settings.signalling.is_none() {
             return;

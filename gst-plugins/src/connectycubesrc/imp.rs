@@ -8,7 +8,7 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
-use crate::call_session::{CallEnd, MediaKind, ReceiverOutput};
+use crate::call_session::{CallEnd, CallSession, MediaKind, ReceiverOutput};
 use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
 /// What went out ahead of the packets: stream-start and segment, and the caps last sent.
@@ -181,9 +181,9 @@ impl ElementImpl for ConnectyCubeSrc {
 struct Output(glib::WeakRef<super::ConnectyCubeSrc>);
 
 impl ReceiverOutput for Output {
-    fn deliver(&self, sample: gst::Sample) {
+    fn deliver(&self, call: &CallSession, sample: gst::Sample) {
         if let Some(element) = self.0.upgrade() {
-            element.imp().deliver(sample);
+            element.imp().deliver(call, sample);
         }
     }
 
@@ -243,7 +243,7 @@ impl ConnectyCubeSrc {
         }
     }
 
-    fn deliver(&self, sample: gst::Sample) {
+    fn deliver(&self, call: &CallSession, sample: gst::Sample) {
         if !self.playing.load(Ordering::SeqCst) {
             return;
         }
@@ -257,9 +257,7 @@ impl ConnectyCubeSrc {
         // downstream), or of now when the call runs on another clock.
         let stamp = obj.clock().zip(obj.base_time()).map(|(clock, base)| {
             let now = clock.time().saturating_sub(base);
-            self.call
-                .call()
-                .and_then(|call| call.capture_time(&sample, &clock))
+            call.capture_time(&sample, &clock)
                 .and_then(|captured| captured.checked_sub(base))
                 .filter(|captured| *captured <= now)
                 .unwrap_or(now)
