@@ -50,6 +50,9 @@ pub struct SipSection {
     /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
     /// through) or "off".
     pub video: crate::sip::video::AppVideoCodec,
+    /// What carries the app leg of calls without video: "shared" (threads
+    /// all calls share) or "webrtcbin" (one per call).
+    pub webrtc_stack: crate::sip::media::WebRtcStack,
 }
 
 #[derive(Clone, Deserialize)]
@@ -133,6 +136,7 @@ impl Default for SipSection {
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
             video: Default::default(),
+            webrtc_stack: Default::default(),
         }
     }
 }

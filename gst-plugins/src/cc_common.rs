@@ -9,7 +9,7 @@ use bridge_protocol::connectycube::AppCredentials;
 use gst::glib;
 use gst::prelude::*;
 
-use crate::call_session::{CallEnd, CallSession, CallSettings, SignallingSettings};
+use crate::call_session::{CallEnd, CallSession, CallSettings, SignallingSettings, WebRtcStack};
 
 const DEFAULT_SESSION: &str = "default";
 const DEFAULT_API_URL: &str = "https://api.connectycube.com";
@@ -32,6 +32,7 @@ struct Settings {
     answer_timeout: u32,
     stun_server: Option<String>,
     turn_server: Option<String>,
+    stack: WebRtcStack,
 }
 
 impl Default for Settings {
@@ -50,6 +51,7 @@ impl Default for Settings {
             answer_timeout: DEFAULT_ANSWER_TIMEOUT_S,
             stun_server: None,
             turn_server: None,
+            stack: WebRtcStack::default(),
         }
     }
 }
@@ -139,6 +141,14 @@ impl CallProperties {
                 .mutable_ready()
                 .build(),
             string("stun-server", "STUN server", "stun://host:port", None),
+            glib::ParamSpecEnum::builder_with_default("webrtc-stack", WebRtcStack::default())
+                .nick("WebRTC stack")
+                .blurb(
+                    "What carries the call: a webrtcbin of its own (audio, video, STUN/TURN), \
+                     or the threads all calls share (Opus audio, host candidates; far cheaper)",
+                )
+                .mutable_ready()
+                .build(),
             string(
                 "turn-server",
                 "TURN server",
@@ -175,6 +185,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout = value.get().unwrap(),
             "stun-server" => s.stun_server = text(),
             "turn-server" => s.turn_server = text(),
+            "webrtc-stack" => s.stack = value.get().unwrap(),
             other => unreachable!("not a call property: {other}"),
         }
     }
@@ -195,6 +206,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout.to_value(),
             "stun-server" => s.stun_server.to_value(),
             "turn-server" => s.turn_server.to_value(),
+            "webrtc-stack" => s.stack.to_value(),
             "stats" => self
                 .call
                 .lock()
@@ -247,6 +259,7 @@ impl CallProperties {
                 stun_server: s.stun_server,
                 turn_server: s.turn_server,
                 signalling,
+                stack: s.stack,
             },
         )?;
         forward_local_descriptions(element, &call);

@@ -102,6 +102,7 @@ pub fn key_frame_request() -> gst::Event {
 pub fn warm_up(elements: &'static [&'static str]) {
     std::thread::spawn(move || {
         let started = std::time::Instant::now();
+        call_session::warm_up_shared_stack();
         for name in ["webrtcbin", "nicesrc", "nicesink", "dtlssrtpenc", "rtpbin"]
             .iter()
             .chain(elements)

@@ -4,7 +4,8 @@
 //! - SIP leg: SIPp places the calls (`bridge-app/bench/call.xml`), this
 //!   process sends each call's PCMU (20 ms packets) from its own socket;
 //! - app leg: one light WebRTC peer per call in this process (a
-//!   `connectycubesink`/`src` pair answering as the mapped user, Opus);
+//!   `connectycubesink`/`src` pair answering as the mapped user, Opus; on
+//!   the shared WebRTC stack unless the call has video);
 //! - the bridge runs on its own sandbox with N mapped users;
 //! - CPU, RSS and threads come from `/proc/<bridge pid>`, loss and setup time
 //!   from the bridge's CDR lines.
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use gst::prelude::*;
+use sip_cc_bridge::sip::media::WebRtcStack;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +48,10 @@ struct Args {
     /// VP8; the bridge transcodes both ways.
     #[arg(long)]
     video: bool,
+    /// What carries the bridge's WebRTC leg of audio calls (its
+    /// `sip.webrtc_stack`): compare the two in one build.
+    #[arg(long, value_enum, default_value_t = WebRtcStack::Shared)]
+    webrtc_stack: WebRtcStack,
     /// Keep the bridge's log in this file (its level from `RUST_LOG`).
     #[arg(long)]
     bridge_log: Option<PathBuf>,
@@ -174,9 +180,16 @@ struct Bridge {
     log: Log,
 }
 
-fn start_bridge(dir: &Path, calls: usize, sip: u16, sandbox: u16) -> anyhow::Result<Bridge> {
+fn start_bridge(
+    dir: &Path,
+    calls: usize,
+    sip: u16,
+    sandbox: u16,
+    stack: WebRtcStack,
+) -> anyhow::Result<Bridge> {
+    let stack = format!("{stack:?}").to_lowercase();
     let mut config = format!(
-        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\n\n\
+        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nwebrtc_stack = \"{stack}\"\n\n\
          [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
          chat_url = \"ws://127.0.0.1:{sandbox}/ws\"\ngateway_login = \"bench-gateway\"\ngateway_password = \"bench\"\n\n\
          [cdr]\npath = \"{}\"\n",
@@ -234,10 +247,11 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
                 "app-id=1 auth-key=sandbox login=bench-u{k} password=bench answer-timeout=300 \
                  api-url=http://127.0.0.1:{sandbox} chat-url=ws://localhost:{sandbox}/ws chat-domain=localhost"
             );
+            let stack = if video { "" } else { "webrtc-stack=shared" };
             play(&format!(
                 "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
-                   ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} \
-                 connectycubesrc session=peer-{k} ! fakesink sync=false async=false{}",
+                   ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
+                 connectycubesrc session=peer-{k} {stack} ! fakesink sync=false async=false{}",
                 if video {
                     format!(
                         " videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,framerate=30/1 \
@@ -355,7 +369,7 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sip-cc-bridge-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (sip, sandbox) = (free_port(), free_port());
-    let bridge = start_bridge(&dir, calls, sip, sandbox)?;
+    let bridge = start_bridge(&dir, calls, sip, sandbox, args.webrtc_stack)?;
     let pid = bridge.child.0.id();
     if !wait_for(&bridge.log, Duration::from_secs(60), |l| {
         l.iter().filter(|l| l.contains(": signed in")).count() >= calls

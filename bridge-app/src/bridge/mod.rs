@@ -188,6 +188,7 @@ fn sip_config(config: &Config) -> SipConfig {
         registrar: s.registrar,
         max_calls: s.max_calls,
         video: s.video,
+        webrtc_stack: s.webrtc_stack,
         answer_delay: Duration::ZERO,
         no_answer_timeout: Duration::from_millis(s.no_answer_timeout_ms),
         rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),

@@ -629,6 +629,8 @@ impl Call {
                     timeout,
                     self.media_events.0.clone(),
                     self.recorder.as_ref(),
+                    self.shared.config.webrtc_stack,
+                    self.video.is_some(),
                 )?);
             }
         }

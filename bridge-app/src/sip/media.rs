@@ -56,6 +56,19 @@ pub fn audio_chain(encoding_name: &str) -> Option<AudioChain> {
     })
 }
 
+/// What carries the WebRTC leg of a call without video (one with video
+/// always has a `webrtcbin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WebRtcStack {
+    /// Peer connections on the threads all calls share (the elements'
+    /// `webrtc-stack=shared`): a fraction of the cost, host candidates only.
+    #[default]
+    Shared,
+    /// A `webrtcbin` per call, with its own threads.
+    Webrtcbin,
+}
+
 /// What the bridge plays into a call that ends at the bridge itself.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Service {
@@ -212,6 +225,9 @@ pub struct AudioLatency {
 
 impl CallMedia {
     /// Starts the media of `stream` on the reserved port, toward `peer`.
+    /// `stack` carries the app leg unless the call has video (`recorder`
+    /// set, or `with_video`), which needs a `webrtcbin`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         reservation: &PortReservation,
         stream: &NegotiatedStream,
@@ -219,7 +235,13 @@ impl CallMedia {
         rtp_timeout_ms: u32,
         events: mpsc::UnboundedSender<MediaEvent>,
         recorder: Option<&Arc<Recorder>>,
+        stack: WebRtcStack,
+        with_video: bool,
     ) -> anyhow::Result<Self> {
+        let stack = match stack {
+            WebRtcStack::Shared if !with_video && recorder.is_none() => "shared",
+            _ => "webrtcbin",
+        };
         let codec = stream.codec.encoding_name;
         let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
         let session = &reservation.session;
@@ -229,8 +251,11 @@ impl CallMedia {
         let receiver = format!(
             "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0"
         );
+        // Every source here is live and paced by its sender: packets go on
+        // as they come, never held for the clock (which would also hold the
+        // shared WebRTC stack's threads that push them).
         let to_phone = format!(
-            "valve name=hold drop=false ! sipsink name=tx session={session} local-address={address}"
+            "valve name=hold drop=false ! sipsink name=tx session={session} local-address={address} sync=false"
         );
         let payloader = format!(
             "{} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns}",
@@ -279,9 +304,11 @@ impl CallMedia {
                     ),
                     (None, _) => ("", "", String::new()),
                 };
-                let app_sink =
-                    format!("connectycubesink name=app session={app} caps=\"{OPUS_RTP_CAPS}\"");
-                let app_src = format!("connectycubesrc session={app} media=audio");
+                let app_sink = format!(
+                    "connectycubesink name=app session={app} webrtc-stack={stack} caps=\"{OPUS_RTP_CAPS}\""
+                );
+                let app_src =
+                    format!("connectycubesrc session={app} webrtc-stack={stack} media=audio");
                 if codec == "OPUS" {
                     // Opus both ways: new RTP headers only, no decoding (but
                     // for the recording).

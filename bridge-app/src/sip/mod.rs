@@ -66,6 +66,8 @@ pub struct SipConfig {
     pub max_calls: usize,
     /// Phones' H.264 video toward apps: as VP8, passed through, or refused.
     pub video: video::AppVideoCodec,
+    /// What carries the app leg of calls without video.
+    pub webrtc_stack: media::WebRtcStack,
     /// How long the built-in services ring before answering.
     pub answer_delay: Duration,
     /// Ringing longer than this ends the call with 480.
@@ -107,6 +109,7 @@ impl SipConfig {
             registrar: false,
             max_calls: 200,
             video: video::AppVideoCodec::default(),
+            webrtc_stack: media::WebRtcStack::default(),
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),

@@ -1,16 +1,18 @@
 //! The WebRTC call that `connectycubesink` and `connectycubesrc` share through
-//! their `session` name: one `webrtcbin` (one RTCPeerConnection per call, as
-//! the ConnectyCube SDK expects) in an internal pipeline of its own. Sinks
-//! push into it straight from their streaming threads; what arrives is
-//! pushed on by the sources in webrtcbin's streaming threads. Stand-alone
-//! signalling lives in [`signalling`].
+//! their `session` name: one RTCPeerConnection per call, as the ConnectyCube
+//! SDK expects. It is carried either by a `webrtcbin` in an internal
+//! pipeline of its own (audio and video), or by a [`shared_peer`] on the
+//! pool of threads all calls share (Opus audio). Sinks push into it straight
+//! from their streaming threads; what arrives is pushed on by the sources in
+//! the transport's threads. Stand-alone signalling lives in [`signalling`].
 
 mod congestion;
+mod shared_peer;
 mod signalling;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use gst::glib;
@@ -18,7 +20,10 @@ use gst::prelude::*;
 use tokio::sync::mpsc;
 
 pub use congestion::EncoderControl;
+pub use shared_peer::warm_up as warm_up_shared_stack;
 pub use signalling::SignallingSettings;
+
+use shared_peer::{Frame, PeerEvent, SharedPeer};
 
 use crate::CAT;
 
@@ -60,12 +65,42 @@ impl MediaKind {
     }
 }
 
+/// What carries a call's WebRTC leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[enum_type(name = "GstConnectyCubeWebRtcStack")]
+pub enum WebRtcStack {
+    /// A `webrtcbin` of its own: audio and video, STUN/TURN.
+    #[default]
+    #[enum_value(name = "A webrtcbin per call: audio and video", nick = "webrtcbin")]
+    Webrtcbin,
+    /// A peer connection on the threads every call shares: Opus audio
+    /// only, host candidates only, a fraction of webrtcbin's cost.
+    #[enum_value(
+        name = "Shared threads for all calls: Opus audio only, host candidates",
+        nick = "shared"
+    )]
+    Shared,
+}
+
 /// Settings of a call, from the element that creates it.
 #[derive(Debug, Clone, Default)]
 pub struct CallSettings {
     pub stun_server: Option<String>,
     pub turn_server: Option<String>,
     pub signalling: Option<SignallingSettings>,
+    pub stack: WebRtcStack,
+}
+
+/// A call's webrtcbin and the internal pipeline it runs in.
+struct Bin {
+    pipeline: gst::Pipeline,
+    webrtcbin: gst::Element,
+}
+
+enum Transport {
+    Bin(Bin),
+    /// Set up when the call starts.
+    Shared(OnceLock<SharedPeer>),
 }
 
 struct Sender {
@@ -195,8 +230,7 @@ pub trait SenderFeedback: Send + Sync {
 
 pub struct CallSession {
     name: String,
-    pipeline: gst::Pipeline,
-    webrtcbin: gst::Element,
+    transport: Transport,
     settings: CallSettings,
     inner: Mutex<Inner>,
     ended: Mutex<Option<CallEnd>>,
@@ -235,6 +269,43 @@ impl CallSession {
     }
 
     fn build(name: &str, settings: CallSettings) -> Result<CallSession, gst::ErrorMessage> {
+        let transport = match settings.stack {
+            WebRtcStack::Webrtcbin => Transport::Bin(Bin::build(&settings, name)?),
+            WebRtcStack::Shared => Transport::Shared(OnceLock::new()),
+        };
+        Ok(CallSession {
+            name: name.to_owned(),
+            transport,
+            settings,
+            inner: Mutex::new(Inner::default()),
+            ended: Mutex::new(None),
+            started: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            signalling: Mutex::new(None),
+            last_stats: Mutex::new(None),
+            streams_known: tokio::sync::watch::channel(false).0,
+            listeners: Mutex::new(Vec::new()),
+            estimated_bitrate: AtomicU32::new(0),
+        })
+    }
+
+    fn bin(&self) -> Option<&Bin> {
+        match &self.transport {
+            Transport::Bin(bin) => Some(bin),
+            Transport::Shared(_) => None,
+        }
+    }
+
+    fn shared_peer(&self) -> Option<&SharedPeer> {
+        match &self.transport {
+            Transport::Bin(_) => None,
+            Transport::Shared(peer) => peer.get(),
+        }
+    }
+}
+
+impl Bin {
+    fn build(settings: &CallSettings, name: &str) -> Result<Bin, gst::ErrorMessage> {
         let missing = |what: &str| {
             gst::error_msg!(
                 gst::CoreError::MissingPlugin,
@@ -261,36 +332,88 @@ impl CallSession {
         }
         start_jitter_buffers_at_once(&webrtcbin);
         pipeline.add(&webrtcbin).map_err(|_| missing("webrtcbin"))?;
-        Ok(CallSession {
-            name: name.to_owned(),
+        Ok(Bin {
             pipeline,
             webrtcbin,
-            settings,
-            inner: Mutex::new(Inner::default()),
-            ended: Mutex::new(None),
-            started: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
-            signalling: Mutex::new(None),
-            last_stats: Mutex::new(None),
-            streams_known: tokio::sync::watch::channel(false).0,
-            listeners: Mutex::new(Vec::new()),
-            estimated_bitrate: AtomicU32::new(0),
         })
     }
+}
 
-    /// Starts the internal pipeline and, with credentials, the signalling.
+impl CallSession {
+    /// Starts the transport and, with credentials, the signalling.
     pub fn start(self: &Arc<Self>) -> Result<(), gst::ErrorMessage> {
         if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        match &self.transport {
+            Transport::Bin(bin) => {
+                self.start_bin(bin)?;
+                self.poll_stats();
+            }
+            Transport::Shared(peer) => {
+                let weak = Arc::downgrade(self);
+                let started = SharedPeer::start(Box::new(move |event| {
+                    if let Some(session) = weak.upgrade() {
+                        session.on_peer_event(event);
+                    }
+                }))
+                .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
+                let _ = peer.set(started);
+            }
+        }
+        if let Some(settings) = self.settings.signalling.clone() {
+            let commands = signalling::start(Arc::downgrade(self), settings);
+            *self.signalling.lock().unwrap() = Some(commands);
+        }
+        Ok(())
+    }
+
+    fn on_peer_event(&self, event: PeerEvent) {
+        match event {
+            PeerEvent::Connected => gst::info!(CAT, "call {} connected", self.name),
+            PeerEvent::Frame(frame) => self.deliver_frame(frame),
+            PeerEvent::Failed(reason) => self.end(CallEnd::from(reason)),
+        }
+    }
+
+    /// A received Opus frame, as the RTP packet the sources hand on.
+    fn deliver_frame(&self, frame: Frame) {
+        static CAPS: LazyLock<gst::Caps> = LazyLock::new(|| MediaKind::Audio.receive_caps());
+        let outputs: Vec<Arc<dyn ReceiverOutput>> = {
+            let inner = self.inner.lock().unwrap();
+            let receivers = inner
+                .receivers
+                .iter()
+                .filter(|r| r.kind == MediaKind::Audio);
+            receivers.map(|r| r.output.clone()).collect()
+        };
+        if outputs.is_empty() {
+            return;
+        }
+        let mut packet = Vec::with_capacity(12 + frame.payload.len());
+        packet.extend_from_slice(&[0x80, 111]);
+        packet.extend_from_slice(&frame.sequence.to_be_bytes());
+        packet.extend_from_slice(&frame.rtp_time.to_be_bytes());
+        packet.extend_from_slice(&RECEIVED_SSRC.to_be_bytes());
+        packet.extend_from_slice(&frame.payload);
+        let sample = gst::Sample::builder()
+            .buffer(&gst::Buffer::from_mut_slice(packet))
+            .caps(&CAPS)
+            .build();
+        for output in outputs {
+            output.deliver(self, sample.clone());
+        }
+    }
+
+    fn start_bin(self: &Arc<Self>, bin: &Bin) -> Result<(), gst::ErrorMessage> {
         let weak = Arc::downgrade(self);
-        self.webrtcbin.connect_pad_added(move |_, pad| {
+        bin.webrtcbin.connect_pad_added(move |_, pad| {
             if let Some(session) = weak.upgrade() {
                 session.on_incoming_pad(pad);
             }
         });
         let weak = Arc::downgrade(self);
-        self.webrtcbin
+        bin.webrtcbin
             .connect("request-aux-sender", false, move |_| {
                 // Bandwidth estimation steers video; an audio-only call sends
                 // a few dozen kbit/s and would pay for the estimator's pacing
@@ -311,7 +434,7 @@ impl CallSession {
                 Some(estimator.to_value())
             });
         let weak = Arc::downgrade(self);
-        self.webrtcbin
+        bin.webrtcbin
             .connect_notify(Some("connection-state"), move |webrtcbin, _| {
                 let state =
                     webrtcbin.property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state");
@@ -327,17 +450,12 @@ impl CallSession {
                     session.end(CallEnd::from("ICE/DTLS connection failed".to_owned()));
                 }
             });
-        self.pipeline.set_state(gst::State::Playing).map_err(|_| {
+        bin.pipeline.set_state(gst::State::Playing).map_err(|_| {
             gst::error_msg!(
                 gst::CoreError::StateChange,
                 ("cannot start the WebRTC pipeline of call {}", self.name)
             )
         })?;
-        if let Some(settings) = self.settings.signalling.clone() {
-            let commands = signalling::start(Arc::downgrade(self), settings);
-            *self.signalling.lock().unwrap() = Some(commands);
-        }
-        self.poll_stats();
         Ok(())
     }
 
@@ -395,12 +513,16 @@ impl CallSession {
         }
     }
 
-    /// The sender's caps are known: give it a path into webrtcbin.
+    /// The sender's caps are known: give it a path into the transport.
     pub fn set_sender_caps(
         self: &Arc<Self>,
         id: u64,
         caps: &gst::Caps,
     ) -> Result<(), gst::ErrorMessage> {
+        let bin = match &self.transport {
+            Transport::Bin(bin) => bin,
+            Transport::Shared(_) => return self.set_shared_sender_caps(id, caps),
+        };
         let ssrc = {
             let inner = self.inner.lock().unwrap();
             inner.senders.iter().find(|s| s.id == id).map(|s| s.ssrc)
@@ -410,15 +532,12 @@ impl CallSession {
             s.set("ssrc", ssrc);
         }
         let (caps, twcc_id) = congestion::with_twcc(&caps);
-        let sink_pad = self
-            .webrtcbin
-            .request_pad_simple("sink_%u")
-            .ok_or_else(|| {
-                gst::error_msg!(
-                    gst::CoreError::Negotiation,
-                    ("webrtcbin refused another stream")
-                )
-            })?;
+        let sink_pad = bin.webrtcbin.request_pad_simple("sink_%u").ok_or_else(|| {
+            gst::error_msg!(
+                gst::CoreError::Negotiation,
+                ("webrtcbin refused another stream")
+            )
+        })?;
         let feedback = {
             let inner = self.inner.lock().unwrap();
             let sender = inner.senders.iter().find(|s| s.id == id);
@@ -454,13 +573,57 @@ impl CallSession {
         Ok(())
     }
 
-    /// Hands one RTP packet to webrtcbin, in the caller's thread: no queue
-    /// and no thread of its own per stream. Nothing goes before the
+    /// The shared stack carries Opus audio; its payloader's own numbering
+    /// is replaced by the one negotiated.
+    fn set_shared_sender_caps(
+        self: &Arc<Self>,
+        id: u64,
+        caps: &gst::Caps,
+    ) -> Result<(), gst::ErrorMessage> {
+        let opus = caps.structure(0).is_some_and(|s| {
+            s.get::<&str>("media") == Ok("audio")
+                && s.get::<&str>("encoding-name")
+                    .is_ok_and(|name| name.eq_ignore_ascii_case("OPUS"))
+        });
+        if !opus {
+            return Err(gst::error_msg!(
+                gst::CoreError::Negotiation,
+                ("webrtc-stack=shared carries Opus audio only, not {caps}")
+            ));
+        }
+        if let Some(sender) = self
+            .inner
+            .lock()
+            .unwrap()
+            .senders
+            .iter_mut()
+            .find(|s| s.id == id)
+        {
+            sender.caps = Some(caps.clone());
+            sender.kind = MediaKind::Audio;
+        }
+        self.schedule_negotiation();
+        Ok(())
+    }
+
+    /// Hands one RTP packet to the transport, in the caller's thread: no
+    /// queue and no thread of its own per stream. Nothing goes before the
     /// connection is up (it would come out later as lasting delay).
     pub fn push(&self, id: u64, mut buffer: gst::Buffer) -> Result<(), CallEnd> {
         if let Some(end) = self.ended.lock().unwrap().clone() {
             return Err(end);
         }
+        let bin = match &self.transport {
+            Transport::Bin(bin) => bin,
+            Transport::Shared(peer) => {
+                if let (Some(peer), Ok(map)) = (peer.get(), buffer.map_readable())
+                    && let Ok(packet) = rtp_types::RtpPacket::parse(map.as_slice())
+                {
+                    peer.send_frame(packet.payload(), packet.timestamp());
+                }
+                return Ok(());
+            }
+        };
         if !self.connected.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -482,7 +645,7 @@ impl CallSession {
         if let Some(id) = twcc_id {
             congestion::add_twcc_extension(buffer_mut, id);
         }
-        buffer_mut.set_pts(self.pipeline.current_running_time());
+        buffer_mut.set_pts(bin.pipeline.current_running_time());
         buffer_mut.set_dts(None::<gst::ClockTime>);
         let _ = pad.push(buffer);
         Ok(())
@@ -524,12 +687,13 @@ impl CallSession {
     /// When a received packet was captured (arrived at webrtcbin), as a time
     /// of `clock`; None when the call runs on another clock.
     pub fn capture_time(&self, sample: &gst::Sample, clock: &gst::Clock) -> Option<gst::ClockTime> {
-        if self.pipeline.clock().as_ref() != Some(clock) {
+        let pipeline = &self.bin()?.pipeline;
+        if pipeline.clock().as_ref() != Some(clock) {
             return None;
         }
         let segment = sample.segment()?.downcast_ref::<gst::ClockTime>()?;
         let running = segment.to_running_time(sample.buffer()?.pts()?)?;
-        Some(running + self.pipeline.base_time()?)
+        Some(running + pipeline.base_time()?)
     }
 
     fn on_incoming_pad(self: &Arc<Self>, pad: &gst::Pad) {
@@ -561,7 +725,8 @@ impl CallSession {
                 })
                 .build(),
         );
-        let _ = self.pipeline.add(&appsink);
+        let Some(bin) = self.bin() else { return };
+        let _ = bin.pipeline.add(&appsink);
         let _ = pad.link(&appsink.static_pad("sink").unwrap());
         let _ = appsink.sync_state_with_parent();
         self.inner
@@ -588,9 +753,12 @@ impl CallSession {
     fn schedule_negotiation(self: &Arc<Self>) {
         let mut inner = self.inner.lock().unwrap();
         // webrtcbin only offers streams whose caps reached its pad.
-        let known = inner.senders.iter().all(|s| {
-            let in_webrtcbin = s.pad.as_ref().and_then(|pad| pad.peer());
-            in_webrtcbin.is_some_and(|pad| pad.current_caps().is_some())
+        let known = inner.senders.iter().all(|s| match &self.transport {
+            Transport::Bin(_) => {
+                let in_webrtcbin = s.pad.as_ref().and_then(|pad| pad.peer());
+                in_webrtcbin.is_some_and(|pad| pad.current_caps().is_some())
+            }
+            Transport::Shared(_) => s.caps.is_some(),
         });
         self.streams_known.send_replace(known);
         if inner.negotiation_scheduled || !known || self.settings.signalling.is_none() {
@@ -610,6 +778,7 @@ impl CallSession {
     /// Media we only receive needs a transceiver of its own in an offer
     /// (added once, before the first).
     fn add_receive_only_transceivers(&self) {
+        let Some(bin) = self.bin() else { return };
         let mut inner = self.inner.lock().unwrap();
         if std::mem::replace(&mut inner.receive_only_added, true) {
             return;
@@ -627,7 +796,7 @@ impl CallSession {
         }
         for kind in &receiving {
             if !sending.contains(kind) {
-                self.webrtcbin.emit_by_name::<glib::Object>(
+                bin.webrtcbin.emit_by_name::<glib::Object>(
                     "add-transceiver",
                     &[
                         &gst_webrtc::WebRTCRTPTransceiverDirection::Recvonly,
@@ -641,28 +810,43 @@ impl CallSession {
     /// Creates the local offer and waits for ICE gathering, so that every
     /// candidate is in the SDP (the SDK drops trickled ones before `accept`).
     pub(crate) async fn create_offer(self: &Arc<Self>) -> Result<String, String> {
+        if let Some(peer) = self.shared_peer() {
+            let (send, receive) = {
+                let inner = self.inner.lock().unwrap();
+                (!inner.senders.is_empty(), !inner.receivers.is_empty())
+            };
+            return peer.create_offer(send, receive).await;
+        }
+        let bin = self.bin().ok_or("the call has not started")?;
         self.add_receive_only_transceivers();
-        let offer = self.promise("create-offer", None).await?;
+        let offer = bin.promise("create-offer", None).await?;
         let offer = offer
             .value("offer")
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no offer")?;
-        self.set_local(&offer).await
+        bin.set_local(&offer).await
     }
 
     /// Applies the remote offer and answers it.
     pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+        if let Some(peer) = self.shared_peer() {
+            usable_description(offer_sdp)?;
+            let answer = peer.answer(offer_sdp).await?;
+            self.remote_description_set();
+            return Ok(answer);
+        }
+        let bin = self.bin().ok_or("the call has not started")?;
         self.add_receive_only_transceivers();
         self.set_remote(gst_webrtc::WebRTCSDPType::Offer, offer_sdp)
             .await?;
-        let answer = self.promise("create-answer", None).await?;
+        let answer = bin.promise("create-answer", None).await?;
         let answer = answer
             .value("answer")
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no answer")?;
-        self.set_local(&answer).await
+        bin.set_local(&answer).await
     }
 
     pub(crate) async fn set_remote(
@@ -670,30 +854,36 @@ impl CallSession {
         kind: gst_webrtc::WebRTCSDPType,
         sdp: &str,
     ) -> Result<(), String> {
-        let message = gst_sdp::SDPMessage::parse_buffer(sdp.as_bytes())
-            .map_err(|_| "the peer's SDP does not parse".to_owned())?;
-        // GStreamer's parser skips lines it does not know: insist on media.
-        if message.medias_len() == 0
-            || message
-                .medias()
-                .any(|m| m.media().is_none() || m.formats_len() == 0)
-        {
-            return Err("the peer's SDP describes no usable media".to_owned());
+        let message = usable_description(sdp)?;
+        match &self.transport {
+            Transport::Bin(bin) => {
+                self.adopt_payload_types(&message);
+                let description = gst_webrtc::WebRTCSessionDescription::new(kind, message);
+                bin.promise("set-remote-description", Some(&description))
+                    .await?;
+            }
+            Transport::Shared(peer) => {
+                let peer = peer.get().ok_or("the call has not started")?;
+                match kind {
+                    gst_webrtc::WebRTCSDPType::Answer => peer.accept_answer(sdp).await?,
+                    _ => return Err("webrtc-stack=shared takes an offer only to answer it".into()),
+                }
+            }
         }
-        self.adopt_payload_types(&message);
-        let description = gst_webrtc::WebRTCSessionDescription::new(kind, message);
-        self.promise("set-remote-description", Some(&description))
-            .await?;
+        self.remote_description_set();
+        Ok(())
+    }
+
+    /// The candidates that came before the remote description go in now.
+    fn remote_description_set(&self) {
         let early = {
             let mut inner = self.inner.lock().unwrap();
             inner.remote_description_set = true;
             std::mem::take(&mut inner.early_candidates)
         };
         for (mline, candidate) in early {
-            self.webrtcbin
-                .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate]);
+            self.add_candidate_now(mline, &candidate);
         }
-        Ok(())
     }
 
     /// A remote ICE candidate; held until the remote description is set.
@@ -704,8 +894,20 @@ impl CallSession {
             return;
         }
         drop(inner);
-        self.webrtcbin
-            .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate]);
+        self.add_candidate_now(mline, candidate);
+    }
+
+    fn add_candidate_now(&self, mline: u32, candidate: &str) {
+        match &self.transport {
+            Transport::Bin(bin) => bin
+                .webrtcbin
+                .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate]),
+            Transport::Shared(peer) => {
+                if let Some(peer) = peer.get() {
+                    peer.add_remote_candidate(candidate);
+                }
+            }
+        }
     }
 
     /// When the peer numbered a codec differently from our payloader, rewrite
@@ -744,77 +946,6 @@ impl CallSession {
         for (pad, caps) in changed {
             let _ = pad.push_event(gst::event::Caps::new(&caps));
         }
-    }
-
-    async fn set_local(
-        self: &Arc<Self>,
-        description: &gst_webrtc::WebRTCSessionDescription,
-    ) -> Result<String, String> {
-        self.promise("set-local-description", Some(description))
-            .await?;
-        let (done, gathered) = tokio::sync::oneshot::channel();
-        let done = Mutex::new(Some(done));
-        let handler =
-            self.webrtcbin
-                .connect_notify(Some("ice-gathering-state"), move |webrtcbin, _| {
-                    if webrtcbin
-                        .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
-                        == gst_webrtc::WebRTCICEGatheringState::Complete
-                        && let Some(done) = done.lock().unwrap().take()
-                    {
-                        let _ = done.send(());
-                    }
-                });
-        let complete = self
-            .webrtcbin
-            .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
-            == gst_webrtc::WebRTCICEGatheringState::Complete;
-        if !complete {
-            // Host candidates come at once; STUN/TURN may take a while.
-            let _ = tokio::time::timeout(Duration::from_secs(5), gathered).await;
-        }
-        self.webrtcbin.disconnect(handler);
-        let local = self
-            .webrtcbin
-            .property::<Option<gst_webrtc::WebRTCSessionDescription>>("local-description")
-            .ok_or("no local description")?;
-        let text = local.sdp().as_text().map_err(|e| e.to_string())?;
-        Ok(with_trickle_option(&text))
-    }
-
-    async fn promise(
-        &self,
-        signal: &str,
-        argument: Option<&gst_webrtc::WebRTCSessionDescription>,
-    ) -> Result<gst::Structure, String> {
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        let reply = Mutex::new(Some(reply));
-        let promise = gst::Promise::with_change_func(move |result| {
-            let value = match result {
-                Ok(Some(s)) => Ok(s.to_owned()),
-                Ok(None) => Ok(gst::Structure::new_empty("empty")),
-                Err(e) => Err(format!("{e:?}")),
-            };
-            if let Some(reply) = reply.lock().unwrap().take() {
-                let _ = reply.send(value);
-            }
-        });
-        match argument {
-            Some(description) => self
-                .webrtcbin
-                .emit_by_name::<()>(signal, &[description, &promise]),
-            None => self
-                .webrtcbin
-                .emit_by_name::<()>(signal, &[&None::<gst::Structure>, &promise]),
-        }
-        let result = tokio::time::timeout(Duration::from_secs(10), replied)
-            .await
-            .map_err(|_| format!("webrtcbin did not answer {signal}"))?
-            .map_err(|_| format!("{signal} was abandoned"))??;
-        if let Ok(error) = result.get::<glib::Error>("error") {
-            return Err(format!("{signal}: {error}"));
-        }
-        Ok(result)
     }
 
     // ---- app-driven signalling (the application carries the SDP) --------
@@ -897,39 +1028,103 @@ impl CallSession {
     }
 
     pub fn stats(&self) -> gst::Structure {
+        let ((connection, ice, dtls), summary) = match &self.transport {
+            Transport::Bin(bin) => (
+                bin.states(),
+                self.last_stats.lock().unwrap().clone().map(|(_, s)| s),
+            ),
+            Transport::Shared(peer) => {
+                let stats = peer.get().map(SharedPeer::stats).unwrap_or_default();
+                let connection = match (stats.connected, stats.ice_state) {
+                    (true, _) => "connected",
+                    (false, "failed") => "failed",
+                    (false, "new" | "") => "new",
+                    (false, _) => "connecting",
+                };
+                let dtls = if stats.connected { "connected" } else { "new" };
+                let mut summary = gst::Structure::builder("summary")
+                    .field("packets-received", stats.packets_received)
+                    .field("packets-lost", stats.packets_lost)
+                    .field("bytes-received", stats.bytes_received)
+                    .field("packets-sent", stats.packets_sent)
+                    .field("bytes-sent", stats.bytes_sent)
+                    .field("jitter-ms", stats.jitter_ms)
+                    .field("rtt-ms", stats.rtt_ms)
+                    .build();
+                // Bitrates since a reading at least a second old, as webrtcbin's.
+                let mut last = self.last_stats.lock().unwrap();
+                let now = std::time::Instant::now();
+                if let Some((then, previous)) = last.as_ref() {
+                    add_bitrates(&mut summary, previous, now - *then);
+                }
+                if last
+                    .as_ref()
+                    .is_none_or(|(then, _)| now - *then >= Duration::from_secs(1))
+                {
+                    *last = Some((now, summary.clone()));
+                }
+                drop(last);
+                let states = (connection.into(), stats.ice_state.into(), dtls.into());
+                (states, Some(summary))
+            }
+        };
         let mut stats = gst::Structure::builder("connectycube-stats")
             .field("session", &self.name)
-            .field(
-                "connection-state",
-                format!(
-                    "{:?}",
-                    self.webrtcbin
-                        .property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state")
-                )
-                .to_lowercase(),
-            )
-            .field(
-                "ice-connection-state",
-                format!(
-                    "{:?}",
-                    self.webrtcbin
-                        .property::<gst_webrtc::WebRTCICEConnectionState>("ice-connection-state")
-                )
-                .to_lowercase(),
-            )
+            .field("connection-state", connection)
+            .field("ice-connection-state", ice)
+            .field("dtls-state", dtls)
             .field("ended", self.ended().map(|e| e.reason).unwrap_or_default())
             .field(
                 "estimated-bitrate",
                 self.estimated_bitrate.load(Ordering::Relaxed),
             )
             .build();
-        stats.set("dtls-state", self.dtls_state());
-        if let Some((_, summary)) = self.last_stats.lock().unwrap().as_ref() {
-            for (name, value) in summary.iter() {
-                stats.set_value(name, value.clone());
-            }
+        for (name, value) in summary.iter().flat_map(|s| s.iter()) {
+            stats.set_value(name, value.clone());
         }
         stats
+    }
+
+    fn poll_stats(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        crate::RUNTIME.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(session) = weak.upgrade() else {
+                    return;
+                };
+                let Some(bin) = session.bin() else { return };
+                if let Ok(stats) = bin.promise_stats().await {
+                    let now = std::time::Instant::now();
+                    let mut summary = summarize_webrtc_stats(&stats);
+                    let mut last = session.last_stats.lock().unwrap();
+                    if let Some((then, previous)) = last.as_ref() {
+                        add_bitrates(&mut summary, previous, now - *then);
+                    }
+                    *last = Some((now, summary));
+                }
+            }
+        });
+    }
+}
+
+impl Bin {
+    /// Connection, ICE and DTLS states, as webrtcbin names them.
+    fn states(&self) -> (String, String, String) {
+        let name = |state: String| state.to_lowercase();
+        (
+            name(format!(
+                "{:?}",
+                self.webrtcbin
+                    .property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state")
+            )),
+            name(format!(
+                "{:?}",
+                self.webrtcbin
+                    .property::<gst_webrtc::WebRTCICEConnectionState>("ice-connection-state")
+            )),
+            self.dtls_state(),
+        )
     }
 
     /// The DTLS state of the (bundled) transport: "new" until negotiated.
@@ -951,27 +1146,6 @@ impl CallSession {
         )
     }
 
-    fn poll_stats(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        crate::RUNTIME.spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Some(session) = weak.upgrade() else {
-                    return;
-                };
-                if let Ok(stats) = session.promise_stats().await {
-                    let now = std::time::Instant::now();
-                    let mut summary = summarize_webrtc_stats(&stats);
-                    let mut last = session.last_stats.lock().unwrap();
-                    if let Some((then, previous)) = last.as_ref() {
-                        add_bitrates(&mut summary, previous, now - *then);
-                    }
-                    *last = Some((now, summary));
-                }
-            }
-        });
-    }
-
     async fn promise_stats(&self) -> Result<gst::Structure, String> {
         let (reply, replied) = tokio::sync::oneshot::channel();
         let reply = Mutex::new(Some(reply));
@@ -987,6 +1161,77 @@ impl CallSession {
             .map_err(|_| "no stats".to_owned())?
             .map_err(|_| "no stats".to_owned())
     }
+
+    async fn set_local(
+        &self,
+        description: &gst_webrtc::WebRTCSessionDescription,
+    ) -> Result<String, String> {
+        self.promise("set-local-description", Some(description))
+            .await?;
+        let (done, gathered) = tokio::sync::oneshot::channel();
+        let done = Mutex::new(Some(done));
+        let handler =
+            self.webrtcbin
+                .connect_notify(Some("ice-gathering-state"), move |webrtcbin, _| {
+                    if webrtcbin
+                        .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
+                        == gst_webrtc::WebRTCICEGatheringState::Complete
+                        && let Some(done) = done.lock().unwrap().take()
+                    {
+                        let _ = done.send(());
+                    }
+                });
+        let complete = self
+            .webrtcbin
+            .property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
+            == gst_webrtc::WebRTCICEGatheringState::Complete;
+        if !complete {
+            // Host candidates come at once; STUN/TURN may take a while.
+            let _ = tokio::time::timeout(Duration::from_secs(5), gathered).await;
+        }
+        self.webrtcbin.disconnect(handler);
+        let local = self
+            .webrtcbin
+            .property::<Option<gst_webrtc::WebRTCSessionDescription>>("local-description")
+            .ok_or("no local description")?;
+        let text = local.sdp().as_text().map_err(|e| e.to_string())?;
+        Ok(with_trickle_option(&text))
+    }
+
+    async fn promise(
+        &self,
+        signal: &str,
+        argument: Option<&gst_webrtc::WebRTCSessionDescription>,
+    ) -> Result<gst::Structure, String> {
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let reply = Mutex::new(Some(reply));
+        let promise = gst::Promise::with_change_func(move |result| {
+            let value = match result {
+                Ok(Some(s)) => Ok(s.to_owned()),
+                Ok(None) => Ok(gst::Structure::new_empty("empty")),
+                Err(e) => Err(format!("{e:?}")),
+            };
+            if let Some(reply) = reply.lock().unwrap().take() {
+                let _ = reply.send(value);
+            }
+        });
+        match argument {
+            Some(description) => self
+                .webrtcbin
+                .emit_by_name::<()>(signal, &[description, &promise]),
+            None => self
+                .webrtcbin
+                .emit_by_name::<()>(signal, &[&None::<gst::Structure>, &promise]),
+        }
+        let result = tokio::time::timeout(Duration::from_secs(10), replied)
+            .await
+            .map_err(|_| format!("webrtcbin did not answer {signal}"))?
+            .map_err(|_| format!("{signal} was abandoned"))??;
+        if let Ok(error) = result.get::<glib::Error>("error") {
+            return Err(format!("{signal}: {error}"));
+        }
+        Ok(result)
+    }
 }
 
 impl Drop for CallSession {
@@ -994,8 +1239,28 @@ impl Drop for CallSession {
         if let Some(commands) = self.signalling.lock().unwrap().take() {
             let _ = commands.send(signalling::Command::HangUp);
         }
-        let _ = self.pipeline.set_state(gst::State::Null);
+        if let Some(bin) = self.bin() {
+            let _ = bin.pipeline.set_state(gst::State::Null);
+        }
     }
+}
+
+/// The SSRC of what the shared stack hands the sources (they depayload it).
+const RECEIVED_SSRC: u32 = 0x5eed_cafe;
+
+/// The peer's SDP, parsed, if it describes media.
+fn usable_description(sdp: &str) -> Result<gst_sdp::SDPMessage, String> {
+    let message = gst_sdp::SDPMessage::parse_buffer(sdp.as_bytes())
+        .map_err(|_| "the peer's SDP does not parse".to_owned())?;
+    // GStreamer's parser skips lines it does not know: insist on media.
+    if message.medias_len() == 0
+        || message
+            .medias()
+            .any(|m| m.media().is_none() || m.formats_len() == 0)
+    {
+        return Err("the peer's SDP describes no usable media".to_owned());
+    }
+    Ok(message)
 }
 
 /// RTT, loss, jitter, bitrate and ICE state from webrtcbin's stats.

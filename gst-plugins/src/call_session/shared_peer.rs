@@ -1,0 +1,536 @@
+//! A call's WebRTC leg without a `webrtcbin`: one str0m peer connection
+//! (ICE, DTLS-SRTP, RTCP; sans-IO) per call, driven as a task of one pool of
+//! worker threads that every call shares. It carries Opus audio, the bulk of
+//! bridged calls; a call with video keeps webrtcbin. The call session turns
+//! its frames into buffers.
+
+use std::future::poll_fn;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+/// The threads of every shared peer: one per core, however many calls.
+static POOL: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .thread_name("sipcc-webrtc")
+        .enable_all()
+        .build()
+        .expect("cannot start the shared WebRTC pool")
+});
+
+/// One DTLS certificate for all calls: making a key costs milliseconds of
+/// CPU, and the peer checks it only against the fingerprint in our SDP.
+static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::new(|| {
+    str0m::crypto::from_feature_flags()
+        .dtls_provider
+        .generate_certificate()
+});
+
+/// Audio frames waiting for a missing packet before they go on anyway: a
+/// bridge adds as little delay as it can, the phone's jitter buffer does
+/// the rest.
+const REORDER_PACKETS: usize = 2;
+const REORDER_WAIT: Duration = Duration::from_millis(20);
+
+/// Prepares the pool and the certificate before the first call.
+pub fn warm_up() {
+    LazyLock::force(&POOL);
+    LazyLock::force(&CERTIFICATE);
+}
+
+/// One Opus frame received, with its RTP numbering.
+pub struct Frame {
+    pub payload: Arc<[u8]>,
+    pub rtp_time: u32,
+    pub sequence: u16,
+}
+
+/// What the peer reports, from a thread of the pool.
+pub enum PeerEvent {
+    Connected,
+    Frame(Frame),
+    /// ICE or DTLS failed, or the connection was lost.
+    Failed(String),
+}
+
+pub type EventSink = Box<dyn Fn(PeerEvent) + Send + Sync>;
+
+/// The connection's figures, as the call's `stats` report them.
+#[derive(Debug, Clone, Default)]
+pub struct PeerStats {
+    pub ice_state: &'static str,
+    pub connected: bool,
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    pub packets_lost: i64,
+    pub jitter_ms: f64,
+    pub rtt_ms: f64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+enum Command {
+    Offer {
+        send: bool,
+        receive: bool,
+        reply: Reply<String>,
+    },
+    Answer {
+        offer: String,
+        reply: Reply<String>,
+    },
+    RemoteAnswer {
+        answer: String,
+        reply: Reply<()>,
+    },
+    Candidate(String),
+    Frame {
+        payload: Vec<u8>,
+        rtp_time: u32,
+    },
+}
+
+/// The handle of one call's peer connection; dropping it closes the connection.
+pub struct SharedPeer {
+    commands: mpsc::UnboundedSender<Command>,
+    stats: Arc<Mutex<PeerStats>>,
+    connected: Arc<AtomicBool>,
+}
+
+impl SharedPeer {
+    /// Binds the call's sockets (one per local address) and starts its task.
+    pub fn start(events: EventSink) -> Result<SharedPeer, String> {
+        let certificate = CERTIFICATE
+            .clone()
+            .ok_or("no DTLS certificate could be made")?;
+        let mut rtc = RtcConfig::new()
+            .set_dtls_cert(certificate)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_reordering_size_audio(REORDER_PACKETS)
+            .set_reordering_timeout_audio(Some(REORDER_WAIT))
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .build(Instant::now());
+        let _guard = POOL.enter();
+        let mut sockets = Vec::new();
+        for address in candidate_addresses() {
+            let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(address, 0)) else {
+                continue;
+            };
+            let (Ok(()), Ok(local)) = (socket.set_nonblocking(true), socket.local_addr()) else {
+                continue;
+            };
+            let Ok(candidate) = Candidate::host(local, "udp") else {
+                continue;
+            };
+            let Ok(socket) = UdpSocket::from_std(socket) else {
+                continue;
+            };
+            rtc.add_local_candidate(candidate);
+            sockets.push((local, socket));
+        }
+        if sockets.is_empty() {
+            return Err("no local address to receive WebRTC media on".into());
+        }
+        let (commands, received) = mpsc::unbounded_channel();
+        let stats = Arc::new(Mutex::new(PeerStats {
+            ice_state: "new",
+            rtt_ms: -1.0,
+            ..Default::default()
+        }));
+        let connected = Arc::new(AtomicBool::new(false));
+        let task = PeerTask {
+            rtc,
+            sockets,
+            events,
+            stats: stats.clone(),
+            connected: connected.clone(),
+            mid: None,
+            opus: None,
+            pending_offer: None,
+            send_time: Unwrapped::default(),
+            first_sequence: None,
+        };
+        POOL.spawn(task.run(received));
+        Ok(SharedPeer {
+            commands,
+            stats,
+            connected,
+        })
+    }
+
+    pub async fn create_offer(&self, send: bool, receive: bool) -> Result<String, String> {
+        self.ask(|reply| Command::Offer {
+            send,
+            receive,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn answer(&self, offer: &str) -> Result<String, String> {
+        let offer = offer.to_owned();
+        self.ask(|reply| Command::Answer { offer, reply }).await
+    }
+
+    pub async fn accept_answer(&self, answer: &str) -> Result<(), String> {
+        let answer = answer.to_owned();
+        self.ask(|reply| Command::RemoteAnswer { answer, reply })
+            .await
+    }
+
+    pub fn add_remote_candidate(&self, candidate: &str) {
+        let _ = self.commands.send(Command::Candidate(candidate.to_owned()));
+    }
+
+    /// Sends one Opus frame; nothing goes before the connection is up.
+    pub fn send_frame(&self, payload: &[u8], rtp_time: u32) {
+        if self.connected.load(Ordering::Relaxed) {
+            let _ = self.commands.send(Command::Frame {
+                payload: payload.to_vec(),
+                rtp_time,
+            });
+        }
+    }
+
+    pub fn stats(&self) -> PeerStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
+        let (reply, replied) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| "the WebRTC connection is closed".to_owned())?;
+        replied
+            .await
+            .map_err(|_| "the WebRTC connection is closed".to_owned())?
+    }
+}
+
+/// Host candidates: every address of an interface that is up, loopback
+/// only when there is nothing else (browsers pair no loopback candidates).
+fn candidate_addresses() -> Vec<IpAddr> {
+    let interfaces = if_addrs::get_if_addrs().unwrap_or_default();
+    let usable = |address: &IpAddr| match address {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+    };
+    let addresses: Vec<IpAddr> = interfaces.iter().map(|i| i.ip()).filter(usable).collect();
+    if addresses.is_empty() {
+        vec![IpAddr::from([127, 0, 0, 1])]
+    } else {
+        addresses
+    }
+}
+
+/// RTP timestamps of what we send, unwrapped into str0m's 64-bit media time.
+#[derive(Default)]
+struct Unwrapped {
+    last: Option<u32>,
+    wraps: u64,
+}
+
+impl Unwrapped {
+    fn extend(&mut self, timestamp: u32) -> u64 {
+        let Some(last) = self.last else {
+            self.last = Some(timestamp);
+            return u64::from(timestamp);
+        };
+        let forward = timestamp.wrapping_sub(last) < u32::MAX / 2;
+        let wraps = match (forward, timestamp < last) {
+            (true, true) => self.wraps + 1,
+            // Late, from before the last wrap.
+            (false, false) => self.wraps.saturating_sub(1),
+            _ => self.wraps,
+        };
+        if forward {
+            self.last = Some(timestamp);
+            self.wraps = wraps;
+        }
+        (wraps << 32) | u64::from(timestamp)
+    }
+}
+
+struct PeerTask {
+    rtc: Rtc,
+    sockets: Vec<(SocketAddr, UdpSocket)>,
+    events: EventSink,
+    stats: Arc<Mutex<PeerStats>>,
+    connected: Arc<AtomicBool>,
+    /// The audio media line.
+    mid: Option<Mid>,
+    /// The payload type the peer takes Opus as.
+    opus: Option<Pt>,
+    pending_offer: Option<SdpPendingOffer>,
+    send_time: Unwrapped,
+    first_sequence: Option<u64>,
+}
+
+impl PeerTask {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut buffer = vec![0u8; 2048];
+        loop {
+            let deadline = match self.drive() {
+                Ok(deadline) => deadline,
+                Err(reason) => {
+                    self.fail(reason);
+                    return;
+                }
+            };
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    // The call is over.
+                    None => {
+                        self.rtc.disconnect();
+                        return;
+                    }
+                },
+                (local, length, source) = receive(&self.sockets, &mut buffer) => {
+                    let Ok(contents) = buffer[..length].try_into() else {
+                        continue;
+                    };
+                    let input = Input::Receive(
+                        Instant::now(),
+                        Receive {
+                            proto: Protocol::Udp,
+                            source,
+                            destination: local,
+                            contents,
+                        },
+                    );
+                    // Whatever is not ours (or does not parse) is dropped.
+                    if self.rtc.accepts(&input) {
+                        let _ = self.rtc.handle_input(input);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// Sends what str0m has to send and hands on its events, up to its next timeout.
+    fn drive(&mut self) -> Result<Instant, String> {
+        loop {
+            if !self.rtc.is_alive() {
+                return Err("the WebRTC connection closed".into());
+            }
+            match self.rtc.poll_output().map_err(|e| e.to_string())? {
+                Output::Timeout(deadline) => return Ok(deadline),
+                Output::Transmit(transmit) => {
+                    if let Some((_, socket)) =
+                        self.sockets.iter().find(|(a, _)| *a == transmit.source)
+                    {
+                        // A full socket buffer loses the packet, as the network would.
+                        let _ = socket.try_send_to(&transmit.contents, transmit.destination);
+                    }
+                }
+                Output::Event(event) => self.on_event(event)?,
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), String> {
+        match event {
+            Event::Connected => {
+                self.connected.store(true, Ordering::Relaxed);
+                self.stats.lock().unwrap().connected = true;
+                (self.events)(PeerEvent::Connected);
+            }
+            Event::IceConnectionStateChange(state) => {
+                self.stats.lock().unwrap().ice_state = ice_state_name(state);
+                if state == IceConnectionState::Disconnected {
+                    return Err("the ICE connection was lost".into());
+                }
+            }
+            Event::MediaAdded(added) if added.kind == MediaKind::Audio => {
+                self.mid.get_or_insert(added.mid);
+            }
+            Event::MediaData(data) => {
+                let sequence = *data.seq_range.end();
+                let first = *self.first_sequence.get_or_insert(**data.seq_range.start());
+                {
+                    let mut stats = self.stats.lock().unwrap();
+                    stats.packets_received += 1;
+                    stats.bytes_received += data.data.len() as u64;
+                    let expected = (*sequence).saturating_sub(first) + 1;
+                    stats.packets_lost = expected as i64 - stats.packets_received as i64;
+                }
+                (self.events)(PeerEvent::Frame(Frame {
+                    payload: data.data,
+                    rtp_time: data.time.numer() as u32,
+                    sequence: *sequence as u16,
+                }));
+            }
+            Event::MediaIngressStats(ingress) => {
+                let mut stats = self.stats.lock().unwrap();
+                stats.jitter_ms = f64::from(ingress.jitter) / 48.0;
+            }
+            Event::PeerStats(peer) => {
+                if let Some(rtt) = peer.rtt {
+                    self.stats.lock().unwrap().rtt_ms = rtt.as_secs_f64() * 1000.0;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Offer {
+                send,
+                receive,
+                reply,
+            } => {
+                let direction = match (send, receive) {
+                    (true, true) => Direction::SendRecv,
+                    (true, false) => Direction::SendOnly,
+                    (false, true) => Direction::RecvOnly,
+                    (false, false) => Direction::Inactive,
+                };
+                let mut changes = self.rtc.sdp_api();
+                let mid = changes.add_media(MediaKind::Audio, direction, None, None, None);
+                let offer = changes.apply().map(|(offer, pending)| {
+                    self.pending_offer = Some(pending);
+                    self.mid = Some(mid);
+                    offer.to_sdp_string()
+                });
+                let _ = reply.send(offer.ok_or_else(|| "nothing to offer".to_owned()));
+            }
+            Command::Answer { offer, reply } => {
+                let answer = SdpOffer::from_sdp_string(&offer)
+                    .map_err(|e| format!("the peer's offer does not parse: {e}"))
+                    .and_then(|offer| {
+                        self.rtc
+                            .sdp_api()
+                            .accept_offer(offer)
+                            .map_err(|e| format!("the peer's offer is unusable: {e}"))
+                    })
+                    .map(|answer| answer.to_sdp_string());
+                let _ = reply.send(answer);
+            }
+            Command::RemoteAnswer { answer, reply } => {
+                let accepted = match self.pending_offer.take() {
+                    None => Err("an answer came with no offer of ours".to_owned()),
+                    Some(pending) => SdpAnswer::from_sdp_string(&answer)
+                        .map_err(|e| format!("the peer's answer does not parse: {e}"))
+                        .and_then(|answer| {
+                            self.rtc
+                                .sdp_api()
+                                .accept_answer(pending, answer)
+                                .map_err(|e| format!("the peer's answer is unusable: {e}"))
+                        }),
+                };
+                let _ = reply.send(accepted);
+            }
+            Command::Candidate(candidate) => {
+                let line = candidate.trim().trim_start_matches("a=");
+                match Candidate::from_sdp_string(line) {
+                    Ok(candidate) => self.rtc.add_remote_candidate(candidate),
+                    // mDNS names and TCP candidates, say: the others may do.
+                    Err(e) => gst::debug!(crate::CAT, "candidate {candidate} skipped: {e}"),
+                }
+            }
+            Command::Frame { payload, rtp_time } => self.send_frame(payload, rtp_time),
+        }
+    }
+
+    fn send_frame(&mut self, payload: Vec<u8>, rtp_time: u32) {
+        let Some(mid) = self.mid else { return };
+        let time = MediaTime::new(self.send_time.extend(rtp_time), Frequency::FORTY_EIGHT_KHZ);
+        let Some(writer) = self.rtc.writer(mid) else {
+            return;
+        };
+        let pt = *self.opus.get_or_insert_with(|| {
+            writer
+                .payload_params()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt())
+                .unwrap_or(Pt::from(111))
+        });
+        let length = payload.len() as u64;
+        if writer.write(pt, Instant::now(), time, payload).is_ok() {
+            let mut stats = self.stats.lock().unwrap();
+            stats.packets_sent += 1;
+            stats.bytes_sent += length;
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        self.connected.store(false, Ordering::Relaxed);
+        let mut stats = self.stats.lock().unwrap();
+        stats.connected = false;
+        stats.ice_state = "failed";
+        drop(stats);
+        (self.events)(PeerEvent::Failed(reason));
+    }
+}
+
+fn ice_state_name(state: IceConnectionState) -> &'static str {
+    match state {
+        IceConnectionState::New => "new",
+        IceConnectionState::Checking => "checking",
+        IceConnectionState::Connected => "connected",
+        IceConnectionState::Completed => "completed",
+        IceConnectionState::Disconnected => "disconnected",
+    }
+}
+
+/// The next datagram on any of the call's sockets: (local address, length, source).
+async fn receive(
+    sockets: &[(SocketAddr, UdpSocket)],
+    buffer: &mut [u8],
+) -> (SocketAddr, usize, SocketAddr) {
+    poll_fn(|cx| {
+        for (local, socket) in sockets {
+            // An ICMP error reported on a UDP socket is not a datagram: read on.
+            loop {
+                let mut read = ReadBuf::new(buffer);
+                match socket.poll_recv_from(cx, &mut read) {
+                    Poll::Ready(Ok(source)) => {
+                        return Poll::Ready((*local, read.filled().len(), source));
+                    }
+                    Poll::Ready(Err(_)) => continue,
+                    Poll::Pending => break,
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_unwrap_across_the_32_bit_boundary() {
+        let mut time = Unwrapped::default();
+        assert_eq!(time.extend(u32::MAX - 959), u64::from(u32::MAX - 959));
+        assert_eq!(time.extend(0), 1 << 32);
+        assert_eq!(time.extend(960), (1 << 32) + 960);
+        // A packet reordered across the boundary does not count as a wrap.
+        assert_eq!(time.extend(u32::MAX - 100), u64::from(u32::MAX - 100));
+        assert_eq!(time.extend(1920), (1 << 32) + 1920);
+    }
+}
