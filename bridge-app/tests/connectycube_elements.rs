@@ -87,23 +87,39 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
+    early_candidates_reach_the_caller("webrtcbin", "webrtcbin").await;
+}
+
+/// The same on the shared WebRTC stack, calling a webrtcbin and called by
+/// one: the two implementations agree on ICE, DTLS-SRTP and Opus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_stack_calls_a_webrtcbin_peer() {
+    early_candidates_reach_the_caller("shared", "webrtcbin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_stack_answers_a_webrtcbin_peer() {
+    early_candidates_reach_the_caller("webrtcbin", "shared").await;
+}
+
+async fn early_candidates_reach_the_caller(caller_stack: &str, callee_stack: &str) {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
     let sandbox = SandboxProcess::start(free_port());
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
     let caller = gst::parse::launch(&format!(
         "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc ! rtpopuspay \
-         ! connectycubesink name=out session=early-caller app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
+         ! connectycubesink name=out session=early-caller-{caller_stack}-{callee_stack} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
            api-url=\"http://127.0.0.1:{port}\" chat-url=\"ws://localhost:{port}/ws\" chat-domain=localhost",
         peer = raw.user_id,
         port = sandbox.port
     ))
     .unwrap();
-    let callee = gst::parse::launch(
-        "connectycubesrc name=webrtc session=early-callee ! rtpopusdepay ! opusdec \
-         ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
+    let callee = gst::parse::launch(&format!(
+        "connectycubesrc name=webrtc session=early-callee-{caller_stack}-{callee_stack} webrtc-stack={callee_stack} \
+         ! rtpopusdepay ! opusdec ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
          ! appsink name=heard sync=false",
-    )
+    ))
     .unwrap()
     .downcast::<gst::Bin>()
     .unwrap();

@@ -30,25 +30,27 @@ after(async () => {
   await sandbox?.stop();
 });
 
-test('a pipeline calls a browser user: each hears the other, and the browser hangs up', async () => {
-  await carol.page.evaluate(() => window.demo.setAutoAnswer(true));
-  const dir = workdir();
-  const gst = launch(
-    `audiotestsrc is-live=true freq=440 volume=0.5 ! audio/x-raw,rate=48000,channels=1 ! opusenc ! rtpopuspay
-     ! connectycubesink session=a ${credentials()} login=gst-a password=x peer=carol
-     connectycubesrc session=a ! rtpopusdepay ! opusdec ! audioconvert ! wavenc ! filesink location=heard.wav`.replace(/\n/g, ' '),
-    dir,
-  );
-  await hears(carol, 440);
-  await sleep(2000);
-  const stopped = await count(carol, 'hanging up');
-  await carol.page.evaluate(() => window.demo.hangUp());
-  assert.equal(await count(carol, 'hanging up'), stopped + 1);
-  assert.equal(await gst.exited, 0, gst.output());
-  assert.match(said(gst), /connectycube-call-ended.*hung up by user/);
-  assert.match(analyze(join(dir, 'heard.wav'), 660), /660 Hz/);
-  await carol.page.evaluate(() => window.demo.setAutoAnswer(false));
-});
+for (const stack of ['webrtcbin', 'shared']) {
+  test(`a pipeline calls a browser user (webrtc-stack=${stack}): each hears the other, and the browser hangs up`, async () => {
+    await carol.page.evaluate(() => window.demo.setAutoAnswer(true));
+    const dir = workdir();
+    const gst = launch(
+      `audiotestsrc is-live=true freq=440 volume=0.5 ! audio/x-raw,rate=48000,channels=1 ! opusenc ! rtpopuspay
+       ! connectycubesink session=a webrtc-stack=${stack} ${credentials()} login=gst-a password=x peer=carol
+       connectycubesrc session=a webrtc-stack=${stack} ! rtpopusdepay ! opusdec ! audioconvert ! wavenc ! filesink location=heard.wav`.replace(/\n/g, ' '),
+      dir,
+    );
+    await hears(carol, 440);
+    await sleep(2000);
+    const stopped = await count(carol, 'hanging up');
+    await carol.page.evaluate(() => window.demo.hangUp());
+    assert.equal(await count(carol, 'hanging up'), stopped + 1);
+    assert.equal(await gst.exited, 0, gst.output());
+    assert.match(said(gst), /connectycube-call-ended.*hung up by user/);
+    assert.match(analyze(join(dir, 'heard.wav'), 660), /660 Hz/);
+    await carol.page.evaluate(() => window.demo.setAutoAnswer(false));
+  });
+}
 
 test('pipelines/cc-send-tone calls and hangs up when its tone ends', async () => {
   const alice = await signedInPage(browser, sandbox, 'alice', 'a');
@@ -70,6 +72,24 @@ test('pipelines/cc-receive-to-file answers a browser call and records it', async
   await carol.page.evaluate(() => window.demo.hangUp());
   assert.equal(await gst.exited, 0, gst.output());
   assert.match(analyze(join(dir, 'cc-received.wav'), 660), /660 Hz/);
+});
+
+test('a pipeline on webrtc-stack=shared answers a browser call: each hears the other', async () => {
+  const dir = workdir();
+  const gst = launch(
+    `audiotestsrc is-live=true freq=440 volume=0.5 ! audio/x-raw,rate=48000,channels=1 ! opusenc ! rtpopuspay
+     ! connectycubesink session=b webrtc-stack=shared ${credentials()} login=gst-shared password=x answer-timeout=60
+     connectycubesrc session=b webrtc-stack=shared ! rtpopusdepay ! opusdec ! audioconvert ! wavenc ! filesink location=heard.wav`.replace(/\n/g, ' '),
+    dir,
+  );
+  await sleep(1500); // the pipeline signs in (and so creates its user) first
+  await carol.page.evaluate(() => window.demo.call('gst-shared'));
+  await waitFor('the pipeline to answer', () => has(carol, 'accepted'));
+  await hears(carol, 440);
+  await sleep(2000);
+  await carol.page.evaluate(() => window.demo.hangUp());
+  assert.equal(await gst.exited, 0, gst.output());
+  assert.match(analyze(join(dir, 'heard.wav'), 660), /660 Hz/);
 });
 
 test('a rejected call ends the pipeline with the reason', async () => {

@@ -1042,7 +1042,7 @@ impl CallSession {
                     (false, _) => "connecting",
                 };
                 let dtls = if stats.connected { "connected" } else { "new" };
-                let mut summary = gst::Structure::builder("summary")
+                let summary = gst::Structure::builder("summary")
                     .field("packets-received", stats.packets_received)
                     .field("packets-lost", stats.packets_lost)
                     .field("bytes-received", stats.bytes_received)
@@ -1050,20 +1050,9 @@ impl CallSession {
                     .field("bytes-sent", stats.bytes_sent)
                     .field("jitter-ms", stats.jitter_ms)
                     .field("rtt-ms", stats.rtt_ms)
+                    .field("send-bitrate", stats.send_bitrate)
+                    .field("receive-bitrate", stats.receive_bitrate)
                     .build();
-                // Bitrates since a reading at least a second old, as webrtcbin's.
-                let mut last = self.last_stats.lock().unwrap();
-                let now = std::time::Instant::now();
-                if let Some((then, previous)) = last.as_ref() {
-                    add_bitrates(&mut summary, previous, now - *then);
-                }
-                if last
-                    .as_ref()
-                    .is_none_or(|(then, _)| now - *then >= Duration::from_secs(1))
-                {
-                    *last = Some((now, summary.clone()));
-                }
-                drop(last);
                 let states = (connection.into(), stats.ice_state.into(), dtls.into());
                 (states, Some(summary))
             }

@@ -45,6 +45,12 @@ static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::
 const REORDER_PACKETS: usize = 2;
 const REORDER_WAIT: Duration = Duration::from_millis(20);
 
+/// How long ICE may take once both descriptions are known, and how long a
+/// lost connection may take to come back (a phone call survives a short
+/// network outage), before the call fails.
+const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+const RECONNECT_WITHIN: Duration = Duration::from_secs(15);
+
 /// Prepares the pool and the certificate before the first call.
 pub fn warm_up() {
     LazyLock::force(&POOL);
@@ -80,6 +86,9 @@ pub struct PeerStats {
     pub packets_lost: i64,
     pub jitter_ms: f64,
     pub rtt_ms: f64,
+    /// Over the last statistics interval, in bit/s.
+    pub send_bitrate: u64,
+    pub receive_bitrate: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -165,6 +174,8 @@ impl SharedPeer {
             pending_offer: None,
             send_time: Unwrapped::default(),
             first_sequence: None,
+            rates_from: None,
+            give_up_at: None,
         };
         POOL.spawn(task.run(received));
         Ok(SharedPeer {
@@ -280,6 +291,10 @@ struct PeerTask {
     pending_offer: Option<SdpPendingOffer>,
     send_time: Unwrapped,
     first_sequence: Option<u64>,
+    /// When the bitrates were last taken, and the byte counts then.
+    rates_from: Option<(Instant, u64, u64)>,
+    /// While connecting, or after the connection was lost: when to give up.
+    give_up_at: Option<(Instant, &'static str)>,
 }
 
 impl PeerTask {
@@ -293,6 +308,13 @@ impl PeerTask {
                     return;
                 }
             };
+            if let Some((at, reason)) = self.give_up_at
+                && at <= Instant::now()
+            {
+                self.fail(reason.into());
+                return;
+            }
+            let deadline = self.give_up_at.map_or(deadline, |(at, _)| deadline.min(at));
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
@@ -357,8 +379,18 @@ impl PeerTask {
             }
             Event::IceConnectionStateChange(state) => {
                 self.stats.lock().unwrap().ice_state = ice_state_name(state);
-                if state == IceConnectionState::Disconnected {
-                    return Err("the ICE connection was lost".into());
+                match state {
+                    IceConnectionState::Disconnected => {
+                        let lost = (
+                            Instant::now() + RECONNECT_WITHIN,
+                            "the ICE connection was lost",
+                        );
+                        self.give_up_at.get_or_insert(lost);
+                    }
+                    IceConnectionState::Connected | IceConnectionState::Completed => {
+                        self.give_up_at = None;
+                    }
+                    _ => {}
                 }
             }
             Event::MediaAdded(added) if added.kind == MediaKind::Audio => {
@@ -385,9 +417,18 @@ impl PeerTask {
                 stats.jitter_ms = f64::from(ingress.jitter) / 48.0;
             }
             Event::PeerStats(peer) => {
+                let mut stats = self.stats.lock().unwrap();
                 if let Some(rtt) = peer.rtt {
-                    self.stats.lock().unwrap().rtt_ms = rtt.as_secs_f64() * 1000.0;
+                    stats.rtt_ms = rtt.as_secs_f64() * 1000.0;
                 }
+                let now = Instant::now();
+                if let Some((then, sent, received)) = self.rates_from {
+                    let seconds = (now - then).as_secs_f64().max(0.001);
+                    let rate = |bytes: u64| (bytes as f64 * 8.0 / seconds).round() as u64;
+                    stats.send_bitrate = rate(stats.bytes_sent.saturating_sub(sent));
+                    stats.receive_bitrate = rate(stats.bytes_received.saturating_sub(received));
+                }
+                self.rates_from = Some((now, stats.bytes_sent, stats.bytes_received));
             }
             _ => {}
         }
@@ -417,6 +458,7 @@ impl PeerTask {
                 let _ = reply.send(offer.ok_or_else(|| "nothing to offer".to_owned()));
             }
             Command::Answer { offer, reply } => {
+                self.connect_in_time();
                 let answer = SdpOffer::from_sdp_string(&offer)
                     .map_err(|e| format!("the peer's offer does not parse: {e}"))
                     .and_then(|offer| {
@@ -429,6 +471,7 @@ impl PeerTask {
                 let _ = reply.send(answer);
             }
             Command::RemoteAnswer { answer, reply } => {
+                self.connect_in_time();
                 let accepted = match self.pending_offer.take() {
                     None => Err("an answer came with no offer of ours".to_owned()),
                     Some(pending) => SdpAnswer::from_sdp_string(&answer)
@@ -451,6 +494,14 @@ impl PeerTask {
                 }
             }
             Command::Frame { payload, rtp_time } => self.send_frame(payload, rtp_time),
+        }
+    }
+
+    /// Both descriptions are known: ICE has its time from now on.
+    fn connect_in_time(&mut self) {
+        if !self.connected.load(Ordering::Relaxed) {
+            let deadline = Instant::now() + CONNECT_WITHIN;
+            self.give_up_at = Some((deadline, "no ICE connection could be made"));
         }
     }
 
