@@ -45,6 +45,10 @@ pub struct SipSection {
     /// Also challenge with SHA-256 digests (RFC 8760); some phones fail on it.
     pub digest_sha256: bool,
     pub rtp_timeout_ms: u64,
+    /// Jitter buffer on the phones' audio, in ms; 0 (the default): none,
+    /// packets go on as they arrive and the app's jitter buffer absorbs
+    /// the jitter of both legs.
+    pub jitter_buffer_ms: u64,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
     /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
@@ -133,6 +137,7 @@ impl Default for SipSection {
             registrar: false,
             digest_sha256: false,
             rtp_timeout_ms: 30_000,
+            jitter_buffer_ms: 0,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
             video: Default::default(),
@@ -342,6 +347,9 @@ impl Config {
                 )),
                 Some(_) => {}
             }
+        }
+        if self.sip.jitter_buffer_ms > 10_000 {
+            problems.push("sip.jitter_buffer_ms: at most 10000".into());
         }
         if self.sip.rtp_timeout_ms == 0 {
             problems.push("sip.rtp_timeout_ms: must be more than 0".into());

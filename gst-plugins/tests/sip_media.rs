@@ -249,6 +249,37 @@ fn a_packet_after_the_jitter_buffer_played_out_counts_as_late() {
     assert_eq!(s.get::<u64>("packets-reordered").unwrap(), 1, "{s}");
 }
 
+/// `latency=0` takes the jitter buffer out: packets come out as they
+/// arrived, a reordered one in its place, with nothing held back; the
+/// jitter buffer comes back with a latency again.
+#[test]
+fn without_a_jitter_buffer_packets_go_on_in_arrival_order() {
+    let phone = phone("127.0.0.1");
+    let mut src = src_harness(&[("latency", &0u32)]);
+    assert_eq!(src.element().unwrap().property::<u32>("latency"), 0);
+    let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
+    let sent = [0u16, 1, 3, 2, 4];
+    for seq in sent {
+        phone.send_to(&rtp(seq, 7, 0), bridge).unwrap();
+    }
+    let pulled: Vec<u16> = sent
+        .iter()
+        .map(|_| {
+            let buffer = src.pull().unwrap();
+            let map = buffer.map_readable().unwrap();
+            rtp_types::RtpPacket::parse(map.as_slice())
+                .unwrap()
+                .sequence_number()
+        })
+        .collect();
+    assert_eq!(pulled, sent);
+    let element = src.element().unwrap();
+    drop(src);
+    element.set_state(gst::State::Null).unwrap();
+    element.set_property("latency", 40u32);
+    assert_eq!(element.property::<u32>("latency"), 40);
+}
+
 #[test]
 fn jitter_estimate_follows_injected_jitter() {
     let phone = phone("127.0.0.1");

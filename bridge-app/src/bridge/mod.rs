@@ -192,6 +192,7 @@ fn sip_config(config: &Config) -> SipConfig {
         answer_delay: Duration::ZERO,
         no_answer_timeout: Duration::from_millis(s.no_answer_timeout_ms),
         rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),
+        jitter_buffer: Duration::from_millis(s.jitter_buffer_ms),
         ..SipConfig::embedded_default()
     }
 }

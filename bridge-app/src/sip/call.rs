@@ -621,15 +621,13 @@ impl Call {
                 if let Some(old) = self.media.take() {
                     old.stop();
                 }
-                let timeout = self.shared.config.rtp_timeout.as_millis() as u32;
                 self.media = Some(CallMedia::start(
                     &self.reservation,
                     stream,
                     &self.peer,
-                    timeout,
+                    &self.shared.config,
                     self.media_events.0.clone(),
                     self.recorder.as_ref(),
-                    self.shared.config.webrtc_stack,
                     self.video.is_some(),
                 )?);
             }

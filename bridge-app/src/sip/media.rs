@@ -225,20 +225,20 @@ pub struct AudioLatency {
 
 impl CallMedia {
     /// Starts the media of `stream` on the reserved port, toward `peer`.
-    /// `stack` carries the app leg unless the call has video (`recorder`
-    /// set, or `with_video`), which needs a `webrtcbin`.
-    #[allow(clippy::too_many_arguments)]
+    /// The configured WebRTC stack carries the app leg unless the call has
+    /// video (`recorder` set, or `with_video`), which needs a `webrtcbin`.
     pub fn start(
         reservation: &PortReservation,
         stream: &NegotiatedStream,
         peer: &Peer,
-        rtp_timeout_ms: u32,
+        config: &super::SipConfig,
         events: mpsc::UnboundedSender<MediaEvent>,
         recorder: Option<&Arc<Recorder>>,
-        stack: WebRtcStack,
         with_video: bool,
     ) -> anyhow::Result<Self> {
-        let stack = match stack {
+        let rtp_timeout_ms = config.rtp_timeout.as_millis();
+        let jitter_ms = config.jitter_buffer.as_millis();
+        let stack = match config.webrtc_stack {
             WebRtcStack::Shared if !with_video && recorder.is_none() => "shared",
             _ => "webrtcbin",
         };
@@ -249,7 +249,7 @@ impl CallMedia {
         let pt = stream.format.payload_type;
         let ptime_ns = u64::from(stream.ptime) * 1_000_000;
         let receiver = format!(
-            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0"
+            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 latency={jitter_ms}"
         );
         // Every source here is live and paced by its sender: packets go on
         // as they come, never held for the clock (which would also hold the

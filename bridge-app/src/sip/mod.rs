@@ -73,6 +73,8 @@ pub struct SipConfig {
     /// Ringing longer than this ends the call with 480.
     pub no_answer_timeout: Duration,
     pub rtp_timeout: Duration,
+    /// Jitter buffer on the phone's audio (`sipsrc latency`; zero: none).
+    pub jitter_buffer: Duration,
     /// Session interval asked of callers that use session timers (RFC 4028).
     pub session_expires: u32,
     /// The smallest session interval accepted; shorter ones get 422.
@@ -113,6 +115,7 @@ impl SipConfig {
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),
+            jitter_buffer: Duration::ZERO,
             session_expires: 1800,
             min_session_expires: 90,
         }

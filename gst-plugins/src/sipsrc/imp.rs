@@ -162,7 +162,7 @@ impl ObjectImpl for SipSrc {
             properties.extend([
                 glib::ParamSpecUInt::builder("latency")
                     .nick("Latency")
-                    .blurb("Jitter buffer latency in milliseconds")
+                    .blurb("Jitter buffer latency in milliseconds; 0 set while stopped: no jitter buffer (packets go on as they arrive, in their own thread: no reordering, two threads and their hand-offs fewer)")
                     .maximum(10_000)
                     .default_value(DEFAULT_LATENCY_MS)
                     .mutable_playing()
@@ -199,11 +199,7 @@ impl ObjectImpl for SipSrc {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut settings = self.shared.settings.lock().unwrap();
         match pspec.name() {
-            "latency" => {
-                if let Some(jitterbuffer) = &self.jitterbuffer {
-                    jitterbuffer.set_property("latency", value.get::<u32>().unwrap());
-                }
-            }
+            "latency" => self.set_latency(value.get::<u32>().unwrap()),
             "payload-map" => settings.set_payload_map(
                 value
                     .get::<Option<gst::Caps>>()
@@ -238,6 +234,7 @@ impl ObjectImpl for SipSrc {
             "latency" => self
                 .jitterbuffer
                 .as_ref()
+                .filter(|jb| jb.parent().is_some())
                 .map_or(0, |jb| jb.property::<u32>("latency"))
                 .to_value(),
             "payload-map" => settings.payload_map.to_value(),
@@ -255,6 +252,36 @@ impl ObjectImpl for SipSrc {
                 drop(settings);
                 self.shared.session.property(pspec)
             }
+        }
+    }
+}
+
+impl SipSrc {
+    /// Sets the jitter buffer's latency; while stopped, 0 takes the jitter
+    /// buffer out of the path and anything else puts it back.
+    fn set_latency(&self, latency: u32) {
+        let Some(jitterbuffer) = &self.jitterbuffer else {
+            return;
+        };
+        jitterbuffer.set_property("latency", latency);
+        let obj = self.obj();
+        if obj.current_state() > gst::State::Ready {
+            return;
+        }
+        let Some(ghost) = obj.static_pad("src").and_downcast::<gst::GhostPad>() else {
+            return;
+        };
+        let inside = jitterbuffer.parent().is_some();
+        if latency == 0 && inside {
+            self.receiver.unlink(jitterbuffer);
+            let _ = obj.remove(jitterbuffer);
+            let _ = ghost.set_target(self.receiver.static_pad("src").as_ref());
+        } else if latency > 0
+            && !inside
+            && obj.add(jitterbuffer).is_ok()
+            && self.receiver.link(jitterbuffer).is_ok()
+        {
+            let _ = ghost.set_target(jitterbuffer.static_pad("src").as_ref());
         }
     }
 }
