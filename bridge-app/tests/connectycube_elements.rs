@@ -11,6 +11,7 @@ use std::time::Duration;
 use bridge_protocol::connectycube::UserCredentials;
 use bridge_protocol::connectycube::rest::RestClient;
 use bridge_protocol::connectycube::signaling::{CallSignal, CallType, IceCandidate, SignalType};
+use gst::glib;
 use gst::prelude::*;
 use serde_json::json;
 use support::{BrowserPeer, RustUser, SandboxProcess, free_port};
@@ -87,28 +88,34 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
-    early_candidates_reach_the_caller("webrtcbin", "webrtcbin").await;
+    early_candidates_reach_the_caller("webrtcbin", "webrtcbin", 48_000).await;
 }
 
 /// The same on the shared WebRTC stack, calling a webrtcbin and called by
 /// one: the two implementations agree on ICE, DTLS-SRTP and Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_calls_a_webrtcbin_peer() {
-    early_candidates_reach_the_caller("shared", "webrtcbin").await;
+    early_candidates_reach_the_caller("shared", "webrtcbin", 48_000).await;
 }
 
+/// A callee that plays 8 kHz says so (`maxplaybackrate`), and the caller's
+/// Opus encoder sends narrowband: what arrives is narrowband.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shared_stack_answers_a_webrtcbin_peer() {
-    early_candidates_reach_the_caller("webrtcbin", "shared").await;
+async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
+    early_candidates_reach_the_caller("webrtcbin", "shared", 8_000).await;
 }
 
-async fn early_candidates_reach_the_caller(caller_stack: &str, callee_stack: &str) {
+async fn early_candidates_reach_the_caller(
+    caller_stack: &str,
+    callee_stack: &str,
+    playback_rate: u32,
+) {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
     let sandbox = SandboxProcess::start(free_port());
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
     let caller = gst::parse::launch(&format!(
-        "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc ! rtpopuspay \
+        "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay \
          ! connectycubesink name=out session=early-caller-{caller_stack}-{callee_stack} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
            api-url=\"http://127.0.0.1:{port}\" chat-url=\"ws://localhost:{port}/ws\" chat-domain=localhost",
         peer = raw.user_id,
@@ -117,6 +124,7 @@ async fn early_candidates_reach_the_caller(caller_stack: &str, callee_stack: &st
     .unwrap();
     let callee = gst::parse::launch(&format!(
         "connectycubesrc name=webrtc session=early-callee-{caller_stack}-{callee_stack} webrtc-stack={callee_stack} \
+           max-playback-rate={playback_rate} \
          ! rtpopusdepay ! opusdec ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
          ! appsink name=heard sync=false",
     ))
@@ -203,12 +211,16 @@ async fn early_candidates_reach_the_caller(caller_stack: &str, callee_stack: &st
     .await
     .unwrap();
     // The caller's statistics show the live call.
-    let stats = caller
-        .downcast_ref::<gst::Bin>()
-        .unwrap()
+    let caller_bin = caller.downcast_ref::<gst::Bin>().unwrap();
+    let stats = caller_bin
         .by_name("out")
         .unwrap()
         .property::<gst::Structure>("stats");
+    let encoded = caller_bin
+        .by_name("encoder")
+        .unwrap()
+        .property_value("bandwidth");
+    let received = webrtc.property::<gst::Structure>("stats");
     caller.set_state(gst::State::Null).unwrap();
     callee.set_state(gst::State::Null).unwrap();
     assert_eq!(
@@ -232,6 +244,15 @@ async fn early_candidates_reach_the_caller(caller_stack: &str, callee_stack: &st
         "the call never carried audio ({} samples)",
         samples.len()
     );
+    if playback_rate == 8_000 {
+        let encoded = glib::EnumValue::from_value(&encoded).unwrap().1.nick();
+        assert_eq!(encoded, "narrowband");
+        assert_eq!(
+            received.get::<&str>("receive-audio-bandwidth").unwrap(),
+            "narrowband",
+            "{received}"
+        );
+    }
     let frequency = bridge_protocol::tone::dominant_frequency(&samples[48_000..], 48_000);
     assert!(
         frequency.is_some_and(|f| (f - 440.0).abs() < 15.0),

@@ -9,6 +9,7 @@ pub mod connectycube;
 pub mod digest;
 pub mod dtmf;
 pub mod offer_answer;
+pub mod opus_fmtp;
 pub mod sdes;
 pub mod sdp;
 pub mod tone;

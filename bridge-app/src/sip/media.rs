@@ -307,8 +307,15 @@ impl CallMedia {
                 let app_sink = format!(
                     "connectycubesink name=app session={app} webrtc-stack={stack} caps=\"{OPUS_RTP_CAPS}\""
                 );
-                let app_src =
-                    format!("connectycubesrc session={app} webrtc-stack={stack} media=audio");
+                // The app's voice is played at the phone's rate: it need send no
+                // more (saving its bandwidth and our decoding).
+                let playback_rate = match codec {
+                    "OPUS" => bridge_protocol::opus_fmtp::FULL_BAND_RATE,
+                    _ => opus_input_rate(chain.encoder_rate),
+                };
+                let app_src = format!(
+                    "connectycubesrc session={app} webrtc-stack={stack} media=audio max-playback-rate={playback_rate}"
+                );
                 if codec == "OPUS" {
                     // Opus both ways: new RTP headers only, no decoding (but
                     // for the recording).

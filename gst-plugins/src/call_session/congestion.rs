@@ -197,6 +197,24 @@ impl EncoderControl {
         Some(bitrate)
     }
 
+    /// Caps an Opus encoder's audio bandwidth to what a peer playing at
+    /// `rate` Hz can use (`maxplaybackrate`); other encoders are left alone.
+    /// Returns the bandwidth set.
+    pub fn limit_audio_bandwidth(&self, rate: u32) -> Option<&'static str> {
+        if self.name() != "opusenc" {
+            return None;
+        }
+        let bandwidth = match rate {
+            ..=8000 => "narrowband",
+            ..=12000 => "mediumband",
+            ..=16000 => "wideband",
+            ..=24000 => "superwideband",
+            _ => "fullband",
+        };
+        self.encoder.set_property_from_str("bandwidth", bandwidth);
+        Some(bandwidth)
+    }
+
     pub fn name(&self) -> String {
         self.encoder
             .factory()

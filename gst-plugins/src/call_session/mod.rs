@@ -23,6 +23,7 @@ pub use congestion::EncoderControl;
 pub use shared_peer::warm_up as warm_up_shared_stack;
 pub use signalling::SignallingSettings;
 
+use bridge_protocol::opus_fmtp;
 use shared_peer::{Frame, PeerEvent, SharedPeer};
 
 use crate::CAT;
@@ -123,6 +124,8 @@ struct Sender {
 struct Receiver {
     id: u64,
     kind: MediaKind,
+    /// The highest audio rate played downstream (Hz).
+    max_playback_rate: u32,
     output: Arc<dyn ReceiverOutput>,
 }
 
@@ -225,6 +228,8 @@ pub trait ReceiverOutput: Send + Sync {
 /// webrtcbin turns into `GstForceKeyUnit` upstream events).
 pub trait SenderFeedback: Send + Sync {
     fn bitrate(&self, bits_per_second: u32);
+    /// The peer plays audio at no more than this rate (its `maxplaybackrate`).
+    fn max_playback_rate(&self, rate: u32);
     fn upstream_event(&self, event: gst::Event);
 }
 
@@ -663,13 +668,19 @@ impl CallSession {
 
     // ---- receivers (connectycubesrc) ------------------------------------
 
-    pub fn add_receiver(self: &Arc<Self>, kind: MediaKind, output: Arc<dyn ReceiverOutput>) -> u64 {
+    pub fn add_receiver(
+        self: &Arc<Self>,
+        kind: MediaKind,
+        max_playback_rate: u32,
+        output: Arc<dyn ReceiverOutput>,
+    ) -> u64 {
         let mut inner = self.inner.lock().unwrap();
         inner.next_receiver += 1;
         let id = inner.next_receiver;
         inner.receivers.push(Receiver {
             id,
             kind,
+            max_playback_rate,
             output: output.clone(),
         });
         drop(inner);
@@ -810,6 +821,53 @@ impl CallSession {
     /// Creates the local offer and waits for ICE gathering, so that every
     /// candidate is in the SDP (the SDK drops trickled ones before `accept`).
     pub(crate) async fn create_offer(self: &Arc<Self>) -> Result<String, String> {
+        let offer = self.transport_offer().await?;
+        Ok(opus_fmtp::with_max_playback_rate(
+            &offer,
+            self.max_playback_rate(),
+        ))
+    }
+
+    /// Applies the remote offer and answers it.
+    pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+        let answer = self.transport_answer(offer_sdp).await?;
+        self.follow_peer_playback_rate(offer_sdp);
+        Ok(opus_fmtp::with_max_playback_rate(
+            &answer,
+            self.max_playback_rate(),
+        ))
+    }
+
+    /// The highest audio rate the sources play (full band unless one says less).
+    fn max_playback_rate(&self) -> u32 {
+        let inner = self.inner.lock().unwrap();
+        let audio = inner
+            .receivers
+            .iter()
+            .filter(|r| r.kind == MediaKind::Audio);
+        audio
+            .map(|r| r.max_playback_rate)
+            .max()
+            .unwrap_or(opus_fmtp::FULL_BAND_RATE)
+    }
+
+    /// The peer plays at no more than its `maxplaybackrate`: audio senders
+    /// encode no more.
+    fn follow_peer_playback_rate(&self, remote_sdp: &str) {
+        let Some(rate) = opus_fmtp::max_playback_rate(remote_sdp) else {
+            return;
+        };
+        let senders: Vec<Arc<dyn SenderFeedback>> = {
+            let inner = self.inner.lock().unwrap();
+            let audio = inner.senders.iter().filter(|s| s.kind == MediaKind::Audio);
+            audio.map(|s| s.feedback.clone()).collect()
+        };
+        for sender in senders {
+            sender.max_playback_rate(rate);
+        }
+    }
+
+    async fn transport_offer(self: &Arc<Self>) -> Result<String, String> {
         if let Some(peer) = self.shared_peer() {
             let (send, receive) = {
                 let inner = self.inner.lock().unwrap();
@@ -828,8 +886,7 @@ impl CallSession {
         bin.set_local(&offer).await
     }
 
-    /// Applies the remote offer and answers it.
-    pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+    async fn transport_answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
         if let Some(peer) = self.shared_peer() {
             usable_description(offer_sdp)?;
             let answer = peer.answer(offer_sdp).await?;
@@ -869,6 +926,9 @@ impl CallSession {
                     _ => return Err("webrtc-stack=shared takes an offer only to answer it".into()),
                 }
             }
+        }
+        if kind == gst_webrtc::WebRTCSDPType::Answer {
+            self.follow_peer_playback_rate(sdp);
         }
         self.remote_description_set();
         Ok(())
@@ -1052,6 +1112,7 @@ impl CallSession {
                     .field("rtt-ms", stats.rtt_ms)
                     .field("send-bitrate", stats.send_bitrate)
                     .field("receive-bitrate", stats.receive_bitrate)
+                    .field("receive-audio-bandwidth", stats.receive_bandwidth)
                     .build();
                 let states = (connection.into(), stats.ice_state.into(), dtls.into());
                 (states, Some(summary))

@@ -11,6 +11,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bridge_protocol::opus_fmtp;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -86,6 +87,8 @@ pub struct PeerStats {
     pub packets_lost: i64,
     pub jitter_ms: f64,
     pub rtt_ms: f64,
+    /// The audio bandwidth of the last Opus packet received.
+    pub receive_bandwidth: &'static str,
     /// Over the last statistics interval, in bit/s.
     pub send_bitrate: u64,
     pub receive_bitrate: u64,
@@ -402,6 +405,9 @@ impl PeerTask {
                 {
                     let mut stats = self.stats.lock().unwrap();
                     stats.packets_received += 1;
+                    if let Some(bandwidth) = opus_fmtp::packet_bandwidth(&data.data) {
+                        stats.receive_bandwidth = bandwidth;
+                    }
                     stats.bytes_received += data.data.len() as u64;
                     let expected = (*sequence).saturating_sub(first) + 1;
                     stats.packets_lost = expected as i64 - stats.packets_received as i64;

@@ -89,6 +89,12 @@ impl SenderFeedback for Feedback {
         }
     }
 
+    fn max_playback_rate(&self, rate: u32) {
+        if let Some(element) = self.0.upgrade() {
+            element.imp().limit_audio_bandwidth(rate);
+        }
+    }
+
     fn upstream_event(&self, event: gst::Event) {
         if let Some(pad) = self.0.upgrade().and_then(|e| e.static_pad("sink")) {
             gst::debug!(
@@ -106,14 +112,32 @@ impl ConnectyCubeSink {
     /// Congestion control allotted `bitrate` bit/s to this stream: the
     /// encoder upstream gets it (never more than it was configured with),
     /// and a `connectycube-bitrate` message says so.
-    fn steer_encoder(&self, bitrate: u32) {
-        let obj = self.obj();
+    /// The upstream encoder, found once.
+    fn encoder(&self) -> std::sync::MutexGuard<'_, Option<EncoderControl>> {
         let mut encoder = self.encoder.lock().unwrap();
         if encoder.is_none() {
-            *encoder = obj
+            *encoder = self
+                .obj()
                 .static_pad("sink")
                 .and_then(|pad| EncoderControl::find(&pad));
         }
+        encoder
+    }
+
+    /// The peer plays at most `rate` Hz: encode no more (as browsers do).
+    fn limit_audio_bandwidth(&self, rate: u32) {
+        let encoder = self.encoder();
+        if let Some(bandwidth) = encoder.as_ref().and_then(|c| c.limit_audio_bandwidth(rate)) {
+            gst::info!(
+                crate::CAT,
+                imp = self,
+                "the peer plays at most {rate} Hz: Opus {bandwidth}"
+            );
+        }
+    }
+
+    fn steer_encoder(&self, bitrate: u32) {
+        let mut encoder = self.encoder();
         let Some(control) = encoder.as_mut() else {
             gst::debug!(
                 crate::CAT,
@@ -137,6 +161,7 @@ impl ConnectyCubeSink {
             .field("encoder", name)
             .field("encoder-bitrate", applied)
             .build();
+        let obj = self.obj();
         let _ = obj.post_message(gst::message::Element::builder(message).src(&*obj).build());
     }
 }

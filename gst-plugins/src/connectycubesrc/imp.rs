@@ -8,6 +8,8 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
+use bridge_protocol::opus_fmtp::FULL_BAND_RATE;
+
 use crate::call_session::{CallEnd, CallSession, MediaKind, ReceiverOutput};
 use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
@@ -22,6 +24,7 @@ pub struct ConnectyCubeSrc {
     srcpad: gst::Pad,
     call: CallProperties,
     media: Mutex<MediaKind>,
+    max_playback_rate: std::sync::atomic::AtomicU32,
     receiver: Mutex<Option<u64>>,
     stream: Mutex<Stream>,
     playing: AtomicBool,
@@ -55,6 +58,7 @@ impl ObjectSubclass for ConnectyCubeSrc {
             srcpad,
             call: CallProperties::default(),
             media: Mutex::new(MediaKind::default()),
+            max_playback_rate: std::sync::atomic::AtomicU32::new(FULL_BAND_RATE),
             receiver: Mutex::new(None),
             stream: Mutex::new(Stream::default()),
             playing: AtomicBool::new(false),
@@ -93,6 +97,19 @@ impl ObjectImpl for ConnectyCubeSrc {
                     .mutable_ready()
                     .build(),
             );
+            properties.push(
+                glib::ParamSpecUInt::builder("max-playback-rate")
+                    .nick("Max playback rate")
+                    .blurb(
+                        "Highest audio sample rate played downstream (Hz): the SDP asks the peer's \
+                         Opus encoder for no more (maxplaybackrate), saving bandwidth and decoding",
+                    )
+                    .minimum(8000)
+                    .maximum(FULL_BAND_RATE)
+                    .default_value(FULL_BAND_RATE)
+                    .mutable_ready()
+                    .build(),
+            );
             properties
         });
         PROPERTIES.as_ref()
@@ -101,6 +118,9 @@ impl ObjectImpl for ConnectyCubeSrc {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         match pspec.name() {
             "media" => *self.media.lock().unwrap() = value.get().unwrap(),
+            "max-playback-rate" => self
+                .max_playback_rate
+                .store(value.get().unwrap(), Ordering::SeqCst),
             _ => self.call.set_property(value, pspec),
         }
     }
@@ -108,6 +128,7 @@ impl ObjectImpl for ConnectyCubeSrc {
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         match pspec.name() {
             "media" => self.media.lock().unwrap().to_value(),
+            "max-playback-rate" => self.max_playback_rate.load(Ordering::SeqCst).to_value(),
             _ => self.call.property(pspec),
         }
     }
@@ -202,7 +223,8 @@ impl ConnectyCubeSrc {
         let call = self.call.join(self.obj().upcast_ref())?;
         *self.stream.lock().unwrap() = Stream::default();
         let output = Arc::new(Output(self.obj().downgrade()));
-        let id = call.add_receiver(*self.media.lock().unwrap(), output);
+        let rate = self.max_playback_rate.load(Ordering::SeqCst);
+        let id = call.add_receiver(*self.media.lock().unwrap(), rate, output);
         *self.receiver.lock().unwrap() = Some(id);
         call.start()
     }
