@@ -205,10 +205,10 @@ impl EncoderControl {
             return None;
         }
         let bandwidth = match rate {
-            ..=8000 => "narrowband",
-            ..=12000 => "mediumband",
-            ..=16000 => "wideband",
-            ..=24000 => "superwideband",
+            0..=8000 => "narrowband",
+            8001..=12000 => "mediumband",
+            12001..=16000 => "wideband",
+            16001..=24000 => "superwideband",
             _ => "fullband",
         };
         self.encoder.set_property_from_str("bandwidth", bandwidth);
