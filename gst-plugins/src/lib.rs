@@ -46,6 +46,20 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
         .expect("cannot start the plugin's tokio runtime")
 });
 
+/// The threads that carry the media of every call whose elements run on
+/// shared threads (`webrtc-stack=shared`, `sipsrc shared-threads=true`):
+/// one per core, however many calls. What they push downstream must not
+/// block (no clock-synced sink without a queue in front).
+pub(crate) static MEDIA_POOL: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .thread_name("sipcc-media")
+        .enable_all()
+        .build()
+        .expect("cannot start the plugin's media threads")
+});
+
 /// The always-present `application/x-rtp` pad of the network elements.
 pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst::PadTemplate {
     let caps = gst::Caps::builder("application/x-rtp").build();

@@ -166,10 +166,21 @@ fn packets_round_trip_over_ipv6() {
 
 #[test]
 fn stats_count_loss_reordering_duplicates_and_garbage() {
+    stats_count_what_arrives(false);
+}
+
+/// The same with the receiving done on the shared threads.
+#[test]
+fn stats_count_what_arrives_on_shared_threads() {
+    stats_count_what_arrives(true);
+}
+
+fn stats_count_what_arrives(shared_threads: bool) {
     let stranger = phone("127.0.0.1");
     let phone = phone("127.0.0.1");
     let phone_address = phone.local_addr().unwrap();
     let mut src = src_harness(&[
+        ("shared-threads", &shared_threads),
         ("latch", &false),
         ("remote-address", &"127.0.0.1"),
         ("remote-port", &u32::from(phone_address.port())),
@@ -254,8 +265,17 @@ fn a_packet_after_the_jitter_buffer_played_out_counts_as_late() {
 /// jitter buffer comes back with a latency again.
 #[test]
 fn without_a_jitter_buffer_packets_go_on_in_arrival_order() {
+    in_arrival_order(false);
+}
+
+#[test]
+fn on_shared_threads_without_a_jitter_buffer_packets_go_on_in_arrival_order() {
+    in_arrival_order(true);
+}
+
+fn in_arrival_order(shared_threads: bool) {
     let phone = phone("127.0.0.1");
-    let mut src = src_harness(&[("latency", &0u32)]);
+    let mut src = src_harness(&[("latency", &0u32), ("shared-threads", &shared_threads)]);
     assert_eq!(src.element().unwrap().property::<u32>("latency"), 0);
     let bridge: SocketAddr = ([127, 0, 0, 1], local_port(&src)).into();
     let sent = [0u16, 1, 3, 2, 4];
@@ -392,9 +412,19 @@ fn latch_follows_a_changed_source_port() {
 
 #[test]
 fn rtp_timeout_is_posted_once_per_silence() {
+    rtp_timeout_posted_once_per_silence(false);
+}
+
+#[test]
+fn on_shared_threads_rtp_timeout_is_posted_once_per_silence() {
+    rtp_timeout_posted_once_per_silence(true);
+}
+
+fn rtp_timeout_posted_once_per_silence(shared_threads: bool) {
     init();
     let pipeline = gst::parse::launch(&format!(
-        "sipsrc name=src local-address=127.0.0.1 timeout=300 stats-interval=0 payload-map=\"{PCMU}\" ! fakesink async=false"
+        "sipsrc name=src local-address=127.0.0.1 timeout=300 stats-interval=0 shared-threads={shared_threads} \
+         payload-map=\"{PCMU}\" ! fakesink async=false"
     ))
     .unwrap()
     .downcast::<gst::Pipeline>()

@@ -248,8 +248,10 @@ impl CallMedia {
         let address = reservation.address;
         let pt = stream.format.payload_type;
         let ptime_ns = u64::from(stream.ptime) * 1_000_000;
+        // The phone's audio is received on the plugin's shared threads:
+        // nothing downstream of it here blocks (see `to_phone`).
         let receiver = format!(
-            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 latency={jitter_ms}"
+            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 latency={jitter_ms} shared-threads=true"
         );
         // Every source here is live and paced by its sender: packets go on
         // as they come, never held for the clock (which would also hold the

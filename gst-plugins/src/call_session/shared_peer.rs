@@ -21,17 +21,6 @@ use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-/// The threads of every shared peer: one per core, however many calls.
-static POOL: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .thread_name("sipcc-webrtc")
-        .enable_all()
-        .build()
-        .expect("cannot start the shared WebRTC pool")
-});
-
 /// One DTLS certificate for all calls: making a key costs milliseconds of
 /// CPU, and the peer checks it only against the fingerprint in our SDP.
 static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::new(|| {
@@ -54,7 +43,7 @@ const RECONNECT_WITHIN: Duration = Duration::from_secs(15);
 
 /// Prepares the pool and the certificate before the first call.
 pub fn warm_up() {
-    LazyLock::force(&POOL);
+    LazyLock::force(&crate::MEDIA_POOL);
     LazyLock::force(&CERTIFICATE);
 }
 
@@ -138,7 +127,7 @@ impl SharedPeer {
             .set_reordering_timeout_audio(Some(REORDER_WAIT))
             .set_stats_interval(Some(Duration::from_secs(1)))
             .build(Instant::now());
-        let _guard = POOL.enter();
+        let _guard = crate::MEDIA_POOL.enter();
         let mut sockets = Vec::new();
         for address in candidate_addresses() {
             let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(address, 0)) else {
@@ -180,7 +169,7 @@ impl SharedPeer {
             rates_from: None,
             give_up_at: None,
         };
-        POOL.spawn(task.run(received));
+        crate::MEDIA_POOL.spawn(task.run(received));
         Ok(SharedPeer {
             commands,
             stats,

@@ -366,13 +366,7 @@ impl MediaSession {
     /// with SRTP, what comes back is already unprotected (rejected datagrams
     /// count as nothing received).
     pub fn recv_rtp(&self, buffer: &mut Vec<u8>) -> io::Result<Option<SocketAddr>> {
-        buffer.resize(MAX_DATAGRAM, 0);
-        match self.rtp_socket.recv_from(buffer) {
-            Ok((len, from)) => {
-                buffer.truncate(len);
-                let from = canonical(from);
-                Ok(self.unprotect(buffer, from).then_some(from))
-            }
+        match self.try_recv_rtp(buffer) {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -381,8 +375,29 @@ impl MediaSession {
             {
                 Ok(None)
             }
-            Err(e) => Err(e),
+            received => received,
         }
+    }
+
+    /// As [`Self::recv_rtp`], but nothing to read is `WouldBlock` (on a
+    /// socket made non-blocking by [`Self::rtp_descriptor`]).
+    pub fn try_recv_rtp(&self, buffer: &mut Vec<u8>) -> io::Result<Option<SocketAddr>> {
+        buffer.resize(MAX_DATAGRAM, 0);
+        let (len, from) = self.rtp_socket.recv_from(buffer)?;
+        buffer.truncate(len);
+        let from = canonical(from);
+        Ok(self.unprotect(buffer, from).then_some(from))
+    }
+
+    /// A second handle on the RTP socket, for a receiver woken by its
+    /// readiness: the socket is non-blocking until [`Self::set_rtp_blocking`].
+    pub fn rtp_socket_for_readiness(&self) -> io::Result<UdpSocket> {
+        self.rtp_socket.set_nonblocking(true)?;
+        self.rtp_socket.try_clone()
+    }
+
+    pub fn set_rtp_blocking(&self) {
+        let _ = self.rtp_socket.set_nonblocking(false);
     }
 
     /// Accounts for a received RTP packet: checks its source (latching onto a

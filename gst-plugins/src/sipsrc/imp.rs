@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -6,6 +7,7 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
+use super::pooled::PooledReception;
 use crate::CAT;
 use crate::media_session::MediaSession;
 use crate::sip_common::{SessionProperties, caps_from_media_section, stats_structure};
@@ -99,6 +101,10 @@ pub struct SipSrc {
     shared: Arc<Shared>,
     jitterbuffer: Option<gst::Element>,
     receiver: super::SipReceiver,
+    /// The receiver's work on the shared threads, when asked for.
+    pooled: PooledReception,
+    latency: AtomicU32,
+    shared_threads: AtomicBool,
 }
 
 #[glib::object_subclass]
@@ -123,7 +129,10 @@ impl ObjectSubclass for SipSrc {
         SipSrc {
             shared,
             jitterbuffer,
+            pooled: PooledReception::new(&receiver),
             receiver,
+            latency: AtomicU32::new(DEFAULT_LATENCY_MS),
+            shared_threads: AtomicBool::new(false),
         }
     }
 }
@@ -184,6 +193,12 @@ impl ObjectImpl for SipSrc {
                     .default_value(DEFAULT_STATS_INTERVAL_MS)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecBoolean::builder("shared-threads")
+                    .nick("Shared threads")
+                    .blurb("Receive on the threads all calls share instead of a thread of this element's own; what is downstream must not block (no clock-synced sink without a queue)")
+                    .default_value(false)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoolean::builder("eos-on-bye")
                     .nick("EOS on BYE")
                     .blurb("End the stream when the peer sends RTCP BYE (for pipelines that must end by themselves)")
@@ -199,7 +214,19 @@ impl ObjectImpl for SipSrc {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut settings = self.shared.settings.lock().unwrap();
         match pspec.name() {
-            "latency" => self.set_latency(value.get::<u32>().unwrap()),
+            "latency" => {
+                let latency = value.get::<u32>().unwrap();
+                self.latency.store(latency, Ordering::SeqCst);
+                if let Some(jitterbuffer) = &self.jitterbuffer {
+                    jitterbuffer.set_property("latency", latency);
+                }
+                self.relink();
+            }
+            "shared-threads" => {
+                self.shared_threads
+                    .store(value.get::<bool>().unwrap(), Ordering::SeqCst);
+                self.relink();
+            }
             "payload-map" => settings.set_payload_map(
                 value
                     .get::<Option<gst::Caps>>()
@@ -234,9 +261,9 @@ impl ObjectImpl for SipSrc {
             "latency" => self
                 .jitterbuffer
                 .as_ref()
-                .filter(|jb| jb.parent().is_some())
-                .map_or(0, |jb| jb.property::<u32>("latency"))
+                .map_or(0, |_| self.latency.load(Ordering::SeqCst))
                 .to_value(),
+            "shared-threads" => self.shared_threads.load(Ordering::SeqCst).to_value(),
             "payload-map" => settings.payload_map.to_value(),
             "timeout" => (settings.timeout.as_millis() as u32).to_value(),
             "stats-interval" => (settings.stats_interval.as_millis() as u32).to_value(),
@@ -257,13 +284,10 @@ impl ObjectImpl for SipSrc {
 }
 
 impl SipSrc {
-    /// Sets the jitter buffer's latency; while stopped, 0 takes the jitter
-    /// buffer out of the path and anything else puts it back.
-    fn set_latency(&self, latency: u32) {
-        let Some(jitterbuffer) = &self.jitterbuffer else {
-            return;
-        };
-        jitterbuffer.set_property("latency", latency);
+    /// Puts the path together again while stopped: the receiving source (its
+    /// own thread, or the shared threads' pad), then the jitter buffer
+    /// unless the latency is 0.
+    fn relink(&self) {
         let obj = self.obj();
         if obj.current_state() > gst::State::Ready {
             return;
@@ -271,17 +295,37 @@ impl SipSrc {
         let Some(ghost) = obj.static_pad("src").and_downcast::<gst::GhostPad>() else {
             return;
         };
-        let inside = jitterbuffer.parent().is_some();
-        if latency == 0 && inside {
-            self.receiver.unlink(jitterbuffer);
-            let _ = obj.remove(jitterbuffer);
-            let _ = ghost.set_target(self.receiver.static_pad("src").as_ref());
-        } else if latency > 0
-            && !inside
-            && obj.add(jitterbuffer).is_ok()
-            && self.receiver.link(jitterbuffer).is_ok()
-        {
-            let _ = ghost.set_target(jitterbuffer.static_pad("src").as_ref());
+        let pooled = self.shared_threads.load(Ordering::SeqCst);
+        let receiver_pad = self.receiver.static_pad("src").unwrap();
+        let _ = ghost.set_target(None::<&gst::Pad>);
+        for pad in [&receiver_pad, self.pooled.pad()] {
+            if let Some(peer) = pad.peer() {
+                let _ = pad.unlink(&peer);
+            }
+        }
+        // A receiver that does not run keeps out of the bin's state changes.
+        self.receiver.set_locked_state(pooled);
+        let head = if pooled {
+            self.pooled.pad()
+        } else {
+            &receiver_pad
+        };
+        let latency = self.latency.load(Ordering::SeqCst);
+        match &self.jitterbuffer {
+            Some(jitterbuffer) if latency > 0 => {
+                if jitterbuffer.parent().is_none() {
+                    let _ = obj.add(jitterbuffer);
+                }
+                let _ = head.link(&jitterbuffer.static_pad("sink").unwrap());
+                let _ = ghost.set_target(jitterbuffer.static_pad("src").as_ref());
+            }
+            jitterbuffer => {
+                if let Some(jitterbuffer) = jitterbuffer.as_ref().filter(|jb| jb.parent().is_some())
+                {
+                    let _ = obj.remove(jitterbuffer);
+                }
+                let _ = ghost.set_target(Some(head));
+            }
         }
     }
 }
@@ -305,6 +349,40 @@ impl ElementImpl for SipSrc {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> =
             LazyLock::new(|| vec![crate::rtp_pad_template("src", gst::PadDirection::Src)]);
         TEMPLATES.as_ref()
+    }
+
+    /// On the shared threads the receiver's part is done here: a live
+    /// source, so no preroll.
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if !self.shared_threads.load(Ordering::SeqCst) {
+            return self.parent_change_state(transition);
+        }
+        if transition == gst::StateChange::ReadyToPaused
+            && let Err(e) = self.pooled.prepare(&self.receiver)
+        {
+            self.post_error_message(e);
+            return Err(gst::StateChangeError);
+        }
+        let result = self.parent_change_state(transition);
+        match transition {
+            gst::StateChange::PausedToPlaying => {
+                let eos_on_bye = self.shared.settings.lock().unwrap().eos_on_bye;
+                self.pooled
+                    .start(&self.receiver, self.obj().upcast_ref(), eos_on_bye);
+            }
+            gst::StateChange::PlayingToPaused => self.pooled.pause(),
+            gst::StateChange::PausedToReady => self.pooled.release(&self.receiver),
+            _ => {}
+        }
+        match transition {
+            gst::StateChange::ReadyToPaused | gst::StateChange::PlayingToPaused => {
+                result.map(|_| gst::StateChangeSuccess::NoPreroll)
+            }
+            _ => result,
+        }
     }
 }
 

@@ -1,12 +1,15 @@
 //! `sipsrc`: receives RTP from a SIP phone on the session's socket, checks
 //! and counts it (RFC 3550), and plays it out through `rtpjitterbuffer`.
 //!
-//! A bin: an internal receiving source, then GStreamer's jitter buffer.
+//! A bin: an internal receiving source (or, with `shared-threads`, its work
+//! done on the plugin's shared threads), then GStreamer's jitter buffer
+//! (none with `latency=0`).
 
 use gst::glib;
 use gst::prelude::*;
 
 mod imp;
+mod pooled;
 mod receiver;
 
 glib::wrapper! {

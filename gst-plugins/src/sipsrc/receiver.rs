@@ -68,6 +68,37 @@ impl ElementImpl for SipReceiver {
 
 impl BaseSrcImpl for SipReceiver {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
+        self.begin().map(|_| ())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.end();
+        Ok(())
+    }
+
+    /// A decoder or a WebRTC peer downstream lost the picture.
+    fn event(&self, event: &gst::Event) -> bool {
+        if !crate::is_key_frame_request(event) {
+            return self.parent_event(event);
+        }
+        self.request_key_frame();
+        true
+    }
+
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl SipReceiver {
+    /// Joins (or binds) the session and starts counting silence.
+    pub(super) fn begin(&self) -> Result<Arc<MediaSession>, gst::ErrorMessage> {
         let session = self.shared().session.start()?;
         gst::info!(
             CAT,
@@ -80,21 +111,21 @@ impl BaseSrcImpl for SipReceiver {
             started_at: Some(Instant::now()),
             ..Timers::default()
         };
-        Ok(())
+        Ok(session)
     }
 
-    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+    pub(super) fn end(&self) {
         self.shared().session.stop();
-        Ok(())
     }
 
-    /// A decoder or a WebRTC peer downstream lost the picture: ask the phone
-    /// by RTCP (PLI and FIR), and post `sip-key-frame-request` from `sipsrc`
-    /// for phones that only take SIP INFO `picture_fast_update`.
-    fn event(&self, event: &gst::Event) -> bool {
-        if !crate::is_key_frame_request(event) {
-            return self.parent_event(event);
-        }
+    pub(super) fn session(&self) -> Option<Arc<MediaSession>> {
+        self.shared().session.session()
+    }
+
+    /// Asks the phone for a key frame by RTCP (PLI and FIR), and posts
+    /// `sip-key-frame-request` from `sipsrc` for phones that only take SIP
+    /// INFO `picture_fast_update`.
+    pub(super) fn request_key_frame(&self) {
         let asked = self
             .shared()
             .session
@@ -105,17 +136,6 @@ impl BaseSrcImpl for SipReceiver {
             let s = gst::Structure::new_empty("sip-key-frame-request");
             let _ = owner.post_message(gst::message::Element::builder(s).src(&owner).build());
         }
-        true
-    }
-
-    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.flushing.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.flushing.store(false, Ordering::SeqCst);
-        Ok(())
     }
 }
 
@@ -150,22 +170,13 @@ impl PushSrcImpl for SipReceiver {
                     continue;
                 }
             };
-            match classify(&data) {
-                Datagram::Rtcp => session.on_rtcp_received(from, &data),
-                Datagram::Invalid(e) => {
-                    session.count_invalid();
-                    gst::debug!(
-                        CAT,
-                        imp = self,
-                        "dropped {} bytes from {from}: {e:?}",
-                        data.len()
-                    );
+            if let Some((buffer, caps)) = self.on_datagram(&session, from, &data) {
+                if let Some(caps) = caps
+                    && let Err(e) = self.obj().set_caps(&caps)
+                {
+                    gst::warning!(CAT, imp = self, "cannot switch to {caps}: {e}");
                 }
-                Datagram::Rtp(packet) => {
-                    if let Some(buffer) = self.accept_rtp(&session, from, &packet, &data) {
-                        return Ok(CreateSuccess::NewBuffer(buffer));
-                    }
-                }
+                return Ok(CreateSuccess::NewBuffer(buffer));
             }
         }
     }
@@ -182,15 +193,41 @@ impl SipReceiver {
             .expect("sipsrc hands its settings over at construction")
     }
 
-    /// Checks one datagram; returns the buffer to push, or `None` when it was
-    /// counted and dropped.
+    /// Handles one datagram: RTCP goes to the session, RTP is checked and
+    /// counted. Returns the buffer to push, with its new caps when the
+    /// payload type changed; `None` when there is nothing to push.
+    pub(super) fn on_datagram(
+        &self,
+        session: &MediaSession,
+        from: std::net::SocketAddr,
+        data: &[u8],
+    ) -> Option<(gst::Buffer, Option<gst::Caps>)> {
+        match classify(data) {
+            Datagram::Rtcp => {
+                session.on_rtcp_received(from, data);
+                None
+            }
+            Datagram::Invalid(e) => {
+                session.count_invalid();
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "dropped {} bytes from {from}: {e:?}",
+                    data.len()
+                );
+                None
+            }
+            Datagram::Rtp(packet) => self.accept_rtp(session, from, &packet, data),
+        }
+    }
+
     fn accept_rtp(
         &self,
         session: &MediaSession,
         from: std::net::SocketAddr,
         packet: &rtp_types::RtpPacket,
         data: &[u8],
-    ) -> Option<gst::Buffer> {
+    ) -> Option<(gst::Buffer, Option<gst::Caps>)> {
         let payload_type = packet.payload_type();
         let Some((caps, telephone_event)) = self.shared().caps_for(payload_type) else {
             session.count_unknown_payload_type();
@@ -223,18 +260,12 @@ impl SipReceiver {
         }
         let mut timers = self.timers.lock().unwrap();
         timers.timeout_posted = false;
-        if timers.current_payload_type != Some(payload_type) {
-            timers.current_payload_type = Some(payload_type);
-            drop(timers);
-            if let Err(e) = self.obj().set_caps(&caps) {
-                gst::warning!(
-                    CAT,
-                    imp = self,
-                    "cannot switch to payload type {payload_type}: {e}"
-                );
-            }
-        }
-        Some(gst::Buffer::from_slice(data.to_vec()))
+        let switched = timers.current_payload_type != Some(payload_type);
+        timers.current_payload_type = Some(payload_type);
+        Some((
+            gst::Buffer::from_slice(data.to_vec()),
+            switched.then_some(caps),
+        ))
     }
 
     /// Posts a `sip-dtmf` message (digit, duration-ms) from `sipsrc` when an
@@ -263,7 +294,7 @@ impl SipReceiver {
 
     /// Posts the periodic `sip-rtp-stats` message and, once per silence,
     /// `sip-rtp-timeout`, both from `sipsrc` itself.
-    fn housekeeping(&self, session: &MediaSession) {
+    pub(super) fn housekeeping(&self, session: &MediaSession) {
         let (stats_interval, timeout) = {
             let settings = self.shared().settings.lock().unwrap();
             (settings.stats_interval, settings.timeout)

@@ -1,0 +1,179 @@
+//! `sipsrc shared-threads=true`: the receiving source's work done on the
+//! plugin's shared media threads instead of a thread of its own per call.
+//! A task woken by the socket's readiness handles each datagram as the
+//! receiver's own thread would, and pushes through a pad of no element
+//! into the rest of the bin.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use tokio::io::Interest;
+use tokio::sync::oneshot;
+
+use super::SipReceiver;
+use crate::CAT;
+use crate::media_session::MediaSession;
+
+/// How often statistics and the RTP timeout are looked at.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// Datagrams handled per wake-up before other calls get their turn.
+const BATCH: usize = 32;
+
+pub(super) struct PooledReception {
+    pad: gst::Pad,
+    /// Dropping it stops the task.
+    running: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl PooledReception {
+    pub(super) fn new(receiver: &SipReceiver) -> Self {
+        let weak = receiver.downgrade();
+        let pad = gst::Pad::builder(gst::PadDirection::Src)
+            .name("shared-threads")
+            .event_function(move |_, _, event| {
+                if crate::is_key_frame_request(&event)
+                    && let Some(receiver) = weak.upgrade()
+                {
+                    receiver.imp().request_key_frame();
+                }
+                true
+            })
+            .query_function(|pad, _, query| crate::live_source_query(pad, query).unwrap_or(false))
+            .build();
+        PooledReception {
+            pad,
+            running: Mutex::new(None),
+        }
+    }
+
+    /// Where the received packets leave.
+    pub(super) fn pad(&self) -> &gst::Pad {
+        &self.pad
+    }
+
+    /// Joins the session (READY → PAUSED).
+    pub(super) fn prepare(&self, receiver: &SipReceiver) -> Result<(), gst::ErrorMessage> {
+        receiver.imp().begin()?;
+        let _ = self.pad.set_active(true);
+        Ok(())
+    }
+
+    /// Starts receiving (PAUSED → PLAYING).
+    pub(super) fn start(&self, receiver: &SipReceiver, owner: &gst::Element, eos_on_bye: bool) {
+        let Some(session) = receiver.imp().session() else {
+            return;
+        };
+        let (running, stopped) = oneshot::channel();
+        *self.running.lock().unwrap() = Some(running);
+        let task = Reception {
+            receiver: receiver.clone(),
+            owner: owner.clone(),
+            session,
+            pad: self.pad.clone(),
+            eos_on_bye,
+            announced: false,
+        };
+        crate::MEDIA_POOL.spawn(task.run(stopped));
+    }
+
+    /// Stops receiving (PLAYING → PAUSED).
+    pub(super) fn pause(&self) {
+        self.running.lock().unwrap().take();
+    }
+
+    /// Leaves the session (PAUSED → READY).
+    pub(super) fn release(&self, receiver: &SipReceiver) {
+        self.pause();
+        let _ = self.pad.set_active(false);
+        receiver.imp().end();
+    }
+}
+
+struct Reception {
+    receiver: SipReceiver,
+    owner: gst::Element,
+    session: Arc<MediaSession>,
+    pad: gst::Pad,
+    eos_on_bye: bool,
+    /// Stream-start and segment went out.
+    announced: bool,
+}
+
+impl Reception {
+    async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
+        let readiness = self
+            .session
+            .rtp_socket_for_readiness()
+            .and_then(tokio::net::UdpSocket::from_std);
+        let readiness = match readiness {
+            Ok(readiness) => readiness,
+            Err(e) => {
+                gst::error!(CAT, obj = self.owner, "cannot wait on the RTP socket: {e}");
+                return;
+            }
+        };
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        let mut data = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                _ = housekeeping.tick() => {
+                    self.receiver.imp().housekeeping(&self.session);
+                    if self.eos_on_bye && self.session.bye_received() {
+                        gst::info!(CAT, obj = self.owner, "the peer said BYE: end of stream");
+                        self.pad.push_event(gst::event::Eos::new());
+                        break;
+                    }
+                }
+                ready = readiness.readable() => {
+                    if ready.is_err() {
+                        break;
+                    }
+                    for _ in 0..BATCH {
+                        let session = &self.session;
+                        let received = readiness
+                            .try_io(Interest::READABLE, || session.try_recv_rtp(&mut data));
+                        match received {
+                            Ok(Some(from)) => self.handle(from, &data),
+                            // Rejected by SRTP: counted, nothing to push.
+                            Ok(None) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            // An ICMP error reported on the socket: read on.
+                            Err(e) => gst::debug!(CAT, obj = self.owner, "receive error: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        drop(readiness);
+        self.session.set_rtp_blocking();
+    }
+
+    fn handle(&mut self, from: std::net::SocketAddr, data: &[u8]) {
+        let Some((mut buffer, caps)) = self.receiver.imp().on_datagram(&self.session, from, data)
+        else {
+            return;
+        };
+        if !self.announced {
+            let id = self.pad.create_stream_id(&self.owner, Some("rtp"));
+            self.pad.push_event(gst::event::StreamStart::new(&id));
+        }
+        if let Some(caps) = caps {
+            self.pad.push_event(gst::event::Caps::new(&caps));
+        }
+        if !self.announced {
+            let segment = gst::FormattedSegment::<gst::ClockTime>::new();
+            self.pad.push_event(gst::event::Segment::new(&segment));
+            self.announced = true;
+        }
+        // Stamped with its arrival, as the receiver's own thread would.
+        let buffer_mut = buffer.make_mut();
+        buffer_mut.set_pts(self.owner.current_running_time());
+        if let Err(e) = self.pad.push(buffer) {
+            gst::trace!(CAT, obj = self.owner, "push: {e:?}");
+        }
+    }
+}
