@@ -116,6 +116,7 @@ pub struct SharedPeer {
 impl SharedPeer {
     /// Binds the call's sockets (one per local address) and starts its task.
     pub fn start(events: EventSink) -> Result<SharedPeer, String> {
+        let events = Arc::new(events);
         let certificate = CERTIFICATE
             .clone()
             .ok_or("no DTLS certificate could be made")?;
@@ -158,7 +159,7 @@ impl SharedPeer {
         let task = PeerTask {
             rtc,
             sockets,
-            events,
+            events: events.clone(),
             stats: stats.clone(),
             connected: connected.clone(),
             mid: None,
@@ -169,7 +170,15 @@ impl SharedPeer {
             rates_from: None,
             give_up_at: None,
         };
-        crate::MEDIA_POOL.spawn(task.run(received));
+        let task = crate::MEDIA_POOL.spawn(task.run(received));
+        // A bug in the stack ends this call, not the others, and not silently.
+        crate::MEDIA_POOL.spawn(async move {
+            if task.await.is_err_and(|e| e.is_panic()) {
+                events(PeerEvent::Failed(
+                    "internal error in the WebRTC stack".into(),
+                ));
+            }
+        });
         Ok(SharedPeer {
             commands,
             stats,
@@ -273,7 +282,7 @@ impl Unwrapped {
 struct PeerTask {
     rtc: Rtc,
     sockets: Vec<(SocketAddr, UdpSocket)>,
-    events: EventSink,
+    events: Arc<EventSink>,
     stats: Arc<Mutex<PeerStats>>,
     connected: Arc<AtomicBool>,
     /// The audio media line.
