@@ -107,6 +107,9 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     assert_eq!(line["sip_codec"], "PCMU");
     assert_eq!(line["app_codec"], "OPUS");
     assert_eq!(line["media"], "transcoded");
+    // The bridge asked for what a PCMU phone plays, and the browser's
+    // encoder sent no more.
+    assert_eq!(line["app_audio_bandwidth"], "narrowband", "{line}");
     assert!(
         line["cause"].as_str().unwrap().contains("caller hung up"),
         "{line}"

@@ -754,6 +754,8 @@ impl Call {
             self.record.jitter_ms = stats.get::<f64>("jitter-ms").unwrap_or(0.0);
         }
         self.record.latency = self.media.as_ref().and_then(CallMedia::latency);
+        self.record.app_audio_bandwidth =
+            self.media.as_ref().and_then(CallMedia::app_audio_bandwidth);
         if let Some(media) = self.media.take() {
             media.stop();
         }

@@ -417,6 +417,16 @@ impl CallMedia {
         Some(stats.get::<String>("connection-state").unwrap_or_default())
     }
 
+    /// The audio bandwidth of what the app sends (as the shared WebRTC
+    /// stack reads it from the Opus packets).
+    pub fn app_audio_bandwidth(&self) -> Option<String> {
+        let stats = self.app.as_ref()?.property::<gst::Structure>("stats");
+        stats
+            .get::<String>("receive-audio-bandwidth")
+            .ok()
+            .filter(|b| !b.is_empty())
+    }
+
     /// Whether audio is decoded and encoded again on its way through.
     pub fn transcoding(&self) -> bool {
         !(self.app.is_some() && self.codec == "OPUS")

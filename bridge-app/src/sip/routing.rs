@@ -129,6 +129,9 @@ pub struct CallRecord {
     pub jitter_ms: f64,
     /// How long the bridge held the audio in each direction.
     pub latency: Option<super::media::AudioLatency>,
+    /// The audio bandwidth of the app's Opus (`narrowband` … `fullband`),
+    /// where the WebRTC stack reports it.
+    pub app_audio_bandwidth: Option<String>,
 }
 
 impl CallRecord {
@@ -160,6 +163,7 @@ impl CallRecord {
             packets_lost: 0,
             jitter_ms: 0.0,
             latency: None,
+            app_audio_bandwidth: None,
         }
     }
 }
@@ -204,6 +208,7 @@ impl CallRecord {
                 "jitter_ms": (record.jitter_ms * 100.0).round() / 100.0,
             },
             "latency_ms": record.latency,
+            "app_audio_bandwidth": record.app_audio_bandwidth,
         })
     }
 }
