@@ -35,6 +35,9 @@ static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::
 const REORDER_PACKETS: usize = 2;
 const REORDER_WAIT: Duration = Duration::from_millis(20);
 
+/// Rounds of work str0m wants done at once, before other calls get a turn.
+const IMMEDIATE_ROUNDS: usize = 8;
+
 /// How long ICE may take once both descriptions are known, and how long a
 /// lost connection may take to come back (a phone call survives a short
 /// network outage), before the call fails.
@@ -302,7 +305,7 @@ impl PeerTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buffer = vec![0u8; 2048];
         loop {
-            let deadline = match self.drive() {
+            let deadline = match self.drive_until_waiting() {
                 Ok(deadline) => deadline,
                 Err(reason) => {
                     self.fail(reason);
@@ -348,6 +351,24 @@ impl PeerTask {
                 }
             }
         }
+    }
+
+    /// Drives str0m until it waits for something in the future: work it
+    /// asks for at once (packetizing a frame just written, say) is done
+    /// here, not after a round through the timer.
+    fn drive_until_waiting(&mut self) -> Result<Instant, String> {
+        for _ in 0..IMMEDIATE_ROUNDS {
+            let deadline = self.drive()?;
+            let now = Instant::now();
+            if deadline > now {
+                return Ok(deadline);
+            }
+            self.rtc
+                .handle_input(Input::Timeout(now))
+                .map_err(|e| e.to_string())?;
+        }
+        // Still due: the timer takes it, after the other calls' turn.
+        self.drive()
     }
 
     /// Sends what str0m has to send and hands on its events, up to its next timeout.
