@@ -315,6 +315,7 @@ async fn answer_call(
             version: 1,
         },
         video: None,
+        app_offers_video: false,
         recorder: None,
         fast_update: FastUpdate::new(phone_allows_info),
         answer_expected_in_ack: false,
@@ -487,6 +488,9 @@ struct Call {
     origin: Origin,
     /// The phone's video and the port it arrives on, when bridged.
     video: Option<(PortReservation, CallVideo)>,
+    /// The app's offer carries video (whether or not the phone takes it):
+    /// its WebRTC leg then needs a `webrtcbin`.
+    app_offers_video: bool,
     /// A recorded video call's file (voices and video); audio-only calls
     /// record to WAV in their audio pipeline.
     recorder: Option<Arc<Recorder>>,
@@ -628,7 +632,7 @@ impl Call {
                     &self.shared.config,
                     self.media_events.0.clone(),
                     self.recorder.as_ref(),
-                    self.video.is_some(),
+                    self.video.is_some() || self.app_offers_video,
                 )?);
             }
         }
@@ -1145,6 +1149,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             ..origin
         },
         video: None,
+        app_offers_video: app.wants_video(),
         recorder: None,
         fast_update: FastUpdate::new(false),
         answer_expected_in_ack: false,

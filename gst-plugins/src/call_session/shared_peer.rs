@@ -492,7 +492,7 @@ impl PeerTask {
                             .accept_offer(offer)
                             .map_err(|e| format!("the peer's offer is unusable: {e}"))
                     })
-                    .map(|answer| answer.to_sdp_string());
+                    .map(|answer| with_formats_in_rejected_lines(&answer.to_sdp_string(), &offer));
                 let _ = reply.send(answer);
             }
             Command::RemoteAnswer { answer, reply } => {
@@ -561,6 +561,35 @@ impl PeerTask {
     }
 }
 
+/// A media line the answer rejects (port 0, a video line here) must still
+/// list a format (RFC 3264 §6), or browsers refuse the whole answer: the
+/// first one the offer gave for it.
+fn with_formats_in_rejected_lines(answer: &str, offer: &str) -> String {
+    let offered: Vec<&str> = offer
+        .lines()
+        .filter_map(|line| line.strip_prefix("m="))
+        .map(|media| media.split_whitespace().nth(3).unwrap_or("0"))
+        .collect();
+    let mut index = 0;
+    let mut out = String::with_capacity(answer.len() + 16);
+    for line in answer.split_inclusive('\n') {
+        let text = line.trim_end_matches(['\r', '\n']);
+        if let Some(media) = text.strip_prefix("m=") {
+            let fields: Vec<&str> = media.split_whitespace().collect();
+            if fields.len() == 3 && fields[1] == "0" {
+                let format = offered.get(index).copied().unwrap_or("0");
+                out.push_str(&format!("m={} {format}", fields.join(" ")));
+                out.push_str(&line[text.len()..]);
+                index += 1;
+                continue;
+            }
+            index += 1;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 fn ice_state_name(state: IceConnectionState) -> &'static str {
     match state {
         IceConnectionState::New => "new",
@@ -608,5 +637,79 @@ mod tests {
         // A packet reordered across the boundary does not count as a wrap.
         assert_eq!(time.extend(u32::MAX - 100), u64::from(u32::MAX - 100));
         assert_eq!(time.extend(1920), (1 << 32) + 1920);
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    /// A browser's offer of audio and video (as the SDK makes for a video call).
+    const AUDIO_VIDEO_OFFER: &str = "v=0\r\n\
+o=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0 1\r\n\
+a=msid-semantic: WMS\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=ice-options:trickle\r\n\
+a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n\
+a=setup:actpass\r\n\
+a=mid:0\r\n\
+a=sendrecv\r\n\
+a=msid:- audio0\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 opus/48000/2\r\n\
+a=fmtp:111 minptime=10;useinbandfec=1\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=ssrc:1111 cname:abc\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=ice-options:trickle\r\n\
+a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n\
+a=setup:actpass\r\n\
+a=mid:1\r\n\
+a=sendrecv\r\n\
+a=msid:- video0\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:96 VP8/90000\r\n\
+a=ssrc:2222 cname:abc\r\n";
+
+    #[test]
+    fn an_offer_with_video_is_answered_for_its_audio() {
+        let peer = SharedPeer::start(Box::new(|_| {})).unwrap();
+        let answer = crate::MEDIA_POOL.block_on(peer.answer(AUDIO_VIDEO_OFFER));
+        let answer = answer.expect("an answer");
+        assert!(answer.contains("a=rtpmap:111 opus/48000/2"), "{answer}");
+        assert!(
+            answer.contains("\r\nm=video 0 UDP/TLS/RTP/SAVPF 96\r\n"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn garbage_offers_and_candidates_get_errors() {
+        let peer = SharedPeer::start(Box::new(|_| {})).unwrap();
+        for offer in [
+            "",
+            "v=0\r\nm=audio",
+            "\u{0}\u{1}garbage",
+            AUDIO_VIDEO_OFFER.split_at(200).0,
+        ] {
+            assert!(
+                crate::MEDIA_POOL.block_on(peer.answer(offer)).is_err(),
+                "{offer:?}"
+            );
+        }
+        peer.add_remote_candidate("candidate:not a candidate");
+        let answer = crate::MEDIA_POOL.block_on(peer.answer(AUDIO_VIDEO_OFFER));
+        assert!(answer.is_ok(), "the peer still works: {answer:?}");
     }
 }
