@@ -929,3 +929,26 @@ fn key_frame_requests_cross_in_both_directions() {
         1
     );
 }
+
+/// On the shared threads too, an EOS sent to the pipeline (which finishes
+/// a recording) leaves through `sipsrc`, even before any packet came.
+#[test]
+fn on_shared_threads_an_eos_sent_to_the_pipeline_ends_the_stream() {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "sipsrc local-address=127.0.0.1 stats-interval=0 shared-threads=true payload-map=\"{PCMU}\" \
+         ! fakesink async=false"
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pipeline.send_event(gst::event::Eos::new()));
+    let eos = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(gst::ClockTime::from_seconds(3), &[gst::MessageType::Eos]);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(eos.is_some(), "the EOS reached the sink");
+}

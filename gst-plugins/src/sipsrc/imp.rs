@@ -351,6 +351,16 @@ impl ElementImpl for SipSrc {
         TEMPLATES.as_ref()
     }
 
+    /// An EOS sent to the element (a pipeline's EOS, finishing a
+    /// recording) leaves through the shared threads' pad when they receive.
+    fn send_event(&self, event: gst::Event) -> bool {
+        if self.shared_threads.load(Ordering::SeqCst) && event.type_() == gst::EventType::Eos {
+            self.pooled.end_of_stream(self.obj().upcast_ref());
+            return true;
+        }
+        self.parent_send_event(event)
+    }
+
     /// On the shared threads the receiver's part is done here: a live
     /// source, so no preroll.
     fn change_state(

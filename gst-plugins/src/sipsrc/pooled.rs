@@ -5,6 +5,7 @@
 //! into the rest of the bin.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub(super) struct PooledReception {
     pad: gst::Pad,
     /// Dropping it stops the task.
     running: Mutex<Option<oneshot::Sender<()>>>,
+    /// Stream-start and segment went out.
+    announced: Arc<AtomicBool>,
 }
 
 impl PooledReception {
@@ -46,6 +49,7 @@ impl PooledReception {
         PooledReception {
             pad,
             running: Mutex::new(None),
+            announced: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -74,7 +78,7 @@ impl PooledReception {
             session,
             pad: self.pad.clone(),
             eos_on_bye,
-            announced: false,
+            announced: self.announced.clone(),
         };
         crate::MEDIA_POOL.spawn(task.run(stopped));
     }
@@ -84,10 +88,20 @@ impl PooledReception {
         self.running.lock().unwrap().take();
     }
 
+    /// An EOS sent to `sipsrc` (which finishes a recording): receiving
+    /// stops and the EOS goes downstream, after stream-start and segment
+    /// if nothing was received yet.
+    pub(super) fn end_of_stream(&self, owner: &gst::Element) {
+        self.pause();
+        announce(&self.pad, owner, &self.announced, None);
+        self.pad.push_event(gst::event::Eos::new());
+    }
+
     /// Leaves the session (PAUSED → READY).
     pub(super) fn release(&self, receiver: &SipReceiver) {
         self.pause();
         let _ = self.pad.set_active(false);
+        self.announced.store(false, Ordering::SeqCst);
         receiver.imp().end();
     }
 }
@@ -98,8 +112,7 @@ struct Reception {
     session: Arc<MediaSession>,
     pad: gst::Pad,
     eos_on_bye: bool,
-    /// Stream-start and segment went out.
-    announced: bool,
+    announced: Arc<AtomicBool>,
 }
 
 impl Reception {
@@ -157,23 +170,29 @@ impl Reception {
         else {
             return;
         };
-        if !self.announced {
-            let id = self.pad.create_stream_id(&self.owner, Some("rtp"));
-            self.pad.push_event(gst::event::StreamStart::new(&id));
-        }
-        if let Some(caps) = caps {
-            self.pad.push_event(gst::event::Caps::new(&caps));
-        }
-        if !self.announced {
-            let segment = gst::FormattedSegment::<gst::ClockTime>::new();
-            self.pad.push_event(gst::event::Segment::new(&segment));
-            self.announced = true;
-        }
+        announce(&self.pad, &self.owner, &self.announced, caps);
         // Stamped with its arrival, as the receiver's own thread would.
         let buffer_mut = buffer.make_mut();
         buffer_mut.set_pts(self.owner.current_running_time());
         if let Err(e) = self.pad.push(buffer) {
             gst::trace!(CAT, obj = self.owner, "push: {e:?}");
         }
+    }
+}
+
+/// Stream-start and segment before the first packet (or EOS), and new caps
+/// ahead of the packets they describe.
+fn announce(pad: &gst::Pad, owner: &gst::Element, announced: &AtomicBool, caps: Option<gst::Caps>) {
+    let first = !announced.swap(true, Ordering::SeqCst);
+    if first {
+        let id = pad.create_stream_id(owner, Some("rtp"));
+        pad.push_event(gst::event::StreamStart::new(&id));
+    }
+    if let Some(caps) = caps {
+        pad.push_event(gst::event::Caps::new(&caps));
+    }
+    if first {
+        let segment = gst::FormattedSegment::<gst::ClockTime>::new();
+        pad.push_event(gst::event::Segment::new(&segment));
     }
 }
