@@ -323,6 +323,7 @@ impl SipSrc {
                 if let Some(jitterbuffer) = jitterbuffer.as_ref().filter(|jb| jb.parent().is_some())
                 {
                     let _ = obj.remove(jitterbuffer);
+                    let _ = jitterbuffer.set_state(gst::State::Null);
                 }
                 let _ = ghost.set_target(Some(head));
             }
