@@ -71,6 +71,7 @@ pub type EventSink = Box<dyn Fn(PeerEvent) + Send + Sync>;
 #[derive(Debug, Clone, Default)]
 pub struct PeerStats {
     pub ice_state: &'static str,
+    /// Taken from the peer's flag when read, not kept here.
     pub connected: bool,
     pub packets_sent: u64,
     pub bytes_sent: u64,
@@ -224,7 +225,10 @@ impl SharedPeer {
     }
 
     pub fn stats(&self) -> PeerStats {
-        self.stats.lock().unwrap().clone()
+        PeerStats {
+            connected: self.connected.load(Ordering::Relaxed),
+            ..self.stats.lock().unwrap().clone()
+        }
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
@@ -396,7 +400,6 @@ impl PeerTask {
         match event {
             Event::Connected => {
                 self.connected.store(true, Ordering::Relaxed);
-                self.stats.lock().unwrap().connected = true;
                 (self.events)(PeerEvent::Connected);
             }
             Event::IceConnectionStateChange(state) => {
@@ -553,10 +556,7 @@ impl PeerTask {
 
     fn fail(&mut self, reason: String) {
         self.connected.store(false, Ordering::Relaxed);
-        let mut stats = self.stats.lock().unwrap();
-        stats.connected = false;
-        stats.ice_state = "failed";
-        drop(stats);
+        self.stats.lock().unwrap().ice_state = "failed";
         (self.events)(PeerEvent::Failed(reason));
     }
 }
