@@ -10,7 +10,7 @@ SYSTEM_PACKAGES=(
   libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
-  libbcg729-dev meson ninja-build sox chromium iproute2
+  libbcg729-dev cmake meson ninja-build sox chromium iproute2
   sip-tester kamailio baresip-core baresip-ffmpeg
 )
 

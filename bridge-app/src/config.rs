@@ -49,6 +49,9 @@ pub struct SipSection {
     /// packets go on as they arrive and the app's jitter buffer absorbs
     /// the jitter of both legs.
     pub jitter_buffer_ms: u64,
+    /// Effort of the Opus encoder toward apps, 0 (least CPU) to 10 (best
+    /// quality); 5 by default.
+    pub opus_complexity: u32,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
     /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
@@ -138,6 +141,7 @@ impl Default for SipSection {
             digest_sha256: false,
             rtp_timeout_ms: 30_000,
             jitter_buffer_ms: 0,
+            opus_complexity: crate::sip::media::DEFAULT_OPUS_COMPLEXITY,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
             video: Default::default(),
@@ -350,6 +354,9 @@ impl Config {
         }
         if self.sip.jitter_buffer_ms > 10_000 {
             problems.push("sip.jitter_buffer_ms: at most 10000".into());
+        }
+        if self.sip.opus_complexity > 10 {
+            problems.push("sip.opus_complexity: 0 to 10".into());
         }
         if self.sip.rtp_timeout_ms == 0 {
             problems.push("sip.rtp_timeout_ms: must be more than 0".into());
@@ -571,8 +578,10 @@ department = "Sales"
         let mut config = Config::parse(&text).unwrap();
         config.connectycube.chat_url = "http://wrong".into();
         config.management.listen = Some(([127, 0, 0, 1], 8088).into());
+        config.sip.opus_complexity = 11;
         let problems = config.validate().unwrap_err().0;
         for key in [
+            "sip.opus_complexity",
             "users[1].extension",
             "users[1].login",
             "users[1].password",

@@ -3,6 +3,8 @@
 //! - `sipsrc` / `sipsink`: RTP and RTCP toward SIP phones over one symmetric
 //!   UDP socket pair, shared through a `session` name.
 //! - `g729enc` / `g729dec`: G.729 (Annex A, with Annex B VAD/CNG) on libbcg729.
+//! - `opusvoiceenc` / `opusvoicedec`: Opus at the call's own rate, on the
+//!   libopus built into the plugin.
 //! - `connectycubesink` / `connectycubesrc`: the WebRTC leg toward ConnectyCube
 //!   apps, on one `webrtcbin` per call shared through a `session` name.
 //!
@@ -21,6 +23,9 @@ mod connectycubesrc;
 mod g729dec;
 mod g729enc;
 pub mod media_session;
+mod opus_voice;
+mod opusvoicedec;
+mod opusvoiceenc;
 mod sip_common;
 mod sipsink;
 mod sipsrc;
@@ -159,6 +164,8 @@ fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     g729dec::register(plugin)?;
     connectycubesink::register(plugin)?;
     connectycubesrc::register(plugin)?;
+    opusvoiceenc::register(plugin)?;
+    opusvoicedec::register(plugin)?;
     Ok(())
 }
 

@@ -141,3 +141,22 @@ fn decoder_takes_voice_and_sid_frames_and_drops_stray_bytes() {
     // One voice frame and 3 bytes that are no frame: the frame still decodes.
     assert_eq!(decoded_samples(&mut harness, &[0x33; 13]), 80);
 }
+
+#[test]
+fn decoder_conceals_a_gap() {
+    init();
+    let mut harness = gst_check::Harness::new("g729dec");
+    harness.set_src_caps_str("audio/G729,rate=8000,channels=1");
+    harness.element().unwrap().set_property("plc", true);
+    harness
+        .push(gst::Buffer::from_slice(vec![0x5a; 20]))
+        .unwrap();
+    assert_eq!(harness.pull().unwrap().size() / 2, 160);
+    // 30 ms lost, as a jitter buffer reports it: three frames concealed.
+    harness.push_event(
+        gst::event::Gap::builder(gst::ClockTime::from_mseconds(20))
+            .duration(gst::ClockTime::from_mseconds(30))
+            .build(),
+    );
+    assert_eq!(harness.pull().unwrap().size() / 2, 240);
+}

@@ -52,6 +52,9 @@ struct Args {
     /// `sip.webrtc_stack`): compare the two in one build.
     #[arg(long, value_enum, default_value_t = WebRtcStack::Shared)]
     webrtc_stack: WebRtcStack,
+    /// The bridge's Opus encoder effort, 0 to 10 (its `sip.opus_complexity`).
+    #[arg(long, default_value_t = sip_cc_bridge::sip::media::DEFAULT_OPUS_COMPLEXITY)]
+    opus_complexity: u32,
     /// Keep the bridge's log in this file (its level from `RUST_LOG`).
     #[arg(long)]
     bridge_log: Option<PathBuf>,
@@ -185,11 +188,12 @@ fn start_bridge(
     calls: usize,
     sip: u16,
     sandbox: u16,
-    stack: WebRtcStack,
+    args: &Args,
 ) -> anyhow::Result<Bridge> {
-    let stack = format!("{stack:?}").to_lowercase();
+    let stack = format!("{:?}", args.webrtc_stack).to_lowercase();
+    let complexity = args.opus_complexity;
     let mut config = format!(
-        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nwebrtc_stack = \"{stack}\"\n\n\
+        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nwebrtc_stack = \"{stack}\"\nopus_complexity = {complexity}\n\n\
          [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
          chat_url = \"ws://127.0.0.1:{sandbox}/ws\"\ngateway_login = \"bench-gateway\"\ngateway_password = \"bench\"\n\n\
          [cdr]\npath = \"{}\"\n",
@@ -369,7 +373,7 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sip-cc-bridge-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (sip, sandbox) = (free_port(), free_port());
-    let bridge = start_bridge(&dir, calls, sip, sandbox, args.webrtc_stack)?;
+    let bridge = start_bridge(&dir, calls, sip, sandbox, &args)?;
     let pid = bridge.child.0.id();
     if !wait_for(&bridge.log, Duration::from_secs(60), |l| {
         l.iter().filter(|l| l.contains(": signed in")).count() >= calls

@@ -193,6 +193,7 @@ fn sip_config(config: &Config) -> SipConfig {
         no_answer_timeout: Duration::from_millis(s.no_answer_timeout_ms),
         rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),
         jitter_buffer: Duration::from_millis(s.jitter_buffer_ms),
+        opus_complexity: s.opus_complexity,
         ..SipConfig::embedded_default()
     }
 }

@@ -75,6 +75,8 @@ pub struct SipConfig {
     pub rtp_timeout: Duration,
     /// Jitter buffer on the phone's audio (`sipsrc latency`; zero: none).
     pub jitter_buffer: Duration,
+    /// `opusvoiceenc complexity` of the audio toward apps.
+    pub opus_complexity: u32,
     /// Session interval asked of callers that use session timers (RFC 4028).
     pub session_expires: u32,
     /// The smallest session interval accepted; shorter ones get 422.
@@ -116,6 +118,7 @@ impl SipConfig {
             no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),
             jitter_buffer: Duration::ZERO,
+            opus_complexity: media::DEFAULT_OPUS_COMPLEXITY,
             session_expires: 1800,
             min_session_expires: 90,
         }

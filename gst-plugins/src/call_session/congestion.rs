@@ -201,9 +201,11 @@ impl EncoderControl {
     /// `rate` Hz can use (`maxplaybackrate`); other encoders are left alone.
     /// Returns the bandwidth set.
     pub fn limit_audio_bandwidth(&self, rate: u32) -> Option<&'static str> {
-        if self.name() != "opusenc" {
-            return None;
-        }
+        let property = match self.name().as_str() {
+            "opusenc" => "bandwidth",
+            "opusvoiceenc" => "max-bandwidth",
+            _ => return None,
+        };
         let bandwidth = match rate {
             0..=8000 => "narrowband",
             8001..=12000 => "mediumband",
@@ -211,7 +213,7 @@ impl EncoderControl {
             16001..=24000 => "superwideband",
             _ => "fullband",
         };
-        self.encoder.set_property_from_str("bandwidth", bandwidth);
+        self.encoder.set_property_from_str(property, bandwidth);
         Some(bandwidth)
     }
 
@@ -226,7 +228,7 @@ impl EncoderControl {
 /// it counts kbit/s.
 fn bitrate_property(factory: &str) -> Option<(&'static str, bool)> {
     Some(match factory {
-        "opusenc" | "openh264enc" => ("bitrate", false),
+        "opusenc" | "opusvoiceenc" | "openh264enc" => ("bitrate", false),
         "vp8enc" | "vp9enc" => ("target-bitrate", false),
         "x264enc" | "vtenc_h264" | "vtenc_h264_hw" | "nvh264enc" | "nvv4l2h264enc" => {
             ("bitrate", true)

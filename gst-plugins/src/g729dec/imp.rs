@@ -22,13 +22,7 @@ impl ObjectSubclass for G729Dec {
     type ParentType = gst_audio::AudioDecoder;
 }
 
-impl ObjectImpl for G729Dec {
-    fn constructed(&self) {
-        self.parent_constructed();
-        // Gaps reported by the jitter buffer reach handle_frame as empty buffers.
-        self.obj().set_plc_aware(true);
-    }
-}
+impl ObjectImpl for G729Dec {}
 
 impl GstObjectImpl for G729Dec {}
 
@@ -79,6 +73,9 @@ impl AudioDecoderImpl for G729Dec {
             )
         })?;
         *self.decoder.lock().unwrap() = Some(decoder);
+        // Gaps (from a jitter buffer) reach handle_frame as empty buffers.
+        // Set here: the base class forgets it when it starts.
+        self.obj().set_plc_aware(true);
         Ok(())
     }
 

@@ -1,0 +1,235 @@
+use std::sync::{LazyLock, Mutex};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_audio::prelude::*;
+use gst_audio::subclass::prelude::*;
+use opusic_c::Decoder;
+
+use crate::CAT;
+use crate::opus_voice::{channels, opus_caps, pcm_caps, sample_rate};
+
+/// The longest Opus packet (120 ms), in samples per channel at 48 kHz.
+const MAX_FRAME_SAMPLES: usize = 5760;
+/// The longest gap concealed at once; a longer one is a pause, not a loss.
+const MAX_CONCEALED: gst::ClockTime = gst::ClockTime::from_mseconds(120);
+
+/// The decoder of the negotiated output, and what a packet is decoded into.
+struct State {
+    decoder: Decoder,
+    rate: u32,
+    channel_count: usize,
+    pcm: Vec<u16>,
+}
+
+#[derive(Default)]
+pub struct OpusVoiceDec {
+    state: Mutex<Option<State>>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for OpusVoiceDec {
+    const NAME: &'static str = "GstOpusVoiceDec";
+    type Type = super::OpusVoiceDec;
+    type ParentType = gst_audio::AudioDecoder;
+}
+
+impl ObjectImpl for OpusVoiceDec {}
+
+impl GstObjectImpl for OpusVoiceDec {}
+
+impl ElementImpl for OpusVoiceDec {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Opus voice decoder",
+                "Codec/Decoder/Audio",
+                "Decodes Opus straight to the rate downstream takes, concealing lost packets",
+                "sip-cc-bridge developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &opus_caps(),
+                )
+                .unwrap(),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &pcm_caps(),
+                )
+                .unwrap(),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl OpusVoiceDec {
+    /// The output format: the rate downstream takes (48 kHz if it takes any)
+    /// and the stream's channels (mono unless it says otherwise).
+    fn output_info(&self, caps: &gst::Caps) -> Result<gst_audio::AudioInfo, gst::LoggableError> {
+        let stream_channels = caps
+            .structure(0)
+            .and_then(|s| s.get::<i32>("channels").ok())
+            .unwrap_or(1);
+        let src = self.obj().src_pad().clone();
+        let mut allowed = src
+            .allowed_caps()
+            .unwrap_or_else(|| src.pad_template_caps())
+            .intersect(&pcm_caps());
+        if allowed.is_empty() {
+            return Err(gst::loggable_error!(
+                CAT,
+                "downstream takes no rate Opus decodes to"
+            ));
+        }
+        allowed.truncate();
+        {
+            let s = allowed.make_mut().structure_mut(0).expect("one structure");
+            s.fixate_field_nearest_int("rate", 48000);
+            s.fixate_field_nearest_int("channels", stream_channels);
+        }
+        allowed.fixate();
+        gst_audio::AudioInfo::from_caps(&allowed)
+            .map_err(|_| gst::loggable_error!(CAT, "cannot decode to {allowed}"))
+    }
+
+    /// Decodes the stream of `caps` to the output format downstream takes,
+    /// with a new decoder if that format changed.
+    fn configure(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        let info = self.output_info(caps)?;
+        let channel_count = info.channels() as usize;
+        let mut state = self.state.lock().unwrap();
+        let unchanged = state
+            .as_ref()
+            .is_some_and(|s| s.rate == info.rate() && s.channel_count == channel_count);
+        if !unchanged {
+            let (Some(rate), Some(channels)) =
+                (sample_rate(info.rate()), channels(info.channels()))
+            else {
+                return Err(gst::loggable_error!(CAT, "Opus cannot decode to {info:?}"));
+            };
+            let decoder = Decoder::new(channels, rate)
+                .map_err(|e| gst::loggable_error!(CAT, "libopus: no decoder ({e:?})"))?;
+            *state = Some(State {
+                decoder,
+                rate: info.rate(),
+                channel_count,
+                pcm: vec![0; MAX_FRAME_SAMPLES * channel_count],
+            });
+        }
+        drop(state);
+        self.obj()
+            .set_output_format(&info)
+            .map_err(|_| gst::loggable_error!(CAT, "cannot set the decoded audio format"))
+    }
+}
+
+impl AudioDecoderImpl for OpusVoiceDec {
+    /// Any Opus stream: its `rate` is the rate it was made from, which
+    /// says nothing of the rates it decodes to (unlike the base class's
+    /// proxy, which would ask it to match the rate downstream takes).
+    fn caps(&self, filter: Option<&gst::Caps>) -> gst::Caps {
+        let caps = opus_caps();
+        match filter {
+            Some(filter) => filter.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
+            None => caps,
+        }
+    }
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        // Gaps (from a jitter buffer) reach handle_frame as empty buffers.
+        // Set here: the base class forgets it when it starts.
+        self.obj().set_plc_aware(true);
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.state.lock().unwrap().take();
+        Ok(())
+    }
+
+    fn set_format(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        self.configure(caps)
+    }
+
+    /// Downstream may take another rate now (a reconfigure): the decoder
+    /// follows it.
+    fn negotiate(&self) -> Result<(), gst::LoggableError> {
+        if let Some(caps) = self.obj().sink_pad().current_caps() {
+            self.configure(&caps)?;
+        }
+        self.parent_negotiate()
+    }
+
+    fn handle_frame(
+        &self,
+        buffer: Option<&gst::Buffer>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let Some(buffer) = buffer else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
+        // Decoded at the rate downstream takes now, not the one it took.
+        let obj = self.obj();
+        if obj.src_pad().check_reconfigure() && obj.negotiate().is_err() {
+            obj.src_pad().mark_reconfigure();
+            return Err(gst::FlowError::NotNegotiated);
+        }
+        let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+        let mut guard = self.state.lock().unwrap();
+        let state = guard.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
+        let output_rate = state.rate as usize;
+        let samples_per_channel = if map.is_empty() {
+            // A gap: libopus conceals as much as it lasts, in whole 10 ms
+            // steps (what its concealment takes), up to a bound.
+            let gap = buffer
+                .duration()
+                .unwrap_or(gst::ClockTime::from_mseconds(20));
+            let tens = (gap.min(MAX_CONCEALED).mseconds() / 10).max(1) as usize;
+            let length = tens * output_rate / 100 * state.channel_count;
+            state
+                .decoder
+                .decode_to_slice(&[], &mut state.pcm[..length], false)
+        } else {
+            let packet = map.as_slice();
+            state.decoder.get_nb_samples(packet).and_then(|samples| {
+                let length = samples.min(MAX_FRAME_SAMPLES) * state.channel_count;
+                state
+                    .decoder
+                    .decode_to_slice(packet, &mut state.pcm[..length], false)
+            })
+        };
+        let samples_per_channel = match samples_per_channel {
+            Ok(n) => n,
+            Err(e) => {
+                // A bad packet costs its own audio, not the call.
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "dropping an Opus packet libopus cannot decode ({e:?})"
+                );
+                drop(guard);
+                drop(map);
+                return obj.finish_frame(None, 1);
+            }
+        };
+        let bytes: Vec<u8> = state.pcm[..samples_per_channel * state.channel_count]
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        drop(guard);
+        drop(map);
+        obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1)
+    }
+}

@@ -1,0 +1,236 @@
+//! The Opus elements on the built-in libopus: a tone survives encode →
+//! RTP → decode at the phone rates, the decoder follows the rate downstream
+//! takes, settings change while playing, and bad input costs only itself.
+
+use std::sync::{Arc, Mutex, Once};
+
+use bridge_protocol::opus_fmtp::packet_bandwidth;
+use bridge_protocol::tone::{dominant_frequency, rms};
+use gst::prelude::*;
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstsipcc::register().unwrap();
+    });
+}
+
+/// Runs a pipeline to EOS; returns what its appsink "out" received, and
+/// the caps it received them with.
+fn run(description: &str) -> (Vec<gst::Buffer>, gst::Caps) {
+    init();
+    let pipeline = gst::parse::launch(description)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let sink = pipeline
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    let buffers = Arc::new(Mutex::new(Vec::new()));
+    let collected = buffers.clone();
+    sink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                collected
+                    .lock()
+                    .unwrap()
+                    .push(sample.buffer_owned().unwrap());
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let message = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(20),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("the pipeline ends");
+    assert!(
+        matches!(message.view(), gst::MessageView::Eos(_)),
+        "{message:?}"
+    );
+    let caps = sink.static_pad("sink").unwrap().current_caps().unwrap();
+    pipeline.set_state(gst::State::Null).unwrap();
+    (std::mem::take(&mut *buffers.lock().unwrap()), caps)
+}
+
+fn samples(buffers: &[gst::Buffer]) -> Vec<f32> {
+    buffers
+        .iter()
+        .flat_map(|b| {
+            let map = b.map_readable().unwrap();
+            map.chunks_exact(2)
+                .map(|s| f32::from(i16::from_le_bytes([s[0], s[1]])) / 32768.0)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn rate_of(caps: &gst::Caps) -> i32 {
+    caps.structure(0).unwrap().get::<i32>("rate").unwrap()
+}
+
+#[test]
+fn a_tone_keeps_its_frequency_at_the_phone_rates() {
+    for (rate, frequency) in [(8000, 440.0), (8000, 1000.0), (16000, 1000.0)] {
+        let (out, caps) = run(&format!(
+            "audiotestsrc num-buffers=50 samplesperbuffer={} freq={frequency} volume=0.5 \
+             ! audio/x-raw,format=S16LE,rate={rate},channels=1 ! opusvoiceenc ! rtpopuspay \
+             ! rtpopusdepay ! opusvoicedec ! audio/x-raw,rate={rate},channels=1 ! appsink name=out sync=false",
+            rate / 50
+        ));
+        assert_eq!(rate_of(&caps), rate, "decoded at the phone's rate");
+        let decoded = samples(&out);
+        assert_eq!(
+            decoded.len(),
+            rate as usize,
+            "one second in, one second out"
+        );
+        let settled = &decoded[rate as usize / 5..];
+        let found = dominant_frequency(settled, rate as u32).unwrap();
+        assert!(
+            (found - frequency).abs() < 5.0,
+            "sent {frequency} Hz at {rate} Hz, decoded {found} Hz"
+        );
+        assert!(rms(settled) > 0.1, "the tone keeps its level");
+    }
+}
+
+#[test]
+fn the_decoder_decodes_to_the_rate_downstream_takes() {
+    let (out, caps) = run(
+        "audiotestsrc num-buffers=50 samplesperbuffer=960 freq=600 volume=0.5 \
+         ! audio/x-raw,format=S16LE,rate=48000,channels=1 ! opusvoiceenc ! opusvoicedec \
+         ! audio/x-raw,rate=12000 ! appsink name=out sync=false",
+    );
+    assert_eq!(rate_of(&caps), 12000);
+    let decoded = samples(&out);
+    assert_eq!(decoded.len(), 12000);
+    let found = dominant_frequency(&decoded[2400..], 12000).unwrap();
+    assert!((found - 600.0).abs() < 5.0, "decoded {found} Hz");
+}
+
+#[test]
+fn packets_follow_the_frame_size_and_the_last_one_is_completed() {
+    for (frame_ms, packets) in [(20u64, 50usize), (60, 17)] {
+        // One second in buffers of 30 ms: 60 ms frames leave 40 ms at EOS.
+        let (out, caps) = run(&format!(
+            "audiotestsrc num-buffers=33 samplesperbuffer=240 ! audio/x-raw,format=S16LE,rate=8000,channels=1 \
+             ! opusvoiceenc frame-size={frame_ms} ! appsink name=out sync=false"
+        ));
+        let s = caps.structure(0).unwrap();
+        assert_eq!(s.name(), "audio/x-opus");
+        assert_eq!(s.get::<i32>("channel-mapping-family").unwrap(), 0);
+        assert_eq!(out.len(), packets, "{frame_ms} ms frames");
+        // The first packet is shortened by Opus's lookahead, as opusenc's.
+        assert_eq!(
+            out[2].pts().unwrap() - out[1].pts().unwrap(),
+            gst::ClockTime::from_mseconds(frame_ms)
+        );
+    }
+}
+
+/// Noise (every band busy) in 20 ms buffers at 48 kHz.
+fn noise(buffers: usize) -> Vec<gst::Buffer> {
+    let mut seed = 0x1234_5678u32;
+    (0..buffers)
+        .map(|_| {
+            let bytes: Vec<u8> = (0..960)
+                .flat_map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 16) as i16 / 4).to_le_bytes()
+                })
+                .collect();
+            gst::Buffer::from_slice(bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn bitrate_and_bandwidth_change_while_playing() {
+    init();
+    let mut harness = gst_check::Harness::new("opusvoiceenc");
+    harness.set_src_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=48000,channels=1");
+    let encoder = harness.element().unwrap();
+    encoder.set_property("bitrate", 64_000u32);
+    let encode = |harness: &mut gst_check::Harness, count: usize| -> Vec<gst::Buffer> {
+        noise(count)
+            .into_iter()
+            .map(|buffer| {
+                harness.push(buffer).unwrap();
+                harness.pull().unwrap()
+            })
+            .collect()
+    };
+    let average =
+        |packets: &[gst::Buffer]| packets.iter().map(|p| p.size()).sum::<usize>() / packets.len();
+    let wide = encode(&mut harness, 25);
+    let full_rate = average(&wide[5..]);
+    assert!(
+        wide[5..]
+            .iter()
+            .all(|p| packet_bandwidth(&p.map_readable().unwrap()) == Some("fullband")),
+        "48 kHz noise is sent full band"
+    );
+    // What congestion control and a peer's maxplaybackrate do mid-call.
+    encoder.set_property("bitrate", 12_000u32);
+    encoder.set_property_from_str("max-bandwidth", "narrowband");
+    // SILK narrows its band a step at a time, each over seconds
+    // (TRANSITION_TIME_MS): wide, medium, then narrow.
+    let narrow = encode(&mut harness, 600);
+    let low_rate = average(&narrow[5..]);
+    assert!(
+        low_rate * 3 < full_rate,
+        "{low_rate} bytes per packet at 12 kbit/s, {full_rate} at 64"
+    );
+    assert!(
+        narrow[580..]
+            .iter()
+            .all(|p| packet_bandwidth(&p.map_readable().unwrap()) == Some("narrowband")),
+        "no wider than the peer plays"
+    );
+}
+
+#[test]
+fn the_decoder_drops_a_bad_packet_and_conceals_a_gap() {
+    init();
+    let mut harness = gst_check::Harness::new("opusvoicedec");
+    harness.set_src_caps_str("audio/x-opus,channel-mapping-family=0");
+    harness.set_sink_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=8000,channels=1");
+    let decoder = harness.element().unwrap();
+    decoder.set_property("plc", true);
+    let packet = |bytes: &[u8], ms: u64| {
+        let mut buffer = gst::Buffer::from_slice(bytes.to_vec());
+        let b = buffer.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_mseconds(ms));
+        b.set_duration(gst::ClockTime::from_mseconds(20));
+        buffer
+    };
+    // A CELT 20 ms frame (TOC config 31, one frame): any payload decodes.
+    harness.push(packet(&[0xf8, 0x12, 0x34, 0x56], 0)).unwrap();
+    assert_eq!(harness.pull().unwrap().size(), 160 * 2);
+    // Code 3 with no frames: invalid (RFC 6716 §3.2.5). Dropped, no error.
+    harness.push(packet(&[0xfb, 0x00], 20)).unwrap();
+    harness.push(packet(&[0xf8, 0x9a, 0xbc], 40)).unwrap();
+    assert_eq!(harness.pull().unwrap().size(), 160 * 2);
+    assert_eq!(
+        harness.buffers_in_queue(),
+        0,
+        "the bad packet made no audio"
+    );
+    // 40 ms lost: concealed, as long as the gap.
+    harness.push_event(
+        gst::event::Gap::builder(gst::ClockTime::from_mseconds(60))
+            .duration(gst::ClockTime::from_mseconds(40))
+            .build(),
+    );
+    let concealed = harness.pull().unwrap();
+    assert_eq!(concealed.size(), 320 * 2);
+}
