@@ -716,7 +716,14 @@ impl CallSession {
             .map(|c| MediaKind::of_caps(&c))
             .unwrap_or_default();
         gst::info!(CAT, obj = pad, "receiving {kind:?}");
-        let appsink = gst_app::AppSink::builder().sync(false).build();
+        // Not clocked, no preroll: it starts at once, on its own, before it
+        // joins the pipeline. Changing states from here (webrtcbin's
+        // streaming thread) once it is a child could wait on a pipeline
+        // that is stopping and waiting for this very thread.
+        let appsink = gst_app::AppSink::builder()
+            .sync(false)
+            .async_(false)
+            .build();
         let weak = Arc::downgrade(self);
         appsink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
@@ -737,9 +744,9 @@ impl CallSession {
                 .build(),
         );
         let Some(bin) = self.bin() else { return };
+        let _ = appsink.set_state(gst::State::Playing);
         let _ = bin.pipeline.add(&appsink);
         let _ = pad.link(&appsink.static_pad("sink").unwrap());
-        let _ = appsink.sync_state_with_parent();
         self.inner
             .lock()
             .unwrap()
@@ -1289,8 +1296,13 @@ impl Drop for CallSession {
         if let Some(commands) = self.signalling.lock().unwrap().take() {
             let _ = commands.send(signalling::Command::HangUp);
         }
+        // The last reference may go on one of the pipeline's own streaming
+        // threads (a sample being delivered as the elements let go), which
+        // cannot wait for itself to stop: GStreamer's own thread does it.
         if let Some(bin) = self.bin() {
-            let _ = bin.pipeline.set_state(gst::State::Null);
+            bin.pipeline.call_async(|pipeline| {
+                let _ = pipeline.set_state(gst::State::Null);
+            });
         }
     }
 }
