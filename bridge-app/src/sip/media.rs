@@ -26,7 +26,8 @@ pub struct AudioChain {
     pub decoder: &'static str,
     pub encoder: &'static str,
     pub payloader: &'static str,
-    /// The sample rate the encoder is fed at.
+    /// The sample rate the encoder is fed at; one Opus takes natively
+    /// too, so a call's audio is never resampled.
     pub encoder_rate: u32,
 }
 
@@ -328,7 +329,7 @@ impl CallMedia {
                 // more (saving its bandwidth and our decoding).
                 let playback_rate = match codec {
                     "OPUS" => bridge_protocol::opus_fmtp::FULL_BAND_RATE,
-                    _ => opus_input_rate(chain.encoder_rate),
+                    _ => chain.encoder_rate,
                 };
                 let app_src = format!(
                     "connectycubesrc session={app} webrtc-stack={stack} media=audio max-playback-rate={playback_rate}"
@@ -352,18 +353,20 @@ impl CallMedia {
                     // Opus encoded and decoded at the phone's own rate: no
                     // resampler, whose delay would push the audio off the
                     // packet grid and hold every packet for the next one.
-                    let rate = opus_input_rate(chain.encoder_rate);
+                    let rate = chain.encoder_rate;
                     let complexity = config.opus_complexity;
                     let record = if record_to.is_some() {
                         format!("from_phone. ! {to_recorder} from_app. ! {to_recorder} {recorder}")
                     } else {
                         String::new()
                     };
+                    // Every phone codec's decoder gives 16-bit mono at the
+                    // rate Opus is fed at, and Opus is decoded to the phone
+                    // encoder's rate: nothing to convert either way.
                     format!(
-                        "{receiver} ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,rate={rate},channels=1 \
+                        "{receiver} ! {} ! {} ! audio/x-raw,format=S16LE,rate={rate},channels=1 \
                            ! {split_phone}volume name=to_app ! opusvoiceenc complexity={complexity} ! rtpopuspay pt=111 ! {app_sink} \
-                         {app_src} ! rtpopusdepay ! opusvoicedec ! audio/x-raw,rate={rate},channels=1 ! audioconvert ! audioresample \
-                           ! {split_app}{encode_for_phone} ! {to_phone} {record}",
+                         {app_src} ! rtpopusdepay ! opusvoicedec ! {split_app}{encode_for_phone} ! {to_phone} {record}",
                         chain.depayloader, chain.decoder,
                     )
                 }
@@ -587,15 +590,6 @@ impl Drop for CallMedia {
     }
 }
 
-/// The rate Opus is fed at for a phone codec of `rate`: one Opus takes
-/// natively (8, 12, 16, 24 or 48 kHz), so nothing is resampled.
-fn opus_input_rate(rate: u32) -> u32 {
-    match rate {
-        8000 | 12000 | 16000 | 24000 | 48000 => rate,
-        _ => 48000,
-    }
-}
-
 /// The Opus frame size (ms) closest to the negotiated ptime.
 fn opus_frame_size(ptime: u32) -> u32 {
     [10, 20, 40, 60]
@@ -614,10 +608,13 @@ mod tests {
             if codec.kind == bridge_protocol::codec::MediaKind::Audio
                 && codec.encoding_name != "TELEPHONE-EVENT"
             {
+                let chain = audio_chain(codec.encoding_name)
+                    .unwrap_or_else(|| panic!("{}", codec.encoding_name));
                 assert!(
-                    audio_chain(codec.encoding_name).is_some(),
-                    "{}",
-                    codec.encoding_name
+                    [8000, 12000, 16000, 24000, 48000].contains(&chain.encoder_rate),
+                    "Opus cannot take {}'s {} Hz",
+                    codec.encoding_name,
+                    chain.encoder_rate
                 );
             }
         }
