@@ -72,6 +72,21 @@ pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst:
         .expect("a valid template")
 }
 
+/// The always-present `sink` and `src` pads of a converter (the codecs),
+/// taking `sink` caps and giving `src` caps.
+pub(crate) fn converter_pad_templates(sink: &gst::Caps, src: &gst::Caps) -> Vec<gst::PadTemplate> {
+    [
+        ("sink", gst::PadDirection::Sink, sink),
+        ("src", gst::PadDirection::Src, src),
+    ]
+    .into_iter()
+    .map(|(name, direction, caps)| {
+        gst::PadTemplate::new(name, direction, gst::PadPresence::Always, caps)
+            .expect("a valid template")
+    })
+    .collect()
+}
+
 /// Answers the queries that reach a live source pad pushed from another
 /// thread: live with no latency of its own, and the caps it pushes (or its
 /// template's before the first). `None` for other queries.

@@ -66,26 +66,8 @@ impl ElementImpl for G729Enc {
     }
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
-        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let raw = pcm_caps();
-            let g729 = g729_caps();
-            vec![
-                gst::PadTemplate::new(
-                    "sink",
-                    gst::PadDirection::Sink,
-                    gst::PadPresence::Always,
-                    &raw,
-                )
-                .unwrap(),
-                gst::PadTemplate::new(
-                    "src",
-                    gst::PadDirection::Src,
-                    gst::PadPresence::Always,
-                    &g729,
-                )
-                .unwrap(),
-            ]
-        });
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> =
+            LazyLock::new(|| crate::converter_pad_templates(&pcm_caps(), &g729_caps()));
         TEMPLATES.as_ref()
     }
 }
