@@ -109,9 +109,6 @@ impl SenderFeedback for Feedback {
 }
 
 impl ConnectyCubeSink {
-    /// Congestion control allotted `bitrate` bit/s to this stream: the
-    /// encoder upstream gets it (never more than it was configured with),
-    /// and a `connectycube-bitrate` message says so.
     /// The upstream encoder, found once.
     fn encoder(&self) -> std::sync::MutexGuard<'_, Option<EncoderControl>> {
         let mut encoder = self.encoder.lock().unwrap();
@@ -136,6 +133,9 @@ impl ConnectyCubeSink {
         }
     }
 
+    /// Congestion control allotted `bitrate` bit/s to this stream: the
+    /// encoder upstream gets it (never more than it was configured with),
+    /// and a `connectycube-bitrate` message says so.
     fn steer_encoder(&self, bitrate: u32) {
         let mut encoder = self.encoder();
         let Some(control) = encoder.as_mut() else {

@@ -194,8 +194,9 @@ impl AudioEncoderImpl for OpusVoiceEnc {
             .and_then(|()| encoder.set_bitrate(Bitrate::Value(settings.bitrate)))
             .and_then(|()| encoder.set_max_bandwidth(settings.max_bandwidth.into()))
             .map_err(|e| gst::loggable_error!(CAT, "libopus refused a setting ({e:?})"))?;
-        // Opus's own delay, reported as opusenc does: output timestamps and
-        // the latency then count it.
+        // Opus's own delay (its look-ahead), told to the base class as
+        // opusenc does: the first packet is that much shorter, and
+        // contiguous input timestamps are shifted by it.
         let lookahead = encoder
             .get_look_ahead()
             .map_err(|e| gst::loggable_error!(CAT, "libopus: no lookahead ({e:?})"))?;
@@ -231,29 +232,34 @@ impl AudioEncoderImpl for OpusVoiceEnc {
         let Some(buffer) = buffer else {
             return Ok(gst::FlowSuccess::Ok);
         };
-        let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
-        let mut state = self.state.lock().unwrap();
-        let state = state.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
-        let channel_count = state.encoder.channels() as usize;
-        let samples = map.len() / 2 / channel_count;
-        // The last frame before EOS can be short: Opus takes whole frames
-        // only, so it is completed with silence.
-        state.pcm.clear();
-        state.pcm.extend(
-            map.as_slice()
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]])),
-        );
-        state.pcm.resize(state.frame_samples, 0);
-        drop(map);
-        let length = state
-            .encoder
-            .encode_to_slice(&state.pcm, &mut state.packet)
-            .map_err(|e| {
-                gst::element_imp_error!(self, gst::StreamError::Encode, ["libopus: {e:?}"]);
-                gst::FlowError::Error
-            })?;
-        let packet = gst::Buffer::from_slice(state.packet[..length].to_vec());
+        let (packet, samples) = {
+            let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+            let mut state = self.state.lock().unwrap();
+            let state = state.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
+            let samples = map.len() / 2 / state.encoder.channels() as usize;
+            // The last frame before EOS can be short: Opus takes whole frames
+            // only, so it is completed with silence.
+            state.pcm.clear();
+            state.pcm.extend(
+                map.as_slice()
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]])),
+            );
+            state.pcm.resize(state.frame_samples, 0);
+            let length = state
+                .encoder
+                .encode_to_slice(&state.pcm, &mut state.packet)
+                .map_err(|e| {
+                    gst::element_imp_error!(self, gst::StreamError::Encode, ["libopus: {e:?}"]);
+                    gst::FlowError::Error
+                })?;
+            (
+                gst::Buffer::from_slice(state.packet[..length].to_vec()),
+                samples,
+            )
+        };
+        // Pushed without the state held: downstream may set the bitrate
+        // (congestion control) from this very thread.
         self.obj().finish_frame(Some(packet), samples as i32)
     }
 }
