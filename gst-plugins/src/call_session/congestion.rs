@@ -318,18 +318,23 @@ mod tests {
     #[test]
     fn the_encoder_is_found_through_the_payloader_and_never_raised() {
         gst::init().unwrap();
-        let pipeline = gst::parse::launch(
-            "audiotestsrc ! opusenc bitrate=48000 ! rtpopuspay ! fakesink name=out",
-        )
-        .unwrap()
-        .downcast::<gst::Bin>()
-        .unwrap();
-        let pad = pipeline.by_name("out").unwrap().static_pad("sink").unwrap();
-        let mut control = EncoderControl::find(&pad).expect("opusenc found");
-        assert_eq!(control.name(), "opusenc");
-        assert_eq!(control.apply(20_000), Some(20_000));
-        assert_eq!(control.encoder.property::<i32>("bitrate"), 20_000);
-        assert_eq!(control.apply(20_500), None, "small moves are ignored");
-        assert_eq!(control.apply(500_000), Some(48_000));
+        crate::register().unwrap();
+        for encoder in ["opusenc", "opusvoiceenc"] {
+            let pipeline = gst::parse::launch(&format!(
+                "audiotestsrc ! {encoder} bitrate=48000 ! rtpopuspay ! fakesink name=out"
+            ))
+            .unwrap()
+            .downcast::<gst::Bin>()
+            .unwrap();
+            let pad = pipeline.by_name("out").unwrap().static_pad("sink").unwrap();
+            let mut control = EncoderControl::find(&pad).expect("the encoder found");
+            assert_eq!(control.name(), encoder);
+            assert_eq!(control.apply(20_000), Some(20_000));
+            assert_eq!(read_integer(&control.encoder, "bitrate"), Some(20_000));
+            assert_eq!(control.apply(20_500), None, "small moves are ignored");
+            assert_eq!(control.apply(500_000), Some(48_000));
+            // What a peer's maxplaybackrate of 8000 does.
+            assert_eq!(control.limit_audio_bandwidth(8000), Some("narrowband"));
+        }
     }
 }
