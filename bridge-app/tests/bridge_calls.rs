@@ -531,6 +531,45 @@ fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
 }
 
 #[test]
+fn an_app_video_call_to_a_phone_without_video_carries_both_voices() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    // A desk phone: G.711, no camera, answers at once.
+    let port = bridge.sip_port;
+    let phone = std::thread::spawn(move || {
+        let phone = Baresip::new("alice", "demo", port, 523, "g711");
+        let output = phone.answer_calls(12);
+        let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
+        (heard, output)
+    });
+    let mut bob = bob_calls_registered_alice(&bridge, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut app_heard = None;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
+        if app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) {
+            break;
+        }
+    }
+    // Long enough for the phone's recording to hold the app's voice.
+    std::thread::sleep(Duration::from_secs(3));
+    let received = bob.command(json!({"op": "audioStats"}));
+    let events = bob.command(json!({"op": "events"}));
+    bob.command(json!({"op": "hangUp"}));
+    let (phone_heard, output) = phone.join().unwrap();
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the phone's 523 Hz ({received}; {events})\n{output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
+    );
+}
+
+#[test]
 fn a_recorded_call_holds_both_voices() {
     let _serial = one_at_a_time();
     let dir = tempdir();

@@ -310,6 +310,49 @@ impl CallSession {
 }
 
 impl Bin {
+    /// ConnectyCube's SDK hands a video call's remote stream to the app only
+    /// once it holds a video track: a video offer answered with video we only
+    /// receive, or none, connects and stays silent. Video we do not send is
+    /// answered as a camera that is off (sendrecv, no packets), which gives
+    /// the app its track.
+    fn answer_video_as_a_camera_that_is_off(&self) {
+        let mut has_video = false;
+        for index in 0.. {
+            let Some(transceiver) = self
+                .webrtcbin
+                .emit_by_name::<Option<gst_webrtc::WebRTCRTPTransceiver>>(
+                    "get-transceiver",
+                    &[&index],
+                )
+            else {
+                break;
+            };
+            if transceiver.property::<gst_webrtc::WebRTCKind>("kind")
+                != gst_webrtc::WebRTCKind::Video
+            {
+                continue;
+            }
+            has_video = true;
+            let direction =
+                transceiver.property::<gst_webrtc::WebRTCRTPTransceiverDirection>("direction");
+            if direction == gst_webrtc::WebRTCRTPTransceiverDirection::Recvonly {
+                transceiver.set_property(
+                    "direction",
+                    gst_webrtc::WebRTCRTPTransceiverDirection::Sendrecv,
+                );
+            }
+        }
+        if !has_video {
+            self.webrtcbin.emit_by_name::<glib::Object>(
+                "add-transceiver",
+                &[
+                    &gst_webrtc::WebRTCRTPTransceiverDirection::Sendrecv,
+                    &MediaKind::Video.receive_caps(),
+                ],
+            );
+        }
+    }
+
     fn build(settings: &CallSettings, name: &str) -> Result<Bin, gst::ErrorMessage> {
         let missing = |what: &str| {
             gst::error_msg!(
@@ -902,6 +945,12 @@ impl CallSession {
         }
         let bin = self.bin().ok_or("the call has not started")?;
         self.add_receive_only_transceivers();
+        let offers_video = usable_description(offer_sdp)?
+            .medias()
+            .any(|m| m.media() == Some("video"));
+        if offers_video {
+            bin.answer_video_as_a_camera_that_is_off();
+        }
         self.set_remote(gst_webrtc::WebRTCSDPType::Offer, offer_sdp)
             .await?;
         let answer = bin.promise("create-answer", None).await?;
