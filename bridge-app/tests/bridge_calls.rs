@@ -431,6 +431,21 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
 
 /// Once a phone has registered with the bridge as alice, bob calls her
 /// from Chromium (his microphone a 660 Hz tone) and she answers.
+/// What the app hears, polled until it is within 15 Hz of `hz` or `within`
+/// has passed (then the last reading).
+fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Option<f64> {
+    let deadline = std::time::Instant::now() + within;
+    let mut heard = None;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        heard = app.command(json!({"op": "frequency"})).as_f64();
+        if heard.is_some_and(|f| (f - hz).abs() < 15.0) {
+            break;
+        }
+    }
+    heard
+}
+
 fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPeer {
     assert!(
         bridge
@@ -463,15 +478,7 @@ fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
         (heard, output)
     });
     let mut bob = bob_calls_registered_alice(&bridge, false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut app_heard = None;
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
-        if app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) {
-            break;
-        }
-    }
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
     // The app's network changes: it restarts ICE; the bridge answers and
     // the audio goes on.
     let before = bob.command(json!({"op": "iceUfrags"}));
@@ -543,15 +550,7 @@ fn an_app_video_call_to_a_phone_without_video_carries_both_voices() {
         (heard, output)
     });
     let mut bob = bob_calls_registered_alice(&bridge, true);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut app_heard = None;
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        app_heard = bob.command(json!({"op": "frequency"})).as_f64();
-        if app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) {
-            break;
-        }
-    }
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
     // Long enough for the phone's recording to hold the app's voice.
     std::thread::sleep(Duration::from_secs(3));
     let received = bob.command(json!({"op": "audioStats"}));
