@@ -6,9 +6,10 @@
 //! - app leg: one light WebRTC peer per call in this process (a
 //!   `connectycubesink`/`src` pair answering as the mapped user, Opus; on
 //!   the shared WebRTC stack unless the call has video);
-//! - the bridge runs on its own sandbox with N mapped users;
-//! - CPU, RSS and threads come from `/proc/<bridge pid>`, loss and setup time
-//!   from the bridge's CDR lines.
+//! - the bridge has N mapped users on a sandbox in a process of its own;
+//! - CPU, RSS and threads come from `/proc/<bridge pid>` (RSS and threads
+//!   against the bridge with its users online and no call), loss and setup
+//!   time from the bridge's CDR lines.
 //!
 //! `--smoke` (CI): a few calls, fails unless every call connects.
 
@@ -183,6 +184,28 @@ struct Bridge {
     log: Log,
 }
 
+/// The ConnectyCube sandbox in a process of its own, as the cloud would be:
+/// what it spends serving the apps is not the bridge's.
+fn start_sandbox(port: u16) -> anyhow::Result<Killed> {
+    let exe = std::env::current_exe()?.with_file_name("sip-cc-bridge");
+    let child = Killed(
+        Command::new(&exe)
+            .args(["sandbox", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {} sandbox", exe.display()))?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the sandbox did not start listening on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
 fn start_bridge(
     dir: &Path,
     calls: usize,
@@ -194,7 +217,7 @@ fn start_bridge(
     let complexity = args.opus_complexity;
     let mut config = format!(
         "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nwebrtc_stack = \"{stack}\"\nopus_complexity = {complexity}\n\n\
-         [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
+         [connectycube]\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
          chat_url = \"ws://127.0.0.1:{sandbox}/ws\"\ngateway_login = \"bench-gateway\"\ngateway_password = \"bench\"\n\n\
          [cdr]\npath = \"{}\"\n",
         calls + 10,
@@ -373,16 +396,19 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sip-cc-bridge-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (sip, sandbox) = (free_port(), free_port());
+    let _sandbox = start_sandbox(sandbox)?;
     let bridge = start_bridge(&dir, calls, sip, sandbox, &args)?;
     let pid = bridge.child.0.id();
     if !wait_for(&bridge.log, Duration::from_secs(60), |l| {
-        l.iter().filter(|l| l.contains(": signed in")).count() >= calls
+        l.iter().filter(|l| l.contains(": chat online as ")).count() >= calls
     }) {
-        bail!("the mapped users did not sign in");
+        bail!("the mapped users did not come online");
     }
-    let idle = sample(pid)?;
     let peers = start_peers(calls, sandbox, args.video)?;
     std::thread::sleep(Duration::from_secs(2));
+    // The bridge with every user online and no call: what the calls add
+    // is measured from here.
+    let idle = sample(pid)?;
 
     let sockets: Vec<UdpSocket> = (0..calls)
         .map(|_| {

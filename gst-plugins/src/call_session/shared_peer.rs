@@ -16,6 +16,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
@@ -34,6 +35,9 @@ static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::
 /// the rest.
 const REORDER_PACKETS: usize = 2;
 const REORDER_WAIT: Duration = Duration::from_millis(20);
+
+/// The id str0m's (and browsers') default map gives the media id.
+const MID_EXTENSION: u8 = 4;
 
 /// Rounds of work str0m wants done at once, before other calls get a turn.
 const IMMEDIATE_ROUNDS: usize = 8;
@@ -128,6 +132,11 @@ impl SharedPeer {
             .set_dtls_cert(certificate)
             .clear_codecs()
             .enable_opus(true, false)
+            // The media id only: no transport-wide congestion control (a
+            // voice call's bitrate is the encoder's, and its send register
+            // is 90 KB per call), no audio levels.
+            .clear_extension_map()
+            .set_extension(MID_EXTENSION, Extension::RtpMid)
             .set_reordering_size_audio(REORDER_PACKETS)
             .set_reordering_timeout_audio(Some(REORDER_WAIT))
             .set_stats_interval(Some(Duration::from_secs(1)))

@@ -10,6 +10,8 @@ mod receiver_stats;
 pub mod rtcp;
 mod srtp;
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -32,6 +34,19 @@ pub const RECV_POLL: Duration = Duration::from_millis(20);
 /// After this much silence from the latched address, another source may take over.
 const LATCH_HOLD: Duration = Duration::from_millis(500);
 const MAX_DATAGRAM: usize = 65536;
+
+thread_local! {
+    /// Room for the largest datagram, once per thread rather than per call:
+    /// what is received is copied out before the next receive.
+    static RECEIVE_BUFFER: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// Runs `receive` with this thread's receive buffer; `receive` must not
+/// receive again itself.
+fn with_receive_buffer<R>(receive: impl FnOnce(&mut [u8]) -> R) -> R {
+    RECEIVE_BUFFER.with_borrow_mut(|buffer| receive(buffer))
+}
 
 pub const DEFAULT_RTCP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -324,17 +339,14 @@ impl MediaSession {
         self.protection.lock().unwrap().clone()
     }
 
-    /// With SRTP on, replaces `datagram` by its plain form; `false` when it
+    /// The plain form of `datagram` (itself without SRTP); `None` when it
     /// failed authentication (counted, and reported once).
-    fn unprotect(&self, datagram: &mut Vec<u8>, from: SocketAddr) -> bool {
+    fn unprotect<'a>(&self, datagram: &'a [u8], from: SocketAddr) -> Option<Cow<'a, [u8]>> {
         let Some(protection) = self.protection() else {
-            return true;
+            return Some(Cow::Borrowed(datagram));
         };
         match protection.unprotect(datagram) {
-            Ok(plain) => {
-                *datagram = plain;
-                true
-            }
+            Ok(plain) => Some(Cow::Owned(plain)),
             Err(e) => {
                 let first = {
                     let mut state = self.state.lock().unwrap();
@@ -344,7 +356,7 @@ impl MediaSession {
                 if first {
                     warn(&self.name, &format!("dropped SRTP from {from}: {e}"));
                 }
-                false
+                None
             }
         }
     }
@@ -362,11 +374,14 @@ impl MediaSession {
         }
     }
 
-    /// Receives one datagram on the RTP socket, waiting at most [`RECV_POLL`];
-    /// with SRTP, what comes back is already unprotected (rejected datagrams
-    /// count as nothing received).
-    pub fn recv_rtp(&self, buffer: &mut Vec<u8>) -> io::Result<Option<SocketAddr>> {
-        match self.try_recv_rtp(buffer) {
+    /// Receives one datagram on the RTP socket, waiting at most [`RECV_POLL`],
+    /// and hands it to `on_datagram`; with SRTP, unprotected first (rejected
+    /// datagrams count as nothing received, `None`).
+    pub fn recv_rtp<R>(
+        &self,
+        on_datagram: impl FnOnce(SocketAddr, &[u8]) -> R,
+    ) -> io::Result<Option<R>> {
+        match self.try_recv_rtp(on_datagram) {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -380,13 +395,18 @@ impl MediaSession {
     }
 
     /// As [`Self::recv_rtp`], but nothing to read is `WouldBlock` (on a
-    /// socket made non-blocking by [`Self::rtp_descriptor`]).
-    pub fn try_recv_rtp(&self, buffer: &mut Vec<u8>) -> io::Result<Option<SocketAddr>> {
-        buffer.resize(MAX_DATAGRAM, 0);
-        let (len, from) = self.rtp_socket.recv_from(buffer)?;
-        buffer.truncate(len);
-        let from = canonical(from);
-        Ok(self.unprotect(buffer, from).then_some(from))
+    /// socket made non-blocking by [`Self::rtp_socket_for_readiness`]).
+    pub fn try_recv_rtp<R>(
+        &self,
+        on_datagram: impl FnOnce(SocketAddr, &[u8]) -> R,
+    ) -> io::Result<Option<R>> {
+        with_receive_buffer(|buffer| {
+            let (len, from) = self.rtp_socket.recv_from(buffer)?;
+            let from = canonical(from);
+            Ok(self
+                .unprotect(&buffer[..len], from)
+                .map(|plain| on_datagram(from, &plain)))
+        })
     }
 
     /// A second handle on the RTP socket, for a receiver woken by its
@@ -767,25 +787,29 @@ impl Drop for MediaSession {
 /// randomised to 0.5–1.5 × as RFC 3550 §6.3.1 asks.
 async fn rtcp_task(session: Weak<MediaSession>, socket: Option<UdpSocket>, shutdown: Arc<Notify>) {
     let socket = socket.and_then(|s| tokio::net::UdpSocket::from_std(s).ok());
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
     let mut next_report = tokio::time::Instant::now() + Duration::from_millis(500);
     loop {
-        let receive = async {
+        let readable = async {
             match &socket {
-                Some(s) => s.recv_from(&mut buffer).await,
+                Some(s) => s.readable().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = shutdown.notified() => return,
-            received = receive => {
+            readable = readable => {
                 let Some(session) = session.upgrade() else { return };
-                if let Ok((len, from)) = received {
-                    let mut datagram = buffer[..len].to_vec();
-                    if session.unprotect(&mut datagram, canonical(from)) {
-                        session.on_rtcp_received(from, &datagram);
+                // Only a runtime shutting down fails to wait.
+                let (Some(socket), Ok(())) = (&socket, readable) else { return };
+                // An error (an ICMP report, a spurious wake-up) loses nothing.
+                let _ = with_receive_buffer(|buffer| {
+                    let (len, from) = socket.try_recv_from(buffer)?;
+                    let from = canonical(from);
+                    if let Some(plain) = session.unprotect(&buffer[..len], from) {
+                        session.on_rtcp_received(from, &plain);
                     }
-                }
+                    io::Result::Ok(())
+                });
             }
             _ = tokio::time::sleep_until(next_report) => {
                 let Some(session) = session.upgrade() else { return };

@@ -116,7 +116,7 @@ struct Reception {
 }
 
 impl Reception {
-    async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
+    async fn run(self, mut stopped: oneshot::Receiver<()>) {
         let readiness = self
             .session
             .rtp_socket_for_readiness()
@@ -129,7 +129,6 @@ impl Reception {
             }
         };
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-        let mut data = Vec::new();
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
@@ -146,13 +145,15 @@ impl Reception {
                         break;
                     }
                     for _ in 0..BATCH {
-                        let session = &self.session;
-                        let received = readiness
-                            .try_io(Interest::READABLE, || session.try_recv_rtp(&mut data));
+                        let received = readiness.try_io(Interest::READABLE, || {
+                            self.session.try_recv_rtp(|from, data| {
+                                self.receiver.imp().on_datagram(&self.session, from, data)
+                            })
+                        });
                         match received {
-                            Ok(Some(from)) => self.handle(from, &data),
-                            // Rejected by SRTP: counted, nothing to push.
-                            Ok(None) => {}
+                            Ok(Some(Some((buffer, caps)))) => self.push(buffer, caps),
+                            // Rejected by SRTP, or RTCP: counted, nothing to push.
+                            Ok(_) => {}
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             // An ICMP error reported on the socket: read on.
                             Err(e) => gst::debug!(CAT, obj = self.owner, "receive error: {e}"),
@@ -165,11 +166,7 @@ impl Reception {
         self.session.set_rtp_blocking();
     }
 
-    fn handle(&mut self, from: std::net::SocketAddr, data: &[u8]) {
-        let Some((mut buffer, caps)) = self.receiver.imp().on_datagram(&self.session, from, data)
-        else {
-            return;
-        };
+    fn push(&self, mut buffer: gst::Buffer, caps: Option<gst::Caps>) {
         announce(&self.pad, &self.owner, &self.announced, caps);
         // Stamped with its arrival, as the receiver's own thread would.
         let buffer_mut = buffer.make_mut();

@@ -33,7 +33,6 @@ pub struct SipReceiver {
     shared: OnceLock<Arc<Shared>>,
     flushing: AtomicBool,
     timers: Mutex<Timers>,
-    buffer: Mutex<Vec<u8>>,
     dtmf: Mutex<EventDetector>,
 }
 
@@ -149,34 +148,32 @@ impl PushSrcImpl for SipReceiver {
             .session
             .session()
             .ok_or(gst::FlowError::Flushing)?;
-        let mut data = self.buffer.lock().unwrap();
         loop {
             if self.flushing.load(Ordering::SeqCst) {
                 return Err(gst::FlowError::Flushing);
             }
             self.housekeeping(&session);
-            let from = match session.recv_rtp(&mut data) {
-                Ok(Some(from)) => from,
+            match session.recv_rtp(|from, data| self.on_datagram(&session, from, data)) {
+                Ok(Some(Some((buffer, caps)))) => {
+                    if let Some(caps) = caps
+                        && let Err(e) = self.obj().set_caps(&caps)
+                    {
+                        gst::warning!(CAT, imp = self, "cannot switch to {caps}: {e}");
+                    }
+                    return Ok(CreateSuccess::NewBuffer(buffer));
+                }
+                // RTCP, or a packet rejected: counted, nothing to push.
+                Ok(Some(None)) => {}
                 Ok(None) => {
                     if self.shared().settings.lock().unwrap().eos_on_bye && session.bye_received() {
                         gst::info!(CAT, imp = self, "the peer said BYE: end of stream");
                         return Err(gst::FlowError::Eos);
                     }
-                    continue;
                 }
                 Err(e) => {
                     gst::warning!(CAT, imp = self, "receive error: {e}");
                     std::thread::sleep(crate::media_session::RECV_POLL);
-                    continue;
                 }
-            };
-            if let Some((buffer, caps)) = self.on_datagram(&session, from, &data) {
-                if let Some(caps) = caps
-                    && let Err(e) = self.obj().set_caps(&caps)
-                {
-                    gst::warning!(CAT, imp = self, "cannot switch to {caps}: {e}");
-                }
-                return Ok(CreateSuccess::NewBuffer(buffer));
             }
         }
     }
