@@ -266,7 +266,9 @@ fn start_bridge(
     Ok(bridge)
 }
 
-/// One light WebRTC peer per call: answers as `bench-u<k>` and sends Opus.
+/// One light WebRTC peer per call: answers as `bench-u<k>` and sends Opus
+/// as browsers' WebRTC does (voice mode, 32 kbit/s, no wider than the
+/// bridge's `maxplaybackrate`).
 fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gst::Pipeline>> {
     (1..=calls)
         .map(|k| {
@@ -277,7 +279,7 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
             let stack = if video { "" } else { "webrtc-stack=shared" };
             play(&format!(
                 "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
-                   ! opusenc ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
+                   ! opusenc audio-type=voice bitrate=32000 ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
                  connectycubesrc session=peer-{k} {stack} ! fakesink sync=false async=false{}",
                 if video {
                     format!(

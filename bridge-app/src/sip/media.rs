@@ -158,10 +158,11 @@ pub const COMMON_ELEMENTS: &[&str] = &[
     "rtpopusdepay",
 ];
 
-/// `opusvoiceenc complexity` unless configured: the middle of the range (as
-/// WebRTC on phones), for voice that came through a phone codec; at 8 kHz an
-/// encode costs about a third less than at 10.
-pub const DEFAULT_OPUS_COMPLEXITY: u32 = 5;
+/// `opusvoiceenc complexity` unless configured. Voice that came through a
+/// phone codec loses nothing measurable below the top of the range, and the
+/// encoder is most of a transcoded call's CPU: at 1 an encode costs half of
+/// what it does at 5, a third of 10 (`cargo bench --bench opus_complexity`).
+pub const DEFAULT_OPUS_COMPLEXITY: u32 = 1;
 
 /// Seconds without RTP before a call is ended.
 pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;

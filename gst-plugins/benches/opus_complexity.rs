@@ -1,0 +1,182 @@
+//! What the Opus encoder's `complexity` costs and gives, for the bridge's
+//! transcoded calls: mono voice at the phone's 8 kHz, 20 ms frames, VoIP
+//! mode, 32 kbit/s (`opusvoiceenc`'s defaults). Prints, per complexity, the
+//! CPU time to encode one frame (median of several passes, with its ratio to
+//! complexity 0, so that this noisy machine's speed cancels out) and how far
+//! the decoded voice's spectrum is from the original's.
+//!
+//! `cargo bench -p gst-plugin-sipcc --bench opus_complexity`
+
+use std::time::Instant;
+
+use opusic_c::{Application, Bitrate, Channels, Decoder, Encoder, SampleRate};
+
+const RATE: usize = 8000;
+const FRAME: usize = RATE / 50;
+const SECONDS: usize = 10;
+const PASSES: usize = 5;
+
+/// A voice-like test signal: a glottal pulse train whose pitch glides
+/// between 100 and 220 Hz, shaped by three formants that move from vowel to
+/// vowel, in syllables of about 250 ms with short pauses, and a little
+/// breath noise.
+fn voice() -> Vec<i16> {
+    let mut noise_state = 0x1234_5678_u32;
+    let mut noise = move || {
+        noise_state ^= noise_state << 13;
+        noise_state ^= noise_state >> 17;
+        noise_state ^= noise_state << 5;
+        f64::from(noise_state) / f64::from(u32::MAX) - 0.5
+    };
+    let vowels = [
+        [730.0, 1090.0, 2440.0],
+        [270.0, 2290.0, 3010.0],
+        [570.0, 840.0, 2410.0],
+        [530.0, 1840.0, 2480.0],
+    ];
+    // Two-pole resonators, one per formant.
+    let mut resonators = [[0.0_f64; 2]; 3];
+    let mut phase = 0.0_f64;
+    (0..RATE * SECONDS)
+        .map(|n| {
+            let t = n as f64 / RATE as f64;
+            let syllable = (t * 4.0) as usize;
+            let within = t * 4.0 - syllable as f64;
+            let envelope = if within < 0.8 {
+                (std::f64::consts::PI * within / 0.8).sin()
+            } else {
+                0.0
+            };
+            let pitch = 160.0 + 60.0 * (t * 0.7 * std::f64::consts::TAU).sin();
+            phase += pitch / RATE as f64;
+            let pulse = if phase >= 1.0 {
+                phase -= 1.0;
+                1.0
+            } else {
+                0.0
+            };
+            let mut sample = pulse + 0.02 * noise();
+            let mut output = 0.0;
+            for (resonator, frequency) in resonators.iter_mut().zip(vowels[syllable % 4]) {
+                let radius: f64 = 0.97;
+                let theta = std::f64::consts::TAU * frequency / RATE as f64;
+                let y = sample + 2.0 * radius * theta.cos() * resonator[0]
+                    - radius * radius * resonator[1];
+                resonator[1] = resonator[0];
+                resonator[0] = y;
+                output += y;
+                sample *= 0.5;
+            }
+            (output * envelope * 600.0).clamp(-32000.0, 32000.0) as i16
+        })
+        .collect()
+}
+
+/// Encodes the whole signal once; the packets, and the CPU time per frame.
+fn encode(complexity: u8, signal: &[i16]) -> (Vec<Vec<u8>>, f64) {
+    let mut encoder = Encoder::new(Channels::Mono, SampleRate::Hz8000, Application::Voip)
+        .expect("an Opus encoder");
+    encoder.set_complexity(complexity).expect("a complexity");
+    encoder
+        .set_bitrate(Bitrate::Value(32000))
+        .expect("a bitrate");
+    let mut packet = [0_u8; 1500];
+    let started = Instant::now();
+    let packets: Vec<Vec<u8>> = signal
+        .chunks_exact(FRAME)
+        .map(|frame| {
+            let frame: Vec<u16> = frame.iter().map(|&s| s as u16).collect();
+            let length = encoder
+                .encode_to_slice(&frame, &mut packet)
+                .expect("an encoded frame");
+            packet[..length].to_vec()
+        })
+        .collect();
+    let per_frame = started.elapsed().as_secs_f64() / packets.len() as f64;
+    (packets, per_frame)
+}
+
+/// How far the decoded voice's spectrum is from the original's: the
+/// log-spectral distance in dB, averaged over the frames with voice in them
+/// (lower is closer), at the delay that matches them best (the codec's
+/// look-ahead).
+fn spectral_distance(signal: &[i16], packets: &[Vec<u8>]) -> f64 {
+    let mut decoder = Decoder::new(Channels::Mono, SampleRate::Hz8000).expect("an Opus decoder");
+    let mut decoded = vec![0_u16; signal.len()];
+    for (packet, frame) in packets.iter().zip(decoded.chunks_exact_mut(FRAME)) {
+        decoder
+            .decode_to_slice(packet, frame, false)
+            .expect("a decoded frame");
+    }
+    let decoded: Vec<f64> = decoded.iter().map(|&s| f64::from(s as i16)).collect();
+    let original: Vec<f64> = signal.iter().map(|&s| f64::from(s)).collect();
+    let delay = (0..200)
+        .max_by_key(|&delay| {
+            let correlation: f64 = original
+                .iter()
+                .zip(&decoded[delay..])
+                .map(|(x, y)| x * y)
+                .sum();
+            correlation as i64
+        })
+        .unwrap_or(0);
+    let distances: Vec<f64> = original
+        .chunks_exact(FRAME)
+        .zip(decoded[delay..].chunks_exact(FRAME))
+        .filter(|(x, _)| x.iter().map(|v| v * v).sum::<f64>() / FRAME as f64 > 1e4)
+        .map(|(x, y)| {
+            let (x, y) = (power_spectrum(x), power_spectrum(y));
+            let mean_square: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| (10.0 * ((p + 1.0) / (q + 1.0)).log10()).powi(2))
+                .sum::<f64>()
+                / x.len() as f64;
+            mean_square.sqrt()
+        })
+        .collect();
+    distances.iter().sum::<f64>() / distances.len() as f64
+}
+
+/// The power spectrum of one Hann-windowed frame, 64 bands up to 4 kHz.
+fn power_spectrum(frame: &[f64]) -> Vec<f64> {
+    let n = frame.len() as f64;
+    (1..=64)
+        .map(|band| {
+            let frequency = band as f64 / 128.0;
+            let (mut re, mut im) = (0.0, 0.0);
+            for (k, x) in frame.iter().enumerate() {
+                let window = 0.5 - 0.5 * (std::f64::consts::TAU * k as f64 / n).cos();
+                let angle = std::f64::consts::TAU * frequency * k as f64;
+                re += x * window * angle.cos();
+                im -= x * window * angle.sin();
+            }
+            re * re + im * im
+        })
+        .collect()
+}
+
+fn main() {
+    let signal = voice();
+    println!(
+        "Opus voice encoder, mono 8 kHz, 20 ms frames, VoIP, 32 kbit/s: {SECONDS} s of a voice-like signal, median of {PASSES} passes"
+    );
+    println!(
+        "| complexity | µs per 20 ms frame | × complexity 0 | log-spectral distance of the decoded voice |"
+    );
+    println!("|---|---|---|---|");
+    let mut base = None;
+    for complexity in [0, 1, 2, 3, 4, 5, 6, 8, 10] {
+        let mut passes: Vec<(Vec<Vec<u8>>, f64)> =
+            (0..PASSES).map(|_| encode(complexity, &signal)).collect();
+        passes.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (packets, per_frame) = &passes[PASSES / 2];
+        let base = *base.get_or_insert(*per_frame);
+        println!(
+            "| {complexity} | {:.1} | {:.2} | {:.2} dB |",
+            per_frame * 1e6,
+            per_frame / base,
+            spectral_distance(&signal, packets)
+        );
+    }
+}
