@@ -126,12 +126,19 @@ impl PhoneCodec {
     }
 }
 
+/// A port free for both TCP and UDP (SIP and SIPp take both; the calls'
+/// media sockets take UDP ports from the same range).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The bridge's log lines, collected as they come.
