@@ -10,10 +10,9 @@ use opusic_c::Decoder;
 use crate::CAT;
 use crate::opus_voice::{channels, opus_caps, pcm_caps, sample_rate};
 
-/// The longest Opus packet (120 ms), in samples per channel at 48 kHz.
-const MAX_FRAME_SAMPLES: usize = 5760;
-/// The longest gap concealed at once; a longer one is a pause, not a loss.
-const MAX_CONCEALED: gst::ClockTime = gst::ClockTime::from_mseconds(120);
+/// The longest Opus packet; also the longest gap concealed at once (a
+/// longer one is a pause, not a loss).
+const MAX_FRAME: gst::ClockTime = gst::ClockTime::from_mseconds(120);
 
 /// The decoder of the negotiated output, and what a packet is decoded into.
 struct State {
@@ -110,7 +109,9 @@ impl OpusVoiceDec {
                 decoder,
                 rate: info.rate(),
                 channel_count,
-                pcm: vec![0; MAX_FRAME_SAMPLES * channel_count],
+                // The longest packet at the output rate, not at 48 kHz: a
+                // narrowband call's decoder keeps 2 KB, not 12.
+                pcm: vec![0; max_frame_samples(info.rate()) * channel_count],
             });
         }
         drop(state);
@@ -180,7 +181,7 @@ impl AudioDecoderImpl for OpusVoiceDec {
             let gap = buffer
                 .duration()
                 .unwrap_or(gst::ClockTime::from_mseconds(20));
-            let tens = (gap.min(MAX_CONCEALED).mseconds() / 10).max(1) as usize;
+            let tens = (gap.min(MAX_FRAME).mseconds() / 10).max(1) as usize;
             let length = tens * output_rate / 100 * state.channel_count;
             state
                 .decoder
@@ -188,7 +189,7 @@ impl AudioDecoderImpl for OpusVoiceDec {
         } else {
             let packet = map.as_slice();
             state.decoder.get_nb_samples(packet).and_then(|samples| {
-                let length = samples.min(MAX_FRAME_SAMPLES) * state.channel_count;
+                let length = samples.min(max_frame_samples(state.rate)) * state.channel_count;
                 state
                     .decoder
                     .decode_to_slice(packet, &mut state.pcm[..length], false)
@@ -216,4 +217,9 @@ impl AudioDecoderImpl for OpusVoiceDec {
         drop(map);
         obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1)
     }
+}
+
+/// The samples per channel of the longest packet at `rate`.
+fn max_frame_samples(rate: u32) -> usize {
+    (u64::from(rate) * MAX_FRAME.mseconds() / 1000) as usize
 }
