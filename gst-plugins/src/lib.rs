@@ -11,7 +11,7 @@
 //! Build as a cdylib for `GST_PLUGIN_PATH`, or link the rlib and call
 //! [`plugin_register_static`].
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 
 use gst::prelude::*;
 
@@ -159,7 +159,14 @@ pub fn warm_up(elements: &'static [&'static str]) {
 /// this crate. An installed copy of the plugin found on `GST_PLUGIN_PATH` is
 /// dropped first: two copies would each keep their own session registry, and
 /// a `sipsrc` from one could never share a socket with a `sipsink` from the other.
+/// Safe to call from several threads at once.
 pub fn register() -> Result<(), gst::glib::BoolError> {
+    // One at a time: two callers finding the installed copy would both
+    // remove it, and the second removal would free it under the first.
+    static REGISTERING: Mutex<()> = Mutex::new(());
+    let _registering = REGISTERING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let registry = gst::Registry::get();
     if let Some(installed) = registry.find_plugin("sipcc")
         && installed.filename().is_some()
