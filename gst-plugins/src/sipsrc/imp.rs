@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use gst::glib;
@@ -72,7 +72,7 @@ impl SrcSettings {
 pub(crate) struct Shared {
     pub(super) session: SessionProperties,
     pub(super) settings: Mutex<SrcSettings>,
-    jitterbuffer: OnceLock<glib::WeakRef<gst::Element>>,
+    jitterbuffer: Mutex<Option<glib::WeakRef<gst::Element>>>,
 }
 
 impl Shared {
@@ -87,7 +87,13 @@ impl Shared {
 
     /// Session stats with the jitter buffer's count of late packets.
     pub(super) fn stats_structure(&self, session: &MediaSession) -> gst::Structure {
-        if let Some(jitterbuffer) = self.jitterbuffer.get().and_then(|w| w.upgrade()) {
+        let jitterbuffer = self
+            .jitterbuffer
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|w| w.upgrade());
+        if let Some(jitterbuffer) = jitterbuffer {
             let jb_stats = jitterbuffer.property::<gst::Structure>("stats");
             if let Ok(late) = jb_stats.get::<u64>("num-late") {
                 session.set_late(late);
@@ -99,7 +105,9 @@ impl Shared {
 
 pub struct SipSrc {
     shared: Arc<Shared>,
-    jitterbuffer: Option<gst::Element>,
+    /// Made only while the latency is above 0: a bridge that plays out
+    /// without one saves its 9 KB per call.
+    jitterbuffer: Mutex<Option<gst::Element>>,
     receiver: super::SipReceiver,
     /// The receiver's work on the shared threads, when asked for.
     pooled: PooledReception,
@@ -119,16 +127,9 @@ impl ObjectSubclass for SipSrc {
             .property("name", "receiver")
             .build();
         receiver.imp().set_shared(shared.clone());
-        let jitterbuffer = gst::ElementFactory::make("rtpjitterbuffer")
-            .name("jitterbuffer")
-            .property("latency", DEFAULT_LATENCY_MS)
-            // Lost-packet events let audio decoders conceal the gap.
-            .property("do-lost", true)
-            .build()
-            .ok();
         SipSrc {
             shared,
-            jitterbuffer,
+            jitterbuffer: Mutex::default(),
             pooled: PooledReception::new(&receiver),
             receiver,
             latency: AtomicU32::new(DEFAULT_LATENCY_MS),
@@ -142,27 +143,14 @@ impl ObjectImpl for SipSrc {
         self.parent_constructed();
         let obj = self.obj();
         obj.add(&self.receiver).unwrap();
-        let src = match &self.jitterbuffer {
-            Some(jitterbuffer) => {
-                obj.add(jitterbuffer).unwrap();
-                self.receiver.link(jitterbuffer).unwrap();
-                let _ = self.shared.jitterbuffer.set(jitterbuffer.downgrade());
-                jitterbuffer.static_pad("src").unwrap()
-            }
-            None => {
-                gst::error!(
-                    CAT,
-                    imp = self,
-                    "rtpjitterbuffer (gst-plugins-good) is missing: playing out without a jitter buffer"
-                );
-                self.receiver.static_pad("src").unwrap()
-            }
-        };
+        let src = self.receiver.static_pad("src").unwrap();
         let templ = obj.pad_template("src").unwrap();
         let ghost = gst::GhostPad::builder_from_template_with_target(&templ, &src)
             .unwrap()
             .build();
         obj.add_pad(&ghost).unwrap();
+        // The jitter buffer of the default latency.
+        self.relink();
     }
 
     fn properties() -> &'static [glib::ParamSpec] {
@@ -217,7 +205,7 @@ impl ObjectImpl for SipSrc {
             "latency" => {
                 let latency = value.get::<u32>().unwrap();
                 self.latency.store(latency, Ordering::SeqCst);
-                if let Some(jitterbuffer) = &self.jitterbuffer {
+                if let Some(jitterbuffer) = self.jitterbuffer.lock().unwrap().as_ref() {
                     jitterbuffer.set_property("latency", latency);
                 }
                 self.relink();
@@ -260,6 +248,8 @@ impl ObjectImpl for SipSrc {
         match pspec.name() {
             "latency" => self
                 .jitterbuffer
+                .lock()
+                .unwrap()
                 .as_ref()
                 .map_or(0, |_| self.latency.load(Ordering::SeqCst))
                 .to_value(),
@@ -311,21 +301,54 @@ impl SipSrc {
             &receiver_pad
         };
         let latency = self.latency.load(Ordering::SeqCst);
-        match &self.jitterbuffer {
+        let jitterbuffer = if latency > 0 {
+            let mut kept = self.jitterbuffer.lock().unwrap();
+            if kept.is_none() {
+                *kept = self.make_jitterbuffer(latency);
+            }
+            kept.clone()
+        } else {
+            self.jitterbuffer.lock().unwrap().take()
+        };
+        match jitterbuffer {
             Some(jitterbuffer) if latency > 0 => {
                 if jitterbuffer.parent().is_none() {
-                    let _ = obj.add(jitterbuffer);
+                    let _ = obj.add(&jitterbuffer);
                 }
                 let _ = head.link(&jitterbuffer.static_pad("sink").unwrap());
                 let _ = ghost.set_target(jitterbuffer.static_pad("src").as_ref());
             }
             jitterbuffer => {
-                if let Some(jitterbuffer) = jitterbuffer.as_ref().filter(|jb| jb.parent().is_some())
-                {
-                    let _ = obj.remove(jitterbuffer);
+                if let Some(jitterbuffer) = jitterbuffer.filter(|jb| jb.parent().is_some()) {
+                    let _ = obj.remove(&jitterbuffer);
                     let _ = jitterbuffer.set_state(gst::State::Null);
                 }
                 let _ = ghost.set_target(Some(head));
+            }
+        }
+    }
+
+    /// A jitter buffer of `latency` ms; `None` (said once per try) without
+    /// gst-plugins-good.
+    fn make_jitterbuffer(&self, latency: u32) -> Option<gst::Element> {
+        let made = gst::ElementFactory::make("rtpjitterbuffer")
+            .name("jitterbuffer")
+            .property("latency", latency)
+            // Lost-packet events let audio decoders conceal the gap.
+            .property("do-lost", true)
+            .build();
+        match made {
+            Ok(jitterbuffer) => {
+                *self.shared.jitterbuffer.lock().unwrap() = Some(jitterbuffer.downgrade());
+                Some(jitterbuffer)
+            }
+            Err(_) => {
+                gst::error!(
+                    CAT,
+                    imp = self,
+                    "rtpjitterbuffer (gst-plugins-good) is missing: playing out without a jitter buffer"
+                );
+                None
             }
         }
     }
