@@ -72,7 +72,9 @@ impl SrcSettings {
 pub(crate) struct Shared {
     pub(super) session: SessionProperties,
     pub(super) settings: Mutex<SrcSettings>,
-    jitterbuffer: Mutex<Option<glib::WeakRef<gst::Element>>>,
+    /// Made only while the latency is above 0: a bridge that plays out
+    /// without one saves its 9 KB per call.
+    jitterbuffer: Mutex<Option<gst::Element>>,
 }
 
 impl Shared {
@@ -87,12 +89,7 @@ impl Shared {
 
     /// Session stats with the jitter buffer's count of late packets.
     pub(super) fn stats_structure(&self, session: &MediaSession) -> gst::Structure {
-        let jitterbuffer = self
-            .jitterbuffer
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|w| w.upgrade());
+        let jitterbuffer = self.jitterbuffer.lock().unwrap().clone();
         if let Some(jitterbuffer) = jitterbuffer {
             let jb_stats = jitterbuffer.property::<gst::Structure>("stats");
             if let Ok(late) = jb_stats.get::<u64>("num-late") {
@@ -105,9 +102,6 @@ impl Shared {
 
 pub struct SipSrc {
     shared: Arc<Shared>,
-    /// Made only while the latency is above 0: a bridge that plays out
-    /// without one saves its 9 KB per call.
-    jitterbuffer: Mutex<Option<gst::Element>>,
     receiver: super::SipReceiver,
     /// The receiver's work on the shared threads, when asked for.
     pooled: PooledReception,
@@ -129,7 +123,6 @@ impl ObjectSubclass for SipSrc {
         receiver.imp().set_shared(shared.clone());
         SipSrc {
             shared,
-            jitterbuffer: Mutex::default(),
             pooled: PooledReception::new(&receiver),
             receiver,
             latency: AtomicU32::new(DEFAULT_LATENCY_MS),
@@ -205,7 +198,7 @@ impl ObjectImpl for SipSrc {
             "latency" => {
                 let latency = value.get::<u32>().unwrap();
                 self.latency.store(latency, Ordering::SeqCst);
-                if let Some(jitterbuffer) = self.jitterbuffer.lock().unwrap().as_ref() {
+                if let Some(jitterbuffer) = self.shared.jitterbuffer.lock().unwrap().as_ref() {
                     jitterbuffer.set_property("latency", latency);
                 }
                 self.relink();
@@ -247,6 +240,7 @@ impl ObjectImpl for SipSrc {
         let settings = self.shared.settings.lock().unwrap();
         match pspec.name() {
             "latency" => self
+                .shared
                 .jitterbuffer
                 .lock()
                 .unwrap()
@@ -302,13 +296,13 @@ impl SipSrc {
         };
         let latency = self.latency.load(Ordering::SeqCst);
         let jitterbuffer = if latency > 0 {
-            let mut kept = self.jitterbuffer.lock().unwrap();
+            let mut kept = self.shared.jitterbuffer.lock().unwrap();
             if kept.is_none() {
                 *kept = self.make_jitterbuffer(latency);
             }
             kept.clone()
         } else {
-            self.jitterbuffer.lock().unwrap().take()
+            self.shared.jitterbuffer.lock().unwrap().take()
         };
         match jitterbuffer {
             Some(jitterbuffer) if latency > 0 => {
@@ -331,26 +325,20 @@ impl SipSrc {
     /// A jitter buffer of `latency` ms; `None` (said once per try) without
     /// gst-plugins-good.
     fn make_jitterbuffer(&self, latency: u32) -> Option<gst::Element> {
-        let made = gst::ElementFactory::make("rtpjitterbuffer")
+        gst::ElementFactory::make("rtpjitterbuffer")
             .name("jitterbuffer")
             .property("latency", latency)
             // Lost-packet events let audio decoders conceal the gap.
             .property("do-lost", true)
-            .build();
-        match made {
-            Ok(jitterbuffer) => {
-                *self.shared.jitterbuffer.lock().unwrap() = Some(jitterbuffer.downgrade());
-                Some(jitterbuffer)
-            }
-            Err(_) => {
+            .build()
+            .inspect_err(|_| {
                 gst::error!(
                     CAT,
                     imp = self,
                     "rtpjitterbuffer (gst-plugins-good) is missing: playing out without a jitter buffer"
                 );
-                None
-            }
-        }
+            })
+            .ok()
     }
 }
 
