@@ -937,17 +937,16 @@ impl CallSession {
     }
 
     async fn transport_answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
+        let offers_video = usable_description(offer_sdp)?
+            .medias()
+            .any(|m| m.media() == Some("video"));
         if let Some(peer) = self.shared_peer() {
-            usable_description(offer_sdp)?;
             let answer = peer.answer(offer_sdp).await?;
             self.remote_description_set();
             return Ok(answer);
         }
         let bin = self.bin().ok_or("the call has not started")?;
         self.add_receive_only_transceivers();
-        let offers_video = usable_description(offer_sdp)?
-            .medias()
-            .any(|m| m.media() == Some("video"));
         if offers_video {
             bin.answer_video_as_a_camera_that_is_off();
         }
