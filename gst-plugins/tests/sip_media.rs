@@ -846,6 +846,53 @@ fn send_dtmf_replaces_audio_with_events_that_rtpdtmfdepay_reads() {
     pipeline.set_state(gst::State::Null).unwrap();
 }
 
+/// RTP from another leg (the app's Opus as payload type 111) reaches the
+/// phone numbered by the phone's SDP, marker bit and payload untouched.
+#[test]
+fn packets_leave_with_the_payload_type_the_phones_sdp_gives_their_encoding() {
+    let phone = phone("127.0.0.1");
+    let port = phone.local_addr().unwrap().port();
+    let mut sink = sink_harness(&[(
+        "sdp",
+        &format!(
+            "m=audio {port} RTP/AVP 107 101\r\nc=IN IP4 127.0.0.1\r\na=rtpmap:107 opus/48000/2\r\na=rtpmap:101 telephone-event/8000\r\n"
+        ),
+    )]);
+    sink.set_src_caps_str(
+        "application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload=111",
+    );
+    let sent = rtp_types::RtpPacketBuilder::new()
+        .payload_type(111)
+        .marker_bit(true)
+        .sequence_number(9)
+        .timestamp(960)
+        .ssrc(0xd7)
+        .payload([0x78u8, 1, 2, 3].as_slice())
+        .write_vec()
+        .unwrap();
+    push(&mut sink, sent);
+    let mut received = [0u8; 2048];
+    let (len, _) = phone.recv_from(&mut received).unwrap();
+    let packet = rtp_types::RtpPacket::parse(&received[..len]).unwrap();
+    assert_eq!(packet.payload_type(), 107);
+    assert!(packet.marker_bit());
+    assert_eq!(packet.sequence_number(), 9);
+    assert_eq!(packet.payload(), &[0x78, 1, 2, 3]);
+
+    // An encoding the phone's SDP does not name goes as upstream numbered it.
+    sink.set_src_caps_str(
+        "application/x-rtp,media=audio,encoding-name=PCMU,clock-rate=8000,payload=0",
+    );
+    push(&mut sink, rtp(10, 0xd7, 0));
+    let (len, _) = phone.recv_from(&mut received).unwrap();
+    assert_eq!(
+        rtp_types::RtpPacket::parse(&received[..len])
+            .unwrap()
+            .payload_type(),
+        0
+    );
+}
+
 /// A decoder downstream of `sipsrc` that lost the picture makes the phone
 /// get PLI and FIR about its stream; a PLI from the phone reaches the
 /// encoder upstream of `sipsink` as `GstForceKeyUnit`.

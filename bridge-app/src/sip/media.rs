@@ -336,8 +336,10 @@ impl CallMedia {
                     "connectycubesrc session={app} webrtc-stack={stack} media=audio max-playback-rate={playback_rate}"
                 );
                 if codec == "OPUS" {
-                    // Opus both ways: new RTP headers only, no decoding (but
-                    // for the recording).
+                    // Opus both ways: the packets pass as they are, no
+                    // decoding (but for the recording). Each leg numbers
+                    // them by its own map: the WebRTC stack for the app,
+                    // `sipsink` by the phone's SDP.
                     let record = if record_to.is_some() {
                         format!(
                             "from_phone. ! queue ! rtpopusdepay ! opusvoicedec ! {to_recorder} \
@@ -347,8 +349,8 @@ impl CallMedia {
                         String::new()
                     };
                     format!(
-                        "{receiver} ! {split_phone}rtpopusdepay ! rtpopuspay pt=111 ! valve name=to_app drop=false ! {app_sink} \
-                         {app_src} ! {split_app}rtpopusdepay ! {payloader} ! {to_phone} {record}"
+                        "{receiver} ! {split_phone}valve name=to_app drop=false ! {app_sink} \
+                         {app_src} ! {split_app}{to_phone} {record}"
                     )
                 } else {
                     // Opus encoded and decoded at the phone's own rate: no

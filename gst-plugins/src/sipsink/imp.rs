@@ -8,6 +8,7 @@ use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use bridge_protocol::dtmf::EventSender;
+use bridge_protocol::sdp::PayloadFormat;
 
 use crate::CAT;
 use crate::sip_common::SessionProperties;
@@ -20,11 +21,38 @@ struct Dtmf {
     sender: EventSender,
 }
 
+/// The stream upstream sends, and how the phone numbers it.
+#[derive(Default)]
+struct Outgoing {
+    /// RTP clock rate of the negotiated caps, for the timestamps in Sender Reports.
+    clock_rate: u32,
+    /// Encoding name of the negotiated caps.
+    encoding_name: String,
+    /// The formats of the phone's SDP.
+    phone_formats: Vec<PayloadFormat>,
+    /// The phone's payload type for the caps' encoding: packets leave
+    /// numbered by the phone's map, so RTP from another leg (the app's
+    /// Opus, say) passes through without a payloader.
+    payload_type: Option<u8>,
+}
+
+impl Outgoing {
+    fn update_payload_type(&mut self) {
+        self.payload_type = self
+            .phone_formats
+            .iter()
+            .find(|f| {
+                f.encoding_name.eq_ignore_ascii_case(&self.encoding_name)
+                    && f.clock_rate == self.clock_rate
+            })
+            .map(|f| f.payload_type);
+    }
+}
+
 #[derive(Default)]
 pub struct SipSink {
     session: SessionProperties,
-    /// RTP clock rate of the negotiated caps, for the timestamps in Sender Reports.
-    clock_rate: Mutex<u32>,
+    outgoing: Mutex<Outgoing>,
     dtmf: Mutex<Dtmf>,
 }
 
@@ -80,6 +108,9 @@ impl ObjectImpl for SipSink {
                 .iter()
                 .find(|f| f.encoding_name.eq_ignore_ascii_case("telephone-event"))
                 .map(|f| (f.payload_type, f.clock_rate));
+            let mut outgoing = self.outgoing.lock().unwrap();
+            outgoing.phone_formats = section.formats;
+            outgoing.update_payload_type();
         }
     }
 
@@ -140,11 +171,16 @@ impl BaseSinkImpl for SipSink {
     }
 
     fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
-        let rate = caps
-            .structure(0)
+        let structure = caps.structure(0);
+        let rate = structure
             .and_then(|s| s.get::<i32>("clock-rate").ok())
             .unwrap_or(0);
-        *self.clock_rate.lock().unwrap() = rate.max(0) as u32;
+        let mut outgoing = self.outgoing.lock().unwrap();
+        outgoing.clock_rate = rate.max(0) as u32;
+        outgoing.encoding_name = structure
+            .and_then(|s| s.get::<String>("encoding-name").ok())
+            .unwrap_or_default();
+        outgoing.update_payload_type();
         Ok(())
     }
 
@@ -174,7 +210,7 @@ impl SipSink {
     /// Queues a digit (0–9, *, #, A–D) of at least 40 ms; `false` when the
     /// phone takes no telephone-event, or its rate differs from the stream's.
     fn queue_dtmf(&self, digit: &str, duration_ms: u32) -> bool {
-        let clock_rate = *self.clock_rate.lock().unwrap();
+        let clock_rate = self.outgoing.lock().unwrap().clock_rate;
         let mut dtmf = self.dtmf.lock().unwrap();
         let Some((_, event_rate)) = dtmf.format else {
             gst::warning!(
@@ -219,12 +255,15 @@ impl SipSink {
             );
             return;
         };
-        let clock_rate = *self.clock_rate.lock().unwrap();
+        let (clock_rate, payload_type) = {
+            let outgoing = self.outgoing.lock().unwrap();
+            let payload_type = outgoing.payload_type.unwrap_or(packet.payload_type());
+            (outgoing.clock_rate, payload_type)
+        };
         let event = {
             let mut dtmf = self.dtmf.lock().unwrap();
-            let payload_type = dtmf.format.map(|(pt, _)| pt);
-            match payload_type {
-                Some(pt) if pt != packet.payload_type() => dtmf
+            match dtmf.format.map(|(pt, _)| pt) {
+                Some(pt) if pt != payload_type => dtmf
                     .sender
                     .replace(packet.timestamp())
                     .map(|event| (pt, event)),
@@ -242,9 +281,21 @@ impl SipSink {
                 .write_vec()
                 .ok()
         });
-        let data = event_packet.as_deref().unwrap_or(map.as_slice());
+        let renumbered = (event_packet.is_none() && payload_type != packet.payload_type())
+            .then(|| with_payload_type(map.as_slice(), payload_type));
+        let data = event_packet
+            .as_deref()
+            .or(renumbered.as_deref())
+            .unwrap_or(map.as_slice());
         if let Err(e) = session.send_rtp(data, packet.ssrc(), packet.timestamp(), clock_rate) {
             gst::warning!(CAT, imp = self, "sending RTP failed: {e}");
         }
     }
+}
+
+/// A copy of an RTP packet with another payload type (the marker bit kept).
+fn with_payload_type(packet: &[u8], payload_type: u8) -> Vec<u8> {
+    let mut copy = packet.to_vec();
+    copy[1] = (copy[1] & 0x80) | (payload_type & 0x7f);
+    copy
 }
