@@ -16,62 +16,6 @@ const FRAME: usize = RATE / 50;
 const SECONDS: usize = 10;
 const PASSES: usize = 5;
 
-/// A voice-like test signal: a glottal pulse train whose pitch glides
-/// between 100 and 220 Hz, shaped by three formants that move from vowel to
-/// vowel, in syllables of about 250 ms with short pauses, and a little
-/// breath noise.
-fn voice() -> Vec<i16> {
-    let mut noise_state = 0x1234_5678_u32;
-    let mut noise = move || {
-        noise_state ^= noise_state << 13;
-        noise_state ^= noise_state >> 17;
-        noise_state ^= noise_state << 5;
-        f64::from(noise_state) / f64::from(u32::MAX) - 0.5
-    };
-    let vowels = [
-        [730.0, 1090.0, 2440.0],
-        [270.0, 2290.0, 3010.0],
-        [570.0, 840.0, 2410.0],
-        [530.0, 1840.0, 2480.0],
-    ];
-    // Two-pole resonators, one per formant.
-    let mut resonators = [[0.0_f64; 2]; 3];
-    let mut phase = 0.0_f64;
-    (0..RATE * SECONDS)
-        .map(|n| {
-            let t = n as f64 / RATE as f64;
-            let syllable = (t * 4.0) as usize;
-            let within = t * 4.0 - syllable as f64;
-            let envelope = if within < 0.8 {
-                (std::f64::consts::PI * within / 0.8).sin()
-            } else {
-                0.0
-            };
-            let pitch = 160.0 + 60.0 * (t * 0.7 * std::f64::consts::TAU).sin();
-            phase += pitch / RATE as f64;
-            let pulse = if phase >= 1.0 {
-                phase -= 1.0;
-                1.0
-            } else {
-                0.0
-            };
-            let mut sample = pulse + 0.02 * noise();
-            let mut output = 0.0;
-            for (resonator, frequency) in resonators.iter_mut().zip(vowels[syllable % 4]) {
-                let radius: f64 = 0.97;
-                let theta = std::f64::consts::TAU * frequency / RATE as f64;
-                let y = sample + 2.0 * radius * theta.cos() * resonator[0]
-                    - radius * radius * resonator[1];
-                resonator[1] = resonator[0];
-                resonator[0] = y;
-                output += y;
-                sample *= 0.5;
-            }
-            (output * envelope * 600.0).clamp(-32000.0, 32000.0) as i16
-        })
-        .collect()
-}
-
 /// Encodes the whole signal once; the packets, and the CPU time per frame.
 fn encode(complexity: u8, signal: &[i16]) -> (Vec<Vec<u8>>, f64) {
     let mut encoder = Encoder::new(Channels::Mono, SampleRate::Hz8000, Application::Voip)
@@ -157,7 +101,7 @@ fn power_spectrum(frame: &[f64]) -> Vec<f64> {
 }
 
 fn main() {
-    let signal = voice();
+    let signal = bridge_protocol::tone::voice_like(RATE as u32, SECONDS);
     println!(
         "Opus voice encoder, mono 8 kHz, 20 ms frames, VoIP, 32 kbit/s: {SECONDS} s of a voice-like signal, median of {PASSES} passes"
     );

@@ -273,9 +273,9 @@ fn start_bridge(
     Ok(bridge)
 }
 
-/// One light WebRTC peer per call: answers as `bench-u<k>` and sends Opus
-/// as browsers' WebRTC does (voice mode, 32 kbit/s, no wider than the
-/// bridge's `maxplaybackrate`).
+/// One light WebRTC peer per call: answers as `bench-u<k>` and sends a
+/// voice in Opus as browsers' WebRTC does (voice mode, 32 kbit/s, no wider
+/// than the bridge's `maxplaybackrate`); `Voices` feeds its `appsrc`.
 fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gst::Pipeline>> {
     (1..=calls)
         .map(|k| {
@@ -285,7 +285,8 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
             );
             let stack = if video { "" } else { "webrtc-stack=shared" };
             play(&format!(
-                "audiotestsrc is-live=true freq=660 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=1 \
+                "appsrc name=voice is-live=true do-timestamp=true format=time \
+                   caps=audio/x-raw,format=S16LE,layout=interleaved,rate={VOICE_RATE},channels=1 \
                    ! opusenc audio-type=voice bitrate=32000 ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
                  connectycubesrc session=peer-{k} {stack} ! fakesink sync=false async=false{}",
                 if video {
@@ -303,80 +304,138 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
         .collect()
 }
 
-/// The phone side's RTP: PCMU every 20 ms from each call's socket to the
-/// bridge port the bridge's log names.
-struct Phones {
+/// Something done every 20 ms on a thread of its own, until dropped.
+struct Ticker {
     running: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Phones {
-    fn start(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Phones {
-        let (payload_type, _, clock_units, payload_bytes) = codec.rtp();
+impl Ticker {
+    /// Calls `tick` with the tick's number every 20 ms.
+    fn start(mut tick: impl FnMut(usize) + Send + 'static) -> Ticker {
         let running = Arc::new(AtomicBool::new(true));
         let run = running.clone();
         let thread = std::thread::spawn(move || {
-            let mut targets: HashMap<u16, SocketAddr> = HashMap::new();
-            let mut seq = 0u16;
             let mut next = Instant::now();
-            let mut buffer = [0u8; 1500];
+            let mut count = 0;
             while run.load(Ordering::Relaxed) {
-                if targets.len() < sockets.len() {
-                    for line in log.lock().unwrap().iter() {
-                        let Some((_, rest)) = line.split_once(" local ") else {
-                            continue;
-                        };
-                        let mut words = rest.split_whitespace();
-                        let (Some(local), Some("remote"), Some(remote)) =
-                            (words.next(), words.next(), words.next())
-                        else {
-                            continue;
-                        };
-                        if let (Ok(local), Ok(remote)) =
-                            (local.parse::<SocketAddr>(), remote.parse::<SocketAddr>())
-                        {
-                            targets.insert(remote.port(), local);
-                        }
-                    }
-                }
-                let payload = vec![0x55u8; payload_bytes];
-                let packet = |ssrc: u32| {
-                    rtp_types::RtpPacketBuilder::new()
-                        .payload_type(payload_type)
-                        .sequence_number(seq)
-                        .timestamp(u32::from(seq).wrapping_mul(clock_units))
-                        .ssrc(ssrc)
-                        .payload(payload.as_slice())
-                        .write_vec()
-                        .unwrap()
-                };
-                for socket in &sockets {
-                    let port = socket.local_addr().unwrap().port();
-                    if let Some(target) = targets.get(&port) {
-                        let _ = socket.send_to(&packet(u32::from(port)), target);
-                    }
-                    // What comes back is drained, not judged.
-                    while socket.recv_from(&mut buffer).is_ok() {}
-                }
-                seq = seq.wrapping_add(1);
+                tick(count);
+                count += 1;
                 next += Duration::from_millis(20);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
         });
-        Phones {
+        Ticker {
             running,
             thread: Some(thread),
         }
     }
 }
 
-impl Drop for Phones {
+impl Drop for Ticker {
     fn drop(&mut self) {
         self.running.store(false, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
+}
+
+/// How long the bench's voice lasts before it repeats.
+const VOICE_SECONDS: usize = 10;
+/// The app peers' microphone rate, as a browser's.
+const VOICE_RATE: u32 = 48000;
+
+/// The phone side's RTP every 20 ms, from each call's socket to the bridge
+/// port the bridge's log names: a voice in PCMU (codecs pick their modes by
+/// what they hear, and a tone or silence would cost the bridge less than
+/// speech does), or Opus-sized packets to pass through.
+fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Ticker {
+    let (payload_type, _, clock_units, payload_bytes) = codec.rtp();
+    let voice: Vec<u8> = match codec {
+        PhoneCodec::Pcmu => bridge_protocol::tone::voice_like(8000, VOICE_SECONDS)
+            .into_iter()
+            .map(mu_law)
+            .collect(),
+        PhoneCodec::Opus => vec![0x55; payload_bytes],
+    };
+    let mut targets: HashMap<u16, SocketAddr> = HashMap::new();
+    let mut buffer = [0u8; 1500];
+    Ticker::start(move |tick| {
+        if targets.len() < sockets.len() {
+            for line in log.lock().unwrap().iter() {
+                let Some((_, rest)) = line.split_once(" local ") else {
+                    continue;
+                };
+                let mut words = rest.split_whitespace();
+                let (Some(local), Some("remote"), Some(remote)) =
+                    (words.next(), words.next(), words.next())
+                else {
+                    continue;
+                };
+                if let (Ok(local), Ok(remote)) =
+                    (local.parse::<SocketAddr>(), remote.parse::<SocketAddr>())
+                {
+                    targets.insert(remote.port(), local);
+                }
+            }
+        }
+        let at = tick * payload_bytes % voice.len();
+        let payload = &voice[at..at + payload_bytes];
+        let seq = tick as u16;
+        let packet = |ssrc: u32| {
+            rtp_types::RtpPacketBuilder::new()
+                .payload_type(payload_type)
+                .sequence_number(seq)
+                .timestamp(u32::from(seq).wrapping_mul(clock_units))
+                .ssrc(ssrc)
+                .payload(payload)
+                .write_vec()
+                .unwrap()
+        };
+        for socket in &sockets {
+            let port = socket.local_addr().unwrap().port();
+            if let Some(target) = targets.get(&port) {
+                let _ = socket.send_to(&packet(u32::from(port)), target);
+            }
+            // What comes back is drained, not judged.
+            while socket.recv_from(&mut buffer).is_ok() {}
+        }
+    })
+}
+
+/// The app peers' microphones: 20 ms of the voice into every peer's
+/// `appsrc` every 20 ms.
+fn start_voices(peers: &[gst::Pipeline]) -> Ticker {
+    let sources: Vec<gst_app::AppSrc> = peers
+        .iter()
+        .filter_map(|p| p.by_name("voice").and_downcast())
+        .collect();
+    let voice: Vec<u8> = bridge_protocol::tone::voice_like(VOICE_RATE, VOICE_SECONDS)
+        .into_iter()
+        .flat_map(i16::to_le_bytes)
+        .collect();
+    let frame_bytes = VOICE_RATE as usize / 50 * 2;
+    Ticker::start(move |tick| {
+        let at = tick * frame_bytes % voice.len();
+        for source in &sources {
+            let _ = source.push_buffer(gst::Buffer::from_slice(
+                voice[at..at + frame_bytes].to_vec(),
+            ));
+        }
+    })
+}
+
+/// G.711 µ-law (ITU-T G.711) of one 16-bit sample.
+fn mu_law(sample: i16) -> u8 {
+    const BIAS: i32 = 0x84;
+    const CLIP: i32 = 32635;
+    let sign = if sample < 0 { 0x80 } else { 0 };
+    let magnitude = i32::from(sample).abs().min(CLIP) + BIAS;
+    // The highest set bit among bits 7..=14 of the biased magnitude.
+    let exponent = 31 - (magnitude >> 7).leading_zeros() as i32;
+    let mantissa = (magnitude >> (exponent + 3)) & 0x0f;
+    !(sign | (exponent << 4) as u8 | mantissa as u8)
 }
 
 fn percentile(values: &mut [f64], p: f64) -> f64 {
@@ -414,6 +473,7 @@ fn main() -> anyhow::Result<()> {
         bail!("the mapped users did not come online");
     }
     let peers = start_peers(calls, sandbox, args.video)?;
+    let voices = start_voices(&peers);
     std::thread::sleep(Duration::from_secs(2));
     // The bridge with every user online and no call: what the calls add
     // is measured from here.
@@ -439,7 +499,7 @@ fn main() -> anyhow::Result<()> {
         }))
         .collect();
     std::fs::write(dir.join("calls.csv"), csv)?;
-    let phones = Phones::start(sockets, bridge.log.clone(), args.codec);
+    let phones = start_phones(sockets, bridge.log.clone(), args.codec);
     let (payload_type, rtpmap, ..) = args.codec.rtp();
     let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(if args.video {
         "bench/video-call.xml"
@@ -514,6 +574,7 @@ fn main() -> anyhow::Result<()> {
     let status = sipp.0.wait()?;
     drop(phones);
     drop(cameras);
+    drop(voices);
     drop(peers);
     std::thread::sleep(Duration::from_secs(1));
 
@@ -608,4 +669,33 @@ fn main() -> anyhow::Result<()> {
         bail!("only {} of {calls} calls connected", answered.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// G.711's µ-law expansion, to check the compression against.
+    fn expand(code: u8) -> i32 {
+        let code = !code;
+        let exponent = i32::from((code >> 4) & 0x07);
+        let magnitude = (((i32::from(code & 0x0f) << 3) + 0x84) << exponent) - 0x84;
+        if code & 0x80 != 0 {
+            -magnitude
+        } else {
+            magnitude
+        }
+    }
+
+    #[test]
+    fn mu_law_follows_g711() {
+        assert_eq!(mu_law(0), 0xff);
+        assert_eq!(mu_law(i16::MAX), 0x80);
+        assert_eq!(mu_law(i16::MIN), 0x00);
+        for sample in (-32000..32000).step_by(97) {
+            let error = (expand(mu_law(sample as i16)) - sample).abs();
+            // Half a quantization step of the segment the sample falls in.
+            assert!(error <= (sample.abs() >> 4).max(4), "{sample}: {error}");
+        }
+    }
 }
