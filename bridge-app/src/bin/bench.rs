@@ -42,7 +42,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// The phones' codec: PCMU (transcoded to the app's Opus) or Opus
-    /// (passed through with new RTP headers only).
+    /// (passed through as it is).
     #[arg(long, value_enum, default_value_t = PhoneCodec::Pcmu)]
     codec: PhoneCodec,
     /// Video calls: the phones also send H.264 (640x360, 30 fps), the apps
@@ -56,6 +56,9 @@ struct Args {
     /// The bridge's Opus encoder effort, 0 to 10 (its `sip.opus_complexity`).
     #[arg(long, default_value_t = sip_cc_bridge::sip::media::DEFAULT_OPUS_COMPLEXITY)]
     opus_complexity: u32,
+    /// When in each 20 ms the phones' and the apps' packets go.
+    #[arg(long, value_enum, default_value_t = Pacing::Spread)]
+    pacing: Pacing,
     /// Keep the bridge's log in this file (its level from `RUST_LOG`).
     #[arg(long)]
     bridge_log: Option<PathBuf>,
@@ -273,9 +276,8 @@ fn start_bridge(
     Ok(bridge)
 }
 
-/// One light WebRTC peer per call: answers as `bench-u<k>` and sends a
-/// voice in Opus as browsers' WebRTC does (voice mode, 32 kbit/s, no wider
-/// than the bridge's `maxplaybackrate`); `Voices` feeds its `appsrc`.
+/// One light WebRTC peer per call: answers as `bench-u<k>` and sends the
+/// voice `start_voices` feeds its `appsrc`, already in Opus.
 fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gst::Pipeline>> {
     (1..=calls)
         .map(|k| {
@@ -286,8 +288,8 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
             let stack = if video { "" } else { "webrtc-stack=shared" };
             play(&format!(
                 "appsrc name=voice is-live=true do-timestamp=true format=time \
-                   caps=audio/x-raw,format=S16LE,layout=interleaved,rate={VOICE_RATE},channels=1 \
-                   ! opusenc audio-type=voice bitrate=32000 ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
+                   caps=audio/x-opus,channel-mapping-family=0,channels=1,rate=48000 \
+                   ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
                  connectycubesrc session=peer-{k} {stack} ! fakesink sync=false async=false{}",
                 if video {
                     format!(
@@ -304,25 +306,50 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
         .collect()
 }
 
-/// Something done every 20 ms on a thread of its own, until dropped.
+/// When in each 20 ms the senders' packets go.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pacing {
+    /// Evenly spread, as independent phones' and apps' packets are.
+    Spread,
+    /// All at once: the bridge wakes once for all calls' packets, the best
+    /// case for it.
+    InStep,
+}
+
+/// Something done for each of a number of senders every 20 ms, on a
+/// thread of its own, until dropped.
 struct Ticker {
     running: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ticker {
-    /// Calls `tick` with the tick's number every 20 ms.
-    fn start(mut tick: impl FnMut(usize) + Send + 'static) -> Ticker {
+    /// Calls `turn(period, sender)` for every sender in every 20 ms period.
+    fn start(
+        senders: usize,
+        pacing: Pacing,
+        mut turn: impl FnMut(usize, usize) + Send + 'static,
+    ) -> Ticker {
         let running = Arc::new(AtomicBool::new(true));
         let run = running.clone();
+        let spacing = match pacing {
+            Pacing::Spread => Duration::from_millis(20) / senders.max(1) as u32,
+            Pacing::InStep => Duration::ZERO,
+        };
         let thread = std::thread::spawn(move || {
             let mut next = Instant::now();
-            let mut count = 0;
+            let mut period = 0;
             while run.load(Ordering::Relaxed) {
-                tick(count);
-                count += 1;
-                next += Duration::from_millis(20);
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                for sender in 0..senders {
+                    turn(period, sender);
+                    next += spacing;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                period += 1;
+                if pacing == Pacing::InStep {
+                    next += Duration::from_millis(20);
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
             }
         });
         Ticker {
@@ -350,7 +377,7 @@ const VOICE_RATE: u32 = 48000;
 /// port the bridge's log names: a voice in PCMU (codecs pick their modes by
 /// what they hear, and a tone or silence would cost the bridge less than
 /// speech does), or Opus-sized packets to pass through.
-fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Ticker {
+fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec, pacing: Pacing) -> Ticker {
     let (payload_type, _, clock_units, payload_bytes) = codec.rtp();
     let voice: Vec<u8> = match codec {
         PhoneCodec::Pcmu => bridge_protocol::tone::voice_like(8000, VOICE_SECONDS)
@@ -361,8 +388,8 @@ fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Ticker 
     };
     let mut targets: HashMap<u16, SocketAddr> = HashMap::new();
     let mut buffer = [0u8; 1500];
-    Ticker::start(move |tick| {
-        if targets.len() < sockets.len() {
+    Ticker::start(sockets.len(), pacing, move |period, call| {
+        if call == 0 && targets.len() < sockets.len() {
             for line in log.lock().unwrap().iter() {
                 let Some((_, rest)) = line.split_once(" local ") else {
                     continue;
@@ -380,50 +407,85 @@ fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec) -> Ticker 
                 }
             }
         }
-        let at = tick * payload_bytes % voice.len();
-        let payload = &voice[at..at + payload_bytes];
-        let seq = tick as u16;
-        let packet = |ssrc: u32| {
-            rtp_types::RtpPacketBuilder::new()
+        let at = period * payload_bytes % voice.len();
+        let seq = period as u16;
+        let socket = &sockets[call];
+        let port = socket.local_addr().unwrap().port();
+        if let Some(target) = targets.get(&port) {
+            let packet = rtp_types::RtpPacketBuilder::new()
                 .payload_type(payload_type)
                 .sequence_number(seq)
                 .timestamp(u32::from(seq).wrapping_mul(clock_units))
-                .ssrc(ssrc)
-                .payload(payload)
+                .ssrc(u32::from(port))
+                .payload(&voice[at..at + payload_bytes])
                 .write_vec()
-                .unwrap()
-        };
-        for socket in &sockets {
-            let port = socket.local_addr().unwrap().port();
-            if let Some(target) = targets.get(&port) {
-                let _ = socket.send_to(&packet(u32::from(port)), target);
-            }
-            // What comes back is drained, not judged.
-            while socket.recv_from(&mut buffer).is_ok() {}
+                .unwrap();
+            let _ = socket.send_to(&packet, target);
         }
+        // What comes back is drained, not judged.
+        while socket.recv_from(&mut buffer).is_ok() {}
     })
 }
 
-/// The app peers' microphones: 20 ms of the voice into every peer's
-/// `appsrc` every 20 ms.
-fn start_voices(peers: &[gst::Pipeline]) -> Ticker {
+/// The app peers' microphones: the voice, encoded once as a browser
+/// encodes it (Opus voice mode, 32 kbit/s, 20 ms frames, no wider than the
+/// bridge's `maxplaybackrate`), one packet into each peer's `appsrc` every
+/// 20 ms. The bench encodes nothing per call: what it spends would be taken
+/// from the bridge on this machine, not on an app's phone.
+fn start_voices(
+    peers: &[gst::Pipeline],
+    codec: PhoneCodec,
+    pacing: Pacing,
+) -> anyhow::Result<Ticker> {
     let sources: Vec<gst_app::AppSrc> = peers
         .iter()
         .filter_map(|p| p.by_name("voice").and_downcast())
         .collect();
-    let voice: Vec<u8> = bridge_protocol::tone::voice_like(VOICE_RATE, VOICE_SECONDS)
+    let bandwidth = match codec {
+        PhoneCodec::Pcmu => "narrowband",
+        PhoneCodec::Opus => "fullband",
+    };
+    let packets = encoded_voice(bandwidth)?;
+    Ok(Ticker::start(sources.len(), pacing, move |period, peer| {
+        let packet = packets[period % packets.len()].clone();
+        let _ = sources[peer].push_buffer(gst::Buffer::from_slice(packet));
+    }))
+}
+
+/// `VOICE_SECONDS` of the voice in Opus packets of 20 ms.
+fn encoded_voice(bandwidth: &str) -> anyhow::Result<Vec<Arc<[u8]>>> {
+    let pipeline = gst::parse::launch(&format!(
+        "appsrc name=in format=time caps=audio/x-raw,format=S16LE,layout=interleaved,rate={VOICE_RATE},channels=1 \
+           ! opusenc audio-type=voice bitrate=32000 bandwidth={bandwidth} ! appsink name=out sync=false"
+    ))?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow!("not a pipeline"))?;
+    let input: gst_app::AppSrc = pipeline.by_name("in").and_downcast().context("appsrc")?;
+    let output: gst_app::AppSink = pipeline.by_name("out").and_downcast().context("appsink")?;
+    pipeline.set_state(gst::State::Playing)?;
+    let samples: Vec<u8> = bridge_protocol::tone::voice_like(VOICE_RATE, VOICE_SECONDS)
         .into_iter()
         .flat_map(i16::to_le_bytes)
         .collect();
-    let frame_bytes = VOICE_RATE as usize / 50 * 2;
-    Ticker::start(move |tick| {
-        let at = tick * frame_bytes % voice.len();
-        for source in &sources {
-            let _ = source.push_buffer(gst::Buffer::from_slice(
-                voice[at..at + frame_bytes].to_vec(),
-            ));
-        }
-    })
+    let mut buffer = gst::Buffer::from_mut_slice(samples);
+    let duration = gst::ClockTime::from_seconds(VOICE_SECONDS as u64);
+    buffer.make_mut().set_pts(gst::ClockTime::ZERO);
+    buffer.make_mut().set_duration(duration);
+    input.push_buffer(buffer)?;
+    input.end_of_stream()?;
+    let mut packets = Vec::new();
+    while let Ok(sample) = output.pull_sample() {
+        let map = sample
+            .buffer()
+            .context("a sample without a buffer")?
+            .map_readable()?;
+        packets.push(Arc::from(map.as_slice()));
+    }
+    pipeline.set_state(gst::State::Null)?;
+    if packets.len() < VOICE_SECONDS * 50 - 1 {
+        bail!("the voice encoded to {} packets only", packets.len());
+    }
+    Ok(packets)
 }
 
 /// G.711 µ-law (ITU-T G.711) of one 16-bit sample.
@@ -473,7 +535,7 @@ fn main() -> anyhow::Result<()> {
         bail!("the mapped users did not come online");
     }
     let peers = start_peers(calls, sandbox, args.video)?;
-    let voices = start_voices(&peers);
+    let voices = start_voices(&peers, args.codec, args.pacing)?;
     std::thread::sleep(Duration::from_secs(2));
     // The bridge with every user online and no call: what the calls add
     // is measured from here.
@@ -499,7 +561,7 @@ fn main() -> anyhow::Result<()> {
         }))
         .collect();
     std::fs::write(dir.join("calls.csv"), csv)?;
-    let phones = start_phones(sockets, bridge.log.clone(), args.codec);
+    let phones = start_phones(sockets, bridge.log.clone(), args.codec, args.pacing);
     let (payload_type, rtpmap, ..) = args.codec.rtp();
     let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(if args.video {
         "bench/video-call.xml"
