@@ -287,9 +287,7 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
             );
             let stack = if video { "" } else { "webrtc-stack=shared" };
             play(&format!(
-                "appsrc name=voice is-live=true do-timestamp=true format=time \
-                   caps=audio/x-opus,channel-mapping-family=0,channels=1,rate=48000 \
-                   ! rtpopuspay pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
+                "rtpopuspay name=voice pt=111 ! connectycubesink session=peer-{k} {credentials} {stack} \
                  connectycubesrc session=peer-{k} {stack} ! fakesink sync=false async=false{}",
                 if video {
                     format!(
@@ -309,11 +307,24 @@ fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gs
 /// When in each 20 ms the senders' packets go.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Pacing {
-    /// Evenly spread, as independent phones' and apps' packets are.
+    /// Spread over the 20 ms, as independent phones' and apps' packets
+    /// are: in ten groups, 2 ms apart. (Finer, the bench's own sending
+    /// threads would wake thousands of times a second and take the cores
+    /// from the bridge they measure.)
     Spread,
     /// All at once: the bridge wakes once for all calls' packets, the best
     /// case for it.
     InStep,
+}
+
+impl Pacing {
+    /// Into how many groups, evenly spaced, the senders of a 20 ms period fall.
+    fn groups(self) -> u32 {
+        match self {
+            Pacing::Spread => 10,
+            Pacing::InStep => 1,
+        }
+    }
 }
 
 /// Something done for each of a number of senders every 20 ms, on a
@@ -332,24 +343,22 @@ impl Ticker {
     ) -> Ticker {
         let running = Arc::new(AtomicBool::new(true));
         let run = running.clone();
-        let spacing = match pacing {
-            Pacing::Spread => Duration::from_millis(20) / senders.max(1) as u32,
-            Pacing::InStep => Duration::ZERO,
-        };
+        let groups = pacing.groups();
+        let spacing = Duration::from_millis(20) / groups;
         let thread = std::thread::spawn(move || {
             let mut next = Instant::now();
             let mut period = 0;
             while run.load(Ordering::Relaxed) {
-                for sender in 0..senders {
-                    turn(period, sender);
+                for group in 0..groups as usize {
+                    let first = group * senders / groups as usize;
+                    let last = (group + 1) * senders / groups as usize;
+                    for sender in first..last {
+                        turn(period, sender);
+                    }
                     next += spacing;
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
                 period += 1;
-                if pacing == Pacing::InStep {
-                    next += Duration::from_millis(20);
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                }
             }
         });
         Ticker {
@@ -429,27 +438,57 @@ fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec, pacing: Pa
 
 /// The app peers' microphones: the voice, encoded once as a browser
 /// encodes it (Opus voice mode, 32 kbit/s, 20 ms frames, no wider than the
-/// bridge's `maxplaybackrate`), one packet into each peer's `appsrc` every
-/// 20 ms. The bench encodes nothing per call: what it spends would be taken
-/// from the bridge on this machine, not on an app's phone.
+/// bridge's `maxplaybackrate`), one packet to each peer's payloader every
+/// 20 ms, pushed from one thread. The bench encodes nothing per call and
+/// wakes no thread per call: what it spent would be taken from the bridge
+/// on this machine, not on an app's phone.
 fn start_voices(
     peers: &[gst::Pipeline],
     codec: PhoneCodec,
     pacing: Pacing,
 ) -> anyhow::Result<Ticker> {
-    let sources: Vec<gst_app::AppSrc> = peers
-        .iter()
-        .filter_map(|p| p.by_name("voice").and_downcast())
-        .collect();
     let bandwidth = match codec {
         PhoneCodec::Pcmu => "narrowband",
         PhoneCodec::Opus => "fullband",
     };
     let packets = encoded_voice(bandwidth)?;
-    Ok(Ticker::start(sources.len(), pacing, move |period, peer| {
-        let packet = packets[period % packets.len()].clone();
-        let _ = sources[peer].push_buffer(gst::Buffer::from_slice(packet));
-    }))
+    let caps = gst::Caps::builder("audio/x-opus")
+        .field("channel-mapping-family", 0)
+        .field("channels", 1)
+        .field("rate", 48000)
+        .build();
+    let microphones = peers
+        .iter()
+        .map(|pipeline| {
+            let payloader = pipeline
+                .by_name("voice")
+                .context("a peer without a payloader")?;
+            let microphone = gst::Pad::builder(gst::PadDirection::Src).build();
+            microphone.set_active(true)?;
+            microphone.link(
+                &payloader
+                    .static_pad("sink")
+                    .context("a payloader without a sink")?,
+            )?;
+            microphone.push_event(gst::event::StreamStart::new("voice"));
+            microphone.push_event(gst::event::Caps::new(&caps));
+            let segment = gst::FormattedSegment::<gst::ClockTime>::new();
+            microphone.push_event(gst::event::Segment::new(&segment));
+            Ok((pipeline.clone(), microphone))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Ticker::start(
+        microphones.len(),
+        pacing,
+        move |period, peer| {
+            let (pipeline, microphone) = &microphones[peer];
+            let mut buffer = gst::Buffer::from_slice(packets[period % packets.len()].clone());
+            let buffer_mut = buffer.get_mut().unwrap();
+            buffer_mut.set_pts(pipeline.current_running_time());
+            buffer_mut.set_duration(gst::ClockTime::from_mseconds(20));
+            let _ = microphone.push(buffer);
+        },
+    ))
 }
 
 /// `VOICE_SECONDS` of the voice in Opus packets of 20 ms.
