@@ -22,6 +22,7 @@ mod connectycubesink;
 mod connectycubesrc;
 mod g729dec;
 mod g729enc;
+mod media_pool;
 pub mod media_session;
 mod opus_voice;
 mod opusvoicedec;
@@ -55,15 +56,8 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
 /// shared threads (`webrtc-stack=shared`, `sipsrc shared-threads=true`):
 /// one per core, however many calls. What they push downstream must not
 /// block (no clock-synced sink without a queue in front).
-pub(crate) static MEDIA_POOL: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .thread_name("sipcc-media")
-        .enable_all()
-        .build()
-        .expect("cannot start the plugin's media threads")
-});
+pub(crate) static MEDIA_POOL: LazyLock<media_pool::MediaPool> =
+    LazyLock::new(media_pool::MediaPool::start);
 
 /// The always-present `application/x-rtp` pad of the network elements.
 pub(crate) fn rtp_pad_template(name: &str, direction: gst::PadDirection) -> gst::PadTemplate {

@@ -388,8 +388,9 @@ impl Bin {
 }
 
 impl CallSession {
-    /// Starts the transport and, with credentials, the signalling.
-    pub fn start(self: &Arc<Self>) -> Result<(), gst::ErrorMessage> {
+    /// Starts the transport and, with credentials, the signalling; the
+    /// shared stack's peer runs on the media loop of `element`'s pipeline.
+    pub fn start(self: &Arc<Self>, element: &gst::Element) -> Result<(), gst::ErrorMessage> {
         if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
@@ -400,12 +401,13 @@ impl CallSession {
             }
             Transport::Shared(peer) => {
                 let weak = Arc::downgrade(self);
-                let started = SharedPeer::start(Box::new(move |event| {
+                let events = Box::new(move |event| {
                     if let Some(session) = weak.upgrade() {
                         session.on_peer_event(event);
                     }
-                }))
-                .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
+                });
+                let started = SharedPeer::start(events, crate::MEDIA_POOL.for_element(element))
+                    .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
                 let _ = peer.set(started);
             }
         }

@@ -20,6 +20,7 @@ use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 /// One DTLS certificate for all calls: making a key costs milliseconds of
@@ -123,7 +124,7 @@ pub struct SharedPeer {
 
 impl SharedPeer {
     /// Binds the call's sockets (one per local address) and starts its task.
-    pub fn start(events: EventSink) -> Result<SharedPeer, String> {
+    pub fn start(events: EventSink, media_loop: &Handle) -> Result<SharedPeer, String> {
         let events = Arc::new(events);
         let certificate = CERTIFICATE
             .clone()
@@ -141,7 +142,7 @@ impl SharedPeer {
             .set_reordering_timeout_audio(Some(REORDER_WAIT))
             .set_stats_interval(Some(Duration::from_secs(1)))
             .build(Instant::now());
-        let _guard = crate::MEDIA_POOL.enter();
+        let _guard = media_loop.enter();
         let mut sockets = Vec::new();
         for address in candidate_addresses() {
             let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(address, 0)) else {
@@ -183,9 +184,9 @@ impl SharedPeer {
             rates_from: None,
             give_up_at: None,
         };
-        let task = crate::MEDIA_POOL.spawn(task.run(received));
+        let task = media_loop.spawn(task.run(received));
         // A bug in the stack ends this call, not the others, and not silently.
-        crate::MEDIA_POOL.spawn(async move {
+        media_loop.spawn(async move {
             if task.await.is_err_and(|e| e.is_panic()) {
                 events(PeerEvent::Failed(
                     "internal error in the WebRTC stack".into(),
@@ -693,8 +694,10 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn an_offer_with_video_is_answered_for_its_audio() {
-        let peer = SharedPeer::start(Box::new(|_| {})).unwrap();
-        let answer = crate::MEDIA_POOL.block_on(peer.answer(AUDIO_VIDEO_OFFER));
+        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any()).unwrap();
+        let answer = crate::MEDIA_POOL
+            .any()
+            .block_on(peer.answer(AUDIO_VIDEO_OFFER));
         let answer = answer.expect("an answer");
         assert!(answer.contains("a=rtpmap:111 opus/48000/2"), "{answer}");
         assert!(
@@ -705,7 +708,7 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn garbage_offers_and_candidates_get_errors() {
-        let peer = SharedPeer::start(Box::new(|_| {})).unwrap();
+        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any()).unwrap();
         for offer in [
             "",
             "v=0\r\nm=audio",
@@ -713,12 +716,17 @@ a=ssrc:2222 cname:abc\r\n";
             AUDIO_VIDEO_OFFER.split_at(200).0,
         ] {
             assert!(
-                crate::MEDIA_POOL.block_on(peer.answer(offer)).is_err(),
+                crate::MEDIA_POOL
+                    .any()
+                    .block_on(peer.answer(offer))
+                    .is_err(),
                 "{offer:?}"
             );
         }
         peer.add_remote_candidate("candidate:not a candidate");
-        let answer = crate::MEDIA_POOL.block_on(peer.answer(AUDIO_VIDEO_OFFER));
+        let answer = crate::MEDIA_POOL
+            .any()
+            .block_on(peer.answer(AUDIO_VIDEO_OFFER));
         assert!(answer.is_ok(), "the peer still works: {answer:?}");
     }
 }

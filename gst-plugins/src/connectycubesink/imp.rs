@@ -196,7 +196,7 @@ impl BaseSinkImpl for ConnectyCubeSink {
         self.ended_posted.store(false, Ordering::SeqCst);
         let announced = self.announced_caps.lock().unwrap().clone();
         self.has_caps.store(announced.is_some(), Ordering::SeqCst);
-        call.start()?;
+        call.start(self.obj().upcast_ref())?;
         if let Some(caps) = announced {
             call.set_sender_caps(sender, &caps)?;
         }

@@ -226,7 +226,7 @@ impl ConnectyCubeSrc {
         let rate = self.max_playback_rate.load(Ordering::SeqCst);
         let id = call.add_receiver(*self.media.lock().unwrap(), rate, output);
         *self.receiver.lock().unwrap() = Some(id);
-        call.start()
+        call.start(self.obj().upcast_ref())
     }
 
     fn stop(&self) {

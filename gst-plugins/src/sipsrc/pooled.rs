@@ -80,7 +80,9 @@ impl PooledReception {
             eos_on_bye,
             announced: self.announced.clone(),
         };
-        crate::MEDIA_POOL.spawn(task.run(stopped));
+        crate::MEDIA_POOL
+            .for_element(owner)
+            .spawn(task.run(stopped));
     }
 
     /// Stops receiving (PLAYING → PAUSED).
