@@ -277,7 +277,7 @@ fn start_bridge(
 }
 
 /// One light WebRTC peer per call: answers as `bench-u<k>` and sends the
-/// voice `start_voices` feeds its `appsrc`, already in Opus.
+/// Opus voice `start_voices` pushes into its payloader (`voice`).
 fn start_peers(calls: usize, sandbox: u16, video: bool) -> anyhow::Result<Vec<gst::Pipeline>> {
     (1..=calls)
         .map(|k| {
@@ -395,6 +395,10 @@ fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec, pacing: Pa
             .collect(),
         PhoneCodec::Opus => vec![0x55; payload_bytes],
     };
+    let ports: Vec<u16> = sockets
+        .iter()
+        .map(|s| s.local_addr().map(|a| a.port()).unwrap_or(0))
+        .collect();
     let mut targets: HashMap<u16, SocketAddr> = HashMap::new();
     let mut buffer = [0u8; 1500];
     Ticker::start(sockets.len(), pacing, move |period, call| {
@@ -418,8 +422,7 @@ fn start_phones(sockets: Vec<UdpSocket>, log: Log, codec: PhoneCodec, pacing: Pa
         }
         let at = period * payload_bytes % voice.len();
         let seq = period as u16;
-        let socket = &sockets[call];
-        let port = socket.local_addr().unwrap().port();
+        let (socket, port) = (&sockets[call], ports[call]);
         if let Some(target) = targets.get(&port) {
             let packet = rtp_types::RtpPacketBuilder::new()
                 .payload_type(payload_type)
