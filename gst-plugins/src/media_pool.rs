@@ -2,7 +2,10 @@
 //! runtime) per core, each on a thread of its own. Every task of one
 //! call's pipeline runs on one loop, and a new call goes to the first loop
 //! that is not busy: calls are packed onto as few threads as their load
-//! needs.
+//! needs. A loop counts as busy by its measured load or by its number of
+//! calls, whichever says more: a call rings for seconds before its media
+//! starts, and a burst of new calls must not all land on one loop whose
+//! load has not shown yet (a call stays on its loop for its whole life).
 //!
 //! Why: a wake-up of a thread costs more than a packet's own work on a
 //! virtual machine (on the order of 100 µs here), and one thread woken for
@@ -23,6 +26,11 @@ const LOOP_KEY: &str = "sipcc-media-loop";
 /// while another is less busy: room for its calls' peaks and for the calls
 /// placed before its load shows.
 const BUSY_PERCENT: u32 = 50;
+/// What a call is counted to cost its loop whatever its measured load
+/// (percent of a thread): about a transcoded call's cost on a small virtual
+/// machine, so a loop takes at most `BUSY_PERCENT` calls before the next
+/// loop is used.
+const CALL_PERCENT: u32 = 1;
 /// How often each loop measures its own load.
 const LOAD_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -30,6 +38,20 @@ struct MediaLoop {
     handle: Handle,
     /// The share of the last `LOAD_INTERVAL` its thread spent working, in percent.
     load: Arc<AtomicU32>,
+    /// The pipelines placed on it that still exist.
+    calls: Arc<AtomicU32>,
+}
+
+/// A pipeline's place, kept on the pipeline: dropped with it, it frees the place.
+struct Placement {
+    index: usize,
+    calls: Arc<AtomicU32>,
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        self.calls.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub(crate) struct MediaPool {
@@ -54,7 +76,11 @@ impl MediaPool {
                     .name("sipcc-media".into())
                     .spawn(move || runtime.block_on(std::future::pending::<()>()))
                     .expect("cannot start the plugin's media threads");
-                MediaLoop { handle, load }
+                MediaLoop {
+                    handle,
+                    load,
+                    calls: Arc::new(AtomicU32::new(0)),
+                }
             })
             .collect();
         MediaPool {
@@ -71,12 +97,14 @@ impl MediaPool {
             top = parent;
         }
         let _placing = self.placing.lock().unwrap();
-        // SAFETY: LOOP_KEY is set and read here only, always as a usize.
-        let placed = unsafe { top.data::<usize>(LOOP_KEY).map(|index| *index.as_ref()) };
+        // SAFETY: LOOP_KEY is set and read here only, always as a Placement.
+        let placed = unsafe { top.data::<Placement>(LOOP_KEY).map(|p| p.as_ref().index) };
         let index = placed.unwrap_or_else(|| {
             let index = self.least_busy();
+            let calls = self.loops[index].calls.clone();
+            calls.fetch_add(1, Ordering::Relaxed);
             // SAFETY: as above.
-            unsafe { top.set_data(LOOP_KEY, index) };
+            unsafe { top.set_data(LOOP_KEY, Placement { index, calls }) };
             index
         });
         &self.loops[index].handle
@@ -86,7 +114,10 @@ impl MediaPool {
         let loads: Vec<u32> = self
             .loops
             .iter()
-            .map(|l| l.load.load(Ordering::Relaxed))
+            .map(|l| {
+                let calls = l.calls.load(Ordering::Relaxed);
+                l.load.load(Ordering::Relaxed).max(calls * CALL_PERCENT)
+            })
             .collect();
         first_not_busy(&loads)
     }
@@ -98,7 +129,8 @@ impl MediaPool {
     }
 }
 
-/// The first loop that is not busy, else the least busy, by their loads.
+/// The first loop that is not busy, else the least busy, by their loads
+/// (each the more of its measured load and its calls' counted cost).
 fn first_not_busy(loads: &[u32]) -> usize {
     loads
         .iter()
@@ -152,6 +184,34 @@ mod tests {
             pool.for_element(&first),
             pool.for_element(&nested)
         ));
+    }
+
+    #[test]
+    fn a_burst_of_new_calls_fills_a_loop_by_number_and_a_call_gone_frees_its_place() {
+        gst::init().unwrap();
+        let pool = MediaPool::start();
+        if pool.loops.len() < 2 {
+            return; // one core: every call shares the one loop
+        }
+        let quota = (BUSY_PERCENT / CALL_PERCENT) as usize;
+        let pipelines: Vec<gst::Pipeline> = (0..=quota).map(|_| gst::Pipeline::new()).collect();
+        let first = pool.for_element(pipelines[0].upcast_ref());
+        for pipeline in &pipelines[1..quota] {
+            assert!(std::ptr::eq(pool.for_element(pipeline.upcast_ref()), first));
+        }
+        let beyond = pool.for_element(pipelines[quota].upcast_ref());
+        assert!(
+            !std::ptr::eq(beyond, first),
+            "the call after a loop's quota goes to the next loop, before any load shows"
+        );
+        assert_eq!(pool.loops[0].calls.load(Ordering::Relaxed), quota as u32);
+        drop(pipelines);
+        let placed: u32 = pool
+            .loops
+            .iter()
+            .map(|l| l.calls.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(placed, 0, "the pipelines gone, their places are free");
     }
 
     #[test]
