@@ -7,6 +7,7 @@
 //! the transport's threads. Stand-alone signalling lives in [`signalling`].
 
 mod congestion;
+mod crypto;
 mod shared_peer;
 mod signalling;
 

@@ -12,11 +12,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bridge_protocol::opus_fmtp;
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
+
+use super::crypto::CRYPTO;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::config::CryptoProvider;
-use str0m::crypto::Sha1HmacProvider;
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
@@ -34,31 +32,6 @@ static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::
         .dtls_provider
         .generate_certificate()
 });
-
-/// OpenSSL for DTLS and SRTP; STUN's message integrity (HMAC-SHA1, on
-/// every ICE check and consent request and response) in Rust: str0m's
-/// OpenSSL provider builds a key and a signer for each message, whose
-/// provider look-ups made it 3 % of a passed-through call's CPU.
-static CRYPTO: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
-    static STUN_HMAC: StunHmac = StunHmac;
-    Arc::new(CryptoProvider {
-        sha1_hmac_provider: &STUN_HMAC,
-        ..str0m::crypto::from_feature_flags()
-    })
-});
-
-#[derive(Debug)]
-struct StunHmac;
-
-impl Sha1HmacProvider for StunHmac {
-    fn sha1_hmac(&self, key: &[u8], payloads: &[&[u8]]) -> [u8; 20] {
-        let mut mac = Hmac::<Sha1>::new_from_slice(key).expect("HMAC takes a key of any length");
-        for payload in payloads {
-            mac.update(payload);
-        }
-        mac.finalize().into_bytes().into()
-    }
-}
 
 /// Audio frames waiting for a missing packet before they go on anyway: a
 /// bridge adds as little delay as it can, the phone's jitter buffer does
@@ -668,24 +641,6 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stun_integrity_is_the_hmac_sha1_openssl_computes() {
-        // RFC 2202, test case 1.
-        let expected = "b617318655057264e28bc0b6fb378c8ef146be00";
-        let digest = StunHmac.sha1_hmac(&[0x0b; 20], &[b"Hi ", b"There"]);
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, expected);
-        // A key and a message as ICE makes them, in the pieces str0m passes.
-        let openssl = str0m::crypto::from_feature_flags().sha1_hmac_provider;
-        let key = b"VOkJxbRl1RmTxUk/WvJxBt";
-        let message: Vec<u8> = (0..=255).collect();
-        let pieces: [&[u8]; 3] = [&message[..20], &message[20..100], &message[100..]];
-        assert_eq!(
-            StunHmac.sha1_hmac(key, &pieces),
-            openssl.sha1_hmac(key, &pieces)
-        );
-    }
 
     #[test]
     fn timestamps_unwrap_across_the_32_bit_boundary() {
