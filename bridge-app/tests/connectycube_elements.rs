@@ -2,10 +2,13 @@
 //! real peers: an offer with unusable SDP is rejected with its reason and
 //! the element keeps waiting, a real browser's call is then answered; a
 //! callee that sends its candidates before it accepts (and none in its
-//! answer) is still reached.
+//! answer) is still reached; packets lost on the way to the shared stack
+//! are concealed, with no hole in what is heard.
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bridge_protocol::connectycube::UserCredentials;
@@ -88,49 +91,85 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
-    early_candidates_reach_the_caller("webrtcbin", "webrtcbin", 48_000).await;
+    early_candidates_reach_the_caller("webrtcbin", "webrtcbin", 48_000, None).await;
 }
 
 /// The same on the shared WebRTC stack, calling a webrtcbin and called by
 /// one: the two implementations agree on ICE, DTLS-SRTP and Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_calls_a_webrtcbin_peer() {
-    early_candidates_reach_the_caller("shared", "webrtcbin", 48_000).await;
+    early_candidates_reach_the_caller("shared", "webrtcbin", 48_000, None).await;
 }
 
 /// A callee that plays 8 kHz says so (`maxplaybackrate`), and the caller's
 /// Opus encoder sends narrowband: what arrives is narrowband.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
-    early_candidates_reach_the_caller("webrtcbin", "shared", 8_000).await;
+    early_candidates_reach_the_caller("webrtcbin", "shared", 8_000, None).await;
 }
 
+/// The shared stack has no jitter buffer: a packet lost on the way (every
+/// tenth, dropped after the caller numbered it) becomes a gap that the
+/// decoder fills, and the callee hears the tone without holes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
+    early_candidates_reach_the_caller("webrtcbin", "shared", 48_000, Some(10)).await;
+}
+
+/// Calls from a caller on `caller_stack` to a callee on `callee_stack`
+/// that plays at `playback_rate`; with `lose_every`, every so many of the
+/// caller's packets are dropped before they leave.
 async fn early_candidates_reach_the_caller(
     caller_stack: &str,
     callee_stack: &str,
     playback_rate: u32,
+    lose_every: Option<u64>,
 ) {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
     let sandbox = SandboxProcess::start(free_port());
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
+    // Sessions are named across the process, where the tests run at once.
+    let session = format!(
+        "{caller_stack}-{callee_stack}-{playback_rate}-{}",
+        lose_every.unwrap_or(0)
+    );
     let caller = gst::parse::launch(&format!(
-        "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay \
-         ! connectycubesink name=out session=early-caller-{caller_stack}-{callee_stack} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
+        "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay name=payloader \
+         ! connectycubesink name=out session=early-caller-{session} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
            api-url=\"http://127.0.0.1:{port}\" chat-url=\"ws://localhost:{port}/ws\" chat-domain=localhost",
         peer = raw.user_id,
         port = sandbox.port
     ))
     .unwrap();
     let callee = gst::parse::launch(&format!(
-        "connectycubesrc name=webrtc session=early-callee-{caller_stack}-{callee_stack} webrtc-stack={callee_stack} \
+        "connectycubesrc name=webrtc session=early-callee-{session} webrtc-stack={callee_stack} \
            max-playback-rate={playback_rate} \
-         ! rtpopusdepay ! opusdec ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
+         ! rtpopusdepay ! opusvoicedec plc=true ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
          ! appsink name=heard sync=false",
     ))
     .unwrap()
     .downcast::<gst::Bin>()
     .unwrap();
+    let lost = Arc::new(AtomicU64::new(0));
+    if let Some(every) = lose_every {
+        let payloader = caller
+            .downcast_ref::<gst::Bin>()
+            .unwrap()
+            .by_name("payloader")
+            .unwrap();
+        let (sent, lost) = (AtomicU64::new(0), lost.clone());
+        payloader
+            .static_pad("src")
+            .unwrap()
+            .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                if (sent.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    return gst::PadProbeReturn::Drop;
+                }
+                gst::PadProbeReturn::Ok
+            });
+    }
     let webrtc = callee.by_name("webrtc").unwrap();
     let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<String>();
     webrtc.connect("local-description", false, move |args| {
@@ -193,20 +232,26 @@ async fn early_candidates_reach_the_caller(
         .unwrap()
         .downcast::<gst_app::AppSink>()
         .unwrap();
-    let samples = tokio::task::spawn_blocking(move || {
+    let (samples, timeline) = tokio::task::spawn_blocking(move || {
         let mut samples = Vec::new();
+        // Each buffer's start and length, in samples at 48 kHz.
+        let mut timeline = Vec::new();
         while samples.len() < 96_000 {
             let Some(sample) = heard.try_pull_sample(gst::ClockTime::from_seconds(15)) else {
                 break;
             };
-            let buffer = sample.buffer().unwrap().map_readable().unwrap();
+            let buffer = sample.buffer().unwrap();
+            if let Some(pts) = buffer.pts() {
+                timeline.push((pts.nseconds() * 48 / 1_000_000, buffer.size() as u64 / 4));
+            }
+            let buffer = buffer.map_readable().unwrap();
             samples.extend(
                 buffer
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
         }
-        samples
+        (samples, timeline)
     })
     .await
     .unwrap();
@@ -251,6 +296,18 @@ async fn early_candidates_reach_the_caller(
             received.get::<&str>("receive-audio-bandwidth").unwrap(),
             "narrowband",
             "{received}"
+        );
+    }
+    if lose_every.is_some() {
+        let lost = lost.load(Ordering::Relaxed);
+        assert!(lost >= 5, "only {lost} packets were dropped");
+        // What was heard covers the time it spans: each loss was filled.
+        let (first, last) = (timeline[0], timeline[timeline.len() - 1]);
+        let span = last.0 + last.1 - first.0;
+        let heard: u64 = timeline.iter().map(|(_, length)| length).sum();
+        assert!(
+            heard * 100 >= span * 97,
+            "{heard} samples heard over {span} with {lost} packets lost: holes"
         );
     }
     let frequency = bridge_protocol::tone::dominant_frequency(&samples[48_000..], 48_000);

@@ -169,4 +169,11 @@ fn the_decoder_drops_a_bad_packet_and_conceals_a_gap() {
     );
     let concealed = harness.pull().unwrap();
     assert_eq!(concealed.size(), 320 * 2);
+    // A gap reckoned from RTP timestamps, a hair under 20 ms: 20 ms concealed.
+    harness.push_event(
+        gst::event::Gap::builder(gst::ClockTime::from_mseconds(100))
+            .duration(gst::ClockTime::from_useconds(19_980))
+            .build(),
+    );
+    assert_eq!(harness.pull().unwrap().size(), 160 * 2);
 }

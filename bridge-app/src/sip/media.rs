@@ -342,8 +342,8 @@ impl CallMedia {
                     // `sipsink` by the phone's SDP.
                     let record = if record_to.is_some() {
                         format!(
-                            "from_phone. ! queue ! rtpopusdepay ! opusvoicedec ! {to_recorder} \
-                             from_app. ! queue ! rtpopusdepay ! opusvoicedec ! {to_recorder} {recorder}"
+                            "from_phone. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} \
+                             from_app. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} {recorder}"
                         )
                     } else {
                         String::new()
@@ -369,7 +369,7 @@ impl CallMedia {
                     format!(
                         "{receiver} ! {} ! {} ! audio/x-raw,format=S16LE,rate={rate},channels=1 \
                            ! {split_phone}volume name=to_app ! opusvoiceenc complexity={complexity} ! rtpopuspay pt=111 ! {app_sink} \
-                         {app_src} ! rtpopusdepay ! opusvoicedec ! {split_app}{encode_for_phone} ! {to_phone} {record}",
+                         {app_src} ! rtpopusdepay ! opusvoicedec plc=true ! {split_app}{encode_for_phone} ! {to_phone} {record}",
                         chain.depayloader, chain.decoder,
                     )
                 }

@@ -10,14 +10,55 @@ use gst::subclass::prelude::*;
 
 use bridge_protocol::opus_fmtp::FULL_BAND_RATE;
 
+use crate::CAT;
 use crate::call_session::{CallEnd, CallSession, MediaKind, ReceiverOutput};
 use crate::cc_common::{CallProperties, HasCall, call_over, signals};
 
-/// What went out ahead of the packets: stream-start and segment, and the caps last sent.
+/// Packets lost in a row that are announced as a gap; a longer silence
+/// is the sender pausing or starting over, not loss.
+const MAX_LOST: u16 = 6;
+/// The longest packet a gap is reckoned in.
+const MAX_PACKET: gst::ClockTime = gst::ClockTime::from_mseconds(120);
+
+/// What went out ahead of the packets: stream-start and segment, the caps
+/// last sent, and the last audio packet.
 #[derive(Default)]
 struct Stream {
     started: bool,
     caps: Option<gst::Caps>,
+    last_audio: Option<Sent>,
+}
+
+/// An RTP packet pushed: its sequence number and timestamp, and its PTS.
+#[derive(Clone, Copy)]
+struct Sent {
+    sequence: u16,
+    rtp_time: u32,
+    pts: gst::ClockTime,
+}
+
+/// When the packets missing between `last` and `next` would have played,
+/// and for how long: the GAP a decoder conceals (`opusvoicedec plc=true`).
+/// It ends where `next` starts, so what the decoder makes of it and of
+/// `next` is one stream without a step in its timestamps (which an encoder
+/// downstream would otherwise take as time running late). None unless 1 to
+/// `MAX_LOST` packets are missing.
+fn lost_span(
+    last: &Sent,
+    next: &Sent,
+    clock_rate: u32,
+) -> Option<(gst::ClockTime, gst::ClockTime)> {
+    let step = next.sequence.wrapping_sub(last.sequence);
+    let ticks = next.rtp_time.wrapping_sub(last.rtp_time);
+    if !(2..=MAX_LOST + 1).contains(&step) || ticks == 0 || ticks > u32::MAX / 2 || clock_rate == 0
+    {
+        return None;
+    }
+    let per_packet = gst::ClockTime::from_nseconds(
+        u64::from(ticks) * 1_000_000_000 / u64::from(step) / u64::from(clock_rate),
+    );
+    let lost = per_packet * u64::from(step - 1);
+    (per_packet <= MAX_PACKET).then(|| (next.pts.saturating_sub(lost), lost))
 }
 
 pub struct ConnectyCubeSrc {
@@ -287,7 +328,40 @@ impl ConnectyCubeSrc {
         let buffer_mut = buffer.make_mut();
         buffer_mut.set_pts(stamp);
         buffer_mut.set_dts(None::<gst::ClockTime>);
+        if *self.media.lock().unwrap() == MediaKind::Audio
+            && let Some(gap) = self.follow_audio(&buffer, stamp)
+        {
+            self.srcpad.push_event(gap);
+        }
         let _ = self.srcpad.push(buffer);
+    }
+
+    /// Keeps the audio packet's numbering; a GAP event for the packets lost
+    /// before it, which the network or the sender's jitter left out (the
+    /// shared WebRTC stack has no jitter buffer to say so).
+    fn follow_audio(
+        &self,
+        packet: &gst::Buffer,
+        pts: Option<gst::ClockTime>,
+    ) -> Option<gst::Event> {
+        let map = packet.map_readable().ok()?;
+        let header = map.get(..8)?;
+        let next = Sent {
+            sequence: u16::from_be_bytes([header[2], header[3]]),
+            rtp_time: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
+            pts: pts?,
+        };
+        let mut stream = self.stream.lock().unwrap();
+        let last = stream.last_audio.replace(next)?;
+        let clock_rate = stream
+            .caps
+            .as_ref()?
+            .structure(0)?
+            .get::<i32>("clock-rate")
+            .ok()?;
+        let (start, duration) = lost_span(&last, &next, u32::try_from(clock_rate).ok()?)?;
+        gst::debug!(CAT, imp = self, "{duration} of audio lost at {start}");
+        Some(gst::event::Gap::builder(start).duration(duration).build())
     }
 
     /// A key-frame request from downstream (a decoder, or a phone's
@@ -306,5 +380,51 @@ impl ConnectyCubeSrc {
     fn src_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
         crate::live_source_query(pad, query)
             .unwrap_or_else(|| gst::Pad::query_default(pad, Some(&*self.obj()), query))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(sequence: u16, rtp_time: u32, pts_ms: u64) -> Sent {
+        Sent {
+            sequence,
+            rtp_time,
+            pts: gst::ClockTime::from_mseconds(pts_ms),
+        }
+    }
+
+    #[test]
+    fn packets_lost_make_a_gap_where_they_would_have_played() {
+        let ms = gst::ClockTime::from_mseconds;
+        let last = sent(65534, u32::MAX - 959, 1000);
+        // Two 20 ms packets lost, across both counters' wrap; the packet
+        // after them came 5 ms late, and the gap ends where it starts.
+        assert_eq!(
+            lost_span(&last, &sent(1, 1920, 1065), 48000),
+            Some((ms(1025), ms(40)))
+        );
+        assert_eq!(
+            lost_span(&last, &sent(65535, 0, 1020), 48000),
+            None,
+            "none lost"
+        );
+        assert_eq!(
+            lost_span(&last, &sent(65533, 0, 1020), 48000),
+            None,
+            "a late packet"
+        );
+        let pause = 65534_u16.wrapping_add(MAX_LOST + 2);
+        assert_eq!(
+            lost_span(&last, &sent(pause, 48000, 2000), 48000),
+            None,
+            "more than MAX_LOST missing is a pause or a new start"
+        );
+        assert_eq!(
+            lost_span(&last, &sent(0, u32::MAX - 959, 1040), 48000),
+            None,
+            "no time passed"
+        );
     }
 }

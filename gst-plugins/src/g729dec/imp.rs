@@ -88,9 +88,11 @@ impl AudioDecoderImpl for G729Dec {
         let mut frame = [0i16; FRAME_SAMPLES];
 
         if map.is_empty() {
-            // A gap: conceal as many frames as it lasts.
+            // A gap: conceal as many frames as it lasts (rounded: a gap a
+            // hair short of two frames is two).
+            let frame_ns = FRAME_DURATION.nseconds();
             let lost = buffer.duration().map_or(1, |d| {
-                (d.nseconds() / FRAME_DURATION.nseconds()).clamp(1, 50)
+                ((d.nseconds() + frame_ns / 2) / frame_ns).clamp(1, 50)
             });
             for _ in 0..lost {
                 decoder.conceal(&mut frame);

@@ -177,11 +177,14 @@ impl AudioDecoderImpl for OpusVoiceDec {
         let output_rate = state.rate as usize;
         let samples_per_channel = if map.is_empty() {
             // A gap: libopus conceals as much as it lasts, in whole 10 ms
-            // steps (what its concealment takes), up to a bound.
+            // steps (what its concealment takes), up to a bound. Rounded,
+            // not cut: a gap reckoned from RTP timestamps may be a hair
+            // under 20 ms, and 10 ms of audio would leave every packet
+            // after it half in the next one downstream.
             let gap = buffer
                 .duration()
                 .unwrap_or(gst::ClockTime::from_mseconds(20));
-            let tens = (gap.min(MAX_FRAME).mseconds() / 10).max(1) as usize;
+            let tens = ((gap.min(MAX_FRAME).mseconds() + 5) / 10).max(1) as usize;
             let length = tens * output_rate / 100 * state.channel_count;
             state
                 .decoder
