@@ -44,8 +44,8 @@ impl Sha1HmacProvider for StunHmac {
     }
 }
 
-/// SRTP: AES-GCM (what browsers choose) in ring; AES-CM with HMAC-SHA1 and
-/// the key derivation in OpenSSL.
+/// SRTP: the AES-GCM profiles in ring; AES-CM with HMAC-SHA1 and the key
+/// derivation (once per call) in OpenSSL.
 #[derive(Debug)]
 struct Srtp {
     openssl: &'static dyn SrtpProvider,
@@ -172,49 +172,34 @@ impl GcmCipher {
     }
 }
 
-impl AeadAes128GcmCipher for GcmCipher {
-    fn encrypt(
-        &mut self,
-        iv: &[u8; 12],
-        aad: &[u8],
-        input: &[u8],
-        output: &mut [u8],
-    ) -> Result<(), CryptoError> {
-        self.seal(iv, aad, input, output)
-    }
+/// str0m has a trait per key size, with the same methods.
+macro_rules! gcm_cipher_traits {
+    ($($cipher_trait:ident),*) => {$(
+        impl $cipher_trait for GcmCipher {
+            fn encrypt(
+                &mut self,
+                iv: &[u8; 12],
+                aad: &[u8],
+                input: &[u8],
+                output: &mut [u8],
+            ) -> Result<(), CryptoError> {
+                self.seal(iv, aad, input, output)
+            }
 
-    fn decrypt(
-        &mut self,
-        iv: &[u8; 12],
-        aads: &[&[u8]],
-        input: &[u8],
-        output: &mut [u8],
-    ) -> Result<usize, CryptoError> {
-        self.open(iv, aads, input, output)
-    }
+            fn decrypt(
+                &mut self,
+                iv: &[u8; 12],
+                aads: &[&[u8]],
+                input: &[u8],
+                output: &mut [u8],
+            ) -> Result<usize, CryptoError> {
+                self.open(iv, aads, input, output)
+            }
+        }
+    )*};
 }
 
-impl AeadAes256GcmCipher for GcmCipher {
-    fn encrypt(
-        &mut self,
-        iv: &[u8; 12],
-        aad: &[u8],
-        input: &[u8],
-        output: &mut [u8],
-    ) -> Result<(), CryptoError> {
-        self.seal(iv, aad, input, output)
-    }
-
-    fn decrypt(
-        &mut self,
-        iv: &[u8; 12],
-        aads: &[&[u8]],
-        input: &[u8],
-        output: &mut [u8],
-    ) -> Result<usize, CryptoError> {
-        self.open(iv, aads, input, output)
-    }
-}
+gcm_cipher_traits!(AeadAes128GcmCipher, AeadAes256GcmCipher);
 
 #[cfg(test)]
 mod tests {

@@ -12,8 +12,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bridge_protocol::opus_fmtp;
-
-use super::crypto::CRYPTO;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -24,6 +22,8 @@ use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
+
+use super::crypto::CRYPTO;
 
 /// One DTLS certificate for all calls: making a key costs milliseconds of
 /// CPU, and the peer checks it only against the fingerprint in our SDP.
