@@ -91,21 +91,21 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
-    early_candidates_reach_the_caller("webrtcbin", "webrtcbin", 48_000, None).await;
+    call_between_stacks("webrtcbin", "webrtcbin", 48_000, None).await;
 }
 
 /// The same on the shared WebRTC stack, calling a webrtcbin and called by
 /// one: the two implementations agree on ICE, DTLS-SRTP and Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_calls_a_webrtcbin_peer() {
-    early_candidates_reach_the_caller("shared", "webrtcbin", 48_000, None).await;
+    call_between_stacks("shared", "webrtcbin", 48_000, None).await;
 }
 
 /// A callee that plays 8 kHz says so (`maxplaybackrate`), and the caller's
 /// Opus encoder sends narrowband: what arrives is narrowband.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
-    early_candidates_reach_the_caller("webrtcbin", "shared", 8_000, None).await;
+    call_between_stacks("webrtcbin", "shared", 8_000, None).await;
 }
 
 /// The shared stack has no jitter buffer: a packet lost on the way (every
@@ -113,13 +113,14 @@ async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
 /// decoder fills, and the callee hears the tone without holes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
-    early_candidates_reach_the_caller("webrtcbin", "shared", 48_000, Some(10)).await;
+    call_between_stacks("webrtcbin", "shared", 48_000, Some(10)).await;
 }
 
 /// Calls from a caller on `caller_stack` to a callee on `callee_stack`
-/// that plays at `playback_rate`; with `lose_every`, every so many of the
+/// that plays at `playback_rate` and sends its candidates before it
+/// accepts (none in its answer); with `lose_every`, every so many of the
 /// caller's packets are dropped before they leave.
-async fn early_candidates_reach_the_caller(
+async fn call_between_stacks(
     caller_stack: &str,
     callee_stack: &str,
     playback_rate: u32,

@@ -6,7 +6,7 @@
 //! passed-through calls, SRTP's AES-GCM took 6 % of the bridge's CPU and
 //! STUN's HMAC 3 %.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use hmac::{Hmac, Mac};
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -20,13 +20,14 @@ use str0m::crypto::{
 /// What every call's peer connection uses.
 pub(super) static CRYPTO: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
     static STUN_HMAC: StunHmac = StunHmac;
-    static SRTP: LazyLock<Srtp> = LazyLock::new(|| Srtp {
-        openssl: str0m::crypto::from_feature_flags().srtp_provider,
-    });
+    static SRTP: OnceLock<Srtp> = OnceLock::new();
+    let openssl = str0m::crypto::from_feature_flags();
     Arc::new(CryptoProvider {
-        srtp_provider: &*SRTP,
+        srtp_provider: SRTP.get_or_init(|| Srtp {
+            openssl: openssl.srtp_provider,
+        }),
         sha1_hmac_provider: &STUN_HMAC,
-        ..str0m::crypto::from_feature_flags()
+        ..openssl
     })
 });
 

@@ -27,11 +27,8 @@ use super::crypto::CRYPTO;
 
 /// One DTLS certificate for all calls: making a key costs milliseconds of
 /// CPU, and the peer checks it only against the fingerprint in our SDP.
-static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> = LazyLock::new(|| {
-    str0m::crypto::from_feature_flags()
-        .dtls_provider
-        .generate_certificate()
-});
+static CERTIFICATE: LazyLock<Option<str0m::crypto::dtls::DtlsCert>> =
+    LazyLock::new(|| CRYPTO.dtls_provider.generate_certificate());
 
 /// Audio frames waiting for a missing packet before they go on anyway: a
 /// bridge adds as little delay as it can, the phone's jitter buffer does
