@@ -256,12 +256,18 @@ async fn call_between_stacks(
     })
     .await
     .unwrap();
-    // The caller's statistics show the live call.
+    // The caller's statistics show the live call. A `webrtcbin` caller's
+    // are polled once a second, so they may lag what was heard.
     let caller_bin = caller.downcast_ref::<gst::Bin>().unwrap();
-    let stats = caller_bin
-        .by_name("out")
-        .unwrap()
-        .property::<gst::Structure>("stats");
+    let out = caller_bin.by_name("out").unwrap();
+    let mut stats = out.property::<gst::Structure>("stats");
+    for _ in 0..30 {
+        if stats.get::<u64>("packets-sent").unwrap() >= 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stats = out.property::<gst::Structure>("stats");
+    }
     let encoded = caller_bin
         .by_name("encoder")
         .unwrap()
