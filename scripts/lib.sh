@@ -10,7 +10,7 @@ SYSTEM_PACKAGES=(
   libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
-  libbcg729-dev cmake meson ninja-build sox chromium iproute2
+  libbcg729-dev cmake meson ninja-build sox chromium iproute2 nftables
   sip-tester kamailio baresip-core baresip-ffmpeg
 )
 
@@ -81,7 +81,13 @@ in_test_netns() {
     ip link set media0 up
     ip link set media1 up
     ip route add 192.0.2.51 dev media0
-    ip route add 192.0.2.50 dev media1'
+    ip route add 192.0.2.50 dev media1
+    # A one-to-one NAT, as a cloud VM has: its public address 198.51.100.7
+    # leads to 192.0.2.50.
+    ip route add 198.51.100.7 dev media1
+    nft add table ip one_to_one_nat
+    nft add chain ip one_to_one_nat output "{ type nat hook output priority -100; }"
+    nft add rule ip one_to_one_nat output ip daddr 198.51.100.7 dnat to 192.0.2.50'
   $sudo ip netns exec "$ns" "$@"
   status=$?
   $sudo ip netns del "$ns"

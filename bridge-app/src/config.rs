@@ -29,7 +29,8 @@ pub struct SipSection {
     pub tls_listen: Option<SocketAddr>,
     pub tls_certificate: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// Put in Contact and SDP when the bridge is behind NAT.
+    /// Put in Contact and SDP when the bridge is behind NAT; apps also get
+    /// the WebRTC legs' candidates at this address.
     pub public_address: Option<IpAddr>,
     /// The SIP server's domain; outbound calls go to `sip:<extension>@<domain>`.
     pub domain: Option<String>,

@@ -91,21 +91,21 @@ async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
 /// the caller's `stats` show the connection, DTLS and the sending bitrate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_sent_before_accept_are_kept_until_the_answer() {
-    call_between_stacks("webrtcbin", "webrtcbin", 48_000, None).await;
+    call_between_stacks("webrtcbin", "webrtcbin", 48_000, None, None).await;
 }
 
 /// The same on the shared WebRTC stack, calling a webrtcbin and called by
 /// one: the two implementations agree on ICE, DTLS-SRTP and Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_calls_a_webrtcbin_peer() {
-    call_between_stacks("shared", "webrtcbin", 48_000, None).await;
+    call_between_stacks("shared", "webrtcbin", 48_000, None, None).await;
 }
 
 /// A callee that plays 8 kHz says so (`maxplaybackrate`), and the caller's
 /// Opus encoder sends narrowband: what arrives is narrowband.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
-    call_between_stacks("webrtcbin", "shared", 8_000, None).await;
+    call_between_stacks("webrtcbin", "shared", 8_000, None, None).await;
 }
 
 /// The shared stack has no jitter buffer: a packet lost on the way (every
@@ -113,18 +113,39 @@ async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
 /// decoder fills, and the callee hears the tone without holes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
-    call_between_stacks("webrtcbin", "shared", 48_000, Some(10)).await;
+    call_between_stacks("webrtcbin", "shared", 48_000, Some(10), None).await;
+}
+
+/// A callee behind a one-to-one NAT (a cloud VM) is reached only at its
+/// public address: the test namespace forwards 198.51.100.7 to 192.0.2.50
+/// (`scripts/lib.sh`), and the caller gets none of the callee's host
+/// candidates, only their twins there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_behind_a_one_to_one_nat_is_reached_at_its_public_address() {
+    for callee_stack in ["shared", "webrtcbin"] {
+        call_between_stacks(
+            "webrtcbin",
+            callee_stack,
+            48_000,
+            None,
+            Some("198.51.100.7"),
+        )
+        .await;
+    }
 }
 
 /// Calls from a caller on `caller_stack` to a callee on `callee_stack`
 /// that plays at `playback_rate` and sends its candidates before it
 /// accepts (none in its answer); with `lose_every`, every so many of the
-/// caller's packets are dropped before they leave.
+/// caller's packets are dropped before they leave; with
+/// `callee_public_address`, the callee announces it, and the caller gets
+/// only the candidates there.
 async fn call_between_stacks(
     caller_stack: &str,
     callee_stack: &str,
     playback_rate: u32,
     lose_every: Option<u64>,
+    callee_public_address: Option<&str>,
 ) {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
@@ -132,9 +153,17 @@ async fn call_between_stacks(
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
     // Sessions are named across the process, where the tests run at once.
     let session = format!(
-        "{caller_stack}-{callee_stack}-{playback_rate}-{}",
-        lose_every.unwrap_or(0)
+        "{caller_stack}-{callee_stack}-{playback_rate}-{}{}",
+        lose_every.unwrap_or(0),
+        if callee_public_address.is_some() {
+            "-nat"
+        } else {
+            ""
+        }
     );
+    let public = callee_public_address
+        .map(|address| format!("public-address={address}"))
+        .unwrap_or_default();
     let caller = gst::parse::launch(&format!(
         "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay name=payloader \
          ! connectycubesink name=out session=early-caller-{session} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
@@ -145,7 +174,7 @@ async fn call_between_stacks(
     .unwrap();
     let callee = gst::parse::launch(&format!(
         "connectycubesrc name=webrtc session=early-callee-{session} webrtc-stack={callee_stack} \
-           max-playback-rate={playback_rate} \
+           max-playback-rate={playback_rate} {public} \
          ! rtpopusdepay ! opusvoicedec plc=true ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
          ! appsink name=heard sync=false",
     ))
@@ -199,9 +228,13 @@ async fn call_between_stacks(
         .await
         .expect("an answer")
         .unwrap();
-    let (candidates, bare): (Vec<&str>, Vec<&str>) = answer
+    let (mut candidates, bare): (Vec<&str>, Vec<&str>) = answer
         .split("\r\n")
         .partition(|line| line.starts_with("a=candidate:"));
+    if let Some(public) = callee_public_address {
+        candidates
+            .retain(|line| line.contains(&format!(" {public} ")) && line.contains("typ srflx"));
+    }
     assert!(!candidates.is_empty(), "no candidates gathered: {answer}");
     let reply = |signal_type| {
         CallSignal::new(

@@ -32,6 +32,7 @@ struct Settings {
     answer_timeout: u32,
     stun_server: Option<String>,
     turn_server: Option<String>,
+    public_address: Option<String>,
     stack: WebRtcStack,
 }
 
@@ -51,6 +52,7 @@ impl Default for Settings {
             answer_timeout: DEFAULT_ANSWER_TIMEOUT_S,
             stun_server: None,
             turn_server: None,
+            public_address: None,
             stack: WebRtcStack::default(),
         }
     }
@@ -155,6 +157,13 @@ impl CallProperties {
                 "turn(s)://user:password@host:port",
                 None,
             ),
+            string(
+                "public-address",
+                "Public address",
+                "The IP address peers reach this machine at when it is behind a one-to-one NAT \
+                 (a cloud VM's public address): every local port is also offered there",
+                None,
+            ),
             glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                 .nick("Statistics")
                 .blurb("Connection and ICE state, packets, loss, jitter, RTT and bytes of the call")
@@ -185,6 +194,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout = value.get().unwrap(),
             "stun-server" => s.stun_server = text(),
             "turn-server" => s.turn_server = text(),
+            "public-address" => s.public_address = text(),
             "webrtc-stack" => s.stack = value.get().unwrap(),
             other => unreachable!("not a call property: {other}"),
         }
@@ -206,6 +216,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout.to_value(),
             "stun-server" => s.stun_server.to_value(),
             "turn-server" => s.turn_server.to_value(),
+            "public-address" => s.public_address.to_value(),
             "webrtc-stack" => s.stack.to_value(),
             "stats" => self
                 .call
@@ -253,11 +264,21 @@ impl CallProperties {
                 })
             }
         };
+        let public_address = match &s.public_address {
+            None => None,
+            Some(address) => Some(address.parse().map_err(|_| {
+                gst::error_msg!(
+                    gst::ResourceError::Settings,
+                    ("public-address {address:?} is not an IP address")
+                )
+            })?),
+        };
         let call = CallSession::acquire(
             &s.session,
             &CallSettings {
                 stun_server: s.stun_server,
                 turn_server: s.turn_server,
+                public_address,
                 signalling,
                 stack: s.stack,
             },

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod connectycube;
 pub mod digest;
 pub mod dtmf;
+pub mod ice;
 pub mod offer_answer;
 pub mod opus_fmtp;
 pub mod sdes;

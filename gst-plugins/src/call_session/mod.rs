@@ -12,6 +12,7 @@ mod shared_peer;
 mod signalling;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -24,7 +25,7 @@ pub use congestion::EncoderControl;
 pub use shared_peer::warm_up as warm_up_shared_stack;
 pub use signalling::SignallingSettings;
 
-use bridge_protocol::opus_fmtp;
+use bridge_protocol::{ice, opus_fmtp};
 use shared_peer::{Frame, PeerEvent, SharedPeer};
 
 use crate::CAT;
@@ -76,7 +77,8 @@ pub enum WebRtcStack {
     #[enum_value(name = "A webrtcbin per call: audio and video", nick = "webrtcbin")]
     Webrtcbin,
     /// A peer connection on the threads every call shares: Opus audio
-    /// only, host candidates only, a fraction of webrtcbin's cost.
+    /// only, host candidates (and their twins at `public-address`), a
+    /// fraction of webrtcbin's cost.
     #[enum_value(
         name = "Shared threads for all calls: Opus audio only, host candidates",
         nick = "shared"
@@ -89,6 +91,8 @@ pub enum WebRtcStack {
 pub struct CallSettings {
     pub stun_server: Option<String>,
     pub turn_server: Option<String>,
+    /// Where peers reach this machine behind a one-to-one NAT.
+    pub public_address: Option<IpAddr>,
     pub signalling: Option<SignallingSettings>,
     pub stack: WebRtcStack,
 }
@@ -875,20 +879,24 @@ impl CallSession {
     /// candidate is in the SDP (the SDK drops trickled ones before `accept`).
     pub(crate) async fn create_offer(self: &Arc<Self>) -> Result<String, String> {
         let offer = self.transport_offer().await?;
-        Ok(opus_fmtp::with_max_playback_rate(
-            &offer,
-            self.max_playback_rate(),
-        ))
+        Ok(self.as_announced(&offer))
     }
 
     /// Applies the remote offer and answers it.
     pub(crate) async fn answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
         let answer = self.transport_answer(offer_sdp).await?;
         self.follow_peer_playback_rate(offer_sdp);
-        Ok(opus_fmtp::with_max_playback_rate(
-            &answer,
-            self.max_playback_rate(),
-        ))
+        Ok(self.as_announced(&answer))
+    }
+
+    /// A local description as peers get it: with the rate we play audio
+    /// at, and our candidates at the public address.
+    fn as_announced(&self, sdp: &str) -> String {
+        let sdp = opus_fmtp::with_max_playback_rate(sdp, self.max_playback_rate());
+        match self.settings.public_address {
+            Some(public) => ice::with_public_address(&sdp, public),
+            None => sdp,
+        }
     }
 
     /// The highest audio rate the sources play (full band unless one says less).
