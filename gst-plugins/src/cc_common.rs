@@ -264,6 +264,14 @@ impl CallProperties {
                 })
             }
         };
+        if s.stack == WebRtcStack::Shared && (s.stun_server.is_some() || s.turn_server.is_some()) {
+            gst::warning!(
+                crate::CAT,
+                obj = element,
+                "webrtc-stack=shared uses no STUN or TURN server: it offers host candidates \
+                 (and their twins at public-address); use webrtc-stack=webrtcbin for STUN/TURN"
+            );
+        }
         let public_address = match &s.public_address {
             None => None,
             Some(address) => Some(address.parse().map_err(|_| {

@@ -123,6 +123,13 @@ pub fn key_frame_request() -> gst::Event {
     )
 }
 
+/// How the shared WebRTC stack configures each call's peer connection
+/// (str0m), for `benches/shared_stack.rs`.
+#[doc(hidden)]
+pub fn shared_stack_config() -> Result<str0m::RtcConfig, String> {
+    call_session::shared_stack_config()
+}
+
 /// Prepares, on a thread of its own, what the first call of a process
 /// would otherwise wait for: webrtcbin's DTLS certificate (an RSA key, a few
 /// hundred ms of CPU; later calls share it) and the loading of the plugins

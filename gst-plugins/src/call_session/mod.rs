@@ -22,7 +22,7 @@ use gst::prelude::*;
 use tokio::sync::mpsc;
 
 pub use congestion::EncoderControl;
-pub use shared_peer::warm_up as warm_up_shared_stack;
+pub use shared_peer::{peer_config as shared_stack_config, warm_up as warm_up_shared_stack};
 pub use signalling::SignallingSettings;
 
 use bridge_protocol::{ice, opus_fmtp};

@@ -55,6 +55,26 @@ pub fn warm_up() {
     LazyLock::force(&CRYPTO);
 }
 
+/// How every call's peer connection is configured.
+pub fn peer_config() -> Result<RtcConfig, String> {
+    let certificate = CERTIFICATE
+        .clone()
+        .ok_or("no DTLS certificate could be made")?;
+    Ok(RtcConfig::new()
+        .set_crypto_provider(CRYPTO.clone())
+        .set_dtls_cert(certificate)
+        .clear_codecs()
+        .enable_opus(true, false)
+        // The media id only: no transport-wide congestion control (a
+        // voice call's bitrate is the encoder's, and its send register
+        // is 90 KB per call), no audio levels.
+        .clear_extension_map()
+        .set_extension(MID_EXTENSION, Extension::RtpMid)
+        .set_reordering_size_audio(REORDER_PACKETS)
+        .set_reordering_timeout_audio(Some(REORDER_WAIT))
+        .set_stats_interval(Some(Duration::from_secs(1))))
+}
+
 /// One Opus frame received, with its RTP numbering.
 pub struct Frame {
     pub payload: Arc<[u8]>,
@@ -126,23 +146,7 @@ impl SharedPeer {
     /// Binds the call's sockets (one per local address) and starts its task.
     pub fn start(events: EventSink, media_loop: &Handle) -> Result<SharedPeer, String> {
         let events = Arc::new(events);
-        let certificate = CERTIFICATE
-            .clone()
-            .ok_or("no DTLS certificate could be made")?;
-        let mut rtc = RtcConfig::new()
-            .set_crypto_provider(CRYPTO.clone())
-            .set_dtls_cert(certificate)
-            .clear_codecs()
-            .enable_opus(true, false)
-            // The media id only: no transport-wide congestion control (a
-            // voice call's bitrate is the encoder's, and its send register
-            // is 90 KB per call), no audio levels.
-            .clear_extension_map()
-            .set_extension(MID_EXTENSION, Extension::RtpMid)
-            .set_reordering_size_audio(REORDER_PACKETS)
-            .set_reordering_timeout_audio(Some(REORDER_WAIT))
-            .set_stats_interval(Some(Duration::from_secs(1)))
-            .build(Instant::now());
+        let mut rtc = peer_config()?.build(Instant::now());
         let _guard = media_loop.enter();
         let mut sockets = Vec::new();
         for address in candidate_addresses() {
@@ -729,198 +733,5 @@ a=ssrc:2222 cname:abc\r\n";
             .any()
             .block_on(peer.answer(AUDIO_VIDEO_OFFER));
         assert!(answer.is_ok(), "the peer still works: {answer:?}");
-    }
-}
-
-#[cfg(test)]
-mod cost_probe {
-    use super::*;
-
-    fn cpu() -> Duration {
-        let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
-        unsafe extern "C" {
-            fn clock_gettime(id: i32, ts: *mut [i64; 2]) -> i32;
-        }
-        unsafe { clock_gettime(3, ts.as_mut_ptr()) };
-        let ts = unsafe { ts.assume_init() };
-        Duration::new(ts[0] as u64, ts[1] as u32)
-    }
-
-    fn rtc(now: Instant) -> Rtc {
-        RtcConfig::new()
-            .set_crypto_provider(CRYPTO.clone())
-            .set_dtls_cert(CERTIFICATE.clone().unwrap())
-            .clear_codecs()
-            .enable_opus(true, false)
-            .clear_extension_map()
-            .set_extension(MID_EXTENSION, Extension::RtpMid)
-            .set_reordering_size_audio(REORDER_PACKETS)
-            .set_reordering_timeout_audio(Some(REORDER_WAIT))
-            .set_stats_interval(Some(Duration::from_secs(1)))
-            .build(now)
-    }
-
-    /// Drives one side; returns its next timeout, the datagrams it sent, and how many rounds.
-    fn drive(
-        rtc: &mut Rtc,
-        now: Instant,
-        out: &mut Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
-        frames: &mut u64,
-    ) -> (Instant, u32) {
-        let mut rounds = 0;
-        loop {
-            loop {
-                match rtc.poll_output().unwrap() {
-                    Output::Timeout(t) => {
-                        if t > now || rounds >= 8 {
-                            return (t, rounds);
-                        }
-                        rounds += 1;
-                        rtc.handle_input(Input::Timeout(now)).unwrap();
-                        break;
-                    }
-                    Output::Transmit(t) => out.push((t.source, t.destination, t.contents.to_vec())),
-                    Output::Event(Event::MediaData(_)) => *frames += 1,
-                    Output::Event(_) => {}
-                }
-            }
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn str0m_cost_per_frame() {
-        let start = Instant::now();
-        let (mut a, mut b) = (rtc(start), rtc(start));
-        let (aa, ba): (SocketAddr, SocketAddr) = (
-            "10.0.0.1:1000".parse().unwrap(),
-            "10.0.0.2:2000".parse().unwrap(),
-        );
-        a.add_local_candidate(Candidate::host(aa, "udp").unwrap());
-        b.add_local_candidate(Candidate::host(ba, "udp").unwrap());
-        let mut api = a.sdp_api();
-        let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        let (offer, pending) = api.apply().unwrap();
-        let answer = b.sdp_api().accept_offer(offer).unwrap();
-        a.sdp_api().accept_answer(pending, answer).unwrap();
-        let mut now = start;
-        let mut out = Vec::new();
-        let mut frames = 0;
-        let deliver =
-            |rtc: &mut Rtc, now: Instant, (src, dst, data): (SocketAddr, SocketAddr, Vec<u8>)| {
-                let input = Input::Receive(
-                    now,
-                    Receive {
-                        proto: Protocol::Udp,
-                        source: src,
-                        destination: dst,
-                        contents: data.as_slice().try_into().unwrap(),
-                    },
-                );
-                if rtc.accepts(&input) {
-                    rtc.handle_input(input).unwrap();
-                }
-            };
-        for _ in 0..2000 {
-            now += Duration::from_millis(5);
-            a.handle_input(Input::Timeout(now)).unwrap();
-            b.handle_input(Input::Timeout(now)).unwrap();
-            drive(&mut a, now, &mut out, &mut frames);
-            for d in out.drain(..) {
-                deliver(&mut b, now, d);
-            }
-            drive(&mut b, now, &mut out, &mut frames);
-            for d in out.drain(..) {
-                deliver(&mut a, now, d);
-            }
-            if a.is_connected() && b.is_connected() {
-                break;
-            }
-        }
-        assert!(a.is_connected());
-        let payload = vec![0x48u8; 80];
-        let n = 5000u64;
-        let (mut send_cpu, mut recv_cpu, mut timer_cpu) =
-            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        let mut send_rounds = 0;
-        let mut received = 0;
-        for i in 0..n {
-            now += Duration::from_millis(20);
-            let t0 = cpu();
-            let time = MediaTime::new(i * 960, Frequency::FORTY_EIGHT_KHZ);
-            let w = a.writer(mid).unwrap();
-            let pt = w.payload_params().next().unwrap().pt();
-            w.write(pt, now, time, payload.clone()).unwrap();
-            let (_, rounds) = drive(&mut a, now, &mut out, &mut frames);
-            send_rounds += rounds;
-            let t1 = cpu();
-            let sent: Vec<_> = out.drain(..).collect();
-            for d in sent {
-                deliver(&mut b, now, d);
-            }
-            drive(&mut b, now, &mut out, &mut received);
-            let t2 = cpu();
-            out.clear();
-            // Both sides' timers, as if they fired on their own.
-            let later = now + Duration::from_millis(10);
-            a.handle_input(Input::Timeout(later)).unwrap();
-            b.handle_input(Input::Timeout(later)).unwrap();
-            drive(&mut a, later, &mut out, &mut frames);
-            drive(&mut b, later, &mut out, &mut frames);
-            out.clear();
-            let t3 = cpu();
-            send_cpu += t1 - t0;
-            recv_cpu += t2 - t1;
-            timer_cpu += t3 - t2;
-        }
-        // Timer wake-ups str0m asks for between frames, each side, over 10 s.
-        let mut wakes = [0u32; 2];
-        let mut reasons = std::collections::HashMap::new();
-        for i in n..n + 500 {
-            let frame_at = now + Duration::from_millis(20);
-            let time = MediaTime::new(i * 960, Frequency::FORTY_EIGHT_KHZ);
-            for (side, rtc) in [&mut a, &mut b].into_iter().enumerate() {
-                loop {
-                    let (deadline, _) = drive(rtc, now, &mut out, &mut frames);
-                    if deadline >= frame_at {
-                        break;
-                    }
-                    wakes[side] += 1;
-                    *reasons
-                        .entry(format!("{side} {:?}", rtc.last_timeout_reason()))
-                        .or_insert(0) += 1;
-                    rtc.handle_input(Input::Timeout(deadline.max(now))).unwrap();
-                    drive(rtc, deadline.max(now), &mut out, &mut frames);
-                    out.clear();
-                    if deadline > now {
-                        now = now.max(deadline);
-                    }
-                }
-            }
-            now = frame_at;
-            let w = a.writer(mid).unwrap();
-            let pt = w.payload_params().next().unwrap().pt();
-            w.write(pt, now, time, payload.clone()).unwrap();
-            a.handle_input(Input::Timeout(now)).unwrap();
-            drive(&mut a, now, &mut out, &mut frames);
-            let sent: Vec<_> = out.drain(..).collect();
-            for d in sent {
-                deliver(&mut b, now, d);
-            }
-            drive(&mut b, now, &mut out, &mut received);
-            out.clear();
-        }
-        eprintln!(
-            "timer wake-ups in 10 s: sender {} receiver {}: {reasons:?}",
-            wakes[0], wakes[1]
-        );
-        eprintln!(
-            "per frame: send {:?} ({} rounds), receive {:?} ({} frames out), timers {:?}",
-            send_cpu / n as u32,
-            send_rounds as f64 / n as f64,
-            recv_cpu / n as u32,
-            received,
-            timer_cpu / n as u32
-        );
     }
 }

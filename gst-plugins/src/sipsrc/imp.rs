@@ -17,10 +17,13 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 30_000;
 pub const DEFAULT_STATS_INTERVAL_MS: u32 = 1_000;
 
 /// One payload type of the payload map, ready for the receiving thread.
-struct PayloadType {
-    caps: gst::Caps,
+#[derive(Clone)]
+pub(super) struct PayloadType {
+    pub(super) caps: gst::Caps,
+    /// From the caps, read once: not for every packet.
+    pub(super) clock_rate: u32,
     /// RFC 4733 events: reported as `sip-dtmf` messages, not pushed.
-    telephone_event: bool,
+    pub(super) telephone_event: bool,
 }
 
 pub(crate) struct SrcSettings {
@@ -54,10 +57,12 @@ impl SrcSettings {
                 let telephone_event = s
                     .get::<&str>("encoding-name")
                     .is_ok_and(|name| name.eq_ignore_ascii_case("TELEPHONE-EVENT"));
+                let clock_rate = s.get::<i32>("clock-rate").unwrap_or(0).max(0) as u32;
                 Some((
                     pt,
                     PayloadType {
                         caps: gst::Caps::from(s.to_owned()),
+                        clock_rate,
                         telephone_event,
                     },
                 ))
@@ -78,13 +83,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The caps of a payload type and whether it carries telephone events.
-    pub(super) fn caps_for(&self, payload_type: u8) -> Option<(gst::Caps, bool)> {
+    /// What the payload map says of a payload type.
+    pub(super) fn payload_type(&self, payload_type: u8) -> Option<PayloadType> {
         let settings = self.settings.lock().unwrap();
-        settings
-            .payload_types
-            .get(&payload_type)
-            .map(|p| (p.caps.clone(), p.telephone_event))
+        settings.payload_types.get(&payload_type).cloned()
     }
 
     /// Session stats with the jitter buffer's count of late packets.

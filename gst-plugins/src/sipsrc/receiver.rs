@@ -226,7 +226,7 @@ impl SipReceiver {
         data: &[u8],
     ) -> Option<(gst::Buffer, Option<gst::Caps>)> {
         let payload_type = packet.payload_type();
-        let Some((caps, telephone_event)) = self.shared().caps_for(payload_type) else {
+        let Some(format) = self.shared().payload_type(payload_type) else {
             session.count_unknown_payload_type();
             gst::debug!(
                 CAT,
@@ -235,11 +235,7 @@ impl SipReceiver {
             );
             return None;
         };
-        let clock_rate = caps
-            .structure(0)
-            .and_then(|s| s.get::<i32>("clock-rate").ok())
-            .unwrap_or(0)
-            .max(0) as u32;
+        let clock_rate = format.clock_rate;
         let verdict = session.on_rtp_received(
             from,
             packet.ssrc(),
@@ -251,7 +247,7 @@ impl SipReceiver {
         if verdict == RtpVerdict::Drop {
             return None;
         }
-        if telephone_event {
+        if format.telephone_event {
             self.report_dtmf(packet, clock_rate);
             return None;
         }
@@ -261,7 +257,7 @@ impl SipReceiver {
         timers.current_payload_type = Some(payload_type);
         Some((
             gst::Buffer::from_slice(data.to_vec()),
-            switched.then_some(caps),
+            switched.then_some(format.caps),
         ))
     }
 
