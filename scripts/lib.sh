@@ -83,11 +83,15 @@ in_test_netns() {
     ip route add 192.0.2.51 dev media0
     ip route add 192.0.2.50 dev media1
     # A one-to-one NAT, as a cloud VM has: its public address 198.51.100.7
-    # leads to 192.0.2.50.
+    # leads to 192.0.2.50, and what 192.0.2.50 sends out (to 198.51.100.0/24,
+    # where a STUN server, 198.51.100.8, is) comes from 198.51.100.7.
     ip route add 198.51.100.7 dev media1
+    ip addr add 198.51.100.8/32 dev lo
     nft add table ip one_to_one_nat
     nft add chain ip one_to_one_nat output "{ type nat hook output priority -100; }"
-    nft add rule ip one_to_one_nat output ip daddr 198.51.100.7 dnat to 192.0.2.50'
+    nft add rule ip one_to_one_nat output ip daddr 198.51.100.7 dnat to 192.0.2.50
+    nft add chain ip one_to_one_nat postrouting "{ type nat hook postrouting priority 100; }"
+    nft add rule ip one_to_one_nat postrouting ip saddr 192.0.2.50 ip daddr 198.51.100.0/24 snat to 198.51.100.7'
   $sudo ip netns exec "$ns" "$@"
   status=$?
   $sudo ip netns del "$ns"

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use bridge_protocol::ice;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +81,9 @@ pub struct ConnectyCubeSection {
     pub gateway_password: Option<String>,
     /// Seconds an app may ring before the SIP caller gets 480.
     pub answer_timeout_s: u64,
+    /// `stun://host[:port]`: asked by each call's WebRTC leg where it is
+    /// seen from outside a NAT (ConnectyCube's apps use a public one).
+    pub stun_server: Option<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -165,6 +169,7 @@ impl Default for ConnectyCubeSection {
             gateway_login: None,
             gateway_password: None,
             answer_timeout_s: 45,
+            stun_server: None,
         }
     }
 }
@@ -319,6 +324,9 @@ impl Config {
         }
         if cc.auth_key.is_empty() {
             problems.push("connectycube.auth_key: empty".into());
+        }
+        if let Some(Err(e)) = cc.stun_server.as_deref().map(ice::stun_host_and_port) {
+            problems.push(format!("connectycube.stun_server: {e}"));
         }
         if cc.sandbox && cc.api_url.starts_with("http://") && sandbox_address(cc).is_none() {
             problems.push(format!(
@@ -580,9 +588,11 @@ department = "Sales"
         config.connectycube.chat_url = "http://wrong".into();
         config.management.listen = Some(([127, 0, 0, 1], 8088).into());
         config.sip.opus_complexity = 11;
+        config.connectycube.stun_server = Some("turn://user:pass@host".into());
         let problems = config.validate().unwrap_err().0;
         for key in [
             "sip.opus_complexity",
+            "connectycube.stun_server",
             "users[1].extension",
             "users[1].login",
             "users[1].password",

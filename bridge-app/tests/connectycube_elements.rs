@@ -3,7 +3,8 @@
 //! the element keeps waiting, a real browser's call is then answered; a
 //! callee that sends its candidates before it accepts (and none in its
 //! answer) is still reached; packets lost on the way to the shared stack
-//! are concealed, with no hole in what is heard.
+//! are concealed, with no hole in what is heard; a callee behind a NAT is
+//! reached at its public address, configured or learned from a STUN server.
 
 mod support;
 
@@ -17,7 +18,7 @@ use bridge_protocol::connectycube::signaling::{CallSignal, CallType, IceCandidat
 use gst::glib;
 use gst::prelude::*;
 use serde_json::json;
-use support::{BrowserPeer, RustUser, SandboxProcess, free_port};
+use support::{BrowserPeer, KamailioProcess, RustUser, SandboxProcess, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
@@ -117,53 +118,56 @@ async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
 }
 
 /// A callee behind a one-to-one NAT (a cloud VM) is reached only at its
-/// public address: the test namespace forwards 198.51.100.7 to 192.0.2.50
-/// (`scripts/lib.sh`), and the caller gets none of the callee's host
-/// candidates, only their twins there.
+/// public address: the test namespace forwards `PUBLIC_ADDRESS` to
+/// 192.0.2.50 (`scripts/lib.sh`), and the caller gets none of the callee's
+/// host candidates, only their twins there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callee_behind_a_one_to_one_nat_is_reached_at_its_public_address() {
+    let public = format!("public-address={PUBLIC_ADDRESS}");
     for callee_stack in ["shared", "webrtcbin"] {
-        call_between_stacks(
-            "webrtcbin",
-            callee_stack,
-            48_000,
-            None,
-            Some("198.51.100.7"),
-        )
-        .await;
+        call_between_stacks("webrtcbin", callee_stack, 48_000, None, Some(&public)).await;
     }
 }
+
+/// The same callee on the shared stack, told only of a STUN server outside
+/// the NAT (a real one: Kamailio's stun module), learns its public address
+/// from it. (webrtcbin's STUN is libnice's own, which takes no answer from
+/// Kamailio's module.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_behind_a_nat_learns_its_public_address_from_a_stun_server() {
+    let stun = KamailioProcess::start_stun();
+    let server = format!("stun-server=stun://198.51.100.8:{}", stun.port);
+    call_between_stacks("webrtcbin", "shared", 48_000, None, Some(&server)).await;
+}
+
+/// Where the test namespace's NAT shows 192.0.2.50 outside.
+const PUBLIC_ADDRESS: &str = "198.51.100.7";
 
 /// Calls from a caller on `caller_stack` to a callee on `callee_stack`
 /// that plays at `playback_rate` and sends its candidates before it
 /// accepts (none in its answer); with `lose_every`, every so many of the
-/// caller's packets are dropped before they leave; with
-/// `callee_public_address`, the callee announces it, and the caller gets
-/// only the candidates there.
+/// caller's packets are dropped before they leave; with `behind_nat`
+/// (the callee's property that tells it where it is seen from), the caller
+/// gets only the callee's candidates at `PUBLIC_ADDRESS`.
 async fn call_between_stacks(
     caller_stack: &str,
     callee_stack: &str,
     playback_rate: u32,
     lose_every: Option<u64>,
-    callee_public_address: Option<&str>,
+    behind_nat: Option<&str>,
 ) {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
     let sandbox = SandboxProcess::start(free_port());
     let mut raw = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "raw", "r").await;
     // Sessions are named across the process, where the tests run at once.
+    let nat = behind_nat.unwrap_or_default();
+    // By the NAT property's name: `public-address`, `stun-server`.
+    let nat_kind = nat.split('=').next().unwrap_or_default();
     let session = format!(
-        "{caller_stack}-{callee_stack}-{playback_rate}-{}{}",
+        "{caller_stack}-{callee_stack}-{playback_rate}-{}-{nat_kind}",
         lose_every.unwrap_or(0),
-        if callee_public_address.is_some() {
-            "-nat"
-        } else {
-            ""
-        }
     );
-    let public = callee_public_address
-        .map(|address| format!("public-address={address}"))
-        .unwrap_or_default();
     let caller = gst::parse::launch(&format!(
         "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay name=payloader \
          ! connectycubesink name=out session=early-caller-{session} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
@@ -174,7 +178,7 @@ async fn call_between_stacks(
     .unwrap();
     let callee = gst::parse::launch(&format!(
         "connectycubesrc name=webrtc session=early-callee-{session} webrtc-stack={callee_stack} \
-           max-playback-rate={playback_rate} {public} \
+           max-playback-rate={playback_rate} {nat} \
          ! rtpopusdepay ! opusvoicedec plc=true ! audioconvert ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
          ! appsink name=heard sync=false",
     ))
@@ -231,9 +235,10 @@ async fn call_between_stacks(
     let (mut candidates, bare): (Vec<&str>, Vec<&str>) = answer
         .split("\r\n")
         .partition(|line| line.starts_with("a=candidate:"));
-    if let Some(public) = callee_public_address {
-        candidates
-            .retain(|line| line.contains(&format!(" {public} ")) && line.contains("typ srflx"));
+    if behind_nat.is_some() {
+        candidates.retain(|line| {
+            line.contains(&format!(" {PUBLIC_ADDRESS} ")) && line.contains("typ srflx")
+        });
     }
     assert!(!candidates.is_empty(), "no candidates gathered: {answer}");
     let reply = |signal_type| {

@@ -147,7 +147,7 @@ impl CallProperties {
                 .nick("WebRTC stack")
                 .blurb(
                     "What carries the call: a webrtcbin of its own (audio, video, STUN/TURN), \
-                     or the threads all calls share (Opus audio, host candidates; far cheaper)",
+                     or the threads all calls share (Opus audio, STUN; far cheaper)",
                 )
                 .mutable_ready()
                 .build(),
@@ -264,12 +264,12 @@ impl CallProperties {
                 })
             }
         };
-        if s.stack == WebRtcStack::Shared && (s.stun_server.is_some() || s.turn_server.is_some()) {
+        if s.stack == WebRtcStack::Shared && s.turn_server.is_some() {
             gst::warning!(
                 crate::CAT,
                 obj = element,
-                "webrtc-stack=shared uses no STUN or TURN server: it offers host candidates \
-                 (and their twins at public-address); use webrtc-stack=webrtcbin for STUN/TURN"
+                "webrtc-stack=shared relays nothing through a TURN server: \
+                 use webrtc-stack=webrtcbin for TURN"
             );
         }
         let public_address = match &s.public_address {

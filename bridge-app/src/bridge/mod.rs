@@ -171,6 +171,7 @@ fn sip_config(config: &Config) -> SipConfig {
             .zip(s.tls_key.clone())
             .map(|(certificate, key)| TlsFiles { certificate, key }),
         public_address: s.public_address,
+        stun_server: config.connectycube.stun_server.clone(),
         // RTP binds where SIP listens.
         media_address: s.listen.ip(),
         admission: AdmissionConfig {

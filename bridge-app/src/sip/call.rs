@@ -590,7 +590,7 @@ impl Call {
                 self.shared.config.video,
                 self.media_events.0.clone(),
                 recorder.as_ref(),
-                self.shared.config.public_address,
+                &super::media::nat_properties(&self.shared.config),
             )?;
             self.recorder = recorder;
             Ok((reservation, video))

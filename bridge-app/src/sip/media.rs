@@ -323,9 +323,9 @@ impl CallMedia {
                     ),
                     (None, _) => ("", "", String::new()),
                 };
-                let public = public_address_property(config.public_address);
+                let nat = nat_properties(config);
                 let app_sink = format!(
-                    "connectycubesink name=app session={app} webrtc-stack={stack}{public} caps=\"{OPUS_RTP_CAPS}\""
+                    "connectycubesink name=app session={app} webrtc-stack={stack}{nat} caps=\"{OPUS_RTP_CAPS}\""
                 );
                 // The app's voice is played at the phone's rate: it need send no
                 // more (saving its bandwidth and our decoding).
@@ -334,7 +334,7 @@ impl CallMedia {
                     _ => chain.encoder_rate,
                 };
                 let app_src = format!(
-                    "connectycubesrc session={app} webrtc-stack={stack}{public} media=audio max-playback-rate={playback_rate}"
+                    "connectycubesrc session={app} webrtc-stack={stack}{nat} media=audio max-playback-rate={playback_rate}"
                 );
                 if codec == "OPUS" {
                     // Opus both ways: the packets pass as they are, no
@@ -595,12 +595,18 @@ impl Drop for CallMedia {
 }
 
 /// The Opus frame size (ms) closest to the negotiated ptime.
-/// The app elements' ` public-address=…`: behind a one-to-one NAT apps
-/// reach our WebRTC ports at the bridge's public address too.
-pub(super) fn public_address_property(public: Option<IpAddr>) -> String {
-    public
-        .map(|address| format!(" public-address={address}"))
-        .unwrap_or_default()
+/// The app elements' properties for a bridge behind NAT: apps reach our
+/// WebRTC ports at the bridge's public address too, or at what the STUN
+/// server says.
+pub(super) fn nat_properties(config: &super::SipConfig) -> String {
+    let mut properties = String::new();
+    if let Some(address) = config.public_address {
+        properties.push_str(&format!(" public-address={address}"));
+    }
+    if let Some(server) = &config.stun_server {
+        properties.push_str(&format!(" stun-server=\"{server}\""));
+    }
+    properties
 }
 
 fn opus_frame_size(ptime: u32) -> u32 {

@@ -53,8 +53,11 @@ pub struct TlsFiles {
 pub struct SipConfig {
     pub listeners: Vec<Listener>,
     pub tls: Option<TlsFiles>,
-    /// The address put in Contact and SDP when the bridge is behind NAT.
+    /// The address put in Contact and SDP when the bridge is behind NAT
+    /// (and offered to apps as a WebRTC candidate).
     pub public_address: Option<IpAddr>,
+    /// Asked by each call's WebRTC leg where it is seen from outside a NAT.
+    pub stun_server: Option<String>,
     /// Where RTP sockets are bound.
     pub media_address: IpAddr,
     pub admission: AdmissionConfig,
@@ -101,6 +104,7 @@ impl SipConfig {
             ],
             tls: None,
             public_address: None,
+            stun_server: None,
             media_address: loopback,
             admission: AdmissionConfig {
                 trusted: vec![loopback, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)],

@@ -150,10 +150,9 @@ impl CallVideo {
         app_codec: AppVideoCodec,
         events: mpsc::UnboundedSender<MediaEvent>,
         recorder: Option<&Arc<Recorder>>,
-        public_address: Option<IpAddr>,
+        nat: &str,
     ) -> anyhow::Result<Self> {
         let session = reservation.session();
-        let public = super::media::public_address_property(public_address);
         let address: IpAddr = reservation.address;
         let pt = stream.format.payload_type;
         // Lost packets and undecodable frames ask the sender for a key
@@ -176,13 +175,13 @@ impl CallVideo {
             "{tap_to_phone}valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
              ! sipsink name=vtx session={session} local-address={address}"
         );
-        let app_src = format!("connectycubesrc session={app_session}{public} media=video");
+        let app_src = format!("connectycubesrc session={app_session}{nat} media=video");
         let (description, encoders) = match app_codec {
             AppVideoCodec::Off => anyhow::bail!("video is off"),
             AppVideoCodec::H264 => (
                 format!(
                     "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
-                       ! valve name=to_app drop=false ! connectycubesink session={app_session}{public} caps=\"{H264_RTP_CAPS}\" \
+                       ! valve name=to_app drop=false ! connectycubesink session={app_session}{nat} caps=\"{H264_RTP_CAPS}\" \
                      {app_src} ! rtph264depay request-keyframe=true ! h264parse ! {to_phone}"
                 ),
                 Vec::new(),
@@ -194,7 +193,7 @@ impl CallVideo {
                     format!(
                         "{from_phone} ! {decoder} automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
-                           ! valve name=to_app drop=false ! connectycubesink session={app_session}{public} caps=\"{VP8_RTP_CAPS}\" \
+                           ! valve name=to_app drop=false ! connectycubesink session={app_session}{nat} caps=\"{VP8_RTP_CAPS}\" \
                          {app_src} ! rtpvp8depay request-keyframe=true ! vp8dec automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
                            ! {} {} ! h264parse ! {to_phone}",
                         vp8.factory, vp8.settings, h264.factory, h264.settings

@@ -537,10 +537,20 @@ impl KamailioProcess {
 
     /// Challenges with `algorithm` (`MD5` or `SHA-256`).
     pub fn start_with_digest(algorithm: &str) -> KamailioProcess {
+        Self::start_config("kamailio.cfg", "127.0.0.1", algorithm)
+    }
+
+    /// A STUN server only (`tests/kamailio/stun.cfg`), at 198.51.100.8:
+    /// outside the test namespace's NAT (`scripts/lib.sh`).
+    pub fn start_stun() -> KamailioProcess {
+        Self::start_config("stun.cfg", "198.51.100.8", "")
+    }
+
+    fn start_config(file: &str, address: &str, algorithm: &str) -> KamailioProcess {
         let port = free_port();
         let dir = tempdir();
         let template =
-            std::fs::read_to_string(repo_root().join("bridge-app/tests/kamailio/kamailio.cfg"))
+            std::fs::read_to_string(repo_root().join("bridge-app/tests/kamailio").join(file))
                 .unwrap();
         let config = dir.join("kamailio.cfg");
         std::fs::write(
@@ -567,14 +577,12 @@ impl KamailioProcess {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let options = format!(
-            "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {0};branch=z9hG4bKprobe\r\nFrom: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            "OPTIONS sip:{address}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {0};branch=z9hG4bKprobe\r\nFrom: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:{address}:{port}>\r\nCall-ID: probe\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
             probe.local_addr().unwrap()
         );
         let mut buffer = [0u8; 2048];
         loop {
-            probe
-                .send_to(options.as_bytes(), ("127.0.0.1", port))
-                .unwrap();
+            probe.send_to(options.as_bytes(), (address, port)).unwrap();
             if probe.recv_from(&mut buffer).is_ok() {
                 return kamailio;
             }

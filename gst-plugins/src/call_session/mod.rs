@@ -77,10 +77,10 @@ pub enum WebRtcStack {
     #[enum_value(name = "A webrtcbin per call: audio and video", nick = "webrtcbin")]
     Webrtcbin,
     /// A peer connection on the threads every call shares: Opus audio
-    /// only, host candidates (and their twins at `public-address`), a
-    /// fraction of webrtcbin's cost.
+    /// only, host and STUN candidates (no TURN), a fraction of webrtcbin's
+    /// cost.
     #[enum_value(
-        name = "Shared threads for all calls: Opus audio only, host candidates",
+        name = "Shared threads for all calls: Opus audio only, host and STUN candidates",
         nick = "shared"
     )]
     Shared,
@@ -411,8 +411,12 @@ impl CallSession {
                         session.on_peer_event(event);
                     }
                 });
-                let started = SharedPeer::start(events, crate::MEDIA_POOL.for_element(element))
-                    .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
+                let started = SharedPeer::start(
+                    events,
+                    crate::MEDIA_POOL.for_element(element),
+                    self.settings.stun_server.as_deref(),
+                )
+                .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
                 let _ = peer.set(started);
             }
         }

@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bridge_protocol::opus_fmtp;
+use bridge_protocol::{ice, opus_fmtp};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -47,6 +47,16 @@ const IMMEDIATE_ROUNDS: usize = 8;
 /// network outage), before the call fails.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
 const RECONNECT_WITHIN: Duration = Duration::from_secs(15);
+
+/// When a call asks its STUN server again, and when it stops waiting and
+/// offers the candidates it has (a server across the world answers in a
+/// few hundred ms).
+const STUN_ASK_AT: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+];
+const STUN_WAIT: Duration = Duration::from_secs(1);
 
 /// Prepares the pool and the certificate before the first call.
 pub fn warm_up() {
@@ -144,7 +154,17 @@ pub struct SharedPeer {
 
 impl SharedPeer {
     /// Binds the call's sockets (one per local address) and starts its task.
-    pub fn start(events: EventSink, media_loop: &Handle) -> Result<SharedPeer, String> {
+    /// With `stun_server` (`stun://host[:port]`), each socket's address
+    /// outside a NAT is asked for and offered too.
+    pub fn start(
+        events: EventSink,
+        media_loop: &Handle,
+        stun_server: Option<&str>,
+    ) -> Result<SharedPeer, String> {
+        let stun_server = stun_server
+            .map(ice::stun_host_and_port)
+            .transpose()
+            .map_err(|e| format!("stun-server {e}"))?;
         let events = Arc::new(events);
         let mut rtc = peer_config()?.build(Instant::now());
         let _guard = media_loop.enter();
@@ -188,6 +208,7 @@ impl SharedPeer {
             first_sequence: None,
             rates_from: None,
             give_up_at: None,
+            stun_server,
         };
         let task = media_loop.spawn(task.run(received));
         // A bug in the stack ends this call, not the others, and not silently.
@@ -318,11 +339,16 @@ struct PeerTask {
     rates_from: Option<(Instant, u64, u64)>,
     /// While connecting, or after the connection was lost: when to give up.
     give_up_at: Option<(Instant, &'static str)>,
+    /// Asked once, before anything is offered or answered.
+    stun_server: Option<(String, u16)>,
 }
 
 impl PeerTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buffer = vec![0u8; 2048];
+        if let Some((host, port)) = self.stun_server.take() {
+            self.gather_reflexive(&host, port, &mut buffer).await;
+        }
         loop {
             let deadline = match self.drive_until_waiting() {
                 Ok(deadline) => deadline,
@@ -369,6 +395,78 @@ impl PeerTask {
                     let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
                 }
             }
+        }
+    }
+
+    /// Asks the STUN server where each socket is seen from (RFC 8489
+    /// Binding), and offers each address that differs from the socket's
+    /// own as a server-reflexive candidate. Without an answer in time the
+    /// call goes on with what it has.
+    async fn gather_reflexive(&mut self, host: &str, port: u16, buffer: &mut [u8]) {
+        let server = match tokio::net::lookup_host((host, port)).await {
+            Ok(mut addresses) => addresses.next(),
+            Err(_) => None,
+        };
+        let Some(server) = server else {
+            gst::warning!(
+                crate::CAT,
+                "STUN server {host}:{port} not found: host candidates only"
+            );
+            return;
+        };
+        let mut asking: Vec<(SocketAddr, [u8; 12])> = self
+            .sockets
+            .iter()
+            .filter(|(local, _)| local.is_ipv4() == server.is_ipv4())
+            .map(|(local, _)| (*local, rand::random()))
+            .collect();
+        let started = tokio::time::Instant::now();
+        let mut next_ask = STUN_ASK_AT.iter();
+        let mut ask_at = next_ask.next().map(|after| started + *after);
+        while !asking.is_empty() {
+            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
+                for (local, transaction) in &asking {
+                    if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| a == local) {
+                        let _ = socket.try_send_to(&ice::binding_request(*transaction), server);
+                    }
+                }
+                ask_at = next_ask.next().map(|after| at.max(started + *after));
+                continue;
+            }
+            let until = ask_at.unwrap_or(started + STUN_WAIT);
+            let Ok((local, length, source)) =
+                tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await
+            else {
+                if ask_at.is_none() {
+                    break;
+                }
+                continue;
+            };
+            let answer = asking
+                .iter()
+                .enumerate()
+                .find_map(|(index, (l, transaction))| {
+                    let mapped = ice::mapped_address(&buffer[..length], *transaction);
+                    (*l == local && source == server).then_some((index, mapped?))
+                });
+            let Some((index, mapped)) = answer else {
+                continue;
+            };
+            asking.swap_remove(index);
+            if mapped != local
+                && let Ok(candidate) = Candidate::server_reflexive(mapped, local, "udp")
+            {
+                gst::debug!(crate::CAT, "{local} is {mapped} outside");
+                self.rtc.add_local_candidate(candidate);
+            }
+        }
+        if !asking.is_empty() {
+            gst::warning!(
+                crate::CAT,
+                "no answer from STUN server {server} within {STUN_WAIT:?}: \
+                 {} of the call's addresses offered as they are",
+                asking.len()
+            );
         }
     }
 
@@ -699,7 +797,7 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn an_offer_with_video_is_answered_for_its_audio() {
-        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any()).unwrap();
+        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), None).unwrap();
         let answer = crate::MEDIA_POOL
             .any()
             .block_on(peer.answer(AUDIO_VIDEO_OFFER));
@@ -713,7 +811,7 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn garbage_offers_and_candidates_get_errors() {
-        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any()).unwrap();
+        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), None).unwrap();
         for offer in [
             "",
             "v=0\r\nm=audio",
