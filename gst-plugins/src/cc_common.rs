@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bridge_protocol::connectycube::AppCredentials;
+use bridge_protocol::ice;
 use gst::glib;
 use gst::prelude::*;
 
@@ -142,7 +143,12 @@ impl CallProperties {
                 .default_value(DEFAULT_ANSWER_TIMEOUT_S)
                 .mutable_ready()
                 .build(),
-            string("stun-server", "STUN server", "stun://host:port", None),
+            string(
+                "stun-server",
+                "STUN server",
+                "stun://host[:port]: asked where this machine is seen from outside a NAT",
+                None,
+            ),
             glib::ParamSpecEnum::builder_with_default("webrtc-stack", WebRtcStack::default())
                 .nick("WebRTC stack")
                 .blurb(
@@ -271,6 +277,12 @@ impl CallProperties {
                 "webrtc-stack=shared relays nothing through a TURN server: \
                  use webrtc-stack=webrtcbin for TURN"
             );
+        }
+        if let Some(Err(e)) = s.stun_server.as_deref().map(ice::stun_host_and_port) {
+            return Err(gst::error_msg!(
+                gst::ResourceError::Settings,
+                ("stun-server {e}")
+            ));
         }
         let public_address = match &s.public_address {
             None => None,

@@ -594,7 +594,6 @@ impl Drop for CallMedia {
     }
 }
 
-/// The Opus frame size (ms) closest to the negotiated ptime.
 /// The app elements' properties for a bridge behind NAT: apps reach our
 /// WebRTC ports at the bridge's public address too, or at what the STUN
 /// server says.
@@ -609,6 +608,7 @@ pub(super) fn nat_properties(config: &super::SipConfig) -> String {
     properties
 }
 
+/// The Opus frame size (ms) closest to the negotiated ptime.
 fn opus_frame_size(ptime: u32) -> u32 {
     [10, 20, 40, 60]
         .into_iter()
