@@ -216,6 +216,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_ACCOUNT_KEY", "connectycube.account_key"),
     ("CONNECTYCUBE_API_URL", "connectycube.api_url"),
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
+    ("CONNECTYCUBE_STUN_SERVER", "connectycube.stun_server"),
     ("MANAGEMENT_TOKEN", "management.token"),
 ];
 
@@ -295,6 +296,7 @@ impl Config {
                 "CONNECTYCUBE_ACCOUNT_KEY" => cc.account_key = Some(value),
                 "CONNECTYCUBE_API_URL" => cc.api_url = value,
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
+                "CONNECTYCUBE_STUN_SERVER" => cc.stun_server = Some(value),
                 "MANAGEMENT_TOKEN" => self.management.token = Some(value),
                 _ => {}
             }

@@ -74,17 +74,7 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
         "userInfo names the caller: {incoming}"
     );
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let (mut app_heard, mut phone_heard) = (None, None);
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        app_heard = alice.command(json!({"op": "frequency"})).as_f64();
-        phone_heard = phone.heard_frequency();
-        let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
-        if near(app_heard, 440.0) && near(phone_heard, 660.0) {
-            break;
-        }
-    }
+    let (app_heard, phone_heard) = both_hear(&mut alice, &phone, (440.0, 660.0));
     assert!(
         app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
         "the app heard {app_heard:?} instead of the phone's 440 Hz\n{:#?}",
@@ -146,19 +136,7 @@ fn call_alice(
         6,
         &format!("codec-{name}"),
     );
-    let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut heard = (None, None);
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        heard = (
-            alice.command(json!({"op": "frequency"})).as_f64(),
-            phone.heard_frequency(),
-        );
-        if near(heard.0, f64::from(frequency)) && near(heard.1, 660.0) {
-            break;
-        }
-    }
+    let heard = both_hear(alice, &phone, (f64::from(frequency), 660.0));
     let (success, output) = signalling.join().unwrap();
     assert!(success, "{name} call: {output}\n{:#?}", bridge.logs());
     alice.wait_for_more("hung up", hung_up, Duration::from_secs(10));
@@ -433,6 +411,27 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
 /// from Chromium (his microphone a 660 Hz tone) and she answers.
 /// What the app hears, polled until it is within 15 Hz of `hz` or `within`
 /// has passed (then the last reading).
+/// What the app and the phone hear, once each hears its expected tone
+/// (`app_hz`, `phone_hz`), or after 15 s.
+fn both_hear(
+    app: &mut BrowserPeer,
+    phone: &Phone,
+    (app_hz, phone_hz): (f64, f64),
+) -> (Option<f64>, Option<f64>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut app_heard, mut phone_heard) = (None, None);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        app_heard = app.command(json!({"op": "frequency"})).as_f64();
+        phone_heard = phone.heard_frequency();
+        let near = |f: Option<f64>, hz: f64| f.is_some_and(|f| (f - hz).abs() < hz * 0.03);
+        if near(app_heard, app_hz) && near(phone_heard, phone_hz) {
+            break;
+        }
+    }
+    (app_heard, phone_heard)
+}
+
 fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Option<f64> {
     let deadline = std::time::Instant::now() + within;
     let mut heard = None;
@@ -462,6 +461,47 @@ fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPee
     bob.command(json!({"op": "call", "to": "alice", "video": video}));
     bob.wait_event("accepted", Duration::from_secs(15));
     bob
+}
+
+/// A bridge behind a NAT, told of a STUN server outside it (a real one,
+/// Kamailio's stun module, beyond the test namespace's NAT: `scripts/lib.sh`),
+/// tells the app where it is seen from: the app gets a server-reflexive
+/// candidate at the public address, and both sides hear each other.
+#[test]
+fn a_bridge_behind_a_nat_tells_the_app_its_address_outside() {
+    let _serial = one_at_a_time();
+    let stun = KamailioProcess::start_stun();
+    let server = format!("stun://198.51.100.8:{}", stun.port);
+    let bridge = BridgeProcess::start_with_environment(
+        "127.0.0.1",
+        &[],
+        &[("CONNECTYCUBE_STUN_SERVER", &server)],
+    );
+    let mut alice = alice_answering(&bridge, true);
+    let (phone, signalling) = phone_call(
+        &bridge,
+        "call.xml",
+        "alice",
+        ("PCMU", 0, 8000, "PCMU/8000", 440),
+        6,
+        "behind-nat",
+    );
+    let (app_heard, phone_heard) = both_hear(&mut alice, &phone, (440.0, 660.0));
+    let candidates = alice.command(json!({"op": "remoteCandidates"}));
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the SIP call: {output}");
+    assert!(
+        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the phone's 440 Hz"
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz"
+    );
+    let outside = candidates.as_array().into_iter().flatten().any(|c| {
+        c["type"] == "srflx" && c["address"] == "198.51.100.7" && c["port"].as_u64().is_some()
+    });
+    assert!(outside, "no candidate at the public address: {candidates}");
 }
 
 #[test]

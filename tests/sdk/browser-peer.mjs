@@ -6,7 +6,7 @@
 //   → {"ready":true,"userId":1001}
 //   ← {"op":"call","to":"bob","video":false,"userInfo":{}}   → {"ok":true,"value":...}
 //   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats,
-//        iceRestart, iceUfrags
+//        iceRestart, iceUfrags, remoteCandidates
 import { createInterface } from 'node:readline';
 import { launchBrowser, signedInPage } from './harness.mjs';
 
@@ -30,6 +30,7 @@ const ops = {
   audioStats: () => peer.page.evaluate(() => window.demo.audioStats()),
   iceRestart: () => peer.page.evaluate(() => window.demo.iceRestart()),
   iceUfrags: () => peer.page.evaluate(() => window.demo.iceUfrags()),
+  remoteCandidates: () => peer.page.evaluate(() => window.demo.remoteCandidates()),
 };
 
 for await (const line of createInterface({ input: process.stdin })) {

@@ -308,6 +308,15 @@ impl BridgeProcess {
 
     /// With SIP on `host` (an IPv4 or IPv6 address) and a free port.
     pub fn start_on(host: &str, extra_args: &[&str]) -> BridgeProcess {
+        Self::start_with_environment(host, extra_args, &[])
+    }
+
+    /// With environment variables that override the configuration.
+    pub fn start_with_environment(
+        host: &str,
+        extra_args: &[&str],
+        environment: &[(&str, &str)],
+    ) -> BridgeProcess {
         let sip_port = free_port();
         let sandbox_port = free_port();
         let sip = if host.contains(':') {
@@ -330,6 +339,7 @@ impl BridgeProcess {
             .env("RUST_LOG", "info,rsipstack=warn")
             // Used only with --management.
             .env("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
+            .envs(environment.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
