@@ -809,6 +809,27 @@ a=ssrc:2222 cname:abc\r\n";
         );
     }
 
+    /// A STUN server that never answers holds the call up for a moment,
+    /// not for good: the answer comes, with the host candidates it has.
+    #[test]
+    fn a_silent_stun_server_leaves_the_host_candidates() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = format!("stun://{}", silent.local_addr().unwrap());
+        let peer =
+            SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server)).unwrap();
+        let answer = crate::MEDIA_POOL
+            .any()
+            .block_on(peer.answer(AUDIO_VIDEO_OFFER))
+            .expect("an answer");
+        let mut buffer = [0u8; 64];
+        silent.set_nonblocking(true).unwrap();
+        let (length, _) = silent.recv_from(&mut buffer).expect("a Binding request");
+        assert_eq!(buffer[..2], [0, 1], "a Binding request");
+        assert_eq!(length, 20);
+        assert!(answer.contains("typ host"), "{answer}");
+        assert!(!answer.contains("typ srflx"), "{answer}");
+    }
+
     #[test]
     fn garbage_offers_and_candidates_get_errors() {
         let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), None).unwrap();
