@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// STUN's port when a server's URL names none (RFC 8489 §18.6).
-pub const STUN_PORT: u16 = 3478;
+const STUN_PORT: u16 = 3478;
 
 /// `sdp` with, after each host UDP candidate of the public address's IP
 /// version, the same port at `public` (`typ srflx`, `raddr`/`rport` the
@@ -42,7 +42,7 @@ pub fn with_public_address(sdp: &str, public: IpAddr) -> String {
 
 /// The server-reflexive twin at `public` of a host UDP `candidate` line
 /// (`candidate:...`, without `a=`); `None` for any other candidate.
-pub fn public_twin(candidate: &str, public: IpAddr) -> Option<String> {
+fn public_twin(candidate: &str, public: IpAddr) -> Option<String> {
     let fields: Vec<&str> = candidate
         .strip_prefix("candidate:")?
         .split_ascii_whitespace()
