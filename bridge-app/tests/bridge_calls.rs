@@ -60,30 +60,14 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
     let mut alice = alice_answering(&bridge, true);
 
-    let (phone, signalling) = phone_call(
-        &bridge,
-        "call.xml",
-        "alice",
-        ("PCMU", 0, 8000, "PCMU/8000", 440),
-        8,
-        "to-alice",
-    );
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 8, "to-alice");
     let incoming = alice.wait_event("incoming call", Duration::from_secs(15));
     assert!(
         incoming.contains("callerNumber"),
         "userInfo names the caller: {incoming}"
     );
 
-    let (app_heard, phone_heard) = both_hear(&mut alice, &phone, (440.0, 660.0));
-    assert!(
-        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of the phone's 440 Hz\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the phone heard {phone_heard:?} instead of the app's 660 Hz"
-    );
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
     alice.wait_event("hung up", Duration::from_secs(10));
@@ -411,6 +395,24 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
 /// from Chromium (his microphone a 660 Hz tone) and she answers.
 /// What the app hears, polled until it is within 15 Hz of `hz` or `within`
 /// has passed (then the last reading).
+/// A phone sending a 440 Hz tone in PCMU.
+const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
+
+/// The app (its tone 660 Hz) hears the phone's 440 Hz and the phone the
+/// app's, within 15 s.
+fn assert_each_hears_the_other(bridge: &BridgeProcess, app: &mut BrowserPeer, phone: &Phone) {
+    let (app_heard, phone_heard) = both_hear(app, phone, (440.0, 660.0));
+    assert!(
+        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the phone's 440 Hz\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz"
+    );
+}
+
 /// What the app and the phone hear, once each hears its expected tone
 /// (`app_hz`, `phone_hz`), or after 15 s.
 fn both_hear(
@@ -478,26 +480,11 @@ fn a_bridge_behind_a_nat_tells_the_app_its_address_outside() {
         &[("CONNECTYCUBE_STUN_SERVER", &server)],
     );
     let mut alice = alice_answering(&bridge, true);
-    let (phone, signalling) = phone_call(
-        &bridge,
-        "call.xml",
-        "alice",
-        ("PCMU", 0, 8000, "PCMU/8000", 440),
-        6,
-        "behind-nat",
-    );
-    let (app_heard, phone_heard) = both_hear(&mut alice, &phone, (440.0, 660.0));
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 6, "behind-nat");
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
     let candidates = alice.command(json!({"op": "remoteCandidates"}));
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
-    assert!(
-        app_heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of the phone's 440 Hz"
-    );
-    assert!(
-        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the phone heard {phone_heard:?} instead of the app's 660 Hz"
-    );
     let outside = candidates.as_array().into_iter().flatten().any(|c| {
         c["type"] == "srflx" && c["address"] == "198.51.100.7" && c["port"].as_u64().is_some()
     });
@@ -621,7 +608,7 @@ fn a_recorded_call_holds_both_voices() {
         recordings.to_str().unwrap(),
     ]);
     let mut alice = alice_answering(&bridge, true);
-    call_alice(&bridge, &mut alice, ("PCMU", 0, 8000, "PCMU/8000", 440));
+    call_alice(&bridge, &mut alice, PCMU_440);
 
     let lines = wait_for_cdr(&cdr, 1);
     let path = lines[0]["recording"]
@@ -696,14 +683,7 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
     let mut alice = alice_answering(&bridge, true);
-    let (_phone, signalling) = phone_call(
-        &bridge,
-        "hold-call.xml",
-        "alice",
-        ("PCMU", 0, 8000, "PCMU/8000", 440),
-        6,
-        "held",
-    );
+    let (_phone, signalling) = phone_call(&bridge, "hold-call.xml", "alice", PCMU_440, 6, "held");
     // What the browser's WebRTC stack receives: Opus carrying a tone takes
     // tens of bytes a packet, Opus carrying silence a few.
     // Bytes per packet over half-second windows, until `done` or 2.5 s.
