@@ -98,9 +98,12 @@ fn connected_pair() -> (Rtc, Rtc, Mid, Instant) {
     (a, b, mid, now)
 }
 
-/// One pass: µs per frame to send, to receive, and for the timers.
-fn pass() -> [f64; 3] {
+/// One pass: µs per frame to send, to receive, and for the timers; and
+/// to connect the pair.
+fn pass() -> [f64; 4] {
+    let connecting = Instant::now();
     let (mut a, mut b, mid, mut now) = connected_pair();
+    let connected = connecting.elapsed();
     let pt = a
         .writer(mid)
         .and_then(|w| w.payload_params().next().map(|p| p.pt()))
@@ -138,17 +141,18 @@ fn pass() -> [f64; 3] {
         spent[2] += timed - read;
     }
     assert_eq!(received, FRAMES, "every frame arrives");
-    spent.map(|d| d.as_secs_f64() * 1e6 / FRAMES as f64)
+    let [send, receive, timers] = spent.map(|d| d.as_secs_f64() * 1e6 / FRAMES as f64);
+    [send, receive, timers, connected.as_secs_f64() * 1e6]
 }
 
 fn main() {
-    let passes: Vec<[f64; 3]> = (0..PASSES).map(|_| pass()).collect();
+    let passes: Vec<[f64; 4]> = (0..PASSES).map(|_| pass()).collect();
     let median = |i: usize| {
         let mut values: Vec<f64> = passes.iter().map(|p| p[i]).collect();
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let (send, receive, timers) = (median(0), median(1), median(2));
+    let (send, receive, timers, connect) = (median(0), median(1), median(2), median(3));
     // The bridge's one peer per call sends a frame and receives one in
     // each 20 ms, with its own timers (half of both peers').
     let call = send + receive + timers / 2.0;
@@ -160,6 +164,9 @@ fn main() {
     println!("| send (write, packetize, SRTP) | {send:.2} |");
     println!("| receive (SRTP, depacketize, event) | {receive:.2} |");
     println!("| both peers' timers between frames | {timers:.2} |");
+    println!(
+        "a call's setup: two peers' descriptions, ICE and the DTLS handshake: {connect:.0} µs"
+    );
     println!(
         "the bridge's peer of a passed-through call (a frame each way and its timers, per 20 ms): \
          {call:.1} µs, {:.0} % of the {BUDGET_US} µs that 1,000 calls per core leave it",

@@ -1,6 +1,6 @@
-//! The shared WebRTC stack's cryptography: str0m's OpenSSL provider for
-//! DTLS and for deriving SRTP keys (once per call), Rust's for the work
-//! done per packet. str0m's OpenSSL provider sets a cipher up again for
+//! The shared WebRTC stack's cryptography: OpenSSL for DTLS (one context
+//! for all calls, `super::dtls`) and str0m's OpenSSL provider for deriving
+//! SRTP keys (once per call), Rust's for the work done per packet. str0m's OpenSSL provider sets a cipher up again for
 //! every packet (and builds a key and a signer for every STUN message),
 //! and OpenSSL 3 looks parameters up by name each time: in a profile of
 //! passed-through calls, SRTP's AES-GCM took 6 % of the bridge's CPU and
@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, LazyLock, OnceLock};
 
+use super::dtls::SharedContextDtls;
 use hmac::{Hmac, Mac};
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use sha1::Sha1;
@@ -21,12 +22,14 @@ use str0m::crypto::{
 pub(super) static CRYPTO: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
     static STUN_HMAC: StunHmac = StunHmac;
     static SRTP: OnceLock<Srtp> = OnceLock::new();
+    static DTLS: OnceLock<SharedContextDtls> = OnceLock::new();
     let openssl = str0m::crypto::from_feature_flags();
     Arc::new(CryptoProvider {
         srtp_provider: SRTP.get_or_init(|| Srtp {
             openssl: openssl.srtp_provider,
         }),
         sha1_hmac_provider: &STUN_HMAC,
+        dtls_provider: DTLS.get_or_init(|| SharedContextDtls::new(openssl.dtls_provider)),
         ..openssl
     })
 });

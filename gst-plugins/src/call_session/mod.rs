@@ -8,6 +8,7 @@
 
 mod congestion;
 mod crypto;
+mod dtls;
 mod shared_peer;
 mod signalling;
 
