@@ -69,7 +69,7 @@ pub fn audio_chain(encoding_name: &str) -> Option<AudioChain> {
 #[serde(rename_all = "lowercase")]
 pub enum WebRtcStack {
     /// Peer connections on the threads all calls share (the elements'
-    /// `webrtc-stack=shared`): a fraction of the cost, host candidates only.
+    /// `webrtc-stack=shared`): a fraction of the cost; no TURN relay.
     #[default]
     Shared,
     /// A `webrtcbin` per call, with its own threads.
