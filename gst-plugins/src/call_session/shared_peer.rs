@@ -4,6 +4,7 @@
 //! bridged calls; a call with video keeps webrtcbin. The call session turns
 //! its frames into buffers.
 
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +58,22 @@ const STUN_ASK_AT: [Duration; 3] = [
     Duration::from_millis(500),
 ];
 const STUN_WAIT: Duration = Duration::from_secs(1);
+/// How long a STUN server's resolved address is used without asking DNS
+/// again, and a server that answered none of a call's requests is not
+/// asked (each call would wait `STUN_WAIT` for it).
+const STUN_MEMORY: Duration = Duration::from_secs(30);
+
+/// What calls learned of each STUN server (by host and port).
+static STUN_SERVERS: LazyLock<Mutex<HashMap<(String, u16), KnownServer>>> =
+    LazyLock::new(Mutex::default);
+
+#[derive(Clone, Copy)]
+struct KnownServer {
+    address: SocketAddr,
+    resolved_at: Instant,
+    /// When it last let a call's requests all go unanswered.
+    silent_at: Option<Instant>,
+}
 
 /// Prepares the pool and the certificate before the first call.
 pub fn warm_up() {
@@ -403,9 +420,26 @@ impl PeerTask {
     /// own as a server-reflexive candidate. Without an answer in time the
     /// call goes on with what it has.
     async fn gather_reflexive(&mut self, host: &str, port: u16, buffer: &mut [u8]) {
-        let server = match tokio::net::lookup_host((host, port)).await {
-            Ok(mut addresses) => addresses.next(),
-            Err(_) => None,
+        let key = (host.to_owned(), port);
+        let known = STUN_SERVERS.lock().unwrap().get(&key).copied();
+        if let Some(silent_at) = known
+            .and_then(|known| known.silent_at)
+            .filter(|at| at.elapsed() < STUN_MEMORY)
+        {
+            gst::debug!(
+                crate::CAT,
+                "STUN server {host}:{port} did not answer {:?} ago: host candidates only",
+                silent_at.elapsed()
+            );
+            return;
+        }
+        let resolved = known.filter(|known| known.resolved_at.elapsed() < STUN_MEMORY);
+        let (server, resolved_at) = match resolved {
+            Some(known) => (Some(known.address), known.resolved_at),
+            None => match tokio::net::lookup_host((host, port)).await {
+                Ok(mut addresses) => (addresses.next(), Instant::now()),
+                Err(_) => (None, Instant::now()),
+            },
         };
         let Some(server) = server else {
             gst::warning!(
@@ -420,6 +454,7 @@ impl PeerTask {
             .filter(|(local, _)| local.is_ipv4() == server.is_ipv4())
             .map(|(local, _)| (*local, rand::random()))
             .collect();
+        let asked = asking.len();
         let started = tokio::time::Instant::now();
         let mut next_ask = STUN_ASK_AT.iter();
         let mut ask_at = next_ask.next().map(|after| started + *after);
@@ -468,6 +503,14 @@ impl PeerTask {
                 asking.len()
             );
         }
+        // Not one answer: the next calls within `STUN_MEMORY` do not wait for it.
+        let silent_at = (asked > 0 && asking.len() == asked).then(Instant::now);
+        let known = KnownServer {
+            address: server,
+            resolved_at,
+            silent_at,
+        };
+        STUN_SERVERS.lock().unwrap().insert(key, known);
     }
 
     /// Drives str0m until it waits for something in the future: work it
@@ -810,7 +853,8 @@ a=ssrc:2222 cname:abc\r\n";
     }
 
     /// A STUN server that never answers holds the call up for a moment,
-    /// not for good: the answer comes, with the host candidates it has.
+    /// not for good: the answer comes, with the host candidates it has;
+    /// and the calls after it do not wait for that server.
     #[test]
     fn a_silent_stun_server_leaves_the_host_candidates() {
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -828,6 +872,21 @@ a=ssrc:2222 cname:abc\r\n";
         assert_eq!(length, 20);
         assert!(answer.contains("typ host"), "{answer}");
         assert!(!answer.contains("typ srflx"), "{answer}");
+
+        // The next call does not ask (nor wait for) the server that just
+        // answered nothing.
+        while silent.recv_from(&mut buffer).is_ok() {}
+        let next =
+            SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server)).unwrap();
+        let answer = crate::MEDIA_POOL
+            .any()
+            .block_on(next.answer(AUDIO_VIDEO_OFFER))
+            .expect("an answer");
+        assert!(answer.contains("typ host"), "{answer}");
+        assert!(
+            silent.recv_from(&mut buffer).is_err(),
+            "the silent server was asked again"
+        );
     }
 
     #[test]
