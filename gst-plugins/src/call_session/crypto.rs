@@ -1,10 +1,10 @@
 //! The shared WebRTC stack's cryptography: OpenSSL for DTLS (one context
 //! for all calls, `super::dtls`) and str0m's OpenSSL provider for deriving
-//! SRTP keys (once per call), Rust's for the work done per packet. str0m's OpenSSL provider sets a cipher up again for
-//! every packet (and builds a key and a signer for every STUN message),
-//! and OpenSSL 3 looks parameters up by name each time: in a profile of
-//! passed-through calls, SRTP's AES-GCM took 6 % of the bridge's CPU and
-//! STUN's HMAC 3 %.
+//! SRTP keys (once per call), Rust's for the work done per packet. str0m's
+//! OpenSSL provider sets a cipher up again for every packet (and builds a
+//! key and a signer for every STUN message), and OpenSSL 3 looks
+//! parameters up by name each time: in a profile of passed-through calls,
+//! SRTP's AES-GCM took 6 % of the bridge's CPU and STUN's HMAC 3 %.
 
 use std::sync::{Arc, LazyLock, OnceLock};
 

@@ -40,6 +40,8 @@ const SRTP_KEY_LABEL: &str = "EXTRACTOR-dtls_srtp";
 /// How often, while handshaking, OpenSSL is asked whether its DTLS timer
 /// (1 s, doubling) expired and a flight is due again.
 const RETRANSMIT_CHECK: Duration = Duration::from_millis(250);
+/// Datagrams kept for OpenSSL to read at most.
+const MAX_UNREAD: usize = 16;
 /// Larger than any datagram: what one read takes.
 const RECORD_SIZE: usize = 2048;
 
@@ -305,7 +307,13 @@ impl DtlsInstance for Connection {
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
         // str0m starts a client's handshake with an empty packet.
         if !packet.is_empty() {
-            self.stream.get_mut().incoming.push_back(packet.to_vec());
+            let incoming = &mut self.stream.get_mut().incoming;
+            // What OpenSSL leaves unread (after a failed handshake, say)
+            // does not pile up.
+            if incoming.len() == MAX_UNREAD {
+                incoming.pop_front();
+            }
+            incoming.push_back(packet.to_vec());
         }
         if self.established {
             self.read()

@@ -859,12 +859,15 @@ a=ssrc:2222 cname:abc\r\n";
     fn a_silent_stun_server_leaves_the_host_candidates() {
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let server = format!("stun://{}", silent.local_addr().unwrap());
-        let peer =
-            SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server)).unwrap();
-        let answer = crate::MEDIA_POOL
-            .any()
-            .block_on(peer.answer(AUDIO_VIDEO_OFFER))
-            .expect("an answer");
+        let answer_a_call = || {
+            let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server))
+                .unwrap();
+            crate::MEDIA_POOL
+                .any()
+                .block_on(peer.answer(AUDIO_VIDEO_OFFER))
+                .expect("an answer")
+        };
+        let answer = answer_a_call();
         let mut buffer = [0u8; 64];
         silent.set_nonblocking(true).unwrap();
         let (length, _) = silent.recv_from(&mut buffer).expect("a Binding request");
@@ -876,12 +879,7 @@ a=ssrc:2222 cname:abc\r\n";
         // The next call does not ask (nor wait for) the server that just
         // answered nothing.
         while silent.recv_from(&mut buffer).is_ok() {}
-        let next =
-            SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server)).unwrap();
-        let answer = crate::MEDIA_POOL
-            .any()
-            .block_on(next.answer(AUDIO_VIDEO_OFFER))
-            .expect("an answer");
+        let answer = answer_a_call();
         assert!(answer.contains("typ host"), "{answer}");
         assert!(
             silent.recv_from(&mut buffer).is_err(),
