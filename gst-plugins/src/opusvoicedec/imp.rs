@@ -20,6 +20,34 @@ struct State {
     rate: u32,
     channel_count: usize,
     pcm: Vec<u16>,
+    /// A gap not concealed yet (samples per channel): its end may come back
+    /// from the next packet's forward error correction (Opus's in-band
+    /// FEC, which browsers add when their receiver reports loss), so it
+    /// waits for that packet.
+    gap: Option<usize>,
+}
+
+impl State {
+    /// `samples` per channel of audio in `out`: concealed, or with `fec`,
+    /// recovered from that packet's redundancy where it has some (libopus
+    /// conceals what it does not cover).
+    fn conceal(&mut self, samples: usize, fec: Option<&[u8]>, out: &mut Vec<u8>) {
+        let length = samples * self.channel_count;
+        let pcm = &mut self.pcm[..length];
+        // A packet libopus cannot read gives no redundancy: concealed then.
+        let decoded = fec
+            .and_then(|packet| self.decoder.decode_to_slice(packet, pcm, true).ok())
+            .or_else(|| self.decoder.decode_to_slice(&[], pcm, false).ok());
+        if let Some(samples) = decoded {
+            self.append(samples, out);
+        }
+    }
+
+    /// The first `samples` per channel of `pcm`, as bytes.
+    fn append(&self, samples: usize, out: &mut Vec<u8>) {
+        let pcm = &self.pcm[..samples * self.channel_count];
+        out.extend(pcm.iter().flat_map(|s| s.to_le_bytes()));
+    }
 }
 
 #[derive(Default)]
@@ -44,7 +72,8 @@ impl ElementImpl for OpusVoiceDec {
             gst::subclass::ElementMetadata::new(
                 "Opus voice decoder",
                 "Codec/Decoder/Audio",
-                "Decodes Opus straight to the rate downstream takes, concealing lost packets",
+                "Decodes Opus straight to the rate downstream takes, concealing lost packets \
+                 or bringing them back from the next packet's in-band FEC",
                 "sip-cc-bridge developers",
             )
         });
@@ -112,6 +141,7 @@ impl OpusVoiceDec {
                 // The longest packet at the output rate, not at 48 kHz: a
                 // narrowband call's decoder keeps 2 KB, not 12.
                 pcm: vec![0; max_frame_samples(info.rate()) * channel_count],
+                gap: None,
             });
         }
         drop(state);
@@ -158,15 +188,32 @@ impl AudioDecoderImpl for OpusVoiceDec {
         self.parent_negotiate()
     }
 
+    fn flush(&self, _hard: bool) {
+        if let Some(state) = self.state.lock().unwrap().as_mut() {
+            state.gap = None;
+        }
+    }
+
     fn handle_frame(
         &self,
         buffer: Option<&gst::Buffer>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let obj = self.obj();
         let Some(buffer) = buffer else {
-            return Ok(gst::FlowSuccess::Ok);
+            // Draining: a gap still waiting is concealed now.
+            let mut guard = self.state.lock().unwrap();
+            let Some(state) = guard.as_mut() else {
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            let Some(gap) = state.gap.take() else {
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            let mut bytes = Vec::new();
+            state.conceal(gap, None, &mut bytes);
+            drop(guard);
+            return obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1);
         };
         // Decoded at the rate downstream takes now, not the one it took.
-        let obj = self.obj();
         if obj.src_pad().check_reconfigure() && obj.negotiate().is_err() {
             obj.src_pad().mark_reconfigure();
             return Err(gst::FlowError::NotNegotiated);
@@ -175,7 +222,8 @@ impl AudioDecoderImpl for OpusVoiceDec {
         let mut guard = self.state.lock().unwrap();
         let state = guard.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
         let output_rate = state.rate as usize;
-        let samples_per_channel = if map.is_empty() {
+        let mut bytes = Vec::new();
+        if map.is_empty() {
             // A gap: libopus conceals as much as it lasts, in whole 10 ms
             // steps (what its concealment takes), up to a bound. Rounded,
             // not cut: a gap reckoned from RTP timestamps may be a hair
@@ -185,21 +233,30 @@ impl AudioDecoderImpl for OpusVoiceDec {
                 .duration()
                 .unwrap_or(gst::ClockTime::from_mseconds(20));
             let tens = ((gap.min(MAX_FRAME).mseconds() + 5) / 10).max(1) as usize;
-            let length = tens * output_rate / 100 * state.channel_count;
+            let Some(earlier) = state.gap.replace(tens * output_rate / 100) else {
+                // Held for the next packet (the base class keeps its frame).
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            // Two gaps in a row: the first has no packet after it.
+            state.conceal(earlier, None, &mut bytes);
+            drop(guard);
+            drop(map);
+            return obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1);
+        }
+        let packet = map.as_slice();
+        let gap = state.gap.take();
+        if let Some(gap) = gap {
+            state.conceal(gap, Some(packet), &mut bytes);
+        }
+        let decoded = state.decoder.get_nb_samples(packet).and_then(|samples| {
+            let length = samples.min(max_frame_samples(state.rate)) * state.channel_count;
             state
                 .decoder
-                .decode_to_slice(&[], &mut state.pcm[..length], false)
-        } else {
-            let packet = map.as_slice();
-            state.decoder.get_nb_samples(packet).and_then(|samples| {
-                let length = samples.min(max_frame_samples(state.rate)) * state.channel_count;
-                state
-                    .decoder
-                    .decode_to_slice(packet, &mut state.pcm[..length], false)
-            })
-        };
-        let samples_per_channel = match samples_per_channel {
-            Ok(n) => n,
+                .decode_to_slice(packet, &mut state.pcm[..length], false)
+        });
+        let frames = if gap.is_some() { 2 } else { 1 };
+        match decoded {
+            Ok(samples) => state.append(samples, &mut bytes),
             Err(e) => {
                 // A bad packet costs its own audio, not the call.
                 gst::warning!(
@@ -207,18 +264,16 @@ impl AudioDecoderImpl for OpusVoiceDec {
                     imp = self,
                     "dropping an Opus packet libopus cannot decode ({e:?})"
                 );
-                drop(guard);
-                drop(map);
-                return obj.finish_frame(None, 1);
+                if gap.is_none() {
+                    drop(guard);
+                    drop(map);
+                    return obj.finish_frame(None, 1);
+                }
             }
-        };
-        let bytes: Vec<u8> = state.pcm[..samples_per_channel * state.channel_count]
-            .iter()
-            .flat_map(|s| s.to_le_bytes())
-            .collect();
+        }
         drop(guard);
         drop(map);
-        obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1)
+        obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), frames)
     }
 }
 
