@@ -261,6 +261,10 @@ fn a_lost_packet_comes_back_from_the_next_ones_fec() {
         let b = buffer.get_mut().unwrap();
         b.set_pts(pts);
         b.set_duration(duration);
+        // As a depayloader marks the packet after a lost one.
+        if index == lost + 1 {
+            b.set_flags(gst::BufferFlags::DISCONT);
+        }
         harness.push(buffer).unwrap();
     }
     let mut recovered = Vec::new();
