@@ -132,6 +132,7 @@ impl OpusVoiceDec {
             else {
                 return Err(gst::loggable_error!(CAT, "Opus cannot decode to {info:?}"));
             };
+            let waiting = state.as_ref().and_then(|s| Some((s.gap?, s.rate)));
             let decoder = Decoder::new(channels, rate)
                 .map_err(|e| gst::loggable_error!(CAT, "libopus: no decoder ({e:?})"))?;
             *state = Some(State {
@@ -141,7 +142,11 @@ impl OpusVoiceDec {
                 // The longest packet at the output rate, not at 48 kHz: a
                 // narrowband call's decoder keeps 2 KB, not 12.
                 pcm: vec![0; max_frame_samples(info.rate()) * channel_count],
-                gap: None,
+                // A gap still waiting (its frame with the base class) is
+                // made at the new rate.
+                gap: waiting.map(|(samples, rate)| {
+                    (samples as u64 * u64::from(info.rate()) / u64::from(rate)) as usize
+                }),
             });
         }
         drop(state);
