@@ -4,13 +4,15 @@
 //!   parsing the certificate and its key again (1.3 ms of CPU and 18 KB a
 //!   call here);
 //! - a handshake flight lost on the way is sent again on OpenSSL's DTLS
-//!   timer (str0m's provider waits for the peer, so a lost ClientHello of
-//!   ours left the call without media).
+//!   timer. str0m's provider sends a flight only when a datagram comes in,
+//!   so as the DTLS client a lost ClientHello of ours was never repeated
+//!   and the call got no media. The bridge is the client only when the
+//!   peer's description makes it so (`a=setup:passive`; browsers answer
+//!   `active` and offer `actpass`, where str0m takes the server's part).
 //!
-//! What a connection keeps after its handshake (about 48 KB, OpenSSL's
-//! own: DTLS keeps its handshake buffer for a late retransmission) is
-//! the same either way; `SSL_MODE_RELEASE_BUFFERS` changed nothing
-//! measurable.
+//! What a connection keeps after its handshake (about 48 KB, measured;
+//! OpenSSL's own state) is the same either way:
+//! `SSL_MODE_RELEASE_BUFFERS` changed nothing measurable.
 
 use std::collections::VecDeque;
 use std::io;
