@@ -192,6 +192,91 @@ fn the_decoder_drops_a_bad_packet_and_conceals_a_gap() {
     assert_eq!(harness.pull().unwrap().size(), 160 * 2);
 }
 
+/// 20 ms at 8 kHz.
+const FRAME: usize = 160;
+
+/// 8 kHz mono Opus decoded by libopus alone: every packet, or with `lost`
+/// lost, concealed or (`fec`) rebuilt from the next packet's redundancy.
+fn decode_plain(packets: &[Vec<u8>], lost: Option<usize>, fec: bool) -> Vec<i16> {
+    use opusic_c::{Channels, Decoder, SampleRate};
+    let mut decoder = Decoder::new(Channels::Mono, SampleRate::Hz8000).unwrap();
+    let mut pcm = vec![0u16; FRAME * 6];
+    let mut out = Vec::new();
+    for (index, packet) in packets.iter().enumerate() {
+        let n = if Some(index) == lost {
+            let input: &[u8] = match packets.get(index + 1) {
+                Some(next) if fec => next,
+                _ => &[],
+            };
+            decoder
+                .decode_to_slice(input, &mut pcm[..FRAME], fec)
+                .unwrap()
+        } else {
+            decoder.decode_to_slice(packet, &mut pcm, false).unwrap()
+        };
+        out.extend(pcm[..n].iter().map(|s| *s as i16));
+    }
+    out
+}
+
+/// The packet in the middle of the loudest syllable (past the first ten).
+fn loudest(decoded: &[i16]) -> usize {
+    (10..decoded.len() / FRAME - 1)
+        .max_by_key(|i| {
+            decoded[i * FRAME..(i + 1) * FRAME]
+                .iter()
+                .map(|s| i64::from(*s).pow(2))
+                .sum::<i64>()
+        })
+        .unwrap()
+}
+
+/// The encoder adds in-band FEC when told of loss (`connectycubesink`
+/// tells it what the peer's receiver reports), and none without.
+#[test]
+fn the_encoder_adds_fec_for_the_loss_it_is_told_of() {
+    init();
+    let voice = bridge_protocol::tone::voice_like(8000, 2);
+    for loss in [0u32, 20] {
+        let mut harness = gst_check::Harness::new("opusvoiceenc");
+        harness
+            .set_src_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=8000,channels=1");
+        harness
+            .element()
+            .unwrap()
+            .set_property("packet-loss-percentage", loss);
+        for (index, frame) in voice.chunks_exact(FRAME).enumerate() {
+            let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let mut buffer = gst::Buffer::from_slice(bytes);
+            let b = buffer.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_mseconds(20 * index as u64));
+            b.set_duration(gst::ClockTime::from_mseconds(20));
+            harness.push(buffer).unwrap();
+        }
+        let mut packets = Vec::new();
+        while let Some(buffer) = harness.try_pull() {
+            packets.push(buffer.map_readable().unwrap().to_vec());
+        }
+        let reference = decode_plain(&packets, None, false);
+        let lost = loudest(&reference);
+        let range = lost * FRAME..(lost + 1) * FRAME;
+        let concealed = error_energy(
+            &decode_plain(&packets, Some(lost), false),
+            &reference,
+            range.clone(),
+        );
+        let rebuilt = error_energy(&decode_plain(&packets, Some(lost), true), &reference, range);
+        if loss == 0 {
+            assert_eq!(rebuilt, concealed, "no redundancy without loss");
+        } else {
+            assert!(
+                rebuilt * 4.0 < concealed,
+                "with {loss} % loss: error {rebuilt:.0} rebuilt, {concealed:.0} concealed"
+            );
+        }
+    }
+}
+
 /// The energy of `decoded` less `reference` over `range`.
 fn error_energy(decoded: &[i16], reference: &[i16], range: std::ops::Range<usize>) -> f64 {
     range
@@ -204,9 +289,8 @@ fn error_energy(decoded: &[i16], reference: &[i16], range: std::ops::Range<usize
 /// loss): far closer to what was lost than concealment alone.
 #[test]
 fn a_lost_packet_comes_back_from_the_next_ones_fec() {
-    use opusic_c::{Application, Bitrate, Channels, Decoder, Encoder, InbandFec, SampleRate};
+    use opusic_c::{Application, Bitrate, Channels, Encoder, InbandFec, SampleRate};
     init();
-    const FRAME: usize = 160;
     let voice = bridge_protocol::tone::voice_like(8000, 2);
     let mut encoder = Encoder::new(Channels::Mono, SampleRate::Hz8000, Application::Voip).unwrap();
     encoder.set_inband_fec(InbandFec::Mode1).unwrap();
@@ -222,29 +306,9 @@ fn a_lost_packet_comes_back_from_the_next_ones_fec() {
             packet
         })
         .collect();
-    // Decoded by libopus alone: everything, and with one packet concealed.
-    let decode = |lost: Option<usize>| -> Vec<i16> {
-        let mut decoder = Decoder::new(Channels::Mono, SampleRate::Hz8000).unwrap();
-        let mut pcm = vec![0u16; FRAME];
-        let mut out = Vec::new();
-        for (index, packet) in packets.iter().enumerate() {
-            let input: &[u8] = if Some(index) == lost { &[] } else { packet };
-            let n = decoder.decode_to_slice(input, &mut pcm, false).unwrap();
-            out.extend(pcm[..n].iter().map(|s| *s as i16));
-        }
-        out
-    };
-    let reference = decode(None);
-    // A packet in the middle of a loud syllable.
-    let lost = (10..packets.len() - 1)
-        .max_by_key(|i| {
-            reference[i * FRAME..(i + 1) * FRAME]
-                .iter()
-                .map(|s| i64::from(*s).pow(2))
-                .sum::<i64>()
-        })
-        .unwrap();
-    let concealed = decode(Some(lost));
+    let reference = decode_plain(&packets, None, false);
+    let lost = loudest(&reference);
+    let concealed = decode_plain(&packets, Some(lost), false);
 
     let mut harness = gst_check::Harness::new("opusvoicedec");
     harness.set_src_caps_str("audio/x-opus,channel-mapping-family=0");

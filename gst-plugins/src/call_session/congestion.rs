@@ -217,6 +217,21 @@ impl EncoderControl {
         Some(bandwidth)
     }
 
+    /// Tells an Opus encoder the loss its receiver reports (percent), so
+    /// it adds in-band FEC as much as that loss calls for; other encoders
+    /// are left alone. Returns whether it was told.
+    pub fn expect_loss(&self, percent: u32) -> bool {
+        match self.name().as_str() {
+            "opusvoiceenc" => self.encoder.set_property("packet-loss-percentage", percent),
+            "opusenc" => {
+                self.encoder.set_property("inband-fec", percent > 0);
+                write_integer(&self.encoder, "packet-loss-percentage", percent);
+            }
+            _ => return false,
+        }
+        true
+    }
+
     pub fn name(&self) -> String {
         self.encoder
             .factory()
@@ -262,6 +277,38 @@ fn write_integer(element: &gst::Element, property: &str, value: u32) {
 mod tests {
     use super::*;
     use gst_rtp::prelude::*;
+
+    /// `audiotestsrc ! {encoder} bitrate=48000 ! rtpopuspay ! fakesink`, and
+    /// the control of its encoder, found from the sink.
+    fn control_behind_a_payloader(encoder: &str) -> (gst::Bin, EncoderControl) {
+        let pipeline = gst::parse::launch(&format!(
+            "audiotestsrc ! {encoder} name=encoder bitrate=48000 ! rtpopuspay ! fakesink name=out"
+        ))
+        .unwrap()
+        .downcast::<gst::Bin>()
+        .unwrap();
+        let pad = pipeline.by_name("out").unwrap().static_pad("sink").unwrap();
+        let control = EncoderControl::find(&pad).expect("the encoder found");
+        (pipeline, control)
+    }
+
+    /// The loss a peer reports reaches the Opus encoder feeding the
+    /// sink through its payloader: ours, or GStreamer's (which also needs
+    /// its FEC switched on).
+    #[test]
+    fn reported_loss_reaches_the_opus_encoder_upstream() {
+        gst::init().unwrap();
+        crate::register().unwrap();
+        for encoder in ["opusvoiceenc", "opusenc"] {
+            let (pipeline, control) = control_behind_a_payloader(encoder);
+            assert!(control.expect_loss(12));
+            let encoder = pipeline.by_name("encoder").unwrap();
+            assert_eq!(read_integer(&encoder, "packet-loss-percentage"), Some(12));
+            if encoder.find_property("inband-fec").is_some() {
+                assert!(encoder.property::<bool>("inband-fec"));
+            }
+        }
+    }
 
     #[test]
     fn audio_alone_takes_everything_and_video_leaves_audio_its_share() {
@@ -320,14 +367,7 @@ mod tests {
         gst::init().unwrap();
         crate::register().unwrap();
         for encoder in ["opusenc", "opusvoiceenc"] {
-            let pipeline = gst::parse::launch(&format!(
-                "audiotestsrc ! {encoder} bitrate=48000 ! rtpopuspay ! fakesink name=out"
-            ))
-            .unwrap()
-            .downcast::<gst::Bin>()
-            .unwrap();
-            let pad = pipeline.by_name("out").unwrap().static_pad("sink").unwrap();
-            let mut control = EncoderControl::find(&pad).expect("the encoder found");
+            let (_pipeline, mut control) = control_behind_a_payloader(encoder);
             assert_eq!(control.name(), encoder);
             assert_eq!(control.apply(20_000), Some(20_000));
             assert_eq!(read_integer(&control.encoder, "bitrate"), Some(20_000));

@@ -236,6 +236,8 @@ pub trait SenderFeedback: Send + Sync {
     fn bitrate(&self, bits_per_second: u32);
     /// The peer plays audio at no more than this rate (its `maxplaybackrate`).
     fn max_playback_rate(&self, rate: u32);
+    /// The peer reports this share of the audio lost (percent).
+    fn packet_loss(&self, percent: u32);
     fn upstream_event(&self, event: gst::Event);
 }
 
@@ -433,6 +435,11 @@ impl CallSession {
             PeerEvent::Connected => gst::info!(CAT, "call {} connected", self.name),
             PeerEvent::Frame(frame) => self.deliver_frame(frame),
             PeerEvent::Failed(reason) => self.end(CallEnd::from(reason)),
+            PeerEvent::RemoteLoss(percent) => {
+                for sender in self.audio_senders() {
+                    sender.packet_loss(percent);
+                }
+            }
         }
     }
 
@@ -923,14 +930,16 @@ impl CallSession {
         let Some(rate) = opus_fmtp::max_playback_rate(remote_sdp) else {
             return;
         };
-        let senders: Vec<Arc<dyn SenderFeedback>> = {
-            let inner = self.inner.lock().unwrap();
-            let audio = inner.senders.iter().filter(|s| s.kind == MediaKind::Audio);
-            audio.map(|s| s.feedback.clone()).collect()
-        };
-        for sender in senders {
+        for sender in self.audio_senders() {
             sender.max_playback_rate(rate);
         }
+    }
+
+    /// What steers each audio sender's encoder.
+    fn audio_senders(&self) -> Vec<Arc<dyn SenderFeedback>> {
+        let inner = self.inner.lock().unwrap();
+        let audio = inner.senders.iter().filter(|s| s.kind == MediaKind::Audio);
+        audio.map(|s| s.feedback.clone()).collect()
     }
 
     async fn transport_offer(self: &Arc<Self>) -> Result<String, String> {

@@ -115,6 +115,9 @@ pub enum PeerEvent {
     Frame(Frame),
     /// ICE or DTLS failed, or the connection was lost.
     Failed(String),
+    /// The peer's receiver reports now put the audio lost at this percent
+    /// (told when it changes).
+    RemoteLoss(u32),
 }
 
 pub type EventSink = Box<dyn Fn(PeerEvent) + Send + Sync>;
@@ -225,6 +228,7 @@ impl SharedPeer {
             first_sequence: None,
             rates_from: None,
             give_up_at: None,
+            reported_loss: None,
             stun_server,
         };
         let task = media_loop.spawn(task.run(received));
@@ -356,6 +360,8 @@ struct PeerTask {
     rates_from: Option<(Instant, u64, u64)>,
     /// While connecting, or after the connection was lost: when to give up.
     give_up_at: Option<(Instant, &'static str)>,
+    /// The audio lost by the peer's last receiver reports, in percent.
+    reported_loss: Option<u32>,
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
 }
@@ -595,6 +601,14 @@ impl PeerTask {
                     rtp_time: data.time.numer() as u32,
                     sequence: *sequence as u16,
                 }));
+            }
+            Event::MediaEgressStats(egress) => {
+                if let Some(loss) = egress.loss {
+                    let percent = (loss.clamp(0.0, 1.0) * 100.0).round() as u32;
+                    if self.reported_loss.replace(percent) != Some(percent) {
+                        (self.events)(PeerEvent::RemoteLoss(percent));
+                    }
+                }
             }
             Event::MediaIngressStats(ingress) => {
                 let mut stats = self.stats.lock().unwrap();

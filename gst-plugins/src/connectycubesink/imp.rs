@@ -95,6 +95,12 @@ impl SenderFeedback for Feedback {
         }
     }
 
+    fn packet_loss(&self, percent: u32) {
+        if let Some(element) = self.0.upgrade() {
+            element.imp().expect_loss(percent);
+        }
+    }
+
     fn upstream_event(&self, event: gst::Event) {
         if let Some(pad) = self.0.upgrade().and_then(|e| e.static_pad("sink")) {
             gst::debug!(
@@ -119,6 +125,19 @@ impl ConnectyCubeSink {
                 .and_then(|pad| EncoderControl::find(&pad));
         }
         encoder
+    }
+
+    /// The peer reports `percent` of the audio lost: the encoder adds as
+    /// much in-band FEC as that calls for (none at 0).
+    fn expect_loss(&self, percent: u32) {
+        let encoder = self.encoder();
+        if encoder.as_ref().is_some_and(|c| c.expect_loss(percent)) {
+            gst::info!(
+                crate::CAT,
+                imp = self,
+                "the peer reports {percent} % lost: in-band FEC for it"
+            );
+        }
     }
 
     /// The peer plays at most `rate` Hz: encode no more (as browsers do).

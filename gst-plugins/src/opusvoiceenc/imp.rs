@@ -5,7 +5,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_audio::prelude::*;
 use gst_audio::subclass::prelude::*;
-use opusic_c::{Application, Bitrate, Encoder};
+use opusic_c::{Application, Bitrate, Encoder, InbandFec};
 
 use crate::CAT;
 use crate::opus_voice::{MaxBandwidth, channels, opus_caps, pcm_caps, sample_rate};
@@ -25,6 +25,7 @@ struct Settings {
     frame_size_ms: u32,
     bitrate: u32,
     max_bandwidth: MaxBandwidth,
+    packet_loss_percentage: u32,
 }
 
 impl Default for Settings {
@@ -34,6 +35,7 @@ impl Default for Settings {
             frame_size_ms: DEFAULT_FRAME_SIZE_MS,
             bitrate: DEFAULT_BITRATE,
             max_bandwidth: MaxBandwidth::default(),
+            packet_loss_percentage: 0,
         }
     }
 }
@@ -92,6 +94,13 @@ impl ObjectImpl for OpusVoiceEnc {
                     .blurb("Widest audio band sent: no wider than the peer plays")
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("packet-loss-percentage")
+                    .nick("Expected packet loss")
+                    .blurb("The share of packets the receiver reports lost; above 0, each packet also carries the one before it at a lower rate (Opus in-band FEC), as much as that loss calls for")
+                    .maximum(100)
+                    .default_value(0)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -124,6 +133,11 @@ impl ObjectImpl for OpusVoiceEnc {
                 let bandwidth = settings.max_bandwidth.into();
                 self.apply_live(|encoder| encoder.set_max_bandwidth(bandwidth));
             }
+            "packet-loss-percentage" => {
+                settings.packet_loss_percentage = value.get().unwrap();
+                let percent = settings.packet_loss_percentage;
+                self.apply_live(|encoder| expect_loss(encoder, percent));
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -135,6 +149,7 @@ impl ObjectImpl for OpusVoiceEnc {
             "frame-size" => settings.frame_size_ms.to_value(),
             "bitrate" => settings.bitrate.to_value(),
             "max-bandwidth" => settings.max_bandwidth.to_value(),
+            "packet-loss-percentage" => settings.packet_loss_percentage.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -152,6 +167,17 @@ impl OpusVoiceEnc {
             gst::warning!(CAT, imp = self, "libopus refused a setting ({e:?})");
         }
     }
+}
+
+/// In-band FEC on while the receiver reports loss, sized to it.
+fn expect_loss(encoder: &mut Encoder, percent: u32) -> Result<(), opusic_c::ErrorCode> {
+    let fec = if percent > 0 {
+        InbandFec::Mode1
+    } else {
+        InbandFec::Off
+    };
+    encoder.set_inband_fec(fec)?;
+    encoder.set_packet_loss(percent.min(100) as u8)
 }
 
 impl ElementImpl for OpusVoiceEnc {
@@ -193,6 +219,7 @@ impl AudioEncoderImpl for OpusVoiceEnc {
             .set_complexity(settings.complexity as u8)
             .and_then(|()| encoder.set_bitrate(Bitrate::Value(settings.bitrate)))
             .and_then(|()| encoder.set_max_bandwidth(settings.max_bandwidth.into()))
+            .and_then(|()| expect_loss(&mut encoder, settings.packet_loss_percentage))
             .map_err(|e| gst::loggable_error!(CAT, "libopus refused a setting ({e:?})"))?;
         // Opus's own delay (its look-ahead), told to the base class as
         // opusenc does: the first packet is that much shorter, and
