@@ -132,10 +132,10 @@ impl ConnectyCubeSink {
     fn expect_loss(&self, percent: u32) {
         let encoder = self.encoder();
         if encoder.as_ref().is_some_and(|c| c.expect_loss(percent)) {
-            gst::info!(
+            gst::debug!(
                 crate::CAT,
                 imp = self,
-                "the peer reports {percent} % lost: in-band FEC for it"
+                "the peer reports {percent} % lost: Opus in-band FEC sized to it"
             );
         }
     }
