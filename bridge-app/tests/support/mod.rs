@@ -311,12 +311,52 @@ impl BridgeProcess {
         Self::start_with_environment(host, extra_args, &[])
     }
 
-    /// With environment variables that override the configuration.
+    /// With environment variables that override the configuration. A
+    /// bridge that exits before it listens (a port picked free and taken
+    /// before it bound it) is started again on other ports.
     pub fn start_with_environment(
         host: &str,
         extra_args: &[&str],
         environment: &[(&str, &str)],
     ) -> BridgeProcess {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut bridge = Self::spawn(host, extra_args, environment);
+            match bridge.until_listening(Duration::from_secs(20)) {
+                Ok(()) => return bridge,
+                Err(why) if attempt < ATTEMPTS => {
+                    eprintln!("the bridge did not start ({why}), again on other ports")
+                }
+                Err(why) => panic!("the bridge did not start listening ({why})"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Waits for the bridge to listen for SIP; else why not, with its log.
+    fn until_listening(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .logs()
+                .iter()
+                .any(|l| l.contains("SIP listening on tcp"))
+            {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // What it wrote last may still be on its way.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!("it exited, {status}: {:#?}", self.logs()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not within {timeout:?}: {:#?}", self.logs()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(host: &str, extra_args: &[&str], environment: &[(&str, &str)]) -> BridgeProcess {
         let sip_port = free_port();
         let sandbox_port = free_port();
         let sip = if host.contains(':') {
@@ -352,20 +392,13 @@ impl BridgeProcess {
                 collected.lock().unwrap().push(line);
             }
         });
-        let bridge = BridgeProcess {
+        BridgeProcess {
             child,
             sip_port,
             sandbox_port,
             host: host.to_owned(),
             logs,
-        };
-        bridge
-            .wait_for_log(
-                |l| l.contains("SIP listening on tcp"),
-                Duration::from_secs(10),
-            )
-            .expect("the bridge starts listening");
-        bridge
+        }
     }
 
     pub fn address(&self) -> String {
