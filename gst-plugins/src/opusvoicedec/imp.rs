@@ -43,6 +43,13 @@ impl State {
         }
     }
 
+    /// A waiting gap with no packet after it, concealed.
+    fn concealment(&mut self, samples: usize) -> gst::Buffer {
+        let mut bytes = Vec::new();
+        self.conceal(samples, None, &mut bytes);
+        gst::Buffer::from_slice(bytes)
+    }
+
     /// The first `samples` per channel of `pcm`, as bytes.
     fn append(&self, samples: usize, out: &mut Vec<u8>) {
         let pcm = &self.pcm[..samples * self.channel_count];
@@ -206,17 +213,14 @@ impl AudioDecoderImpl for OpusVoiceDec {
         let obj = self.obj();
         let Some(buffer) = buffer else {
             // Draining: a gap still waiting is concealed now.
-            let mut guard = self.state.lock().unwrap();
-            let Some(state) = guard.as_mut() else {
-                return Ok(gst::FlowSuccess::Ok);
+            let concealed = self.state.lock().unwrap().as_mut().and_then(|state| {
+                let gap = state.gap.take()?;
+                Some(state.concealment(gap))
+            });
+            return match concealed {
+                Some(concealed) => obj.finish_frame(Some(concealed), 1),
+                None => Ok(gst::FlowSuccess::Ok),
             };
-            let Some(gap) = state.gap.take() else {
-                return Ok(gst::FlowSuccess::Ok);
-            };
-            let mut bytes = Vec::new();
-            state.conceal(gap, None, &mut bytes);
-            drop(guard);
-            return obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1);
         };
         // Decoded at the rate downstream takes now, not the one it took.
         if obj.src_pad().check_reconfigure() && obj.negotiate().is_err() {
@@ -227,7 +231,6 @@ impl AudioDecoderImpl for OpusVoiceDec {
         let mut guard = self.state.lock().unwrap();
         let state = guard.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
         let output_rate = state.rate as usize;
-        let mut bytes = Vec::new();
         if map.is_empty() {
             // A gap: libopus conceals as much as it lasts, in whole 10 ms
             // steps (what its concealment takes), up to a bound. Rounded,
@@ -243,11 +246,12 @@ impl AudioDecoderImpl for OpusVoiceDec {
                 return Ok(gst::FlowSuccess::Ok);
             };
             // Two gaps in a row: the first has no packet after it.
-            state.conceal(earlier, None, &mut bytes);
+            let concealed = state.concealment(earlier);
             drop(guard);
             drop(map);
-            return obj.finish_frame(Some(gst::Buffer::from_slice(bytes)), 1);
+            return obj.finish_frame(Some(concealed), 1);
         }
+        let mut bytes = Vec::new();
         let packet = map.as_slice();
         let gap = state.gap.take();
         if let Some(gap) = gap {
