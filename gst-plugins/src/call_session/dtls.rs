@@ -168,10 +168,9 @@ enum Link {
     /// OpenSSL's connection, while handshaking.
     Handshaking(SslStream<Datagrams>),
     /// Connected: OpenSSL's connection is freed (about 75 KB, a sixth of
-    /// a transcoded call's memory). Its keys are
-    /// SRTP's now, and the stack carries no data channel, so nothing more
-    /// is read or written in DTLS records but our last flight, sent again
-    /// when the peer repeats its own.
+    /// a transcoded call's memory). Its keys are SRTP's now, and the stack
+    /// carries no data channel, so nothing more is read or written in DTLS
+    /// records but our last flight, sent again when the peer repeats its own.
     Connected(Finished),
 }
 
