@@ -440,6 +440,16 @@ mod tests {
         connection
     }
 
+    /// A client, its handshake started as str0m starts it (an empty
+    /// packet), and a server, on one certificate.
+    fn client_and_server() -> (Box<dyn DtlsInstance>, Box<dyn DtlsInstance>) {
+        let provider = provider();
+        let cert = provider.generate_certificate().unwrap();
+        let mut client = connection(provider, &cert, true);
+        client.handle_packet(&[]).expect("the handshake starts");
+        (client, connection(provider, &cert, false))
+    }
+
     /// What one side said: its datagrams, and its events by name.
     #[derive(Default)]
     struct Said {
@@ -500,6 +510,18 @@ mod tests {
         (from_client, from_server)
     }
 
+    /// The exchange after the client's first retransmission timer
+    /// (OpenSSL's is one second; str0m calls the timeout when the
+    /// connection asked for it).
+    fn after_the_clients_timer(
+        client: &mut dyn DtlsInstance,
+        server: &mut dyn DtlsInstance,
+    ) -> (Said, Said) {
+        std::thread::sleep(Duration::from_millis(1100));
+        client.handle_timeout(Instant::now()).unwrap();
+        exchange(client, server, 0)
+    }
+
     #[test]
     fn two_calls_connect_on_one_context_and_agree_on_their_keys() {
         let provider = provider();
@@ -534,18 +556,10 @@ mod tests {
 
     #[test]
     fn a_lost_client_hello_is_sent_again() {
-        let provider = provider();
-        let cert = provider.generate_certificate().unwrap();
-        let mut client = connection(provider, &cert, true);
-        client.handle_packet(&[]).expect("the handshake starts");
-        let mut server = connection(provider, &cert, false);
+        let (mut client, mut server) = client_and_server();
         let (client_said, server_said) = exchange(client.as_mut(), server.as_mut(), 1);
         assert!(!client_said.connected && !server_said.connected);
-        // OpenSSL's first retransmission timer is one second; str0m
-        // calls the timeout when the connection asked for it.
-        std::thread::sleep(Duration::from_millis(1100));
-        client.handle_timeout(Instant::now()).unwrap();
-        let (client_said, server_said) = exchange(client.as_mut(), server.as_mut(), 0);
+        let (client_said, server_said) = after_the_clients_timer(client.as_mut(), server.as_mut());
         assert!(
             client_said.connected,
             "the client connects after sending its hello again"
@@ -555,11 +569,7 @@ mod tests {
 
     #[test]
     fn a_client_that_lost_our_last_flight_gets_it_again() {
-        let provider = provider();
-        let cert = provider.generate_certificate().unwrap();
-        let mut client = connection(provider, &cert, true);
-        client.handle_packet(&[]).expect("the handshake starts");
-        let mut server = connection(provider, &cert, false);
+        let (mut client, mut server) = client_and_server();
         let (mut from_client, mut from_server) = (Said::default(), Said::default());
         // The server connects; its last flight is lost on the way.
         while !from_server.connected {
@@ -578,11 +588,9 @@ mod tests {
         }
         drain(client.as_mut(), &mut from_client);
         assert!(!from_client.connected);
-        // The client's timer repeats its flight; the server, whose
-        // OpenSSL connection is gone, answers with its last flight again.
-        std::thread::sleep(Duration::from_millis(1100));
-        client.handle_timeout(Instant::now()).unwrap();
-        let (client_said, _) = exchange(client.as_mut(), server.as_mut(), 0);
+        // The client repeats its flight; the server, whose OpenSSL
+        // connection is gone, answers with its last flight again.
+        let (client_said, _) = after_the_clients_timer(client.as_mut(), server.as_mut());
         assert!(
             client_said.connected,
             "the client connects on the last flight sent again"
