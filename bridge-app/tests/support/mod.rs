@@ -336,14 +336,12 @@ impl BridgeProcess {
     /// Waits for the bridge to listen for SIP; else why not, with its log.
     fn until_listening(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        loop {
-            if self
-                .logs()
-                .iter()
-                .any(|l| l.contains("SIP listening on tcp"))
-            {
-                return Ok(());
-            }
+        let listening = |l: &str| l.contains("SIP listening on tcp");
+        // In short waits, to notice between them a bridge that exited.
+        while self
+            .wait_for_log(listening, Duration::from_millis(100))
+            .is_none()
+        {
             if let Ok(Some(status)) = self.child.try_wait() {
                 // What it wrote last may still be on its way.
                 std::thread::sleep(Duration::from_millis(100));
@@ -352,8 +350,8 @@ impl BridgeProcess {
             if Instant::now() > deadline {
                 return Err(format!("not within {timeout:?}: {:#?}", self.logs()));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     fn spawn(host: &str, extra_args: &[&str], environment: &[(&str, &str)]) -> BridgeProcess {
