@@ -52,8 +52,13 @@ pub struct SipSection {
     /// the jitter of both legs.
     pub jitter_buffer_ms: u64,
     /// Effort of the Opus encoder toward apps, 0 (least CPU) to 10 (best
-    /// quality); 5 by default.
+    /// quality); 1 by default.
     pub opus_complexity: u32,
+    /// The bridge's own calls to phones offer SDES-SRTP (RTP/SAVP with
+    /// `a=crypto`) instead of plain RTP, and hang up on a phone that
+    /// answers without it. Phones without SRTP refuse such calls; calls
+    /// from phones follow what the phone offers either way.
+    pub offer_srtp: bool,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
     /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
@@ -147,6 +152,7 @@ impl Default for SipSection {
             rtp_timeout_ms: 30_000,
             jitter_buffer_ms: 0,
             opus_complexity: crate::sip::media::DEFAULT_OPUS_COMPLEXITY,
+            offer_srtp: false,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
             video: Default::default(),
@@ -210,6 +216,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("SIP_DOMAIN", "sip.domain"),
     ("SIP_USERNAME", "sip.username"),
     ("SIP_PASSWORD", "sip.password"),
+    ("SIP_OFFER_SRTP", "sip.offer_srtp"),
     ("CONNECTYCUBE_APP_ID", "connectycube.app_id"),
     ("CONNECTYCUBE_AUTH_KEY", "connectycube.auth_key"),
     ("CONNECTYCUBE_AUTH_SECRET", "connectycube.auth_secret"),
@@ -287,6 +294,11 @@ impl Config {
                 "SIP_DOMAIN" => self.sip.domain = Some(value),
                 "SIP_USERNAME" => self.sip.username = Some(value),
                 "SIP_PASSWORD" => self.sip.password = Some(value),
+                "SIP_OFFER_SRTP" => match value.trim() {
+                    "true" => self.sip.offer_srtp = true,
+                    "false" => self.sip.offer_srtp = false,
+                    _ => problems.push(format!("{key} (from {name}): true or false")),
+                },
                 "CONNECTYCUBE_APP_ID" => match value.trim().parse() {
                     Ok(id) => cc.app_id = id,
                     Err(_) => problems.push(format!("{key} (from {name}): not a number")),
@@ -616,9 +628,11 @@ department = "Sales"
             "CONNECTYCUBE_APP_ID" => Some("7".to_owned()),
             "SIP_DOMAIN" => Some("other.example".to_owned()),
             "MANAGEMENT_TOKEN" => Some("a-long-enough-token".to_owned()),
+            "SIP_OFFER_SRTP" => Some("true".to_owned()),
             _ => None,
         };
         config.apply_environment(env).unwrap();
+        assert!(config.sip.offer_srtp);
         assert_eq!(
             config.management.token.as_deref(),
             Some("a-long-enough-token")
@@ -630,6 +644,10 @@ department = "Sales"
             .apply_environment(|n| (n == "CONNECTYCUBE_APP_ID").then(|| "x".to_owned()))
             .unwrap_err();
         assert!(err.0[0].contains("connectycube.app_id"));
+        let err = config
+            .apply_environment(|n| (n == "SIP_OFFER_SRTP").then(|| "yes".to_owned()))
+            .unwrap_err();
+        assert!(err.0[0].contains("sip.offer_srtp"), "{err}");
     }
 
     #[test]

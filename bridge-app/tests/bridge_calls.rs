@@ -564,6 +564,46 @@ fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     );
 }
 
+/// A phone that takes only SRTP (baresip, `mediaenc=srtp-mand`) refuses
+/// the bridge's plain RTP; with `offer_srtp` the bridge offers SDES-SRTP,
+/// and the app user's call reaches it, both hearing each other through it.
+#[test]
+fn an_app_user_reaches_a_phone_that_takes_only_srtp() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start_with_environment(
+        "127.0.0.1",
+        &["--cdr", cdr.to_str().unwrap()],
+        &[("SIP_OFFER_SRTP", "true")],
+    );
+    let port = bridge.sip_port;
+    let phone = std::thread::spawn(move || {
+        let phone = Baresip::new("alice", "demo", port, 523, "g711").with_mandatory_srtp();
+        let output = phone.answer_calls(12);
+        let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
+        (heard, output)
+    });
+    let mut bob = bob_calls_registered_alice(&bridge, false);
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    bob.command(json!({"op": "hangUp"}));
+    let (phone_heard, output) = phone.join().unwrap();
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the phone's 523 Hz\n{output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(
+        lines[0]["sip_srtp"], "AES_CM_128_HMAC_SHA1_80",
+        "{}",
+        lines[0]
+    );
+}
+
 #[test]
 fn an_app_video_call_to_a_phone_without_video_carries_both_voices() {
     let _serial = one_at_a_time();

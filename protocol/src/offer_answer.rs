@@ -343,11 +343,13 @@ pub fn render_answer(
 }
 
 /// One stream of an offer the bridge makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferedStream {
     pub kind: MediaKind,
     pub rtp_port: u16,
     pub direction: Direction,
+    /// SDES-SRTP: offered as RTP/SAVP with this key; without, plain RTP/AVP.
+    pub crypto: Option<CryptoAttribute>,
 }
 
 /// Writes an offer listing every allowed codec of each stream in the bridge's
@@ -386,18 +388,20 @@ pub fn render_offer(
         });
         let mut pts: Vec<u8> = formats.iter().map(|f| f.payload_type).collect();
         pts.extend(dtmf);
-        write_media_line(
-            &mut sdp,
-            stream.kind.as_str(),
-            "RTP/AVP",
-            stream.rtp_port,
-            &pts,
-        );
+        let proto = if stream.crypto.is_some() {
+            "RTP/SAVP"
+        } else {
+            "RTP/AVP"
+        };
+        write_media_line(&mut sdp, stream.kind.as_str(), proto, stream.rtp_port, &pts);
         for format in formats.drain(..) {
             write_format(&mut sdp, &format);
         }
         if let Some(pt) = dtmf {
             write_dtmf(&mut sdp, pt);
+        }
+        if let Some(crypto) = &stream.crypto {
+            let _ = write!(sdp, "a=crypto:{}\r\n", crypto.value());
         }
         if stream.kind == MediaKind::Audio {
             sdp.push_str("a=ptime:20\r\n");
@@ -693,11 +697,13 @@ mod tests {
                     kind: MediaKind::Audio,
                     rtp_port: 5000,
                     direction: Direction::SendRecv,
+                    crypto: None,
                 },
                 OfferedStream {
                     kind: MediaKind::Video,
                     rtp_port: 5002,
                     direction: Direction::SendRecv,
+                    crypto: None,
                 },
             ],
         );
@@ -712,9 +718,63 @@ mod tests {
             ["OPUS", "G722", "PCMU", "PCMA", "G729", "TELEPHONE-EVENT"]
         );
         assert_eq!(parsed.media[1].formats.len(), 3);
+        assert!(parsed.media.iter().all(|m| m.proto == "RTP/AVP"));
+        assert!(parsed.media.iter().all(|m| m.crypto.is_empty()));
         // Answering our own offer picks our first choice.
         let negotiation = answer(&parsed, &Capabilities::all()).unwrap();
         assert_eq!(negotiation.audio().unwrap().codec.encoding_name, "OPUS");
         assert_eq!(negotiation.video().unwrap().codec.encoding_name, "H264");
+        assert!(negotiation.streams.iter().all(|s| s.srtp.is_none()));
+    }
+
+    /// An offer with SDES-SRTP: each stream RTP/SAVP with our key. The
+    /// phone's answer (its own key, under our tag and suite) gives the keys
+    /// each way; an answer that drops SRTP gives none, for the caller to refuse.
+    #[test]
+    fn srtp_offers_carry_our_key_and_take_the_answers() {
+        let ours = SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80);
+        let crypto = CryptoAttribute {
+            tag: 1,
+            key: ours.clone(),
+        };
+        let stream = |kind, rtp_port| OfferedStream {
+            kind,
+            rtp_port,
+            direction: Direction::SendRecv,
+            crypto: Some(crypto.clone()),
+        };
+        let capabilities = Capabilities {
+            sdes: Some(ours.clone()),
+            ..Capabilities::all()
+        };
+        let text = render_offer(
+            &capabilities,
+            ORIGIN,
+            LOCAL,
+            &[
+                stream(MediaKind::Audio, 5000),
+                stream(MediaKind::Video, 5002),
+            ],
+        );
+        let parsed = sdp::parse(&text).unwrap();
+        for media in &parsed.media {
+            assert_eq!(media.proto, "RTP/SAVP", "{text}");
+            assert_eq!(media.crypto.len(), 1, "{text}");
+            assert_eq!(CryptoAttribute::parse(&media.crypto[0]).unwrap(), crypto);
+        }
+
+        let phones_key = "WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz";
+        let phones_answer = offer(&format!(
+            "m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{phones_key}\r\n"
+        ));
+        let negotiation = answer(&phones_answer, &capabilities).unwrap();
+        let srtp = negotiation.audio().unwrap().srtp.clone().unwrap();
+        assert_eq!(srtp.tag, 1);
+        assert_eq!(srtp.send, ours);
+        assert_eq!(&srtp.receive.key_salt[..4], b"YS__");
+
+        let plain_answer = offer("m=audio 4000 RTP/AVP 0\r\n");
+        let negotiation = answer(&plain_answer, &capabilities).unwrap();
+        assert_eq!(negotiation.audio().unwrap().srtp, None);
     }
 }

@@ -195,6 +195,7 @@ fn sip_config(config: &Config) -> SipConfig {
         rtp_timeout: Duration::from_millis(s.rtp_timeout_ms),
         jitter_buffer: Duration::from_millis(s.jitter_buffer_ms),
         opus_complexity: s.opus_complexity,
+        offer_srtp: s.offer_srtp,
         ..SipConfig::embedded_default()
     }
 }

@@ -14,7 +14,7 @@ use bridge_protocol::dtmf;
 use bridge_protocol::offer_answer::{
     self, Capabilities, LocalStream, NegotiatedStream, OfferedStream, Origin,
 };
-use bridge_protocol::sdes::{CryptoSuite, SrtpKey};
+use bridge_protocol::sdes::{CryptoAttribute, CryptoSuite, SrtpKey};
 use bridge_protocol::sdp::{self, Direction};
 use rsipstack::dialog::dialog::{DialogState, TerminatedReason, TransactionHandle};
 use rsipstack::dialog::invite_dialog::InviteDialog;
@@ -321,6 +321,7 @@ async fn answer_call(
         answer_expected_in_ack: false,
         session_timer,
         capabilities,
+        offered_crypto: None,
         app: None,
         app_hangup: None,
         record: CallRecord::new(
@@ -499,6 +500,9 @@ struct Call {
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
+    /// What the bridge's own offers protect their streams with (our key,
+    /// under the tag in use); none: plain RTP.
+    offered_crypto: Option<CryptoAttribute>,
     /// The far side of a bridged call.
     app: Option<Box<dyn AppSide>>,
     /// Yields why the app hung up.
@@ -543,12 +547,14 @@ impl Call {
             kind: MediaKind::Audio,
             rtp_port: self.reservation.port,
             direction,
+            crypto: self.offered_crypto.clone(),
         }];
         if let Some((reservation, _)) = &self.video {
             streams.push(OfferedStream {
                 kind: MediaKind::Video,
                 rtp_port: reservation.port,
                 direction,
+                crypto: self.offered_crypto.clone(),
             });
         }
         offer_answer::render_offer(&self.capabilities, origin, self.sdp_address(), &streams)
@@ -637,6 +643,11 @@ impl Call {
                 )?);
             }
         }
+        // Our re-offers keep the stream as protected as it is now.
+        self.offered_crypto = stream.srtp.as_ref().map(|srtp| CryptoAttribute {
+            tag: srtp.tag,
+            key: srtp.send.clone(),
+        });
         if let Some(media) = &self.media {
             self.record.sip_codec = Some(media.codec());
             self.record.sip_srtp = stream.srtp.as_ref().map(|s| s.send.suite.name());
@@ -1072,11 +1083,20 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
     };
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
-    let mut capabilities = Capabilities::all_audio();
+    // With `offer_srtp`, every stream offered is RTP/SAVP under one fresh key.
+    let offered_crypto = shared.config.offer_srtp.then(|| CryptoAttribute {
+        tag: 1,
+        key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
+    });
+    let mut capabilities = Capabilities {
+        sdes: offered_crypto.as_ref().map(|crypto| crypto.key.clone()),
+        ..Capabilities::all_audio()
+    };
     let mut streams = vec![OfferedStream {
         kind: MediaKind::Audio,
         rtp_port: reservation.port,
         direction: Direction::SendRecv,
+        crypto: offered_crypto.clone(),
     }];
     // An app's video call offers the phone H.264 video on a port of its own.
     let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
@@ -1092,6 +1112,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             kind: MediaKind::Video,
             rtp_port: video.port,
             direction: Direction::SendRecv,
+            crypto: offered_crypto.clone(),
         });
     }
     let origin = Origin {
@@ -1156,6 +1177,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         answer_expected_in_ack: false,
         session_timer: None,
         capabilities,
+        offered_crypto,
         app: None,
         app_hangup: None,
         record: CallRecord::new(
@@ -1260,7 +1282,22 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     let negotiation = std::str::from_utf8(answer_body)
         .ok()
         .and_then(|text| sdp::parse(text).ok())
-        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok());
+        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok())
+        .map(|mut negotiation| {
+            // What we offered protected is never sent in the clear.
+            if call.offered_crypto.is_some() {
+                negotiation.streams.retain(|stream| {
+                    if stream.srtp.is_none() {
+                        warn!(
+                            "call {call_id}: the phone answered our SRTP offer with plain RTP ({})",
+                            stream.kind.as_str()
+                        );
+                    }
+                    stream.srtp.is_some()
+                });
+            }
+            negotiation
+        });
     // The video first: the app's answer is made once every stream is known.
     if let (Some(reservation), Some(stream)) = (
         video_reservation,

@@ -80,6 +80,8 @@ pub struct SipConfig {
     pub jitter_buffer: Duration,
     /// `opusvoiceenc complexity` of the audio toward apps.
     pub opus_complexity: u32,
+    /// The bridge's own calls offer SDES-SRTP, and need it in the answer.
+    pub offer_srtp: bool,
     /// Session interval asked of callers that use session timers (RFC 4028).
     pub session_expires: u32,
     /// The smallest session interval accepted; shorter ones get 422.
@@ -123,6 +125,7 @@ impl SipConfig {
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),
             jitter_buffer: Duration::ZERO,
             opus_complexity: media::DEFAULT_OPUS_COMPLEXITY,
+            offer_srtp: false,
             session_expires: 1800,
             min_session_expires: 90,
         }
