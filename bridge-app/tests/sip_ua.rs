@@ -74,6 +74,34 @@ fn hold_resume_and_an_offer_in_the_ack() {
     assert!(directions[2].contains("SendRecv"), "{directions:#?}");
 }
 
+/// An SRTP call's re-offer (the bridge's, in its 200 to a re-INVITE
+/// without SDP) keeps it SRTP: plain RTP there would strip its protection.
+#[test]
+fn an_srtp_calls_re_offer_stays_srtp() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp(
+            "srtp-reoffer.xml",
+            &bridge.address(),
+            "echo",
+            &["-cid_str", "srtp-%u"],
+        ),
+        "SRTP answer, then an SRTP re-offer",
+    );
+    let streams: Vec<String> = bridge
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("call srtp-1: PCMU"))
+        .collect();
+    assert_eq!(streams.len(), 2, "{streams:#?}");
+    assert!(
+        streams
+            .iter()
+            .all(|l| l.contains("SRTP AES_CM_128_HMAC_SHA1_80")),
+        "{streams:#?}"
+    );
+}
+
 #[test]
 fn info_dtmf_becomes_call_events() {
     let bridge = BridgeProcess::start(&[]);
