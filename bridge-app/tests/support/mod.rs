@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
@@ -608,6 +609,8 @@ impl KamailioProcess {
             .arg(dir.join("kamailio.pid"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("kamailio.log")).unwrap())
+            // Its workers with it, in a group of their own (see `drop`).
+            .process_group(0)
             .spawn()
             .expect("kamailio (Debian kamailio) is installed");
         let kamailio = KamailioProcess { child, port, dir };
@@ -651,7 +654,12 @@ impl Drop for KamailioProcess {
         while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
+        // Whatever of the group is still there (a main process that did not
+        // stop in time, or workers it left) must not outlive the test.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
