@@ -32,6 +32,8 @@ pub struct Capabilities {
     /// Our master key and salt for SDES-SRTP (the suite follows the offer);
     /// without one, RTP/SAVP streams are refused.
     pub sdes: Option<SrtpKey>,
+    /// Plain RTP/AVP streams are refused: SRTP only.
+    pub srtp_required: bool,
 }
 
 impl Capabilities {
@@ -46,6 +48,7 @@ impl Capabilities {
             video: Vec::new(),
             dtmf: true,
             sdes: None,
+            srtp_required: false,
         }
     }
 
@@ -206,9 +209,13 @@ pub fn answer(
         if media.port == 0 || streams.iter().any(|s| s.kind == kind) {
             continue;
         }
-        // Plain RTP, or SDES-SRTP when we have a key and a usable a=crypto;
-        // anything else (DTLS, AVPF) is refused stream by stream.
+        // Plain RTP (unless SRTP is required), or SDES-SRTP when we have a
+        // key and a usable a=crypto; anything else (DTLS, AVPF) is refused
+        // stream by stream.
         let srtp = if media.proto.eq_ignore_ascii_case("RTP/AVP") {
+            if capabilities.srtp_required {
+                continue;
+            }
             None
         } else if media.proto.eq_ignore_ascii_case("RTP/SAVP") {
             match capabilities
@@ -566,6 +573,7 @@ mod tests {
             video: vec![],
             dtmf: true,
             sdes: None,
+            srtp_required: false,
         };
         let negotiation = answer(&offer, &capabilities).unwrap();
         let audio = negotiation.audio().unwrap();
@@ -729,7 +737,8 @@ mod tests {
 
     /// An offer with SDES-SRTP: each stream RTP/SAVP with our key. The
     /// phone's answer (its own key, under our tag and suite) gives the keys
-    /// each way; an answer that drops SRTP gives none, for the caller to refuse.
+    /// each way; an answer that drops SRTP gives none, and is refused when
+    /// SRTP is required.
     #[test]
     fn srtp_offers_carry_our_key_and_take_the_answers() {
         let ours = SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80);
@@ -776,5 +785,15 @@ mod tests {
         let plain_answer = offer("m=audio 4000 RTP/AVP 0\r\n");
         let negotiation = answer(&plain_answer, &capabilities).unwrap();
         assert_eq!(negotiation.audio().unwrap().srtp, None);
+        let required = Capabilities {
+            srtp_required: true,
+            ..capabilities
+        };
+        let refused = answer(&plain_answer, &required).unwrap_err();
+        assert!(
+            refused.to_string().contains("RTP/AVP PCMU/8000"),
+            "{refused}"
+        );
+        assert!(answer(&phones_answer, &required).is_ok());
     }
 }

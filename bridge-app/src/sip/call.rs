@@ -1088,8 +1088,11 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         tag: 1,
         key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
     });
+    // What we offer protected is never sent in the clear: not on the
+    // phone's answer, nor on its later offers.
     let mut capabilities = Capabilities {
         sdes: offered_crypto.as_ref().map(|crypto| crypto.key.clone()),
+        srtp_required: offered_crypto.is_some(),
         ..Capabilities::all_audio()
     };
     let mut streams = vec![OfferedStream {
@@ -1280,37 +1283,27 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         (body, _) => body,
     };
     let negotiation = std::str::from_utf8(answer_body)
-        .ok()
-        .and_then(|text| sdp::parse(text).ok())
-        .and_then(|answer| offer_answer::answer(&answer, &call.capabilities).ok())
-        .map(|mut negotiation| {
-            // What we offered protected is never sent in the clear.
-            if call.offered_crypto.is_some() {
-                negotiation.streams.retain(|stream| {
-                    if stream.srtp.is_none() {
-                        warn!(
-                            "call {call_id}: the phone answered our SRTP offer with plain RTP ({})",
-                            stream.kind.as_str()
-                        );
-                    }
-                    stream.srtp.is_some()
-                });
-            }
-            negotiation
+        .map_err(|_| "not UTF-8".to_owned())
+        .and_then(|text| sdp::parse(text).map_err(|e| e.to_string()))
+        .and_then(|answer| {
+            offer_answer::answer(&answer, &call.capabilities).map_err(|e| e.to_string())
         });
     // The video first: the app's answer is made once every stream is known.
     if let (Some(reservation), Some(stream)) = (
         video_reservation,
-        negotiation.as_ref().and_then(|n| n.video().cloned()),
+        negotiation.as_ref().ok().and_then(|n| n.video().cloned()),
     ) {
         call.start_video(Ok(reservation), &stream);
     }
-    let Some(audio) = negotiation.and_then(|n| n.audio().cloned()) else {
-        warn!("call {call_id}: the 200 OK carries no usable SDP answer; hanging up");
-        app.refuse(488, "the phone's answer was unusable");
-        let _ = call.dialog.bye().await;
-        call.finish(488, "unusable SDP answer".into());
-        return Ok(());
+    let audio = match negotiation.and_then(|n| n.audio().cloned().ok_or("no audio".to_owned())) {
+        Ok(audio) => audio,
+        Err(reason) => {
+            warn!("call {call_id}: the 200 OK carries no usable SDP answer ({reason}); hanging up");
+            app.refuse(488, "the phone's answer was unusable");
+            let _ = call.dialog.bye().await;
+            call.finish(488, "unusable SDP answer".into());
+            return Ok(());
+        }
     };
     call.apply(&audio)?;
     call.capabilities.audio = vec![audio.codec.encoding_name];
