@@ -3,8 +3,10 @@
 //! the element keeps waiting, a real browser's call is then answered; a
 //! callee that sends its candidates before it accepts (and none in its
 //! answer) is still reached; packets lost on the way to the shared stack
-//! are concealed, with no hole in what is heard; a callee behind a NAT is
-//! reached at its public address, configured or learned from a STUN server.
+//! are concealed, with no hole in what is heard; a packet the sender held
+//! back is stamped with its arrival, not with when it was due; a callee
+//! behind a NAT is reached at its public address, configured or learned
+//! from a STUN server.
 
 mod support;
 
@@ -114,7 +116,38 @@ async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
 /// decoder fills, and the callee hears the tone without holes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
-    call_between_stacks("webrtcbin", "shared", 48_000, Some(10), None).await;
+    call_between_stacks(
+        "webrtcbin",
+        "shared",
+        48_000,
+        Some(Impairment::LoseEvery(10)),
+        None,
+    )
+    .await;
+}
+
+/// webrtcbin's jitter buffer times each packet by when the sender's clock
+/// says it was due: a packet the sender held back (every twentieth, by
+/// 100 ms) would count the sender's delay as the callee's, and the
+/// bridge's latency meter (which takes the stamp where the packet leaves)
+/// would charge it to the bridge. Stamped with its arrival, it is as
+/// fresh as any other where it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_the_sender_held_back_is_stamped_with_its_arrival() {
+    let delay = Duration::from_millis(100);
+    let ages = call_between_stacks(
+        "webrtcbin",
+        "webrtcbin",
+        48_000,
+        Some(Impairment::DelayEvery(20, delay)),
+        None,
+    )
+    .await;
+    let oldest = ages.iter().max().copied().unwrap_or_default();
+    assert!(
+        oldest < delay / 2,
+        "a buffer left {oldest:?} after its stamp (ages {ages:?})"
+    );
 }
 
 /// A callee behind a one-to-one NAT (a cloud VM) is reached only at its
@@ -140,22 +173,32 @@ async fn a_callee_behind_a_nat_learns_its_public_address_from_a_stun_server() {
     call_between_stacks("webrtcbin", "shared", 48_000, None, Some(&server)).await;
 }
 
+/// What happens to the caller's packets before they leave.
+#[derive(Clone, Copy)]
+enum Impairment {
+    /// Every so many are dropped.
+    LoseEvery(u64),
+    /// Every so many are held back this long (and what follows behind them).
+    DelayEvery(u64, Duration),
+}
+
 /// Where the test namespace's NAT shows 192.0.2.50 outside.
 const PUBLIC_ADDRESS: &str = "198.51.100.7";
 
 /// Calls from a caller on `caller_stack` to a callee on `callee_stack`
 /// that plays at `playback_rate` and sends its candidates before it
-/// accepts (none in its answer); with `lose_every`, every so many of the
-/// caller's packets are dropped before they leave; with `behind_nat`
-/// (the callee's property that tells it where it is seen from), the caller
-/// gets only the callee's candidates at `PUBLIC_ADDRESS`.
+/// accepts (none in its answer); with an `impairment` of the caller's
+/// packets before they leave; with `behind_nat` (the callee's property
+/// that tells it where it is seen from), the caller gets only the callee's
+/// candidates at `PUBLIC_ADDRESS`. Returns how long after its stamp (its
+/// PTS, in the callee's running time) each buffer heard was taken.
 async fn call_between_stacks(
     caller_stack: &str,
     callee_stack: &str,
     playback_rate: u32,
-    lose_every: Option<u64>,
+    impairment: Option<Impairment>,
     behind_nat: Option<&str>,
-) {
+) -> Vec<Duration> {
     gst::init().unwrap();
     gstsipcc::register().unwrap();
     let sandbox = SandboxProcess::start(free_port());
@@ -164,10 +207,12 @@ async fn call_between_stacks(
     let nat = behind_nat.unwrap_or_default();
     // By the NAT property's name: `public-address`, `stun-server`.
     let nat_kind = nat.split('=').next().unwrap_or_default();
-    let session = format!(
-        "{caller_stack}-{callee_stack}-{playback_rate}-{}-{nat_kind}",
-        lose_every.unwrap_or(0),
-    );
+    let impaired = match impairment {
+        None => "clean",
+        Some(Impairment::LoseEvery(_)) => "lossy",
+        Some(Impairment::DelayEvery(..)) => "late",
+    };
+    let session = format!("{caller_stack}-{callee_stack}-{playback_rate}-{impaired}-{nat_kind}");
     let caller = gst::parse::launch(&format!(
         "audiotestsrc is-live=true freq=440 volume=0.5 ! audioconvert ! opusenc name=encoder ! rtpopuspay name=payloader \
          ! connectycubesink name=out session=early-caller-{session} webrtc-stack={caller_stack} app-id=1 auth-key=sandbox login=dialer password=d peer={peer} \
@@ -186,7 +231,7 @@ async fn call_between_stacks(
     .downcast::<gst::Bin>()
     .unwrap();
     let lost = Arc::new(AtomicU64::new(0));
-    if let Some(every) = lose_every {
+    if let Some(impairment) = impairment {
         let payloader = caller
             .downcast_ref::<gst::Bin>()
             .unwrap()
@@ -197,9 +242,16 @@ async fn call_between_stacks(
             .static_pad("src")
             .unwrap()
             .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-                if (sent.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
-                    lost.fetch_add(1, Ordering::Relaxed);
-                    return gst::PadProbeReturn::Drop;
+                let count = sent.fetch_add(1, Ordering::Relaxed) + 1;
+                match impairment {
+                    Impairment::LoseEvery(every) if count % every == 0 => {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                        return gst::PadProbeReturn::Drop;
+                    }
+                    Impairment::DelayEvery(every, delay) if count % every == 0 => {
+                        std::thread::sleep(delay);
+                    }
+                    _ => {}
                 }
                 gst::PadProbeReturn::Ok
             });
@@ -271,10 +323,11 @@ async fn call_between_stacks(
         .unwrap()
         .downcast::<gst_app::AppSink>()
         .unwrap();
-    let (samples, timeline) = tokio::task::spawn_blocking(move || {
+    let (samples, timeline, ages) = tokio::task::spawn_blocking(move || {
         let mut samples = Vec::new();
         // Each buffer's start and length, in samples at 48 kHz.
         let mut timeline = Vec::new();
+        let mut ages = Vec::new();
         while samples.len() < 96_000 {
             let Some(sample) = heard.try_pull_sample(gst::ClockTime::from_seconds(15)) else {
                 break;
@@ -282,6 +335,9 @@ async fn call_between_stacks(
             let buffer = sample.buffer().unwrap();
             if let Some(pts) = buffer.pts() {
                 timeline.push((pts.nseconds() * 48 / 1_000_000, buffer.size() as u64 / 4));
+                if let Some(now) = heard.current_running_time() {
+                    ages.push(Duration::from_nanos(now.saturating_sub(pts).nseconds()));
+                }
             }
             let buffer = buffer.map_readable().unwrap();
             samples.extend(
@@ -290,7 +346,7 @@ async fn call_between_stacks(
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
         }
-        (samples, timeline)
+        (samples, timeline, ages)
     })
     .await
     .unwrap();
@@ -343,7 +399,7 @@ async fn call_between_stacks(
             "{received}"
         );
     }
-    if lose_every.is_some() {
+    if let Some(Impairment::LoseEvery(_)) = impairment {
         let lost = lost.load(Ordering::Relaxed);
         assert!(lost >= 5, "only {lost} packets were dropped");
         // What was heard covers the time it spans: each loss was filled.
@@ -360,4 +416,5 @@ async fn call_between_stacks(
         frequency.is_some_and(|f| (f - 440.0).abs() < 15.0),
         "the callee heard {frequency:?} Hz instead of 440"
     );
+    ages
 }

@@ -1,6 +1,7 @@
 //! Bridge-added latency of a call's audio, one meter per direction. Buffers
 //! are stamped where they enter the bridge (`sipsrc` at capture,
-//! `connectycubesrc` with webrtcbin's capture time), and those stamps ride
+//! `connectycubesrc` on the shared stack as it arrives, on webrtcbin with its
+//! arrival at webrtcbin's jitter buffer), and those stamps ride
 //! through depayloading, decoding, encoding and payloading; where a buffer
 //! leaves, the pipeline's running time less its stamp is how long the bridge
 //! held it. Encoders that wait for a whole frame show up here, which event-based

@@ -172,10 +172,18 @@ fn sender_pad(name: &str, feedback: Option<Weak<dyn SenderFeedback>>) -> gst::Pa
     pad
 }
 
+/// What marks a received packet's arrival at webrtcbin's jitter buffer.
+static ARRIVAL: LazyLock<gst::Caps> =
+    LazyLock::new(|| gst::Caps::new_empty_simple("timestamp/x-sipcc-arrival"));
+
 /// A jitter buffer holds the first packet of a stream for its whole latency
 /// (and everything behind it) unless told to start from consecutive packets:
-/// those 200 ms would reach the phone as a burst and stay as delay.
-fn start_jitter_buffers_at_once(webrtcbin: &gst::Element) {
+/// those 200 ms would reach the phone as a burst and stay as delay. Each
+/// packet is also marked with its arrival: the jitter buffer's own
+/// timestamps are its estimate of when the packet was due by the sender's
+/// clock, so a packet the sender or the network delayed would count its
+/// delay as the bridge's.
+fn configure_jitter_buffers(webrtcbin: &gst::Element) {
     let Some(rtpbin) = webrtcbin.downcast_ref::<gst::Bin>().and_then(|bin| {
         bin.iterate_elements()
             .into_iter()
@@ -187,6 +195,18 @@ fn start_jitter_buffers_at_once(webrtcbin: &gst::Element) {
     rtpbin.connect("new-jitterbuffer", false, |args| {
         if let Ok(jitterbuffer) = args[1].get::<gst::Element>() {
             jitterbuffer.set_property("faststart-min-packets", 2u32);
+            if let Some(sink) = jitterbuffer.static_pad("sink") {
+                sink.add_probe(gst::PadProbeType::BUFFER, |pad, info| {
+                    let now = pad
+                        .parent_element()
+                        .and_then(|e| e.clock())
+                        .map(|c| c.time());
+                    if let (Some(now), Some(buffer)) = (now, info.buffer_mut()) {
+                        gst::ReferenceTimestampMeta::add(buffer.make_mut(), &ARRIVAL, now, None);
+                    }
+                    gst::PadProbeReturn::Ok
+                });
+            }
         }
         None
     });
@@ -386,7 +406,7 @@ impl Bin {
             let agent = ice_agent.property::<glib::Object>("agent");
             agent.set_property("upnp", false);
         }
-        start_jitter_buffers_at_once(&webrtcbin);
+        configure_jitter_buffers(&webrtcbin);
         pipeline.add(&webrtcbin).map_err(|_| missing("webrtcbin"))?;
         Ok(Bin {
             pipeline,
@@ -757,16 +777,17 @@ impl CallSession {
         self.inner.lock().unwrap().receivers.retain(|r| r.id != id);
     }
 
-    /// When a received packet was captured (arrived at webrtcbin), as a time
-    /// of `clock`; None when the call runs on another clock.
+    /// When a received packet arrived at webrtcbin's jitter buffer, as a
+    /// time of `clock`; None when the call runs on another clock.
     pub fn capture_time(&self, sample: &gst::Sample, clock: &gst::Clock) -> Option<gst::ClockTime> {
-        let pipeline = &self.bin()?.pipeline;
-        if pipeline.clock().as_ref() != Some(clock) {
+        if self.bin()?.pipeline.clock().as_ref() != Some(clock) {
             return None;
         }
-        let segment = sample.segment()?.downcast_ref::<gst::ClockTime>()?;
-        let running = segment.to_running_time(sample.buffer()?.pts()?)?;
-        Some(running + pipeline.base_time()?)
+        sample
+            .buffer()?
+            .iter_meta::<gst::ReferenceTimestampMeta>()
+            .find(|meta| meta.reference() == ARRIVAL.as_ref())
+            .map(|meta| meta.timestamp())
     }
 
     fn on_incoming_pad(self: &Arc<Self>, pad: &gst::Pad) {
