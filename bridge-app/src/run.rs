@@ -147,7 +147,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = options.configuration()?;
     gst::init()?;
     gstsipcc::register()?;
-    gstsipcc::warm_up(crate::sip::media::COMMON_ELEMENTS);
+    let mut elements = crate::sip::media::COMMON_ELEMENTS.to_vec();
+    elements.extend(crate::sip::video::elements(config.sip.video));
+    gstsipcc::warm_up(elements);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -134,12 +134,12 @@ pub fn shared_stack_config() -> Result<str0m::RtcConfig, String> {
 /// would otherwise wait for: webrtcbin's DTLS certificate (an RSA key, a few
 /// hundred ms of CPU; later calls share it) and the loading of the plugins
 /// of `elements` (webrtcbin's and the caller's codecs).
-pub fn warm_up(elements: &'static [&'static str]) {
+pub fn warm_up(elements: Vec<&'static str>) {
     std::thread::spawn(move || {
         let started = std::time::Instant::now();
         call_session::warm_up_shared_stack();
         for name in ["webrtcbin", "nicesrc", "nicesink", "dtlssrtpenc", "rtpbin"]
-            .iter()
+            .into_iter()
             .chain(elements)
         {
             if gst::ElementFactory::make(name).build().is_err() {

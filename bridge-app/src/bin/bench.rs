@@ -559,7 +559,7 @@ fn main() -> anyhow::Result<()> {
     };
     gst::init()?;
     gstsipcc::register()?;
-    gstsipcc::warm_up(&[
+    gstsipcc::warm_up(vec![
         "opusenc",
         "rtpopuspay",
         "connectycubesink",
