@@ -120,3 +120,60 @@ fn two_calls_wired_by_the_application_hear_each_other() {
     pipeline_a.set_state(gst::State::Null).unwrap();
     pipeline_b.set_state(gst::State::Null).unwrap();
 }
+
+/// A source that joins a call the application has already ended (a
+/// pipeline started late, say) ends at once: its stream ends and the
+/// pipeline hears why, instead of waiting for media that will never come.
+#[test]
+fn a_source_joining_an_ended_call_ends_at_once() {
+    gst::init().unwrap();
+    gstsipcc::register().unwrap();
+    let sender = gst::parse::launch(
+        "audiotestsrc is-live=true ! opusenc ! rtpopuspay ! connectycubesink name=out session=ended-early",
+    )
+    .unwrap();
+    sender.set_state(gst::State::Playing).unwrap();
+    let out = sender
+        .downcast_ref::<gst::Bin>()
+        .unwrap()
+        .by_name("out")
+        .unwrap();
+    out.emit_by_name::<()>("end-call", &[&"hung up before the source started"]);
+
+    let late = gst::parse::launch("connectycubesrc session=ended-early ! fakesink").unwrap();
+    // On a thread: a start that waits on the end it announces never returns.
+    let (started, start) = std::sync::mpsc::channel();
+    let starting = late.clone();
+    std::thread::spawn(move || {
+        let _ = started.send(starting.set_state(gst::State::Playing));
+    });
+    let start = start
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the late source's start hung");
+    start.unwrap();
+    let bus = late.bus().unwrap();
+    let mut reason = None;
+    let mut ended_stream = false;
+    while let Some(message) = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(5),
+        &[gst::MessageType::Element, gst::MessageType::Eos],
+    ) {
+        match message.view() {
+            gst::MessageView::Eos(_) => ended_stream = true,
+            _ => {
+                reason = message
+                    .structure()
+                    .filter(|s| s.name() == "connectycube-call-ended")
+                    .and_then(|s| s.get::<String>("reason").ok())
+                    .or(reason)
+            }
+        }
+        if ended_stream && reason.is_some() {
+            break;
+        }
+    }
+    late.set_state(gst::State::Null).unwrap();
+    sender.set_state(gst::State::Null).unwrap();
+    assert_eq!(reason.as_deref(), Some("hung up before the source started"));
+    assert!(ended_stream, "the late source's stream never ended");
+}

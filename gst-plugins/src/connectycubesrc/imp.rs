@@ -253,7 +253,13 @@ impl ReceiverOutput for Output {
         if let Some(element) = self.0.upgrade() {
             let flow = call_over(element.upcast_ref(), end);
             if flow == gst::FlowError::Eos {
-                element.send_event(gst::event::Eos::new());
+                // Not from this thread: a call already over when the
+                // element starts is told from within its state change,
+                // and a sink still prerolling would hold the EOS (and that
+                // state change) until the pipeline plays.
+                element.call_async(|element| {
+                    element.send_event(gst::event::Eos::new());
+                });
             }
         }
     }
@@ -265,7 +271,10 @@ impl ConnectyCubeSrc {
         *self.stream.lock().unwrap() = Stream::default();
         let output = Arc::new(Output(self.obj().downgrade()));
         let rate = self.max_playback_rate.load(Ordering::SeqCst);
-        let id = call.add_receiver(*self.media.lock().unwrap(), rate, output);
+        // Not locked across the call: one already over ends this element
+        // from within `add_receiver`, which announces the stream's media.
+        let kind = *self.media.lock().unwrap();
+        let id = call.add_receiver(kind, rate, output);
         *self.receiver.lock().unwrap() = Some(id);
         call.start(self.obj().upcast_ref())
     }
