@@ -114,27 +114,23 @@ fn names(ranked: &[Encoder]) -> String {
 /// loading before the first call: libav's, libvpx's and openh264's
 /// libraries took that call 70–300 ms to load.
 pub fn elements(codec: AppVideoCodec) -> Vec<&'static str> {
-    let transcoding = || {
-        let encoders = [VP8_ENCODERS, H264_ENCODERS]
-            .into_iter()
-            .filter_map(|ranked| installed(ranked).ok().map(|e| e.factory));
-        [
-            h264_decoder(),
-            "videoconvert",
-            "rtpvp8pay",
-            "rtpvp8depay",
-            "vp8dec",
-        ]
-        .into_iter()
-        .chain(encoders)
-    };
+    let passing = ["rtph264depay", "h264parse", "rtph264pay"];
     match codec {
         AppVideoCodec::Off => Vec::new(),
-        AppVideoCodec::H264 => vec!["rtph264depay", "h264parse", "rtph264pay"],
-        AppVideoCodec::Vp8 => ["rtph264depay", "h264parse", "rtph264pay"]
-            .into_iter()
-            .chain(transcoding())
-            .collect(),
+        AppVideoCodec::H264 => passing.to_vec(),
+        AppVideoCodec::Vp8 => {
+            let encoders = [VP8_ENCODERS, H264_ENCODERS]
+                .into_iter()
+                .filter_map(|ranked| installed(ranked).ok().map(|e| e.factory));
+            let decoders = [h264_decoder(), "vp8dec"];
+            let around = ["videoconvert", "rtpvp8pay", "rtpvp8depay"];
+            passing
+                .into_iter()
+                .chain(decoders)
+                .chain(around)
+                .chain(encoders)
+                .collect()
+        }
     }
 }
 

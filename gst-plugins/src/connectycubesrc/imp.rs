@@ -325,8 +325,9 @@ impl ConnectyCubeSrc {
         let obj = self.obj();
         self.announce(sample.caps_owned());
         // Stamped with this pipeline's running time of its arrival at
-        // webrtcbin's jitter buffer (so what the call's pipeline held counts as latency
-        // downstream), or of now when the call runs on another clock.
+        // webrtcbin's jitter buffer (so what the call's pipeline held
+        // counts as latency downstream), or of now when the call runs on
+        // another clock.
         let stamp = obj.clock().zip(obj.base_time()).map(|(clock, base)| {
             let now = clock.time().saturating_sub(base);
             call.capture_time(&sample, &clock)
