@@ -1,9 +1,10 @@
-//! What the Opus encoder's `complexity` costs and gives, for the bridge's
-//! transcoded calls: mono voice at the phone's 8 kHz, 20 ms frames, VoIP
-//! mode, 32 kbit/s (`opusvoiceenc`'s defaults). Prints, per complexity, the
-//! CPU time to encode one frame (median of several passes, with its ratio to
-//! complexity 0, so that this noisy machine's speed cancels out) and how far
-//! the decoded voice's spectrum is from the original's.
+//! What the Opus encoder's `audio-type` and `complexity` cost and give, for
+//! the bridge's transcoded calls: mono voice at the phone's 8 kHz, 20 ms
+//! frames, 32 kbit/s (`opusvoiceenc`'s defaults). Prints, per setting, the
+//! mode libopus chose, the CPU time to encode one frame (median of several
+//! passes, with its ratio to the bridge's setting, so that this noisy
+//! machine's speed cancels out) and how far the decoded voice's spectrum is
+//! from the original's.
 //!
 //! `cargo bench -p gst-plugin-sipcc --bench opus_complexity`
 
@@ -17,9 +18,9 @@ const SECONDS: usize = 10;
 const PASSES: usize = 5;
 
 /// Encodes the whole signal once; the packets, and the CPU time per frame.
-fn encode(complexity: u8, signal: &[i16]) -> (Vec<Vec<u8>>, f64) {
-    let mut encoder = Encoder::new(Channels::Mono, SampleRate::Hz8000, Application::Voip)
-        .expect("an Opus encoder");
+fn encode(application: Application, complexity: u8, signal: &[i16]) -> (Vec<Vec<u8>>, f64) {
+    let mut encoder =
+        Encoder::new(Channels::Mono, SampleRate::Hz8000, application).expect("an Opus encoder");
     encoder.set_complexity(complexity).expect("a complexity");
     encoder
         .set_bitrate(Bitrate::Value(32000))
@@ -108,38 +109,76 @@ fn power_spectrum(frame: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// The `opusvoiceenc audio-type` of an application.
+fn audio_type(application: Application) -> &'static str {
+    match application {
+        Application::Voip => "voice",
+        Application::LowDelay => "restricted-lowdelay",
+        _ => "generic",
+    }
+}
+
+/// The modes of the packets, by their TOC bytes (RFC 6716, 3.1).
+fn modes(packets: &[Vec<u8>]) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for packet in packets {
+        let mode = match packet.first().map(|toc| toc >> 3) {
+            Some(0..=11) => "SILK",
+            Some(12..=15) => "hybrid",
+            Some(_) => "CELT",
+            None => continue,
+        };
+        if !seen.contains(&mode) {
+            seen.push(mode);
+        }
+    }
+    seen.join(", ")
+}
+
 fn main() {
     let signal = bridge_protocol::tone::voice_like(RATE as u32, SECONDS);
     println!(
-        "Opus voice encoder, mono 8 kHz, 20 ms frames, VoIP, 32 kbit/s: {SECONDS} s of a voice-like signal, median of {PASSES} passes"
+        "Opus voice encoder, mono 8 kHz, 20 ms frames, 32 kbit/s: {SECONDS} s of a voice-like signal, median of {PASSES} passes"
     );
     println!(
-        "| complexity | µs per 20 ms frame | × complexity 0 | log-spectral distance of the decoded voice |"
+        "| audio-type | complexity | mode | µs per 20 ms frame | × the bridge's (generic, 0) | log-spectral distance of the decoded voice |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let mut base = None;
     let mut bridge_packets = Vec::new();
-    for complexity in [0, 1, 2, 3, 4, 5, 6, 8, 10] {
-        let mut passes: Vec<(Vec<Vec<u8>>, f64)> =
-            (0..PASSES).map(|_| encode(complexity, &signal)).collect();
-        passes.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let (packets, per_frame) = &passes[PASSES / 2];
-        let base = *base.get_or_insert(*per_frame);
-        println!(
-            "| {complexity} | {:.1} | {:.2} | {:.2} dB |",
-            per_frame * 1e6,
-            per_frame / base,
-            spectral_distance(&signal, packets)
-        );
-        if complexity == 1 {
-            bridge_packets = packets.clone();
+    for application in [Application::Audio, Application::Voip, Application::LowDelay] {
+        for complexity in [0, 1, 2, 3, 5, 8, 10] {
+            let mut passes: Vec<(Vec<Vec<u8>>, f64)> = (0..PASSES)
+                .map(|_| encode(application, complexity, &signal))
+                .collect();
+            passes.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let (packets, per_frame) = &passes[PASSES / 2];
+            let base = *base.get_or_insert(*per_frame);
+            println!(
+                "| {} | {complexity} | {} | {:.1} | {:.2} | {:.2} dB |",
+                audio_type(application),
+                modes(packets),
+                per_frame * 1e6,
+                per_frame / base,
+                spectral_distance(&signal, packets)
+            );
+            if bridge_packets.is_empty() {
+                bridge_packets = packets.clone();
+            }
         }
     }
-    // The other half of a transcoded call's Opus work.
-    let mut decoding: Vec<f64> = (0..PASSES).map(|_| decode(&bridge_packets).1).collect();
-    decoding.sort_by(f64::total_cmp);
-    println!(
-        "Decoding the same voice (complexity 1's packets) at 8 kHz: {:.1} µs per 20 ms frame",
-        decoding[PASSES / 2] * 1e6
-    );
+    // The other half of a transcoded call's Opus work: the app's voice is
+    // SILK, as browsers send; decoding the bridge's own packets shows CELT's.
+    let voice_packets = encode(Application::Voip, 1, &signal).0;
+    for (what, packets) in [
+        ("SILK (voice, 1)", &voice_packets),
+        ("CELT (generic, 0)", &bridge_packets),
+    ] {
+        let mut decoding: Vec<f64> = (0..PASSES).map(|_| decode(packets).1).collect();
+        decoding.sort_by(f64::total_cmp);
+        println!(
+            "Decoding the {what} packets at 8 kHz: {:.1} µs per 20 ms frame",
+            decoding[PASSES / 2] * 1e6
+        );
+    }
 }

@@ -238,25 +238,9 @@ fn the_encoder_adds_fec_for_the_loss_it_is_told_of() {
     init();
     let voice = bridge_protocol::tone::voice_like(8000, 2);
     for loss in [0u32, 20] {
-        let mut harness = gst_check::Harness::new("opusvoiceenc");
-        harness
-            .set_src_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=8000,channels=1");
-        harness
-            .element()
-            .unwrap()
-            .set_property("packet-loss-percentage", loss);
-        for (index, frame) in voice.chunks_exact(FRAME).enumerate() {
-            let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
-            let mut buffer = gst::Buffer::from_slice(bytes);
-            let b = buffer.get_mut().unwrap();
-            b.set_pts(gst::ClockTime::from_mseconds(20 * index as u64));
-            b.set_duration(gst::ClockTime::from_mseconds(20));
-            harness.push(buffer).unwrap();
-        }
-        let mut packets = Vec::new();
-        while let Some(buffer) = harness.try_pull() {
-            packets.push(buffer.map_readable().unwrap().to_vec());
-        }
+        let packets = encode_voice(&voice, |encoder| {
+            encoder.set_property("packet-loss-percentage", loss)
+        });
         let reference = decode_plain(&packets, None, false);
         let lost = loudest(&reference);
         let range = lost * FRAME..(lost + 1) * FRAME;
@@ -275,6 +259,53 @@ fn the_encoder_adds_fec_for_the_loss_it_is_told_of() {
             );
         }
     }
+}
+
+/// `voice` (8 kHz) through an `opusvoiceenc` set up by `configure`: its packets.
+fn encode_voice(voice: &[i16], configure: impl Fn(&gst::Element)) -> Vec<Vec<u8>> {
+    let mut harness = gst_check::Harness::new("opusvoiceenc");
+    harness.set_src_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=8000,channels=1");
+    configure(&harness.element().unwrap());
+    for (index, frame) in voice.chunks_exact(FRAME).enumerate() {
+        let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut buffer = gst::Buffer::from_slice(bytes);
+        let b = buffer.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_mseconds(20 * index as u64));
+        b.set_duration(gst::ClockTime::from_mseconds(20));
+        harness.push(buffer).unwrap();
+    }
+    let mut packets = Vec::new();
+    while let Some(buffer) = harness.try_pull() {
+        packets.push(buffer.map_readable().unwrap().to_vec());
+    }
+    packets
+}
+
+/// Whether an Opus packet is coded in SILK alone (TOC configs 0–11, RFC 6716, 3.1).
+fn is_silk(packet: &[u8]) -> bool {
+    packet.first().is_some_and(|toc| toc >> 3 < 12)
+}
+
+/// The bridge's setting (`generic`) codes a phone's voice in CELT, the
+/// cheaper mode here, and moves to SILK, the mode with in-band FEC, once
+/// the receiver reports loss; `voice` keeps SILK.
+#[test]
+fn generic_codes_voice_in_celt_and_moves_to_silk_under_loss() {
+    init();
+    let voice = bridge_protocol::tone::voice_like(8000, 2);
+    let silk_share = |audio_type: &str, loss: u32| {
+        let packets = encode_voice(&voice, |encoder| {
+            encoder.set_property_from_str("audio-type", audio_type);
+            encoder.set_property("complexity", 0u32);
+            encoder.set_property("packet-loss-percentage", loss);
+        });
+        assert_eq!(packets.len(), voice.len() / FRAME, "a packet per 20 ms");
+        packets.iter().filter(|p| is_silk(p)).count() * 100 / packets.len()
+    };
+    assert_eq!(silk_share("generic", 0), 0, "generic, no loss: CELT");
+    assert_eq!(silk_share("generic", 20), 100, "generic, 20 % loss: SILK");
+    assert_eq!(silk_share("voice", 0), 100, "voice: SILK");
+    assert_eq!(silk_share("restricted-lowdelay", 20), 0, "CELT only");
 }
 
 /// The energy of `decoded` less `reference` over `range`.

@@ -160,9 +160,11 @@ pub const COMMON_ELEMENTS: &[&str] = &[
 
 /// `opusvoiceenc complexity` unless configured. Voice that came through a
 /// phone codec loses nothing measurable below the top of the range, and the
-/// encoder is most of a transcoded call's CPU: at 1 an encode costs half of
-/// what it does at 5, a third of 10 (`cargo bench --bench opus_complexity`).
-pub const DEFAULT_OPUS_COMPLEXITY: u32 = 1;
+/// encoder is most of a transcoded call's CPU: at 0 (in the CELT mode the
+/// bridge's encoder codes voice in, `audio-type=generic`) an encode costs
+/// about 60 % of what it does at 1 and a third of 5, with the spectrum as
+/// close (`cargo bench --bench opus_complexity`).
+pub const DEFAULT_OPUS_COMPLEXITY: u32 = 0;
 
 /// Seconds without RTP before a call is ended.
 pub const DEFAULT_RTP_TIMEOUT_MS: u32 = 30_000;
@@ -369,7 +371,7 @@ impl CallMedia {
                     // encoder's rate: nothing to convert either way.
                     format!(
                         "{receiver} ! {} ! {} ! audio/x-raw,format=S16LE,rate={rate},channels=1 \
-                           ! {split_phone}volume name=to_app ! opusvoiceenc complexity={complexity} ! rtpopuspay pt=111 ! {app_sink} \
+                           ! {split_phone}volume name=to_app ! opusvoiceenc audio-type=generic complexity={complexity} ! rtpopuspay pt=111 ! {app_sink} \
                          {app_src} ! rtpopusdepay ! opusvoicedec plc=true ! {split_app}{encode_for_phone} ! {to_phone} {record}",
                         chain.depayloader, chain.decoder,
                     )

@@ -5,14 +5,14 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_audio::prelude::*;
 use gst_audio::subclass::prelude::*;
-use opusic_c::{Application, Bitrate, Encoder, InbandFec};
+use opusic_c::{Bitrate, Encoder, InbandFec};
 
 use crate::CAT;
-use crate::opus_voice::{MaxBandwidth, channels, opus_caps, pcm_caps, sample_rate};
+use crate::opus_voice::{AudioType, MaxBandwidth, channels, opus_caps, pcm_caps, sample_rate};
 
 const DEFAULT_COMPLEXITY: u32 = 5;
 const DEFAULT_FRAME_SIZE_MS: u32 = 20;
-/// Beyond what SILK uses for narrowband voice, short of switching to CELT.
+/// Enough for narrowband voice in CELT or SILK; wider bands in CELT.
 const DEFAULT_BITRATE: u32 = 32_000;
 const MIN_BITRATE: u32 = 6_000;
 const MAX_BITRATE: u32 = 510_000;
@@ -21,6 +21,7 @@ const MAX_PACKET: usize = 1500;
 
 #[derive(Debug, Clone, Copy)]
 struct Settings {
+    audio_type: AudioType,
     complexity: u32,
     frame_size_ms: u32,
     bitrate: u32,
@@ -31,6 +32,7 @@ struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            audio_type: AudioType::default(),
             complexity: DEFAULT_COMPLEXITY,
             frame_size_ms: DEFAULT_FRAME_SIZE_MS,
             bitrate: DEFAULT_BITRATE,
@@ -66,6 +68,11 @@ impl ObjectImpl for OpusVoiceEnc {
     fn properties() -> &'static [glib::ParamSpec] {
         static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             vec![
+                glib::ParamSpecEnum::builder_with_default("audio-type", AudioType::default())
+                    .nick("Audio type")
+                    .blurb("How libopus picks its mode: generic (CELT while the bitrate affords it, SILK with FEC under loss), voice (SILK) or restricted-lowdelay (CELT only)")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("complexity")
                     .nick("Complexity")
                     .blurb("Encoder effort, 0 (least CPU) to 10 (best quality); each step down saves CPU per call")
@@ -109,6 +116,7 @@ impl ObjectImpl for OpusVoiceEnc {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut settings = self.settings.lock().unwrap();
         match pspec.name() {
+            "audio-type" => settings.audio_type = value.get().unwrap(),
             "complexity" => settings.complexity = value.get().unwrap(),
             "frame-size" => {
                 let ms: u32 = value.get().unwrap();
@@ -145,6 +153,7 @@ impl ObjectImpl for OpusVoiceEnc {
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let settings = self.settings.lock().unwrap();
         match pspec.name() {
+            "audio-type" => settings.audio_type.to_value(),
             "complexity" => settings.complexity.to_value(),
             "frame-size" => settings.frame_size_ms.to_value(),
             "bitrate" => settings.bitrate.to_value(),
@@ -213,7 +222,7 @@ impl AudioEncoderImpl for OpusVoiceEnc {
         else {
             return Err(gst::loggable_error!(CAT, "Opus cannot encode {info:?}"));
         };
-        let mut encoder = Encoder::new(channel_count, rate, Application::Voip)
+        let mut encoder = Encoder::new(channel_count, rate, settings.audio_type.into())
             .map_err(|e| gst::loggable_error!(CAT, "libopus: no encoder ({e:?})"))?;
         encoder
             .set_complexity(settings.complexity as u8)
