@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use bridge_protocol::opus_fmtp::packet_mode;
 use opusic_c::{Application, Bitrate, Channels, Decoder, Encoder, SampleRate};
 
 const RATE: usize = 8000;
@@ -118,16 +119,10 @@ fn audio_type(application: Application) -> &'static str {
     }
 }
 
-/// The modes of the packets, by their TOC bytes (RFC 6716, 3.1).
+/// The modes the packets were coded in.
 fn modes(packets: &[Vec<u8>]) -> String {
     let mut seen: Vec<&str> = Vec::new();
-    for packet in packets {
-        let mode = match packet.first().map(|toc| toc >> 3) {
-            Some(0..=11) => "SILK",
-            Some(12..=15) => "hybrid",
-            Some(_) => "CELT",
-            None => continue,
-        };
+    for mode in packets.iter().filter_map(|p| packet_mode(p)) {
         if !seen.contains(&mode) {
             seen.push(mode);
         }

@@ -4,7 +4,7 @@
 
 mod codecs;
 
-use bridge_protocol::opus_fmtp::packet_bandwidth;
+use bridge_protocol::opus_fmtp::{packet_bandwidth, packet_mode};
 use bridge_protocol::tone::{dominant_frequency, rms};
 use codecs::{init, run, samples};
 use gst::prelude::*;
@@ -281,11 +281,6 @@ fn encode_voice(voice: &[i16], configure: impl Fn(&gst::Element)) -> Vec<Vec<u8>
     packets
 }
 
-/// Whether an Opus packet is coded in SILK alone (TOC configs 0–11, RFC 6716, 3.1).
-fn is_silk(packet: &[u8]) -> bool {
-    packet.first().is_some_and(|toc| toc >> 3 < 12)
-}
-
 /// The bridge's setting (`generic`) codes a phone's voice in CELT, the
 /// cheaper mode here, and moves to SILK, the mode with in-band FEC, once
 /// the receiver reports loss; `voice` keeps SILK.
@@ -300,7 +295,12 @@ fn generic_codes_voice_in_celt_and_moves_to_silk_under_loss() {
             encoder.set_property("packet-loss-percentage", loss);
         });
         assert_eq!(packets.len(), voice.len() / FRAME, "a packet per 20 ms");
-        packets.iter().filter(|p| is_silk(p)).count() * 100 / packets.len()
+        packets
+            .iter()
+            .filter(|p| packet_mode(p) == Some("SILK"))
+            .count()
+            * 100
+            / packets.len()
     };
     assert_eq!(silk_share("generic", 0), 0, "generic, no loss: CELT");
     assert_eq!(silk_share("generic", 20), 100, "generic, 20 % loss: SILK");

@@ -106,6 +106,16 @@ pub fn packet_bandwidth(packet: &[u8]) -> Option<&'static str> {
     })
 }
 
+/// The coding mode of an Opus packet (SILK, hybrid or CELT), from its TOC
+/// byte (RFC 6716 §3.1).
+pub fn packet_mode(packet: &[u8]) -> Option<&'static str> {
+    Some(match packet.first()? >> 3 {
+        0..=11 => "SILK",
+        12..=15 => "hybrid",
+        _ => "CELT",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +155,14 @@ mod tests {
         assert_eq!(packet_bandwidth(&[9 << 3 | 0b100]), Some("wideband"));
         assert_eq!(packet_bandwidth(&[31 << 3]), Some("fullband"));
         assert_eq!(packet_bandwidth(&[]), None);
+    }
+
+    #[test]
+    fn packets_tell_their_mode() {
+        assert_eq!(packet_mode(&[1 << 3]), Some("SILK"));
+        assert_eq!(packet_mode(&[13 << 3]), Some("hybrid"));
+        assert_eq!(packet_mode(&[16 << 3]), Some("CELT"));
+        assert_eq!(packet_mode(&[]), None);
     }
 
     #[test]

@@ -160,10 +160,11 @@ pub const COMMON_ELEMENTS: &[&str] = &[
 
 /// `opusvoiceenc complexity` unless configured. Voice that came through a
 /// phone codec loses nothing measurable below the top of the range, and the
-/// encoder is most of a transcoded call's CPU: at 0 (in the CELT mode the
-/// bridge's encoder codes voice in, `audio-type=generic`) an encode costs
-/// about 60 % of what it does at 1 and a third of 5, with the spectrum as
-/// close (`cargo bench --bench opus_complexity`).
+/// encoder is most of a transcoded call's CPU: at 0, in the CELT mode the
+/// bridge's encoder codes voice in (`audio-type=generic`), an encode costs
+/// three quarters of what it does at 1 and under half of 5, with the
+/// spectrum as close, and 60 % of SILK's at 1 (`cargo bench --bench
+/// opus_complexity`).
 pub const DEFAULT_OPUS_COMPLEXITY: u32 = 0;
 
 /// Seconds without RTP before a call is ended.

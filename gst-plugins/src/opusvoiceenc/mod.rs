@@ -1,7 +1,8 @@
 //! `opusvoiceenc`: Opus encoder for calls, on the libopus built into the
 //! plugin. It takes audio at the source's own rate (8 to 48 kHz, so a phone
-//! codec's audio is never resampled on its way), tuned for voice, with a
-//! complexity that trades quality for CPU per call. Feeds `rtpopuspay`.
+//! codec's audio is never resampled on its way), in the mode its
+//! `audio-type` asks for, with a complexity that trades quality for CPU per
+//! call. Feeds `rtpopuspay`.
 
 use gst::glib;
 use gst::prelude::*;
