@@ -78,8 +78,8 @@ impl From<MaxBandwidth> for Bandwidth {
 /// voice at the bridge's 32 kbit/s, `generic` codes in CELT, which costs
 /// about 60 % of SILK's CPU here and keeps the spectrum as close (`cargo
 /// bench --bench opus_complexity`), and moves to SILK, which carries
-/// in-band FEC, when the receiver reports more than 5 % loss or the bitrate
-/// falls; `voice` keeps SILK at any bitrate.
+/// in-band FEC, when the receiver reports loss (`packet-loss-percentage`
+/// above 0) or the bitrate falls; `voice` keeps SILK at any bitrate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
 #[enum_type(name = "GstOpusVoiceAudioType")]
 pub enum AudioType {

@@ -237,7 +237,7 @@ fn loudest(decoded: &[i16]) -> usize {
 fn the_encoder_adds_fec_for_the_loss_it_is_told_of() {
     init();
     let voice = bridge_protocol::tone::voice_like(8000, 2);
-    for loss in [0u32, 20] {
+    for loss in [0u32, 1, 20] {
         let packets = encode_voice(&voice, |encoder| {
             encoder.set_property("packet-loss-percentage", loss)
         });
@@ -263,10 +263,24 @@ fn the_encoder_adds_fec_for_the_loss_it_is_told_of() {
 
 /// `voice` (8 kHz) through an `opusvoiceenc` set up by `configure`: its packets.
 fn encode_voice(voice: &[i16], configure: impl Fn(&gst::Element)) -> Vec<Vec<u8>> {
+    encode_voice_changing(voice, configure, |_| {})
+}
+
+/// As `encode_voice`, with `change` made to the running encoder halfway.
+fn encode_voice_changing(
+    voice: &[i16],
+    configure: impl Fn(&gst::Element),
+    change: impl Fn(&gst::Element),
+) -> Vec<Vec<u8>> {
     let mut harness = gst_check::Harness::new("opusvoiceenc");
     harness.set_src_caps_str("audio/x-raw,format=S16LE,layout=interleaved,rate=8000,channels=1");
-    configure(&harness.element().unwrap());
+    let encoder = harness.element().unwrap();
+    configure(&encoder);
+    let frames = voice.len() / FRAME;
     for (index, frame) in voice.chunks_exact(FRAME).enumerate() {
+        if index == frames / 2 {
+            change(&encoder);
+        }
         let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
         let mut buffer = gst::Buffer::from_slice(bytes);
         let b = buffer.get_mut().unwrap();
@@ -303,9 +317,51 @@ fn generic_codes_voice_in_celt_and_moves_to_silk_under_loss() {
             / packets.len()
     };
     assert_eq!(silk_share("generic", 0), 0, "generic, no loss: CELT");
+    assert_eq!(silk_share("generic", 1), 100, "generic, 1 % loss: SILK");
     assert_eq!(silk_share("generic", 20), 100, "generic, 20 % loss: SILK");
     assert_eq!(silk_share("voice", 0), 100, "voice: SILK");
     assert_eq!(silk_share("restricted-lowdelay", 20), 0, "CELT only");
+}
+
+/// The mode follows the receiver's reports while the call runs: SILK
+/// (with FEC) from the first report of loss, CELT again once there is none.
+#[test]
+fn generic_follows_the_reported_loss_both_ways() {
+    init();
+    let voice = bridge_protocol::tone::voice_like(8000, 2);
+    let modes = |from: u32, to: u32| -> Vec<Option<&'static str>> {
+        let packets = encode_voice_changing(
+            &voice,
+            |encoder| {
+                encoder.set_property("complexity", 0u32);
+                encoder.set_property("packet-loss-percentage", from);
+            },
+            |encoder| encoder.set_property("packet-loss-percentage", to),
+        );
+        packets.iter().map(|p| packet_mode(p)).collect()
+    };
+    // libopus smooths a mode change over a frame or two.
+    let settled =
+        |modes: &[Option<&'static str>], mode| modes[2..].iter().all(|m| *m == Some(mode));
+    let lossy_then_clean = modes(2, 0);
+    let half = lossy_then_clean.len() / 2;
+    assert!(
+        settled(&lossy_then_clean[..half], "SILK"),
+        "{lossy_then_clean:?}"
+    );
+    assert!(
+        settled(&lossy_then_clean[half..], "CELT"),
+        "{lossy_then_clean:?}"
+    );
+    let clean_then_lossy = modes(0, 2);
+    assert!(
+        settled(&clean_then_lossy[..half], "CELT"),
+        "{clean_then_lossy:?}"
+    );
+    assert!(
+        settled(&clean_then_lossy[half..], "SILK"),
+        "{clean_then_lossy:?}"
+    );
 }
 
 /// The energy of `decoded` less `reference` over `range`.

@@ -5,7 +5,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_audio::prelude::*;
 use gst_audio::subclass::prelude::*;
-use opusic_c::{Bitrate, Encoder, InbandFec};
+use opusic_c::{Bitrate, Encoder, InbandFec, Signal};
 
 use crate::CAT;
 use crate::opus_voice::{AudioType, MaxBandwidth, channels, opus_caps, pcm_caps, sample_rate};
@@ -70,7 +70,7 @@ impl ObjectImpl for OpusVoiceEnc {
             vec![
                 glib::ParamSpecEnum::builder_with_default("audio-type", AudioType::default())
                     .nick("Audio type")
-                    .blurb("How libopus picks its mode: generic (CELT while the bitrate affords it, SILK with FEC under loss), voice (SILK) or restricted-lowdelay (CELT only)")
+                    .blurb("How libopus picks its mode: generic (CELT while the bitrate affords it, SILK with FEC under any loss), voice (SILK) or restricted-lowdelay (CELT only)")
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("complexity")
@@ -178,14 +178,18 @@ impl OpusVoiceEnc {
     }
 }
 
-/// In-band FEC on while the receiver reports loss, sized to it.
+/// In-band FEC on while the receiver reports loss, sized to it. FEC is
+/// SILK's: told the signal is voice, libopus moves `generic` to SILK at
+/// any loss, where it would wait for more than 5 % (its guess that the
+/// signal may be music), and back to CELT once the loss is gone.
 fn expect_loss(encoder: &mut Encoder, percent: u32) -> Result<(), opusic_c::ErrorCode> {
-    let fec = if percent > 0 {
-        InbandFec::Mode1
+    let (fec, signal) = if percent > 0 {
+        (InbandFec::Mode1, Signal::Voice)
     } else {
-        InbandFec::Off
+        (InbandFec::Off, Signal::Auto)
     };
     encoder.set_inband_fec(fec)?;
+    encoder.set_signal(signal)?;
     encoder.set_packet_loss(percent.min(100) as u8)
 }
 
