@@ -113,7 +113,9 @@ async fn the_shared_stack_answers_a_webrtcbin_peer_and_gets_narrowband() {
 
 /// The shared stack has no jitter buffer: a packet lost on the way (every
 /// tenth, dropped after the caller numbered it) becomes a gap that the
-/// decoder fills, and the callee hears the tone without holes.
+/// decoder fills, and the callee hears the tone without holes. Its
+/// receiver reports the loss, and the webrtcbin caller's Opus encoder is
+/// told of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
     call_between_stacks(
@@ -367,6 +369,19 @@ async fn call_between_stacks(
         .unwrap()
         .property_value("bandwidth");
     let received = webrtc.property::<gst::Structure>("stats");
+    // What the callee's receiver reports of the loss reaches the caller's
+    // encoder (for in-band FEC), on webrtcbin as on the shared stack.
+    let mut loss_told = 0;
+    if let Some(Impairment::LoseEvery(_)) = impairment {
+        let encoder = caller_bin.by_name("encoder").unwrap();
+        for _ in 0..100 {
+            loss_told = encoder.property::<i32>("packet-loss-percentage");
+            if loss_told > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     caller.set_state(gst::State::Null).unwrap();
     callee.set_state(gst::State::Null).unwrap();
     assert_eq!(
@@ -399,9 +414,14 @@ async fn call_between_stacks(
             "{received}"
         );
     }
-    if let Some(Impairment::LoseEvery(_)) = impairment {
+    if let Some(Impairment::LoseEvery(every)) = impairment {
         let lost = lost.load(Ordering::Relaxed);
         assert!(lost >= 5, "only {lost} packets were dropped");
+        let dropped = 100 / every as i32;
+        assert!(
+            (dropped / 2..=dropped * 2).contains(&loss_told),
+            "the caller's encoder was told of {loss_told} % loss, not about {dropped} %"
+        );
         // What was heard covers the time it spans: each loss was filled.
         let (first, last) = (timeline[0], timeline[timeline.len() - 1]);
         let span = last.0 + last.1 - first.0;

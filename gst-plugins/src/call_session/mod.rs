@@ -963,6 +963,13 @@ impl CallSession {
         audio.map(|s| s.feedback.clone()).collect()
     }
 
+    /// The SSRCs the audio senders' streams go out with.
+    fn audio_ssrcs(&self) -> Vec<u32> {
+        let inner = self.inner.lock().unwrap();
+        let audio = inner.senders.iter().filter(|s| s.kind == MediaKind::Audio);
+        audio.map(|s| s.ssrc).collect()
+    }
+
     async fn transport_offer(self: &Arc<Self>) -> Result<String, String> {
         if let Some(peer) = self.shared_peer() {
             let (send, receive) = {
@@ -1236,9 +1243,13 @@ impl CallSession {
         stats
     }
 
+    /// Polls webrtcbin's statistics each second: the summary `stats`
+    /// gives, and the audio loss the peer's receiver reports, passed on to
+    /// the audio senders' encoders as the shared stack does.
     fn poll_stats(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         crate::RUNTIME.spawn(async move {
+            let mut told_loss = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(session) = weak.upgrade() else {
@@ -1246,6 +1257,13 @@ impl CallSession {
                 };
                 let Some(bin) = session.bin() else { return };
                 if let Ok(stats) = bin.promise_stats().await {
+                    let loss = reported_loss(&stats, &session.audio_ssrcs());
+                    if loss.is_some() && loss != told_loss {
+                        told_loss = loss;
+                        for sender in session.audio_senders() {
+                            sender.packet_loss(loss.unwrap_or_default());
+                        }
+                    }
                     let now = std::time::Instant::now();
                     let mut summary = summarize_webrtc_stats(&stats);
                     let mut last = session.last_stats.lock().unwrap();
@@ -1461,6 +1479,23 @@ fn summarize_webrtc_stats(webrtc: &gst::Structure) -> gst::Structure {
         .field("jitter-ms", jitter * 1000.0)
         .field("rtt-ms", rtt)
         .build()
+}
+
+/// The loss (percent) the peer's last receiver report gives for the worst
+/// of the streams going out with `ssrcs`, from webrtcbin's statistics;
+/// `None` before any report.
+fn reported_loss(webrtc: &gst::Structure, ssrcs: &[u32]) -> Option<u32> {
+    webrtc
+        .iter()
+        .filter_map(|(_, value)| value.get::<gst::Structure>().ok())
+        .filter(|s| {
+            s.get::<gst_webrtc::WebRTCStatsType>("type")
+                == Ok(gst_webrtc::WebRTCStatsType::RemoteInboundRtp)
+                && s.get::<u32>("ssrc").is_ok_and(|ssrc| ssrcs.contains(&ssrc))
+        })
+        .filter_map(|s| s.get::<f64>("fraction-lost").ok())
+        .map(|fraction| (fraction.clamp(0.0, 1.0) * 100.0).round() as u32)
+        .max()
 }
 
 /// `send-bitrate` and `receive-bitrate` (bit/s) over the `elapsed` time
