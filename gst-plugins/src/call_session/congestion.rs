@@ -3,6 +3,8 @@
 //! (Google Congestion Control, from gst-plugins-rs) reading those reports
 //! inside webrtcbin, and its estimate shared out among the call's encoders.
 
+use std::time::{Duration, Instant};
+
 use gst::glib;
 use gst::prelude::*;
 
@@ -16,6 +18,42 @@ const MIN_BITRATE: u32 = 16_000;
 /// Bitrate assumed before the first feedback (the estimator's own start
 /// point is 2 Mbit/s, more than a phone call ever needs).
 const START_BITRATE: u32 = 1_000_000;
+
+/// How long the encoders keep some in-band FEC after the peer's receiver
+/// last reported loss: a lossy network seldom loses in every report's
+/// interval, and each change of Opus mode between CELT and SILK is heard.
+const LOSS_HOLD: Duration = Duration::from_secs(10);
+
+/// The loss (percent) the encoders are told, from the peer's receiver
+/// reports: more at once; none only after `LOSS_HOLD` of clean reports,
+/// with the least FEC (1 %) meanwhile.
+#[derive(Debug, Default)]
+pub struct LossReports {
+    told: u32,
+    last_loss_at: Option<Instant>,
+}
+
+impl LossReports {
+    /// Takes a report of `percent` lost; returns what the encoders are to
+    /// be told, when it changes.
+    pub fn report(&mut self, percent: u32, now: Instant) -> Option<u32> {
+        let tell = if percent > 0 {
+            self.last_loss_at = Some(now);
+            percent
+        } else if self
+            .last_loss_at
+            .is_some_and(|at| now.duration_since(at) < LOSS_HOLD)
+        {
+            1
+        } else {
+            0
+        };
+        (tell != self.told).then(|| {
+            self.told = tell;
+            tell
+        })
+    }
+}
 
 /// The caps of a stream we send, announcing the transport-wide-cc header
 /// extension under the first free id (or the one already there), and the
@@ -277,6 +315,23 @@ fn write_integer(element: &gst::Element, property: &str, value: u32) {
 mod tests {
     use super::*;
     use gst_rtp::prelude::*;
+
+    #[test]
+    fn loss_is_told_at_once_and_forgotten_only_after_clean_reports() {
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut reports = LossReports::default();
+        assert_eq!(reports.report(0, at(0)), None, "clean from the start");
+        assert_eq!(reports.report(3, at(1)), Some(3), "loss told at once");
+        assert_eq!(reports.report(3, at(2)), None, "the same loss again");
+        assert_eq!(reports.report(12, at(3)), Some(12), "more at once");
+        assert_eq!(reports.report(2, at(4)), Some(2), "less at once");
+        assert_eq!(reports.report(0, at(5)), Some(1), "the least FEC kept");
+        assert_eq!(reports.report(0, at(13)), None);
+        assert_eq!(reports.report(0, at(14)), Some(0), "clean for 10 s");
+        assert_eq!(reports.report(0, at(15)), None);
+        assert_eq!(reports.report(1, at(16)), Some(1), "lossy again");
+    }
 
     /// `audiotestsrc ! {encoder} bitrate=48000 ! rtpopuspay ! fakesink`, and
     /// the control of its encoder, found from the sink.

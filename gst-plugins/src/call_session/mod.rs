@@ -280,6 +280,7 @@ pub struct CallSession {
     listeners: Mutex<Vec<(u64, DescriptionListener)>>,
     /// The congestion controller's latest estimate (bit/s; 0 before one).
     estimated_bitrate: AtomicU32,
+    reported_loss: Mutex<congestion::LossReports>,
 }
 
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<CallSession>>>> =
@@ -319,6 +320,7 @@ impl CallSession {
             streams_known: tokio::sync::watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
             estimated_bitrate: AtomicU32::new(0),
+            reported_loss: Mutex::default(),
         })
     }
 
@@ -455,11 +457,7 @@ impl CallSession {
             PeerEvent::Connected => gst::info!(CAT, "call {} connected", self.name),
             PeerEvent::Frame(frame) => self.deliver_frame(frame),
             PeerEvent::Failed(reason) => self.end(CallEnd::from(reason)),
-            PeerEvent::RemoteLoss(percent) => {
-                for sender in self.audio_senders() {
-                    sender.packet_loss(percent);
-                }
-            }
+            PeerEvent::RemoteLoss(percent) => self.on_reported_loss(percent),
         }
     }
 
@@ -956,6 +954,22 @@ impl CallSession {
         }
     }
 
+    /// The peer's receiver reports `percent` of the audio lost: the audio
+    /// senders' encoders add in-band FEC for it (held a while after the
+    /// loss is gone: `LossReports`).
+    fn on_reported_loss(&self, percent: u32) {
+        let told = self
+            .reported_loss
+            .lock()
+            .unwrap()
+            .report(percent, std::time::Instant::now());
+        if let Some(percent) = told {
+            for sender in self.audio_senders() {
+                sender.packet_loss(percent);
+            }
+        }
+    }
+
     /// What steers each audio sender's encoder.
     fn audio_senders(&self) -> Vec<Arc<dyn SenderFeedback>> {
         let inner = self.inner.lock().unwrap();
@@ -1249,7 +1263,6 @@ impl CallSession {
     fn poll_stats(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         crate::RUNTIME.spawn(async move {
-            let mut told_loss = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(session) = weak.upgrade() else {
@@ -1257,12 +1270,8 @@ impl CallSession {
                 };
                 let Some(bin) = session.bin() else { return };
                 if let Ok(stats) = bin.promise_stats().await {
-                    let loss = reported_loss(&stats, &session.audio_ssrcs());
-                    if loss.is_some() && loss != told_loss {
-                        told_loss = loss;
-                        for sender in session.audio_senders() {
-                            sender.packet_loss(loss.unwrap_or_default());
-                        }
+                    if let Some(percent) = reported_loss(&stats, &session.audio_ssrcs()) {
+                        session.on_reported_loss(percent);
                     }
                     let now = std::time::Instant::now();
                     let mut summary = summarize_webrtc_stats(&stats);

@@ -115,8 +115,8 @@ pub enum PeerEvent {
     Frame(Frame),
     /// ICE or DTLS failed, or the connection was lost.
     Failed(String),
-    /// The peer's receiver reports now put the audio lost at this percent
-    /// (told when it changes).
+    /// The peer's receiver reports put the audio lost at this percent
+    /// (told with each second's statistics).
     RemoteLoss(u32),
 }
 
@@ -228,7 +228,6 @@ impl SharedPeer {
             first_sequence: None,
             rates_from: None,
             give_up_at: None,
-            reported_loss: None,
             stun_server,
         };
         let task = media_loop.spawn(task.run(received));
@@ -360,8 +359,6 @@ struct PeerTask {
     rates_from: Option<(Instant, u64, u64)>,
     /// While connecting, or after the connection was lost: when to give up.
     give_up_at: Option<(Instant, &'static str)>,
-    /// The audio lost by the peer's last receiver reports, in percent.
-    reported_loss: Option<u32>,
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
 }
@@ -605,9 +602,7 @@ impl PeerTask {
             Event::MediaEgressStats(egress) => {
                 if let Some(loss) = egress.loss {
                     let percent = (loss.clamp(0.0, 1.0) * 100.0).round() as u32;
-                    if self.reported_loss.replace(percent) != Some(percent) {
-                        (self.events)(PeerEvent::RemoteLoss(percent));
-                    }
+                    (self.events)(PeerEvent::RemoteLoss(percent));
                 }
             }
             Event::MediaIngressStats(ingress) => {
