@@ -329,7 +329,10 @@ fn generic_codes_voice_in_celt_and_moves_to_silk_under_loss() {
 fn generic_follows_the_reported_loss_both_ways() {
     init();
     let voice = bridge_protocol::tone::voice_like(8000, 2);
-    let modes = |from: u32, to: u32| -> Vec<Option<&'static str>> {
+    // The modes of the packets with `from` % loss reported, then `to`:
+    // `before`, then `after`, once libopus has smoothed each change over a
+    // frame or two.
+    let follows = |from: u32, to: u32, before: &str, after: &str| {
         let packets = encode_voice_changing(
             &voice,
             |encoder| {
@@ -338,30 +341,17 @@ fn generic_follows_the_reported_loss_both_ways() {
             },
             |encoder| encoder.set_property("packet-loss-percentage", to),
         );
-        packets.iter().map(|p| packet_mode(p)).collect()
+        let modes: Vec<_> = packets.iter().map(|p| packet_mode(p)).collect();
+        let (first, second) = modes.split_at(modes.len() / 2);
+        for (half, mode) in [(first, before), (second, after)] {
+            assert!(
+                half[2..].iter().all(|m| *m == Some(mode)),
+                "{from} % then {to} % loss: {modes:?}"
+            );
+        }
     };
-    // libopus smooths a mode change over a frame or two.
-    let settled =
-        |modes: &[Option<&'static str>], mode| modes[2..].iter().all(|m| *m == Some(mode));
-    let lossy_then_clean = modes(2, 0);
-    let half = lossy_then_clean.len() / 2;
-    assert!(
-        settled(&lossy_then_clean[..half], "SILK"),
-        "{lossy_then_clean:?}"
-    );
-    assert!(
-        settled(&lossy_then_clean[half..], "CELT"),
-        "{lossy_then_clean:?}"
-    );
-    let clean_then_lossy = modes(0, 2);
-    assert!(
-        settled(&clean_then_lossy[..half], "CELT"),
-        "{clean_then_lossy:?}"
-    );
-    assert!(
-        settled(&clean_then_lossy[half..], "SILK"),
-        "{clean_then_lossy:?}"
-    );
+    follows(2, 0, "SILK", "CELT");
+    follows(0, 2, "CELT", "SILK");
 }
 
 /// The energy of `decoded` less `reference` over `range`.

@@ -25,8 +25,9 @@ const START_BITRATE: u32 = 1_000_000;
 const LOSS_HOLD: Duration = Duration::from_secs(10);
 
 /// The loss (percent) the encoders are told, from the peer's receiver
-/// reports: more at once; none only after `LOSS_HOLD` of clean reports,
-/// with the least FEC (1 %) meanwhile.
+/// reports: any change while there is loss at once; once the reports are
+/// clean, the least FEC (1 %) until `LOSS_HOLD` after the last loss, then
+/// none.
 #[derive(Debug, Default)]
 pub struct LossReports {
     told: u32,
