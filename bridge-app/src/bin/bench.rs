@@ -62,6 +62,88 @@ struct Args {
     /// Keep the bridge's log in this file (its level from `RUST_LOG`).
     #[arg(long)]
     bridge_log: Option<PathBuf>,
+    /// Every row of the README's performance table, each run in a fresh
+    /// bench process with calls of `--seconds` (the README's: 30, which
+    /// the 300-call rows need; about a quarter of an hour in all), printed
+    /// as one table.
+    #[arg(long, conflicts_with_all = ["calls", "smoke", "codec", "video", "webrtc_stack", "pacing", "bridge_log"])]
+    table: bool,
+}
+
+/// The README's performance table: each row's scenario and its arguments.
+fn table_rows() -> Vec<(String, Vec<&'static str>)> {
+    let mut rows = Vec::new();
+    for (scenario, codec) in [("PCMU ↔ Opus", "pcmu"), ("Opus passed through", "opus")] {
+        for calls in ["10", "20", "50", "100", "200", "300"] {
+            rows.push((
+                scenario.to_owned(),
+                vec!["--calls", calls, "--codec", codec],
+            ));
+        }
+        rows.push((
+            format!("{scenario}, `--pacing in-step`"),
+            vec!["--calls", "50", "--codec", codec, "--pacing", "in-step"],
+        ));
+    }
+    rows.push((
+        "PCMU ↔ Opus and H.264 ↔ VP8 video, 640×360 at 30 fps (webrtcbin)".to_owned(),
+        vec!["--calls", "1", "--video"],
+    ));
+    rows
+}
+
+/// Runs every row of `table_rows` in a bench process of its own (as the
+/// README's rows were measured: a fresh bridge, sandbox and peers each),
+/// printing each row as it is measured.
+fn run_table(args: &Args) -> anyhow::Result<()> {
+    let bench = std::env::current_exe()?;
+    println!(
+        "| scenario | calls | CPU % of one core per call | RSS per call | threads idle → busy | loss | setup p50 / p99 | latency SIP→WebRTC p50 / p99 | latency WebRTC→SIP p50 / p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let rows = table_rows();
+    let mut failed = 0;
+    for (scenario, row_args) in &rows {
+        let output = Command::new(&bench)
+            .args(row_args)
+            .args([
+                "--seconds",
+                &args.seconds.to_string(),
+                "--opus-complexity",
+                &args.opus_complexity.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run the bench again")?;
+        let report = String::from_utf8_lossy(&output.stdout);
+        match report.lines().find_map(table_cells) {
+            Some(cells) if output.status.success() => {
+                println!("| {scenario} | {} |", cells.join(" | "));
+            }
+            _ => {
+                failed += 1;
+                println!("| {scenario} | failed: {} |", row_args.join(" "));
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} rows failed", rows.len());
+    }
+    Ok(())
+}
+
+/// The README's columns of a run's measured row (all but "answered"),
+/// from the line the bench prints for it.
+fn table_cells(line: &str) -> Option<Vec<&str>> {
+    let cells: Vec<&str> = line
+        .strip_prefix('|')?
+        .strip_suffix('|')?
+        .split('|')
+        .map(str::trim)
+        .collect();
+    // The header and the rule have no number of calls first.
+    cells.first()?.parse::<usize>().ok()?;
+    (cells.len() == 9).then(|| [&cells[..1], &cells[2..]].concat())
 }
 
 const VP8_CAPS: &str = "application/x-rtp,media=(string)video,clock-rate=(int)90000,encoding-name=(string)VP8,payload=(int)96";
@@ -552,6 +634,9 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.table {
+        return run_table(&args);
+    }
     let (calls, seconds) = if args.smoke {
         (args.calls.min(2), args.seconds.min(6))
     } else {
@@ -670,6 +755,12 @@ fn main() -> anyhow::Result<()> {
     });
     // Measure over the middle of the calls, once all are up.
     let window = Duration::from_secs((seconds / 3).max(2));
+    if started.elapsed() + window > Duration::from_secs(seconds) {
+        eprintln!(
+            "warning: the first calls end within the measured {window:?}: \
+             the figures count fewer than {calls} calls (give a longer --seconds)"
+        );
+    }
     let before = sample(pid)?;
     let measured_at = Instant::now();
     std::thread::sleep(window);
@@ -789,6 +880,35 @@ mod tests {
         } else {
             magnitude
         }
+    }
+
+    #[test]
+    fn a_runs_measured_row_gives_the_readme_columns() {
+        let row = "| 300 | 300 | 0.32 % | 0.33 MB | 5 → 6 (+0.0 per call) | 0.00 % | 4 / 8 ms | 0.0 / 6.6 ms | 0.0 / 0.2 ms |";
+        assert_eq!(
+            table_cells(row).unwrap(),
+            [
+                "300",
+                "0.32 %",
+                "0.33 MB",
+                "5 → 6 (+0.0 per call)",
+                "0.00 %",
+                "4 / 8 ms",
+                "0.0 / 6.6 ms",
+                "0.0 / 0.2 ms"
+            ]
+        );
+        assert_eq!(
+            table_cells(
+                "| calls | answered | CPU % of one core per call | RSS per call | threads idle → busy | loss SIP→bridge | setup p50 / p99 | latency SIP→WebRTC p50 / p99 | latency WebRTC→SIP p50 / p99 |"
+            ),
+            None
+        );
+        assert_eq!(table_cells("|---|---|---|---|---|---|---|---|---|"), None);
+        assert_eq!(
+            table_cells("(whole run 46 s; the bridge used 89.5 % of one core)"),
+            None
+        );
     }
 
     #[test]
