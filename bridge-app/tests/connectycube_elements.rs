@@ -128,6 +128,22 @@ async fn packets_lost_on_the_way_to_the_shared_stack_are_concealed() {
     .await;
 }
 
+/// The other way: the shared stack's packets are numbered inside it, so
+/// the test namespace's firewall drops every tenth datagram on the way to
+/// the webrtcbin callee. The callee's receiver reports the loss, and the
+/// shared stack tells the caller's Opus encoder of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_lost_on_the_way_from_the_shared_stack_reach_its_encoder() {
+    call_between_stacks(
+        "shared",
+        "webrtcbin",
+        48_000,
+        Some(Impairment::LoseOnTheWire(10)),
+        None,
+    )
+    .await;
+}
+
 /// webrtcbin's jitter buffer times each packet by when the sender's clock
 /// says it was due: a packet the sender held back (every twentieth, by
 /// 100 ms) would count the sender's delay as the callee's, and the
@@ -180,8 +196,51 @@ async fn a_callee_behind_a_nat_learns_its_public_address_from_a_stun_server() {
 enum Impairment {
     /// Every so many are dropped.
     LoseEvery(u64),
+    /// Every so many datagrams to the callee are dropped by the firewall,
+    /// after the caller's stack numbered them.
+    LoseOnTheWire(u64),
     /// Every so many are held back this long (and what follows behind them).
     DelayEvery(u64, Duration),
+}
+
+/// A firewall table of the test namespace (nftables) that drops every
+/// `every`th UDP datagram sent to `ports`, removed when dropped.
+struct Dropping(String);
+
+impl Dropping {
+    fn start(session: &str, ports: &[&str], every: u64) -> Dropping {
+        let table = format!("lossy_{}", session.replace(['-', ':', '='], "_"));
+        let rules = format!(
+            "add table ip {table}\n\
+             add chain ip {table} output {{ type filter hook output priority 0; }}\n\
+             add rule ip {table} output udp dport {{ {} }} numgen inc mod {every} == 0 drop\n",
+            ports.join(", ")
+        );
+        nft(&rules);
+        Dropping(table)
+    }
+}
+
+impl Drop for Dropping {
+    fn drop(&mut self) {
+        nft(&format!("delete table ip {}\n", self.0));
+    }
+}
+
+fn nft(rules: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (nftables), in the test namespace");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft refused:\n{rules}");
 }
 
 /// Where the test namespace's NAT shows 192.0.2.50 outside.
@@ -212,6 +271,7 @@ async fn call_between_stacks(
     let impaired = match impairment {
         None => "clean",
         Some(Impairment::LoseEvery(_)) => "lossy",
+        Some(Impairment::LoseOnTheWire(_)) => "wire",
         Some(Impairment::DelayEvery(..)) => "late",
     };
     let session = format!("{caller_stack}-{callee_stack}-{playback_rate}-{impaired}-{nat_kind}");
@@ -304,6 +364,17 @@ async fn call_between_stacks(
             vec![raw.user_id],
         )
     };
+    let _firewall = match impairment {
+        Some(Impairment::LoseOnTheWire(every)) => {
+            // `a=candidate:<foundation> <component> udp <priority> <address> <port> ...`
+            let ports: std::collections::BTreeSet<&str> = candidates
+                .iter()
+                .filter_map(|line| line.split(' ').nth(5))
+                .collect();
+            Some(Dropping::start(&session, &Vec::from_iter(ports), every))
+        }
+        _ => None,
+    };
     let mut early = reply(SignalType::IceCandidates);
     early.candidates = candidates
         .iter()
@@ -372,7 +443,7 @@ async fn call_between_stacks(
     // What the callee's receiver reports of the loss reaches the caller's
     // encoder (for in-band FEC), on webrtcbin as on the shared stack.
     let mut loss_told = 0;
-    if let Some(Impairment::LoseEvery(_)) = impairment {
+    if let Some(Impairment::LoseEvery(_) | Impairment::LoseOnTheWire(_)) = impairment {
         let encoder = caller_bin.by_name("encoder").unwrap();
         for _ in 0..100 {
             loss_told = encoder.property::<i32>("packet-loss-percentage");
@@ -414,14 +485,16 @@ async fn call_between_stacks(
             "{received}"
         );
     }
-    if let Some(Impairment::LoseEvery(every)) = impairment {
-        let lost = lost.load(Ordering::Relaxed);
-        assert!(lost >= 5, "only {lost} packets were dropped");
+    if let Some(Impairment::LoseEvery(every) | Impairment::LoseOnTheWire(every)) = impairment {
         let dropped = 100 / every as i32;
         assert!(
             (dropped / 2..=dropped * 2).contains(&loss_told),
             "the caller's encoder was told of {loss_told} % loss, not about {dropped} %"
         );
+    }
+    if let Some(Impairment::LoseEvery(_)) = impairment {
+        let lost = lost.load(Ordering::Relaxed);
+        assert!(lost >= 5, "only {lost} packets were dropped");
         // What was heard covers the time it spans: each loss was filled.
         let (first, last) = (timeline[0], timeline[timeline.len() - 1]);
         let span = last.0 + last.1 - first.0;
