@@ -24,6 +24,11 @@ const START_BITRATE: u32 = 1_000_000;
 /// interval, and each change of Opus mode between CELT and SILK is heard.
 const LOSS_HOLD: Duration = Duration::from_secs(10);
 
+/// A receiver report's fraction lost (RTCP's 0 to 1), in whole percent.
+pub fn loss_percent(fraction: f64) -> u32 {
+    (fraction.clamp(0.0, 1.0) * 100.0).round() as u32
+}
+
 /// The loss (percent) the encoders are told, from the peer's receiver
 /// reports: any change while there is loss at once; once the reports are
 /// clean, the least FEC (1 %) until `LOSS_HOLD` after the last loss, then

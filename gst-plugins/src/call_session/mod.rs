@@ -1503,7 +1503,7 @@ fn reported_loss(webrtc: &gst::Structure, ssrcs: &[u32]) -> Option<u32> {
                 && s.get::<u32>("ssrc").is_ok_and(|ssrc| ssrcs.contains(&ssrc))
         })
         .filter_map(|s| s.get::<f64>("fraction-lost").ok())
-        .map(|fraction| (fraction.clamp(0.0, 1.0) * 100.0).round() as u32)
+        .map(congestion::loss_percent)
         .max()
 }
 

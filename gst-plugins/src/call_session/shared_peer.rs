@@ -24,6 +24,7 @@ use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
+use super::congestion::loss_percent;
 use super::crypto::CRYPTO;
 
 /// One DTLS certificate for all calls: making a key costs milliseconds of
@@ -601,7 +602,7 @@ impl PeerTask {
             }
             Event::MediaEgressStats(egress) => {
                 if let Some(loss) = egress.loss {
-                    let percent = (loss.clamp(0.0, 1.0) * 100.0).round() as u32;
+                    let percent = loss_percent(loss.into());
                     (self.events)(PeerEvent::RemoteLoss(percent));
                 }
             }
