@@ -51,8 +51,8 @@ pub struct SipSection {
     /// packets go on as they arrive and the app's jitter buffer absorbs
     /// the jitter of both legs.
     pub jitter_buffer_ms: u64,
-    /// Effort of the Opus encoder toward apps, 0 (least CPU) to 10 (best
-    /// quality); 1 by default.
+    /// Effort of the Opus encoder toward apps, 0 (least CPU, the default)
+    /// to 10 (best quality).
     pub opus_complexity: u32,
     /// The bridge's own calls to phones offer SDES-SRTP (RTP/SAVP with
     /// `a=crypto`) instead of plain RTP, and hang up on a phone that
@@ -61,6 +61,10 @@ pub struct SipSection {
     pub offer_srtp: bool,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
+    /// On SIGTERM or Ctrl-C, how long the calls in progress may go on
+    /// while no new call is taken (0, the default: they are ended at
+    /// once). A second signal ends them at once.
+    pub drain_timeout_s: u64,
     /// Phones' H.264 video toward apps: "vp8" (transcoded), "h264" (passed
     /// through) or "off".
     pub video: crate::sip::video::AppVideoCodec,
@@ -155,6 +159,7 @@ impl Default for SipSection {
             offer_srtp: false,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
+            drain_timeout_s: 0,
             video: Default::default(),
             webrtc_stack: Default::default(),
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,10 @@ pub struct RunOptions {
     /// Calls carried at once; more get 503.
     #[arg(long)]
     pub max_calls: Option<usize>,
+    /// On SIGTERM or Ctrl-C, seconds the calls in progress may go on while
+    /// new ones get 503 (overrides sip.drain_timeout_s).
+    #[arg(long)]
+    pub drain_timeout_s: Option<u64>,
     /// Milliseconds the line-check extensions (echo, tone) ring before they
     /// answer.
     #[arg(long, default_value_t = 0)]
@@ -98,6 +103,9 @@ impl RunOptions {
         }
         if let Some(calls) = self.max_calls {
             config.sip.max_calls = calls;
+        }
+        if let Some(seconds) = self.drain_timeout_s {
+            config.sip.drain_timeout_s = seconds;
         }
         if let Some(video) = self.video {
             config.sip.video = video;
@@ -187,10 +195,54 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             );
         }
         println!("  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops.");
-        tokio::signal::ctrl_c().await?;
+        let mut stop = StopSignals::new()?;
+        stop.next().await;
+        let drain = Duration::from_secs(config.sip.drain_timeout_s);
+        if !drain.is_zero() && bridge.sip.active_calls() > 0 {
+            println!(
+                "Draining: {} call(s) in progress may go on for up to {drain:?}; new calls get 503. \
+                 A second Ctrl-C or SIGTERM ends them now.",
+                bridge.sip.active_calls()
+            );
+            let calls_ended = async {
+                bridge.sip.drain().await;
+                while bridge.sip.active_calls() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                () = calls_ended => {}
+                () = tokio::time::sleep(drain) => {}
+                () = stop.next() => {}
+            }
+        }
         println!("Stopping: ending {} call(s).", bridge.sip.active_calls());
         stop_management.cancel();
         bridge.sip.shutdown().await;
         Ok(())
     })
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, which service managers and containers
+/// send to stop a process: either stops the bridge the same way.
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        let watch = |kind: SignalKind| signal(kind).context("cannot watch for stop signals");
+        Ok(Self {
+            interrupt: watch(SignalKind::interrupt())?,
+            terminate: watch(SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //! codec with the echo heard back at the right frequency, the tone service
 //! and RFC 4733 digits (reported, and played back), INFO DTMF, hold and resume, offers in the ACK,
 //! session timers, requests out of order, CANCEL, no answer, 404, 488, 422, digest authentication,
-//! the RTP timeout, TCP, and malformed requests next to a call in progress.
+//! the RTP timeout, TCP, malformed requests next to a call in progress, and stopping
+//! (SIGTERM, draining).
 
 mod support;
 
@@ -250,6 +251,97 @@ fn a_call_over_tcp() {
     );
 }
 
+/// The phone's PCMU call to the echo, held for `hold_ms`, then hung up by the phone.
+fn echo_call_in_progress(address: String, hold_ms: u32) -> std::thread::JoinHandle<(bool, String)> {
+    let phone_port = free_even_port().to_string();
+    std::thread::spawn(move || {
+        sipp(
+            "call.xml",
+            &address,
+            "echo",
+            &[
+                "-d",
+                &hold_ms.to_string(),
+                "-key",
+                "pt",
+                "0",
+                "-key",
+                "rtpmap",
+                "PCMU/8000",
+                "-key",
+                "phone_port",
+                &phone_port,
+            ],
+        )
+    })
+}
+
+fn wait_for_the_call(bridge: &BridgeProcess) {
+    let answered = bridge.wait_for_log(|l| l.contains(": PCMU SendRecv"), Duration::from_secs(10));
+    assert!(answered.is_some(), "the call is up: {:#?}", bridge.logs());
+}
+
+#[test]
+fn sigterm_ends_every_call_with_bye_and_the_bridge_exits() {
+    let mut bridge = BridgeProcess::start(&[]);
+    let address = bridge.address();
+    let call = std::thread::spawn(move || sipp("bridge-stops.xml", &address, "echo", &[]));
+    wait_for_the_call(&bridge);
+    bridge.signal("TERM");
+    assert_sipp(call.join().unwrap(), "BYE with Reason cause=503 on SIGTERM");
+    assert_eq!(
+        bridge.exited_within(Duration::from_secs(10)),
+        Some(true),
+        "the bridge exits cleanly on SIGTERM: {:#?}",
+        bridge.logs()
+    );
+}
+
+#[test]
+fn a_draining_bridge_keeps_its_calls_and_refuses_new_ones() {
+    let mut bridge = BridgeProcess::start(&["--drain-timeout-s", "60"]);
+    let call = echo_call_in_progress(bridge.address(), 3000);
+    wait_for_the_call(&bridge);
+    let stopping = Instant::now();
+    bridge.signal("TERM");
+    assert_sipp(
+        sipp("stopping.xml", &bridge.address(), "echo", &[]),
+        "a new call while draining gets 503 with a Reason",
+    );
+    assert_sipp(
+        call.join().unwrap(),
+        "the call in progress goes on until the phone hangs up",
+    );
+    assert_eq!(
+        bridge.exited_within(Duration::from_secs(10)),
+        Some(true),
+        "the bridge exits once its last call ended: {:#?}",
+        bridge.logs()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "it did not wait for the drain timeout: {:?}",
+        stopping.elapsed()
+    );
+}
+
+#[test]
+fn a_second_signal_ends_a_drain_at_once() {
+    let mut bridge = BridgeProcess::start(&["--drain-timeout-s", "60"]);
+    let address = bridge.address();
+    let call = std::thread::spawn(move || sipp("bridge-stops.xml", &address, "echo", &[]));
+    wait_for_the_call(&bridge);
+    bridge.signal("TERM");
+    let draining = bridge.wait_for_log(|l| l.contains("draining"), Duration::from_secs(5));
+    assert!(draining.is_some(), "it drains: {:#?}", bridge.logs());
+    bridge.signal("INT");
+    assert_sipp(
+        call.join().unwrap(),
+        "BYE with Reason cause=503 on the second signal",
+    );
+    assert_eq!(bridge.exited_within(Duration::from_secs(10)), Some(true));
+}
+
 #[test]
 fn a_silent_phone_is_hung_up_after_the_rtp_timeout() {
     let bridge = BridgeProcess::start(&["--rtp-timeout-ms", "1500"]);
@@ -262,28 +354,7 @@ fn a_silent_phone_is_hung_up_after_the_rtp_timeout() {
 #[test]
 fn malformed_requests_leave_a_call_in_progress_alone() {
     let mut bridge = BridgeProcess::start(&[]);
-    let address = bridge.address();
-    let phone_port = free_even_port().to_string();
-    let call = std::thread::spawn(move || {
-        sipp(
-            "call.xml",
-            &address,
-            "echo",
-            &[
-                "-d",
-                "4000",
-                "-key",
-                "pt",
-                "0",
-                "-key",
-                "rtpmap",
-                "PCMU/8000",
-                "-key",
-                "phone_port",
-                &phone_port,
-            ],
-        )
-    });
+    let call = echo_call_in_progress(bridge.address(), 4000);
     std::thread::sleep(Duration::from_millis(500));
     assert_sipp(
         sipp("malformed.xml", &bridge.address(), "echo", &[]),

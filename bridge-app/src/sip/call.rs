@@ -200,6 +200,12 @@ async fn answer_call(
         reply(&mut tx, StatusCode::NotFound, vec![]).await;
         return Ok(());
     };
+    if shared.draining.load(Ordering::Relaxed) {
+        info!("call {call_id}: the bridge is stopping, 503");
+        let reason = Header::Reason("SIP;cause=503;text=\"the bridge is stopping\"".into());
+        reply(&mut tx, StatusCode::ServiceUnavailable, vec![reason]).await;
+        return Ok(());
+    }
     if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
         shared.active_calls.fetch_sub(1, Ordering::Relaxed);
         warn!(
@@ -1063,6 +1069,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             return Err(e);
         }
     };
+    if shared.draining.load(Ordering::Relaxed) {
+        app.refuse(503, "the bridge is stopping");
+        return Ok(());
+    }
     if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
         shared.active_calls.fetch_sub(1, Ordering::Relaxed);
         app.refuse(503, "the bridge is at capacity");

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -45,6 +45,9 @@ pub(super) struct Shared {
     /// management API can show them.
     pub calls: Mutex<HashMap<String, LiveCall>>,
     pub shutdown: CancellationToken,
+    /// Set when the bridge is stopping: new calls are refused, calls in
+    /// progress go on.
+    pub draining: AtomicBool,
     pub registrar: Option<Registrar>,
 }
 
@@ -209,6 +212,7 @@ impl UserAgent {
             active_calls: AtomicUsize::new(0),
             calls: Mutex::default(),
             shutdown: shutdown.clone(),
+            draining: AtomicBool::new(false),
         });
 
         let registration_stop = CancellationToken::new();
@@ -289,10 +293,31 @@ impl UserAgent {
             .map(|(call_id, call)| call.to_json(call_id))
             .collect();
         json!({
+            "draining": self.shared.draining.load(Ordering::Relaxed),
             "active_calls": self.active_calls(),
             "registrations": self.registrations(),
             "calls": calls,
         })
+    }
+
+    /// Takes no new call (INVITEs get 503, apps' calls are refused) and
+    /// unregisters every account, so that servers route calls elsewhere;
+    /// the calls in progress go on.
+    pub async fn drain(&self) {
+        info!(
+            "draining: {} call(s) in progress go on, new calls get 503",
+            self.active_calls()
+        );
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.unregister().await;
+    }
+
+    async fn unregister(&self) {
+        self.registration_stop.cancel();
+        let registrations = std::mem::take(&mut *self.registrations.lock().unwrap());
+        for registration in registrations {
+            let _ = registration.await;
+        }
     }
 
     /// Ends every call with BYE, waits (up to 2 s) for them to finish,
@@ -313,11 +338,7 @@ impl UserAgent {
         while self.active_calls() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        self.registration_stop.cancel();
-        let registrations = std::mem::take(&mut *self.registrations.lock().unwrap());
-        for registration in registrations {
-            let _ = registration.await;
-        }
+        self.unregister().await;
         self.shared.shutdown.cancel();
     }
 }

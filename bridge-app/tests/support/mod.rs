@@ -468,16 +468,29 @@ impl BridgeProcess {
 
     /// Ctrl-C, as a user stops it; waits up to 10 s for it to exit.
     pub fn interrupt(&mut self) -> bool {
+        self.signal("INT");
+        self.exited_within(Duration::from_secs(10)) == Some(true)
+    }
+
+    /// Sends the bridge a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-INT", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{name} {pid}");
+    }
+
+    /// Whether it exited successfully, once it exits within `timeout`.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<bool> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
+                return Some(status.success());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        false
+        None
     }
 }
 
