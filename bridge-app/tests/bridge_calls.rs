@@ -60,7 +60,7 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
     let mut alice = alice_answering(&bridge, true);
 
-    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 8, "to-alice");
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 10, "to-alice");
     let incoming = alice.wait_event("incoming call", Duration::from_secs(15));
     assert!(
         incoming.contains("callerNumber"),
@@ -68,6 +68,14 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     );
 
     assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    // Alice answers the phone's voice menu on her keypad: the digits reach
+    // the phone as RFC 4733 events, in order.
+    alice.command(json!({"op": "dtmf", "tones": "1#9"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while phone.digits().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(phone.digits(), "1#9", "{:#?}", bridge.logs());
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
     alice.wait_event("hung up", Duration::from_secs(10));

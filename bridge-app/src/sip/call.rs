@@ -725,6 +725,7 @@ impl Call {
                         info!("call {}: DTMF {digit} ({duration_ms} ms, RFC 4733)", self.call_id);
                         self.echo_dtmf(digit, duration_ms);
                     }
+                    MediaEvent::AppDtmf { digit, duration_ms } => self.dial(digit, duration_ms),
                     MediaEvent::KeyFrameRequested => self.send_fast_update(),
                     MediaEvent::RtpTimeout { silence_ms } => {
                         break (
@@ -975,6 +976,23 @@ impl Call {
             && media.send_dtmf(digit, duration_ms)
         {
             info!("call {}: DTMF {digit} sent back (RFC 4733)", self.call_id);
+        }
+    }
+
+    /// A digit from the app's keypad goes to the phone as an RFC 4733
+    /// event (a voice menu, a PIN).
+    fn dial(&self, digit: char, duration_ms: u32) {
+        let Some(media) = &self.media else { return };
+        if media.send_dtmf(digit, duration_ms) {
+            info!(
+                "call {}: DTMF {digit} ({duration_ms} ms) from the app sent to the phone (RFC 4733)",
+                self.call_id
+            );
+        } else {
+            warn!(
+                "call {}: DTMF {digit} from the app not sent: the phone's stream carries no telephone events",
+                self.call_id
+            );
         }
     }
 

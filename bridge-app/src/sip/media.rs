@@ -101,7 +101,13 @@ pub enum Peer {
 /// Something the call's media reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaEvent {
+    /// A digit from the phone.
     Dtmf {
+        digit: char,
+        duration_ms: u32,
+    },
+    /// A digit from the app's keypad, for the phone.
+    AppDtmf {
         digit: char,
         duration_ms: u32,
     },
@@ -543,6 +549,10 @@ impl CallMedia {
                 gst::MessageView::Element(element) => {
                     element.structure().and_then(|s| match s.name().as_str() {
                         "sip-dtmf" => Some(MediaEvent::Dtmf {
+                            digit: s.get::<String>("digit").ok()?.chars().next()?,
+                            duration_ms: s.get::<u32>("duration-ms").unwrap_or(0),
+                        }),
+                        "connectycube-dtmf" => Some(MediaEvent::AppDtmf {
                             digit: s.get::<String>("digit").ok()?.chars().next()?,
                             duration_ms: s.get::<u32>("duration-ms").unwrap_or(0),
                         }),

@@ -868,10 +868,12 @@ pub fn wav_frequency(path: &std::path::Path) -> Option<f64> {
 }
 
 /// A phone made of GStreamer elements: sends a tone in one codec and
-/// records what comes back.
+/// records what comes back, and the digits it receives (RFC 4733, payload
+/// type 101 as `sipp/call.xml` offers it).
 pub struct Phone {
     pipeline: gst::Pipeline,
     heard: Arc<Mutex<Vec<f32>>>,
+    digits: Arc<Mutex<String>>,
 }
 
 impl Phone {
@@ -893,7 +895,8 @@ impl Phone {
                ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} max-ptime=20000000 \
                ! sipsink name=tx session={session} local-address=127.0.0.1 \
              sipsrc name=rx session={session} local-address=127.0.0.1 stats-interval=0 \
-               payload-map=\"application/x-rtp,media=audio,payload={payload_type},clock-rate={clock_rate},encoding-name={encoding_name}{params}\" \
+               payload-map=\"application/x-rtp,media=audio,payload={payload_type},clock-rate={clock_rate},encoding-name={encoding_name}{params};\
+                 application/x-rtp,media=audio,payload=101,clock-rate=8000,encoding-name=TELEPHONE-EVENT\" \
                ! {} ! {} ! audioconvert ! audioresample ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
                ! appsink name=ear sync=false",
             chain.encoder_rate, chain.encoder, chain.payloader, chain.depayloader, chain.decoder
@@ -922,8 +925,28 @@ impl Phone {
                 })
                 .build(),
         );
+        let digits = Arc::new(Mutex::new(String::new()));
+        let received = digits.clone();
+        pipeline.bus().unwrap().set_sync_handler(move |_, message| {
+            if let gst::MessageView::Element(element) = message.view()
+                && let Some(s) = element.structure().filter(|s| s.name() == "sip-dtmf")
+                && let Ok(digit) = s.get::<String>("digit")
+            {
+                received.lock().unwrap().push_str(&digit);
+            }
+            gst::BusSyncReply::Drop
+        });
         pipeline.set_state(gst::State::Paused).unwrap();
-        Phone { pipeline, heard }
+        Phone {
+            pipeline,
+            heard,
+            digits,
+        }
+    }
+
+    /// The digits received so far, in order.
+    pub fn digits(&self) -> String {
+        self.digits.lock().unwrap().clone()
     }
 
     pub fn port(&self) -> u16 {

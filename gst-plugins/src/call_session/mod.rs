@@ -246,6 +246,8 @@ pub type DescriptionListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// in webrtcbin's streaming thread, and told when the call ends.
 pub trait ReceiverOutput: Send + Sync {
     fn deliver(&self, call: &CallSession, sample: gst::Sample);
+    /// A digit the peer sent (RFC 4733), once it ended.
+    fn dtmf(&self, digit: char, duration_ms: u32);
     fn ended(&self, end: &CallEnd);
 }
 
@@ -458,20 +460,28 @@ impl CallSession {
             PeerEvent::Frame(frame) => self.deliver_frame(frame),
             PeerEvent::Failed(reason) => self.end(CallEnd::from(reason)),
             PeerEvent::RemoteLoss(percent) => self.on_reported_loss(percent),
+            PeerEvent::Dtmf { digit, duration_ms } => {
+                gst::info!(CAT, "call {}: DTMF {digit} ({duration_ms} ms)", self.name);
+                for output in self.audio_outputs() {
+                    output.dtmf(digit, duration_ms);
+                }
+            }
         }
+    }
+
+    fn audio_outputs(&self) -> Vec<Arc<dyn ReceiverOutput>> {
+        let inner = self.inner.lock().unwrap();
+        let receivers = inner
+            .receivers
+            .iter()
+            .filter(|r| r.kind == MediaKind::Audio);
+        receivers.map(|r| r.output.clone()).collect()
     }
 
     /// A received Opus frame, as the RTP packet the sources hand on.
     fn deliver_frame(&self, frame: Frame) {
         static CAPS: LazyLock<gst::Caps> = LazyLock::new(|| MediaKind::Audio.receive_caps());
-        let outputs: Vec<Arc<dyn ReceiverOutput>> = {
-            let inner = self.inner.lock().unwrap();
-            let receivers = inner
-                .receivers
-                .iter()
-                .filter(|r| r.kind == MediaKind::Audio);
-            receivers.map(|r| r.output.clone()).collect()
-        };
+        let outputs = self.audio_outputs();
         if outputs.is_empty() {
             return;
         }

@@ -12,9 +12,10 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bridge_protocol::dtmf::EventDetector;
 use bridge_protocol::{ice, opus_fmtp};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, CodecExtra, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Extension;
@@ -40,6 +41,9 @@ const REORDER_WAIT: Duration = Duration::from_millis(20);
 
 /// The id str0m's (and browsers') default map gives the media id.
 const MID_EXTENSION: u8 = 4;
+
+/// Chromium's payload type for telephone events at 48 kHz.
+const TELEPHONE_EVENT_PT: Pt = Pt::new_with_value(110);
 
 /// Rounds of work str0m wants done at once, before other calls get a turn.
 const IMMEDIATE_ROUNDS: usize = 8;
@@ -88,7 +92,7 @@ pub fn peer_config() -> Result<RtcConfig, String> {
     let certificate = CERTIFICATE
         .clone()
         .ok_or("no DTLS certificate could be made")?;
-    Ok(RtcConfig::new()
+    let mut config = RtcConfig::new()
         .set_crypto_provider(CRYPTO.clone())
         .set_dtls_cert(certificate)
         .clear_codecs()
@@ -100,7 +104,18 @@ pub fn peer_config() -> Result<RtcConfig, String> {
         .set_extension(MID_EXTENSION, Extension::RtpMid)
         .set_reordering_size_audio(REORDER_PACKETS)
         .set_reordering_timeout_audio(Some(REORDER_WAIT))
-        .set_stats_interval(Some(Duration::from_secs(1))))
+        .set_stats_interval(Some(Duration::from_secs(1)));
+    // The app's keypad (RFC 4733 at Opus's clock, as browsers send it):
+    // digits for the phone's voice menus.
+    config.codec_config().add_config(
+        TELEPHONE_EVENT_PT,
+        None,
+        Codec::Tele,
+        Frequency::FORTY_EIGHT_KHZ,
+        None,
+        FormatParams::default(),
+    );
+    Ok(config)
 }
 
 /// One Opus frame received, with its RTP numbering.
@@ -119,6 +134,11 @@ pub enum PeerEvent {
     /// The peer's receiver reports put the audio lost at this percent
     /// (told with each second's statistics).
     RemoteLoss(u32),
+    /// A digit the peer sent as an RFC 4733 event, once it ended.
+    Dtmf {
+        digit: char,
+        duration_ms: u32,
+    },
 }
 
 pub type EventSink = Box<dyn Fn(PeerEvent) + Send + Sync>;
@@ -230,6 +250,7 @@ impl SharedPeer {
             rates_from: None,
             give_up_at: None,
             stun_server,
+            dtmf: EventDetector::default(),
         };
         let task = media_loop.spawn(task.run(received));
         // A bug in the stack ends this call, not the others, and not silently.
@@ -362,6 +383,7 @@ struct PeerTask {
     give_up_at: Option<(Instant, &'static str)>,
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
+    dtmf: EventDetector,
 }
 
 impl PeerTask {
@@ -580,6 +602,14 @@ impl PeerTask {
             }
             Event::MediaAdded(added) if added.kind == MediaKind::Audio => {
                 self.mid.get_or_insert(added.mid);
+            }
+            Event::MediaData(data) if matches!(data.codec_extra, CodecExtra::Tele(_)) => {
+                let ended = self.dtmf.push(data.time.numer() as u32, &data.data);
+                if let Some((digit, duration)) = ended {
+                    let clock_rate = data.time.denom().max(1);
+                    let duration_ms = u32::from(duration) * 1000 / clock_rate;
+                    (self.events)(PeerEvent::Dtmf { digit, duration_ms });
+                }
             }
             Event::MediaData(data) => {
                 let sequence = *data.seq_range.end();

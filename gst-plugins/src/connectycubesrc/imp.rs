@@ -249,6 +249,19 @@ impl ReceiverOutput for Output {
         }
     }
 
+    /// Posted as a `connectycube-dtmf` element message (digit,
+    /// duration-ms), as `sipsrc` posts a phone's digits.
+    fn dtmf(&self, digit: char, duration_ms: u32) {
+        if let Some(element) = self.0.upgrade() {
+            let s = gst::Structure::builder("connectycube-dtmf")
+                .field("digit", digit.to_string())
+                .field("duration-ms", duration_ms)
+                .build();
+            let message = gst::message::Element::builder(s).src(&element).build();
+            let _ = element.post_message(message);
+        }
+    }
+
     fn ended(&self, end: &CallEnd) {
         if let Some(element) = self.0.upgrade() {
             let flow = call_over(element.upcast_ref(), end);
