@@ -112,6 +112,31 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     }
 }
 
+#[test]
+fn an_app_users_digits_reach_a_phone_that_takes_only_sip_info() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let mut alice = alice_answering(&bridge, true);
+    // Its SDP has no telephone-event; its Allow lists INFO.
+    let (phone, signalling) = phone_call(
+        &bridge,
+        "call-info-dtmf.xml",
+        "alice",
+        PCMU_440,
+        2,
+        "info-dtmf",
+    );
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    alice.command(json!({"op": "dtmf", "tones": "5"}));
+    let (success, output) = signalling.join().unwrap();
+    assert!(
+        success,
+        "the phone gets the app's 5 as INFO application/dtmf-relay: {output}\n{:#?}",
+        bridge.logs()
+    );
+    assert_eq!(phone.digits(), "", "and no RFC 4733 event");
+}
+
 /// One phone call to alice in `codec`; returns what the app and the phone heard.
 fn call_alice(
     bridge: &BridgeProcess,

@@ -208,9 +208,24 @@ pub fn info_digit(content_type: &str, body: &str) -> Option<char> {
     digit_event(digit).map(|_| digit.to_ascii_uppercase())
 }
 
+/// The SIP INFO body (`application/dtmf-relay`) carrying a digit, for a
+/// phone that takes DTMF only that way.
+pub fn relay_body(digit: char, duration_ms: u32) -> String {
+    format!("Signal={digit}\r\nDuration={duration_ms}\r\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_digits_read_back() {
+        for digit in ['0', '9', '*', '#', 'A', 'D'] {
+            let body = relay_body(digit, 100);
+            assert_eq!(info_digit("application/dtmf-relay", &body), Some(digit));
+            assert!(body.contains("Duration=100\r\n"), "{body}");
+        }
+    }
 
     #[test]
     fn sent_events_replace_audio_packets_and_read_back_as_digits() {

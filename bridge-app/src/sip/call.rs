@@ -127,6 +127,60 @@ fn allows_info(message: &impl HeadersExt) -> bool {
     })
 }
 
+/// Digits for a phone whose stream carries no RFC 4733 events but whose
+/// `Allow` lists INFO: SIP INFO `application/dtmf-relay`, one request at a
+/// time, in the order dialled.
+struct InfoDtmf {
+    allowed: bool,
+    queue: Option<mpsc::UnboundedSender<(char, u32)>>,
+}
+
+impl InfoDtmf {
+    fn new(allowed: bool) -> Self {
+        InfoDtmf {
+            allowed,
+            queue: None,
+        }
+    }
+
+    /// Queues a digit; `false` when the phone takes no INFO.
+    fn send(
+        &mut self,
+        dialog: &InviteDialog,
+        call_id: &str,
+        digit: char,
+        duration_ms: u32,
+    ) -> bool {
+        if !self.allowed {
+            return false;
+        }
+        let queue = self.queue.get_or_insert_with(|| {
+            let (queue, mut digits) = mpsc::unbounded_channel::<(char, u32)>();
+            let (dialog, call_id) = (dialog.clone(), call_id.to_owned());
+            tokio::spawn(async move {
+                while let Some((digit, duration_ms)) = digits.recv().await {
+                    let headers = vec![Header::ContentType("application/dtmf-relay".into())];
+                    let body = dtmf::relay_body(digit, duration_ms).into_bytes();
+                    match dialog.info(Some(headers), Some(body)).await {
+                        Ok(Some(response)) if u16::from(response.status_code.clone()) >= 300 => {
+                            warn!(
+                                "call {call_id}: the phone refused DTMF {digit} as SIP INFO ({})",
+                                response.status_code
+                            );
+                        }
+                        Ok(_) => info!(
+                            "call {call_id}: DTMF {digit} ({duration_ms} ms) from the app sent to the phone (SIP INFO)"
+                        ),
+                        Err(e) => warn!("call {call_id}: DTMF {digit} as SIP INFO failed: {e}"),
+                    }
+                }
+            });
+            queue
+        });
+        queue.send((digit, duration_ms)).is_ok()
+    }
+}
+
 /// SIP INFO `picture_fast_update` (RFC 5168) toward a phone, beside the RTCP
 /// PLI/FIR `sipsrc` sends, for phones that read only the former: sent when
 /// the phone's `Allow` lists INFO, at most once a second, never again once
@@ -324,6 +378,7 @@ async fn answer_call(
         app_offers_video: false,
         recorder: None,
         fast_update: FastUpdate::new(phone_allows_info),
+        info_dtmf: InfoDtmf::new(phone_allows_info),
         answer_expected_in_ack: false,
         session_timer,
         capabilities,
@@ -502,6 +557,7 @@ struct Call {
     /// record to WAV in their audio pipeline.
     recorder: Option<Arc<Recorder>>,
     fast_update: FastUpdate,
+    info_dtmf: InfoDtmf,
     /// We offered in a 200 OK; the answer arrives in the ACK.
     answer_expected_in_ack: bool,
     session_timer: Option<SessionTimer>,
@@ -979,18 +1035,21 @@ impl Call {
         }
     }
 
-    /// A digit from the app's keypad goes to the phone as an RFC 4733
-    /// event (a voice menu, a PIN).
-    fn dial(&self, digit: char, duration_ms: u32) {
+    /// A digit from the app's keypad goes to the phone (a voice menu, a
+    /// PIN): as an RFC 4733 event, else as SIP INFO.
+    fn dial(&mut self, digit: char, duration_ms: u32) {
         let Some(media) = &self.media else { return };
         if media.send_dtmf(digit, duration_ms) {
             info!(
                 "call {}: DTMF {digit} ({duration_ms} ms) from the app sent to the phone (RFC 4733)",
                 self.call_id
             );
-        } else {
+        } else if !self
+            .info_dtmf
+            .send(&self.dialog, &self.call_id, digit, duration_ms)
+        {
             warn!(
-                "call {}: DTMF {digit} from the app not sent: the phone's stream carries no telephone events",
+                "call {}: DTMF {digit} from the app not sent: the phone takes neither telephone events nor INFO",
                 self.call_id
             );
         }
@@ -1205,6 +1264,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app_offers_video: app.wants_video(),
         recorder: None,
         fast_update: FastUpdate::new(false),
+        info_dtmf: InfoDtmf::new(false),
         answer_expected_in_ack: false,
         session_timer: None,
         capabilities,
@@ -1306,6 +1366,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         return Ok(());
     }
     call.fast_update = FastUpdate::new(allows_info(&response));
+    call.info_dtmf = InfoDtmf::new(allows_info(&response));
     let answer_body = match (&response.body, &early_answer) {
         (body, Some(early)) if body.is_empty() => early,
         (body, _) => body,
