@@ -132,8 +132,12 @@ fn allows_info(message: &impl HeadersExt) -> bool {
 /// time, in the order dialled.
 struct InfoDtmf {
     allowed: bool,
-    queue: Option<mpsc::UnboundedSender<(char, u32)>>,
+    queue: Option<mpsc::Sender<(char, u32)>>,
 }
+
+/// Digits waiting for their INFO; an app sending more is refused (a keypad
+/// is not that fast, and a flood must not become one toward the phone).
+const INFO_DIGITS_QUEUED: usize = 32;
 
 impl InfoDtmf {
     fn new(allowed: bool) -> Self {
@@ -143,7 +147,7 @@ impl InfoDtmf {
         }
     }
 
-    /// Queues a digit; `false` when the phone takes no INFO.
+    /// Queues a digit; `false` when the phone takes no INFO or too many wait.
     fn send(
         &mut self,
         dialog: &InviteDialog,
@@ -155,7 +159,7 @@ impl InfoDtmf {
             return false;
         }
         let queue = self.queue.get_or_insert_with(|| {
-            let (queue, mut digits) = mpsc::unbounded_channel::<(char, u32)>();
+            let (queue, mut digits) = mpsc::channel::<(char, u32)>(INFO_DIGITS_QUEUED);
             let (dialog, call_id) = (dialog.clone(), call_id.to_owned());
             tokio::spawn(async move {
                 while let Some((digit, duration_ms)) = digits.recv().await {
@@ -177,7 +181,7 @@ impl InfoDtmf {
             });
             queue
         });
-        queue.send((digit, duration_ms)).is_ok()
+        queue.try_send((digit, duration_ms)).is_ok()
     }
 }
 
@@ -1049,7 +1053,8 @@ impl Call {
             .send(&self.dialog, &self.call_id, digit, duration_ms)
         {
             warn!(
-                "call {}: DTMF {digit} from the app not sent: the phone takes neither telephone events nor INFO",
+                "call {}: DTMF {digit} from the app not sent: the phone takes neither telephone events \
+                 nor INFO, or too many digits wait",
                 self.call_id
             );
         }
