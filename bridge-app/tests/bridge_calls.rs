@@ -11,7 +11,7 @@ use bridge_protocol::connectycube::signaling::{CallSignal, SignalType};
 use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, Phone, PhoneCodec, VideoPhone,
+    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec, VideoPhone,
     phone_call, sipp, tempdir, wav_frequency,
 };
 
@@ -580,6 +580,78 @@ fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     assert!(
         line["cause"].as_str().unwrap().contains("app hung up"),
         "{line}"
+    );
+}
+
+/// A phone calls alice, and her app's network goes away mid-call (every
+/// UDP port its candidates use is blocked, as when a phone leaves its
+/// Wi-Fi). The SDK restarts ICE only from the side that offered: the
+/// bridge, which notices the lost connection, sends `iceRestart`, the app
+/// gathers again on new ports, and the call goes on.
+#[test]
+fn a_phone_call_survives_the_apps_network_going_away() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let mut alice = alice_answering(&bridge, true);
+    let (phone, signalling) =
+        phone_call(&bridge, "call.xml", "alice", PCMU_440, 20, "lost-network");
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let before = alice.command(json!({"op": "iceUfrags"}));
+    let ports = alice.command(json!({"op": "localPorts"}));
+    let ports: Vec<String> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(!ports.is_empty(), "the app's candidates have ports");
+    let ports = ports.join(", ");
+    let gone = NftTable::add(
+        "inet gone",
+        &format!(
+            "add chain inet gone output {{ type filter hook output priority 0; }}\n\
+             add rule inet gone output udp sport {{ {ports} }} drop\n\
+             add rule inet gone output udp dport {{ {ports} }} drop\n"
+        ),
+    );
+    let restarted = bridge.wait_for_log(
+        |l| l.contains("ICE restarted toward user"),
+        Duration::from_secs(20),
+    );
+    // The phone's packets reach the app again (the app conceals a gap
+    // with the last sound it heard, so its tone alone would not tell).
+    let received = |alice: &mut BrowserPeer| {
+        alice.command(json!({"op": "audioStats"}))["packetsReceived"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut per_second = 0;
+    while per_second < 40 && std::time::Instant::now() < deadline {
+        let first = received(&mut alice);
+        std::thread::sleep(Duration::from_secs(1));
+        per_second = received(&mut alice) - first;
+    }
+    let after = alice.command(json!({"op": "iceUfrags"}));
+    drop(gone);
+    assert!(
+        restarted.is_some(),
+        "the bridge restarts ICE: {:#?}",
+        bridge.logs()
+    );
+    assert!(
+        per_second >= 40,
+        "the app receives the phone again ({per_second} packets a second): {:#?}",
+        bridge.logs()
+    );
+    assert_ne!(
+        before["local"], after["local"],
+        "ICE ran again: {before} {after}"
+    );
+    let (success, output) = signalling.join().unwrap();
+    assert!(
+        success,
+        "the call goes on until the phone hangs up: {output}"
     );
 }
 

@@ -20,7 +20,7 @@ use bridge_protocol::connectycube::signaling::{CallSignal, CallType, IceCandidat
 use gst::glib;
 use gst::prelude::*;
 use serde_json::json;
-use support::{BrowserPeer, KamailioProcess, RustUser, SandboxProcess, free_port};
+use support::{BrowserPeer, KamailioProcess, NftTable, RustUser, SandboxProcess, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_offer_is_rejected_and_the_next_call_answered() {
@@ -203,44 +203,15 @@ enum Impairment {
     DelayEvery(u64, Duration),
 }
 
-/// A firewall table of the test namespace (nftables) that drops every
-/// `every`th UDP datagram sent to `ports`, removed when dropped.
-struct Dropping(String);
-
-impl Dropping {
-    fn start(session: &str, ports: &[&str], every: u64) -> Dropping {
-        let table = format!("lossy_{}", session.replace(['-', ':', '='], "_"));
-        let rules = format!(
-            "add table ip {table}\n\
-             add chain ip {table} output {{ type filter hook output priority 0; }}\n\
-             add rule ip {table} output udp dport {{ {} }} numgen inc mod {every} == 0 drop\n",
-            ports.join(", ")
-        );
-        nft(&rules);
-        Dropping(table)
-    }
-}
-
-impl Drop for Dropping {
-    fn drop(&mut self) {
-        nft(&format!("delete table ip {}\n", self.0));
-    }
-}
-
-fn nft(rules: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (nftables), in the test namespace");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft refused:\n{rules}");
+/// Drops every `every`th UDP datagram sent to `ports` while it lives.
+fn dropping(session: &str, ports: &[&str], every: u64) -> NftTable {
+    let name = format!("lossy_{}", session.replace(['-', ':', '='], "_"));
+    let rules = format!(
+        "add chain ip {name} output {{ type filter hook output priority 0; }}\n\
+         add rule ip {name} output udp dport {{ {} }} numgen inc mod {every} == 0 drop\n",
+        ports.join(", ")
+    );
+    NftTable::add(&format!("ip {name}"), &rules)
 }
 
 /// Where the test namespace's NAT shows 192.0.2.50 outside.
@@ -371,7 +342,7 @@ async fn call_between_stacks(
                 .iter()
                 .filter_map(|line| line.split(' ').nth(5))
                 .collect();
-            Some(Dropping::start(&session, &Vec::from_iter(ports), every))
+            Some(dropping(&session, &Vec::from_iter(ports), every))
         }
         _ => None,
     };

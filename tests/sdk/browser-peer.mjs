@@ -6,7 +6,7 @@
 //   → {"ready":true,"userId":1001}
 //   ← {"op":"call","to":"bob","video":false,"userInfo":{}}   → {"ok":true,"value":...}
 //   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats,
-//        iceRestart, iceUfrags, remoteCandidates, dtmf
+//        iceRestart, iceUfrags, remoteCandidates, localPorts, dtmf
 import { createInterface } from 'node:readline';
 import { launchBrowser, signedInPage } from './harness.mjs';
 
@@ -31,6 +31,7 @@ const ops = {
   iceRestart: () => peer.page.evaluate(() => window.demo.iceRestart()),
   iceUfrags: () => peer.page.evaluate(() => window.demo.iceUfrags()),
   remoteCandidates: () => peer.page.evaluate(() => window.demo.remoteCandidates()),
+  localPorts: () => peer.page.evaluate(() => window.demo.localPorts()),
   dtmf: (c) => peer.page.evaluate((tones) => window.demo.sendDtmf(tones), c.tones),
 };
 

@@ -97,6 +97,7 @@ impl ConnectyCubeCaller {
             signals,
             hangup,
             self.callee.clone(),
+            (self.reply(SignalType::IceRestart), self.call.from_user_id),
         )));
         Ok(hung_up)
     }

@@ -150,6 +150,7 @@ impl ConnectyCubeLeg {
                             signals,
                             hangup,
                             self.from.clone(),
+                            (self.signal(SignalType::IceRestart), self.to_user_id),
                         )));
                         return Ok(hung_up);
                     }
@@ -191,30 +192,66 @@ impl ConnectyCubeLeg {
     }
 }
 
-/// After `accept`: candidates keep coming, and the app may restart ICE
-/// (its network changed), until someone hangs up. `us` is the identity the
-/// bridge speaks as in this call.
+/// After `accept`: candidates keep coming, and either side may restart ICE
+/// (the app's network changed), until someone hangs up. `us` is the
+/// identity the bridge speaks as in this call; `restart` is the
+/// `iceRestart` signal it sends `peer` (the other user) when the WebRTC
+/// leg, having made the offer, offers again because the connection was
+/// lost.
 pub(super) async fn follow(
     webrtc: gst::Element,
     mut signals: mpsc::UnboundedReceiver<ReceivedSignal>,
     hangup: oneshot::Sender<String>,
     us: Arc<Identity>,
+    (restart, peer): (CallSignal, u64),
 ) {
-    while let Some(received) = signals.recv().await {
-        match received.signal.signal_type {
-            SignalType::IceCandidates => add_candidates(&webrtc, &received.signal.candidates),
-            SignalType::IceRestart => restart_ice(&webrtc, &received, &us).await,
-            SignalType::HangUp | SignalType::Reject => {
-                let _ = hangup.send(format!(
-                    "user {} hung up{}",
-                    received.from_user_id,
-                    describe(&received.signal.user_info)
-                ));
-                return;
+    let (offers, mut restarts) = mpsc::unbounded_channel();
+    let handler = webrtc.connect("local-description", false, move |args| {
+        if let (Ok(kind), Ok(sdp)) = (args[1].get::<String>(), args[2].get::<String>())
+            && kind == "offer"
+        {
+            let _ = offers.send(sdp);
+        }
+        None
+    });
+    loop {
+        tokio::select! {
+            received = signals.recv() => {
+                let Some(received) = received else { break };
+                match received.signal.signal_type {
+                    SignalType::IceCandidates => add_candidates(&webrtc, &received.signal.candidates),
+                    SignalType::IceRestart => restart_ice(&webrtc, &received, &us).await,
+                    SignalType::IceRestartAccept => {
+                        let answer = received.signal.sdp.unwrap_or_default();
+                        webrtc.emit_by_name::<()>("set-remote-description", &[&"answer", &answer]);
+                        info!(
+                            "ConnectyCube call {}: user {} took the ICE restart",
+                            restart.session_id, received.from_user_id
+                        );
+                    }
+                    SignalType::HangUp | SignalType::Reject => {
+                        let _ = hangup.send(format!(
+                            "user {} hung up{}",
+                            received.from_user_id,
+                            describe(&received.signal.user_info)
+                        ));
+                        break;
+                    }
+                    _ => {}
+                }
             }
-            _ => {}
+            Some(offer) = restarts.recv() => {
+                let mut signal = restart.clone();
+                signal.sdp = Some(offer);
+                us.send(peer, &signal);
+                info!(
+                    "ConnectyCube call {}: the connection was lost, ICE restarted toward user {peer}",
+                    restart.session_id
+                );
+            }
         }
     }
+    webrtc.disconnect(handler);
 }
 
 /// Answers an `iceRestart` offer with `iceRestartAccept`, as the SDK does,

@@ -1257,3 +1257,35 @@ pub fn decode_recording(path: &std::path::Path) -> Recording {
         audio,
     }
 }
+
+/// A firewall table of the test namespace (nftables; the tests run as root
+/// there), `family name` with its chains and rules, removed when dropped.
+pub struct NftTable(String);
+
+impl NftTable {
+    pub fn add(table: &str, body: &str) -> NftTable {
+        nft(&format!("add table {table}\n{body}"));
+        NftTable(table.to_owned())
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        nft(&format!("delete table {}\n", self.0));
+    }
+}
+
+fn nft(rules: &str) {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft (nftables), in the test namespace");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft refused:\n{rules}");
+}

@@ -280,6 +280,9 @@ pub struct CallSession {
     /// answer can include them.
     streams_known: tokio::sync::watch::Sender<bool>,
     listeners: Mutex<Vec<(u64, DescriptionListener)>>,
+    /// The application's signalling sent our offer: we are the side that
+    /// restarts ICE.
+    offered_to_app: AtomicBool,
     /// The congestion controller's latest estimate (bit/s; 0 before one).
     estimated_bitrate: AtomicU32,
     reported_loss: Mutex<congestion::LossReports>,
@@ -321,6 +324,7 @@ impl CallSession {
             last_stats: Mutex::new(None),
             streams_known: tokio::sync::watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
+            offered_to_app: AtomicBool::new(false),
             estimated_bitrate: AtomicU32::new(0),
             reported_loss: Mutex::default(),
         })
@@ -454,7 +458,7 @@ impl CallSession {
         Ok(())
     }
 
-    fn on_peer_event(&self, event: PeerEvent) {
+    fn on_peer_event(self: &Arc<Self>, event: PeerEvent) {
         match event {
             PeerEvent::Connected => gst::info!(CAT, "call {} connected", self.name),
             PeerEvent::Frame(frame) => self.deliver_frame(frame),
@@ -466,7 +470,36 @@ impl CallSession {
                     output.dtmf(digit, duration_ms);
                 }
             }
+            PeerEvent::Disconnected => self.restart_ice(),
         }
+    }
+
+    /// The peer's network went away (an app's phone left its Wi-Fi, say).
+    /// ConnectyCube's SDK restarts ICE only from the side that offered, so
+    /// when that is us, a new offer goes to the application, whose
+    /// signalling sends it as `iceRestart`; the peer then gathers again
+    /// from where it now is.
+    fn restart_ice(self: &Arc<Self>) {
+        if !self.offered_to_app.load(Ordering::SeqCst) {
+            return;
+        }
+        let session = self.clone();
+        crate::RUNTIME.spawn(async move {
+            let Some(peer) = session.shared_peer() else {
+                return;
+            };
+            match peer.restart_ice().await {
+                Ok(offer) => {
+                    gst::info!(
+                        CAT,
+                        "call {}: connection lost, restarting ICE",
+                        session.name
+                    );
+                    session.emit_local_description("offer", &session.as_announced(&offer));
+                }
+                Err(e) => gst::warning!(CAT, "call {}: cannot restart ICE: {e}", session.name),
+            }
+        });
     }
 
     fn audio_outputs(&self) -> Vec<Arc<dyn ReceiverOutput>> {
@@ -1167,7 +1200,10 @@ impl CallSession {
         crate::RUNTIME.spawn(async move {
             session.wait_streams_known().await;
             match session.create_offer().await {
-                Ok(offer) => session.emit_local_description("offer", &offer),
+                Ok(offer) => {
+                    session.offered_to_app.store(true, Ordering::SeqCst);
+                    session.emit_local_description("offer", &offer);
+                }
                 Err(e) => session.end(CallEnd::from(e)),
             }
         });

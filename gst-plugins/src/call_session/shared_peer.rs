@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bridge_protocol::dtmf::EventDetector;
 use bridge_protocol::{ice, opus_fmtp};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::change::{SdpAnswer, SdpApi, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, CodecExtra, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
@@ -53,6 +53,11 @@ const IMMEDIATE_ROUNDS: usize = 8;
 /// network outage), before the call fails.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
 const RECONNECT_WITHIN: Duration = Duration::from_secs(15);
+
+/// How long the peer's audio may stop before the connection counts as
+/// lost (apps send audio all the time, silence too); ICE itself takes
+/// about 20 s to give up on a pair.
+const AUDIO_STOPPED: Duration = Duration::from_secs(2);
 
 /// When a call asks its STUN server again, and when it stops waiting and
 /// offers the candidates it has (a server across the world answers in a
@@ -139,6 +144,10 @@ pub enum PeerEvent {
         digit: char,
         duration_ms: u32,
     },
+    /// The connection, up before, seems lost (the peer's network went
+    /// away): its audio stopped coming, or ICE gave up on the pair. Told
+    /// once per loss.
+    Disconnected,
 }
 
 pub type EventSink = Box<dyn Fn(PeerEvent) + Send + Sync>;
@@ -180,6 +189,9 @@ enum Command {
         reply: Reply<()>,
     },
     Candidate(String),
+    RestartIce {
+        reply: Reply<String>,
+    },
     Frame {
         payload: Vec<u8>,
         rtp_time: u32,
@@ -251,6 +263,8 @@ impl SharedPeer {
             give_up_at: None,
             stun_server,
             dtmf: EventDetector::default(),
+            audio_at: None,
+            loss_told: false,
         };
         let task = media_loop.spawn(task.run(received));
         // A bug in the stack ends this call, not the others, and not silently.
@@ -286,6 +300,13 @@ impl SharedPeer {
         let answer = answer.to_owned();
         self.ask(|reply| Command::RemoteAnswer { answer, reply })
             .await
+    }
+
+    /// An offer with new ICE credentials (the sockets stay): the peer
+    /// gathers again, from wherever its network now is. Its answer is
+    /// taken by `accept_answer`.
+    pub async fn restart_ice(&self) -> Result<String, String> {
+        self.ask(|reply| Command::RestartIce { reply }).await
     }
 
     pub fn add_remote_candidate(&self, candidate: &str) {
@@ -384,6 +405,10 @@ struct PeerTask {
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
     dtmf: EventDetector,
+    /// When the peer's audio last came.
+    audio_at: Option<Instant>,
+    /// The loss of the connection was told, and nothing came since.
+    loss_told: bool,
 }
 
 impl PeerTask {
@@ -593,6 +618,7 @@ impl PeerTask {
                             "the ICE connection was lost",
                         );
                         self.give_up_at.get_or_insert(lost);
+                        self.connection_lost();
                     }
                     IceConnectionState::Connected | IceConnectionState::Completed => {
                         self.give_up_at = None;
@@ -612,6 +638,8 @@ impl PeerTask {
                 }
             }
             Event::MediaData(data) => {
+                self.audio_at = Some(Instant::now());
+                self.loss_told = false;
                 let sequence = *data.seq_range.end();
                 let first = *self.first_sequence.get_or_insert(**data.seq_range.start());
                 {
@@ -641,6 +669,13 @@ impl PeerTask {
                 stats.jitter_ms = f64::from(ingress.jitter) / 48.0;
             }
             Event::PeerStats(peer) => {
+                // Once a second: has the peer's audio stopped?
+                if self
+                    .audio_at
+                    .is_some_and(|at| at.elapsed() >= AUDIO_STOPPED)
+                {
+                    self.connection_lost();
+                }
                 let mut stats = self.stats.lock().unwrap();
                 if let Some(rtt) = peer.rtt {
                     stats.rtt_ms = rtt.as_secs_f64() * 1000.0;
@@ -674,12 +709,11 @@ impl PeerTask {
                 };
                 let mut changes = self.rtc.sdp_api();
                 let mid = changes.add_media(MediaKind::Audio, direction, None, None, None);
-                let offer = changes.apply().map(|(offer, pending)| {
-                    self.pending_offer = Some(pending);
+                let offer = offer(changes, &mut self.pending_offer);
+                if offer.is_ok() {
                     self.mid = Some(mid);
-                    offer.to_sdp_string()
-                });
-                let _ = reply.send(offer.ok_or_else(|| "nothing to offer".to_owned()));
+                }
+                let _ = reply.send(offer);
             }
             Command::Answer { offer, reply } => {
                 self.connect_in_time();
@@ -717,7 +751,20 @@ impl PeerTask {
                     Err(e) => gst::debug!(crate::CAT, "candidate {candidate} skipped: {e}"),
                 }
             }
+            Command::RestartIce { reply } => {
+                let mut changes = self.rtc.sdp_api();
+                changes.ice_restart(true);
+                let _ = reply.send(offer(changes, &mut self.pending_offer));
+            }
             Command::Frame { payload, rtp_time } => self.send_frame(payload, rtp_time),
+        }
+    }
+
+    /// Tells of a lost connection, once until the peer's audio comes again.
+    fn connection_lost(&mut self) {
+        if self.connected.load(Ordering::Relaxed) && !self.loss_told {
+            self.loss_told = true;
+            (self.events)(PeerEvent::Disconnected);
         }
     }
 
@@ -755,6 +802,13 @@ impl PeerTask {
         self.stats.lock().unwrap().ice_state = "failed";
         (self.events)(PeerEvent::Failed(reason));
     }
+}
+
+/// The offer `changes` make; their answer is taken later, with `pending`.
+fn offer(changes: SdpApi<'_>, pending: &mut Option<SdpPendingOffer>) -> Result<String, String> {
+    let (offer, pending_offer) = changes.apply().ok_or("nothing to offer")?;
+    *pending = Some(pending_offer);
+    Ok(offer.to_sdp_string())
 }
 
 /// A media line the answer rejects (port 0, a video line here) must still
