@@ -548,14 +548,10 @@ impl CallMedia {
                 }
                 gst::MessageView::Element(element) => {
                     element.structure().and_then(|s| match s.name().as_str() {
-                        "sip-dtmf" => Some(MediaEvent::Dtmf {
-                            digit: s.get::<String>("digit").ok()?.chars().next()?,
-                            duration_ms: s.get::<u32>("duration-ms").unwrap_or(0),
-                        }),
-                        "connectycube-dtmf" => Some(MediaEvent::AppDtmf {
-                            digit: s.get::<String>("digit").ok()?.chars().next()?,
-                            duration_ms: s.get::<u32>("duration-ms").unwrap_or(0),
-                        }),
+                        "sip-dtmf" => dtmf_digit(s)
+                            .map(|(digit, duration_ms)| MediaEvent::Dtmf { digit, duration_ms }),
+                        "connectycube-dtmf" => dtmf_digit(s)
+                            .map(|(digit, duration_ms)| MediaEvent::AppDtmf { digit, duration_ms }),
                         "sip-rtp-timeout" => Some(MediaEvent::RtpTimeout {
                             silence_ms: s.get::<u64>("silence-ms").unwrap_or(0),
                         }),
@@ -578,6 +574,12 @@ impl CallMedia {
             gst::BusSyncReply::Drop
         });
     }
+}
+
+/// The digit and its length in a `sip-dtmf` or `connectycube-dtmf` message.
+fn dtmf_digit(s: &gst::StructureRef) -> Option<(char, u32)> {
+    let digit = s.get::<String>("digit").ok()?.chars().next()?;
+    Some((digit, s.get::<u32>("duration-ms").unwrap_or(0)))
 }
 
 /// Set once a pipeline's EOS has reached its sinks (its files are written);

@@ -405,7 +405,7 @@ struct PeerTask {
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
     dtmf: EventDetector,
-    /// When the peer's audio last came.
+    /// The statistics tick by which the peer's audio last came.
     audio_at: Option<Instant>,
     /// The loss of the connection was told, and nothing came since.
     loss_told: bool,
@@ -638,8 +638,6 @@ impl PeerTask {
                 }
             }
             Event::MediaData(data) => {
-                self.audio_at = Some(Instant::now());
-                self.loss_told = false;
                 let sequence = *data.seq_range.end();
                 let first = *self.first_sequence.get_or_insert(**data.seq_range.start());
                 {
@@ -669,25 +667,30 @@ impl PeerTask {
                 stats.jitter_ms = f64::from(ingress.jitter) / 48.0;
             }
             Event::PeerStats(peer) => {
+                let now = Instant::now();
+                let audio_came = {
+                    let mut stats = self.stats.lock().unwrap();
+                    if let Some(rtt) = peer.rtt {
+                        stats.rtt_ms = rtt.as_secs_f64() * 1000.0;
+                    }
+                    let mut received_before = 0;
+                    if let Some((then, sent, received)) = self.rates_from {
+                        let seconds = (now - then).as_secs_f64().max(0.001);
+                        let rate = |bytes: u64| (bytes as f64 * 8.0 / seconds).round() as u64;
+                        stats.send_bitrate = rate(stats.bytes_sent.saturating_sub(sent));
+                        stats.receive_bitrate = rate(stats.bytes_received.saturating_sub(received));
+                        received_before = received;
+                    }
+                    self.rates_from = Some((now, stats.bytes_sent, stats.bytes_received));
+                    stats.bytes_received > received_before
+                };
                 // Once a second: has the peer's audio stopped?
-                if self
-                    .audio_at
-                    .is_some_and(|at| at.elapsed() >= AUDIO_STOPPED)
-                {
+                if audio_came {
+                    self.audio_at = Some(now);
+                    self.loss_told = false;
+                } else if self.audio_at.is_some_and(|at| now - at >= AUDIO_STOPPED) {
                     self.connection_lost();
                 }
-                let mut stats = self.stats.lock().unwrap();
-                if let Some(rtt) = peer.rtt {
-                    stats.rtt_ms = rtt.as_secs_f64() * 1000.0;
-                }
-                let now = Instant::now();
-                if let Some((then, sent, received)) = self.rates_from {
-                    let seconds = (now - then).as_secs_f64().max(0.001);
-                    let rate = |bytes: u64| (bytes as f64 * 8.0 / seconds).round() as u64;
-                    stats.send_bitrate = rate(stats.bytes_sent.saturating_sub(sent));
-                    stats.receive_bitrate = rate(stats.bytes_received.saturating_sub(received));
-                }
-                self.rates_from = Some((now, stats.bytes_sent, stats.bytes_received));
             }
             _ => {}
         }
