@@ -467,6 +467,65 @@ fn both_hear(
     (app_heard, phone_heard)
 }
 
+/// A desk phone transfers its call with an app user to another phone
+/// (REFER, a blind transfer): the bridge calls the target for the app,
+/// tells the first phone how it goes (NOTIFY 100, then 200) and lets it go
+/// (BYE), and the app and the target hear each other over the WebRTC
+/// connection the call already had.
+#[test]
+fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    // The target: a desk phone registered with the bridge as alice.
+    let target = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
+    let target = answering_on_a_thread(target, 30);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registrar: alice registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the target registers: {:#?}",
+        bridge.logs()
+    );
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+
+    let (phone, transferor) = phone_call(&bridge, "transfer.xml", "bob", PCMU_440, 8, "transfer");
+    assert_each_hears_the_other(&bridge, &mut bob, &phone);
+    let (success, output) = transferor.join().unwrap();
+    assert!(
+        success,
+        "the transferor hears 202, NOTIFY 100 and 200, then BYE: {output}\n{:#?}",
+        bridge.logs()
+    );
+    // Its BYE came: a phone stops sending then.
+    drop(phone);
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    assert_eq!(bob.count_events("hung up"), 0, "the app's call went on");
+    bob.command(json!({"op": "hangUp"}));
+    assert_phone_and_app_heard_each_other(
+        app_heard,
+        target.join().unwrap(),
+        " after the transfer",
+        &bridge,
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    let line = lines
+        .iter()
+        .find(|l| l["call_id"] == "transfer-1")
+        .expect("a CDR line");
+    assert_eq!(line["transferred_to"], "alice", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert!(
+        line["cause"].as_str().unwrap().contains("the app hung up"),
+        "{line}"
+    );
+}
+
 fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Option<f64> {
     let deadline = std::time::Instant::now() + within;
     let mut heard = None;

@@ -185,6 +185,11 @@ fn sip_config(config: &Config) -> SipConfig {
             requests_per_second: 50.0,
             sha256: s.digest_sha256,
         },
+        domain: s.domain.clone(),
+        outbound_proxy: s
+            .outbound_proxy
+            .as_deref()
+            .and_then(|proxy| proxy.parse().ok()),
         accounts,
         registrar: s.registrar,
         max_calls: s.max_calls,
@@ -437,14 +442,10 @@ async fn dial_out(
         let signals = identity.subscribe(&session);
         let caller_id = received.from_user_id;
         let mut caller = ConnectyCubeCaller::new(identity.clone(), received, signals);
-        let target = match (dialer.binding(&extension), &router.config.sip.domain) {
-            (Some(binding), _) => binding.contact,
-            (None, Some(domain)) => format!("sip:{extension}@{domain}"),
-            (None, None) => {
-                info!("ConnectyCube user {caller_id} calls {extension}: no phone registered");
-                caller.refuse(480, &format!("{extension} has no phone registered"));
-                continue;
-            }
+        let Some((target, destination)) = dialer.route(&extension) else {
+            info!("ConnectyCube user {caller_id} calls {extension}: no phone registered");
+            caller.refuse(480, &format!("{extension} has no phone registered"));
+            continue;
         };
         let (from_user, from_display) = match router.mapping_of(caller_id) {
             Some(mapping) => (mapping.extension.clone(), mapping.display_name.clone()),
@@ -453,12 +454,7 @@ async fn dial_out(
         info!("ConnectyCube user {caller_id} calls {extension}: dialling {target}");
         dialer.call(OutboundCall {
             target,
-            destination: router
-                .config
-                .sip
-                .outbound_proxy
-                .as_deref()
-                .and_then(|proxy| proxy.parse().ok()),
+            destination,
             record_to: router.recording_path(
                 &extension,
                 router

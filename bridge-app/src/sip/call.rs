@@ -30,7 +30,10 @@ use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
-use super::ua::{ALLOW, LiveCall, SUPPORTED, Shared, refuse, reply, source_of};
+use super::transfer::{self, ReferTarget};
+use super::ua::{
+    ALLOW, LiveCall, PhoneRoute, SUPPORTED, Shared, phone_route, refuse, reply, source_of,
+};
 use super::video::{AppVideoCodec, CallVideo};
 
 /// How long a bridged call may wait for its WebRTC connection after the
@@ -389,6 +392,11 @@ async fn answer_call(
         offered_crypto: None,
         app: None,
         app_hangup: None,
+        app_identity: Caller {
+            user: target.clone(),
+            display_name: None,
+            uri: format!("sip:{target}@{}", shared.contact.host_with_port),
+        },
         record: CallRecord::new(
             call_id.to_owned(),
             caller.clone(),
@@ -573,6 +581,9 @@ struct Call {
     app: Option<Box<dyn AppSide>>,
     /// Yields why the app hung up.
     app_hangup: Option<oneshot::Receiver<String>>,
+    /// Who the app's user is to phones: the caller of the calls the bridge
+    /// places for it, a transfer's too.
+    app_identity: Caller,
     record: CallRecord,
 }
 
@@ -750,6 +761,10 @@ impl Call {
         self.publish();
         let mut report = tokio::time::interval(STATS_INTERVAL);
         report.tick().await;
+        // A transfer the phone asked for, under way; and whether that phone
+        // has already left the call (its BYE ends nothing until then).
+        let mut transfer: Option<Transfer> = None;
+        let mut transferor_gone = false;
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
@@ -765,10 +780,30 @@ impl Call {
                     None => std::future::pending().await,
                 }
             };
+            let transferred = async {
+                match transfer.as_mut() {
+                    Some(transfer) => (&mut transfer.outcome).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                state = states.recv() => match state {
+                state = states.recv(), if !transferor_gone => match state {
+                    None | Some(DialogState::Terminated(..)) if transfer.is_some() => {
+                        info!("call {}: the transferor left; the transfer goes on", self.call_id);
+                        transferor_gone = true;
+                        // Nobody to tell how it goes.
+                        if let Some(transfer) = transfer.as_mut() {
+                            transfer.progress = None;
+                        }
+                    }
                     None => break (None, "the dialog closed".to_owned()),
                     Some(DialogState::Confirmed(..)) => self.on_confirmed(),
+                    Some(DialogState::Refer(_, request, handle)) => {
+                        let pending = transfer.is_some();
+                        if let Some(started) = self.on_refer(&request, handle, pending).await {
+                            transfer = Some(started);
+                        }
+                    }
                     Some(DialogState::Updated(_, request, handle)) => {
                         session_deadline = self.session_timer.map(SessionTimer::deadline);
                         self.on_update(&request, handle).await;
@@ -787,6 +822,8 @@ impl Call {
                     }
                     MediaEvent::AppDtmf { digit, duration_ms } => self.dial(digit, duration_ms),
                     MediaEvent::KeyFrameRequested => self.send_fast_update(),
+                    // The transferor's audio stops while the target rings.
+                    MediaEvent::RtpTimeout { .. } if transfer.is_some() => {}
                     MediaEvent::RtpTimeout { silence_ms } => {
                         break (
                             Some(format!("SIP;cause=408;text=\"no RTP for {silence_ms} ms\"")),
@@ -807,6 +844,17 @@ impl Call {
                         );
                     }
                 },
+                outcome = transferred => {
+                    let done = transfer.take().expect("a transfer under way");
+                    let (took_over, why) = self.complete_transfer(done, outcome, transferor_gone).await;
+                    if let Some(new_states) = took_over {
+                        states = new_states;
+                        session_deadline = None;
+                        transferor_gone = false;
+                    } else if transferor_gone {
+                        break (None, why);
+                    }
+                }
                 reason = app_ended => break (
                     Some("Q.850;cause=16;text=\"hung up in the app\"".to_owned()),
                     format!("the app hung up ({reason})"),
@@ -828,6 +876,10 @@ impl Call {
             }
         };
         info!("call {}: ended ({cause})", self.call_id);
+        if let Some(transfer) = transfer {
+            transfer.cancel();
+            transfer.tell("487 Request Terminated".into(), true);
+        }
         if let Some(leg) = self.app.as_mut() {
             leg.hang_up(&cause);
         }
@@ -848,7 +900,7 @@ impl Call {
         if let Some(recorder) = self.recorder.take() {
             recorder.finish();
         }
-        if let Some(reason) = bye_reason {
+        if let Some(reason) = bye_reason.filter(|_| !transferor_gone) {
             let headers = vec![Header::Reason(reason.into())];
             if let Err(e) = self.dialog.bye_with_headers(Some(headers)).await {
                 warn!("call {}: BYE failed: {e}", self.call_id);
@@ -1099,6 +1151,266 @@ impl Call {
     }
 }
 
+impl Call {
+    /// REFER: the phone hands the call to another (RFC 3515; RFC 5589's
+    /// blind transfer, or attended with an embedded `Replaces`). The bridge
+    /// calls the target for the app, offering the codec and keys the call
+    /// already has, so the app's leg goes on untouched; the transferor
+    /// hears how it goes by NOTIFY. The target is reached as an app's call
+    /// to that user would be (a registration with the bridge, else the SIP
+    /// domain), whatever host `Refer-To` names.
+    async fn on_refer(
+        &mut self,
+        request: &Request,
+        handle: TransactionHandle,
+        pending: bool,
+    ) -> Option<Transfer> {
+        let started = self.transfer_target(request, pending).and_then(|target| {
+            self.call_transfer_target(request, target)
+                .map_err(|e| (StatusCode::ServiceUnavailable, format!("{e:#}")))
+        });
+        let mut transfer = match started {
+            Ok(transfer) => transfer,
+            Err((status, why)) => {
+                info!("call {}: transfer refused ({why}), {status}", self.call_id);
+                let warning = Header::Warning(format!("399 sip-cc-bridge \"{why}\"").into());
+                let _ = handle.respond(status, Some(vec![warning]), None).await;
+                return None;
+            }
+        };
+        // RFC 4488: a transferor may ask to hear nothing back.
+        let silent = request
+            .header_value("Refer-Sub")
+            .is_some_and(|v| v.eq_ignore_ascii_case("false"));
+        let headers = silent.then(|| vec![Header::Other("Refer-Sub".into(), "false".into())]);
+        let _ = handle.respond(StatusCode::Accepted, headers, None).await;
+        if !silent {
+            transfer.progress = Some(transfer::notifier(
+                self.dialog.clone(),
+                self.shared.dialogs.clone(),
+                self.call_id.clone(),
+            ));
+            transfer.tell("100 Trying".into(), false);
+        }
+        info!(
+            "call {}: the phone transfers the call to {}",
+            self.call_id, transfer.target
+        );
+        Some(transfer)
+    }
+
+    /// The target of a REFER this call can follow and where it is called,
+    /// or the response refusing it.
+    fn transfer_target(
+        &self,
+        request: &Request,
+        pending: bool,
+    ) -> Result<(ReferTarget, PhoneRoute), (StatusCode, String)> {
+        if pending {
+            return Err((StatusCode::RequestPending, "a transfer is under way".into()));
+        }
+        if self.app.is_none() {
+            return Err((
+                StatusCode::Decline,
+                "only a call with an app can be transferred".into(),
+            ));
+        }
+        if self.video.is_some() {
+            return Err((
+                StatusCode::Decline,
+                "a call with video cannot be transferred".into(),
+            ));
+        }
+        let refer_to = request
+            .header_value("Refer-To")
+            .ok_or((StatusCode::BadRequest, "no Refer-To".to_owned()))?;
+        let target = ReferTarget::parse(&refer_to).map_err(|why| (StatusCode::BadRequest, why))?;
+        let route = phone_route(&self.shared, &target.user).ok_or_else(|| {
+            let why = format!(
+                "{} has no phone registered and no sip.domain is set",
+                target.user
+            );
+            (StatusCode::NotFound, why)
+        })?;
+        Ok((target, route))
+    }
+
+    /// INVITEs the target for the app, with the call's own codec and keys.
+    fn call_transfer_target(
+        &mut self,
+        request: &Request,
+        (target, (uri, destination)): (ReferTarget, PhoneRoute),
+    ) -> anyhow::Result<Transfer> {
+        let mut headers = Vec::new();
+        if let Some(replaces) = &target.replaces {
+            headers.push(Header::Replaces(replaces.as_str().into()));
+        }
+        if let Some(referred_by) = request.header_value("Referred-By") {
+            headers.push(Header::ReferredBy(referred_by.into()));
+        }
+        let offer = self.render_offer(Direction::SendRecv);
+        let option = rsipstack::dialog::invitation::InviteOption {
+            caller_display_name: self.app_identity.display_name.clone(),
+            caller: self.app_identity.uri.as_str().try_into()?,
+            callee: uri.as_str().try_into()?,
+            destination: destination.map(Into::into),
+            content_type: Some("application/sdp".into()),
+            offer: Some(offer.into_bytes()),
+            contact: self.shared.contact.clone(),
+            credential: trunk_credential(&self.shared),
+            headers: Some(headers),
+            ..Default::default()
+        };
+        let (sender, states) = self.shared.dialogs.new_dialog_state_channel();
+        let (dialog, invite) = self.shared.dialogs.do_invite_async(option, sender)?;
+        let no_answer = self.shared.config.no_answer_timeout;
+        let outcome = Box::pin(async move {
+            let unreachable = |why: String| Err(("503 Service Unavailable", why));
+            match tokio::time::timeout(no_answer, invite).await {
+                Err(_) => Err(("408 Request Timeout", "no answer".to_owned())),
+                Ok(Err(e)) => unreachable(e.to_string()),
+                Ok(Ok(Err(e))) => unreachable(e.to_string()),
+                Ok(Ok(Ok((_, None)))) => unreachable("no final response".to_owned()),
+                Ok(Ok(Ok((_, Some(response))))) => Ok(response),
+            }
+        });
+        // What we offered protected must come back protected.
+        let capabilities = Capabilities {
+            srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
+            ..self.capabilities.clone()
+        };
+        Ok(Transfer {
+            target: target.user,
+            dialog,
+            states,
+            outcome,
+            capabilities,
+            progress: None,
+        })
+    }
+
+    /// The target answered, or could not be reached. On a 2xx with a
+    /// usable answer the call's media moves to the target, whose dialog
+    /// becomes the call's (its state events are returned); the transferor
+    /// is told and let go. Otherwise the transferor is told why, and the
+    /// call stays as it was. The reason is for the record.
+    async fn complete_transfer(
+        &mut self,
+        transfer: Transfer,
+        outcome: TransferOutcome,
+        transferor_gone: bool,
+    ) -> (Option<mpsc::UnboundedReceiver<DialogState>>, String) {
+        let target = transfer.target.clone();
+        let response = match outcome {
+            Ok(response)
+                if response.status_code.kind() == rsipstack::sip::StatusCodeKind::Successful =>
+            {
+                response
+            }
+            Ok(response) => {
+                info!(
+                    "call {}: {target} answered the transfer {}",
+                    self.call_id, response.status_code
+                );
+                transfer.tell(response.status_code.to_string(), true);
+                return (
+                    None,
+                    format!("the transfer to {target} failed: {}", response.status_code),
+                );
+            }
+            Err((status, why)) => {
+                info!(
+                    "call {}: the transfer to {target} failed: {why}",
+                    self.call_id
+                );
+                transfer.cancel();
+                transfer.tell(status.into(), true);
+                return (None, format!("the transfer to {target} failed: {why}"));
+            }
+        };
+        let audio = std::str::from_utf8(&response.body)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(|text| sdp::parse(text).map_err(|e| e.to_string()))
+            .and_then(|answer| {
+                offer_answer::answer(&answer, &transfer.capabilities).map_err(|e| e.to_string())
+            })
+            .and_then(|n| n.audio().cloned().ok_or("no audio".to_owned()));
+        let moved = audio
+            .map_err(anyhow::Error::msg)
+            .and_then(|audio| self.apply(&audio));
+        if let Err(e) = moved {
+            warn!(
+                "call {}: {target}'s answer to the transfer is unusable ({e:#})",
+                self.call_id
+            );
+            let dialog = transfer.dialog.clone();
+            tokio::spawn(async move { dialog.bye().await });
+            transfer.tell("488 Not Acceptable Here".into(), true);
+            return (None, format!("the transfer to {target} failed: {e:#}"));
+        }
+        transfer.tell("200 OK".into(), true);
+        let transferor = std::mem::replace(&mut self.dialog, transfer.dialog);
+        match transfer.progress {
+            _ if transferor_gone => self.shared.dialogs.remove_dialog(&transferor.id()),
+            // After the last NOTIFY.
+            Some((_, bye_after)) => {
+                let _ = bye_after.send(());
+            }
+            None => transfer::hang_up(
+                transferor,
+                self.shared.dialogs.clone(),
+                self.call_id.clone(),
+            ),
+        }
+        self.session_timer = None;
+        self.answer_expected_in_ack = false;
+        self.fast_update = FastUpdate::new(allows_info(&response));
+        self.info_dtmf = InfoDtmf::new(allows_info(&response));
+        self.record.transferred_to = Some(target.clone());
+        self.publish();
+        info!("call {}: transferred to {target}", self.call_id);
+        (Some(transfer.states), String::new())
+    }
+}
+
+/// The call a transfer places to its target (the app's side stays).
+struct Transfer {
+    /// The user part it goes to.
+    target: String,
+    dialog: InviteDialog,
+    states: mpsc::UnboundedReceiver<DialogState>,
+    /// The target's final answer (2xx or not), or why there is none.
+    outcome: futures_util::future::BoxFuture<'static, TransferOutcome>,
+    /// What the answer is negotiated against: our offer's codec and keys.
+    capabilities: Capabilities,
+    /// The transferor's NOTIFYs (none when it asked for none, RFC 4488),
+    /// and its BYE once the target took the call.
+    progress: Option<(
+        mpsc::UnboundedSender<transfer::Progress>,
+        oneshot::Sender<()>,
+    )>,
+}
+
+/// The target's final response, or the status the transferor is told
+/// (`408 Request Timeout`) and why.
+type TransferOutcome = Result<rsipstack::sip::Response, (&'static str, String)>;
+
+impl Transfer {
+    /// Gives up on the target's call (a CANCEL that may wait on an
+    /// unresponsive target: not on the call's task).
+    fn cancel(&self) {
+        let dialog = self.dialog.clone();
+        tokio::spawn(async move { dialog.cancel().await });
+    }
+
+    /// Tells the transferor the transfer's state, as a sipfrag status line.
+    fn tell(&self, status: String, last: bool) {
+        if let Some((progress, _)) = &self.progress {
+            let _ = progress.send(transfer::Progress { status, last });
+        }
+    }
+}
+
 fn describe(reason: &TerminatedReason) -> String {
     match reason {
         TerminatedReason::UacBye => "the caller hung up".into(),
@@ -1107,6 +1419,17 @@ fn describe(reason: &TerminatedReason) -> String {
         TerminatedReason::Timeout => "no ACK".into(),
         other => format!("{other:?}"),
     }
+}
+
+/// What the bridge's own INVITEs answer a challenge with: the trunk account.
+fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::Credential> {
+    let account = shared.config.accounts.first()?;
+    Some(rsipstack::dialog::authenticate::Credential {
+        username: account.username.clone(),
+        password: account.password.clone(),
+        realm: None,
+        auth_username: None,
+    })
 }
 
 /// A call the bridge places toward a SIP phone for an app.
@@ -1220,17 +1543,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         shared.config.public_address.unwrap_or(reservation.address),
         &streams,
     );
-    let credential =
-        shared
-            .config
-            .accounts
-            .first()
-            .map(|account| rsipstack::dialog::authenticate::Credential {
-                username: account.username.clone(),
-                password: account.password.clone(),
-                realm: None,
-                auth_username: None,
-            });
+    let credential = trunk_credential(&shared);
     let invite_option = |callee: rsipstack::sip::Uri| -> anyhow::Result<_> {
         Ok(rsipstack::dialog::invitation::InviteOption {
             caller_display_name: from_display.clone(),
@@ -1276,6 +1589,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         offered_crypto,
         app: None,
         app_hangup: None,
+        app_identity: caller.clone(),
         record: CallRecord::new(
             call_id.clone(),
             caller.clone(),

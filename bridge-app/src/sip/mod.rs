@@ -11,6 +11,7 @@ mod recorder;
 pub mod registrar;
 pub mod registration;
 pub mod routing;
+mod transfer;
 mod ua;
 pub mod video;
 
@@ -61,6 +62,11 @@ pub struct SipConfig {
     /// Where RTP sockets are bound.
     pub media_address: IpAddr,
     pub admission: AdmissionConfig,
+    /// The SIP server's domain: a phone not registered with the bridge is
+    /// called at `sip:<user>@<domain>`.
+    pub domain: Option<String>,
+    /// Where the bridge's own INVITEs go when not to the target's host.
+    pub outbound_proxy: Option<SocketAddr>,
     /// Accounts registered at their registrar.
     pub accounts: Vec<Account>,
     /// Accept REGISTER from the users of `admission.users`.
@@ -115,6 +121,8 @@ impl SipConfig {
                 requests_per_second: 50.0,
                 sha256: false,
             },
+            domain: None,
+            outbound_proxy: None,
             accounts: Vec::new(),
             registrar: false,
             max_calls: 200,

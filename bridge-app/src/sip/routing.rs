@@ -106,6 +106,9 @@ pub struct CallRecord {
     pub target: String,
     /// Who took it: a service or the app party.
     pub callee: String,
+    /// The user the phone last transferred the call to (REFER), who then
+    /// had the app on the line.
+    pub transferred_to: Option<String>,
     pub started: std::time::SystemTime,
     pub answered: Option<std::time::SystemTime>,
     pub ended: std::time::SystemTime,
@@ -148,6 +151,7 @@ impl CallRecord {
             caller,
             target,
             callee,
+            transferred_to: None,
             started,
             answered: None,
             ended: started,
@@ -190,6 +194,7 @@ impl CallRecord {
             },
             "called": record.target,
             "callee": record.callee,
+            "transferred_to": record.transferred_to,
             "start": seconds(record.started),
             "answer": record.answered.map(seconds),
             "end": seconds(record.ended),

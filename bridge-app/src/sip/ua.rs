@@ -24,13 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
-use super::registrar::{Binding, Registrar};
+use super::registrar::Registrar;
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
 use super::{Router, SipConfig, Transport, call};
 
-pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER";
-pub(super) const SUPPORTED: &str = "timer";
+pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, REGISTER";
+pub(super) const SUPPORTED: &str = "timer, norefersub";
 
 /// What every call task shares.
 pub(super) struct Shared {
@@ -356,14 +356,29 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// Where a phone registered with the bridge is reached.
-    pub fn binding(&self, user: &str) -> Option<Binding> {
-        self.shared.registrar.as_ref()?.lookup(user)
+    /// Where `user`'s phone is called: see [`phone_route`].
+    pub fn route(&self, user: &str) -> Option<PhoneRoute> {
+        phone_route(&self.shared, user)
     }
 
     pub fn call(&self, request: call::OutboundCall) {
         call::outgoing(self.shared.clone(), request);
     }
+}
+
+/// Where a phone is called (a Request-URI), and through which proxy.
+pub type PhoneRoute = (String, Option<SocketAddr>);
+
+/// Where `user`'s phone is called: its registration with the bridge, else
+/// `sip:<user>@<sip.domain>`; `None` without either.
+pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
+    let registered = shared.registrar.as_ref().and_then(|r| r.lookup(user));
+    let target = match (registered, &shared.config.domain) {
+        (Some(binding), _) => binding.contact,
+        (None, Some(domain)) => format!("sip:{user}@{domain}"),
+        (None, None) => return None,
+    };
+    Some((target, shared.config.outbound_proxy))
 }
 
 /// Where a request came from (the transport's peer, else the top Via).
