@@ -12,7 +12,7 @@ use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
     Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec, VideoPhone,
-    phone_call, sipp, tempdir, wav_frequency,
+    phone_call, phone_call_with, sipp, tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -471,7 +471,8 @@ fn both_hear(
 /// (REFER, a blind transfer): the bridge calls the target for the app,
 /// tells the first phone how it goes (NOTIFY 100, then 200) and lets it go
 /// (BYE), and the app and the target hear each other over the WebRTC
-/// connection the call already had.
+/// connection the call already had. The first phone held the call before
+/// the transfer, as desk phones do: the target's answer resumes it.
 #[test]
 fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
     let _serial = one_at_a_time();
@@ -490,22 +491,13 @@ fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
         "the target registers: {:#?}",
         bridge.logs()
     );
-    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
-    bob.command(json!({"op": "autoAnswer", "on": true}));
-
-    let (phone, transferor) = phone_call(&bridge, "transfer.xml", "bob", PCMU_440, 8, "transfer");
-    assert_each_hears_the_other(&bridge, &mut bob, &phone);
-    let (success, output) = transferor.join().unwrap();
-    assert!(
-        success,
-        "the transferor hears 202, NOTIFY 100 and 200, then BYE: {output}\n{:#?}",
-        bridge.logs()
+    let mut bob = bob_transferred_by_a_phone(
+        &bridge,
+        bridge.sandbox_port,
+        "<sip:alice@127.0.0.1>",
+        "blind",
     );
-    // Its BYE came: a phone stops sending then.
-    drop(phone);
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
-    assert_eq!(bob.count_events("hung up"), 0, "the app's call went on");
     bob.command(json!({"op": "hangUp"}));
     assert_phone_and_app_heard_each_other(
         app_heard,
@@ -513,12 +505,94 @@ fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
         " after the transfer",
         &bridge,
     );
-    let lines = wait_for_cdr(&cdr, 1);
+    assert_transferred(&cdr, "blind-1", "alice");
+}
+
+/// An attended transfer: the transferor's Refer-To embeds the `Replaces`
+/// of its consultation call, which the bridge's INVITE to the target (at
+/// the SIP domain) carries, with Referred-By, so that the target's phone
+/// swaps that call for this one.
+#[test]
+fn an_attended_transfer_hands_the_target_its_replaces_header() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let domain = PhoneAtDomain::new(&dir);
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
+    let carol = Phone::new("PCMU", 0, 8000, 523);
+    let target = domain.answer(
+        "answer-replaced.xml",
+        &["-key", "phone_port", &carol.port().to_string()],
+    );
+    let mut bob = bob_transferred_by_a_phone(
+        &bridge,
+        domain.sandbox_port,
+        "<sip:carol@pbx.example?Replaces=consult-1%40pc.example%3Bto-tag%3D12%3Bfrom-tag%3D34>",
+        "attended",
+    );
+    carol.call(bridge.media_port("attended-1"));
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    let carol_heard = carol.heard_frequency();
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = target.join().unwrap();
+    assert!(
+        success,
+        "the target gets Replaces and Referred-By, then BYE: {output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the target's 523 Hz"
+    );
+    assert!(
+        carol_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the target heard {carol_heard:?} instead of the app's 660 Hz"
+    );
+    assert_transferred(&dir.join("cdr.jsonl"), "attended-1", "carol");
+}
+
+/// Bob, in Chromium, answers a phone's call; the phone holds it and
+/// transfers him to `refer_to` (`transfer.xml`, which first tries a
+/// Refer-To that is not a SIP URI, and gets 400). Returns bob once the
+/// transferor heard the transfer succeed and the bridge let it go.
+fn bob_transferred_by_a_phone(
+    bridge: &BridgeProcess,
+    sandbox_port: u16,
+    refer_to: &str,
+    call_id: &str,
+) -> BrowserPeer {
+    let sandbox = format!("http://localhost:{sandbox_port}/");
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+    let (phone, transferor) = phone_call_with(
+        bridge,
+        "transfer.xml",
+        "bob",
+        PCMU_440,
+        8,
+        call_id,
+        &["-key", "refer_to", refer_to],
+    );
+    assert_each_hears_the_other(bridge, &mut bob, &phone);
+    let (success, output) = transferor.join().unwrap();
+    assert!(
+        success,
+        "the transferor hears 400 for a tel: URI, then 202, NOTIFY 100 and 200, then BYE: {output}\n{:#?}",
+        bridge.logs()
+    );
+    // Its BYE came: a phone stops sending then.
+    drop(phone);
+    assert_eq!(bob.count_events("hung up"), 0, "the app's call went on");
+    bob
+}
+
+/// The call's CDR line names the target, and the app's hang-up as the end.
+fn assert_transferred(cdr: &std::path::Path, call_id: &str, target: &str) {
+    let lines = wait_for_cdr(cdr, 1);
     let line = lines
         .iter()
-        .find(|l| l["call_id"] == "transfer-1")
+        .find(|l| l["call_id"] == call_id)
         .expect("a CDR line");
-    assert_eq!(line["transferred_to"], "alice", "{line}");
+    assert_eq!(line["transferred_to"], target, "{line}");
     assert_eq!(line["status"], 200, "{line}");
     assert!(
         line["cause"].as_str().unwrap().contains("the app hung up"),
@@ -1211,7 +1285,8 @@ fn a_video_phone_on_hold_freezes_the_apps_picture() {
 }
 
 /// A bridge configuration whose SIP domain is a SIPp "phone" on a port of
-/// its own (alice and bob mapped, a CDR file beside it), and that phone.
+/// its own (alice and bob mapped, unmapped callers through the gateway
+/// user, a CDR file beside it), and that phone.
 struct PhoneAtDomain {
     config: std::path::PathBuf,
     sip_port: u16,
@@ -1226,7 +1301,8 @@ impl PhoneAtDomain {
             &config,
             format!(
                 "[sip]\ndomain = \"127.0.0.1:{sip_port}\"\n\n\
-                 [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\n\
+                 [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\
+                 gateway_login = \"sip-gateway\"\ngateway_password = \"demo\"\n\n\
                  [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
                  [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n\n\
                  [cdr]\npath = \"{}\"\n",

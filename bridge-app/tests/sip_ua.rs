@@ -1,7 +1,8 @@
 //! The SIP leg of `sip-cc-bridge run` against SIPp: calls in every audio
 //! codec with the echo heard back at the right frequency, the tone service
 //! and RFC 4733 digits (reported, and played back), INFO DTMF, hold and resume, offers in the ACK,
-//! session timers, requests out of order, CANCEL, no answer, 404, 488, 422, digest authentication,
+//! session timers, requests out of order, CANCEL, no answer, 404, 488, 422, a refused
+//! transfer (603), digest authentication,
 //! the RTP timeout, TCP, malformed requests next to a call in progress, and stopping
 //! (SIGTERM, draining).
 
@@ -40,6 +41,10 @@ fn refusals_carry_the_right_status() {
     assert_sipp(
         sipp("session-too-short.xml", &bridge.address(), "echo", &[]),
         "Session-Expires 30 → 422 with Min-SE 90",
+    );
+    assert_sipp(
+        sipp("refer-refused.xml", &bridge.address(), "echo", &[]),
+        "a transfer of a call to a service → 603, and the call goes on",
     );
     assert!(bridge.is_running());
 }

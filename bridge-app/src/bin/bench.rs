@@ -221,10 +221,11 @@ impl PhoneCodec {
 /// Moves the bench, and every process it starts, into a network namespace
 /// of its own, so the bridge's cost is its own: no host firewall tracking
 /// every packet (the test namespace's NAT costs a few percent), and one
-/// address to offer as an ICE candidate. That address is on a dummy
-/// interface (libnice, on webrtcbin, offers no loopback address), and
-/// what goes to it goes through loopback. Without root the bench stays on
-/// the host's network and says so.
+/// address to offer as an ICE candidate. That address is on one end of a
+/// veth pair (libnice, on webrtcbin, offers no loopback address, and skips
+/// interfaces named `veth*`); what goes to a local address goes through
+/// loopback. Without root the bench stays on the host's network and says
+/// so.
 fn own_network() {
     // SAFETY: no thread has started yet, so the whole process moves.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -234,11 +235,14 @@ fn own_network() {
         );
         return;
     }
-    let steps: [&[&str]; 4] = [
+    let steps: [&[&str]; 5] = [
         &["link", "set", "lo", "up"],
-        &["link", "add", "bench0", "type", "dummy"],
+        &[
+            "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+        ],
         &["addr", "add", "192.0.2.1/32", "dev", "bench0"],
         &["link", "set", "bench0", "up"],
+        &["link", "set", "bench1", "up"],
     ];
     for step in steps {
         let done = Command::new("ip").args(step).status();

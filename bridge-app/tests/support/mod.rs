@@ -1117,7 +1117,22 @@ pub fn phone_call(
     seconds: u32,
     call_id: &str,
 ) -> (Phone, std::thread::JoinHandle<(bool, String)>) {
+    phone_call_with(bridge, scenario, service, codec, seconds, call_id, &[])
+}
+
+/// [`phone_call`] with more SIPp arguments (`-key name value` for what a
+/// scenario asks of its test).
+pub fn phone_call_with(
+    bridge: &BridgeProcess,
+    scenario: &'static str,
+    service: &str,
+    codec: PhoneCodec,
+    seconds: u32,
+    call_id: &str,
+    extra_args: &[&str],
+) -> (Phone, std::thread::JoinHandle<(bool, String)>) {
     let (name, pt, rate, rtpmap, frequency) = codec;
+    let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
     let phone = Phone::new(name, pt, rate, frequency);
     let (address, service, phone_port) = (
         bridge.address(),
@@ -1144,7 +1159,10 @@ pub fn phone_call(
                 "-key",
                 "phone_port",
                 &phone_port,
-            ],
+            ]
+            .into_iter()
+            .chain(extra_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
         )
     });
     phone.call(bridge.media_port(&format!("{call_id}-1")));
