@@ -475,10 +475,22 @@ fn both_hear(
 /// the transfer, as desk phones do: the target's answer resumes it.
 #[test]
 fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
+    blind_transfer_to_alice("transfer.xml", "blind");
+}
+
+/// Many desk phones hang up as soon as a blind transfer is under way: the
+/// call goes on, and the bridge carries the transfer through by itself.
+#[test]
+fn a_transfer_goes_on_when_the_transferor_hangs_up_at_once() {
+    blind_transfer_to_alice("transfer-and-leave.xml", "leave");
+}
+
+/// A phone's call to bob, transferred (`scenario`) to a desk phone
+/// registered with the bridge as alice: bob and alice hear each other.
+fn blind_transfer_to_alice(scenario: &'static str, call_id: &str) {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
-    // The target: a desk phone registered with the bridge as alice.
     let target = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
     let target = answering_on_a_thread(target, 30);
     assert!(
@@ -494,8 +506,8 @@ fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
     let mut bob = bob_transferred_by_a_phone(
         &bridge,
         bridge.sandbox_port,
-        "<sip:alice@127.0.0.1>",
-        "blind",
+        (scenario, "<sip:alice@127.0.0.1>"),
+        call_id,
     );
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
     bob.command(json!({"op": "hangUp"}));
@@ -505,7 +517,7 @@ fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
         " after the transfer",
         &bridge,
     );
-    assert_transferred(&cdr, "blind-1", "alice");
+    assert_transferred(&cdr, &format!("{call_id}-1"), "alice");
 }
 
 /// An attended transfer: the transferor's Refer-To embeds the `Replaces`
@@ -526,7 +538,10 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
     let mut bob = bob_transferred_by_a_phone(
         &bridge,
         domain.sandbox_port,
-        "<sip:carol@pbx.example?Replaces=consult-1%40pc.example%3Bto-tag%3D12%3Bfrom-tag%3D34>",
+        (
+            "transfer.xml",
+            "<sip:carol@pbx.example?Replaces=consult-1%40pc.example%3Bto-tag%3D12%3Bfrom-tag%3D34>",
+        ),
         "attended",
     );
     carol.call(bridge.media_port("attended-1"));
@@ -551,13 +566,13 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
 }
 
 /// Bob, in Chromium, answers a phone's call; the phone holds it and
-/// transfers him to `refer_to` (`transfer.xml`, which first tries a
-/// Refer-To that is not a SIP URI, and gets 400). Returns bob once the
-/// transferor heard the transfer succeed and the bridge let it go.
+/// transfers him to `refer_to` with `scenario` (`transfer.xml`, or
+/// `transfer-and-leave.xml`; both first try a Refer-To that is not a SIP
+/// URI, and get 400). Returns bob once the transferor is done.
 fn bob_transferred_by_a_phone(
     bridge: &BridgeProcess,
     sandbox_port: u16,
-    refer_to: &str,
+    (scenario, refer_to): (&'static str, &str),
     call_id: &str,
 ) -> BrowserPeer {
     let sandbox = format!("http://localhost:{sandbox_port}/");
@@ -565,21 +580,22 @@ fn bob_transferred_by_a_phone(
     bob.command(json!({"op": "autoAnswer", "on": true}));
     let (phone, transferor) = phone_call_with(
         bridge,
-        "transfer.xml",
+        scenario,
         "bob",
         PCMU_440,
         8,
         call_id,
-        &["-key", "refer_to", refer_to],
+        // -aa: a NOTIFY that crosses a transferor's BYE gets its 200.
+        &["-key", "refer_to", refer_to, "-aa"],
     );
     assert_each_hears_the_other(bridge, &mut bob, &phone);
     let (success, output) = transferor.join().unwrap();
     assert!(
         success,
-        "the transferor hears 400 for a tel: URI, then 202, NOTIFY 100 and 200, then BYE: {output}\n{:#?}",
+        "the transferor ({scenario}): {output}\n{:#?}",
         bridge.logs()
     );
-    // Its BYE came: a phone stops sending then.
+    // It hung up, or was hung up on: a phone stops sending then.
     drop(phone);
     assert_eq!(bob.count_events("hung up"), 0, "the app's call went on");
     bob

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rsipstack::dialog::dialog::DialogState;
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::Header;
@@ -109,6 +110,10 @@ pub(super) fn notifier(
         // 6665 allows either order, but some phones and SIPp mind).
         tokio::time::sleep(ACCEPTED_FIRST).await;
         while let Some(Progress { status, last }) = updates.recv().await {
+            // The transferor hung up: nobody to tell.
+            if matches!(dialog.state(), DialogState::Terminated(..)) {
+                return;
+            }
             let state = if last {
                 "terminated;reason=noresource"
             } else {
