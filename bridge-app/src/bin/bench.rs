@@ -216,8 +216,6 @@ impl PhoneCodec {
     }
 }
 
-/// A port free for both TCP and UDP (SIP and SIPp take both; the calls'
-/// media sockets take UDP ports from the same range).
 /// Moves the bench, and every process it starts, into a network namespace
 /// of its own, so the bridge's cost is its own: no host firewall tracking
 /// every packet (the test namespace's NAT costs a few percent), and one
@@ -255,6 +253,8 @@ fn own_network() {
     }
 }
 
+/// A port free for both TCP and UDP (SIP and SIPp take both; the calls'
+/// media sockets take UDP ports from the same range).
 fn free_port() -> u16 {
     loop {
         let port = TcpListener::bind("127.0.0.1:0")

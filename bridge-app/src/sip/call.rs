@@ -1173,7 +1173,8 @@ impl Call {
             Ok(transfer) => transfer,
             Err((status, why)) => {
                 info!("call {}: transfer refused ({why}), {status}", self.call_id);
-                let warning = Header::Warning(format!("399 sip-cc-bridge \"{why}\"").into());
+                let text = why.replace('"', "'");
+                let warning = Header::Warning(format!("399 sip-cc-bridge \"{text}\"").into());
                 let _ = handle.respond(status, Some(vec![warning]), None).await;
                 return None;
             }
