@@ -616,6 +616,67 @@ fn assert_transferred(cdr: &std::path::Path, call_id: &str, target: &str) {
     );
 }
 
+/// While the bridge drains (stopping with `--drain-timeout-s`), an app's
+/// new call to a phone is refused with the reason, and the call in
+/// progress goes on until its phone hangs up; then the bridge exits.
+#[test]
+fn a_draining_bridge_refuses_an_apps_new_call_and_keeps_the_one_in_progress() {
+    let _serial = one_at_a_time();
+    let mut bridge = BridgeProcess::start(&["--drain-timeout-s", "60"]);
+    // alice's desk phone, where an app's call to alice would ring.
+    let desk = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
+    let desk = answering_on_a_thread(desk, 15);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registrar: alice registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the desk phone registers: {:#?}",
+        bridge.logs()
+    );
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "bob", PCMU_440, 10, "drain");
+    assert_each_hears_the_other(&bridge, &mut bob, &phone);
+
+    bridge.signal("TERM");
+    assert!(
+        bridge
+            .wait_for_log(|l| l.contains("draining: "), Duration::from_secs(5))
+            .is_some(),
+        "{:#?}",
+        bridge.logs()
+    );
+    let mut carol = BrowserPeer::start(&sandbox, "carol", "demo", 660);
+    carol.command(json!({"op": "call", "to": "alice"}));
+    let refused = carol.wait_event("rejected", Duration::from_secs(15));
+    assert!(
+        refused.contains("the bridge is stopping") && refused.contains("503"),
+        "{refused}"
+    );
+    assert_eq!(
+        bob.count_events("hung up"),
+        0,
+        "the call in progress went on"
+    );
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the call in progress, to its BYE: {output}");
+    assert_eq!(
+        bridge.exited_within(Duration::from_secs(10)),
+        Some(true),
+        "the bridge exits once its last call ended: {:#?}",
+        bridge.logs()
+    );
+    let (_, desk_output) = desk.join().unwrap();
+    assert!(
+        !bridge.logs().iter().any(|l| l.contains("calls sip:alice")),
+        "the desk phone was not called: {desk_output}"
+    );
+}
+
 fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Option<f64> {
     let deadline = std::time::Instant::now() + within;
     let mut heard = None;
