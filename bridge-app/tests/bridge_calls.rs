@@ -565,6 +565,56 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
     assert_transferred(&dir.join("cdr.jsonl"), "attended-1", "carol");
 }
 
+/// The phone an app user called transfers the call: the REFER comes in
+/// the dialog the bridge itself began, and the app user reaches the
+/// target, a desk phone registered as bob.
+#[test]
+fn a_phone_an_app_user_called_transfers_the_app_user() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let domain = PhoneAtDomain::new(&dir);
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
+    let target = Baresip::new("bob", "demo", bridge.sip_port, 523, "g711");
+    let target = answering_on_a_thread(target, 30);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registrar: bob registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the target registers: {:#?}",
+        bridge.logs()
+    );
+    // alice's phone, at the SIP domain: answers, then transfers to bob.
+    let silent_port = support::free_even_port().to_string();
+    let transferor = domain.answer(
+        "answer-and-transfer.xml",
+        &["-key", "phone_port", &silent_port, "-d", "3000", "-aa"],
+    );
+    let sandbox = format!("http://localhost:{}/", domain.sandbox_port);
+    let mut carol = BrowserPeer::start(&sandbox, "carol", "demo", 660);
+    carol.command(json!({"op": "call", "to": "alice"}));
+    carol.wait_event("accepted", Duration::from_secs(15));
+    let (success, output) = transferor.join().unwrap();
+    assert!(
+        success,
+        "the transferor hears 202, NOTIFY 100 and 200, then BYE: {output}\n{:#?}",
+        bridge.logs()
+    );
+    let app_heard = frequency_heard_by(&mut carol, 523.0, Duration::from_secs(10));
+    assert_eq!(carol.count_events("hung up"), 0, "the app's call went on");
+    carol.command(json!({"op": "hangUp"}));
+    assert_phone_and_app_heard_each_other(
+        app_heard,
+        target.join().unwrap(),
+        " after the transfer",
+        &bridge,
+    );
+    let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 1);
+    assert_eq!(lines[0]["transferred_to"], "bob", "{}", lines[0]);
+}
+
 /// Bob, in Chromium, answers a phone's call; the phone holds it and
 /// transfers him to `refer_to` with `scenario` (`transfer.xml`, or
 /// `transfer-and-leave.xml`; both first try a Refer-To that is not a SIP
@@ -1362,8 +1412,9 @@ fn a_video_phone_on_hold_freezes_the_apps_picture() {
 }
 
 /// A bridge configuration whose SIP domain is a SIPp "phone" on a port of
-/// its own (alice and bob mapped, unmapped callers through the gateway
-/// user, a CDR file beside it), and that phone.
+/// its own (alice and bob mapped, their phones may register with the
+/// bridge; unmapped callers through the gateway user; a CDR file beside
+/// it), and that phone.
 struct PhoneAtDomain {
     config: std::path::PathBuf,
     sip_port: u16,
@@ -1377,11 +1428,11 @@ impl PhoneAtDomain {
         std::fs::write(
             &config,
             format!(
-                "[sip]\ndomain = \"127.0.0.1:{sip_port}\"\n\n\
+                "[sip]\ndomain = \"127.0.0.1:{sip_port}\"\nregistrar = true\n\n\
                  [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\
                  gateway_login = \"sip-gateway\"\ngateway_password = \"demo\"\n\n\
-                 [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\n\n\
-                 [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\n\n\
+                 [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\nsip_password = \"demo\"\n\n\
+                 [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\nsip_password = \"demo\"\n\n\
                  [cdr]\npath = \"{}\"\n",
                 dir.join("cdr.jsonl").display()
             ),
