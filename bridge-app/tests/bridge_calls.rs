@@ -493,16 +493,7 @@ fn blind_transfer_to_alice(scenario: &'static str, call_id: &str) {
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
     let target = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
     let target = answering_on_a_thread(target, 30);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registrar: alice registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "the target registers: {:#?}",
-        bridge.logs()
-    );
+    assert_registered(&bridge, "alice");
     let mut bob = bob_transferred_by_a_phone(
         &bridge,
         bridge.sandbox_port,
@@ -576,16 +567,7 @@ fn a_phone_an_app_user_called_transfers_the_app_user() {
     let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
     let target = Baresip::new("bob", "demo", bridge.sip_port, 523, "g711");
     let target = answering_on_a_thread(target, 30);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registrar: bob registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "the target registers: {:#?}",
-        bridge.logs()
-    );
+    assert_registered(&bridge, "bob");
     // alice's phone, at the SIP domain: answers, then transfers to bob.
     let silent_port = support::free_even_port().to_string();
     let transferor = domain.answer(
@@ -676,16 +658,7 @@ fn a_draining_bridge_refuses_an_apps_new_call_and_keeps_the_one_in_progress() {
     // alice's desk phone, where an app's call to alice would ring.
     let desk = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
     let desk = answering_on_a_thread(desk, 15);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registrar: alice registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "the desk phone registers: {:#?}",
-        bridge.logs()
-    );
+    assert_registered(&bridge, "alice");
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "autoAnswer", "on": true}));
@@ -740,17 +713,22 @@ fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Optio
     heard
 }
 
-fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPeer {
+/// Waits until `user`'s phone has registered with the bridge.
+fn assert_registered(bridge: &BridgeProcess, user: &str) {
     assert!(
         bridge
             .wait_for_log(
-                |l| l.contains("registrar: alice registered"),
+                |l| l.contains(&format!("registrar: {user} registered")),
                 Duration::from_secs(10)
             )
             .is_some(),
-        "the phone registers: {:#?}",
+        "{user}'s phone registers: {:#?}",
         bridge.logs()
     );
+}
+
+fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPeer {
+    assert_registered(bridge, "alice");
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "call", "to": "alice", "video": video}));
