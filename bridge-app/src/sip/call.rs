@@ -620,6 +620,11 @@ impl Call {
     /// the video when the call has it, which would stop if left out.
     fn render_offer(&mut self, direction: Direction) -> String {
         let origin = self.next_origin();
+        self.render_offer_as(origin, direction)
+    }
+
+    /// Our offer under `origin` (a new session's, or the next version of ours).
+    fn render_offer_as(&self, origin: Origin, direction: Direction) -> String {
         let mut streams = vec![OfferedStream {
             kind: MediaKind::Audio,
             rtp_port: self.reservation.port,
@@ -1249,7 +1254,13 @@ impl Call {
         if let Some(referred_by) = request.header_value("Referred-By") {
             headers.push(Header::ReferredBy(referred_by.into()));
         }
-        let offer = self.render_offer(Direction::SendRecv);
+        // A new session toward the target: the transferor's SDP versions
+        // go on unchanged should the transfer fail.
+        let origin = Origin {
+            session_id: rand::random::<u32>().into(),
+            version: 1,
+        };
+        let offer = self.render_offer_as(origin, Direction::SendRecv);
         let option = rsipstack::dialog::invitation::InviteOption {
             caller_display_name: self.app_identity.display_name.clone(),
             caller: self.app_identity.uri.as_str().try_into()?,
@@ -1286,6 +1297,10 @@ impl Call {
             states,
             outcome,
             capabilities,
+            origin: Origin {
+                version: origin.version + 1,
+                ..origin
+            },
             progress: None,
         })
     }
@@ -1351,6 +1366,7 @@ impl Call {
         }
         transfer.tell("200 OK".into(), true);
         let transferor = std::mem::replace(&mut self.dialog, transfer.dialog);
+        self.origin = transfer.origin;
         match transfer.progress {
             _ if transferor_gone => self.shared.dialogs.remove_dialog(&transferor.id()),
             // After the last NOTIFY.
@@ -1384,6 +1400,8 @@ struct Transfer {
     outcome: futures_util::future::BoxFuture<'static, TransferOutcome>,
     /// What the answer is negotiated against: our offer's codec and keys.
     capabilities: Capabilities,
+    /// The SDP origin of our next description to the target.
+    origin: Origin,
     /// The transferor's NOTIFYs (none when it asked for none, RFC 4488),
     /// and its BYE once the target took the call.
     progress: Option<(
