@@ -548,6 +548,16 @@ fn offered_sdp(request: &Request) -> Result<Option<sdp::SessionDescription>, Str
     sdp::parse(text).map(Some).map_err(|e| e.to_string())
 }
 
+/// A phone's SDP answer to an offer of ours, negotiated against what we offered.
+fn negotiate_answer(
+    body: &[u8],
+    capabilities: &Capabilities,
+) -> Result<offer_answer::Negotiation, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_owned())?;
+    let answer = sdp::parse(text).map_err(|e| e.to_string())?;
+    offer_answer::answer(&answer, capabilities).map_err(|e| e.to_string())
+}
+
 struct Call {
     shared: Arc<Shared>,
     dialog: InviteDialog,
@@ -796,10 +806,6 @@ impl Call {
                     None | Some(DialogState::Terminated(..)) if transfer.is_some() => {
                         info!("call {}: the transferor left; the transfer goes on", self.call_id);
                         transferor_gone = true;
-                        // Nobody to tell how it goes.
-                        if let Some(transfer) = transfer.as_mut() {
-                            transfer.progress = None;
-                        }
                     }
                     None => break (None, "the dialog closed".to_owned()),
                     Some(DialogState::Confirmed(..)) => self.on_confirmed(),
@@ -1344,12 +1350,7 @@ impl Call {
                 return (None, format!("the transfer to {target} failed: {why}"));
             }
         };
-        let audio = std::str::from_utf8(&response.body)
-            .map_err(|_| "not UTF-8".to_owned())
-            .and_then(|text| sdp::parse(text).map_err(|e| e.to_string()))
-            .and_then(|answer| {
-                offer_answer::answer(&answer, &transfer.capabilities).map_err(|e| e.to_string())
-            })
+        let audio = negotiate_answer(&response.body, &transfer.capabilities)
             .and_then(|n| n.audio().cloned().ok_or("no audio".to_owned()));
         let moved = audio
             .map_err(anyhow::Error::msg)
@@ -1709,12 +1710,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         (body, Some(early)) if body.is_empty() => early,
         (body, _) => body,
     };
-    let negotiation = std::str::from_utf8(answer_body)
-        .map_err(|_| "not UTF-8".to_owned())
-        .and_then(|text| sdp::parse(text).map_err(|e| e.to_string()))
-        .and_then(|answer| {
-            offer_answer::answer(&answer, &call.capabilities).map_err(|e| e.to_string())
-        });
+    let negotiation = negotiate_answer(answer_body, &call.capabilities);
     // The video first: the app's answer is made once every stream is known.
     if let (Some(reservation), Some(stream)) = (
         video_reservation,
