@@ -556,6 +556,90 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
     assert_transferred(&dir.join("cdr.jsonl"), "attended-1", "carol");
 }
 
+/// Attended transfer the other way round: a phone consults app user bob
+/// through the bridge, then hands its other party, carol, over to him.
+/// Carol's phone sends the bridge an INVITE whose `Replaces` names the
+/// consultation call: carol takes that call over, on bob's WebRTC
+/// connection as it is, and the consulting phone gets BYE.
+#[test]
+fn a_phone_takes_over_an_app_users_call_with_replaces() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let cdr = dir.join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+    let log = dir.join("consult.log");
+    let (consulting, consultation) = phone_call_with(
+        &bridge,
+        "consult.xml",
+        "bob",
+        PCMU_440,
+        30,
+        "consult",
+        &["-trace_logs", "-log_file", log.to_str().unwrap()],
+    );
+    assert_each_hears_the_other(&bridge, &mut bob, &consulting);
+    // The consultation call as the bridge knows it: its tag, the phone's.
+    let to_tag = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("to-tag=").map(str::to_owned))
+        .expect("the consulting phone logged the bridge's tag");
+    let replaces = format!("consult-1;to-tag={to_tag};from-tag=consultation");
+    let carol = Phone::new("PCMU", 0, 8000, 523);
+    let (address, carol_port) = (bridge.address(), carol.port().to_string());
+    let takeover = std::thread::spawn(move || {
+        let args = ["-d", "8000", "-cid_str", "takeover-%u", "-key", "pt", "0"];
+        let keys = [
+            "-key",
+            "rtpmap",
+            "PCMU/8000",
+            "-key",
+            "phone_port",
+            &carol_port,
+        ];
+        let replaces = ["-key", "replaces", &replaces];
+        sipp(
+            "replace.xml",
+            &address,
+            "bob",
+            &[&args[..], &keys, &replaces].concat(),
+        )
+    });
+    // Carol is answered on the consultation call's port.
+    carol.call(bridge.media_port("consult-1"));
+    let (success, output) = consultation.join().unwrap();
+    assert!(
+        success,
+        "the consulting phone gets BYE naming the transfer: {output}\n{:#?}",
+        bridge.logs()
+    );
+    drop(consulting);
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    let carol_heard = carol.heard_frequency();
+    assert_eq!(bob.count_events("hung up"), 0, "bob's call went on");
+    let (success, output) = takeover.join().unwrap();
+    assert!(
+        success,
+        "carol's call, then her BYE: {output}\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "bob heard {app_heard:?} instead of carol's 523 Hz"
+    );
+    assert!(
+        carol_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "carol heard {carol_heard:?} instead of bob's 660 Hz"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(lines.len(), 1, "one call: {lines:?}");
+    assert_eq!(lines[0]["transferred_to"], "carol", "{}", lines[0]);
+    assert_eq!(lines[0]["cause"], "the caller hung up", "{}", lines[0]);
+}
+
 /// The phone an app user called transfers the call: the REFER comes in
 /// the dialog the bridge itself began, and the app user reaches the
 /// target, a desk phone registered as bob.

@@ -46,6 +46,10 @@ fn refusals_carry_the_right_status() {
         sipp("refer-refused.xml", &bridge.address(), "echo", &[]),
         "a transfer of a call to a service → 603, and the call goes on",
     );
+    assert_sipp(
+        sipp("replace-refused.xml", &bridge.address(), "echo", &[]),
+        "Replaces without tags → 400; naming no call → 481",
+    );
     assert!(bridge.is_running());
 }
 

@@ -30,9 +30,9 @@ use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
-use super::transfer::{self, ReferTarget};
+use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
-    ALLOW, LiveCall, PhoneRoute, SUPPORTED, Shared, phone_route, refuse, reply, source_of,
+    ALLOW, LiveCall, PhoneRoute, SUPPORTED, Shared, phone_route, refuse, reply, source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -83,6 +83,7 @@ impl ActiveCall {
                 stop: stop.clone(),
                 view: None,
                 remote_cseq,
+                replaceable: None,
             },
         );
         let active = ActiveCall {
@@ -244,6 +245,18 @@ async fn answer_call(
         refuse(&mut tx, &verdict).await;
         return Ok(());
     }
+    match replaces_of(&tx.original) {
+        Ok(None) => {}
+        Ok(Some(replaces)) => {
+            hand_to_replaced_call(&shared, tx, &replaces, call_id).await;
+            return Ok(());
+        }
+        Err(why) => {
+            info!("call {call_id}: {why}, 400");
+            reply(&mut tx, StatusCode::BadRequest, vec![warning(399, &why)]).await;
+            return Ok(());
+        }
+    }
     let started = std::time::SystemTime::now();
     let caller = caller_of(&tx.original);
     let target = tx
@@ -308,8 +321,12 @@ async fn answer_call(
         Ok(offer) => offer,
         Err(reason) => {
             info!("call {call_id}: {reason}, 488");
-            let warning = Header::Warning(format!("399 sip-cc-bridge \"{reason}\"").into());
-            reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
+            reply(
+                &mut tx,
+                StatusCode::NotAcceptableHere,
+                vec![warning(399, &reason)],
+            )
+            .await;
             return Ok(());
         }
     };
@@ -319,7 +336,7 @@ async fn answer_call(
     {
         Some(Err(e)) => {
             info!("call {call_id}: {e}, 488");
-            let warning = Header::Warning(format!("304 sip-cc-bridge \"{e}\"").into());
+            let warning = warning(304, &e.to_string());
             reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
             return Ok(());
         }
@@ -329,7 +346,7 @@ async fn answer_call(
 
     if negotiated.is_none() && matches!(destination, Destination::App { .. }) {
         info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
-        let warning = Header::Warning("399 sip-cc-bridge \"an SDP offer is required\"".into());
+        let warning = warning(399, "an SDP offer is required");
         reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
         return Ok(());
     }
@@ -515,6 +532,65 @@ async fn answer_call(
     Ok(())
 }
 
+/// The dialog an INVITE replaces, if it names one (RFC 3891: at most one
+/// `Replaces`).
+fn replaces_of(request: &Request) -> Result<Option<Replaces>, String> {
+    let mut values = request
+        .headers
+        .iter()
+        .filter(|h| matches!(h, Header::Replaces(_)));
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(value), None) => Replaces::parse(value.value()).map(Some),
+        (Some(_), Some(_)) => Err("more than one Replaces".into()),
+    }
+}
+
+/// An INVITE with `Replaces`: goes to the call whose dialog it names, which
+/// then carries on with the new phone (an attended transfer whose
+/// consultation call was the bridge's). Naming no call of ours: 481.
+async fn hand_to_replaced_call(
+    shared: &Shared,
+    mut tx: Transaction,
+    replaces: &Replaces,
+    call_id: &str,
+) {
+    let target = shared
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|(replaced, call)| match &call.replaceable {
+            Some((dialog, target)) if replaces.names(dialog) => {
+                Some((replaced.clone(), target.clone()))
+            }
+            _ => None,
+        });
+    let refusal = match target {
+        None => (
+            StatusCode::CallTransactionDoesNotExist,
+            "no such call to replace",
+        ),
+        // RFC 3891 §3: a call in progress is not an early dialog.
+        Some(_) if replaces.early_only => (StatusCode::BusyHere, "the call is answered"),
+        Some((replaced, target)) => match target.send(tx) {
+            Ok(()) => {
+                info!("call {call_id}: replaces call {replaced}");
+                return;
+            }
+            Err(mpsc::error::SendError(returned)) => {
+                tx = returned;
+                (
+                    StatusCode::CallTransactionDoesNotExist,
+                    "the call has ended",
+                )
+            }
+        },
+    };
+    info!("call {call_id}: {}, {}", refusal.1, refusal.0);
+    reply(&mut tx, refusal.0, vec![warning(399, refusal.1)]).await;
+}
+
 fn caller_of(request: &Request) -> Caller {
     let from = request.from_header().ok().and_then(|h| h.typed().ok());
     Caller {
@@ -653,12 +729,16 @@ impl Call {
     }
 
     fn answer_headers(&self) -> Vec<Header> {
+        self.answer_headers_with(self.session_timer)
+    }
+
+    fn answer_headers_with(&self, session_timer: Option<SessionTimer>) -> Vec<Header> {
         let mut headers = vec![
             Header::ContentType("application/sdp".into()),
             Header::Allow(ALLOW.into()),
             Header::Supported(SUPPORTED.into()),
         ];
-        if let Some(timer) = self.session_timer {
+        if let Some(timer) = session_timer {
             headers.push(timer.header());
             headers.push(Header::Require("timer".into()));
         }
@@ -780,6 +860,9 @@ impl Call {
         // has already left the call (its BYE ends nothing until then).
         let mut transfer: Option<Transfer> = None;
         let mut transferor_gone = false;
+        // INVITEs naming the call's dialog in `Replaces`.
+        let (replace_with, mut replacements) = mpsc::unbounded_channel();
+        self.accept_replacements(&replace_with);
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
@@ -862,8 +945,16 @@ impl Call {
                         states = new_states;
                         session_deadline = None;
                         transferor_gone = false;
+                        self.accept_replacements(&replace_with);
                     } else if transferor_gone {
                         break (None, why);
+                    }
+                }
+                Some(invite) = replacements.recv() => {
+                    if let Some(new_states) = self.replace_phone(invite, transfer.is_some()).await {
+                        states = new_states;
+                        session_deadline = self.session_timer.map(SessionTimer::deadline);
+                        self.accept_replacements(&replace_with);
                     }
                 }
                 reason = app_ended => break (
@@ -1184,8 +1275,7 @@ impl Call {
             Ok(transfer) => transfer,
             Err((status, why)) => {
                 info!("call {}: transfer refused ({why}), {status}", self.call_id);
-                let text = why.replace('"', "'");
-                let warning = Header::Warning(format!("399 sip-cc-bridge \"{text}\"").into());
+                let warning = warning(399, &why);
                 let _ = handle.respond(status, Some(vec![warning]), None).await;
                 return None;
             }
@@ -1390,6 +1480,165 @@ impl Call {
         (Some(transfer.states), String::new())
     }
 }
+
+impl Call {
+    /// Lets an INVITE naming the call's present dialog in `Replaces` reach it.
+    fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>) {
+        if let Some(call) = self.shared.calls.lock().unwrap().get_mut(&self.call_id) {
+            call.replaceable = Some((self.dialog.id(), to.clone()));
+        }
+    }
+
+    /// An INVITE naming this call's dialog in `Replaces` (RFC 3891): its
+    /// phone takes the call over, answered with the call's codec and keys
+    /// so that the app's leg goes on untouched, and the replaced phone gets
+    /// BYE. Typically the replaced phone made a consultation call to the
+    /// app user and then transferred its other party here. Returns the new
+    /// dialog's state events.
+    async fn replace_phone(
+        &mut self,
+        mut tx: Transaction,
+        transfer_pending: bool,
+    ) -> Option<mpsc::UnboundedReceiver<DialogState>> {
+        let request = tx.original.clone();
+        let (negotiation, session_timer) = match self.check_replacement(&request, transfer_pending)
+        {
+            Ok(checked) => checked,
+            Err((status, why, mut headers)) => {
+                info!("call {}: not replaced ({why}), {status}", self.call_id);
+                headers.push(warning(399, &why));
+                reply(&mut tx, status, headers).await;
+                return None;
+            }
+        };
+        let (state_sender, states) = self.shared.dialogs.new_dialog_state_channel();
+        let created = self.shared.dialogs.get_or_create_server_invite(
+            &tx,
+            state_sender,
+            None,
+            Some(self.shared.contact.clone()),
+        );
+        let dialog = match created {
+            Ok(dialog) => dialog,
+            Err(e) => {
+                warn!(
+                    "call {}: cannot take the replacing INVITE: {e}",
+                    self.call_id
+                );
+                reply(&mut tx, StatusCode::ServerInternalError, vec![]).await;
+                return None;
+            }
+        };
+        let mut driver = dialog.clone();
+        tokio::spawn(async move {
+            let _ = driver.handle(&mut tx).await;
+        });
+        // A new session toward the new phone.
+        let replaced_origin = std::mem::replace(
+            &mut self.origin,
+            Origin {
+                session_id: rand::random::<u32>().into(),
+                version: 1,
+            },
+        );
+        let body = match &negotiation {
+            Some(negotiation) => self.render_answer(negotiation),
+            None => self.render_offer(Direction::SendRecv),
+        };
+        let moved = match negotiation.as_ref().and_then(|n| n.audio()) {
+            Some(audio) => self.apply(audio),
+            None => Ok(()),
+        };
+        let accepted = moved.and_then(|()| {
+            dialog
+                .accept(
+                    Some(self.answer_headers_with(session_timer)),
+                    Some(body.into_bytes()),
+                )
+                .map_err(Into::into)
+        });
+        if let Err(e) = accepted {
+            warn!(
+                "call {}: cannot answer the replacing INVITE: {e:#}",
+                self.call_id
+            );
+            self.origin = replaced_origin;
+            let _ = dialog.reject(Some(StatusCode::ServerInternalError), None);
+            return None;
+        }
+        let caller = caller_of(&request);
+        let replaced = std::mem::replace(&mut self.dialog, dialog);
+        transfer::hang_up(replaced, self.shared.dialogs.clone(), self.call_id.clone());
+        self.session_timer = session_timer;
+        self.answer_expected_in_ack = negotiation.is_none();
+        self.fast_update = FastUpdate::new(allows_info(&request));
+        self.info_dtmf = InfoDtmf::new(allows_info(&request));
+        self.record.transferred_to = Some(caller.user);
+        self.publish();
+        info!(
+            "call {}: {} took the call over (Replaces)",
+            self.call_id, caller.uri
+        );
+        Some(states)
+    }
+
+    /// What the replacing INVITE is answered with (none: it had no offer,
+    /// and gets ours), and its session timer; or why it is refused.
+    fn check_replacement(
+        &self,
+        request: &Request,
+        transfer_pending: bool,
+    ) -> Result<(Option<offer_answer::Negotiation>, Option<SessionTimer>), Refusal> {
+        let refusal = |status, why: &str| (status, why.to_owned(), vec![]);
+        if transfer_pending {
+            return Err(refusal(
+                StatusCode::BusyHere,
+                "the call is being transferred",
+            ));
+        }
+        if self.video.is_some() {
+            return Err(refusal(
+                StatusCode::Decline,
+                "a call with video cannot be taken over",
+            ));
+        }
+        let session_timer = match requested_session_interval(request) {
+            Some(interval) if interval < self.shared.config.min_session_expires => {
+                let min_se = self.shared.config.min_session_expires.to_string();
+                return Err((
+                    StatusCode::SessionIntervalTooSmall,
+                    format!("Session-Expires {interval} below Min-SE"),
+                    vec![Header::MinSE(min_se.into())],
+                ));
+            }
+            interval => interval.map(|interval| SessionTimer { interval }),
+        };
+        // The call's own codec, as protected as it is now; no video.
+        let capabilities = Capabilities {
+            video: vec![],
+            srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
+            ..self.capabilities.clone()
+        };
+        let offer =
+            offered_sdp(request).map_err(|why| refusal(StatusCode::NotAcceptableHere, &why))?;
+        let Some(offer) = offer else {
+            return Ok((None, session_timer));
+        };
+        let negotiation = offer_answer::answer(&offer, &capabilities)
+            .map_err(|e| e.to_string())
+            .and_then(|n| match n.audio() {
+                Some(_) => Ok(n),
+                None => Err("no audio".to_owned()),
+            });
+        match negotiation {
+            Ok(negotiation) => Ok((Some(negotiation), session_timer)),
+            Err(why) => Err(refusal(StatusCode::NotAcceptableHere, &why)),
+        }
+    }
+}
+
+/// A request's refusal: the status, why (for its Warning), other headers.
+type Refusal = (StatusCode, String, Vec<Header>);
 
 /// The call a transfer places to its target (the app's side stays).
 struct Transfer {

@@ -1,10 +1,12 @@
 //! Call transfer asked by the phone (REFER, RFC 3515): where the call goes,
 //! read from `Refer-To`, and the phone told how it goes (NOTIFY with a
-//! `message/sipfrag` body), in order, off the call's own task.
+//! `message/sipfrag` body), in order, off the call's own task. And the
+//! dialog a phone's INVITE with `Replaces` takes the place of (RFC 3891).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::DialogState;
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
@@ -61,6 +63,64 @@ impl ReferTarget {
             .map(|(_, value)| unescape(value))
             .transpose()?;
         Ok(ReferTarget { user, replaces })
+    }
+}
+
+/// The dialog an INVITE's `Replaces` header names (RFC 3891 §6.1): its
+/// Call-ID and tags, `to_tag` being the tag of the one receiving it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Replaces {
+    pub call_id: String,
+    pub to_tag: String,
+    pub from_tag: String,
+    /// Only an early dialog may be replaced, not a call in progress.
+    pub early_only: bool,
+}
+
+impl Replaces {
+    /// Reads `call-id;to-tag=…;from-tag=…[;early-only]`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.len() > MAX_REFER_TO {
+            return Err("Replaces is too long".into());
+        }
+        let mut parts = value.split(';').map(str::trim);
+        let call_id = parts.next().unwrap_or_default();
+        if call_id.is_empty() || call_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err("Replaces names no Call-ID".into());
+        }
+        let (mut to_tag, mut from_tag, mut early_only) = (None, None, false);
+        for parameter in parts {
+            let (name, tag) = match parameter.split_once('=') {
+                Some((name, tag)) => (name.trim(), Some(tag.trim())),
+                None => (parameter, None),
+            };
+            let slot = if name.eq_ignore_ascii_case("to-tag") {
+                &mut to_tag
+            } else if name.eq_ignore_ascii_case("from-tag") {
+                &mut from_tag
+            } else {
+                early_only |= name.eq_ignore_ascii_case("early-only");
+                continue;
+            };
+            *slot = tag.filter(|t| !t.is_empty()).map(str::to_owned);
+        }
+        let (Some(to_tag), Some(from_tag)) = (to_tag, from_tag) else {
+            return Err("Replaces lacks its to-tag or from-tag".into());
+        };
+        Ok(Replaces {
+            call_id: call_id.to_owned(),
+            to_tag,
+            from_tag,
+            early_only,
+        })
+    }
+
+    /// Whether it names `dialog`: its to-tag is our tag, its from-tag the
+    /// other party's, whichever side began the dialog.
+    pub fn names(&self, dialog: &DialogId) -> bool {
+        self.call_id == dialog.call_id
+            && self.to_tag == dialog.local_tag
+            && self.from_tag == dialog.remote_tag
     }
 }
 
@@ -182,6 +242,39 @@ mod tests {
             target.replaces.as_deref(),
             Some("4ab3@pc.example;to-tag=12;from-tag=34")
         );
+    }
+
+    #[test]
+    fn replaces_names_a_dialog_by_our_tag_and_theirs() {
+        let replaces = Replaces::parse("4ab3@pc.example ; to-tag=12;from-tag=34").unwrap();
+        assert!(!replaces.early_only);
+        let dialog = |local: &str, remote: &str| DialogId {
+            call_id: "4ab3@pc.example".into(),
+            local_tag: local.into(),
+            remote_tag: remote.into(),
+        };
+        assert!(replaces.names(&dialog("12", "34")));
+        assert!(
+            !replaces.names(&dialog("34", "12")),
+            "the tags as the receiver sees them"
+        );
+        let early = Replaces::parse("x;from-tag=1;early-only;to-tag=2").unwrap();
+        assert!(early.early_only);
+        assert_eq!((early.to_tag.as_str(), early.from_tag.as_str()), ("2", "1"));
+    }
+
+    #[test]
+    fn a_replaces_without_its_dialog_is_refused() {
+        for value in [
+            "",
+            ";to-tag=1;from-tag=2",
+            "a b;to-tag=1;from-tag=2",
+            "abc;to-tag=1",
+            "abc;to-tag=;from-tag=2",
+            &format!("{};to-tag=1;from-tag=2", "x".repeat(2000)),
+        ] {
+            assert!(Replaces::parse(value).is_err(), "{value:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use gst::prelude::*;
 use rsipstack::EndpointBuilder;
+use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::Dialog;
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::sip::prelude::HeadersExt;
@@ -20,6 +21,7 @@ use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
 use rsipstack::transport::udp::UdpConnection;
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -30,7 +32,7 @@ use super::routing::CallRecord;
 use super::{Router, SipConfig, Transport, call};
 
 pub(super) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, REGISTER";
-pub(super) const SUPPORTED: &str = "timer, norefersub";
+pub(super) const SUPPORTED: &str = "timer, norefersub, replaces";
 
 /// What every call task shares.
 pub(super) struct Shared {
@@ -61,6 +63,9 @@ pub(super) struct LiveCall {
     /// The highest CSeq the other party has used in this dialog (0: none
     /// yet), so that a request out of order gets its 500 (RFC 3261 §12.2.2).
     pub remote_cseq: u32,
+    /// The call's SIP dialog once answered, and where an INVITE naming it
+    /// in `Replaces` goes (RFC 3891: another phone takes this one's place).
+    pub replaceable: Option<(DialogId, mpsc::UnboundedSender<Transaction>)>,
 }
 
 impl LiveCall {
@@ -381,6 +386,13 @@ pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
     Some((target, shared.config.outbound_proxy))
 }
 
+/// A Warning header (RFC 3261 §20.43) saying why, as this bridge (399:
+/// miscellaneous; 304: media type not available).
+pub(super) fn warning(code: u16, text: &str) -> Header {
+    let text = text.replace('"', "'");
+    Header::Warning(format!("{code} sip-cc-bridge \"{text}\"").into())
+}
+
 /// Where a request came from (the transport's peer, else the top Via).
 pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
     tx.connection
@@ -401,14 +413,14 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
     debug!("{method} {} (in dialog: {in_dialog})", tx.original.uri);
     if let Err(problem) = check_request(&tx.original) {
         info!("{method} {}: {problem}, 400", tx.original.uri);
-        let warning = Header::Warning(format!("399 sip-cc-bridge \"{problem}\"").into());
+        let warning = warning(399, &problem.to_string());
         reply(&mut tx, StatusCode::BadRequest, vec![warning]).await;
         return;
     }
     if in_dialog {
         if let Err(highest) = in_order(shared, &tx.original) {
             info!("{method} {}: CSeq below {highest}, 500", tx.original.uri);
-            let warning = Header::Warning("399 sip-cc-bridge \"CSeq out of order\"".into());
+            let warning = warning(399, "CSeq out of order");
             reply(&mut tx, StatusCode::ServerInternalError, vec![warning]).await;
             return;
         }
