@@ -182,6 +182,17 @@ fn a_ringing_call_can_be_cancelled_or_go_unanswered() {
     );
 }
 
+/// An INVITE requiring an extension the bridge does not do gets 420 naming
+/// it; one requiring 100rel (as some carriers' do) gets its 180 reliably.
+#[test]
+fn what_an_invite_requires_is_done_or_refused_by_name() {
+    let bridge = BridgeProcess::start(&["--answer-delay-ms", "1000"]);
+    assert_sipp(
+        sipp("require.xml", &bridge.address(), "echo", &[]),
+        "Require: x-teleportation → 420 Unsupported; Require: 100rel → 180 with RSeq, PRACK 200, then 200",
+    );
+}
+
 #[test]
 fn direct_callers_must_answer_a_digest_challenge() {
     // Loopback is not a trusted server here, so SIPp counts as a direct caller.

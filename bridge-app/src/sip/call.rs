@@ -245,6 +245,14 @@ async fn answer_call(
         refuse(&mut tx, &verdict).await;
         return Ok(());
     }
+    let unsupported = unsupported_requirements(&tx.original);
+    if !unsupported.is_empty() {
+        let unsupported = unsupported.join(", ");
+        info!("call {call_id}: requires {unsupported}, 420");
+        let headers = vec![Header::Unsupported(unsupported.into())];
+        reply(&mut tx, StatusCode::BadExtension, headers).await;
+        return Ok(());
+    }
     match replaces_of(&tx.original) {
         Ok(None) => {}
         Ok(Some(replaces)) => {
@@ -359,6 +367,7 @@ async fn answer_call(
         }
     };
     let phone_allows_info = allows_info(&tx.original);
+    let reliable_ringing = required_tags(&tx.original).iter().any(|t| t == "100rel");
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
     let dialog = shared.dialogs.get_or_create_server_invite(
         &tx,
@@ -371,7 +380,11 @@ async fn answer_call(
         // Sends 100 Trying, retransmits responses, takes the ACK or CANCEL.
         let _ = driver.handle(&mut tx).await;
     });
-    dialog.ringing(None, None)?;
+    // RFC 3262: a caller that requires it gets its 180 reliably (the
+    // stack answers the PRACK).
+    let reliable =
+        reliable_ringing.then(|| vec![Header::Require("100rel".into()), Header::RSeq("1".into())]);
+    dialog.ringing(reliable, None)?;
     let (peer, mut app) = match destination {
         Destination::Service(service) => (Peer::Service(service), None),
         Destination::App { leg, record_to } => (
@@ -530,6 +543,32 @@ async fn answer_call(
     );
     call.run(states, token).await;
     Ok(())
+}
+
+/// The option tags an INVITE may require (RFC 3261 §8.2.2.3).
+const UNDERSTOOD: [&str; 3] = ["100rel", "replaces", "timer"];
+
+/// The option tags of a request's `Require` headers.
+fn required_tags(request: &Request) -> Vec<String> {
+    request
+        .headers
+        .iter()
+        .filter(|h| matches!(h, Header::Require(_)))
+        .flat_map(|h| {
+            h.value()
+                .split(',')
+                .map(|tag| tag.trim().to_ascii_lowercase())
+        })
+        .filter(|tag| !tag.is_empty())
+        .collect()
+}
+
+/// What an INVITE requires that the bridge does not do: answered 420.
+fn unsupported_requirements(request: &Request) -> Vec<String> {
+    required_tags(request)
+        .into_iter()
+        .filter(|tag| !UNDERSTOOD.contains(&tag.as_str()))
+        .collect()
 }
 
 /// The dialog an INVITE replaces, if it names one (RFC 3891: at most one
