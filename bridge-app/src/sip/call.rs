@@ -1017,6 +1017,17 @@ impl Call {
             }
         };
         info!("call {}: ended ({cause})", self.call_id);
+        // An INVITE that came to replace the call as it ended: no call now.
+        replacements.close();
+        while let Ok(mut invite) = replacements.try_recv() {
+            let warning = warning(399, "the call has ended");
+            reply(
+                &mut invite,
+                StatusCode::CallTransactionDoesNotExist,
+                vec![warning],
+            )
+            .await;
+        }
         if let Some(transfer) = transfer {
             transfer.cancel();
             transfer.tell("487 Request Terminated".into(), true);
