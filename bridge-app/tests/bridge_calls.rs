@@ -430,6 +430,7 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
 /// has passed (then the last reading).
 /// A phone sending a 440 Hz tone in PCMU.
 const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
+const OPUS_440: PhoneCodec = ("OPUS", 111, 48000, "opus/48000/2", 440);
 
 /// The app (its tone 660 Hz) hears the phone's 440 Hz and the phone the
 /// app's, within 15 s.
@@ -473,21 +474,27 @@ fn both_hear(
 /// (BYE), and the app and the target hear each other over the WebRTC
 /// connection the call already had. The first phone held the call before
 /// the transfer, as desk phones do: the target's answer resumes it.
+///
+/// The first phone speaks Opus, passed through to the app; alice's desk
+/// phone only G.711: the bridge offers her the call's codec first, then
+/// the others, and transcodes once she answers PCMU, on the app's WebRTC
+/// connection as it is.
 #[test]
 fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
-    blind_transfer_to_alice("transfer.xml", "blind");
+    blind_transfer_to_alice("transfer.xml", OPUS_440, "blind");
 }
 
 /// Many desk phones hang up as soon as a blind transfer is under way: the
 /// call goes on, and the bridge carries the transfer through by itself.
 #[test]
 fn a_transfer_goes_on_when_the_transferor_hangs_up_at_once() {
-    blind_transfer_to_alice("transfer-and-leave.xml", "leave");
+    blind_transfer_to_alice("transfer-and-leave.xml", PCMU_440, "leave");
 }
 
-/// A phone's call to bob, transferred (`scenario`) to a desk phone
-/// registered with the bridge as alice: bob and alice hear each other.
-fn blind_transfer_to_alice(scenario: &'static str, call_id: &str) {
+/// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
+/// phone registered with the bridge as alice (G.711): bob and alice hear
+/// each other.
+fn blind_transfer_to_alice(scenario: &'static str, codec: PhoneCodec, call_id: &str) {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
@@ -498,6 +505,7 @@ fn blind_transfer_to_alice(scenario: &'static str, call_id: &str) {
         &bridge,
         bridge.sandbox_port,
         (scenario, "<sip:alice@127.0.0.1>"),
+        codec,
         call_id,
     );
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
@@ -533,6 +541,7 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
             "transfer.xml",
             "<sip:carol@pbx.example?Replaces=consult-1%40pc.example%3Bto-tag%3D12%3Bfrom-tag%3D34>",
         ),
+        PCMU_440,
         "attended",
     );
     carol.call(bridge.media_port("attended-1"));
@@ -681,14 +690,16 @@ fn a_phone_an_app_user_called_transfers_the_app_user() {
     assert_eq!(lines[0]["transferred_to"], "bob", "{}", lines[0]);
 }
 
-/// Bob, in Chromium, answers a phone's call; the phone holds it and
-/// transfers him to `refer_to` with `scenario` (`transfer.xml`, or
-/// `transfer-and-leave.xml`; both first try a Refer-To that is not a SIP
-/// URI, and get 400). Returns bob once the transferor is done.
+/// Bob, in Chromium, answers a phone's call in `codec` (at 440 Hz); the
+/// phone holds it and transfers him to `refer_to` with `scenario`
+/// (`transfer.xml`, or `transfer-and-leave.xml`; both first try a
+/// Refer-To that is not a SIP URI, and get 400). Returns bob once the
+/// transferor is done.
 fn bob_transferred_by_a_phone(
     bridge: &BridgeProcess,
     sandbox_port: u16,
     (scenario, refer_to): (&'static str, &str),
+    codec: PhoneCodec,
     call_id: &str,
 ) -> BrowserPeer {
     let sandbox = format!("http://localhost:{sandbox_port}/");
@@ -698,7 +709,7 @@ fn bob_transferred_by_a_phone(
         bridge,
         scenario,
         "bob",
-        PCMU_440,
+        codec,
         8,
         call_id,
         // -aa: a NOTIFY that crosses a transferor's BYE gets its 200.
@@ -713,7 +724,12 @@ fn bob_transferred_by_a_phone(
     );
     // It hung up, or was hung up on: a phone stops sending then.
     drop(phone);
-    assert_eq!(bob.count_events("hung up"), 0, "the app's call went on");
+    assert_eq!(
+        bob.count_events("hung up"),
+        0,
+        "the app's call went on: {:#?}",
+        bridge.logs()
+    );
     bob
 }
 

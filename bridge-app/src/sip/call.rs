@@ -745,11 +745,17 @@ impl Call {
     /// the video when the call has it, which would stop if left out.
     fn render_offer(&mut self, direction: Direction) -> String {
         let origin = self.next_origin();
-        self.render_offer_as(origin, direction)
+        self.render_offer_as(origin, direction, &self.capabilities)
     }
 
-    /// Our offer under `origin` (a new session's, or the next version of ours).
-    fn render_offer_as(&self, origin: Origin, direction: Direction) -> String {
+    /// Our offer under `origin` (a new session's, or the next version of
+    /// ours), of the codecs of `capabilities`.
+    fn render_offer_as(
+        &self,
+        origin: Origin,
+        direction: Direction,
+        capabilities: &Capabilities,
+    ) -> String {
         let mut streams = vec![OfferedStream {
             kind: MediaKind::Audio,
             rtp_port: self.reservation.port,
@@ -764,7 +770,7 @@ impl Call {
                 crypto: self.offered_crypto.clone(),
             });
         }
-        offer_answer::render_offer(&self.capabilities, origin, self.sdp_address(), &streams)
+        offer_answer::render_offer(capabilities, origin, self.sdp_address(), &streams)
     }
 
     fn answer_headers(&self) -> Vec<Header> {
@@ -837,8 +843,23 @@ impl Call {
 
     /// Starts the media, or moves it to the renegotiated stream.
     fn apply(&mut self, stream: &NegotiatedStream) -> anyhow::Result<()> {
+        let codec = stream.codec.encoding_name;
+        let switched = match self.media.as_mut() {
+            Some(media) if media.codec() != codec => {
+                media.switch_codec(stream, &self.shared.config)?
+            }
+            _ => false,
+        };
+        if switched {
+            info!("call {}: the phone's codec is now {codec}", self.call_id);
+            self.capabilities.audio = vec![codec];
+        }
         match &self.media {
-            Some(media) if media.codec() == stream.codec.encoding_name => media.update(stream),
+            Some(media) if media.codec() == codec => {
+                if !switched {
+                    media.update(stream);
+                }
+            }
             _ => {
                 if let Some(old) = self.media.take() {
                     old.stop();
@@ -1406,7 +1427,8 @@ impl Call {
             session_id: rand::random::<u32>().into(),
             version: 1,
         };
-        let offer = self.render_offer_as(origin, Direction::SendRecv);
+        let capabilities = self.capabilities_for_new_phone();
+        let offer = self.render_offer_as(origin, Direction::SendRecv, &capabilities);
         let option = rsipstack::dialog::invitation::InviteOption {
             caller_display_name: self.app_identity.display_name.clone(),
             caller: self.app_identity.uri.as_str().try_into()?,
@@ -1432,11 +1454,6 @@ impl Call {
                 Ok(Ok(Ok((_, Some(response))))) => Ok(response),
             }
         });
-        // What we offered protected must come back protected.
-        let capabilities = Capabilities {
-            srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
-            ..self.capabilities.clone()
-        };
         Ok(Transfer {
             target: target.user,
             dialog,
@@ -1532,6 +1549,27 @@ impl Call {
 }
 
 impl Call {
+    /// What a phone taking the call over (a transfer's target, or by
+    /// `Replaces`) may speak: the call's codec first, then any other the
+    /// call's media can switch to; as protected as the call is now; no
+    /// video.
+    fn capabilities_for_new_phone(&self) -> Capabilities {
+        let mut audio = self.capabilities.audio.clone();
+        if self.media.as_ref().is_some_and(CallMedia::can_switch_codec) {
+            for codec in Capabilities::all_audio().audio {
+                if !audio.contains(&codec) {
+                    audio.push(codec);
+                }
+            }
+        }
+        Capabilities {
+            audio,
+            video: vec![],
+            srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
+            ..self.capabilities.clone()
+        }
+    }
+
     /// Lets an INVITE naming the call's present dialog in `Replaces` reach it.
     fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>) {
         if let Some(call) = self.shared.calls.lock().unwrap().get_mut(&self.call_id) {
@@ -1663,12 +1701,7 @@ impl Call {
             }
             interval => interval.map(|interval| SessionTimer { interval }),
         };
-        // The call's own codec, as protected as it is now; no video.
-        let capabilities = Capabilities {
-            video: vec![],
-            srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
-            ..self.capabilities.clone()
-        };
+        let capabilities = self.capabilities_for_new_phone();
         let offer =
             offered_sdp(request).map_err(|why| refusal(StatusCode::NotAcceptableHere, &why))?;
         let Some(offer) = offer else {

@@ -144,6 +144,150 @@ pub(super) fn configure_sip_pair(
     }
 }
 
+/// Replaces what lies between `from` (a source pad) and `to` (a sink pad)
+/// with `segment` (`None`: `from` is linked to `to`), once nothing passes
+/// `from`: at once when idle, else just after the packet going through.
+fn swap_segment(
+    pipeline: &gst::Pipeline,
+    from: gst::Pad,
+    to: gst::Pad,
+    segment: Option<gst::Element>,
+) {
+    let pipeline = pipeline.downgrade();
+    let segment = Mutex::new(Some(segment));
+    from.add_probe(gst::PadProbeType::IDLE, move |from, _| {
+        let (Some(segment), Some(pipeline)) = (segment.lock().unwrap().take(), pipeline.upgrade())
+        else {
+            return gst::PadProbeReturn::Remove;
+        };
+        let mut old = Vec::new();
+        let mut next = from.peer();
+        while let Some(pad) = next.filter(|pad| pad != &to) {
+            let Some(element) = pad.parent_element() else {
+                break;
+            };
+            next = element.static_pad("src").and_then(|src| src.peer());
+            old.push(element);
+        }
+        if let Some(peer) = from.peer() {
+            let _ = from.unlink(&peer);
+        }
+        for element in old {
+            let _ = element.set_state(gst::State::Null);
+            let _ = pipeline.remove(&element);
+        }
+        // `from` still has the old codec's caps: the packets' new caps
+        // come with the first of them.
+        let link_from = |sink: &gst::Pad| from.link_full(sink, gst::PadLinkCheck::empty()).is_ok();
+        let linked = match &segment {
+            Some(segment) => {
+                pipeline.add(segment).is_ok()
+                    && segment
+                        .static_pad("sink")
+                        .is_some_and(|sink| link_from(&sink))
+                    && segment
+                        .static_pad("src")
+                        .is_some_and(|src| src.link(&to).is_ok())
+                    && segment.sync_state_with_parent().is_ok()
+            }
+            None => link_from(&to),
+        };
+        if !linked {
+            gst::element_error!(
+                pipeline,
+                gst::CoreError::Negotiation,
+                ["cannot link the new codec's elements"]
+            );
+        }
+        gst::PadProbeReturn::Remove
+    });
+}
+
+/// Where a recorded call's voices are taken, each way: a `tee` whose
+/// other branch goes to the recorder.
+const RECORDING_SPLITS: (&str, &str) = ("tee name=from_phone ! queue", "tee name=from_app ! queue");
+
+/// Raw audio to the phone's RTP: its codec's encoder at its own rate
+/// (Opus in frames of the phone's ptime), then its payloader.
+fn encode_for_phone(
+    chain: &AudioChain,
+    stream: &NegotiatedStream,
+    config: &super::SipConfig,
+) -> String {
+    let ptime_ns = u64::from(stream.ptime) * 1_000_000;
+    let pt = stream.format.payload_type;
+    let encoder = match stream.codec.encoding_name {
+        "OPUS" => format!(
+            "opusvoiceenc frame-size={} complexity={}",
+            opus_frame_size(stream.ptime),
+            config.opus_complexity
+        ),
+        _ => chain.encoder.to_owned(),
+    };
+    format!(
+        "audio/x-raw,rate={},channels=1 ! {encoder} ! {} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns}",
+        chain.encoder_rate, chain.payloader
+    )
+}
+
+/// What lies between the phone's RTP and the app's (Opus) in a bridged
+/// call: toward the app, then toward the phone (`None`: nothing). Opus
+/// both ways passes as it is; any other codec is decoded and encoded at
+/// the phone's own rate, with no resampler, whose delay would push the
+/// audio off the packet grid and hold every packet for the next one.
+/// `splits` take each voice for a recording where it is plain (empty:
+/// none). The element named `to_app` holds the app's audio back while the
+/// phone holds the call.
+fn codec_segments(
+    chain: &AudioChain,
+    encode_for_phone: &str,
+    config: &super::SipConfig,
+    (split_phone, split_app): (&str, &str),
+) -> (String, Option<String>) {
+    let join = |parts: &[&str]| {
+        parts
+            .iter()
+            .filter(|part| !part.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ! ")
+    };
+    if chain.depayloader == "rtpopusdepay" {
+        // Each leg numbers the packets by its own map: the WebRTC stack
+        // for the app, `sipsink` by the phone's SDP.
+        let to_app = join(&[split_phone, "valve name=to_app drop=false"]);
+        return (
+            to_app,
+            (!split_app.is_empty()).then(|| split_app.to_owned()),
+        );
+    }
+    // Every phone codec's decoder gives 16-bit mono at the rate Opus is
+    // fed at, and Opus is decoded to the phone encoder's rate.
+    let raw = format!(
+        "audio/x-raw,format=S16LE,rate={},channels=1",
+        chain.encoder_rate
+    );
+    let encode_for_app = format!(
+        "opusvoiceenc audio-type=generic complexity={} ! rtpopuspay pt=111",
+        config.opus_complexity
+    );
+    let to_app = join(&[
+        chain.depayloader,
+        chain.decoder,
+        &raw,
+        split_phone,
+        "volume name=to_app",
+        &encode_for_app,
+    ]);
+    let to_phone = join(&[
+        "rtpopusdepay",
+        "opusvoicedec plc=true",
+        split_app,
+        encode_for_phone,
+    ]);
+    (to_app, Some(to_phone))
+}
+
 /// The elements of the common calls' pipelines, loaded before the first call.
 pub const COMMON_ELEMENTS: &[&str] = &[
     "sipsrc",
@@ -233,6 +377,8 @@ pub struct CallMedia {
     receiver: gst::Element,
     sender: gst::Element,
     valve: gst::Element,
+    /// The app's audio source (`connectycubesrc`), when bridged.
+    app_src: Option<gst::Element>,
     codec: &'static str,
     /// How long the bridge holds the audio, toward the app and toward the phone.
     latency: (LatencyMeter, LatencyMeter),
@@ -268,8 +414,6 @@ impl CallMedia {
         let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
         let session = &reservation.session;
         let address = reservation.address;
-        let pt = stream.format.payload_type;
-        let ptime_ns = u64::from(stream.ptime) * 1_000_000;
         // The phone's audio is received on the plugin's shared threads:
         // nothing downstream of it here blocks (see `to_phone`).
         let receiver = format!(
@@ -281,22 +425,7 @@ impl CallMedia {
         let to_phone = format!(
             "valve name=hold drop=false ! sipsink name=tx session={session} local-address={address} sync=false"
         );
-        let payloader = format!(
-            "{} pt={pt} min-ptime={ptime_ns} max-ptime={ptime_ns}",
-            chain.payloader
-        );
-        let encoder = match codec {
-            "OPUS" => format!(
-                "opusvoiceenc frame-size={} complexity={}",
-                opus_frame_size(stream.ptime),
-                config.opus_complexity
-            ),
-            _ => chain.encoder.to_owned(),
-        };
-        let encode_for_phone = format!(
-            "audio/x-raw,rate={},channels=1 ! {encoder} ! {payloader}",
-            chain.encoder_rate
-        );
+        let encode_for_phone = encode_for_phone(&chain, stream, config);
         let description = match peer {
             Peer::Service(Service::Echo) => format!(
                 "{receiver} ! {} ! {} ! audioconvert ! audioresample ! {encode_for_phone} ! {to_phone}",
@@ -319,18 +448,16 @@ impl CallMedia {
                 // the mix; otherwise it goes to a WAV file.
                 let mix =
                     "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1";
-                let (split_phone, split_app, recorder) = match (record_to, recorder) {
+                let (splits, recorder) = match (record_to, recorder) {
                     (Some(_), Some(_)) => (
-                        "tee name=from_phone ! queue ! ",
-                        "tee name=from_app ! queue ! ",
+                        RECORDING_SPLITS,
                         format!("{mix} ! appsink name=voices sync=false async=false"),
                     ),
                     (Some(path), None) => (
-                        "tee name=from_phone ! queue ! ",
-                        "tee name=from_app ! queue ! ",
+                        RECORDING_SPLITS,
                         format!("{mix} ! wavenc ! filesink location=\"{}\"", path.display()),
                     ),
-                    (None, _) => ("", "", String::new()),
+                    (None, _) => (("", ""), String::new()),
                 };
                 let nat = nat_properties(config);
                 let app_sink = format!(
@@ -343,46 +470,26 @@ impl CallMedia {
                     _ => chain.encoder_rate,
                 };
                 let app_src = format!(
-                    "connectycubesrc session={app} webrtc-stack={stack}{nat} media=audio max-playback-rate={playback_rate}"
+                    "connectycubesrc name=app_src session={app} webrtc-stack={stack}{nat} media=audio max-playback-rate={playback_rate}"
                 );
-                if codec == "OPUS" {
-                    // Opus both ways: the packets pass as they are, no
-                    // decoding (but for the recording). Each leg numbers
-                    // them by its own map: the WebRTC stack for the app,
-                    // `sipsink` by the phone's SDP.
-                    let record = if record_to.is_some() {
-                        format!(
-                            "from_phone. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} \
-                             from_app. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} {recorder}"
-                        )
-                    } else {
-                        String::new()
-                    };
-                    format!(
-                        "{receiver} ! {split_phone}valve name=to_app drop=false ! {app_sink} \
-                         {app_src} ! {split_app}{to_phone} {record}"
-                    )
-                } else {
-                    // Opus encoded and decoded at the phone's own rate: no
-                    // resampler, whose delay would push the audio off the
-                    // packet grid and hold every packet for the next one.
-                    let rate = chain.encoder_rate;
-                    let complexity = config.opus_complexity;
-                    let record = if record_to.is_some() {
+                let (to_app, to_phone_codec) =
+                    codec_segments(&chain, &encode_for_phone, config, splits);
+                let record = match (record_to.is_some(), codec) {
+                    (false, _) => String::new(),
+                    // The packets pass as they are: decoded for the recording only.
+                    (true, "OPUS") => format!(
+                        "from_phone. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} \
+                         from_app. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} {recorder}"
+                    ),
+                    (true, _) => {
                         format!("from_phone. ! {to_recorder} from_app. ! {to_recorder} {recorder}")
-                    } else {
-                        String::new()
-                    };
-                    // Every phone codec's decoder gives 16-bit mono at the
-                    // rate Opus is fed at, and Opus is decoded to the phone
-                    // encoder's rate: nothing to convert either way.
-                    format!(
-                        "{receiver} ! {} ! {} ! audio/x-raw,format=S16LE,rate={rate},channels=1 \
-                           ! {split_phone}volume name=to_app ! opusvoiceenc audio-type=generic complexity={complexity} ! rtpopuspay pt=111 ! {app_sink} \
-                         {app_src} ! rtpopusdepay ! opusvoicedec plc=true ! {split_app}{encode_for_phone} ! {to_phone} {record}",
-                        chain.depayloader, chain.decoder,
-                    )
-                }
+                    }
+                };
+                let from_app = match to_phone_codec {
+                    Some(segment) => format!("{app_src} ! {segment}"),
+                    None => app_src,
+                };
+                format!("{receiver} ! {to_app} ! {app_sink} {from_app} ! {to_phone} {record}")
             }
         };
         tracing::debug!("call pipeline: {description}");
@@ -396,6 +503,7 @@ impl CallMedia {
                 .with_context(|| format!("pipeline lacks {name}"))
         };
         let (receiver, sender, valve) = (by_name("rx")?, by_name("tx")?, by_name("hold")?);
+        let pipeline_app_src = pipeline.by_name("app_src");
         let media = Self {
             app: pipeline.by_name("app"),
             to_app: pipeline.by_name("to_app"),
@@ -408,6 +516,7 @@ impl CallMedia {
             receiver,
             sender,
             valve,
+            app_src: pipeline_app_src,
             codec,
             latency: Default::default(),
         };
@@ -492,6 +601,60 @@ impl CallMedia {
                 None => to_app.set_property("drop", held),
             }
         }
+    }
+
+    /// Whether [`Self::switch_codec`] can: a bridged call not recorded.
+    pub fn can_switch_codec(&self) -> bool {
+        self.app_src.is_some()
+            && self.recording.is_none()
+            && self.pipeline.by_name("recorder").is_none()
+    }
+
+    /// Moves a bridged call to another phone codec, its WebRTC leg as it
+    /// is: for a phone that takes the call over (a transfer's target) and
+    /// does not speak the call's codec. The elements between the phone's
+    /// RTP and the app's are swapped, each way once no packet passes.
+    /// `Ok(false)`: this call's media cannot (a service, or a recording).
+    pub fn switch_codec(
+        &mut self,
+        stream: &NegotiatedStream,
+        config: &super::SipConfig,
+    ) -> anyhow::Result<bool> {
+        let (Some(app), Some(app_src)) = (&self.app, &self.app_src) else {
+            return Ok(false);
+        };
+        if !self.can_switch_codec() {
+            return Ok(false);
+        }
+        let codec = stream.codec.encoding_name;
+        let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
+        let encode = encode_for_phone(&chain, stream, config);
+        let (to_app, to_phone) = codec_segments(&chain, &encode, config, ("", ""));
+        let bin = |description: &str| {
+            gst::parse::bin_from_description(description, true)
+                .with_context(|| format!("cannot build {description}"))
+        };
+        let to_app = bin(&to_app)?;
+        let to_phone = to_phone.as_deref().map(bin).transpose()?;
+        // The phone's packets are of the new codec from now on.
+        self.set_peer(stream);
+        let pad = |element: &gst::Element, name| element.static_pad(name).expect("a static pad");
+        swap_segment(
+            &self.pipeline,
+            pad(&self.receiver, "src"),
+            pad(app, "sink"),
+            Some(to_app.clone().upcast()),
+        );
+        swap_segment(
+            &self.pipeline,
+            pad(app_src, "src"),
+            pad(&self.valve, "sink"),
+            to_phone.map(|bin| bin.upcast()),
+        );
+        self.to_app = to_app.by_name("to_app");
+        self.codec = codec;
+        self.set_direction(stream);
+        Ok(true)
     }
 
     /// Sends a digit to the phone as RFC 4733 events; `false` when the
