@@ -517,6 +517,9 @@ fn blind_transfer_to_alice(scenario: &'static str, codec: PhoneCodec, call_id: &
         &bridge,
     );
     assert_transferred(&cdr, &format!("{call_id}-1"), "alice");
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(lines[0]["sip_codec"], "PCMU", "alice's codec: {}", lines[0]);
+    assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
 }
 
 /// An attended transfer: the transferor's Refer-To embeds the `Replaces`
