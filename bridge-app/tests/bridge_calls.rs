@@ -491,6 +491,80 @@ fn a_transfer_goes_on_when_the_transferor_hangs_up_at_once() {
     blind_transfer_to_alice("transfer-and-leave.xml", PCMU_440, "leave");
 }
 
+/// A video phone transfers its call with bob to alice's desk phone with a
+/// camera (baresip): the bridge offers her the call's audio and H.264,
+/// and once she answers, bob sees her camera and hears her voice, and
+/// she sees his, on the WebRTC connection the call already had.
+#[test]
+fn a_video_call_is_transferred_to_a_phone_with_a_camera() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&["--video", "vp8"]);
+    let port = bridge.sip_port;
+    let target = std::thread::spawn(move || {
+        let phone = Baresip::new("alice", "demo", port, 523, "g711").with_video();
+        let output = phone.answer_calls(30);
+        (phone.decoded_frame(), output)
+    });
+    assert_registered(&bridge, "alice");
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+    // The transferor's camera is off: what bob sees comes from alice.
+    let unwatched_video = support::free_even_port().to_string();
+    let (phone, transferor) = phone_call_with(
+        &bridge,
+        "transfer-video.xml",
+        "bob",
+        PCMU_440,
+        8,
+        "vtransfer",
+        &[
+            "-key",
+            "refer_to",
+            "<sip:alice@127.0.0.1>",
+            "-key",
+            "video_port",
+            &unwatched_video,
+            "-aa",
+        ],
+    );
+    assert_each_hears_the_other(&bridge, &mut bob, &phone);
+    let (success, output) = transferor.join().unwrap();
+    assert!(
+        success,
+        "the video phone transfers: {output}\n{:#?}",
+        bridge.logs()
+    );
+    drop(phone);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut app_frames = 0;
+    while std::time::Instant::now() < deadline && app_frames < 30 {
+        std::thread::sleep(Duration::from_millis(500));
+        app_frames = bob
+            .command(json!({"op": "framesDecoded"}))
+            .as_u64()
+            .unwrap_or(0);
+    }
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    assert_eq!(bob.count_events("hung up"), 0, "bob's call went on");
+    bob.command(json!({"op": "hangUp"}));
+    let (phone_frame, output) = target.join().unwrap();
+    let logs = bridge.logs();
+    assert!(
+        app_frames >= 30,
+        "bob decoded {app_frames} frames of alice's camera\n{output}\n{logs:#?}"
+    );
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "bob heard {app_heard:?} instead of alice's 523 Hz"
+    );
+    assert_eq!(
+        phone_frame,
+        Some((320, 240)),
+        "alice decoded bob's 320x240 camera\n{output}\n{logs:#?}"
+    );
+}
+
 /// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
 /// phone registered with the bridge as alice (G.711): bob and alice hear
 /// each other.

@@ -1388,12 +1388,6 @@ impl Call {
                 "only a call with an app can be transferred".into(),
             ));
         }
-        if self.video.is_some() {
-            return Err((
-                StatusCode::Decline,
-                "a call with video cannot be transferred".into(),
-            ));
-        }
         let refer_to = request
             .header_value("Refer-To")
             .ok_or((StatusCode::BadRequest, "no Refer-To".to_owned()))?;
@@ -1507,11 +1501,9 @@ impl Call {
                 return (None, format!("the transfer to {target} failed: {why}"));
             }
         };
-        let audio = negotiate_answer(&response.body, &transfer.capabilities)
-            .and_then(|n| n.audio().cloned().ok_or("no audio".to_owned()));
-        let moved = audio
+        let moved = negotiate_answer(&response.body, &transfer.capabilities)
             .map_err(anyhow::Error::msg)
-            .and_then(|audio| self.apply(&audio));
+            .and_then(|negotiation| self.move_media(&negotiation));
         if let Err(e) = moved {
             warn!(
                 "call {}: {target}'s answer to the transfer is unusable ({e:#})",
@@ -1551,8 +1543,8 @@ impl Call {
 impl Call {
     /// What a phone taking the call over (a transfer's target, or by
     /// `Replaces`) may speak: the call's codec first, then any other the
-    /// call's media can switch to; as protected as the call is now; no
-    /// video.
+    /// call's media can switch to; as protected as the call is now; video
+    /// if the call has it.
     fn capabilities_for_new_phone(&self) -> Capabilities {
         let mut audio = self.capabilities.audio.clone();
         if self.media.as_ref().is_some_and(CallMedia::can_switch_codec) {
@@ -1564,10 +1556,34 @@ impl Call {
         }
         Capabilities {
             audio,
-            video: vec![],
+            video: match self.video {
+                Some(_) => self.capabilities.video.clone(),
+                None => vec![],
+            },
             srtp_required: self.capabilities.srtp_required || self.offered_crypto.is_some(),
             ..self.capabilities.clone()
         }
+    }
+
+    /// Moves the call's media to a phone that took it over: the audio, in
+    /// whatever codec it speaks, and the video, paused when the phone takes
+    /// none.
+    fn move_media(&mut self, negotiation: &offer_answer::Negotiation) -> anyhow::Result<()> {
+        let audio = negotiation
+            .audio()
+            .ok_or_else(|| anyhow::anyhow!("no audio"))?;
+        self.apply(audio)?;
+        if let Some((_, video)) = &self.video {
+            match negotiation.video() {
+                Some(stream) => {
+                    video.update(stream);
+                    // The new phone's decoder starts from a key frame.
+                    video.request_key_frame();
+                }
+                None => video.suspend(),
+            }
+        }
+        Ok(())
     }
 
     /// Lets an INVITE naming the call's present dialog in `Replaces` reach it.
@@ -1633,8 +1649,8 @@ impl Call {
             Some(negotiation) => self.render_answer(negotiation),
             None => self.render_offer(Direction::SendRecv),
         };
-        let moved = match negotiation.as_ref().and_then(|n| n.audio()) {
-            Some(audio) => self.apply(audio),
+        let moved = match &negotiation {
+            Some(negotiation) => self.move_media(negotiation),
             None => Ok(()),
         };
         let accepted = moved.and_then(|()| {
@@ -1682,12 +1698,6 @@ impl Call {
             return Err(refusal(
                 StatusCode::BusyHere,
                 "the call is being transferred",
-            ));
-        }
-        if self.video.is_some() {
-            return Err(refusal(
-                StatusCode::Decline,
-                "a call with video cannot be taken over",
             ));
         }
         let session_timer = match requested_session_interval(request) {

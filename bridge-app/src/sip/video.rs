@@ -284,6 +284,13 @@ impl CallVideo {
         pause(&self.to_phone, !stream.we_send());
     }
 
+    /// The phone that took the call over takes no video: the app's picture
+    /// stands still and nothing goes to the phone.
+    pub fn suspend(&self) {
+        pause(&self.to_app, true);
+        pause(&self.to_phone, true);
+    }
+
     /// The phone lost the picture (SIP INFO `picture_fast_update`): a key
     /// frame from the bridge's encoder, or, when H.264 passes through, from
     /// the app (PLI).
