@@ -183,13 +183,26 @@ fn a_ringing_call_can_be_cancelled_or_go_unanswered() {
 }
 
 /// An INVITE requiring an extension the bridge does not do gets 420 naming
-/// it; one requiring 100rel (as some carriers' do) gets its 180 reliably.
+/// it; one requiring 100rel (as some carriers' do) gets its 180 reliably:
+/// sent again until the PRACK.
 #[test]
 fn what_an_invite_requires_is_done_or_refused_by_name() {
-    let bridge = BridgeProcess::start(&["--answer-delay-ms", "1000"]);
+    let bridge = BridgeProcess::start(&["--answer-delay-ms", "2500"]);
+    let (success, output) = sipp("require.xml", &bridge.address(), "echo", &[]);
     assert_sipp(
-        sipp("require.xml", &bridge.address(), "echo", &[]),
+        (success, output.clone()),
         "Require: x-teleportation → 420 Unsupported; Require: 100rel → 180 with RSeq, PRACK 200, then 200",
+    );
+    // SIPp's screen: "180 <---  messages  retransmissions  timeouts  unexpected".
+    let resent = output
+        .lines()
+        .find(|l| l.trim_start().starts_with("180 <"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<u32>().ok());
+    assert_eq!(
+        resent,
+        Some(1),
+        "the 180 is sent again once in the 1.2 s before the PRACK, and not after it\n{output}"
     );
 }
 

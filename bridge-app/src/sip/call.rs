@@ -40,6 +40,11 @@ use super::video::{AppVideoCodec, CallVideo};
 /// app answered.
 const ICE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A reliable 180 is sent again after T1, then twice as long each time,
+/// up to 64 × T1 in all (RFC 3262 §3).
+const RELIABLE_RESEND_FIRST: Duration = Duration::from_millis(500);
+const RELIABLE_RESEND_LAST: Duration = Duration::from_secs(16);
+
 /// Redirections (3xx) followed for one outbound call.
 const MAX_REDIRECTS: u32 = 3;
 
@@ -84,6 +89,7 @@ impl ActiveCall {
                 view: None,
                 remote_cseq,
                 replaceable: None,
+                prack: None,
             },
         );
         let active = ActiveCall {
@@ -380,11 +386,11 @@ async fn answer_call(
         // Sends 100 Trying, retransmits responses, takes the ACK or CANCEL.
         let _ = driver.handle(&mut tx).await;
     });
-    // RFC 3262: a caller that requires it gets its 180 reliably (the
-    // stack answers the PRACK).
-    let reliable =
-        reliable_ringing.then(|| vec![Header::Require("100rel".into()), Header::RSeq("1".into())]);
-    dialog.ringing(reliable, None)?;
+    if reliable_ringing {
+        ring_reliably(&shared, &dialog, call_id)?;
+    } else {
+        dialog.ringing(None, None)?;
+    }
     let (peer, mut app) = match destination {
         Destination::Service(service) => (Peer::Service(service), None),
         Destination::App { leg, record_to } => (
@@ -542,6 +548,34 @@ async fn answer_call(
             .map_or("codec from the ACK", |m| m.codec())
     );
     call.run(states, token).await;
+    Ok(())
+}
+
+/// RFC 3262: a 180 for a caller that requires it to be reliable, sent
+/// again at T1 doubling (as RFC 3261's responses are) until the caller's
+/// PRACK comes (the stack answers it) or the call leaves ringing.
+fn ring_reliably(shared: &Shared, dialog: &InviteDialog, call_id: &str) -> anyhow::Result<()> {
+    let reliable = || vec![Header::Require("100rel".into()), Header::RSeq("1".into())];
+    dialog.ringing(Some(reliable()), None)?;
+    let prack = Arc::new(tokio::sync::Notify::new());
+    if let Some(call) = shared.calls.lock().unwrap().get_mut(call_id) {
+        call.prack = Some(prack.clone());
+    }
+    let dialog = dialog.clone();
+    tokio::spawn(async move {
+        let mut wait = RELIABLE_RESEND_FIRST;
+        while wait <= RELIABLE_RESEND_LAST {
+            tokio::select! {
+                () = prack.notified() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            if !matches!(dialog.state(), DialogState::Early(..)) {
+                return;
+            }
+            let _ = dialog.ringing(Some(reliable()), None);
+            wait *= 2;
+        }
+    });
     Ok(())
 }
 

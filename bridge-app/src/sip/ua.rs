@@ -66,6 +66,9 @@ pub(super) struct LiveCall {
     /// The call's SIP dialog once answered, and where an INVITE naming it
     /// in `Replaces` goes (RFC 3891: another phone takes this one's place).
     pub replaceable: Option<(DialogId, mpsc::UnboundedSender<Transaction>)>,
+    /// Told when the caller PRACKs our reliable 180 (RFC 3262), when its
+    /// INVITE required one: the 180 is sent again until then.
+    pub prack: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LiveCall {
@@ -424,6 +427,9 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             reply(&mut tx, StatusCode::ServerInternalError, vec![warning]).await;
             return;
         }
+        if method == Method::PRack {
+            note_prack(shared, &tx.original);
+        }
         match shared.dialogs.match_dialog(&tx) {
             Some(Dialog::Invite(mut dialog)) => {
                 tokio::spawn(async move {
@@ -487,6 +493,22 @@ fn in_order(shared: &Shared, request: &rsipstack::sip::Request) -> Result<(), u3
     }
     call.remote_cseq = cseq;
     Ok(())
+}
+
+/// A PRACK: the call it belongs to stops sending its reliable 180.
+fn note_prack(shared: &Shared, request: &rsipstack::sip::Request) {
+    let Ok(call_id) = request.call_id_header() else {
+        return;
+    };
+    if let Some(prack) = shared
+        .calls
+        .lock()
+        .unwrap()
+        .get(call_id.value())
+        .and_then(|call| call.prack.as_ref())
+    {
+        prack.notify_one();
+    }
 }
 
 /// Longest header value accepted; real ones are far shorter.
