@@ -261,7 +261,7 @@ pub fn answer(
             remote_rtp,
             remote_rtcp,
             rtcp_mux: media.rtcp_mux,
-            direction: reverse(media.direction),
+            direction: reverse(offered_direction(media.direction, address)),
             srtp,
         });
     }
@@ -496,6 +496,19 @@ fn media_kind(name: &str) -> Option<MediaKind> {
     }
 }
 
+/// The direction a stream is offered in. A connection address of zero is
+/// RFC 2543's hold, still sent by older phones: the offerer receives
+/// nothing (RFC 3264 §8.4), and nothing may be sent to it.
+fn offered_direction(direction: Direction, address: IpAddr) -> Direction {
+    if !address.is_unspecified() {
+        return direction;
+    }
+    match direction {
+        Direction::SendRecv | Direction::SendOnly => Direction::SendOnly,
+        Direction::RecvOnly | Direction::Inactive => Direction::Inactive,
+    }
+}
+
 fn reverse(direction: Direction) -> Direction {
     match direction {
         Direction::SendOnly => Direction::RecvOnly,
@@ -623,6 +636,21 @@ mod tests {
             let offer = offer(&format!("m=audio 4000 RTP/AVP 0\r\na={offered}\r\n"));
             let audio = answer(&offer, &Capabilities::all_audio()).unwrap().streams[0].clone();
             assert_eq!(audio.direction, answered);
+        }
+    }
+
+    #[test]
+    fn a_zero_connection_address_is_a_hold() {
+        for (offered, answered) in [
+            ("", Direction::RecvOnly),
+            ("a=recvonly\r\n", Direction::Inactive),
+        ] {
+            let offer = offer(&format!(
+                "m=audio 4000 RTP/AVP 0\r\nc=IN IP4 0.0.0.0\r\n{offered}"
+            ));
+            let audio = answer(&offer, &Capabilities::all_audio()).unwrap().streams[0].clone();
+            assert_eq!(audio.direction, answered, "{offered:?}");
+            assert!(!audio.we_send(), "nothing goes to 0.0.0.0");
         }
     }
 

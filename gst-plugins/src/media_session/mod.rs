@@ -296,16 +296,24 @@ impl MediaSession {
     }
 
     /// Sets where media goes. Without an explicit RTCP address, RTCP goes to
-    /// the RTP port + 1 (or the RTP port itself when muxed).
+    /// the RTP port + 1 (or the RTP port itself when muxed). An address of
+    /// zero (RFC 2543's hold) is nowhere: nothing is sent until the peer's
+    /// own packets show where it is (Linux would take it for this host).
     pub fn set_remote(&self, rtp: SocketAddr, rtcp: Option<SocketAddr>) {
         let mut state = self.state.lock().unwrap();
+        state.last_from_remote = None;
+        if rtp.ip().is_unspecified() {
+            state.remote_rtp = None;
+            state.remote_rtcp = None;
+            state.remote_rtcp_explicit = false;
+            return;
+        }
         state.remote_rtp = Some(canonical(rtp));
         state.remote_rtcp_explicit = rtcp.is_some();
         state.remote_rtcp = Some(
             rtcp.map(canonical)
                 .unwrap_or_else(|| self.default_rtcp_for(rtp)),
         );
-        state.last_from_remote = None;
     }
 
     pub fn remote_rtp(&self) -> Option<SocketAddr> {
@@ -942,6 +950,17 @@ mod tests {
             port_range: (20000, 30000),
             rtcp_mux: false,
         }
+    }
+
+    #[test]
+    fn nothing_goes_to_a_zero_address() {
+        let session = MediaSession::acquire(None, &loopback()).unwrap();
+        let zero: SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        session.set_remote(zero, None);
+        assert_eq!(session.remote_rtp(), None);
+        let phone: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        session.set_remote(phone, None);
+        assert_eq!(session.remote_rtp(), Some(phone));
     }
 
     #[test]
