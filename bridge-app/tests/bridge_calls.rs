@@ -565,6 +565,55 @@ fn a_video_call_is_transferred_to_a_phone_with_a_camera() {
     );
 }
 
+/// A PBX moves an Opus softphone's call with an app user to a desk phone
+/// that speaks only PCMU, by a re-INVITE with the new phone's address and
+/// codec (as after a transfer the PBX carried out itself): the bridge
+/// goes from passing Opus through to transcoding, on the app's WebRTC
+/// connection as it is, and the app and the desk phone hear each other.
+#[test]
+fn a_call_moved_to_a_phone_of_another_codec_goes_on() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let mut alice = alice_answering(&bridge, true);
+    let desk = Phone::new("PCMU", 0, 8000, 523);
+    let moved_port = desk.port().to_string();
+    let (softphone, signalling) = phone_call_with(
+        &bridge,
+        "moved.xml",
+        "alice",
+        OPUS_440,
+        8,
+        "moved",
+        &["-key", "moved_port", &moved_port],
+    );
+    assert_each_hears_the_other(&bridge, &mut alice, &softphone);
+    bridge
+        .wait_for_log(
+            |l| l.contains("call moved-1: the phone's codec is now PCMU"),
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("the call did not move: {:#?}", bridge.logs()));
+    drop(softphone);
+    desk.call(bridge.media_port("moved-1"));
+    let app_heard = frequency_heard_by(&mut alice, 523.0, Duration::from_secs(10));
+    let desk_heard = desk.heard_frequency();
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the re-INVITE is answered in PCMU: {output}");
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app heard {app_heard:?} instead of the desk phone's 523 Hz\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        desk_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the desk phone heard {desk_heard:?} instead of the app's 660 Hz"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(lines[0]["sip_codec"], "PCMU", "{}", lines[0]);
+    assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
+}
+
 /// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
 /// phone registered with the bridge as alice (G.711): bob and alice hear
 /// each other.

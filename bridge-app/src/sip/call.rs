@@ -1246,7 +1246,11 @@ impl Call {
             });
         }
         let body = match offer {
-            Some(offer) => match offer_answer::answer(&offer, &self.capabilities) {
+            Some(offer) => match offer_answer::answer(&offer, &self.capabilities).or_else(|_| {
+                // Not the call's codec (a PBX moved the call to another
+                // phone, say): one its media can switch to will do.
+                offer_answer::answer(&offer, &self.capabilities_for_new_phone())
+            }) {
                 Ok(negotiation) => {
                     if let Err(e) = self.renegotiate(&negotiation) {
                         warn!("call {}: {e:#}", self.call_id);
