@@ -536,15 +536,7 @@ fn a_video_call_is_transferred_to_a_phone_with_a_camera() {
         bridge.logs()
     );
     drop(phone);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut app_frames = 0;
-    while std::time::Instant::now() < deadline && app_frames < 30 {
-        std::thread::sleep(Duration::from_millis(500));
-        app_frames = bob
-            .command(json!({"op": "framesDecoded"}))
-            .as_u64()
-            .unwrap_or(0);
-    }
+    let app_frames = frames_decoded_by(&mut bob, 30, Duration::from_secs(15));
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
     assert_eq!(bob.count_events("hung up"), 0, "bob's call went on");
     bob.command(json!({"op": "hangUp"}));
@@ -1569,17 +1561,11 @@ fn a_recorded_video_call_holds_both_voices_and_both_pictures() {
 fn a_video_phone_on_hold_freezes_the_apps_picture() {
     let _serial = one_at_a_time();
     let mut call = VideoCallFromPhone::start("vp8", "video-hold.xml", &[]);
-    let frames = |alice: &mut BrowserPeer| {
-        alice
-            .command(json!({"op": "framesDecoded"}))
-            .as_u64()
-            .unwrap_or(0)
-    };
     // Frames decoded in 1.5 s.
     let rate = |alice: &mut BrowserPeer| {
-        let before = frames(alice);
+        let before = frames_decoded(alice);
         std::thread::sleep(Duration::from_millis(1500));
-        frames(alice) - before
+        frames_decoded(alice) - before
     };
     let applied = |bridge: &BridgeProcess, direction: &str, count: usize| {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -1599,7 +1585,7 @@ fn a_video_phone_on_hold_freezes_the_apps_picture() {
         }
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
-    while frames(&mut call.alice) < 15 && std::time::Instant::now() < deadline {
+    while frames_decoded(&mut call.alice) < 15 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     let before = rate(&mut call.alice);
@@ -1756,16 +1742,31 @@ struct Seen {
     phone_heard: Option<f64>,
 }
 
+/// The video frames the app has decoded so far.
+fn frames_decoded(app: &mut BrowserPeer) -> u64 {
+    app.command(json!({"op": "framesDecoded"}))
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The video frames the app has decoded once `at_least`, or after `within`.
+fn frames_decoded_by(app: &mut BrowserPeer, at_least: u64, within: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + within;
+    let mut frames = 0;
+    while std::time::Instant::now() < deadline && frames < at_least {
+        std::thread::sleep(Duration::from_millis(500));
+        frames = frames_decoded(app);
+    }
+    frames
+}
+
 /// Watches a video call until both sides decoded 30 frames (15 s at most).
 fn watch_video_call(app: &mut BrowserPeer, phone: &Phone, camera: &VideoPhone) -> Seen {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let (mut app_frames, mut app_heard) = (0, None);
     while std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        app_frames = app
-            .command(json!({"op": "framesDecoded"}))
-            .as_u64()
-            .unwrap_or(0);
+        app_frames = frames_decoded(app);
         app_heard = app.command(json!({"op": "frequency"})).as_f64();
         if app_frames >= 30 && camera.frames() >= 30 {
             break;
@@ -1824,15 +1825,7 @@ fn baresip_with_a_camera_and_an_app_see_each_other() {
             (phone.decoded_frame(), output)
         });
         let mut bob = bob_calls_registered_alice(&bridge, true);
-        let deadline = std::time::Instant::now() + Duration::from_secs(12);
-        let mut app_frames = 0;
-        while std::time::Instant::now() < deadline && app_frames < 30 {
-            std::thread::sleep(Duration::from_millis(500));
-            app_frames = bob
-                .command(json!({"op": "framesDecoded"}))
-                .as_u64()
-                .unwrap_or(0);
-        }
+        let app_frames = frames_decoded_by(&mut bob, 30, Duration::from_secs(12));
         bob.command(json!({"op": "hangUp"}));
         let (phone_frame, output) = phone.join().unwrap();
         let logs = bridge.logs();

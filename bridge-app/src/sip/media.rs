@@ -252,7 +252,8 @@ fn codec_segments(
             .collect::<Vec<_>>()
             .join(" ! ")
     };
-    if chain.depayloader == "rtpopusdepay" {
+    let opus_both_ways = chain.depayloader == "rtpopusdepay";
+    if opus_both_ways {
         // Each leg numbers the packets by its own map: the WebRTC stack
         // for the app, `sipsink` by the phone's SDP.
         let to_app = join(&[split_phone, "valve name=to_app drop=false"]);
@@ -503,10 +504,10 @@ impl CallMedia {
                 .with_context(|| format!("pipeline lacks {name}"))
         };
         let (receiver, sender, valve) = (by_name("rx")?, by_name("tx")?, by_name("hold")?);
-        let pipeline_app_src = pipeline.by_name("app_src");
         let media = Self {
             app: pipeline.by_name("app"),
             to_app: pipeline.by_name("to_app"),
+            app_src: pipeline.by_name("app_src"),
             recording: match peer {
                 Peer::App { record_to, .. } if recorder.is_none() => record_to.clone(),
                 _ => None,
@@ -516,7 +517,6 @@ impl CallMedia {
             receiver,
             sender,
             valve,
-            app_src: pipeline_app_src,
             codec,
             latency: Default::default(),
         };
