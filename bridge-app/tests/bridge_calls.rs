@@ -808,6 +808,81 @@ fn a_phone_an_app_user_called_transfers_the_app_user() {
     assert_eq!(lines[0]["transferred_to"], "bob", "{}", lines[0]);
 }
 
+/// A colleague picks up alice's ringing desk phone (a call-pickup key): its
+/// INVITE names the bridge's early dialog with that phone in `Replaces`.
+/// The bridge answers it for the app user who called, and CANCELs the
+/// ringing phone; the app user and the colleague hear each other.
+#[test]
+fn an_apps_ringing_call_is_picked_up_by_another_phone() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let domain = PhoneAtDomain::new(&dir);
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
+    let log = dir.join("ringing.log");
+    let ringing = domain.answer(
+        "ring-picked-up.xml",
+        &["-trace_logs", "-log_file", log.to_str().unwrap()],
+    );
+    let sandbox = format!("http://localhost:{}/", domain.sandbox_port);
+    let mut dave = BrowserPeer::start(&sandbox, "dave", "demo", 660);
+    dave.command(json!({"op": "call", "to": "alice"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let replaces = loop {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(value) = logged.lines().find_map(|l| l.strip_prefix("replaces=")) {
+            break value.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's phone never rang: {:#?}",
+            bridge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let call_id = replaces.split(';').next().unwrap().to_owned();
+    let colleague = Phone::new("PCMU", 0, 8000, 523);
+    let (address, colleague_port) = (bridge.address(), colleague.port().to_string());
+    let pickup = std::thread::spawn(move || {
+        let args = ["-d", "6000", "-cid_str", "pickup-%u", "-key", "pt", "0"];
+        let keys = [
+            "-key",
+            "rtpmap",
+            "PCMU/8000",
+            "-key",
+            "phone_port",
+            &colleague_port,
+        ];
+        let replaces = ["-key", "replaces", &replaces];
+        sipp(
+            "replace.xml",
+            &address,
+            "alice",
+            &[&args[..], &keys, &replaces].concat(),
+        )
+    });
+    dave.wait_event("accepted", Duration::from_secs(15));
+    colleague.call(bridge.media_port(&call_id));
+    let app_heard = frequency_heard_by(&mut dave, 523.0, Duration::from_secs(10));
+    let colleague_heard = colleague.heard_frequency();
+    let (success, output) = ringing.join().unwrap();
+    assert!(
+        success,
+        "the ringing phone is CANCELled: {output}\n{:#?}",
+        bridge.logs()
+    );
+    let (success, output) = pickup.join().unwrap();
+    assert!(success, "the colleague's call, then BYE: {output}");
+    assert!(
+        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "dave heard {app_heard:?} instead of the colleague's 523 Hz\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        colleague_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the colleague heard {colleague_heard:?} instead of dave's 660 Hz"
+    );
+}
+
 /// Bob, in Chromium, answers a phone's call in `codec` (at 440 Hz); the
 /// phone holds it and transfers him to `refer_to` with `scenario`
 /// (`transfer.xml`, or `transfer-and-leave.xml`; both first try a

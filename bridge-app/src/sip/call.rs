@@ -32,7 +32,8 @@ use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
-    ALLOW, LiveCall, PhoneRoute, SUPPORTED, Shared, phone_route, refuse, reply, source_of, warning,
+    ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, phone_route, refuse, reply,
+    source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -634,8 +635,8 @@ async fn hand_to_replaced_call(
         .unwrap()
         .iter()
         .find_map(|(replaced, call)| match &call.replaceable {
-            Some((dialog, target)) if replaces.names(dialog) => {
-                Some((replaced.clone(), target.clone()))
+            Some(replaceable) if replaces.names(&replaceable.dialog) => {
+                Some((replaced.clone(), replaceable.early, replaceable.to.clone()))
             }
             _ => None,
         });
@@ -645,8 +646,10 @@ async fn hand_to_replaced_call(
             "no such call to replace",
         ),
         // RFC 3891 §3: a call in progress is not an early dialog.
-        Some(_) if replaces.early_only => (StatusCode::BusyHere, "the call is answered"),
-        Some((replaced, target)) => match target.send(tx) {
+        Some((_, false, _)) if replaces.early_only => {
+            (StatusCode::BusyHere, "the call is answered")
+        }
+        Some((replaced, _, target)) => match target.send(tx) {
             Ok(()) => {
                 info!("call {call_id}: replaces call {replaced}");
                 return;
@@ -956,7 +959,7 @@ impl Call {
         let mut transferor_gone = false;
         // INVITEs naming the call's dialog in `Replaces`.
         let (replace_with, mut replacements) = mpsc::unbounded_channel();
-        self.accept_replacements(&replace_with);
+        self.accept_replacements(&replace_with, false);
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
@@ -1039,7 +1042,7 @@ impl Call {
                         states = new_states;
                         session_deadline = None;
                         transferor_gone = false;
-                        self.accept_replacements(&replace_with);
+                        self.accept_replacements(&replace_with, false);
                     } else if transferor_gone {
                         break (None, why);
                     }
@@ -1048,7 +1051,7 @@ impl Call {
                     if let Some(new_states) = self.replace_phone(invite, transfer.is_some()).await {
                         states = new_states;
                         session_deadline = self.session_timer.map(SessionTimer::deadline);
-                        self.accept_replacements(&replace_with);
+                        self.accept_replacements(&replace_with, false);
                     }
                 }
                 reason = app_ended => break (
@@ -1624,10 +1627,15 @@ impl Call {
         Ok(())
     }
 
-    /// Lets an INVITE naming the call's present dialog in `Replaces` reach it.
-    fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>) {
+    /// Lets an INVITE naming the call's present dialog in `Replaces` reach
+    /// it (`early`: the bridge's call still rings).
+    fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>, early: bool) {
         if let Some(call) = self.shared.calls.lock().unwrap().get_mut(&self.call_id) {
-            call.replaceable = Some((self.dialog.id(), to.clone()));
+            call.replaceable = Some(Replaceable {
+                dialog: self.dialog.id(),
+                early,
+                to: to.clone(),
+            });
         }
     }
 
@@ -1710,7 +1718,16 @@ impl Call {
         }
         let caller = caller_of(&request);
         let replaced = std::mem::replace(&mut self.dialog, dialog);
-        transfer::hang_up(replaced, self.shared.dialogs.clone(), self.call_id.clone());
+        if matches!(replaced.state(), DialogState::Early(..)) {
+            // The phone ringing for the call stops: another took it.
+            let dialogs = self.shared.dialogs.clone();
+            tokio::spawn(async move {
+                let _ = replaced.cancel().await;
+                dialogs.remove_dialog(&replaced.id());
+            });
+        } else {
+            transfer::hang_up(replaced, self.shared.dialogs.clone(), self.call_id.clone());
+        }
         self.session_timer = session_timer;
         self.answer_expected_in_ack = negotiation.is_none();
         self.fast_update = FastUpdate::new(allows_info(&request));
@@ -1753,6 +1770,12 @@ impl Call {
         let offer =
             offered_sdp(request).map_err(|why| refusal(StatusCode::NotAcceptableHere, &why))?;
         let Some(offer) = offer else {
+            if self.media.is_none() {
+                // Picking up a ringing call: the app is answered in the
+                // phone's codec, which its offer names.
+                let why = "an SDP offer is required";
+                return Err(refusal(StatusCode::NotAcceptableHere, why));
+            }
             return Ok((None, session_timer));
         };
         let negotiation = offer_answer::answer(&offer, &capabilities)
@@ -2002,6 +2025,9 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     let mut redirects = 0;
     // The answer of an 18x with SDP, for a 200 OK that does not repeat it.
     let mut early_answer: Option<Vec<u8>> = None;
+    // Another phone picking the ringing call up: its INVITE names the
+    // call's early dialog in `Replaces` (a call-pickup key, RFC 3891).
+    let (pick_up_with, mut pickups) = mpsc::unbounded_channel();
     let response = loop {
         let no_answer = tokio::time::sleep(config.no_answer_timeout);
         tokio::pin!(no_answer);
@@ -2020,6 +2046,14 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                         if with_sdp {
                             early_answer = Some(progress.body.clone());
                         }
+                        // With the phone's tag the early dialog has its name.
+                        call.accept_replacements(&pick_up_with, true);
+                    }
+                }
+                Some(pickup) = pickups.recv() => {
+                    if let Some(states) = call.replace_phone(pickup, false).await {
+                        drop(invite);
+                        return connect_app(call, app, states, token).await;
                     }
                 }
                 reason = app.abandoned() => {
@@ -2109,7 +2143,22 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         }
     };
     call.apply(&audio)?;
-    call.capabilities.audio = vec![audio.codec.encoding_name];
+    info!("call {call_id}: {target} answered");
+    connect_app(call, app, states, token).await
+}
+
+/// A phone answered the bridge's call (or picked it up): the app's call is
+/// answered on the call's WebRTC leg, and the call runs to its end.
+async fn connect_app(
+    mut call: Call,
+    mut app: Box<dyn AppCaller>,
+    states: mpsc::UnboundedReceiver<DialogState>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let call_id = call.call_id.clone();
+    let codec = call.media.as_ref().map(CallMedia::codec);
+    // Later offers may move or hold the stream, not change its codec.
+    call.capabilities.audio = codec.into_iter().collect();
     let webrtc = call
         .media
         .as_ref()
@@ -2120,10 +2169,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             call.record.answered = Some(std::time::SystemTime::now());
             call.app_hangup = Some(hangup);
             call.app = Some(app as Box<dyn AppSide>);
-            info!(
-                "call {call_id}: {target} answered ({})",
-                audio.codec.encoding_name
-            );
+            info!("call {call_id}: the app's call is answered ({codec:?})");
             call.run(states, token).await;
         }
         Err(e) => {

@@ -63,12 +63,21 @@ pub(super) struct LiveCall {
     /// The highest CSeq the other party has used in this dialog (0: none
     /// yet), so that a request out of order gets its 500 (RFC 3261 §12.2.2).
     pub remote_cseq: u32,
-    /// The call's SIP dialog once answered, and where an INVITE naming it
-    /// in `Replaces` goes (RFC 3891: another phone takes this one's place).
-    pub replaceable: Option<(DialogId, mpsc::UnboundedSender<Transaction>)>,
+    /// The call's SIP dialog, and where an INVITE naming it in `Replaces`
+    /// goes (RFC 3891: another phone takes this one's place).
+    pub replaceable: Option<Replaceable>,
     /// Told when the caller PRACKs our reliable 180 (RFC 3262), when its
     /// INVITE required one: the 180 is sent again until then.
     pub prack: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// A call's dialog as an INVITE with `Replaces` may name it.
+pub(super) struct Replaceable {
+    pub dialog: DialogId,
+    /// Still ringing (a call the bridge placed): a phone picking it up
+    /// takes it; otherwise it is answered.
+    pub early: bool,
+    pub to: mpsc::UnboundedSender<Transaction>,
 }
 
 impl LiveCall {
