@@ -552,6 +552,23 @@ async fn answer_call(
     Ok(())
 }
 
+/// INVITEs that came to replace a call that no longer can be (it ended,
+/// or was answered while they waited): 481 for each.
+fn refuse_replacements(pending: &mut mpsc::UnboundedReceiver<Transaction>, why: &'static str) {
+    pending.close();
+    while let Ok(mut invite) = pending.try_recv() {
+        tokio::spawn(async move {
+            let warning = warning(399, why);
+            reply(
+                &mut invite,
+                StatusCode::CallTransactionDoesNotExist,
+                vec![warning],
+            )
+            .await;
+        });
+    }
+}
+
 /// RFC 3262: a 180 for a caller that requires it to be reliable, sent
 /// again at T1 doubling (as RFC 3261's responses are) until the caller's
 /// PRACK comes (the stack answers it) or the call leaves ringing.
@@ -1075,17 +1092,7 @@ impl Call {
             }
         };
         info!("call {}: ended ({cause})", self.call_id);
-        // An INVITE that came to replace the call as it ended: no call now.
-        replacements.close();
-        while let Ok(mut invite) = replacements.try_recv() {
-            let warning = warning(399, "the call has ended");
-            reply(
-                &mut invite,
-                StatusCode::CallTransactionDoesNotExist,
-                vec![warning],
-            )
-            .await;
-        }
+        refuse_replacements(&mut replacements, "the call has ended");
         if let Some(transfer) = transfer {
             transfer.cancel();
             transfer.tell("487 Request Terminated".into(), true);
@@ -2109,7 +2116,12 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             .do_invite_async(invite_option(contact.uri)?, sender)?;
         call.dialog = dialog;
         invite = next;
+        // The dialog a pickup would name is gone.
+        if let Some(live) = shared.calls.lock().unwrap().get_mut(&call_id) {
+            live.replaceable = None;
+        }
     };
+    refuse_replacements(&mut pickups, "the call was answered");
     let status = u16::from(response.status_code.clone());
     if !(200..300).contains(&status) {
         let reason = response.status_code.to_string();
