@@ -541,19 +541,29 @@ fn a_video_call_is_transferred_to_a_phone_with_a_camera() {
     assert_eq!(bob.count_events("hung up"), 0, "bob's call went on");
     bob.command(json!({"op": "hangUp"}));
     let (phone_frame, output) = target.join().unwrap();
-    let logs = bridge.logs();
-    assert!(
-        app_frames >= 30,
-        "bob decoded {app_frames} frames of alice's camera\n{output}\n{logs:#?}"
-    );
     assert!(
         app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
         "bob heard {app_heard:?} instead of alice's 523 Hz"
     );
+    let context = format!("after the transfer\n{output}\n{:#?}", bridge.logs());
+    assert_app_and_baresip_saw_each_other(app_frames, phone_frame, &context);
+}
+
+/// The app decoded 30 frames of baresip's camera, and baresip the app's
+/// 320x240 picture.
+fn assert_app_and_baresip_saw_each_other(
+    app_frames: u64,
+    phone_frame: Option<(u32, u32)>,
+    context: &str,
+) {
+    assert!(
+        app_frames >= 30,
+        "the app decoded {app_frames} frames of baresip's camera, {context}"
+    );
     assert_eq!(
         phone_frame,
         Some((320, 240)),
-        "alice decoded bob's 320x240 camera\n{output}\n{logs:#?}"
+        "baresip decoded the app's 320x240 camera, {context}"
     );
 }
 
@@ -1909,15 +1919,8 @@ fn baresip_with_a_camera_and_an_app_see_each_other() {
                 .any(|l| l.contains("video at") && l.contains("H264")),
             "{mode}: the call has H.264 video toward the phone\n{output}\n{logs:#?}"
         );
-        assert!(
-            app_frames >= 30,
-            "{mode}: the app decoded {app_frames} frames of baresip's camera\n{output}\n{logs:#?}"
-        );
-        assert_eq!(
-            phone_frame,
-            Some((320, 240)),
-            "{mode}: baresip decoded the app's 320x240 camera\n{output}\n{logs:#?}"
-        );
+        let context = format!("{mode}\n{output}\n{logs:#?}");
+        assert_app_and_baresip_saw_each_other(app_frames, phone_frame, &context);
     }
 }
 
