@@ -200,8 +200,7 @@ impl ElementImpl for ConnectyCubeSrc {
     /// as from any source.
     fn send_event(&self, event: gst::Event) -> bool {
         if event.is_downstream() {
-            self.announce(None);
-            self.srcpad.push_event(event)
+            self.push_downstream(event)
         } else {
             self.src_event(&self.srcpad, event)
         }
@@ -269,9 +268,12 @@ impl ReceiverOutput for Output {
                 // Not from this thread: a call already over when the
                 // element starts is told from within its state change,
                 // and a sink still prerolling would hold the EOS (and that
-                // state change) until the pipeline plays.
+                // state change) until the pipeline plays. Pushed, not sent
+                // as an element event: `gst_element_send_event` holds the
+                // element's state lock, which a pipeline stopping meanwhile
+                // waits for while its paused sink holds the EOS.
                 element.call_async(|element| {
-                    element.send_event(gst::event::Eos::new());
+                    element.imp().push_downstream(gst::event::Eos::new());
                 });
             }
         }
@@ -297,6 +299,11 @@ impl ConnectyCubeSrc {
             call.remove_receiver(id);
         }
         self.call.leave(self.obj().upcast_ref());
+    }
+
+    fn push_downstream(&self, event: gst::Event) -> bool {
+        self.announce(None);
+        self.srcpad.push_event(event)
     }
 
     /// Stream-start and segment ahead of the first packet (or an EOS before
