@@ -74,11 +74,11 @@ fn hold_resume_and_an_offer_in_the_ack() {
         ),
         "hold / resume / re-INVITE without SDP",
     );
-    let directions: Vec<String> = bridge
-        .logs()
-        .into_iter()
-        .filter(|l| l.contains("call hold-1: PCMU"))
-        .collect();
+    let directions = bridge.wait_for_logs(
+        |l| l.contains("call hold-1: PCMU"),
+        4,
+        Duration::from_secs(5),
+    );
     assert_eq!(directions.len(), 4, "{directions:#?}");
     assert!(directions[1].contains("RecvOnly"), "{directions:#?}");
     assert!(directions[2].contains("SendRecv"), "{directions:#?}");
@@ -98,11 +98,11 @@ fn an_srtp_calls_re_offer_stays_srtp() {
         ),
         "SRTP answer, then an SRTP re-offer",
     );
-    let streams: Vec<String> = bridge
-        .logs()
-        .into_iter()
-        .filter(|l| l.contains("call srtp-1: PCMU"))
-        .collect();
+    let streams = bridge.wait_for_logs(
+        |l| l.contains("call srtp-1: PCMU"),
+        2,
+        Duration::from_secs(5),
+    );
     assert_eq!(streams.len(), 2, "{streams:#?}");
     assert!(
         streams

@@ -309,7 +309,7 @@ async fn answer_call(
         .await;
         return Ok(());
     }
-    let invite_cseq = tx.original.cseq_header().ok().and_then(|c| c.seq().ok());
+    let invite_cseq = cseq_of(&tx.original);
     let (_active, token) = ActiveCall::register(&shared, call_id, invite_cseq.unwrap_or(0));
 
     let session_timer = match requested_session_interval(&tx.original) {
@@ -423,7 +423,7 @@ async fn answer_call(
         recorder: None,
         fast_update: FastUpdate::new(phone_allows_info),
         info_dtmf: InfoDtmf::new(phone_allows_info),
-        answer_expected_in_ack: false,
+        answer_in_ack_of: None,
         session_timer,
         capabilities,
         offered_crypto: None,
@@ -534,7 +534,7 @@ async fn answer_call(
             body
         }
         None => {
-            call.answer_expected_in_ack = true;
+            call.answer_in_ack_of = cseq_of(&call.dialog.initial_request());
             call.render_offer(Direction::SendRecv)
         }
     };
@@ -749,8 +749,10 @@ struct Call {
     recorder: Option<Arc<Recorder>>,
     fast_update: FastUpdate,
     info_dtmf: InfoDtmf,
-    /// We offered in a 200 OK; the answer arrives in the ACK.
-    answer_expected_in_ack: bool,
+    /// We offered in the 200 OK to the INVITE of this CSeq; the answer
+    /// arrives in its ACK (and not in the ACK of an INVITE before it,
+    /// which may be told after the next INVITE).
+    answer_in_ack_of: Option<u32>,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
     /// What the bridge's own offers protect their streams with (our key,
@@ -1207,10 +1209,13 @@ impl Call {
 
     /// ACK arrived: if we offered in the 200, it carries the answer.
     fn on_confirmed(&mut self) {
-        if !std::mem::take(&mut self.answer_expected_in_ack) {
+        let ack = self.dialog.last_remote_ack();
+        if self.answer_in_ack_of.is_none()
+            || ack.as_ref().and_then(cseq_of) != self.answer_in_ack_of
+        {
             return;
         }
-        let ack = self.dialog.last_remote_ack();
+        self.answer_in_ack_of = None;
         let negotiated = match ack.as_ref().map(offered_sdp) {
             Some(Ok(Some(answer))) => {
                 offer_answer::answer(&answer, &self.capabilities).map_err(|e| e.to_string())
@@ -1277,7 +1282,7 @@ impl Call {
                 }
             },
             None if request.method == Method::Invite => {
-                self.answer_expected_in_ack = true;
+                self.answer_in_ack_of = cseq_of(request);
                 self.render_offer(Direction::SendRecv)
             }
             None => {
@@ -1578,7 +1583,7 @@ impl Call {
             ),
         }
         self.session_timer = None;
-        self.answer_expected_in_ack = false;
+        self.answer_in_ack_of = None;
         self.fast_update = FastUpdate::new(allows_info(&response));
         self.info_dtmf = InfoDtmf::new(allows_info(&response));
         self.record.transferred_to = Some(target.clone());
@@ -1736,7 +1741,10 @@ impl Call {
             transfer::hang_up(replaced, self.shared.dialogs.clone(), self.call_id.clone());
         }
         self.session_timer = session_timer;
-        self.answer_expected_in_ack = negotiation.is_none();
+        self.answer_in_ack_of = match negotiation {
+            None => cseq_of(&request),
+            Some(_) => None,
+        };
         self.fast_update = FastUpdate::new(allows_info(&request));
         self.info_dtmf = InfoDtmf::new(allows_info(&request));
         self.record.transferred_to = Some(caller.user);
@@ -1852,6 +1860,10 @@ fn describe(reason: &TerminatedReason) -> String {
 }
 
 /// What the bridge's own INVITEs answer a challenge with: the trunk account.
+fn cseq_of(request: &Request) -> Option<u32> {
+    request.cseq_header().ok().and_then(|c| c.seq().ok())
+}
+
 fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::Credential> {
     let account = shared.config.accounts.first()?;
     Some(rsipstack::dialog::authenticate::Credential {
@@ -2013,7 +2025,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         recorder: None,
         fast_update: FastUpdate::new(false),
         info_dtmf: InfoDtmf::new(false),
-        answer_expected_in_ack: false,
+        answer_in_ack_of: None,
         session_timer: None,
         capabilities,
         offered_crypto,

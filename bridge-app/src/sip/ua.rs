@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use gst::prelude::*;
@@ -13,6 +14,7 @@ use rsipstack::EndpointBuilder;
 use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::Dialog;
 use rsipstack::dialog::dialog_layer::DialogLayer;
+use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::prelude::HeadersExt;
 use rsipstack::sip::{Header, Method, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
@@ -351,9 +353,9 @@ impl UserAgent {
         for call in calls {
             call.cancel();
         }
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.active_calls() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.unregister().await;
         self.shared.shutdown.cancel();
@@ -440,8 +442,26 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             note_prack(shared, &tx.original);
         }
         match shared.dialogs.match_dialog(&tx) {
+            // Handled before the next request is taken: an ACK handled
+            // after the re-INVITE right behind it would be dropped as old.
+            Some(Dialog::Invite(mut dialog)) if method == Method::Ack => {
+                if let Err(e) = dialog.handle(&mut tx).await {
+                    debug!("in-dialog ACK: {e}");
+                }
+            }
             Some(Dialog::Invite(mut dialog)) => {
                 tokio::spawn(async move {
+                    if !matches!(method, Method::Bye | Method::PRack)
+                        && !confirmed_in_time(&dialog).await
+                    {
+                        info!("{method} {}: the ACK never came, 500", tx.original.uri);
+                        let headers = vec![
+                            Header::RetryAfter("1".into()),
+                            warning(399, "the previous INVITE is not acknowledged yet"),
+                        ];
+                        reply(&mut tx, StatusCode::ServerInternalError, headers).await;
+                        return;
+                    }
                     if let Err(e) = dialog.handle(&mut tx).await {
                         debug!("in-dialog {method}: {e}");
                     }
@@ -478,6 +498,20 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             reply(&mut tx, StatusCode::MethodNotAllowed, headers).await;
         }
     }
+}
+
+/// Waits for a dialog answered but not yet acknowledged to be confirmed:
+/// the ACK and a re-INVITE or INFO sent right behind it are handled on
+/// different tasks, and the dialog ignores all but BYE until its ACK.
+async fn confirmed_in_time(dialog: &InviteDialog) -> bool {
+    let deadline = tokio::time::Instant::now() + ACK_WAIT;
+    while dialog.state().waiting_ack() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 /// Records the CSeq of a new in-dialog request, or returns the highest one
@@ -522,6 +556,10 @@ fn note_prack(shared: &Shared, request: &rsipstack::sip::Request) {
 
 /// Longest header value accepted; real ones are far shorter.
 const MAX_HEADER_LEN: usize = 2048;
+
+/// How long a request on an answered dialog waits for its ACK: the 2xx is
+/// sent again at most every 4 s (T2), and each brings an ACK.
+const ACK_WAIT: Duration = Duration::from_secs(8);
 const MAX_HEADERS: usize = 64;
 
 /// Mandatory headers present (RFC 3261 §8.1.1) and nothing oversized.

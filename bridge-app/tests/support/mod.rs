@@ -375,7 +375,11 @@ impl BridgeProcess {
             .args(&sandbox)
             .args(extra_args)
             .current_dir(repo_root())
-            .env("RUST_LOG", "info,rsipstack=warn")
+            // BRIDGE_LOG (a RUST_LOG filter) shows more when a test is studied.
+            .env(
+                "RUST_LOG",
+                std::env::var("BRIDGE_LOG").unwrap_or("info,rsipstack=warn".into()),
+            )
             // Used only with --management.
             .env("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
             .envs(environment.iter().copied())
@@ -421,6 +425,24 @@ impl BridgeProcess {
             }
             if Instant::now() > deadline {
                 return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log lines that match, once there are `count` of them (or at
+    /// the timeout): lines reach the log a little after the bridge acts.
+    pub fn wait_for_logs(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<String> = self.logs().into_iter().filter(|l| matches(l)).collect();
+            if found.len() >= count || Instant::now() > deadline {
+                return found;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
