@@ -61,6 +61,10 @@ build_all() {
   export PATH="$ROOT/target/release:$PATH"
 }
 
+# The longest one suite of tests may take (the cargo tests take about 25
+# minutes on 2 cores).
+TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-45m}
+
 # Runs a command inside a network namespace made for it: loopback plus a veth
 # pair with documentation-range addresses and no route out. WebRTC peers
 # (Chromium ignores loopback) talk over the veth; nothing leaves the namespace.
@@ -92,8 +96,11 @@ in_test_netns() {
     nft add rule ip one_to_one_nat output ip daddr 198.51.100.7 dnat to 192.0.2.50
     nft add chain ip one_to_one_nat postrouting "{ type nat hook postrouting priority 100; }"
     nft add rule ip one_to_one_nat postrouting ip saddr 192.0.2.50 ip daddr 198.51.100.0/24 snat to 198.51.100.7'
-  $sudo ip netns exec "$ns" "$@"
+  # Bounded, so that a test that hangs fails its suite and the others still
+  # run; the namespace goes either way.
+  $sudo timeout --kill-after=30 "$TEST_TIME_LIMIT" ip netns exec "$ns" "$@"
   status=$?
+  [ $status -eq 124 ] && echo "error: stopped after $TEST_TIME_LIMIT: $*" >&2
   $sudo ip netns del "$ns"
   return $status
 }
