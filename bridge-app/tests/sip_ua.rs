@@ -1,7 +1,7 @@
 //! The SIP leg of `sip-cc-bridge run` against SIPp: calls in every audio
 //! codec with the echo heard back at the right frequency, the tone service
 //! and RFC 4733 digits (reported, and played back), INFO DTMF, hold and resume, offers in the ACK,
-//! session timers, requests out of order, CANCEL, no answer, 404, 488, 422, a refused
+//! session timers, requests out of order or while ringing, CANCEL, no answer, 404, 488, 422, a refused
 //! transfer (603), digest authentication,
 //! the RTP timeout, TCP, malformed requests next to a call in progress, and stopping
 //! (SIGTERM, draining).
@@ -179,6 +179,18 @@ fn a_ringing_call_can_be_cancelled_or_go_unanswered() {
     assert_sipp(
         sipp("no-answer.xml", &bridge.address(), "echo", &[]),
         "no answer → 480",
+    );
+}
+
+/// A request on a call still ringing gets 500 with Retry-After (the stack
+/// would leave it unanswered, to be sent again until it times out), and
+/// the call goes on to its answer.
+#[test]
+fn a_request_while_ringing_is_told_to_come_back() {
+    let bridge = BridgeProcess::start(&["--answer-delay-ms", "1500"]);
+    assert_sipp(
+        sipp("early-info.xml", &bridge.address(), "echo", &[]),
+        "INFO while ringing → 500 with Retry-After; then 200, ACK, BYE",
     );
 }
 

@@ -451,15 +451,11 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
             }
             Some(Dialog::Invite(mut dialog)) => {
                 tokio::spawn(async move {
-                    if !matches!(method, Method::Bye | Method::PRack)
-                        && !confirmed_in_time(&dialog).await
+                    if !matches!(method, Method::Bye | Method::PRack | Method::Cancel)
+                        && let Some((status, headers)) = not_established(&dialog).await
                     {
-                        info!("{method} {}: the ACK never came, 500", tx.original.uri);
-                        let headers = vec![
-                            Header::RetryAfter("1".into()),
-                            warning(399, "the previous INVITE is not acknowledged yet"),
-                        ];
-                        reply(&mut tx, StatusCode::ServerInternalError, headers).await;
+                        info!("{method} {}: {status}", tx.original.uri);
+                        reply(&mut tx, status, headers).await;
                         return;
                     }
                     if let Err(e) = dialog.handle(&mut tx).await {
@@ -500,18 +496,30 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
     }
 }
 
-/// Waits for a dialog answered but not yet acknowledged to be confirmed:
-/// the ACK and a re-INVITE or INFO sent right behind it are handled on
-/// different tasks, and the dialog ignores all but BYE until its ACK.
-async fn confirmed_in_time(dialog: &InviteDialog) -> bool {
+/// Why a dialog cannot take a request (other than BYE, PRACK, CANCEL)
+/// now, if it cannot: the stack would leave it unanswered. One answered
+/// but not yet acknowledged is waited for: its ACK and a re-INVITE or INFO
+/// sent right behind it are handled on different tasks.
+async fn not_established(dialog: &InviteDialog) -> Option<(StatusCode, Vec<Header>)> {
     let deadline = tokio::time::Instant::now() + ACK_WAIT;
-    while dialog.state().waiting_ack() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
+    loop {
+        let state = dialog.state();
+        if state.is_confirmed() {
+            return None;
+        }
+        if state.is_terminated() {
+            let ended = vec![warning(399, "the call has ended")];
+            return Some((StatusCode::CallTransactionDoesNotExist, ended));
+        }
+        if !state.waiting_ack() || tokio::time::Instant::now() >= deadline {
+            let later = vec![
+                Header::RetryAfter("1".into()),
+                warning(399, "the call is not established yet"),
+            ];
+            return Some((StatusCode::ServerInternalError, later));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    true
 }
 
 /// Records the CSeq of a new in-dialog request, or returns the highest one
