@@ -602,15 +602,7 @@ fn a_call_moved_to_a_phone_of_another_codec_goes_on() {
     let desk_heard = desk.heard_frequency();
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the re-INVITE is answered in PCMU: {output}");
-    assert!(
-        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of the desk phone's 523 Hz\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        desk_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the desk phone heard {desk_heard:?} instead of the app's 660 Hz"
-    );
+    assert_heard_each_other(app_heard, desk_heard, " (the desk phone)", &bridge);
     let lines = wait_for_cdr(&cdr, 1);
     assert_eq!(lines[0]["sip_codec"], "PCMU", "{}", lines[0]);
     assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
@@ -682,14 +674,7 @@ fn an_attended_transfer_hands_the_target_its_replaces_header() {
         "the target gets Replaces and Referred-By, then BYE: {output}\n{:#?}",
         bridge.logs()
     );
-    assert!(
-        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of the target's 523 Hz"
-    );
-    assert!(
-        carol_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the target heard {carol_heard:?} instead of the app's 660 Hz"
-    );
+    assert_heard_each_other(app_heard, carol_heard, " (the target)", &bridge);
     assert_transferred(&dir.join("cdr.jsonl"), "attended-1", "carol");
 }
 
@@ -763,14 +748,7 @@ fn a_phone_takes_over_an_app_users_call_with_replaces() {
         "carol's call, then her BYE: {output}\n{:#?}",
         bridge.logs()
     );
-    assert!(
-        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "bob heard {app_heard:?} instead of carol's 523 Hz"
-    );
-    assert!(
-        carol_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "carol heard {carol_heard:?} instead of bob's 660 Hz"
-    );
+    assert_heard_each_other(app_heard, carol_heard, " (bob and carol)", &bridge);
     let lines = wait_for_cdr(&cdr, 1);
     assert_eq!(lines.len(), 1, "one call: {lines:?}");
     assert_eq!(lines[0]["transferred_to"], "carol", "{}", lines[0]);
@@ -882,14 +860,11 @@ fn an_apps_ringing_call_is_picked_up_by_another_phone() {
     );
     let (success, output) = pickup.join().unwrap();
     assert!(success, "the colleague's call, then BYE: {output}");
-    assert!(
-        app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "dave heard {app_heard:?} instead of the colleague's 523 Hz\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        colleague_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the colleague heard {colleague_heard:?} instead of dave's 660 Hz"
+    assert_heard_each_other(
+        app_heard,
+        colleague_heard,
+        " (dave and the colleague)",
+        &bridge,
     );
 }
 
@@ -1264,14 +1239,30 @@ fn assert_phone_and_app_heard_each_other(
     context: &str,
     bridge: &BridgeProcess,
 ) {
+    assert_heard_each_other(
+        app_heard,
+        phone_heard,
+        &format!("{context}\n{output}"),
+        bridge,
+    );
+}
+
+/// The app (660 Hz) and the phone (523 Hz) heard each other; `details`
+/// goes with a failure.
+fn assert_heard_each_other(
+    app_heard: Option<f64>,
+    phone_heard: Option<f64>,
+    details: &str,
+    bridge: &BridgeProcess,
+) {
     assert!(
         app_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
-        "the app heard {app_heard:?} instead of the phone's 523 Hz{context}\n{output}\n{:#?}",
+        "the app heard {app_heard:?} instead of the phone's 523 Hz{details}\n{:#?}",
         bridge.logs()
     );
     assert!(
         phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
-        "the phone heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
+        "the phone heard {phone_heard:?} instead of the app's 660 Hz{details}"
     );
 }
 
