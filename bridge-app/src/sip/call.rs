@@ -1859,11 +1859,11 @@ fn describe(reason: &TerminatedReason) -> String {
     }
 }
 
-/// What the bridge's own INVITEs answer a challenge with: the trunk account.
 fn cseq_of(request: &Request) -> Option<u32> {
     request.cseq_header().ok().and_then(|c| c.seq().ok())
 }
 
+/// What the bridge's own INVITEs answer a challenge with: the trunk account.
 fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::Credential> {
     let account = shared.config.accounts.first()?;
     Some(rsipstack::dialog::authenticate::Credential {
