@@ -117,8 +117,18 @@ fn two_calls_wired_by_the_application_hear_each_other() {
                 .map(|s| s.get::<String>("reason").unwrap_or_default())
         });
     assert_eq!(ended.as_deref(), Some("done"));
-    pipeline_a.set_state(gst::State::Null).unwrap();
-    pipeline_b.set_state(gst::State::Null).unwrap();
+    // On a thread: the source's EOS for the ended call races this stop,
+    // and a teardown that deadlocked would hang the whole test run.
+    let (stopped, stop) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let a = pipeline_a.set_state(gst::State::Null);
+        let b = pipeline_b.set_state(gst::State::Null);
+        let _ = stopped.send(a.and(b));
+    });
+    let stop = stop
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stopping the pipelines hung");
+    stop.unwrap();
 }
 
 /// A source that joins a call the application has already ended (a
