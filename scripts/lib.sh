@@ -61,7 +61,7 @@ build_all() {
   export PATH="$ROOT/target/release:$PATH"
 }
 
-# The longest one suite of tests may take (the cargo tests take about 25
+# The longest one suite of tests may take (the cargo tests take about 20
 # minutes on 2 cores).
 TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-45m}
 

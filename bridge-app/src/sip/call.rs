@@ -32,8 +32,8 @@ use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
-    ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, phone_route, refuse, reply,
-    source_of, warning,
+    ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, cseq_of, phone_route, refuse,
+    reply, source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -1857,10 +1857,6 @@ fn describe(reason: &TerminatedReason) -> String {
         TerminatedReason::Timeout => "no ACK".into(),
         other => format!("{other:?}"),
     }
-}
-
-fn cseq_of(request: &Request) -> Option<u32> {
-    request.cseq_header().ok().and_then(|c| c.seq().ok())
 }
 
 /// What the bridge's own INVITEs answer a challenge with: the trunk account.

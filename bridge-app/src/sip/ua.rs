@@ -407,6 +407,11 @@ pub(super) fn warning(code: u16, text: &str) -> Header {
     Header::Warning(format!("{code} sip-cc-bridge \"{text}\"").into())
 }
 
+/// A request's CSeq number.
+pub(super) fn cseq_of(request: &rsipstack::sip::Request) -> Option<u32> {
+    request.cseq_header().ok().and_then(|c| c.seq().ok())
+}
+
 /// Where a request came from (the transport's peer, else the top Via).
 pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
     tx.connection
@@ -496,6 +501,10 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
     }
 }
 
+/// How long a request on an answered dialog waits for its ACK: the 2xx is
+/// sent again at most every 4 s (T2), and each brings an ACK.
+const ACK_WAIT: Duration = Duration::from_secs(8);
+
 /// Why a dialog cannot take a request (other than BYE, PRACK, CANCEL)
 /// now, if it cannot: the stack would leave it unanswered. One answered
 /// but not yet acknowledged is waited for: its ACK and a re-INVITE or INFO
@@ -529,10 +538,7 @@ fn in_order(shared: &Shared, request: &rsipstack::sip::Request) -> Result<(), u3
     if matches!(request.method, Method::Ack | Method::Cancel) {
         return Ok(());
     }
-    let (Ok(call_id), Some(cseq)) = (
-        request.call_id_header(),
-        request.cseq_header().ok().and_then(|c| c.seq().ok()),
-    ) else {
+    let (Ok(call_id), Some(cseq)) = (request.call_id_header(), cseq_of(request)) else {
         return Ok(());
     };
     let mut calls = shared.calls.lock().unwrap();
@@ -564,10 +570,6 @@ fn note_prack(shared: &Shared, request: &rsipstack::sip::Request) {
 
 /// Longest header value accepted; real ones are far shorter.
 const MAX_HEADER_LEN: usize = 2048;
-
-/// How long a request on an answered dialog waits for its ACK: the 2xx is
-/// sent again at most every 4 s (T2), and each brings an ACK.
-const ACK_WAIT: Duration = Duration::from_secs(8);
 const MAX_HEADERS: usize = 64;
 
 /// Mandatory headers present (RFC 3261 §8.1.1) and nothing oversized.
