@@ -47,6 +47,9 @@ impl ObjectImpl for ConnectyCubeSink {
         // A call is live: never wait for preroll, never hold packets for the clock.
         self.obj().set_async(false);
         self.obj().set_sync(false);
+        // No reference to the last packet kept: a lock and a reference
+        // count less per packet.
+        self.obj().set_enable_last_sample(false);
     }
 
     fn properties() -> &'static [glib::ParamSpec] {

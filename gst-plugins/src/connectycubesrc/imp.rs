@@ -26,6 +26,8 @@ const MAX_PACKET: gst::ClockTime = gst::ClockTime::from_mseconds(120);
 struct Stream {
     started: bool,
     caps: Option<gst::Caps>,
+    /// The caps' clock rate, read once: not for every packet.
+    clock_rate: Option<u32>,
     last_audio: Option<Sent>,
 }
 
@@ -325,6 +327,10 @@ impl ConnectyCubeSrc {
             && stream.caps.as_ref() != Some(&caps)
         {
             self.srcpad.push_event(gst::event::Caps::new(&caps));
+            stream.clock_rate = caps
+                .structure(0)
+                .and_then(|s| s.get::<i32>("clock-rate").ok())
+                .and_then(|rate| u32::try_from(rate).ok());
             stream.caps = Some(caps);
         }
         if starting {
@@ -383,13 +389,7 @@ impl ConnectyCubeSrc {
         };
         let mut stream = self.stream.lock().unwrap();
         let last = stream.last_audio.replace(next)?;
-        let clock_rate = stream
-            .caps
-            .as_ref()?
-            .structure(0)?
-            .get::<i32>("clock-rate")
-            .ok()?;
-        let (start, duration) = lost_span(&last, &next, u32::try_from(clock_rate).ok()?)?;
+        let (start, duration) = lost_span(&last, &next, stream.clock_rate?)?;
         gst::debug!(CAT, imp = self, "{duration} of audio lost at {start}");
         Some(gst::event::Gap::builder(start).duration(duration).build())
     }

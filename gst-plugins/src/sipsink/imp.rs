@@ -69,6 +69,9 @@ impl ObjectImpl for SipSink {
         // A call's media is live: waiting for preroll would stall the pipeline
         // when the receiving side is a live source (as udpsink async=false).
         self.obj().set_async(false);
+        // No reference to the last packet kept: a lock and a reference
+        // count less per packet.
+        self.obj().set_enable_last_sample(false);
     }
 
     fn properties() -> &'static [glib::ParamSpec] {

@@ -17,10 +17,15 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 30_000;
 pub const DEFAULT_STATS_INTERVAL_MS: u32 = 1_000;
 
 /// One payload type of the payload map, ready for the receiving thread.
-#[derive(Clone)]
-pub(super) struct PayloadType {
-    pub(super) caps: gst::Caps,
-    /// From the caps, read once: not for every packet.
+struct PayloadType {
+    caps: gst::Caps,
+    format: PayloadFormat,
+}
+
+/// What every received packet needs of its payload type, read from the
+/// caps once (copied per packet: no reference counts touched).
+#[derive(Clone, Copy)]
+pub(super) struct PayloadFormat {
     pub(super) clock_rate: u32,
     /// RFC 4733 events: reported as `sip-dtmf` messages, not pushed.
     pub(super) telephone_event: bool,
@@ -62,8 +67,10 @@ impl SrcSettings {
                     pt,
                     PayloadType {
                         caps: gst::Caps::from(s.to_owned()),
-                        clock_rate,
-                        telephone_event,
+                        format: PayloadFormat {
+                            clock_rate,
+                            telephone_event,
+                        },
                     },
                 ))
             })
@@ -84,9 +91,21 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// What the payload map says of a payload type.
-    pub(super) fn payload_type(&self, payload_type: u8) -> Option<PayloadType> {
+    pub(super) fn payload_format(&self, payload_type: u8) -> Option<PayloadFormat> {
         let settings = self.settings.lock().unwrap();
-        settings.payload_types.get(&payload_type).cloned()
+        settings
+            .payload_types
+            .get(&payload_type)
+            .map(|pt| pt.format)
+    }
+
+    /// The caps of a payload type, for the packets that change to it.
+    pub(super) fn payload_caps(&self, payload_type: u8) -> Option<gst::Caps> {
+        let settings = self.settings.lock().unwrap();
+        settings
+            .payload_types
+            .get(&payload_type)
+            .map(|pt| pt.caps.clone())
     }
 
     /// Session stats with the jitter buffer's count of late packets.

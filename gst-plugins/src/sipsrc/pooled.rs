@@ -182,7 +182,8 @@ impl Reception {
 /// Stream-start and segment before the first packet (or EOS), and new caps
 /// ahead of the packets they describe.
 fn announce(pad: &gst::Pad, owner: &gst::Element, announced: &AtomicBool, caps: Option<gst::Caps>) {
-    let first = !announced.swap(true, Ordering::SeqCst);
+    // Read before written: every packet passes here.
+    let first = !announced.load(Ordering::Acquire) && !announced.swap(true, Ordering::SeqCst);
     if first {
         let id = pad.create_stream_id(owner, Some("rtp"));
         pad.push_event(gst::event::StreamStart::new(&id));

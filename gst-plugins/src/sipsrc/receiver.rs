@@ -226,7 +226,7 @@ impl SipReceiver {
         data: &[u8],
     ) -> Option<(gst::Buffer, Option<gst::Caps>)> {
         let payload_type = packet.payload_type();
-        let Some(format) = self.shared().payload_type(payload_type) else {
+        let Some(format) = self.shared().payload_format(payload_type) else {
             session.count_unknown_payload_type();
             gst::debug!(
                 CAT,
@@ -255,10 +255,11 @@ impl SipReceiver {
         timers.timeout_posted = false;
         let switched = timers.current_payload_type != Some(payload_type);
         timers.current_payload_type = Some(payload_type);
-        Some((
-            gst::Buffer::from_slice(data.to_vec()),
-            switched.then_some(format.caps),
-        ))
+        drop(timers);
+        let caps = switched
+            .then(|| self.shared().payload_caps(payload_type))
+            .flatten();
+        Some((gst::Buffer::from_slice(data.to_vec()), caps))
     }
 
     /// Posts a `sip-dtmf` message (digit, duration-ms) from `sipsrc` when an
