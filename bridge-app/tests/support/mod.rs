@@ -985,6 +985,29 @@ impl Phone {
         self.pipeline.set_state(gst::State::Playing).unwrap();
     }
 
+    /// From now on its packets come from another source, as when a PBX
+    /// re-bridges the call: another SSRC, and timestamps `jump` ticks off.
+    pub fn change_source(&self, jump: i32) {
+        let pad = self
+            .pipeline
+            .by_name("tx")
+            .unwrap()
+            .static_pad("sink")
+            .unwrap();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(buffer) = info.buffer_mut()
+                && let Ok(mut map) = buffer.make_mut().map_writable()
+                && map.len() >= 12
+            {
+                let timestamp = u32::from_be_bytes([map[4], map[5], map[6], map[7]]);
+                map[4..8].copy_from_slice(&timestamp.wrapping_add_signed(jump).to_be_bytes());
+                let ssrc = u32::from_be_bytes([map[8], map[9], map[10], map[11]]);
+                map[8..12].copy_from_slice(&(!ssrc).to_be_bytes());
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+
     /// The dominant frequency of the last second heard.
     pub fn heard_frequency(&self) -> Option<f64> {
         let heard = self.heard.lock().unwrap();

@@ -11,6 +11,7 @@ mod crypto;
 mod dtls;
 mod shared_peer;
 mod signalling;
+mod timeline;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +29,7 @@ pub use signalling::SignallingSettings;
 
 use bridge_protocol::{ice, opus_fmtp};
 use shared_peer::{Frame, PeerEvent, SharedPeer};
+use timeline::Timeline;
 
 use crate::CAT;
 
@@ -124,6 +126,8 @@ struct Sender {
     ssrc: u32,
     /// Id of the transport-wide-cc header extension written into each packet.
     twcc_id: Option<u8>,
+    /// The timestamps the stream goes out with, once its clock rate is known.
+    timeline: Option<Timeline>,
     feedback: Arc<dyn SenderFeedback>,
 }
 
@@ -607,6 +611,7 @@ impl CallSession {
             payload_type: None,
             ssrc: rand::random(),
             twcc_id: None,
+            timeline: None,
             feedback,
         });
         drop(inner);
@@ -685,12 +690,17 @@ impl CallSession {
                 session.schedule_negotiation();
             }
         });
+        let clock_rate = caps
+            .structure(0)
+            .and_then(|s| s.get::<i32>("clock-rate").ok())
+            .and_then(|rate| u32::try_from(rate).ok());
         let mut inner = self.inner.lock().unwrap();
         if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
             sender.pad = Some(pad.clone());
             sender.caps = Some(caps.clone());
             sender.kind = MediaKind::of_caps(&caps);
             sender.twcc_id = twcc_id;
+            sender.timeline = clock_rate.map(Timeline::new);
         }
         drop(inner);
         let _ = pad.push_event(gst::event::StreamStart::new(&pad.name()));
@@ -747,7 +757,7 @@ impl CallSession {
                 if let (Some(peer), Ok(map)) = (peer.get(), buffer.map_readable())
                     && let Ok(packet) = rtp_types::RtpPacket::parse(map.as_slice())
                 {
-                    peer.send_frame(packet.payload(), packet.timestamp());
+                    peer.send_frame(packet.payload(), packet.timestamp(), packet.ssrc());
                 }
                 return Ok(());
             }
@@ -755,10 +765,17 @@ impl CallSession {
         if !self.connected.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let inner = self.inner.lock().unwrap();
-        let Some(sender) = inner.senders.iter().find(|s| s.id == id) else {
+        let Some((source, timestamp)) = source_and_timestamp(&buffer) else {
             return Ok(());
         };
+        let arrival = std::time::Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) else {
+            return Ok(());
+        };
+        let timestamp = sender.timeline.as_mut().map_or(timestamp, |timeline| {
+            timeline.place(source, timestamp, arrival) as u32
+        });
         let (Some(pad), payload_type, ssrc, twcc_id) = (
             sender.pad.clone(),
             sender.payload_type,
@@ -769,7 +786,7 @@ impl CallSession {
         };
         drop(inner);
         let buffer_mut = buffer.make_mut();
-        rewrite_header(buffer_mut, payload_type, ssrc);
+        rewrite_header(buffer_mut, payload_type, ssrc, timestamp);
         if let Some(id) = twcc_id {
             congestion::add_twcc_extension(buffer_mut, id);
         }
@@ -1573,15 +1590,28 @@ fn add_bitrates(summary: &mut gst::Structure, previous: &gst::Structure, elapsed
 }
 
 /// Sets the SSRC of an RTP packet, and its payload type when given.
-fn rewrite_header(buffer: &mut gst::BufferRef, payload_type: Option<u8>, ssrc: u32) {
+fn rewrite_header(
+    buffer: &mut gst::BufferRef,
+    payload_type: Option<u8>,
+    ssrc: u32,
+    timestamp: u32,
+) {
     if let Ok(mut map) = buffer.map_writable()
         && map.len() >= 12
     {
         if let Some(pt) = payload_type {
             map[1] = (map[1] & 0x80) | (pt & 0x7f);
         }
+        map[4..8].copy_from_slice(&timestamp.to_be_bytes());
         map[8..12].copy_from_slice(&ssrc.to_be_bytes());
     }
+}
+
+/// The SSRC and timestamp of an RTP packet's header.
+fn source_and_timestamp(buffer: &gst::Buffer) -> Option<(u32, u32)> {
+    let map = buffer.map_readable().ok()?;
+    let word = |at: usize| Some(u32::from_be_bytes(map.get(at..at + 4)?.try_into().ok()?));
+    Some((word(8)?, word(4)?))
 }
 
 /// The SDK trickles candidates only to peers whose SDP says it can take them.

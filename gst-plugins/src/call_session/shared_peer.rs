@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::congestion::loss_percent;
 use super::crypto::CRYPTO;
+use super::timeline::Timeline;
 
 /// One DTLS certificate for all calls: making a key costs milliseconds of
 /// CPU, and the peer checks it only against the fingerprint in our SDP.
@@ -195,6 +196,7 @@ enum Command {
     Frame {
         payload: Vec<u8>,
         rtp_time: u32,
+        ssrc: u32,
     },
 }
 
@@ -257,7 +259,7 @@ impl SharedPeer {
             mid: None,
             opus: None,
             pending_offer: None,
-            send_time: Unwrapped::default(),
+            send_time: Timeline::new(48_000),
             first_sequence: None,
             rates_from: None,
             give_up_at: None,
@@ -314,11 +316,13 @@ impl SharedPeer {
     }
 
     /// Sends one Opus frame; nothing goes before the connection is up.
-    pub fn send_frame(&self, payload: &[u8], rtp_time: u32) {
+    /// Sends an Opus frame the source `ssrc` stamped `rtp_time`.
+    pub fn send_frame(&self, payload: &[u8], rtp_time: u32, ssrc: u32) {
         if self.connected.load(Ordering::Relaxed) {
             let _ = self.commands.send(Command::Frame {
                 payload: payload.to_vec(),
                 rtp_time,
+                ssrc,
             });
         }
     }
@@ -357,34 +361,6 @@ fn candidate_addresses() -> Vec<IpAddr> {
     }
 }
 
-/// RTP timestamps of what we send, unwrapped into str0m's 64-bit media time.
-#[derive(Default)]
-struct Unwrapped {
-    last: Option<u32>,
-    wraps: u64,
-}
-
-impl Unwrapped {
-    fn extend(&mut self, timestamp: u32) -> u64 {
-        let Some(last) = self.last else {
-            self.last = Some(timestamp);
-            return u64::from(timestamp);
-        };
-        let forward = timestamp.wrapping_sub(last) < u32::MAX / 2;
-        let wraps = match (forward, timestamp < last) {
-            (true, true) => self.wraps + 1,
-            // Late, from before the last wrap.
-            (false, false) => self.wraps.saturating_sub(1),
-            _ => self.wraps,
-        };
-        if forward {
-            self.last = Some(timestamp);
-            self.wraps = wraps;
-        }
-        (wraps << 32) | u64::from(timestamp)
-    }
-}
-
 struct PeerTask {
     rtc: Rtc,
     sockets: Vec<(SocketAddr, UdpSocket)>,
@@ -396,7 +372,8 @@ struct PeerTask {
     /// The payload type the peer takes Opus as.
     opus: Option<Pt>,
     pending_offer: Option<SdpPendingOffer>,
-    send_time: Unwrapped,
+    /// Where what we send goes on str0m's 64-bit media time.
+    send_time: Timeline,
     first_sequence: Option<u64>,
     /// When the bitrates were last taken, and the byte counts then.
     rates_from: Option<(Instant, u64, u64)>,
@@ -759,7 +736,11 @@ impl PeerTask {
                 changes.ice_restart(true);
                 let _ = reply.send(offer(changes, &mut self.pending_offer));
             }
-            Command::Frame { payload, rtp_time } => self.send_frame(payload, rtp_time),
+            Command::Frame {
+                payload,
+                rtp_time,
+                ssrc,
+            } => self.send_frame(payload, rtp_time, ssrc),
         }
     }
 
@@ -779,9 +760,10 @@ impl PeerTask {
         }
     }
 
-    fn send_frame(&mut self, payload: Vec<u8>, rtp_time: u32) {
+    fn send_frame(&mut self, payload: Vec<u8>, rtp_time: u32, ssrc: u32) {
         let Some(mid) = self.mid else { return };
-        let time = MediaTime::new(self.send_time.extend(rtp_time), Frequency::FORTY_EIGHT_KHZ);
+        let time = self.send_time.place(ssrc, rtp_time, Instant::now());
+        let time = MediaTime::new(time, Frequency::FORTY_EIGHT_KHZ);
         let Some(writer) = self.rtc.writer(mid) else {
             return;
         };
@@ -875,22 +857,6 @@ async fn receive(
         Poll::Pending
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_unwrap_across_the_32_bit_boundary() {
-        let mut time = Unwrapped::default();
-        assert_eq!(time.extend(u32::MAX - 959), u64::from(u32::MAX - 959));
-        assert_eq!(time.extend(0), 1 << 32);
-        assert_eq!(time.extend(960), (1 << 32) + 960);
-        // A packet reordered across the boundary does not count as a wrap.
-        assert_eq!(time.extend(u32::MAX - 100), u64::from(u32::MAX - 100));
-        assert_eq!(time.extend(1920), (1 << 32) + 1920);
-    }
 }
 
 #[cfg(test)]
