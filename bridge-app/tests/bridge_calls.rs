@@ -461,10 +461,6 @@ fn baresip_through_kamailio_is_refused_cancelled_and_hung_up_on() {
     assert!(cause.contains("app hung up"), "the app hangs up: {cause}");
 }
 
-/// Once a phone has registered with the bridge as alice, bob calls her
-/// from Chromium (his microphone a 660 Hz tone) and she answers.
-/// What the app hears, polled until it is within 15 Hz of `hz` or `within`
-/// has passed (then the last reading).
 /// A phone sending a 440 Hz tone in PCMU.
 const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
 const OPUS_440: PhoneCodec = ("OPUS", 111, 48000, "opus/48000/2", 440);
@@ -1015,6 +1011,8 @@ fn a_draining_bridge_refuses_an_apps_new_call_and_keeps_the_one_in_progress() {
     );
 }
 
+/// What the app hears, polled until it is within 15 Hz of `hz` or `within`
+/// has passed (then the last reading).
 fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Option<f64> {
     let deadline = std::time::Instant::now() + within;
     let mut heard = None;
@@ -1042,6 +1040,8 @@ fn assert_registered(bridge: &BridgeProcess, user: &str) {
     );
 }
 
+/// Once a phone has registered with the bridge as alice, bob calls her
+/// from Chromium (his microphone a 660 Hz tone) and she answers.
 fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPeer {
     assert_registered(bridge, "alice");
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
