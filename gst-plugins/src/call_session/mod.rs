@@ -1589,7 +1589,7 @@ fn add_bitrates(summary: &mut gst::Structure, previous: &gst::Structure, elapsed
     }
 }
 
-/// Sets the SSRC of an RTP packet, and its payload type when given.
+/// Sets the SSRC and timestamp of an RTP packet, and its payload type when given.
 fn rewrite_header(
     buffer: &mut gst::BufferRef,
     payload_type: Option<u8>,

@@ -315,8 +315,8 @@ impl SharedPeer {
         let _ = self.commands.send(Command::Candidate(candidate.to_owned()));
     }
 
-    /// Sends one Opus frame; nothing goes before the connection is up.
-    /// Sends an Opus frame the source `ssrc` stamped `rtp_time`.
+    /// Sends one Opus frame, stamped `rtp_time` by the source `ssrc`;
+    /// nothing goes before the connection is up.
     pub fn send_frame(&self, payload: &[u8], rtp_time: u32, ssrc: u32) {
         if self.connected.load(Ordering::Relaxed) {
             let _ = self.commands.send(Command::Frame {
