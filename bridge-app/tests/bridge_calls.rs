@@ -114,37 +114,41 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
 
 /// A PBX re-bridges an Opus phone's call with an app user, as Asterisk
 /// does when it transfers a call itself: the phone's packets come from
-/// another source, with another SSRC and timestamps 3 s behind. The app
-/// plays on without a gap: the bridge goes on with the stream's timeline
-/// toward the app, whose browser would otherwise throw the packets away as
-/// old (it waits for up to 5 s of them) until the new timestamps caught up.
+/// another source, with another SSRC and timestamps 3 s behind; later the
+/// timestamps jump back 3 s again under the same SSRC, the first packet
+/// marked (Asterisk with its SSRC kept constant). The app plays on without
+/// a gap each time: the bridge goes on with the stream's timeline toward
+/// the app, whose browser would otherwise throw the packets away as old
+/// (it waits for up to 5 s of them) until the new timestamps caught up.
 #[test]
 fn an_opus_phone_changing_source_plays_on_at_the_app() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
     let mut alice = alice_answering(&bridge, true);
-    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", OPUS_440, 16, "resourced");
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", OPUS_440, 20, "resourced");
     assert_each_hears_the_other(&bridge, &mut alice, &phone);
-    // In samples at the browser's output rate, 48 kHz.
-    let concealed = |alice: &mut BrowserPeer| {
-        alice.command(json!({"op": "audioStats"}))["concealedSamples"]
-            .as_f64()
-            .expect("the app receives audio")
-    };
-    let before = concealed(&mut alice);
-    phone.change_source(-3 * 48_000);
-    std::thread::sleep(Duration::from_secs(4));
-    let gap_ms = (concealed(&mut alice) - before) / 48.0;
-    let heard = alice.command(json!({"op": "frequency"})).as_f64();
-    assert!(
-        gap_ms < 1000.0,
-        "the app concealed {gap_ms:.0} ms of the 4 s after the phone's source changed\n{:#?}",
-        bridge.logs()
-    );
-    assert!(
-        heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
-        "the app hears the phone's 440 Hz after the change: {heard:?}"
-    );
+    for (change, new_ssrc) in [("another SSRC", true), ("the same SSRC, marked", false)] {
+        // In samples at the browser's output rate, 48 kHz.
+        let mut concealed = || {
+            alice.command(json!({"op": "audioStats"}))["concealedSamples"]
+                .as_f64()
+                .expect("the app receives audio")
+        };
+        let before = concealed();
+        phone.change_source(-3 * 48_000, new_ssrc);
+        std::thread::sleep(Duration::from_secs(4));
+        let gap_ms = (concealed() - before) / 48.0;
+        assert!(
+            gap_ms < 1000.0,
+            "the app concealed {gap_ms:.0} ms of the 4 s after the phone's timestamps jumped with {change}\n{:#?}",
+            bridge.logs()
+        );
+        let heard = alice.command(json!({"op": "frequency"})).as_f64();
+        assert!(
+            heard.is_some_and(|f| (f - 440.0).abs() < 15.0),
+            "the app hears the phone's 440 Hz after the jump with {change}: {heard:?}"
+        );
+    }
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
 }

@@ -985,15 +985,17 @@ impl Phone {
         self.pipeline.set_state(gst::State::Playing).unwrap();
     }
 
-    /// From now on its packets come from another source, as when a PBX
-    /// re-bridges the call: another SSRC, and timestamps `jump` ticks off.
-    pub fn change_source(&self, jump: i32) {
+    /// From now on its packets' timestamps are `jump` ticks off, as when a
+    /// PBX re-bridges the call: with another SSRC, or with the same one and
+    /// the marker bit on the first packet (Asterisk with its SSRC constant).
+    pub fn change_source(&self, jump: i32, new_ssrc: bool) {
         let pad = self
             .pipeline
             .by_name("tx")
             .unwrap()
             .static_pad("sink")
             .unwrap();
+        let first = std::sync::atomic::AtomicBool::new(true);
         pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             if let Some(buffer) = info.buffer_mut()
                 && let Ok(mut map) = buffer.make_mut().map_writable()
@@ -1001,8 +1003,12 @@ impl Phone {
             {
                 let timestamp = u32::from_be_bytes([map[4], map[5], map[6], map[7]]);
                 map[4..8].copy_from_slice(&timestamp.wrapping_add_signed(jump).to_be_bytes());
-                let ssrc = u32::from_be_bytes([map[8], map[9], map[10], map[11]]);
-                map[8..12].copy_from_slice(&(!ssrc).to_be_bytes());
+                if new_ssrc {
+                    let ssrc = u32::from_be_bytes([map[8], map[9], map[10], map[11]]);
+                    map[8..12].copy_from_slice(&(!ssrc).to_be_bytes());
+                } else if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    map[1] |= 0x80;
+                }
             }
             gst::PadProbeReturn::Ok
         });

@@ -757,7 +757,7 @@ impl CallSession {
                 if let (Some(peer), Ok(map)) = (peer.get(), buffer.map_readable())
                     && let Ok(packet) = rtp_types::RtpPacket::parse(map.as_slice())
                 {
-                    peer.send_frame(packet.payload(), packet.timestamp(), packet.ssrc());
+                    peer.send_frame(packet.payload(), &packet);
                 }
                 return Ok(());
             }
@@ -765,7 +765,7 @@ impl CallSession {
         if !self.connected.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some((source, timestamp)) = source_and_timestamp(&buffer) else {
+        let Some((source, timestamp, marker)) = source_and_timestamp(&buffer) else {
             return Ok(());
         };
         let arrival = std::time::Instant::now();
@@ -774,7 +774,7 @@ impl CallSession {
             return Ok(());
         };
         let timestamp = sender.timeline.as_mut().map_or(timestamp, |timeline| {
-            timeline.place(source, timestamp, arrival) as u32
+            timeline.place(source, timestamp, marker, arrival) as u32
         });
         let (Some(pad), payload_type, ssrc, twcc_id) = (
             sender.pad.clone(),
@@ -1607,11 +1607,11 @@ fn rewrite_header(
     }
 }
 
-/// The SSRC and timestamp of an RTP packet's header.
-fn source_and_timestamp(buffer: &gst::Buffer) -> Option<(u32, u32)> {
+/// The SSRC, timestamp and marker bit of an RTP packet's header.
+fn source_and_timestamp(buffer: &gst::Buffer) -> Option<(u32, u32, bool)> {
     let map = buffer.map_readable().ok()?;
     let word = |at: usize| Some(u32::from_be_bytes(map.get(at..at + 4)?.try_into().ok()?));
-    Some((word(8)?, word(4)?))
+    Some((word(8)?, word(4)?, map[1] & 0x80 != 0))
 }
 
 /// The SDK trickles candidates only to peers whose SDP says it can take them.

@@ -197,6 +197,7 @@ enum Command {
         payload: Vec<u8>,
         rtp_time: u32,
         ssrc: u32,
+        marker: bool,
     },
 }
 
@@ -315,14 +316,15 @@ impl SharedPeer {
         let _ = self.commands.send(Command::Candidate(candidate.to_owned()));
     }
 
-    /// Sends one Opus frame, stamped `rtp_time` by the source `ssrc`;
-    /// nothing goes before the connection is up.
-    pub fn send_frame(&self, payload: &[u8], rtp_time: u32, ssrc: u32) {
+    /// Sends one Opus frame, stamped by the source of `packet`; nothing
+    /// goes before the connection is up.
+    pub fn send_frame(&self, payload: &[u8], packet: &rtp_types::RtpPacket) {
         if self.connected.load(Ordering::Relaxed) {
             let _ = self.commands.send(Command::Frame {
                 payload: payload.to_vec(),
-                rtp_time,
-                ssrc,
+                rtp_time: packet.timestamp(),
+                ssrc: packet.ssrc(),
+                marker: packet.marker_bit(),
             });
         }
     }
@@ -740,7 +742,11 @@ impl PeerTask {
                 payload,
                 rtp_time,
                 ssrc,
-            } => self.send_frame(payload, rtp_time, ssrc),
+                marker,
+            } => {
+                let time = self.send_time.place(ssrc, rtp_time, marker, Instant::now());
+                self.send_frame(payload, time);
+            }
         }
     }
 
@@ -760,9 +766,9 @@ impl PeerTask {
         }
     }
 
-    fn send_frame(&mut self, payload: Vec<u8>, rtp_time: u32, ssrc: u32) {
+    /// Writes a frame at `time` on the 48 kHz media time.
+    fn send_frame(&mut self, payload: Vec<u8>, time: u64) {
         let Some(mid) = self.mid else { return };
-        let time = self.send_time.place(ssrc, rtp_time, Instant::now());
         let time = MediaTime::new(time, Frequency::FORTY_EIGHT_KHZ);
         let Some(writer) = self.rtc.writer(mid) else {
             return;
