@@ -5,8 +5,10 @@
 //! are, the app's receiver (one SSRC throughout) sees the timestamps jump:
 //! a browser throws away what seems up to seconds old, or waits for what
 //! seems ahead, and the user hears a gap. Here a new source continues the
-//! timeline where the last one left off, by the time between their packets.
-//! Within a source, timestamps pass as they are (unwrapped to 64 bits).
+//! timeline where the last one left off, by the time between their packets,
+//! and so does a source that restarts its timestamps under its SSRC (see
+//! [`Timeline::place`]). Otherwise timestamps pass as they are (unwrapped to
+//! 64 bits).
 
 use std::time::Instant;
 
