@@ -125,7 +125,8 @@ fn an_opus_phone_changing_source_plays_on_at_the_app() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
     let mut alice = alice_answering(&bridge, true);
-    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", OPUS_440, 20, "resourced");
+    // Long enough for the hearing check (up to 15 s) and two 4 s windows.
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", OPUS_440, 26, "resourced");
     assert_each_hears_the_other(&bridge, &mut alice, &phone);
     for (change, new_ssrc) in [("another SSRC", true), ("the same SSRC, marked", false)] {
         // In samples at the browser's output rate, 48 kHz.
