@@ -105,6 +105,11 @@ pub(crate) fn live_source_query(pad: &gst::Pad, query: &mut gst::QueryRef) -> Op
     }
 }
 
+/// The `clock-rate` of an RTP caps structure, when it has a valid one.
+pub(crate) fn clock_rate(structure: &gst::StructureRef) -> Option<u32> {
+    u32::try_from(structure.get::<i32>("clock-rate").ok()?).ok()
+}
+
 /// Whether an upstream event asks for a key frame (`GstForceKeyUnit`).
 pub(crate) fn is_key_frame_request(event: &gst::EventRef) -> bool {
     event.type_() == gst::EventType::CustomUpstream

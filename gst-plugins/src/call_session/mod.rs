@@ -690,10 +690,7 @@ impl CallSession {
                 session.schedule_negotiation();
             }
         });
-        let clock_rate = caps
-            .structure(0)
-            .and_then(|s| s.get::<i32>("clock-rate").ok())
-            .and_then(|rate| u32::try_from(rate).ok());
+        let clock_rate = caps.structure(0).and_then(crate::clock_rate);
         let mut inner = self.inner.lock().unwrap();
         if let Some(sender) = inner.senders.iter_mut().find(|s| s.id == id) {
             sender.pad = Some(pad.clone());
@@ -757,7 +754,7 @@ impl CallSession {
                 if let (Some(peer), Ok(map)) = (peer.get(), buffer.map_readable())
                     && let Ok(packet) = rtp_types::RtpPacket::parse(map.as_slice())
                 {
-                    peer.send_frame(packet.payload(), &packet);
+                    peer.send_frame(&packet);
                 }
                 return Ok(());
             }

@@ -316,12 +316,12 @@ impl SharedPeer {
         let _ = self.commands.send(Command::Candidate(candidate.to_owned()));
     }
 
-    /// Sends one Opus frame, stamped by the source of `packet`; nothing
+    /// Sends the Opus frame of `packet`, stamped by its source; nothing
     /// goes before the connection is up.
-    pub fn send_frame(&self, payload: &[u8], packet: &rtp_types::RtpPacket) {
+    pub fn send_frame(&self, packet: &rtp_types::RtpPacket) {
         if self.connected.load(Ordering::Relaxed) {
             let _ = self.commands.send(Command::Frame {
-                payload: payload.to_vec(),
+                payload: packet.payload().to_vec(),
                 rtp_time: packet.timestamp(),
                 ssrc: packet.ssrc(),
                 marker: packet.marker_bit(),

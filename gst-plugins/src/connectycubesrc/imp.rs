@@ -327,10 +327,7 @@ impl ConnectyCubeSrc {
             && stream.caps.as_ref() != Some(&caps)
         {
             self.srcpad.push_event(gst::event::Caps::new(&caps));
-            stream.clock_rate = caps
-                .structure(0)
-                .and_then(|s| s.get::<i32>("clock-rate").ok())
-                .and_then(|rate| u32::try_from(rate).ok());
+            stream.clock_rate = caps.structure(0).and_then(crate::clock_rate);
             stream.caps = Some(caps);
         }
         if starting {

@@ -175,11 +175,8 @@ impl BaseSinkImpl for SipSink {
 
     fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
         let structure = caps.structure(0);
-        let rate = structure
-            .and_then(|s| s.get::<i32>("clock-rate").ok())
-            .unwrap_or(0);
         let mut outgoing = self.outgoing.lock().unwrap();
-        outgoing.clock_rate = rate.max(0) as u32;
+        outgoing.clock_rate = structure.and_then(crate::clock_rate).unwrap_or(0);
         outgoing.encoding_name = structure
             .and_then(|s| s.get::<String>("encoding-name").ok())
             .unwrap_or_default();

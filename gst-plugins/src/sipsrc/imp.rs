@@ -62,7 +62,7 @@ impl SrcSettings {
                 let telephone_event = s
                     .get::<&str>("encoding-name")
                     .is_ok_and(|name| name.eq_ignore_ascii_case("TELEPHONE-EVENT"));
-                let clock_rate = s.get::<i32>("clock-rate").unwrap_or(0).max(0) as u32;
+                let clock_rate = crate::clock_rate(s).unwrap_or(0);
                 Some((
                     pt,
                     PayloadType {
