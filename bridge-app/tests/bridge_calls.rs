@@ -12,7 +12,7 @@ use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
     Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec, VideoPhone,
-    phone_call, phone_call_with, sipp, tempdir, wav_frequency,
+    dial, phone_call, phone_call_with, sipp, tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -1469,6 +1469,69 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
     );
     let (success, output) = signalling.join().unwrap();
     assert!(success, "hold and resume: {output}");
+}
+
+/// Phones send nothing before they are answered, and desk phones often
+/// nothing while they hold a call. An app user who answers after ringing
+/// longer than the RTP timeout, and a phone that then holds the call
+/// longer than that, silent, keep their call: the bridge times the phone's
+/// silence only while the call is answered and not on hold.
+#[test]
+fn a_call_rung_and_held_longer_than_the_rtp_timeout_goes_on() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&["--rtp-timeout-ms", "2000"]);
+    let mut alice = alice_answering(&bridge, false);
+    let (phone, signalling) = dial(
+        &bridge,
+        "hold-call.xml",
+        "alice",
+        PCMU_440,
+        4,
+        "patient",
+        &[],
+    );
+    let port = bridge.media_port("patient-1");
+    alice.wait_event("incoming call", Duration::from_secs(15));
+    std::thread::sleep(Duration::from_millis(3500));
+    alice.command(json!({"op": "answer"}));
+    bridge
+        .wait_for_log(
+            |l| l.contains("call patient-1: answered"),
+            Duration::from_secs(10),
+        )
+        .expect("the call is answered");
+    phone.call(port);
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+
+    bridge
+        .wait_for_log(
+            |l| l.contains("call patient-1: PCMU RecvOnly"),
+            Duration::from_secs(15),
+        )
+        .expect("the phone holds the call");
+    phone.pause();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while bridge
+        .logs()
+        .iter()
+        .filter(|l| l.contains("call patient-1: PCMU SendRecv"))
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the phone resumes the call"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    phone.resume();
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let (success, output) = signalling.join().unwrap();
+    assert!(
+        success,
+        "the phone hangs up a call still up: {output}\n{:#?}",
+        bridge.logs()
+    );
 }
 
 #[test]

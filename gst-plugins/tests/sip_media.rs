@@ -464,6 +464,18 @@ fn rtp_timeout_posted_once_per_silence(shared_threads: bool) {
         timeout_message(3000).is_some(),
         "a second silence is reported too"
     );
+
+    // Setting the timeout starts the count anew (the bridge does when a
+    // call is answered or taken off hold): the silence is reported again,
+    // counted from the setting, not from the last packet long before.
+    std::thread::sleep(Duration::from_millis(500));
+    let set = Instant::now();
+    src.set_property("timeout", 300u32);
+    assert!(
+        timeout_message(3000).is_some(),
+        "a timeout set anew reports the silence again"
+    );
+    assert!(set.elapsed() >= Duration::from_millis(250));
     pipeline.set_state(gst::State::Null).unwrap();
 }
 

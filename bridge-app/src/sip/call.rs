@@ -424,6 +424,7 @@ async fn answer_call(
         fast_update: FastUpdate::new(phone_allows_info),
         info_dtmf: InfoDtmf::new(phone_allows_info),
         answer_in_ack_of: None,
+        answered: false,
         session_timer,
         capabilities,
         offered_crypto: None,
@@ -540,6 +541,7 @@ async fn answer_call(
     };
     call.dialog
         .accept(Some(call.answer_headers()), Some(body.into_bytes()))?;
+    call.set_answered();
     call.record.answered = Some(std::time::SystemTime::now());
     call.record.status = 200;
     info!(
@@ -753,6 +755,9 @@ struct Call {
     /// arrives in its ACK (and not in the ACK of an INVITE before it,
     /// which may be told after the next INVITE).
     answer_in_ack_of: Option<u32>,
+    /// The phone's dialog is answered (by the bridge or by the phone): its
+    /// RTP is due from then on.
+    answered: bool,
     session_timer: Option<SessionTimer>,
     capabilities: Capabilities,
     /// What the bridge's own offers protect their streams with (our key,
@@ -931,6 +936,9 @@ impl Call {
                 )?);
             }
         }
+        if self.answered {
+            self.set_answered();
+        }
         // Our re-offers keep the stream as protected as it is now.
         self.offered_crypto = stream.srtp.as_ref().map(|srtp| CryptoAttribute {
             tag: srtp.tag,
@@ -960,6 +968,14 @@ impl Call {
             stream.remote_rtp
         );
         Ok(())
+    }
+
+    /// The phone's dialog is answered: from now on its silence is timed.
+    fn set_answered(&mut self) {
+        self.answered = true;
+        if let Some(media) = &self.media {
+            media.set_answered();
+        }
     }
 
     async fn run(
@@ -1730,6 +1746,7 @@ impl Call {
         }
         let caller = caller_of(&request);
         let replaced = std::mem::replace(&mut self.dialog, dialog);
+        self.set_answered();
         if matches!(replaced.state(), DialogState::Early(..)) {
             // The phone ringing for the call stops: another took it.
             let dialogs = self.shared.dialogs.clone();
@@ -2022,6 +2039,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         fast_update: FastUpdate::new(false),
         info_dtmf: InfoDtmf::new(false),
         answer_in_ack_of: None,
+        answered: false,
         session_timer: None,
         capabilities,
         offered_crypto,
@@ -2162,6 +2180,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             return Ok(());
         }
     };
+    call.set_answered();
     call.apply(&audio)?;
     info!("call {call_id}: {target} answered");
     connect_app(call, app, states, token).await

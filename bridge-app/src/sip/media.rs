@@ -6,7 +6,7 @@
 //! app leg's end, pipeline errors — come back on a channel.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -383,6 +383,12 @@ pub struct CallMedia {
     codec: &'static str,
     /// How long the bridge holds the audio, toward the app and toward the phone.
     latency: (LatencyMeter, LatencyMeter),
+    /// The phone's silence is timed only while its RTP is due: once the
+    /// call is answered (phones send nothing before) and while it is not
+    /// on hold (desk phones often send nothing then).
+    answered: AtomicBool,
+    held: AtomicBool,
+    rtp_timeout_ms: u32,
 }
 
 /// Bridge-added latency of a call's audio in each direction, in ms.
@@ -405,7 +411,6 @@ impl CallMedia {
         recorder: Option<&Arc<Recorder>>,
         with_video: bool,
     ) -> anyhow::Result<Self> {
-        let rtp_timeout_ms = config.rtp_timeout.as_millis();
         let jitter_ms = config.jitter_buffer.as_millis();
         let stack = match config.webrtc_stack {
             WebRtcStack::Shared if !with_video && recorder.is_none() => "shared",
@@ -418,7 +423,7 @@ impl CallMedia {
         // The phone's audio is received on the plugin's shared threads:
         // nothing downstream of it here blocks (see `to_phone`).
         let receiver = format!(
-            "sipsrc name=rx session={session} local-address={address} timeout={rtp_timeout_ms} stats-interval=0 latency={jitter_ms} shared-threads=true"
+            "sipsrc name=rx session={session} local-address={address} timeout=0 stats-interval=0 latency={jitter_ms} shared-threads=true"
         );
         // Every source here is live and paced by its sender: packets go on
         // as they come, never held for the clock (which would also hold the
@@ -519,6 +524,9 @@ impl CallMedia {
             valve,
             codec,
             latency: Default::default(),
+            answered: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            rtp_timeout_ms: u32::try_from(config.rtp_timeout.as_millis()).unwrap_or(u32::MAX),
         };
         if let Some(app) = &media.app {
             media.latency.0.watch(&app.static_pad("sink").unwrap());
@@ -600,6 +608,24 @@ impl CallMedia {
                 Some(_) => to_app.set_property("mute", held),
                 None => to_app.set_property("drop", held),
             }
+        }
+        self.held.store(held, Ordering::Relaxed);
+        self.time_silence();
+    }
+
+    /// The phone's dialog is answered: its RTP is due from now on.
+    pub fn set_answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+        self.time_silence();
+    }
+
+    /// Sets `sipsrc`'s RTP timeout while the phone's RTP is due, none
+    /// otherwise; setting it starts the count anew, so only a change does.
+    fn time_silence(&self) {
+        let due = self.answered.load(Ordering::Relaxed) && !self.held.load(Ordering::Relaxed);
+        let timeout = if due { self.rtp_timeout_ms } else { 0 };
+        if self.receiver.property::<u32>("timeout") != timeout {
+            self.receiver.set_property("timeout", timeout);
         }
     }
 

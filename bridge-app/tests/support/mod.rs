@@ -985,6 +985,15 @@ impl Phone {
         self.pipeline.set_state(gst::State::Playing).unwrap();
     }
 
+    /// Sends nothing until [`Self::resume`], as a desk phone holding a call.
+    pub fn pause(&self) {
+        self.pipeline.set_state(gst::State::Paused).unwrap();
+    }
+
+    pub fn resume(&self) {
+        self.pipeline.set_state(gst::State::Playing).unwrap();
+    }
+
     /// From now on its packets' timestamps are `jump` ticks off, as when a
     /// PBX re-bridges the call: with another SSRC, or with the same one and
     /// the marker bit on the first packet (Asterisk with its SSRC constant).
@@ -1182,6 +1191,24 @@ pub fn phone_call_with(
     call_id: &str,
     extra_args: &[&str],
 ) -> (Phone, std::thread::JoinHandle<(bool, String)>) {
+    let (phone, signalling) = dial(
+        bridge, scenario, service, codec, seconds, call_id, extra_args,
+    );
+    phone.call(bridge.media_port(&format!("{call_id}-1")));
+    (phone, signalling)
+}
+
+/// [`phone_call_with`] whose phone sends nothing until the test calls
+/// [`Phone::call`], as real phones wait for the answer.
+pub fn dial(
+    bridge: &BridgeProcess,
+    scenario: &'static str,
+    service: &str,
+    codec: PhoneCodec,
+    seconds: u32,
+    call_id: &str,
+    extra_args: &[&str],
+) -> (Phone, std::thread::JoinHandle<(bool, String)>) {
     let (name, pt, rate, rtpmap, frequency) = codec;
     let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
     let phone = Phone::new(name, pt, rate, frequency);
@@ -1216,7 +1243,6 @@ pub fn phone_call_with(
             .collect::<Vec<_>>(),
         )
     });
-    phone.call(bridge.media_port(&format!("{call_id}-1")));
     (phone, signalling)
 }
 

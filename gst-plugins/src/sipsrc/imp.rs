@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gst::glib;
 use gst::prelude::*;
@@ -35,6 +35,9 @@ pub(crate) struct SrcSettings {
     payload_map: gst::Caps,
     payload_types: HashMap<u8, PayloadType>,
     pub(super) timeout: Duration,
+    /// When `timeout` was last set: silence counts from then at the
+    /// earliest (a call answered, or taken off hold).
+    pub(super) timeout_set_at: Option<Instant>,
     pub(super) stats_interval: Duration,
     pub(super) eos_on_bye: bool,
 }
@@ -45,6 +48,7 @@ impl Default for SrcSettings {
             payload_map: gst::Caps::new_empty(),
             payload_types: HashMap::new(),
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS.into()),
+            timeout_set_at: None,
             stats_interval: Duration::from_millis(DEFAULT_STATS_INTERVAL_MS.into()),
             eos_on_bye: false,
         }
@@ -185,7 +189,7 @@ impl ObjectImpl for SipSrc {
                     .build(),
                 glib::ParamSpecUInt::builder("timeout")
                     .nick("RTP timeout")
-                    .blurb("Post a sip-rtp-timeout message after this many milliseconds without RTP (0: never)")
+                    .blurb("Post a sip-rtp-timeout message after this many milliseconds without RTP, counted from the last packet or from when this is set (0: never)")
                     .default_value(DEFAULT_TIMEOUT_MS)
                     .mutable_playing()
                     .build(),
@@ -236,7 +240,8 @@ impl ObjectImpl for SipSrc {
                     .unwrap_or_else(gst::Caps::new_empty),
             ),
             "timeout" => {
-                settings.timeout = Duration::from_millis(value.get::<u32>().unwrap().into())
+                settings.timeout = Duration::from_millis(value.get::<u32>().unwrap().into());
+                settings.timeout_set_at = Some(Instant::now());
             }
             "stats-interval" => {
                 settings.stats_interval = Duration::from_millis(value.get::<u32>().unwrap().into())

@@ -25,6 +25,8 @@ struct Timers {
     last_stats_post: Option<Instant>,
     /// Whether the current silence was already reported.
     timeout_posted: bool,
+    /// The `timeout` setting's time this silence is counted against.
+    timeout_set_at: Option<Instant>,
     current_payload_type: Option<u8>,
 }
 
@@ -289,9 +291,13 @@ impl SipReceiver {
     /// Posts the periodic `sip-rtp-stats` message and, once per silence,
     /// `sip-rtp-timeout`, both from `sipsrc` itself.
     pub(super) fn housekeeping(&self, session: &MediaSession) {
-        let (stats_interval, timeout) = {
+        let (stats_interval, timeout, timeout_set_at) = {
             let settings = self.shared().settings.lock().unwrap();
-            (settings.stats_interval, settings.timeout)
+            (
+                settings.stats_interval,
+                settings.timeout,
+                settings.timeout_set_at,
+            )
         };
         let now = Instant::now();
         let mut timers = self.timers.lock().unwrap();
@@ -308,12 +314,19 @@ impl SipReceiver {
             let _ = owner.post_message(gst::message::Element::builder(stats).src(&owner).build());
         }
 
+        // A timeout set anew starts counting anew.
+        if timers.timeout_set_at != timeout_set_at {
+            timers.timeout_set_at = timeout_set_at;
+            timers.timeout_posted = false;
+        }
         if !timeout.is_zero() && !timers.timeout_posted {
-            let silence = session.last_packet_age().unwrap_or_else(|| {
-                timers
-                    .started_at
-                    .map_or(Duration::ZERO, |t| now.duration_since(t))
-            });
+            let counted = timers
+                .started_at
+                .max(timeout_set_at)
+                .map_or(Duration::ZERO, |t| now.duration_since(t));
+            let silence = session
+                .last_packet_age()
+                .map_or(counted, |age| age.min(counted));
             if silence >= timeout {
                 timers.timeout_posted = true;
                 gst::warning!(CAT, imp = self, "no RTP for {} ms", silence.as_millis());
