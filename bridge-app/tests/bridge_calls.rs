@@ -1534,6 +1534,41 @@ fn a_call_rung_and_held_longer_than_the_rtp_timeout_goes_on() {
     );
 }
 
+/// A PBX or trunk that sends its INVITE without SDP (a delayed offer)
+/// reaches an app user: the bridge rings the app on its own offer, offers
+/// its codecs in the 200, and takes the phone's answer (PCMU) from the ACK,
+/// moving the call's media to it; both hear each other.
+#[test]
+fn a_delayed_offer_reaches_an_app_user() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let mut alice = alice_answering(&bridge, true);
+    let (phone, signalling) = dial(
+        &bridge,
+        "delayed-offer.xml",
+        "alice",
+        PCMU_440,
+        8,
+        "late",
+        &[],
+    );
+    let port = bridge.media_port("late-1");
+    bridge
+        .wait_for_log(
+            |l| l.contains("call late-1: PCMU SendRecv"),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| panic!("the ACK's answer is applied: {:#?}", bridge.logs()));
+    phone.call(port);
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the delayed offer's call: {output}");
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(lines[0]["sip_codec"], "PCMU", "{}", lines[0]);
+    assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
+}
+
 #[test]
 fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     let _serial = one_at_a_time();

@@ -397,6 +397,20 @@ fn a_silent_phone_is_hung_up_after_the_rtp_timeout() {
 }
 
 #[test]
+fn a_delayed_offer_left_unanswered_in_the_ack_is_hung_up() {
+    let bridge = BridgeProcess::start(&[]);
+    assert_sipp(
+        sipp(
+            "delayed-offer-unanswered.xml",
+            &bridge.address(),
+            "echo",
+            &[],
+        ),
+        "BYE with Reason 488 after an ACK without the answer",
+    );
+}
+
+#[test]
 fn malformed_requests_leave_a_call_in_progress_alone() {
     let mut bridge = BridgeProcess::start(&[]);
     let call = echo_call_in_progress(bridge.address(), 4000);

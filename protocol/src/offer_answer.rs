@@ -418,6 +418,27 @@ pub fn render_offer(
     sdp
 }
 
+/// The audio stream the bridge's media starts with while its own offer
+/// (in a 200 OK to an INVITE without one) awaits the answer in the ACK:
+/// the first codec of `capabilities`, numbered as [`render_offer`] numbers
+/// it, sent nowhere and received from nobody until the answer says where.
+pub fn provisional_audio(capabilities: &Capabilities) -> Option<NegotiatedStream> {
+    let nowhere = IpAddr::from([0, 0, 0, 0]);
+    let stream = OfferedStream {
+        kind: MediaKind::Audio,
+        rtp_port: 9,
+        direction: Direction::Inactive,
+        crypto: None,
+    };
+    let origin = Origin {
+        session_id: 0,
+        version: 0,
+    };
+    let offer = render_offer(capabilities, origin, nowhere, &[stream]);
+    let offer = crate::sdp::parse(&offer).ok()?;
+    answer(&offer, capabilities).ok()?.audio().cloned()
+}
+
 /// The fmtp the bridge offers for a codec it sends.
 fn offered_format(codec: &Codec, payload_type: u8) -> PayloadFormat {
     let fmtp = match codec.encoding_name {
@@ -823,5 +844,55 @@ mod tests {
             "{refused}"
         );
         assert!(answer(&phones_answer, &required).is_ok());
+    }
+
+    #[test]
+    fn the_provisional_stream_is_our_first_codec_as_offered_going_nowhere() {
+        let capabilities = Capabilities::all_audio();
+        let stream = provisional_audio(&capabilities).unwrap();
+        let offer = render_offer(
+            &capabilities,
+            Origin {
+                session_id: 1,
+                version: 1,
+            },
+            LOCAL,
+            &[OfferedStream {
+                kind: MediaKind::Audio,
+                rtp_port: 4000,
+                direction: Direction::SendRecv,
+                crypto: None,
+            }],
+        );
+        let offered = &sdp::parse(&offer).unwrap().media[0];
+        assert_eq!(stream.codec.encoding_name, capabilities.audio[0]);
+        assert_eq!(
+            offered.formats[0].payload_type, stream.format.payload_type,
+            "numbered as in {offer}"
+        );
+        assert_eq!(
+            stream.dtmf_payload_type,
+            offered.formats.last().map(|f| f.payload_type)
+        );
+        assert!(stream.remote_rtp.ip().is_unspecified());
+        assert_eq!(stream.direction, Direction::Inactive);
+        assert!(!stream.we_send());
+
+        let pcmu_only = Capabilities {
+            audio: vec!["PCMU"],
+            ..capabilities
+        };
+        let stream = provisional_audio(&pcmu_only).unwrap();
+        assert_eq!(
+            (stream.codec.encoding_name, stream.format.payload_type),
+            ("PCMU", 0)
+        );
+        assert!(
+            provisional_audio(&Capabilities {
+                audio: vec![],
+                ..pcmu_only
+            })
+            .is_none()
+        );
     }
 }

@@ -359,12 +359,22 @@ async fn answer_call(
         None => None,
     };
 
-    if negotiated.is_none() && matches!(destination, Destination::App { .. }) {
-        info!("call {call_id}: an INVITE without SDP cannot be bridged, 488");
-        let warning = warning(399, "an SDP offer is required");
-        reply(&mut tx, StatusCode::NotAcceptableHere, vec![warning]).await;
-        return Ok(());
-    }
+    // An INVITE without an offer (a delayed offer, as some PBXs and
+    // trunks send): a bridged call's media starts on the bridge's own
+    // offer, inactive, so that the app can ring; the answer in the ACK then
+    // says where the phone's audio goes and in which codec.
+    let provisional = match (&negotiated, &destination) {
+        (None, Destination::App { record_to, .. }) => {
+            capabilities.video.clear();
+            if record_to.is_some() {
+                // A recorded call's media cannot switch codec once the
+                // answer comes: one codec, which every phone speaks.
+                capabilities.audio = vec!["PCMU"];
+            }
+            offer_answer::provisional_audio(&capabilities)
+        }
+        _ => None,
+    };
     let reservation = match PortReservation::new(shared.config.media_address) {
         Ok(r) => r,
         Err(e) => {
@@ -424,6 +434,7 @@ async fn answer_call(
         fast_update: FastUpdate::new(phone_allows_info),
         info_dtmf: InfoDtmf::new(phone_allows_info),
         answer_in_ack_of: None,
+        awaiting_first_answer: false,
         answered: false,
         session_timer,
         capabilities,
@@ -454,11 +465,16 @@ async fn answer_call(
                 .and_then(|o| offer_answer::answer(o, &call.capabilities).ok());
         }
     }
-    let audio = negotiated.as_ref().and_then(|n| n.audio().cloned());
+    let audio = negotiated
+        .as_ref()
+        .and_then(|n| n.audio().cloned())
+        .or(provisional);
     if let (Some(_), Some(audio)) = (&app, &audio) {
         call.apply(audio)?;
-        // Later offers may move or hold the stream, not change its codec.
-        call.capabilities.audio = vec![audio.codec.encoding_name];
+        if negotiated.is_some() {
+            // Later offers may move or hold the stream, not change its codec.
+            call.capabilities.audio = vec![audio.codec.encoding_name];
+        }
     }
 
     let mut states = states;
@@ -536,6 +552,7 @@ async fn answer_call(
         }
         None => {
             call.answer_in_ack_of = cseq_of(&call.dialog.initial_request());
+            call.awaiting_first_answer = true;
             call.render_offer(Direction::SendRecv)
         }
     };
@@ -755,6 +772,8 @@ struct Call {
     /// arrives in its ACK (and not in the ACK of an INVITE before it,
     /// which may be told after the next INVITE).
     answer_in_ack_of: Option<u32>,
+    /// That answer is the call's first: without it the call has no media.
+    awaiting_first_answer: bool,
     /// The phone's dialog is answered (by the bridge or by the phone): its
     /// RTP is due from then on.
     answered: bool,
@@ -1023,7 +1042,13 @@ impl Call {
                         transferor_gone = true;
                     }
                     None => break (None, "the dialog closed".to_owned()),
-                    Some(DialogState::Confirmed(..)) => self.on_confirmed(),
+                    Some(DialogState::Confirmed(..)) => if let Err(why) = self.on_confirmed() {
+                        warn!("call {}: {why}; hanging up", self.call_id);
+                        break (
+                            Some(format!("SIP;cause=488;text=\"{}\"", why.replace('"', "'"))),
+                            format!("no usable answer in the ACK: {why}"),
+                        );
+                    },
                     Some(DialogState::Refer(_, request, handle)) => {
                         let pending = transfer.is_some();
                         if let Some(started) = self.on_refer(&request, handle, pending).await {
@@ -1223,13 +1248,15 @@ impl Call {
         self.shared.router.call_ended(record);
     }
 
-    /// ACK arrived: if we offered in the 200, it carries the answer.
-    fn on_confirmed(&mut self) {
+    /// ACK arrived: if we offered in the 200, it carries the answer. `Err`
+    /// when that was the call's first answer and it is missing or unusable:
+    /// the call has no media to go on with.
+    fn on_confirmed(&mut self) -> Result<(), String> {
         let ack = self.dialog.last_remote_ack();
         if self.answer_in_ack_of.is_none()
             || ack.as_ref().and_then(cseq_of) != self.answer_in_ack_of
         {
-            return;
+            return Ok(());
         }
         self.answer_in_ack_of = None;
         let negotiated = match ack.as_ref().map(offered_sdp) {
@@ -1239,13 +1266,18 @@ impl Call {
             Some(Ok(None)) | None => Err("the ACK carries no SDP answer".to_owned()),
             Some(Err(e)) => Err(e),
         };
-        match negotiated {
-            Ok(negotiation) => {
-                if let Err(e) = self.renegotiate(&negotiation) {
-                    warn!("call {}: {e:#}", self.call_id);
-                }
+        let applied = negotiated
+            .and_then(|negotiation| self.renegotiate(&negotiation).map_err(|e| format!("{e:#}")));
+        match applied {
+            Ok(()) => {
+                self.awaiting_first_answer = false;
+                Ok(())
             }
-            Err(e) => warn!("call {}: {e}; media stays as it was", self.call_id),
+            Err(e) if self.awaiting_first_answer => Err(e),
+            Err(e) => {
+                warn!("call {}: {e}; media stays as it was", self.call_id);
+                Ok(())
+            }
         }
     }
 
@@ -2039,6 +2071,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         fast_update: FastUpdate::new(false),
         info_dtmf: InfoDtmf::new(false),
         answer_in_ack_of: None,
+        awaiting_first_answer: false,
         answered: false,
         session_timer: None,
         capabilities,
