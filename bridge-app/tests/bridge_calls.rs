@@ -1327,6 +1327,11 @@ fn a_recorded_call_holds_both_voices() {
     let path = lines[0]["recording"]
         .as_str()
         .unwrap_or_else(|| panic!("the CDR names the recording: {}", lines[0]));
+    assert_both_voices_recorded(path);
+}
+
+/// A finalized WAV recording of over 3 s holds both voices.
+fn assert_both_voices_recorded(path: &str) {
     let mut reader = hound::WavReader::open(path).expect("a finalized, readable WAV file");
     let rate = reader.spec().sample_rate;
     let samples: Vec<f32> = reader
@@ -1537,12 +1542,30 @@ fn a_call_rung_and_held_longer_than_the_rtp_timeout_goes_on() {
 /// A PBX or trunk that sends its INVITE without SDP (a delayed offer)
 /// reaches an app user: the bridge rings the app on its own offer, offers
 /// its codecs in the 200, and takes the phone's answer (PCMU) from the ACK,
-/// moving the call's media to it; both hear each other.
+/// moving the call's media from Opus passed through to transcoding; both
+/// hear each other.
 #[test]
 fn a_delayed_offer_reaches_an_app_user() {
+    delayed_offer_to_alice(false);
+}
+
+/// The same, recorded: a recording's media cannot switch codec, so the
+/// bridge offers PCMU alone, and the recording holds both voices.
+#[test]
+fn a_recorded_delayed_offer_holds_both_voices() {
+    delayed_offer_to_alice(true);
+}
+
+fn delayed_offer_to_alice(recorded: bool) {
     let _serial = one_at_a_time();
-    let cdr = tempdir().join("cdr.jsonl");
-    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let dir = tempdir();
+    let cdr = dir.join("cdr.jsonl");
+    let recordings = dir.join("recordings");
+    let mut args = vec!["--cdr", cdr.to_str().unwrap()];
+    if recorded {
+        args.extend(["--record", recordings.to_str().unwrap()]);
+    }
+    let bridge = BridgeProcess::start(&args);
     let mut alice = alice_answering(&bridge, true);
     let (phone, signalling) = dial(
         &bridge,
@@ -1567,6 +1590,9 @@ fn a_delayed_offer_reaches_an_app_user() {
     let lines = wait_for_cdr(&cdr, 1);
     assert_eq!(lines[0]["sip_codec"], "PCMU", "{}", lines[0]);
     assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
+    if recorded {
+        assert_both_voices_recorded(lines[0]["recording"].as_str().expect("a recording"));
+    }
 }
 
 #[test]
