@@ -421,7 +421,7 @@ pub fn render_offer(
 /// The audio stream the bridge's media starts with while its own offer
 /// (in a 200 OK to an INVITE without one) awaits the answer in the ACK:
 /// the first codec of `capabilities`, numbered as [`render_offer`] numbers
-/// it, sent nowhere and received from nobody until the answer says where.
+/// it, inactive, and sent nowhere until the answer says where.
 pub fn provisional_audio(capabilities: &Capabilities) -> Option<NegotiatedStream> {
     let nowhere = IpAddr::from([0, 0, 0, 0]);
     let stream = OfferedStream {
