@@ -396,6 +396,41 @@ fn a_silent_phone_is_hung_up_after_the_rtp_timeout() {
     );
 }
 
+/// A session timer a proxy added for a phone that knows nothing of them
+/// (`Session-Expires` without `Supported: timer`): the bridge is the
+/// refresher (`refresher=uas`) and refreshes at half the interval, by
+/// UPDATE where the phone allows it and by re-INVITE where not, so the
+/// session never expires under the call. Each takes 45 s of Min-SE's 90.
+#[test]
+fn the_bridge_refreshes_a_session_the_phone_does_not() {
+    // The phone sends no RTP: only the session timer may end its call.
+    let bridge = BridgeProcess::start(&["--rtp-timeout-ms", "120000"]);
+    let refreshed_by = |allow: &'static str, call_id: &'static str| {
+        let address = bridge.address();
+        std::thread::spawn(move || {
+            sipp(
+                "session-refreshed-by-bridge.xml",
+                &address,
+                "echo",
+                &[
+                    "-key", "allow", allow, "-cid_str", call_id, "-timeout", "90s",
+                ],
+            )
+        })
+    };
+    let by_update = refreshed_by("UPDATE, ", "by-update-%u");
+    let by_invite = refreshed_by("INFO, ", "by-invite-%u");
+    assert_sipp(by_update.join().unwrap(), "the bridge's UPDATE refresh");
+    assert_sipp(by_invite.join().unwrap(), "the bridge's re-INVITE refresh");
+    let logs = bridge.logs();
+    for line in [
+        "call by-update-1: refreshing the session by UPDATE",
+        "call by-invite-1: refreshing the session by re-INVITE",
+    ] {
+        assert!(logs.iter().any(|l| l.contains(line)), "{line}: {logs:#?}");
+    }
+}
+
 #[test]
 fn a_delayed_offer_left_unanswered_in_the_ack_is_hung_up() {
     let bridge = BridgeProcess::start(&[]);

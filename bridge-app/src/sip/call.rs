@@ -30,6 +30,7 @@ use super::admission::Verdict;
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
+use super::session_timer::{Refresher, SessionTimer};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
     ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, cseq_of, phone_route, refuse,
@@ -51,6 +52,13 @@ const MAX_REDIRECTS: u32 = 3;
 
 /// How often a call's RTP statistics are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How soon a session refresh the phone did not take is tried again.
+const REFRESH_RETRY: Duration = Duration::from_secs(5);
+
+/// What the bridge's session refresh got: the phone's final response, if
+/// the request went out.
+type RefreshResult = rsipstack::Result<Option<rsipstack::sip::Response>>;
 /// How long a digit from SIP INFO is played back (INFO bodies rarely say).
 const INFO_DIGIT_MS: u32 = 160;
 
@@ -108,33 +116,14 @@ impl Drop for ActiveCall {
     }
 }
 
-/// The session timer the caller asked for (RFC 4028).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SessionTimer {
-    interval: u32,
-}
-
-impl SessionTimer {
-    /// When the session is over unless refreshed: the interval less a
-    /// margin (RFC 4028 §10: a third, at most 32 s).
-    fn deadline(self) -> Instant {
-        let interval = u64::from(self.interval);
-        Instant::now() + Duration::from_secs(interval - (interval / 3).min(32))
-    }
-
-    fn header(self) -> Header {
-        Header::SessionExpires(format!("{};refresher=uac", self.interval).into())
-    }
-}
-
-/// Whether a phone's `Allow` lists INFO.
-fn allows_info(message: &impl HeadersExt) -> bool {
+/// Whether a phone's `Allow` lists `method`.
+fn allows(message: &impl HeadersExt, method: &str) -> bool {
     message.headers().iter().any(|header| {
         header.name().eq_ignore_ascii_case("Allow")
             && header
                 .value()
                 .split(',')
-                .any(|method| method.trim().eq_ignore_ascii_case("INFO"))
+                .any(|allowed| allowed.trim().eq_ignore_ascii_case(method))
     })
 }
 
@@ -229,15 +218,6 @@ impl FastUpdate {
     }
 }
 
-/// Reads `Session-Expires: 1800;refresher=uac`; `None` when absent or unreadable.
-fn requested_session_interval(request: &Request) -> Option<u32> {
-    let value = request
-        .header_value("Session-Expires")
-        // `x` is its compact form.
-        .or_else(|| request.header_value("x"))?;
-    value.split(';').next()?.trim().parse().ok()
-}
-
 async fn answer_call(
     shared: Arc<Shared>,
     mut tx: Transaction,
@@ -312,15 +292,15 @@ async fn answer_call(
     let invite_cseq = cseq_of(&tx.original);
     let (_active, token) = ActiveCall::register(&shared, call_id, invite_cseq.unwrap_or(0));
 
-    let session_timer = match requested_session_interval(&tx.original) {
-        Some(interval) if interval < shared.config.min_session_expires => {
+    let session_timer = match SessionTimer::requested(&tx.original) {
+        Some(timer) if timer.interval < shared.config.min_session_expires => {
+            let interval = timer.interval;
             info!("call {call_id}: Session-Expires {interval} below Min-SE, 422");
             let min_se = Header::MinSE(shared.config.min_session_expires.to_string().into());
             reply(&mut tx, StatusCode::SessionIntervalTooSmall, vec![min_se]).await;
             return Ok(());
         }
-        Some(interval) => Some(SessionTimer { interval }),
-        None => None,
+        timer => timer,
     };
 
     // One SDES key per call, so that re-offers keep what the phone knows.
@@ -383,7 +363,8 @@ async fn answer_call(
             return Ok(());
         }
     };
-    let phone_allows_info = allows_info(&tx.original);
+    let phone_allows_info = allows(&tx.original, "INFO");
+    let phone_allows_update = allows(&tx.original, "UPDATE");
     let reliable_ringing = required_tags(&tx.original).iter().any(|t| t == "100rel");
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
     let dialog = shared.dialogs.get_or_create_server_invite(
@@ -435,6 +416,7 @@ async fn answer_call(
         info_dtmf: InfoDtmf::new(phone_allows_info),
         answer_in_ack_of: None,
         awaiting_first_answer: false,
+        phone_allows_update,
         answered: false,
         session_timer,
         capabilities,
@@ -774,6 +756,9 @@ struct Call {
     answer_in_ack_of: Option<u32>,
     /// That answer is the call's first: without it the call has no media.
     awaiting_first_answer: bool,
+    /// The phone's `Allow` lists UPDATE: the bridge's session refreshes
+    /// use it, not a re-INVITE.
+    phone_allows_update: bool,
     /// The phone's dialog is answered (by the bridge or by the phone): its
     /// RTP is due from then on.
     answered: bool,
@@ -864,8 +849,10 @@ impl Call {
             Header::Supported(SUPPORTED.into()),
         ];
         if let Some(timer) = session_timer {
-            headers.push(timer.header());
-            headers.push(Header::Require("timer".into()));
+            headers.push(timer.response_header());
+            if timer.phone_supports {
+                headers.push(Header::Require("timer".into()));
+            }
         }
         headers
     }
@@ -997,12 +984,77 @@ impl Call {
         }
     }
 
+    /// When the bridge refreshes the session next, if it is the refresher.
+    fn refresh_due(&self) -> Option<Instant> {
+        self.session_timer
+            .filter(|timer| timer.refresher == Refresher::Bridge)
+            .map(SessionTimer::refresh_due)
+    }
+
+    /// Sends the refresh the bridge owes as the session's refresher (RFC
+    /// 4028 §7.4): an UPDATE without SDP when the phone takes UPDATE, else
+    /// a re-INVITE with the bridge's offer.
+    fn send_refresh(&mut self) -> Option<tokio::task::JoinHandle<RefreshResult>> {
+        let timer = self.session_timer?;
+        let mut headers = vec![timer.refresh_header(), Header::Supported(SUPPORTED.into())];
+        let dialog = self.dialog.clone();
+        if self.phone_allows_update {
+            info!("call {}: refreshing the session by UPDATE", self.call_id);
+            return Some(tokio::spawn(async move {
+                dialog.update(Some(headers), None).await
+            }));
+        }
+        info!("call {}: refreshing the session by re-INVITE", self.call_id);
+        headers.push(Header::ContentType("application/sdp".into()));
+        let offer = self.render_offer(Direction::SendRecv).into_bytes();
+        Some(tokio::spawn(async move {
+            dialog.reinvite(Some(headers), Some(offer)).await
+        }))
+    }
+
+    /// The phone's response to the bridge's refresh: `Ok(true)` refreshed
+    /// (a re-INVITE's answer applied), `Ok(false)` to be tried again (the
+    /// session's expiry bounds the tries), `Err` when the phone no longer
+    /// knows the call.
+    fn on_refreshed(&mut self, outcome: RefreshResult) -> Result<bool, String> {
+        let response = match outcome {
+            Ok(Some(response)) => response,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                warn!("call {}: the session refresh failed: {e}", self.call_id);
+                return Ok(false);
+            }
+        };
+        let status = u16::from(response.status_code.clone());
+        match status {
+            200..=299 => {}
+            408 | 481 => return Err(format!("the session refresh got {status}")),
+            _ => {
+                warn!("call {}: the session refresh got {status}", self.call_id);
+                return Ok(false);
+            }
+        }
+        if !response.body.is_empty() {
+            let applied = negotiate_answer(&response.body, &self.capabilities)
+                .map_err(anyhow::Error::msg)
+                .and_then(|negotiation| self.renegotiate(&negotiation));
+            if let Err(e) = applied {
+                warn!("call {}: the refresh's answer: {e:#}", self.call_id);
+            }
+        }
+        Ok(true)
+    }
+
     async fn run(
         mut self,
         mut states: mpsc::UnboundedReceiver<DialogState>,
         shutdown: CancellationToken,
     ) {
         let mut session_deadline = self.session_timer.map(SessionTimer::deadline);
+        // The bridge's next refresh, when it refreshes the session, and the
+        // one under way.
+        let mut refresh_at = self.refresh_due();
+        let mut refreshing: Option<tokio::task::JoinHandle<RefreshResult>> = None;
         let mut app_hangup = self.app_hangup.take();
         self.publish();
         let mut report = tokio::time::interval(STATS_INTERVAL);
@@ -1020,6 +1072,19 @@ impl Call {
             let expiry = async {
                 match session_deadline {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let refresh = async {
+                match refresh_at {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let refresh_idle = refreshing.is_none();
+            let refreshed = async {
+                match refreshing.as_mut() {
+                    Some(task) => task.await.unwrap_or(Ok(None)),
                     None => std::future::pending().await,
                 }
             };
@@ -1056,8 +1121,9 @@ impl Call {
                         }
                     }
                     Some(DialogState::Updated(_, request, handle)) => {
-                        session_deadline = self.session_timer.map(SessionTimer::deadline);
                         self.on_update(&request, handle).await;
+                        session_deadline = self.session_timer.map(SessionTimer::deadline);
+                        refresh_at = self.refresh_due();
                     }
                     Some(DialogState::Info(_, request, handle)) => self.on_info(&request, handle).await,
                     Some(DialogState::Options(_, _, handle)) => {
@@ -1101,6 +1167,7 @@ impl Call {
                     if let Some(new_states) = took_over {
                         states = new_states;
                         session_deadline = None;
+                        refresh_at = None;
                         transferor_gone = false;
                         self.accept_replacements(&replace_with, false);
                     } else if transferor_gone {
@@ -1111,6 +1178,7 @@ impl Call {
                     if let Some(new_states) = self.replace_phone(invite, transfer.is_some()).await {
                         states = new_states;
                         session_deadline = self.session_timer.map(SessionTimer::deadline);
+                        refresh_at = self.refresh_due();
                         self.accept_replacements(&replace_with, false);
                     }
                 }
@@ -1122,6 +1190,21 @@ impl Call {
                     self.report_stats();
                     if let Some(reason) = self.app_never_connected() {
                         break (Some("SIP;cause=504;text=\"the app's WebRTC connection did not come up\"".to_owned()), reason);
+                    }
+                }
+                () = refresh, if refresh_idle => {
+                    refresh_at = None;
+                    refreshing = self.send_refresh();
+                }
+                outcome = refreshed => {
+                    refreshing = None;
+                    match self.on_refreshed(outcome) {
+                        Ok(true) => {
+                            session_deadline = self.session_timer.map(SessionTimer::deadline);
+                            refresh_at = self.refresh_due();
+                        }
+                        Ok(false) => refresh_at = Some(Instant::now() + REFRESH_RETRY),
+                        Err(why) => break (None, why),
                     }
                 }
                 () = expiry => break (
@@ -1303,9 +1386,10 @@ impl Call {
                 return;
             }
         };
-        if let Some(interval) = requested_session_interval(request) {
+        if let Some(timer) = SessionTimer::requested(request) {
             self.session_timer = Some(SessionTimer {
-                interval: interval.max(self.shared.config.min_session_expires),
+                interval: timer.interval.max(self.shared.config.min_session_expires),
+                ..timer
             });
         }
         let body = match offer {
@@ -1350,7 +1434,7 @@ impl Call {
 
     fn refresh_headers(&self) -> Vec<Header> {
         self.session_timer
-            .map(SessionTimer::header)
+            .map(SessionTimer::response_header)
             .into_iter()
             .collect()
     }
@@ -1632,8 +1716,8 @@ impl Call {
         }
         self.session_timer = None;
         self.answer_in_ack_of = None;
-        self.fast_update = FastUpdate::new(allows_info(&response));
-        self.info_dtmf = InfoDtmf::new(allows_info(&response));
+        self.fast_update = FastUpdate::new(allows(&response, "INFO"));
+        self.info_dtmf = InfoDtmf::new(allows(&response, "INFO"));
         self.record.transferred_to = Some(target.clone());
         self.publish();
         info!("call {}: transferred to {target}", self.call_id);
@@ -1794,8 +1878,9 @@ impl Call {
             None => cseq_of(&request),
             Some(_) => None,
         };
-        self.fast_update = FastUpdate::new(allows_info(&request));
-        self.info_dtmf = InfoDtmf::new(allows_info(&request));
+        self.fast_update = FastUpdate::new(allows(&request, "INFO"));
+        self.info_dtmf = InfoDtmf::new(allows(&request, "INFO"));
+        self.phone_allows_update = allows(&request, "UPDATE");
         self.record.transferred_to = Some(caller.user);
         self.publish();
         info!(
@@ -1819,16 +1904,16 @@ impl Call {
                 "the call is being transferred",
             ));
         }
-        let session_timer = match requested_session_interval(request) {
-            Some(interval) if interval < self.shared.config.min_session_expires => {
+        let session_timer = match SessionTimer::requested(request) {
+            Some(timer) if timer.interval < self.shared.config.min_session_expires => {
                 let min_se = self.shared.config.min_session_expires.to_string();
                 return Err((
                     StatusCode::SessionIntervalTooSmall,
-                    format!("Session-Expires {interval} below Min-SE"),
+                    format!("Session-Expires {} below Min-SE", timer.interval),
                     vec![Header::MinSE(min_se.into())],
                 ));
             }
-            interval => interval.map(|interval| SessionTimer { interval }),
+            timer => timer,
         };
         let capabilities = self.capabilities_for_new_phone();
         let offer =
@@ -2072,6 +2157,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         info_dtmf: InfoDtmf::new(false),
         answer_in_ack_of: None,
         awaiting_first_answer: false,
+        phone_allows_update: false,
         answered: false,
         session_timer: None,
         capabilities,
@@ -2189,8 +2275,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         call.finish(status, format!("the phone answered {reason}"));
         return Ok(());
     }
-    call.fast_update = FastUpdate::new(allows_info(&response));
-    call.info_dtmf = InfoDtmf::new(allows_info(&response));
+    call.fast_update = FastUpdate::new(allows(&response, "INFO"));
+    call.info_dtmf = InfoDtmf::new(allows(&response, "INFO"));
     let answer_body = match (&response.body, &early_answer) {
         (body, Some(early)) if body.is_empty() => early,
         (body, _) => body,
@@ -2275,13 +2361,15 @@ mod tests {
 
     #[test]
     fn info_goes_only_to_phones_that_allow_it() {
-        assert!(allows_info(&invite_with(
-            "Allow: INVITE, ACK, BYE\r\nAllow: info, UPDATE\r\n"
-        )));
-        assert!(!allows_info(&invite_with(
-            "Allow: INVITE, ACK, BYE, INFORMATION\r\n"
-        )));
-        assert!(!allows_info(&invite_with("")));
+        assert!(allows(
+            &invite_with("Allow: INVITE, ACK, BYE\r\nAllow: info, UPDATE\r\n"),
+            "INFO"
+        ));
+        assert!(!allows(
+            &invite_with("Allow: INVITE, ACK, BYE, INFORMATION\r\n"),
+            "INFO"
+        ));
+        assert!(!allows(&invite_with(""), "INFO"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod recorder;
 pub mod registrar;
 pub mod registration;
 pub mod routing;
+mod session_timer;
 mod transfer;
 mod ua;
 pub mod video;

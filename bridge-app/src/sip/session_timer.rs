@@ -1,0 +1,176 @@
+//! Session timers (RFC 4028) of the calls phones place to the bridge: how
+//! long a session lasts unless refreshed, and which side refreshes it.
+
+use std::time::Duration;
+
+use rsipstack::sip::{Header, Request};
+use tokio::time::Instant;
+
+/// Which side of the call refreshes its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refresher {
+    Phone,
+    Bridge,
+}
+
+/// A call's session timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SessionTimer {
+    pub interval: u32,
+    pub refresher: Refresher,
+    /// The phone does session timers itself (`Supported: timer`); when it
+    /// does not, a proxy on the way asked for the timer, and the bridge
+    /// refreshes.
+    pub phone_supports: bool,
+}
+
+impl SessionTimer {
+    /// The timer a phone's request asks for with `Session-Expires`: `None`
+    /// when absent or unreadable. The phone refreshes when it does session
+    /// timers and did not ask the bridge to (`refresher=uas`, RFC 4028 §9).
+    pub fn requested(request: &Request) -> Option<Self> {
+        let value = header_value(request, "Session-Expires", "x")?;
+        let mut parts = value.split(';');
+        let interval = parts.next()?.trim().parse().ok()?;
+        let asks_bridge = parts.any(|p| {
+            p.trim().split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("refresher") && v.trim() == "uas"
+            })
+        });
+        let phone_supports = supports_timer(request);
+        Some(Self {
+            interval,
+            refresher: if phone_supports && !asks_bridge {
+                Refresher::Phone
+            } else {
+                Refresher::Bridge
+            },
+            phone_supports,
+        })
+    }
+
+    /// When the session is over unless refreshed: the interval less a
+    /// margin (RFC 4028 §10: a third, at most 32 s).
+    pub fn deadline(self) -> Instant {
+        let interval = u64::from(self.interval);
+        Instant::now() + Duration::from_secs(interval - (interval / 3).min(32))
+    }
+
+    /// When the bridge, as refresher, refreshes next: half the interval
+    /// from now (RFC 4028 §10).
+    pub fn refresh_due(self) -> Instant {
+        Instant::now() + Duration::from_secs(u64::from(self.interval / 2).max(1))
+    }
+
+    /// For the bridge's responses to the phone's requests: the refresher
+    /// named by its role in that transaction.
+    pub fn response_header(self) -> Header {
+        let refresher = match self.refresher {
+            Refresher::Phone => "uac",
+            Refresher::Bridge => "uas",
+        };
+        Header::SessionExpires(format!("{};refresher={refresher}", self.interval).into())
+    }
+
+    /// For the bridge's own refreshes, which it sends as their UAC.
+    pub fn refresh_header(self) -> Header {
+        Header::SessionExpires(format!("{};refresher=uac", self.interval).into())
+    }
+}
+
+fn header_value<'a>(request: &'a Request, name: &str, compact: &str) -> Option<&'a str> {
+    request.headers.iter().find_map(|h| {
+        let header_name = h.name();
+        (header_name.eq_ignore_ascii_case(name) || header_name.eq_ignore_ascii_case(compact))
+            .then(|| h.value())
+    })
+}
+
+/// Whether a request's `Supported` or `Require` lists `timer`.
+fn supports_timer(request: &Request) -> bool {
+    request.headers.iter().any(|h| {
+        let name = h.name();
+        ["Supported", "k", "Require"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+            && h.value()
+                .split(',')
+                .any(|tag| tag.trim().eq_ignore_ascii_case("timer"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invite_with(headers: &str) -> Request {
+        let text = format!(
+            "INVITE sip:alice@127.0.0.1 SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+             From: <sip:bob@127.0.0.1>;tag=1\r\n\
+             To: <sip:alice@127.0.0.1>\r\n\
+             Call-ID: st\r\n\
+             CSeq: 1 INVITE\r\n\
+             {headers}\
+             Content-Length: 0\r\n\r\n"
+        );
+        Request::try_from(text.as_str()).unwrap()
+    }
+
+    #[test]
+    fn the_refresher_follows_rfc_4028() {
+        let timer = |headers| SessionTimer::requested(&invite_with(headers));
+        let phone = timer("Supported: timer\r\nSession-Expires: 1800;refresher=uac\r\n").unwrap();
+        assert_eq!(
+            (phone.interval, phone.refresher, phone.phone_supports),
+            (1800, Refresher::Phone, true)
+        );
+        assert_eq!(
+            timer("Supported: replaces, timer\r\nSession-Expires: 90\r\n")
+                .unwrap()
+                .refresher,
+            Refresher::Phone,
+            "the phone does timers and left the choice to the bridge"
+        );
+        assert_eq!(
+            timer("Supported: timer\r\nSession-Expires: 90;refresher=uas\r\n")
+                .unwrap()
+                .refresher,
+            Refresher::Bridge,
+            "the phone asked the bridge to refresh"
+        );
+        // A proxy asked for the timer; the phone knows nothing of it.
+        let proxy = timer("Session-Expires: 1800\r\n").unwrap();
+        assert_eq!(
+            (proxy.refresher, proxy.phone_supports),
+            (Refresher::Bridge, false)
+        );
+        assert_eq!(
+            timer("x: 120\r\nk: timer\r\n").unwrap(),
+            SessionTimer {
+                interval: 120,
+                refresher: Refresher::Phone,
+                phone_supports: true
+            },
+            "compact forms"
+        );
+        assert_eq!(timer("Session-Expires: soon\r\n"), None);
+        assert_eq!(timer(""), None);
+    }
+
+    #[test]
+    fn each_header_names_the_refresher_by_its_role() {
+        let bridge = SessionTimer {
+            interval: 90,
+            refresher: Refresher::Bridge,
+            phone_supports: false,
+        };
+        assert_eq!(bridge.response_header().value(), "90;refresher=uas");
+        assert_eq!(bridge.refresh_header().value(), "90;refresher=uac");
+        let phone = SessionTimer {
+            refresher: Refresher::Phone,
+            ..bridge
+        };
+        assert_eq!(phone.response_header().value(), "90;refresher=uac");
+    }
+}
