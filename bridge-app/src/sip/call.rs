@@ -59,6 +59,7 @@ const REFRESH_RETRY: Duration = Duration::from_secs(5);
 /// What the bridge's session refresh got: the phone's final response, if
 /// the request went out.
 type RefreshResult = rsipstack::Result<Option<rsipstack::sip::Response>>;
+
 /// How long a digit from SIP INFO is played back (INFO bodies rarely say).
 const INFO_DIGIT_MS: u32 = 160;
 
@@ -1168,6 +1169,10 @@ impl Call {
                         states = new_states;
                         session_deadline = None;
                         refresh_at = None;
+                        // A refresh of the old phone's dialog says nothing of the new one's.
+                        if let Some(task) = refreshing.take() {
+                            task.abort();
+                        }
                         transferor_gone = false;
                         self.accept_replacements(&replace_with, false);
                     } else if transferor_gone {
@@ -1179,6 +1184,9 @@ impl Call {
                         states = new_states;
                         session_deadline = self.session_timer.map(SessionTimer::deadline);
                         refresh_at = self.refresh_due();
+                        if let Some(task) = refreshing.take() {
+                            task.abort();
+                        }
                         self.accept_replacements(&replace_with, false);
                     }
                 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use rsipstack::sip::prelude::HeadersExt;
 use rsipstack::sip::{Header, Request};
 use tokio::time::Instant;
 
@@ -29,7 +30,10 @@ impl SessionTimer {
     /// when absent or unreadable. The phone refreshes when it does session
     /// timers and did not ask the bridge to (`refresher=uas`, RFC 4028 §9).
     pub fn requested(request: &Request) -> Option<Self> {
-        let value = header_value(request, "Session-Expires", "x")?;
+        let value = request
+            .header_value("Session-Expires")
+            // `x` is its compact form.
+            .or_else(|| request.header_value("x"))?;
         let mut parts = value.split(';');
         let interval = parts.next()?.trim().parse().ok()?;
         let asks_bridge = parts.any(|p| {
@@ -37,7 +41,8 @@ impl SessionTimer {
                 k.trim().eq_ignore_ascii_case("refresher") && v.trim() == "uas"
             })
         });
-        let phone_supports = supports_timer(request);
+        let phone_supports = request.header_contains_token("Supported", "timer")
+            || request.header_contains_token("Require", "timer");
         Some(Self {
             interval,
             refresher: if phone_supports && !asks_bridge {
@@ -76,27 +81,6 @@ impl SessionTimer {
     pub fn refresh_header(self) -> Header {
         Header::SessionExpires(format!("{};refresher=uac", self.interval).into())
     }
-}
-
-fn header_value<'a>(request: &'a Request, name: &str, compact: &str) -> Option<&'a str> {
-    request.headers.iter().find_map(|h| {
-        let header_name = h.name();
-        (header_name.eq_ignore_ascii_case(name) || header_name.eq_ignore_ascii_case(compact))
-            .then(|| h.value())
-    })
-}
-
-/// Whether a request's `Supported` or `Require` lists `timer`.
-fn supports_timer(request: &Request) -> bool {
-    request.headers.iter().any(|h| {
-        let name = h.name();
-        ["Supported", "k", "Require"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-            && h.value()
-                .split(',')
-                .any(|tag| tag.trim().eq_ignore_ascii_case("timer"))
-    })
 }
 
 #[cfg(test)]
@@ -146,13 +130,13 @@ mod tests {
             (Refresher::Bridge, false)
         );
         assert_eq!(
-            timer("x: 120\r\nk: timer\r\n").unwrap(),
+            timer("x: 120\r\nSupported: timer\r\n").unwrap(),
             SessionTimer {
                 interval: 120,
                 refresher: Refresher::Phone,
                 phone_supports: true
             },
-            "compact forms"
+            "the compact form"
         );
         assert_eq!(timer("Session-Expires: soon\r\n"), None);
         assert_eq!(timer(""), None);
