@@ -858,6 +858,57 @@ fn send_dtmf_replaces_audio_with_events_that_rtpdtmfdepay_reads() {
     pipeline.set_state(gst::State::Null).unwrap();
 }
 
+/// An Opus phone whose SDP has telephone-event/48000 (which the bridge
+/// takes with Opus) gets its digits at the stream's own rate: the events'
+/// durations count 48 kHz ticks.
+#[test]
+fn send_dtmf_on_an_opus_stream_counts_its_48_khz() {
+    let phone = phone("127.0.0.1");
+    let port = phone.local_addr().unwrap().port();
+    let mut sink = sink_harness(&[(
+        "sdp",
+        &format!(
+            "m=audio {port} RTP/AVP 111 110\r\nc=IN IP4 127.0.0.1\r\na=rtpmap:111 opus/48000/2\r\na=rtpmap:110 telephone-event/48000\r\n"
+        ),
+    )]);
+    sink.set_src_caps_str(
+        "application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload=111",
+    );
+    assert!(
+        sink.element()
+            .unwrap()
+            .emit_by_name::<bool>("send-dtmf", &[&"7", &100u32])
+    );
+    let mut events = Vec::new();
+    let mut received = [0u8; 2048];
+    for seq in 0..12u16 {
+        let opus = rtp_types::RtpPacketBuilder::new()
+            .payload_type(111)
+            .sequence_number(seq)
+            .timestamp(u32::from(seq) * 960)
+            .ssrc(0xd7)
+            .payload([0x78u8; 40].as_slice())
+            .write_vec()
+            .unwrap();
+        push(&mut sink, opus);
+        let (len, _) = phone.recv_from(&mut received).unwrap();
+        let packet = rtp_types::RtpPacket::parse(&received[..len]).unwrap();
+        if packet.payload_type() == 110 {
+            events.push(packet.payload().to_vec());
+        }
+    }
+    let last = events
+        .last()
+        .expect("the digit goes as telephone-event/48000");
+    assert_eq!(last[0], 7, "the event is the digit");
+    assert_ne!(last[1] & 0x80, 0, "the last packet ends the event");
+    assert_eq!(
+        u16::from_be_bytes([last[2], last[3]]),
+        4800,
+        "100 ms at 48 kHz"
+    );
+}
+
 /// RTP from another leg (the app's Opus as payload type 111) reaches the
 /// phone numbered by the phone's SDP, marker bit and payload untouched.
 #[test]

@@ -85,7 +85,7 @@ pub struct NegotiatedStream {
     /// The payload format as the offerer numbered it (and its fmtp).
     pub format: PayloadFormat,
     /// RFC 4733 events, when both sides do them.
-    pub dtmf_payload_type: Option<u8>,
+    pub dtmf: Option<DtmfFormat>,
     /// Packet time in ms (offered, or 20).
     pub ptime: u32,
     /// Where the peer wants RTP.
@@ -97,6 +97,13 @@ pub struct NegotiatedStream {
     pub direction: Direction,
     /// SDES-SRTP keys, when the stream is RTP/SAVP.
     pub srtp: Option<NegotiatedSrtp>,
+}
+
+/// RFC 4733 telephone events as negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtmfFormat {
+    pub payload_type: u8,
+    pub clock_rate: u32,
 }
 
 /// The keys of one SRTP stream: the peer's from its `a=crypto`, ours for
@@ -143,7 +150,7 @@ impl NegotiatedStream {
     pub fn media_section_text(&self) -> String {
         let mut text = String::new();
         let mut pts = vec![self.format.payload_type];
-        pts.extend(self.dtmf_payload_type);
+        pts.extend(self.dtmf.map(|d| d.payload_type));
         let pts: Vec<String> = pts.iter().map(u8::to_string).collect();
         let _ = write!(
             text,
@@ -155,8 +162,12 @@ impl NegotiatedStream {
             self.remote_rtp.ip()
         );
         write_format(&mut text, &self.format);
-        if let Some(pt) = self.dtmf_payload_type {
-            let _ = write!(text, "a=rtpmap:{pt} telephone-event/8000\r\n");
+        if let Some(dtmf) = self.dtmf {
+            let _ = write!(
+                text,
+                "a=rtpmap:{} telephone-event/{}\r\n",
+                dtmf.payload_type, dtmf.clock_rate
+            );
         }
         if self.rtcp_mux {
             text.push_str("a=rtcp-mux\r\n");
@@ -239,8 +250,8 @@ pub fn answer(
             continue;
         };
         let address = media.address.ok_or(NegotiationError::NoAddress { index })?;
-        let dtmf_payload_type = (kind == MediaKind::Audio && capabilities.dtmf)
-            .then(|| dtmf_format(media))
+        let dtmf = (kind == MediaKind::Audio && capabilities.dtmf)
+            .then(|| dtmf_format(media, format.clock_rate))
             .flatten();
         let remote_rtp = SocketAddr::new(address, media.port);
         let remote_rtcp = if media.rtcp_mux {
@@ -256,7 +267,7 @@ pub fn answer(
             kind,
             codec,
             format,
-            dtmf_payload_type,
+            dtmf,
             ptime: media.ptime.filter(|p| (10..=120).contains(p)).unwrap_or(20),
             remote_rtp,
             remote_rtcp,
@@ -319,7 +330,7 @@ pub fn render_answer(
         match accepted {
             Some((stream, local)) => {
                 let mut pts = vec![stream.format.payload_type];
-                pts.extend(stream.dtmf_payload_type);
+                pts.extend(stream.dtmf.map(|d| d.payload_type));
                 let proto = if stream.srtp.is_some() {
                     "RTP/SAVP"
                 } else {
@@ -327,8 +338,8 @@ pub fn render_answer(
                 };
                 write_media_line(&mut sdp, stream.kind.as_str(), proto, local.rtp_port, &pts);
                 write_format(&mut sdp, &stream.format);
-                if let Some(pt) = stream.dtmf_payload_type {
-                    write_dtmf(&mut sdp, pt);
+                if let Some(dtmf) = stream.dtmf {
+                    write_dtmf(&mut sdp, dtmf);
                 }
                 if stream.kind == MediaKind::Audio {
                     let _ = write!(sdp, "a=ptime:{}\r\n", stream.ptime);
@@ -389,12 +400,27 @@ pub fn render_offer(
                 offered_format(c, payload_type)
             })
             .collect();
-        let dtmf = (stream.kind == MediaKind::Audio && capabilities.dtmf).then(|| {
-            next_dynamic += 1;
-            next_dynamic - 1
-        });
+        // Events at 8 kHz, and at 48 kHz too with Opus, so that a phone
+        // answering Opus can take them at its stream's rate.
+        let mut dtmf_rates = Vec::new();
+        if stream.kind == MediaKind::Audio && capabilities.dtmf {
+            dtmf_rates.push(8000);
+            if formats.iter().any(|f| f.clock_rate == 48000) {
+                dtmf_rates.push(48000);
+            }
+        }
+        let dtmf: Vec<DtmfFormat> = dtmf_rates
+            .into_iter()
+            .map(|clock_rate| {
+                next_dynamic += 1;
+                DtmfFormat {
+                    payload_type: next_dynamic - 1,
+                    clock_rate,
+                }
+            })
+            .collect();
         let mut pts: Vec<u8> = formats.iter().map(|f| f.payload_type).collect();
-        pts.extend(dtmf);
+        pts.extend(dtmf.iter().map(|d| d.payload_type));
         let proto = if stream.crypto.is_some() {
             "RTP/SAVP"
         } else {
@@ -404,8 +430,8 @@ pub fn render_offer(
         for format in formats.drain(..) {
             write_format(&mut sdp, &format);
         }
-        if let Some(pt) = dtmf {
-            write_dtmf(&mut sdp, pt);
+        for dtmf in dtmf {
+            write_dtmf(&mut sdp, dtmf);
         }
         if let Some(crypto) = &stream.crypto {
             let _ = write!(sdp, "a=crypto:{}\r\n", crypto.value());
@@ -485,10 +511,14 @@ fn write_format(sdp: &mut String, format: &PayloadFormat) {
     }
 }
 
-fn write_dtmf(sdp: &mut String, pt: u8) {
+fn write_dtmf(sdp: &mut String, dtmf: DtmfFormat) {
+    let DtmfFormat {
+        payload_type: pt,
+        clock_rate,
+    } = dtmf;
     let _ = write!(
         sdp,
-        "a=rtpmap:{pt} telephone-event/8000\r\na=fmtp:{pt} 0-16\r\n"
+        "a=rtpmap:{pt} telephone-event/{clock_rate}\r\na=fmtp:{pt} 0-16\r\n"
     );
 }
 
@@ -501,12 +531,20 @@ fn rtpmap_name(encoding_name: &str) -> &str {
     }
 }
 
-fn dtmf_format(media: &MediaSection) -> Option<u8> {
-    media
-        .formats
-        .iter()
-        .find(|f| f.encoding_name.eq_ignore_ascii_case(DTMF) && f.clock_rate == 8000)
-        .map(|f| f.payload_type)
+/// The offered telephone-event at the stream codec's clock rate (RFC 4733
+/// §2.1: the events share the stream's timestamps), else at 8 kHz.
+fn dtmf_format(media: &MediaSection, clock_rate: u32) -> Option<DtmfFormat> {
+    let at = |rate: u32| {
+        media
+            .formats
+            .iter()
+            .find(|f| f.encoding_name.eq_ignore_ascii_case(DTMF) && f.clock_rate == rate)
+            .map(|f| DtmfFormat {
+                payload_type: f.payload_type,
+                clock_rate: rate,
+            })
+    };
+    at(clock_rate).or_else(|| at(8000))
 }
 
 fn media_kind(name: &str) -> Option<MediaKind> {
@@ -578,7 +616,13 @@ mod tests {
         let negotiation = answer(&offer, &Capabilities::all_audio()).unwrap();
         let audio = negotiation.audio().unwrap();
         assert_eq!(audio.codec.encoding_name, "PCMA");
-        assert_eq!(audio.dtmf_payload_type, Some(101));
+        assert_eq!(
+            audio.dtmf,
+            Some(DtmfFormat {
+                payload_type: 101,
+                clock_rate: 8000
+            })
+        );
         assert_eq!(audio.ptime, 30);
         assert_eq!(audio.remote_rtp, "10.0.0.1:4000".parse().unwrap());
         assert_eq!(audio.remote_rtcp, "10.0.0.1:4001".parse().unwrap());
@@ -612,7 +656,7 @@ mod tests {
         let negotiation = answer(&offer, &capabilities).unwrap();
         let audio = negotiation.audio().unwrap();
         assert_eq!(audio.codec.encoding_name, "OPUS");
-        assert_eq!(audio.dtmf_payload_type, None);
+        assert_eq!(audio.dtmf, None);
         let text = render_answer(
             &negotiation,
             ORIGIN,
@@ -772,7 +816,16 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["OPUS", "G722", "PCMU", "PCMA", "G729", "TELEPHONE-EVENT"]
+            [
+                "OPUS",
+                "G722",
+                "PCMU",
+                "PCMA",
+                "G729",
+                "TELEPHONE-EVENT",
+                "TELEPHONE-EVENT"
+            ],
+            "events at 8 and 48 kHz"
         );
         assert_eq!(parsed.media[1].formats.len(), 3);
         assert!(parsed.media.iter().all(|m| m.proto == "RTP/AVP"));
@@ -870,9 +923,14 @@ mod tests {
             offered.formats[0].payload_type, stream.format.payload_type,
             "numbered as in {offer}"
         );
+        let offered_dtmf = offered.formats.last().unwrap();
         assert_eq!(
-            stream.dtmf_payload_type,
-            offered.formats.last().map(|f| f.payload_type)
+            stream.dtmf,
+            Some(DtmfFormat {
+                payload_type: offered_dtmf.payload_type,
+                clock_rate: 48000
+            }),
+            "Opus's events at its own rate, last in {offer}"
         );
         assert!(stream.remote_rtp.ip().is_unspecified());
         assert_eq!(stream.direction, Direction::Inactive);
@@ -894,5 +952,64 @@ mod tests {
             })
             .is_none()
         );
+    }
+
+    #[test]
+    fn telephone_events_go_at_the_codecs_rate_when_offered() {
+        let both = offer(
+            "m=audio 4000 RTP/AVP 111 0 101 110\r\na=rtpmap:111 opus/48000/2\r\n\
+             a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+             a=rtpmap:110 telephone-event/48000\r\n",
+        );
+        let opus = answer(&both, &Capabilities::all_audio()).unwrap();
+        let audio = opus.audio().unwrap();
+        assert_eq!(audio.codec.encoding_name, "OPUS");
+        assert_eq!(
+            audio.dtmf,
+            Some(DtmfFormat {
+                payload_type: 110,
+                clock_rate: 48000
+            })
+        );
+        assert!(
+            audio
+                .media_section_text()
+                .contains("a=rtpmap:110 telephone-event/48000\r\n")
+        );
+        let text = render_answer(&opus, ORIGIN, LOCAL, &[LocalStream { rtp_port: 5000 }]);
+        assert!(text.contains("m=audio 5000 RTP/AVP 111 110\r\n"), "{text}");
+        assert!(
+            text.contains("a=rtpmap:110 telephone-event/48000\r\n"),
+            "{text}"
+        );
+
+        // PCMU takes the 8 kHz events.
+        let pcmu = Capabilities {
+            audio: vec!["PCMU"],
+            ..Capabilities::all_audio()
+        };
+        let negotiation = answer(&both, &pcmu).unwrap();
+        assert_eq!(negotiation.audio().unwrap().dtmf.unwrap().payload_type, 101);
+
+        // Our offers carry both when they offer Opus, 8 kHz alone otherwise.
+        let stream = |capabilities: &Capabilities| {
+            render_offer(
+                capabilities,
+                ORIGIN,
+                LOCAL,
+                &[OfferedStream {
+                    kind: MediaKind::Audio,
+                    rtp_port: 4000,
+                    direction: Direction::SendRecv,
+                    crypto: None,
+                }],
+            )
+        };
+        let with_opus = stream(&Capabilities::all_audio());
+        assert!(with_opus.contains("telephone-event/8000"), "{with_opus}");
+        assert!(with_opus.contains("telephone-event/48000"), "{with_opus}");
+        let without = stream(&pcmu);
+        assert!(without.contains("telephone-event/8000"), "{without}");
+        assert!(!without.contains("telephone-event/48000"), "{without}");
     }
 }
