@@ -1445,20 +1445,11 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
         )
         .expect("the hold is applied");
     let held = bytes_per_packet(&mut alice, |size| size < 15.0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while bridge
-        .logs()
-        .iter()
-        .filter(|l| l.contains("call held-1: PCMU SendRecv"))
-        .count()
-        < 2
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the resume is applied"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_second(
+        &bridge,
+        "call held-1: PCMU SendRecv",
+        "the resume is applied",
+    );
     let resumed = bytes_per_packet(&mut alice, |size| size > 40.0);
     assert!(
         before > 40.0,
@@ -1474,6 +1465,16 @@ fn a_phone_on_hold_pauses_what_the_app_hears() {
     );
     let (success, output) = signalling.join().unwrap();
     assert!(success, "hold and resume: {output}");
+}
+
+/// Waits up to 15 s for a second log line containing `line` (a stream's
+/// direction applied again: a resume).
+fn wait_for_second(bridge: &BridgeProcess, line: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while bridge.logs().iter().filter(|l| l.contains(line)).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Phones send nothing before they are answered, and desk phones often
@@ -1515,20 +1516,11 @@ fn a_call_rung_and_held_longer_than_the_rtp_timeout_goes_on() {
         )
         .expect("the phone holds the call");
     phone.pause();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while bridge
-        .logs()
-        .iter()
-        .filter(|l| l.contains("call patient-1: PCMU SendRecv"))
-        .count()
-        < 2
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the phone resumes the call"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_second(
+        &bridge,
+        "call patient-1: PCMU SendRecv",
+        "the phone resumes the call",
+    );
     phone.resume();
     assert_each_hears_the_other(&bridge, &mut alice, &phone);
     let (success, output) = signalling.join().unwrap();

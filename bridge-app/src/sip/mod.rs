@@ -140,3 +140,18 @@ impl SipConfig {
         }
     }
 }
+
+/// An INVITE with `headers` (each ending in CRLF), for unit tests.
+#[cfg(test)]
+fn invite_with(headers: &str) -> rsipstack::sip::Request {
+    let text = format!(
+        "INVITE sip:alice@127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+         From: <sip:bob@127.0.0.1>;tag=1\r\n\
+         To: <sip:alice@127.0.0.1>\r\n\
+         Call-ID: c1\r\n\
+         CSeq: 1 INVITE\r\n\
+         {headers}Content-Length: 0\r\n\r\n"
+    );
+    rsipstack::sip::Request::try_from(text.as_str()).unwrap()
+}

@@ -87,19 +87,7 @@ impl SessionTimer {
 mod tests {
     use super::*;
 
-    fn invite_with(headers: &str) -> Request {
-        let text = format!(
-            "INVITE sip:alice@127.0.0.1 SIP/2.0\r\n\
-             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
-             From: <sip:bob@127.0.0.1>;tag=1\r\n\
-             To: <sip:alice@127.0.0.1>\r\n\
-             Call-ID: st\r\n\
-             CSeq: 1 INVITE\r\n\
-             {headers}\
-             Content-Length: 0\r\n\r\n"
-        );
-        Request::try_from(text.as_str()).unwrap()
-    }
+    use crate::sip::invite_with;
 
     #[test]
     fn the_refresher_follows_rfc_4028() {
