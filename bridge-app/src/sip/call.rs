@@ -554,6 +554,14 @@ async fn answer_call(
     Ok(())
 }
 
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// INVITEs that came to replace a call that no longer can be (it ended,
 /// or was answered while they waited): 481 for each.
 fn refuse_replacements(pending: &mut mpsc::UnboundedReceiver<Transaction>, why: &'static str) {
@@ -1070,18 +1078,8 @@ impl Call {
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
-            let expiry = async {
-                match session_deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let refresh = async {
-                match refresh_at {
-                    Some(due) => tokio::time::sleep_until(due).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let expiry = sleep_until(session_deadline);
+            let refresh = sleep_until(refresh_at);
             let refresh_idle = refreshing.is_none();
             let refreshed = async {
                 match refreshing.as_mut() {
