@@ -20,6 +20,7 @@ pub struct Config {
     pub recording: RecordingSection,
     pub cdr: CdrSection,
     pub management: ManagementSection,
+    pub asterisk: AsteriskSection,
 }
 
 #[derive(Clone, Deserialize)]
@@ -128,6 +129,52 @@ pub struct ManagementSection {
     pub token: Option<String>,
 }
 
+/// The link to Asterisk's manager interface (AMI): off unless `ami` is
+/// set. Each mapped user's state is published as a custom device state.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsteriskSection {
+    /// Asterisk's AMI, `host:port` (`manager.conf`; port 5038 when left out).
+    pub ami: Option<String>,
+    pub username: Option<String>,
+    pub secret: Option<String>,
+    /// What comes before the extension in the device's name: with the
+    /// default, alice's state is `Custom:alice`.
+    pub device_prefix: String,
+}
+
+impl Default for AsteriskSection {
+    fn default() -> Self {
+        Self {
+            ami: None,
+            username: None,
+            secret: None,
+            device_prefix: "Custom:".into(),
+        }
+    }
+}
+
+impl AsteriskSection {
+    /// `ami` with Asterisk's port when it names none.
+    pub fn ami_address(&self) -> Option<String> {
+        let ami = self.ami.as_deref()?.trim();
+        let has_port = match ami.rsplit_once(':') {
+            // A bare IPv6 address has colons but no port.
+            Some((host, port)) => {
+                port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+            }
+            None => false,
+        };
+        Some(if has_port {
+            ami.to_owned()
+        } else if ami.contains(':') && !ami.starts_with('[') {
+            format!("[{ami}]:{}", bridge_protocol::ami::DEFAULT_PORT)
+        } else {
+            format!("{ami}:{}", bridge_protocol::ami::DEFAULT_PORT)
+        })
+    }
+}
+
 /// Shortest management token accepted.
 const MIN_TOKEN_LEN: usize = 16;
 
@@ -196,6 +243,7 @@ impl Default for Config {
             recording: RecordingSection::default(),
             cdr: CdrSection::default(),
             management: ManagementSection::default(),
+            asterisk: AsteriskSection::default(),
         }
     }
 }
@@ -230,6 +278,9 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
     ("CONNECTYCUBE_STUN_SERVER", "connectycube.stun_server"),
     ("MANAGEMENT_TOKEN", "management.token"),
+    ("ASTERISK_AMI", "asterisk.ami"),
+    ("ASTERISK_AMI_USERNAME", "asterisk.username"),
+    ("ASTERISK_AMI_SECRET", "asterisk.secret"),
 ];
 
 impl Config {
@@ -261,6 +312,7 @@ impl Config {
             recording: RecordingSection::default(),
             cdr: CdrSection::default(),
             management: ManagementSection::default(),
+            asterisk: AsteriskSection::default(),
         }
     }
 
@@ -315,6 +367,9 @@ impl Config {
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
                 "CONNECTYCUBE_STUN_SERVER" => cc.stun_server = Some(value),
                 "MANAGEMENT_TOKEN" => self.management.token = Some(value),
+                "ASTERISK_AMI" => self.asterisk.ami = Some(value),
+                "ASTERISK_AMI_USERNAME" => self.asterisk.username = Some(value),
+                "ASTERISK_AMI_SECRET" => self.asterisk.secret = Some(value),
                 _ => {}
             }
         }
@@ -436,6 +491,26 @@ impl Config {
         {
             problems.push("recording.directory: needed to record calls".into());
         }
+        let asterisk = &self.asterisk;
+        if let Some(ami) = &asterisk.ami {
+            if ami.trim().is_empty() || ami.contains(char::is_whitespace) {
+                problems.push(format!("asterisk.ami: {ami:?} is not host:port"));
+            }
+            if asterisk.username.as_deref().is_none_or(str::is_empty) {
+                problems.push("asterisk.username: needed by asterisk.ami".into());
+            }
+            if asterisk.secret.as_deref().is_none_or(str::is_empty) {
+                problems.push(
+                    "asterisk.secret: needed by asterisk.ami (or set ASTERISK_AMI_SECRET)".into(),
+                );
+            }
+        }
+        if asterisk.device_prefix.contains(['\r', '\n', '(', ')']) {
+            problems.push(format!(
+                "asterisk.device_prefix: {:?} cannot name a device",
+                asterisk.device_prefix
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -493,6 +568,17 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
             format!("line {line_number} `{line}`: {message}")
         }
         None => message,
+    }
+}
+
+impl fmt::Debug for AsteriskSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsteriskSection")
+            .field("ami", &self.ami)
+            .field("username", &self.username)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("device_prefix", &self.device_prefix)
+            .finish()
     }
 }
 
@@ -583,6 +669,40 @@ department = "Sales"
             !format!("{config:?}").contains("\"secret\""),
             "passwords stay out of logs"
         );
+    }
+
+    #[test]
+    fn the_asterisk_link_needs_its_credentials_and_keeps_its_secret() {
+        let text = format!(
+            "{EXAMPLE}\n[asterisk]\nami = \"pbx.example.com\"\nusername = \"bridge\"\nsecret = \"s3cret-ami\"\n"
+        );
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.asterisk.ami_address().as_deref(),
+            Some("pbx.example.com:5038")
+        );
+        assert!(!format!("{config:?}").contains("s3cret-ami"));
+
+        let mut config = Config::parse(EXAMPLE).unwrap();
+        config.asterisk.ami = Some("10.0.0.5:15038".into());
+        config.asterisk.device_prefix = "Custom:x)\n".into();
+        let problems = config.validate().unwrap_err().0;
+        for key in [
+            "asterisk.username",
+            "asterisk.secret",
+            "asterisk.device_prefix",
+        ] {
+            assert!(problems.iter().any(|p| p.starts_with(key)), "{problems:?}");
+        }
+        assert_eq!(
+            config.asterisk.ami_address().as_deref(),
+            Some("10.0.0.5:15038")
+        );
+        config.asterisk.ami = Some("::1".into());
+        assert_eq!(config.asterisk.ami_address().as_deref(), Some("[::1]:5038"));
+        config.asterisk.ami = Some("[::1]:6000".into());
+        assert_eq!(config.asterisk.ami_address().as_deref(), Some("[::1]:6000"));
     }
 
     #[test]

@@ -218,7 +218,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         println!("Stopping: ending {} call(s).", bridge.sip.active_calls());
         stop_management.cancel();
-        bridge.sip.shutdown().await;
+        bridge.shutdown().await;
         Ok(())
     })
 }

@@ -4,6 +4,7 @@
 //! session descriptions, so the same rules apply whether a pipeline is started
 //! from `gst-launch-1.0` or driven by the bridge.
 
+pub mod ami;
 pub mod codec;
 pub mod connectycube;
 pub mod digest;

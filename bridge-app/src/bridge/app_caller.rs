@@ -15,6 +15,7 @@ use tracing::info;
 
 use super::app_leg::{add_candidates, follow, local_description};
 use super::identity::Identity;
+use super::presence::CallPresence;
 use crate::sip::{AppCaller, AppSide};
 
 pub struct ConnectyCubeCaller {
@@ -28,6 +29,9 @@ pub struct ConnectyCubeCaller {
     /// Whether the app still expects to hear from us.
     open: bool,
     signalling: Option<tokio::task::JoinHandle<()>>,
+    /// The calling app user's part of this call, for Asterisk: held until
+    /// the call ends.
+    _presence: Option<CallPresence>,
 }
 
 impl ConnectyCubeCaller {
@@ -45,7 +49,13 @@ impl ConnectyCubeCaller {
             early_candidates: Vec::new(),
             open: true,
             signalling: None,
+            _presence: None,
         }
+    }
+
+    pub fn with_presence(mut self, presence: Option<CallPresence>) -> Self {
+        self._presence = presence;
+        self
     }
 
     fn reply(&self, signal_type: SignalType) -> CallSignal {

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::identity::Identity;
+use super::presence::CallPresence;
 use crate::sip::{AppLeg, AppSide, Refusal};
 
 /// The SDK's dial interval: `call` is sent again until answered.
@@ -62,6 +63,8 @@ pub struct ConnectyCubeLeg {
     /// Video once the offer carries video, else audio.
     call_type: CallType,
     signalling: Option<tokio::task::JoinHandle<()>>,
+    /// The called app user's part of this call, for Asterisk.
+    presence: Option<CallPresence>,
 }
 
 impl ConnectyCubeLeg {
@@ -83,7 +86,13 @@ impl ConnectyCubeLeg {
             session_id: uuid_like(),
             call_type: CallType::Audio,
             signalling: None,
+            presence: None,
         }
+    }
+
+    pub fn with_presence(mut self, presence: Option<CallPresence>) -> Self {
+        self.presence = presence;
+        self
     }
 
     fn signal(&self, signal_type: SignalType) -> CallSignal {
@@ -141,6 +150,9 @@ impl ConnectyCubeLeg {
                 let signal = &received.signal;
                 match signal.signal_type {
                     SignalType::Accept => {
+                        if let Some(presence) = &mut self.presence {
+                            presence.answered();
+                        }
                         let answer = signal.sdp.clone().unwrap_or_default();
                         webrtc.emit_by_name::<()>("set-remote-description", &[&"answer", &answer]);
                         add_candidates(&webrtc, &received.signal.candidates);

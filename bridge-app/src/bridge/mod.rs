@@ -6,8 +6,10 @@
 
 pub mod app_caller;
 pub mod app_leg;
+pub mod asterisk;
 pub mod cdr;
 pub mod identity;
+pub mod presence;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,14 +27,18 @@ use crate::sip::{
 };
 use app_caller::ConnectyCubeCaller;
 use app_leg::{ConnectyCubeLeg, PlacedSessions};
+use asterisk::{AmiSettings, AsteriskLink};
 use cdr::CdrWriter;
 use identity::{Identity, IncomingCall};
+use presence::Presence;
 
 pub struct Bridge {
     pub sip: UserAgent,
     /// The embedded ConnectyCube sandbox, when configured.
     pub sandbox: Option<Sandbox>,
     router: Arc<BridgeRouter>,
+    /// Keeps Asterisk told of the app users' states, when configured.
+    asterisk: Option<AsteriskLink>,
 }
 
 impl Bridge {
@@ -66,10 +72,13 @@ impl Bridge {
             })?;
         }
         let (incoming, incoming_calls) = mpsc::unbounded_channel();
-        let identities = Arc::new(Identities::default());
+        let presence = Presence::new(config.users.iter().map(|u| u.extension.as_str()));
+        let identities = Arc::new(Identities::new(presence.clone()));
         for user in &config.users {
             identities.sign_in(cc, user, &incoming).await;
         }
+        // After the first sign-ins, so Asterisk first hears how they went.
+        let asterisk = asterisk_link(&config, &presence);
         if !identities.unavailable.lock().unwrap().is_empty() {
             tokio::spawn(retry_sign_ins(
                 Arc::downgrade(&identities),
@@ -95,6 +104,7 @@ impl Bridge {
             gateway,
             services: Services::line_checks(),
             placed: PlacedSessions::default(),
+            presence,
             cdr: CdrWriter::open(config.cdr.path.as_deref())?,
             config: config.clone(),
         });
@@ -106,7 +116,17 @@ impl Bridge {
             sip,
             sandbox,
             router,
+            asterisk,
         })
+    }
+
+    /// Ends every call with BYE, unregisters, and tells Asterisk the app
+    /// users are out of reach.
+    pub async fn shutdown(&self) {
+        self.sip.shutdown().await;
+        if let Some(asterisk) = &self.asterisk {
+            asterisk.stop().await;
+        }
     }
 
     /// The SIP leg's registrations and calls, and which mapped users are
@@ -119,6 +139,9 @@ impl Bridge {
             .map(|(extension, user_id)| (extension, user_id.into()))
             .collect();
         stats["connectycube_signed_in"] = signed_in.into();
+        if let Some(asterisk) = &self.asterisk {
+            stats["asterisk"] = asterisk.status();
+        }
         stats
     }
 
@@ -205,15 +228,35 @@ fn sip_config(config: &Config) -> SipConfig {
     }
 }
 
+/// The AMI link `config` asks for.
+fn asterisk_link(config: &Config, presence: &Arc<Presence>) -> Option<AsteriskLink> {
+    let asterisk = &config.asterisk;
+    let settings = AmiSettings {
+        address: asterisk.ami_address()?,
+        username: asterisk.username.clone()?,
+        secret: asterisk.secret.clone()?,
+        device_prefix: asterisk.device_prefix.clone(),
+    };
+    Some(AsteriskLink::start(settings, presence.clone()))
+}
+
 /// The ConnectyCube users the bridge acts as, by extension.
-#[derive(Default)]
 struct Identities {
     signed_in: RwLock<HashMap<String, Arc<Identity>>>,
     /// Mapped extensions whose sign-in failed, with why (retried).
     unavailable: Mutex<HashMap<String, String>>,
+    presence: Arc<Presence>,
 }
 
 impl Identities {
+    fn new(presence: Arc<Presence>) -> Self {
+        Identities {
+            signed_in: RwLock::default(),
+            unavailable: Mutex::default(),
+            presence,
+        }
+    }
+
     async fn sign_in(
         &self,
         cc: &crate::config::ConnectyCubeSection,
@@ -229,6 +272,7 @@ impl Identities {
                 );
                 self.unavailable.lock().unwrap().remove(&key);
                 self.signed_in.write().unwrap().insert(key, identity);
+                self.presence.set_signed_in(&user.extension, true);
             }
             Err(e) => {
                 let mut unavailable = self.unavailable.lock().unwrap();
@@ -239,6 +283,7 @@ impl Identities {
                     );
                 }
                 unavailable.insert(key, e);
+                self.presence.set_signed_in(&user.extension, false);
             }
         }
     }
@@ -308,6 +353,7 @@ struct BridgeRouter {
     gateway: Option<Arc<Identity>>,
     services: Services,
     placed: PlacedSessions,
+    presence: Arc<Presence>,
     answer_timeout: Duration,
     cdr: CdrWriter,
 }
@@ -372,17 +418,20 @@ impl Router for BridgeRouter {
             user_info.push(("callerName".to_owned(), name.clone()));
         }
         Some(Destination::App {
-            leg: Box::new(ConnectyCubeLeg::new(
-                from,
-                callee.user_id,
-                mapping
-                    .display_name
-                    .clone()
-                    .unwrap_or_else(|| mapping.login.clone()),
-                user_info,
-                self.placed.clone(),
-                self.answer_timeout,
-            )),
+            leg: Box::new(
+                ConnectyCubeLeg::new(
+                    from,
+                    callee.user_id,
+                    mapping
+                        .display_name
+                        .clone()
+                        .unwrap_or_else(|| mapping.login.clone()),
+                    user_info,
+                    self.placed.clone(),
+                    self.answer_timeout,
+                )
+                .with_presence(self.presence.ringing(&mapping.extension)),
+            ),
             record_to: self.recording_path(&mapping.extension, mapping.record),
         })
     }
@@ -451,6 +500,7 @@ async fn dial_out(
             Some(mapping) => (mapping.extension.clone(), mapping.display_name.clone()),
             None => (format!("cc-{caller_id}"), None),
         };
+        let caller = caller.with_presence(router.presence.in_use(&from_user));
         info!("ConnectyCube user {caller_id} calls {extension}: dialling {target}");
         dialer.call(OutboundCall {
             target,

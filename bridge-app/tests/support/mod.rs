@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use sip_cc_bridge::sip::media::audio_chain;
 use tokio::sync::mpsc;
 
+pub mod ami_server;
+
 pub const APP_ID: u64 = 1;
 pub const AUTH_KEY: &str = "sandbox";
 

@@ -1,0 +1,173 @@
+//! The bridge's link to Asterisk's manager interface (AMI): mapped app
+//! users' states as custom device states, through a login that may fail,
+//! a connection that may drop, and the bridge's shutdown. Asterisk does not
+//! run here, so an AMI double stands in (`support/ami_server.rs`), itself
+//! checked first against a real AMI client.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::ami_server::AmiServer;
+use support::{BridgeProcess, BrowserPeer, PhoneCodec, dial, repo_root};
+
+const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
+const AMI_USER: &str = "bridge";
+const AMI_SECRET: &str = "ami-s3cret-9f2c";
+
+/// One bridge at a time: each test below starts one, and one a Chromium.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn bridge_linked_to(ami: &AmiServer, secret: &str) -> BridgeProcess {
+    let address = ami.address();
+    BridgeProcess::start_with_environment(
+        "127.0.0.1",
+        &[],
+        &[
+            ("ASTERISK_AMI", address.as_str()),
+            ("ASTERISK_AMI_USERNAME", AMI_USER),
+            ("ASTERISK_AMI_SECRET", secret),
+        ],
+    )
+}
+
+#[test]
+fn the_ami_double_answers_a_real_ami_client_as_asterisk_does() {
+    let ami = AmiServer::start(AMI_USER, AMI_SECRET);
+    let output = Command::new("node")
+        .arg(repo_root().join("tests/ami/client.js"))
+        .args([&ami.port.to_string(), AMI_USER, AMI_SECRET])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        got["wrongSecret"]["message"], "Authentication failed",
+        "{got}"
+    );
+    assert_eq!(got["login"], "accepted", "{got}");
+    assert_eq!(got["ping"]["ping"], "Pong", "{got}");
+    assert_eq!(got["setvar"]["response"], "Success", "{got}");
+    assert_eq!(got["getvar"]["value"], "INUSE", "{got}");
+    assert_eq!(got["notCustom"]["response"], "Error", "{got}");
+    assert_eq!(got["unknown"]["response"], "Error", "{got}");
+    assert_eq!(got["logoff"]["response"], "Goodbye", "{got}");
+    let events = got["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["event"] == "FullyBooted"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "DeviceStateChange"
+            && e["device"] == "Custom:alice"
+            && e["state"] == "INUSE"),
+        "{events:?}"
+    );
+    assert_eq!(
+        ami.logins(),
+        vec![(AMI_USER.to_owned(), false), (AMI_USER.to_owned(), true)]
+    );
+}
+
+/// Alice's state follows a phone's call to her app: free, rung, on the
+/// call, free again; an Asterisk that drops the link gets every state
+/// again; a bridge that stops leaves both users unavailable.
+#[test]
+fn app_users_states_reach_asterisk_as_custom_device_states() {
+    let _serial = one_at_a_time();
+    let ami = AmiServer::start(AMI_USER, AMI_SECRET);
+    let mut bridge = bridge_linked_to(&ami, AMI_SECRET);
+    let within = Duration::from_secs(10);
+    for user in ["Custom:alice", "Custom:bob"] {
+        assert!(
+            ami.wait_for_history(user, &["NOT_INUSE"], within),
+            "{user}: {:?}\n{:#?}",
+            ami.history(user),
+            bridge.logs()
+        );
+    }
+
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": false}));
+    let (_phone, signalling) = dial(&bridge, "call.xml", "alice", PCMU_440, 2, "blf", &[]);
+    alice.wait_event("incoming call", Duration::from_secs(15));
+    assert!(
+        ami.wait_for_history("Custom:alice", &["NOT_INUSE", "RINGING"], within),
+        "{:?}",
+        ami.history("Custom:alice")
+    );
+    alice.command(json!({"op": "answer"}));
+    assert!(
+        ami.wait_for_history("Custom:alice", &["RINGING", "INUSE"], within),
+        "{:?}",
+        ami.history("Custom:alice")
+    );
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the SIP call: {output}");
+    assert!(
+        ami.wait_for_history("Custom:alice", &["INUSE", "NOT_INUSE"], within),
+        "{:?}",
+        ami.history("Custom:alice")
+    );
+    assert_eq!(
+        ami.history("Custom:bob"),
+        ["NOT_INUSE"],
+        "bob was not called"
+    );
+
+    // Asterisk restarts: the bridge logs in again and tells it everything.
+    ami.drop_connections();
+    let deadline = std::time::Instant::now() + within;
+    while ami.logins().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ami.wait_for_history("Custom:bob", &["NOT_INUSE", "NOT_INUSE"], within),
+        "{:?}\n{:#?}",
+        ami.history("Custom:bob"),
+        bridge.logs()
+    );
+    assert_eq!(ami.logins().len(), 2, "{:?}", ami.logins());
+
+    assert!(bridge.interrupt(), "the bridge stops cleanly");
+    for user in ["Custom:alice", "Custom:bob"] {
+        assert!(
+            ami.wait_for_history(user, &["UNAVAILABLE"], within),
+            "{user}: {:?}",
+            ami.history(user)
+        );
+    }
+    let logs = bridge.logs().join("\n");
+    assert!(!logs.contains(AMI_SECRET), "the AMI secret was logged");
+}
+
+#[test]
+fn a_refused_ami_login_is_logged_and_the_bridge_goes_on() {
+    let _serial = one_at_a_time();
+    let ami = AmiServer::start(AMI_USER, AMI_SECRET);
+    let wrong_secret = "not-the-ami-secret";
+    let mut bridge = bridge_linked_to(&ami, wrong_secret);
+    let refused = bridge.wait_for_log(
+        |l| l.contains("login as bridge refused (Authentication failed)"),
+        Duration::from_secs(10),
+    );
+    assert!(refused.is_some(), "{:#?}", bridge.logs());
+    assert!(ami.history("Custom:alice").is_empty());
+    assert!(bridge.is_running(), "{:#?}", bridge.logs());
+    let logs = bridge.logs().join("\n");
+    assert!(!logs.contains(wrong_secret), "the AMI secret was logged");
+}

@@ -1,0 +1,367 @@
+//! The Asterisk Manager Interface (AMI) as Asterisk documents it: over TCP,
+//! the server greets with one line (`Asterisk Call Manager/9.0.0`), then
+//! both sides exchange messages of `Key: Value` lines ending in CRLF, each
+//! message ended by an empty line. The client's messages are actions
+//! (`Action: …`, matched to their `Response: …` by `ActionID`); the
+//! server's are responses and events (`Event: …`).
+//!
+//! [`Decoder`] frames what a server (or client) sends and refuses what no
+//! Asterisk would: overlong lines, endless messages, lines without a key.
+//! [`Connection`] is a client: login, then one action at a time.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Asterisk's AMI port (`manager.conf`'s default).
+pub const DEFAULT_PORT: u16 = 5038;
+/// Longest line accepted: Asterisk's own messages stay far below it.
+const MAX_LINE: usize = 8 * 1024;
+/// Most headers accepted in one message.
+const MAX_HEADERS: usize = 256;
+/// How long the server may take to greet, and to answer an action.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmiError {
+    #[error("a line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("a message of more than {MAX_HEADERS} headers")]
+    TooManyHeaders,
+    #[error("a line that is not UTF-8")]
+    NotUtf8,
+    #[error("a line without a key: {0:?}")]
+    NoKey(String),
+    #[error("{0:?} cannot be sent: keys and values hold no line breaks, keys no colon")]
+    Unsendable(String),
+    #[error("not an AMI server: it greeted with {0:?}")]
+    NotAmi(String),
+    #[error("login refused: {0}")]
+    LoginRefused(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for AmiError {
+    fn from(error: std::io::Error) -> Self {
+        AmiError::Io(error.to_string())
+    }
+}
+
+/// One AMI message: its headers in order. Keys compare without case, as
+/// Asterisk compares them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    headers: Vec<(String, String)>,
+}
+
+impl Message {
+    /// An action, with the `ActionID` its response will carry.
+    pub fn action(name: &str, action_id: &str) -> Self {
+        Message::default()
+            .with("Action", name)
+            .with("ActionID", action_id)
+    }
+
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.headers.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The first value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// Whether this is a response whose `Response` is `Success` (or, for a
+    /// logoff, `Goodbye`).
+    pub fn is_success(&self) -> bool {
+        self.get("Response")
+            .is_some_and(|r| r.eq_ignore_ascii_case("Success") || r.eq_ignore_ascii_case("Goodbye"))
+    }
+
+    /// The message on the wire. A line break in a key or value would start
+    /// a header or message of its sender's choosing, so it is refused.
+    pub fn encode(&self) -> Result<String, AmiError> {
+        let mut text = String::new();
+        for (key, value) in &self.headers {
+            let unsafe_key = key.is_empty() || key.contains([':', '\r', '\n']);
+            if unsafe_key || value.contains(['\r', '\n']) {
+                return Err(AmiError::Unsendable(format!("{key}: {value}")));
+            }
+            text.push_str(key);
+            text.push_str(": ");
+            text.push_str(value);
+            text.push_str("\r\n");
+        }
+        text.push_str("\r\n");
+        Ok(text)
+    }
+}
+
+/// What a peer sent: its greeting line (the first line a server sends), or
+/// a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Greeting(String),
+    Message(Message),
+}
+
+/// Frames bytes as they arrive into greeting and messages.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buffer: Vec<u8>,
+    /// A server's first line is its greeting; a client sends none.
+    expects_greeting: bool,
+    current: Message,
+}
+
+impl Decoder {
+    /// For a client: the first line is the server's greeting.
+    pub fn for_client() -> Self {
+        Decoder {
+            expects_greeting: true,
+            ..Decoder::default()
+        }
+    }
+
+    /// For a server: every line belongs to a message.
+    pub fn for_server() -> Self {
+        Decoder::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if the bytes pushed so far hold one.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, AmiError> {
+        loop {
+            let Some(end) = self.buffer.iter().position(|b| *b == b'\n') else {
+                if self.buffer.len() > MAX_LINE {
+                    return Err(AmiError::LineTooLong);
+                }
+                return Ok(None);
+            };
+            if end > MAX_LINE {
+                return Err(AmiError::LineTooLong);
+            }
+            let line: Vec<u8> = self.buffer.drain(..=end).collect();
+            let line = std::str::from_utf8(&line).map_err(|_| AmiError::NotUtf8)?;
+            let line = line.trim_end_matches(['\r', '\n']);
+            if self.expects_greeting {
+                self.expects_greeting = false;
+                return Ok(Some(Frame::Greeting(line.to_owned())));
+            }
+            if line.is_empty() {
+                // Blank lines between messages end nothing.
+                if self.current.headers.is_empty() {
+                    continue;
+                }
+                return Ok(Some(Frame::Message(std::mem::take(&mut self.current))));
+            }
+            let Some((key, value)) = line.split_once(':') else {
+                return Err(AmiError::NoKey(line.chars().take(80).collect()));
+            };
+            if self.current.headers.len() >= MAX_HEADERS {
+                return Err(AmiError::TooManyHeaders);
+            }
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(AmiError::NoKey(line.chars().take(80).collect()));
+            }
+            self.current = std::mem::take(&mut self.current).with(key, value.trim());
+        }
+    }
+}
+
+/// A logged-in AMI client connection.
+pub struct Connection {
+    stream: TcpStream,
+    decoder: Decoder,
+    /// The server's greeting, e.g. `Asterisk Call Manager/9.0.0`.
+    pub greeting: String,
+    next_id: u64,
+}
+
+impl Connection {
+    /// Connects to `address` (`host:port`) and logs in as `username`
+    /// (plain secret, as `manager.conf` holds it) with events off: the
+    /// bridge only acts. The secret goes nowhere but the socket.
+    pub async fn login(address: &str, username: &str, secret: &str) -> Result<Self, AmiError> {
+        let stream = tokio::time::timeout(ANSWER_WITHIN, TcpStream::connect(address))
+            .await
+            .map_err(|_| AmiError::Timeout(ANSWER_WITHIN))??;
+        stream.set_nodelay(true)?;
+        let mut connection = Connection {
+            stream,
+            decoder: Decoder::for_client(),
+            greeting: String::new(),
+            next_id: 0,
+        };
+        let greeting = tokio::time::timeout(ANSWER_WITHIN, connection.read_frame())
+            .await
+            .map_err(|_| AmiError::Timeout(ANSWER_WITHIN))??;
+        let Frame::Greeting(line) = greeting else {
+            return Err(AmiError::NotAmi(String::new()));
+        };
+        if !line.starts_with("Asterisk Call Manager/") {
+            return Err(AmiError::NotAmi(line.chars().take(80).collect()));
+        }
+        connection.greeting = line;
+        let login = connection
+            .action("Login")
+            .with("Username", username)
+            .with("Secret", secret)
+            .with("Events", "off");
+        let response = connection.request(login).await?;
+        if !response.is_success() {
+            let why = response.get("Message").unwrap_or("no reason given");
+            return Err(AmiError::LoginRefused(why.to_owned()));
+        }
+        Ok(connection)
+    }
+
+    /// A new action with the next `ActionID`.
+    pub fn action(&mut self, name: &str) -> Message {
+        self.next_id += 1;
+        Message::action(name, &format!("sip-cc-bridge-{}", self.next_id))
+    }
+
+    /// Sends `action` and waits for its response; events that come
+    /// meanwhile are passed over.
+    pub async fn request(&mut self, action: Message) -> Result<Message, AmiError> {
+        let id = action.get("ActionID").unwrap_or_default().to_owned();
+        self.stream.write_all(action.encode()?.as_bytes()).await?;
+        let answer = async {
+            loop {
+                if let Frame::Message(message) = self.read_frame().await?
+                    && message.get("Response").is_some()
+                    && message.get("ActionID").is_none_or(|a| a == id)
+                {
+                    return Ok(message);
+                }
+            }
+        };
+        tokio::time::timeout(ANSWER_WITHIN, answer)
+            .await
+            .map_err(|_| AmiError::Timeout(ANSWER_WITHIN))?
+    }
+
+    /// The next frame from the server. Cancel-safe: bytes read are kept
+    /// for the next call.
+    pub async fn read_frame(&mut self) -> Result<Frame, AmiError> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(frame);
+            }
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Err(AmiError::Closed);
+            }
+            self.decoder.push(&chunk[..read]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(decoder: &mut Decoder) -> Vec<Frame> {
+        std::iter::from_fn(|| decoder.next_frame().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_servers_greeting_and_messages_are_framed_as_they_arrive() {
+        let mut decoder = Decoder::for_client();
+        let text = "Asterisk Call Manager/9.0.0\r\nResponse: Success\r\nActionID: 1\r\n\
+                    Message: Authentication accepted\r\n\r\nEvent: FullyBooted\r\n\
+                    Privilege: system,all\r\nStatus: Fully Booted\r\n\r\n";
+        let mut got = Vec::new();
+        // Byte by byte, as a slow network would hand them over.
+        for byte in text.as_bytes() {
+            decoder.push(&[*byte]);
+            got.extend(frames(&mut decoder));
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got[0],
+            Frame::Greeting("Asterisk Call Manager/9.0.0".into())
+        );
+        let Frame::Message(login) = &got[1] else {
+            panic!("{got:?}")
+        };
+        assert!(login.is_success());
+        assert_eq!(login.get("actionid"), Some("1"));
+        assert_eq!(login.get("Message"), Some("Authentication accepted"));
+        let Frame::Message(event) = &got[2] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(event.get("Event"), Some("FullyBooted"));
+    }
+
+    #[test]
+    fn values_keep_their_colons_and_bare_newlines_end_lines() {
+        let mut decoder = Decoder::for_server();
+        decoder.push(b"\r\nAction: Setvar\nVariable: DEVICE_STATE(Custom:alice)\nValue: INUSE\n\n");
+        let got = frames(&mut decoder);
+        let [Frame::Message(setvar)] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(setvar.get("variable"), Some("DEVICE_STATE(Custom:alice)"));
+        assert_eq!(setvar.get("Value"), Some("INUSE"));
+    }
+
+    #[test]
+    fn hostile_input_gets_an_error_not_a_hang_or_a_panic() {
+        let mut long = Decoder::for_server();
+        long.push(&vec![b'a'; MAX_LINE + 1]);
+        assert_eq!(long.next_frame(), Err(AmiError::LineTooLong));
+
+        let mut endless = Decoder::for_server();
+        for i in 0..=MAX_HEADERS {
+            endless.push(format!("Key{i}: value\r\n").as_bytes());
+        }
+        assert_eq!(endless.next_frame(), Err(AmiError::TooManyHeaders));
+
+        let mut keyless = Decoder::for_server();
+        keyless.push(b"no colon here\r\n");
+        assert!(matches!(keyless.next_frame(), Err(AmiError::NoKey(_))));
+
+        let mut empty_key = Decoder::for_server();
+        empty_key.push(b": value\r\n");
+        assert!(matches!(empty_key.next_frame(), Err(AmiError::NoKey(_))));
+
+        let mut binary = Decoder::for_server();
+        binary.push(b"Key: \xff\xfe\r\n");
+        assert_eq!(binary.next_frame(), Err(AmiError::NotUtf8));
+    }
+
+    #[test]
+    fn a_value_with_a_line_break_is_never_sent() {
+        let injected = Message::action("Setvar", "1")
+            .with("Variable", "DEVICE_STATE(Custom:x)")
+            .with("Value", "INUSE\r\n\r\nAction: Originate");
+        assert!(matches!(injected.encode(), Err(AmiError::Unsendable(_))));
+        let bad_key = Message::default().with("A: B", "c");
+        assert!(matches!(bad_key.encode(), Err(AmiError::Unsendable(_))));
+        assert_eq!(
+            Message::action("Ping", "7").encode().unwrap(),
+            "Action: Ping\r\nActionID: 7\r\n\r\n"
+        );
+    }
+}
