@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::ami_server::AmiServer;
-use support::{BridgeProcess, BrowserPeer, PhoneCodec, dial, repo_root};
+use support::{Baresip, BridgeProcess, BrowserPeer, PhoneCodec, dial, repo_root};
 
 const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
 const AMI_USER: &str = "bridge";
@@ -83,8 +83,9 @@ fn the_ami_double_answers_a_real_ami_client_as_asterisk_does() {
 }
 
 /// Alice's state follows a phone's call to her app: free, rung, on the
-/// call, free again; an Asterisk that drops the link gets every state
-/// again; a bridge that stops leaves both users unavailable.
+/// call, free again; bob's his own call to a phone; an Asterisk that drops
+/// the link gets every state again; a bridge that stops leaves both users
+/// unavailable.
 #[test]
 fn app_users_states_reach_asterisk_as_custom_device_states() {
     let _serial = one_at_a_time();
@@ -129,6 +130,26 @@ fn app_users_states_reach_asterisk_as_custom_device_states() {
         "bob was not called"
     );
 
+    // Bob calls alice's phone from his app: he is on a call from the start.
+    let phone = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
+    let answering = std::thread::spawn(move || phone.answer_calls(8));
+    let registered = bridge.wait_for_log(|l| l.contains("registrar: alice registered"), within);
+    assert!(registered.is_some(), "{:#?}", bridge.logs());
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "call", "to": "alice", "video": false}));
+    assert!(
+        ami.wait_for_history("Custom:bob", &["NOT_INUSE", "INUSE"], within),
+        "{:?}",
+        ami.history("Custom:bob")
+    );
+    bob.wait_event("accepted", Duration::from_secs(15));
+    bob.command(json!({"op": "hangUp"}));
+    assert!(
+        ami.wait_for_history("Custom:bob", &["INUSE", "NOT_INUSE"], within),
+        "{:?}",
+        ami.history("Custom:bob")
+    );
+
     // Asterisk restarts: the bridge logs in again and tells it everything.
     ami.drop_connections();
     let deadline = std::time::Instant::now() + within;
@@ -143,6 +164,8 @@ fn app_users_states_reach_asterisk_as_custom_device_states() {
     );
     assert_eq!(ami.logins().len(), 2, "{:?}", ami.logins());
 
+    // The phone quits (and unregisters) while the bridge is there.
+    answering.join().unwrap();
     assert!(bridge.interrupt(), "the bridge stops cleanly");
     for user in ["Custom:alice", "Custom:bob"] {
         assert!(
