@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::ami_server::AmiServer;
-use support::{Baresip, BridgeProcess, BrowserPeer, PhoneCodec, dial, repo_root};
+use support::{
+    Baresip, BridgeProcess, BrowserPeer, MANAGEMENT_TOKEN, PhoneCodec, dial, free_port, http_get,
+    repo_root,
+};
 
 const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
 const AMI_USER: &str = "bridge";
@@ -26,11 +29,11 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn bridge_linked_to(ami: &AmiServer, secret: &str) -> BridgeProcess {
+fn bridge_linked_to(ami: &AmiServer, secret: &str, args: &[&str]) -> BridgeProcess {
     let address = ami.address();
     BridgeProcess::start_with_environment(
         "127.0.0.1",
-        &[],
+        args,
         &[
             ("ASTERISK_AMI", address.as_str()),
             ("ASTERISK_AMI_USERNAME", AMI_USER),
@@ -90,7 +93,7 @@ fn the_ami_double_answers_a_real_ami_client_as_asterisk_does() {
 fn app_users_states_reach_asterisk_as_custom_device_states() {
     let _serial = one_at_a_time();
     let ami = AmiServer::start(AMI_USER, AMI_SECRET);
-    let mut bridge = bridge_linked_to(&ami, AMI_SECRET);
+    let mut bridge = bridge_linked_to(&ami, AMI_SECRET, &[]);
     let within = Duration::from_secs(10);
     for user in ["Custom:alice", "Custom:bob"] {
         assert!(
@@ -183,7 +186,9 @@ fn a_refused_ami_login_is_logged_and_the_bridge_goes_on() {
     let _serial = one_at_a_time();
     let ami = AmiServer::start(AMI_USER, AMI_SECRET);
     let wrong_secret = "not-the-ami-secret";
-    let mut bridge = bridge_linked_to(&ami, wrong_secret);
+    let management = free_port();
+    let listen = format!("127.0.0.1:{management}");
+    let mut bridge = bridge_linked_to(&ami, wrong_secret, &["--management", &listen]);
     let refused = bridge.wait_for_log(
         |l| l.contains("login as bridge refused (Authentication failed)"),
         Duration::from_secs(10),
@@ -191,6 +196,13 @@ fn a_refused_ami_login_is_logged_and_the_bridge_goes_on() {
     assert!(refused.is_some(), "{:#?}", bridge.logs());
     assert!(ami.history("Custom:alice").is_empty());
     assert!(bridge.is_running(), "{:#?}", bridge.logs());
+    let (status, body) = http_get(management, "/stats", Some(MANAGEMENT_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["asterisk"]["state"], "login refused", "{stats}");
+    assert_eq!(stats["asterisk"]["server"], ami.address(), "{stats}");
     let logs = bridge.logs().join("\n");
-    assert!(!logs.contains(wrong_secret), "the AMI secret was logged");
+    for shown in [&logs, &body] {
+        assert!(!shown.contains(wrong_secret), "the AMI secret was shown");
+    }
 }
