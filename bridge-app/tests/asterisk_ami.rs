@@ -29,13 +29,13 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn bridge_linked_to(ami: &AmiServer, secret: &str, args: &[&str]) -> BridgeProcess {
-    let address = ami.address();
+/// A bridge whose AMI link goes to `ami` (`host:port`).
+fn bridge_linked_to(ami: &str, secret: &str, args: &[&str]) -> BridgeProcess {
     BridgeProcess::start_with_environment(
         "127.0.0.1",
         args,
         &[
-            ("ASTERISK_AMI", address.as_str()),
+            ("ASTERISK_AMI", ami),
             ("ASTERISK_AMI_USERNAME", AMI_USER),
             ("ASTERISK_AMI_SECRET", secret),
         ],
@@ -93,7 +93,7 @@ fn the_ami_double_answers_a_real_ami_client_as_asterisk_does() {
 fn app_users_states_reach_asterisk_as_custom_device_states() {
     let _serial = one_at_a_time();
     let ami = AmiServer::start(AMI_USER, AMI_SECRET);
-    let mut bridge = bridge_linked_to(&ami, AMI_SECRET, &[]);
+    let mut bridge = bridge_linked_to(&ami.address(), AMI_SECRET, &[]);
     let within = Duration::from_secs(10);
     for user in ["Custom:alice", "Custom:bob"] {
         assert!(
@@ -188,7 +188,7 @@ fn a_refused_ami_login_is_logged_and_the_bridge_goes_on() {
     let wrong_secret = "not-the-ami-secret";
     let management = free_port();
     let listen = format!("127.0.0.1:{management}");
-    let mut bridge = bridge_linked_to(&ami, wrong_secret, &["--management", &listen]);
+    let mut bridge = bridge_linked_to(&ami.address(), wrong_secret, &["--management", &listen]);
     let refused = bridge.wait_for_log(
         |l| l.contains("login as bridge refused (Authentication failed)"),
         Duration::from_secs(10),
@@ -205,4 +205,26 @@ fn a_refused_ami_login_is_logged_and_the_bridge_goes_on() {
     for shown in [&logs, &body] {
         assert!(!shown.contains(wrong_secret), "the AMI secret was shown");
     }
+}
+
+/// Something else listens where Asterisk was said to be (a web server):
+/// the bridge says so and keeps trying, without crashing or hanging.
+#[test]
+fn a_server_that_is_not_asterisk_is_named_in_the_log() {
+    let _serial = one_at_a_time();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let mut bridge = bridge_linked_to(&format!("127.0.0.1:{port}"), AMI_SECRET, &[]);
+    let named = bridge.wait_for_log(
+        |l| l.contains("not an AMI server: it greeted with \"HTTP/1.1 400 Bad Request\""),
+        Duration::from_secs(10),
+    );
+    assert!(named.is_some(), "{:#?}", bridge.logs());
+    assert!(bridge.is_running(), "{:#?}", bridge.logs());
 }
