@@ -496,13 +496,18 @@ impl Config {
             if ami.trim().is_empty() || ami.contains(char::is_whitespace) {
                 problems.push(format!("asterisk.ami: {ami:?} is not host:port"));
             }
-            if asterisk.username.as_deref().is_none_or(str::is_empty) {
-                problems.push("asterisk.username: needed by asterisk.ami".into());
-            }
-            if asterisk.secret.as_deref().is_none_or(str::is_empty) {
-                problems.push(
-                    "asterisk.secret: needed by asterisk.ami (or set ASTERISK_AMI_SECRET)".into(),
-                );
+            for (key, value) in [
+                ("asterisk.username", &asterisk.username),
+                ("asterisk.secret", &asterisk.secret),
+            ] {
+                match value.as_deref() {
+                    None | Some("") => problems.push(format!("{key}: needed by asterisk.ami")),
+                    // It goes on one line of the login.
+                    Some(v) if v.contains(['\r', '\n']) => {
+                        problems.push(format!("{key}: holds a line break"))
+                    }
+                    Some(_) => {}
+                }
             }
         }
         if asterisk.device_prefix.contains(['\r', '\n', '(', ')']) {
@@ -695,6 +700,13 @@ department = "Sales"
         ] {
             assert!(problems.iter().any(|p| p.starts_with(key)), "{problems:?}");
         }
+        config.asterisk.username = Some("bridge".into());
+        config.asterisk.secret = Some("x\r\nAction: Originate".into());
+        let problems = config.validate().unwrap_err().0;
+        assert!(
+            problems.contains(&"asterisk.secret: holds a line break".to_owned()),
+            "{problems:?}"
+        );
         assert_eq!(
             config.asterisk.ami_address().as_deref(),
             Some("10.0.0.5:15038")
