@@ -179,6 +179,8 @@ async fn publish(
     // What Asterisk holds: only changes are sent, all of them after a login.
     let mut published: HashMap<String, DeviceState> = HashMap::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    // A slow Setvar delays the next ping; it does not make up for it.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         changes.mark_unchanged();
         for (extension, state) in presence.states() {

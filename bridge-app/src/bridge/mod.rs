@@ -129,8 +129,9 @@ impl Bridge {
         }
     }
 
-    /// The SIP leg's registrations and calls, and which mapped users are
-    /// signed in to ConnectyCube (for the management API).
+    /// The SIP leg's registrations and calls, which mapped users are
+    /// signed in to ConnectyCube, and the Asterisk link (for the
+    /// management API).
     pub fn stats(&self) -> serde_json::Value {
         let mut stats = self.sip.stats();
         let signed_in: serde_json::Map<String, serde_json::Value> = self
