@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::ami_server::AmiServer;
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, MANAGEMENT_TOKEN, PhoneCodec, dial, free_port, http_get,
-    repo_root,
+    Baresip, BridgeProcess, BrowserPeer, MANAGEMENT_TOKEN, PhoneCodec, SandboxProcess, dial,
+    free_port, http_get, repo_root, tempdir,
 };
 
 const PCMU_440: PhoneCodec = ("PCMU", 0, 8000, "PCMU/8000", 440);
@@ -227,4 +227,55 @@ fn a_server_that_is_not_asterisk_is_named_in_the_log() {
     );
     assert!(named.is_some(), "{:#?}", bridge.logs());
     assert!(bridge.is_running(), "{:#?}", bridge.logs());
+}
+
+/// ConnectyCube goes away (here its sandbox, in a process of its own):
+/// the mapped user cannot be called, and Asterisk shows it until the
+/// chat is back.
+#[test]
+fn a_user_shows_unavailable_while_connectycube_is_away() {
+    let _serial = one_at_a_time();
+    let ami = AmiServer::start(AMI_USER, AMI_SECRET);
+    let port = free_port();
+    let sandbox = SandboxProcess::start(port);
+    let config = tempdir().join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\n\
+             [[users]]\nextension = \"carol\"\nlogin = \"carol\"\npassword = \"demo\"\n",
+            sandbox.api_url(),
+            sandbox.chat_url()
+        ),
+    )
+    .unwrap();
+    let bridge = bridge_linked_to(
+        &ami.address(),
+        AMI_SECRET,
+        &["--config", config.to_str().unwrap()],
+    );
+    let within = Duration::from_secs(10);
+    let history = || ami.history("Custom:carol");
+    assert!(
+        ami.wait_for_history("Custom:carol", &["NOT_INUSE"], within),
+        "{:?}\n{:#?}",
+        history(),
+        bridge.logs()
+    );
+    drop(sandbox);
+    assert!(
+        ami.wait_for_history("Custom:carol", &["NOT_INUSE", "UNAVAILABLE"], within),
+        "{:?}\n{:#?}",
+        history(),
+        bridge.logs()
+    );
+    let _sandbox = SandboxProcess::start(port);
+    // The chat tries again with a growing pause (as the SDK does).
+    let back = Duration::from_secs(40);
+    assert!(
+        ami.wait_for_history("Custom:carol", &["UNAVAILABLE", "NOT_INUSE"], back),
+        "{:?}\n{:#?}",
+        history(),
+        bridge.logs()
+    );
 }

@@ -22,6 +22,10 @@ pub struct IncomingCall {
     pub received: ReceivedSignal,
 }
 
+/// Told `true` whenever the user's chat comes online, `false` whenever it
+/// goes offline (while it reconnects, calls cannot be signalled).
+pub type ChatStateHook = Box<dyn Fn(bool) + Send + Sync>;
+
 pub struct Identity {
     pub user_id: u64,
     pub login: String,
@@ -29,6 +33,7 @@ pub struct Identity {
     chat_domain: String,
     chat: Chat,
     subscribers: Mutex<HashMap<String, mpsc::UnboundedSender<ReceivedSignal>>>,
+    chat_state: ChatStateHook,
 }
 
 impl Identity {
@@ -38,6 +43,7 @@ impl Identity {
         login: &str,
         password: &str,
         incoming: mpsc::UnboundedSender<IncomingCall>,
+        chat_state: ChatStateHook,
     ) -> Result<Arc<Identity>, String> {
         let app = AppCredentials {
             app_id: cc.app_id,
@@ -79,6 +85,7 @@ impl Identity {
             chat_domain: cc.chat_domain.clone(),
             chat,
             subscribers: Mutex::default(),
+            chat_state,
         });
         tokio::spawn(dispatch(Arc::downgrade(&identity), events, incoming));
         Ok(identity)
@@ -141,12 +148,16 @@ async fn dispatch(
         };
         match event {
             ChatEvent::Online { jid } => {
-                info!("ConnectyCube user {}: chat online as {jid}", identity.login)
+                info!("ConnectyCube user {}: chat online as {jid}", identity.login);
+                (identity.chat_state)(true);
             }
-            ChatEvent::Offline { reason, retry_in } => warn!(
-                "ConnectyCube user {}: chat offline ({reason}), retrying in {retry_in:?}",
-                identity.login
-            ),
+            ChatEvent::Offline { reason, retry_in } => {
+                warn!(
+                    "ConnectyCube user {}: chat offline ({reason}), retrying in {retry_in:?}",
+                    identity.login
+                );
+                (identity.chat_state)(false);
+            }
             ChatEvent::Stanza(stanza) => match CallSignal::from_stanza(&stanza) {
                 Ok(received) => identity.route(received, &incoming),
                 Err(e) => debug!("{}: ignored stanza: {e}", identity.login),

@@ -88,7 +88,8 @@ impl Bridge {
         }
         let gateway = match (&cc.gateway_login, &cc.gateway_password) {
             (Some(login), Some(password)) => {
-                match Identity::sign_in(cc, login, password, incoming.clone()).await {
+                let ignore = Box::new(|_| {});
+                match Identity::sign_in(cc, login, password, incoming.clone(), ignore).await {
                     Ok(identity) => Some(identity),
                     Err(e) => {
                         warn!("gateway user {login:?}: {e}; calls from unmapped numbers will fail");
@@ -265,7 +266,16 @@ impl Identities {
         incoming: &mpsc::UnboundedSender<IncomingCall>,
     ) {
         let key = user.extension.to_ascii_lowercase();
-        match Identity::sign_in(cc, &user.login, &user.password, incoming.clone()).await {
+        let (presence, extension) = (self.presence.clone(), user.extension.clone());
+        let chat_state = Box::new(move |online| presence.set_signed_in(&extension, online));
+        let identity = Identity::sign_in(
+            cc,
+            &user.login,
+            &user.password,
+            incoming.clone(),
+            chat_state,
+        );
+        match identity.await {
             Ok(identity) => {
                 info!(
                     "mapping {} ↔ ConnectyCube user {} ({}): signed in",

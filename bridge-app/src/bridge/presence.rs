@@ -17,7 +17,8 @@ pub enum DeviceState {
     Ringing,
     /// On a call, and rung by another.
     RingInUse,
-    /// Not signed in to ConnectyCube: calls to the user fail.
+    /// Not signed in to ConnectyCube, or its chat reconnecting: calls to
+    /// the user fail.
     Unavailable,
 }
 
@@ -86,6 +87,7 @@ impl Presence {
             .collect()
     }
 
+    /// Whether the user is signed in with its chat online.
     pub fn set_signed_in(&self, extension: &str, signed_in: bool) {
         self.update(extension, |activity| activity.signed_in = signed_in);
     }
