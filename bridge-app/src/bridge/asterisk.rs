@@ -91,12 +91,17 @@ impl AsteriskLink {
     }
 
     /// Marks every user unavailable (the bridge no longer reaches them)
-    /// and logs off.
+    /// and logs off; an Asterisk that does not answer does not hold up
+    /// the bridge's stop.
     pub async fn stop(&self) {
         self.stop.cancel();
         let task = self.task.lock().unwrap().take();
-        if let Some(task) = task {
-            let _ = task.await;
+        if let Some(mut task) = task
+            && tokio::time::timeout(FAREWELL_WITHIN * 2, &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
         }
     }
 }
