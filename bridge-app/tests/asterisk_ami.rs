@@ -179,6 +179,13 @@ fn app_users_states_reach_asterisk_as_custom_device_states() {
     }
     let logs = bridge.logs().join("\n");
     assert!(!logs.contains(AMI_SECRET), "the AMI secret was logged");
+    // The bridge answered Asterisk's MD5 challenges instead.
+    let received = ami.received();
+    assert!(received.contains("AuthType: MD5"), "{received}");
+    assert!(
+        !received.contains(AMI_SECRET),
+        "the secret crossed the network"
+    );
 }
 
 #[test]

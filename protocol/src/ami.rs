@@ -7,10 +7,12 @@
 //!
 //! [`Decoder`] frames what a server (or client) sends and refuses what no
 //! Asterisk would: overlong lines, endless messages, lines without a key.
-//! [`Connection`] is a client: login, then one action at a time.
+//! [`Connection`] is a client: login (by MD5 challenge, so the secret
+//! never crosses the network), then one action at a time.
 
 use std::time::Duration;
 
+use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -197,9 +199,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `address` (`host:port`) and logs in as `username`
-    /// (plain secret, as `manager.conf` holds it) with events off: the
-    /// bridge only acts. The secret goes nowhere but the socket.
+    /// Connects to `address` (`host:port`) and logs in as `username` with
+    /// events off: the bridge only acts. The login answers an MD5
+    /// challenge (Asterisk's `Challenge` action) with the secret as
+    /// `manager.conf` holds it; a server without challenges gets the
+    /// plain secret.
     pub async fn login(address: &str, username: &str, secret: &str) -> Result<Self, AmiError> {
         let stream = tokio::time::timeout(ANSWER_WITHIN, TcpStream::connect(address))
             .await
@@ -221,11 +225,19 @@ impl Connection {
             return Err(AmiError::NotAmi(line.chars().take(80).collect()));
         }
         connection.greeting = line;
-        let login = connection
-            .action("Login")
-            .with("Username", username)
-            .with("Secret", secret)
-            .with("Events", "off");
+        let challenge = connection.action("Challenge").with("AuthType", "MD5");
+        let challenge = connection.request(challenge).await?;
+        let login = connection.action("Login").with("Username", username);
+        let login = match challenge
+            .get("Challenge")
+            .filter(|_| challenge.is_success())
+        {
+            Some(challenge) => login
+                .with("AuthType", "MD5")
+                .with("Key", &challenge_key(challenge, secret)),
+            None => login.with("Secret", secret),
+        }
+        .with("Events", "off");
         let response = connection.request(login).await?;
         if !response.is_success() {
             let why = response.get("Message").unwrap_or("no reason given");
@@ -275,6 +287,14 @@ impl Connection {
             self.decoder.push(&chunk[..read]);
         }
     }
+}
+
+/// The `Key` of an MD5 login: the hex MD5 of the challenge, then the secret.
+pub fn challenge_key(challenge: &str, secret: &str) -> String {
+    let mut md5 = Md5::new();
+    md5.update(challenge.as_bytes());
+    md5.update(secret.as_bytes());
+    hex::encode(md5.finalize())
 }
 
 #[cfg(test)]
@@ -349,6 +369,15 @@ mod tests {
         let mut binary = Decoder::for_server();
         binary.push(b"Key: \xff\xfe\r\n");
         assert_eq!(binary.next_frame(), Err(AmiError::NotUtf8));
+    }
+
+    #[test]
+    fn an_md5_login_key_is_the_challenge_then_the_secret() {
+        // As Asterisk's documentation computes it (Python's hashlib).
+        assert_eq!(
+            challenge_key("850245763", "ami-s3cret"),
+            "f73d10a87963f21b3fc3f92b7625b696"
+        );
     }
 
     #[test]

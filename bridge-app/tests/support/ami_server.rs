@@ -1,7 +1,7 @@
 //! An Asterisk manager interface (AMI) double for the tests, since Asterisk
 //! does not run here: what Asterisk's documentation and its `manager.c`
-//! answer to the actions the bridge uses (Login, Ping, Setvar, Getvar,
-//! Logoff), the `DEVICE_STATE()` function's custom device states with their
+//! answer to the actions the bridge uses (Challenge, Login with a plain
+//! secret or an MD5 key, Ping, Setvar, Getvar, Logoff), the `DEVICE_STATE()` function's custom device states with their
 //! `DeviceStateChange` events, and errors for the rest. It is itself tested
 //! against a real AMI client (`tests/ami/client.js`, npm `asterisk-manager`).
 
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bridge_protocol::ami::{Decoder, Frame, Message};
+use bridge_protocol::ami::{Decoder, Frame, Message, challenge_key};
 
 /// Asterisk 20's AMI version.
 const GREETING: &str = "Asterisk Call Manager/9.0.0\r\n";
@@ -37,6 +37,8 @@ struct State {
     history: Vec<(String, String)>,
     /// Login attempts: user name and whether they got in.
     logins: Vec<(String, bool)>,
+    /// Everything clients sent, as text.
+    received: String,
     /// Logged-in sessions that take events.
     listeners: Vec<TcpStream>,
     /// Every connection, so a test can drop them all.
@@ -107,6 +109,11 @@ impl AmiServer {
         self.state.lock().unwrap().logins.clone()
     }
 
+    /// Everything clients sent so far.
+    pub fn received(&self) -> String {
+        self.state.lock().unwrap().received.clone()
+    }
+
     /// Closes every connection, as Asterisk restarting does.
     pub fn drop_connections(&self) {
         let mut state = self.state.lock().unwrap();
@@ -131,7 +138,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, credentials: &(String, Str
         return;
     }
     let mut decoder = Decoder::for_server();
-    let mut logged_in = false;
+    let mut session = Session::default();
     let mut chunk = [0u8; 4096];
     loop {
         let Ok(read) = stream.read(&mut chunk) else {
@@ -141,6 +148,8 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, credentials: &(String, Str
             return;
         }
         decoder.push(&chunk[..read]);
+        let text = String::from_utf8_lossy(&chunk[..read]);
+        state.lock().unwrap().received.push_str(&text);
         loop {
             let action = match decoder.next_frame() {
                 Ok(Some(Frame::Message(action))) => action,
@@ -149,7 +158,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, credentials: &(String, Str
                 // Asterisk drops a client that sends it garbage.
                 Err(_) => return,
             };
-            let (response, then) = answer(&action, &mut logged_in, state, credentials);
+            let (response, then) = answer(&action, &mut session, state, credentials);
             if stream
                 .write_all(response.encode().unwrap().as_bytes())
                 .is_err()
@@ -177,6 +186,14 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, credentials: &(String, Str
     }
 }
 
+/// One client connection's standing.
+#[derive(Default)]
+struct Session {
+    logged_in: bool,
+    /// The last `Challenge` given, for an MD5 login.
+    challenge: Option<String>,
+}
+
 /// What follows a response.
 enum Then {
     Continue,
@@ -187,7 +204,7 @@ enum Then {
 
 fn answer(
     action: &Message,
-    logged_in: &mut bool,
+    session: &mut Session,
     state: &Mutex<State>,
     (username, secret): &(String, String),
 ) -> (Message, Then) {
@@ -204,16 +221,38 @@ fn answer(
         return (missing, Then::Continue);
     };
     let name = name.to_ascii_lowercase();
-    if !*logged_in && !matches!(name.as_str(), "login" | "logoff" | "challenge") {
+    if !session.logged_in && !matches!(name.as_str(), "login" | "logoff" | "challenge") {
         return (
             saying(response("Error"), "Permission denied"),
             Then::Continue,
         );
     }
     match name.as_str() {
+        "challenge" => {
+            let md5 = action.get("AuthType").unwrap_or_default();
+            if !md5.eq_ignore_ascii_case("MD5") {
+                let refused = saying(response("Error"), "Must specify AuthType");
+                return (refused, Then::Continue);
+            }
+            let challenge = format!("{:09}", rand::random::<u32>() % 1_000_000_000);
+            session.challenge = Some(challenge.clone());
+            let given = response("Success").with("Challenge", &challenge);
+            (given, Then::Continue)
+        }
         "login" => {
             let user = action.get("Username").unwrap_or_default();
-            let accepted = user == username && action.get("Secret") == Some(secret.as_str());
+            let md5 = action
+                .get("AuthType")
+                .is_some_and(|a| a.eq_ignore_ascii_case("MD5"));
+            let key_matches = || {
+                let challenge = session.challenge.as_deref()?;
+                Some(action.get("Key")? == challenge_key(challenge, secret))
+            };
+            let proven = match md5 {
+                true => key_matches().unwrap_or(false),
+                false => action.get("Secret") == Some(secret.as_str()),
+            };
+            let accepted = user == username && proven;
             state
                 .lock()
                 .unwrap()
@@ -223,7 +262,7 @@ fn answer(
                 let refused = saying(response("Error"), "Authentication failed");
                 return (refused, Then::Close);
             }
-            *logged_in = true;
+            session.logged_in = true;
             let accepted = saying(response("Success"), "Authentication accepted");
             let events = action.get("Events").unwrap_or("on");
             let then = if events.eq_ignore_ascii_case("off") {
