@@ -184,7 +184,8 @@ impl Decoder {
             if key.is_empty() {
                 return Err(AmiError::NoKey(line.chars().take(80).collect()));
             }
-            self.current = std::mem::take(&mut self.current).with(key, value.trim());
+            let header = (key.to_owned(), value.trim().to_owned());
+            self.current.headers.push(header);
         }
     }
 }

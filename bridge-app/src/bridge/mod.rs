@@ -105,7 +105,6 @@ impl Bridge {
             gateway,
             services: Services::line_checks(),
             placed: PlacedSessions::default(),
-            presence,
             cdr: CdrWriter::open(config.cdr.path.as_deref())?,
             config: config.clone(),
         });
@@ -364,7 +363,6 @@ struct BridgeRouter {
     gateway: Option<Arc<Identity>>,
     services: Services,
     placed: PlacedSessions,
-    presence: Arc<Presence>,
     answer_timeout: Duration,
     cdr: CdrWriter,
 }
@@ -441,7 +439,7 @@ impl Router for BridgeRouter {
                     self.placed.clone(),
                     self.answer_timeout,
                 )
-                .with_presence(self.presence.ringing(&mapping.extension)),
+                .with_presence(self.identities.presence.ringing(&mapping.extension)),
             ),
             record_to: self.recording_path(&mapping.extension, mapping.record),
         })
@@ -511,7 +509,7 @@ async fn dial_out(
             Some(mapping) => (mapping.extension.clone(), mapping.display_name.clone()),
             None => (format!("cc-{caller_id}"), None),
         };
-        let caller = caller.with_presence(router.presence.in_use(&from_user));
+        let caller = caller.with_presence(router.identities.presence.in_use(&from_user));
         info!("ConnectyCube user {caller_id} calls {extension}: dialling {target}");
         dialer.call(OutboundCall {
             target,
