@@ -381,6 +381,41 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a peer sends, in whatever pieces: frames or an error, never a panic.
+        #[test]
+        fn any_bytes_in_any_pieces_are_handled(
+            pieces in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..32),
+        ) {
+            let mut decoder = Decoder::for_client();
+            for piece in pieces {
+                decoder.push(&piece);
+                while let Ok(Some(_)) = decoder.next_frame() {}
+            }
+        }
+
+        /// What the bridge sends reads back as the same message.
+        #[test]
+        fn a_sendable_message_reads_back_as_sent(
+            headers in proptest::collection::vec(("[A-Za-z][A-Za-z0-9_-]{0,15}", "[ -~]{0,40}"), 1..8),
+        ) {
+            let message = headers.iter().fold(Message::default(), |message, (key, value)| {
+                message.with(key, value)
+            });
+            let mut decoder = Decoder::for_server();
+            decoder.push(message.encode().unwrap().as_bytes());
+            let Ok(Some(Frame::Message(read))) = decoder.next_frame() else {
+                panic!("{message:?} did not read back");
+            };
+            // Values are read trimmed, as Asterisk reads them.
+            let expected: Vec<(String, String)> = headers
+                .iter()
+                .map(|(key, value)| (key.clone(), value.trim().to_owned()))
+                .collect();
+            proptest::prop_assert_eq!(read.headers(), expected.as_slice());
+        }
+    }
+
     #[test]
     fn a_value_with_a_line_break_is_never_sent() {
         let injected = Message::action("Setvar", "1")
