@@ -94,6 +94,32 @@ pub struct ConnectyCubeSection {
     /// `stun://host[:port]`: asked by each call's WebRTC leg where it is
     /// seen from outside a NAT (ConnectyCube's apps use a public one).
     pub stun_server: Option<String>,
+    /// Each call to an app user also goes out as a push notification to
+    /// the user's subscribed devices, so a mobile app in the background or
+    /// closed rings: "production", "development" (apps' development
+    /// builds subscribe there) or "off".
+    pub call_push: CallPush,
+}
+
+/// Where calls' push notifications go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallPush {
+    #[default]
+    Production,
+    Development,
+    Off,
+}
+
+impl CallPush {
+    /// The push environment ConnectyCube names; none when off.
+    pub fn environment(self) -> Option<&'static str> {
+        match self {
+            CallPush::Production => Some("production"),
+            CallPush::Development => Some("development"),
+            CallPush::Off => None,
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -228,6 +254,7 @@ impl Default for ConnectyCubeSection {
             gateway_password: None,
             answer_timeout_s: 45,
             stun_server: None,
+            call_push: CallPush::default(),
         }
     }
 }
@@ -277,6 +304,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_API_URL", "connectycube.api_url"),
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
     ("CONNECTYCUBE_STUN_SERVER", "connectycube.stun_server"),
+    ("CONNECTYCUBE_CALL_PUSH", "connectycube.call_push"),
     ("MANAGEMENT_TOKEN", "management.token"),
     ("ASTERISK_AMI", "asterisk.ami"),
     ("ASTERISK_AMI_USERNAME", "asterisk.username"),
@@ -366,6 +394,14 @@ impl Config {
                 "CONNECTYCUBE_API_URL" => cc.api_url = value,
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
                 "CONNECTYCUBE_STUN_SERVER" => cc.stun_server = Some(value),
+                "CONNECTYCUBE_CALL_PUSH" => match value.trim() {
+                    "production" => cc.call_push = CallPush::Production,
+                    "development" => cc.call_push = CallPush::Development,
+                    "off" => cc.call_push = CallPush::Off,
+                    _ => problems.push(format!(
+                        "{key} (from {name}): production, development or off"
+                    )),
+                },
                 "MANAGEMENT_TOKEN" => self.management.token = Some(value),
                 "ASTERISK_AMI" => self.asterisk.ami = Some(value),
                 "ASTERISK_AMI_USERNAME" => self.asterisk.username = Some(value),
@@ -766,10 +802,13 @@ department = "Sales"
             "SIP_DOMAIN" => Some("other.example".to_owned()),
             "MANAGEMENT_TOKEN" => Some("a-long-enough-token".to_owned()),
             "SIP_OFFER_SRTP" => Some("true".to_owned()),
+            "CONNECTYCUBE_CALL_PUSH" => Some("development".to_owned()),
             _ => None,
         };
+        assert_eq!(config.connectycube.call_push, CallPush::Production);
         config.apply_environment(env).unwrap();
         assert!(config.sip.offer_srtp);
+        assert_eq!(config.connectycube.call_push, CallPush::Development);
         assert_eq!(
             config.management.token.as_deref(),
             Some("a-long-enough-token")
@@ -785,6 +824,12 @@ department = "Sales"
             .apply_environment(|n| (n == "SIP_OFFER_SRTP").then(|| "yes".to_owned()))
             .unwrap_err();
         assert!(err.0[0].contains("sip.offer_srtp"), "{err}");
+        let err = config
+            .apply_environment(|n| (n == "CONNECTYCUBE_CALL_PUSH").then(|| "on".to_owned()))
+            .unwrap_err();
+        assert!(err.0[0].contains("connectycube.call_push"), "{err}");
+        let off = Config::parse("[connectycube]\ncall_push = \"off\"\n").unwrap();
+        assert_eq!(off.connectycube.call_push.environment(), None);
     }
 
     #[test]

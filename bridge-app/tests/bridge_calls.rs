@@ -11,8 +11,8 @@ use bridge_protocol::connectycube::signaling::{CallSignal, SignalType};
 use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec, VideoPhone,
-    dial, phone_call, phone_call_with, sipp, tempdir, wav_frequency,
+    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec,
+    PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, sipp, tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -110,6 +110,109 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
             "{direction}: {latency} in {line}"
         );
     }
+}
+
+/// A phone calls an app user whose app is not running (a mobile app in the
+/// background, or closed): the call also goes out as a push notification
+/// to her subscribed device, `startCall` with what ConnectyCube's call-kit
+/// apps read. The app it woke signs in, gets the call the bridge keeps
+/// sending, answers, and both hear each other; an answered call pushes no
+/// `endCall`. A call the phone gives up on while the app rings pushes
+/// `endCall` for its session, so the devices it woke stop ringing.
+#[test]
+fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let device = PushEndpoint::start();
+    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
+    device.subscribe(&api_url, "alice", "demo", "production");
+
+    let (phone, signalling) = dial(&bridge, "call.xml", "alice", PCMU_440, 8, "woken", &[]);
+    let start = device.wait_for("startCall", Duration::from_secs(10));
+    let session = start["session_id"]
+        .as_str()
+        .expect("a session id")
+        .to_owned();
+    assert_eq!(start["uuid"], session, "{start}");
+    assert_eq!(start["ios_voip"], 1, "{start}");
+    assert_eq!(start["call_type"], 2, "audio: {start}");
+    assert_eq!(start["callType"], "audio", "{start}");
+    assert_eq!(start["caller_name"], "sipp", "{start}");
+    assert_eq!(start["message"], "Incoming audio call from sipp", "{start}");
+    let alice_id = start["call_opponents"].as_str().unwrap_or_default();
+    assert!(alice_id.parse::<u64>().is_ok(), "{start}");
+
+    // Woken, the app signs in and answers the call the bridge sends again.
+    let mut alice = alice_answering(&bridge, true);
+    let incoming = alice.wait_event("incoming call", Duration::from_secs(15));
+    assert!(
+        incoming.contains(&format!("from {}", start["caller_id"])),
+        "{incoming} after {start}"
+    );
+    phone.call(bridge.media_port("woken-1"));
+    let (app_heard, phone_heard) = both_hear(&mut alice, &phone, (440.0, 660.0));
+    let near = |heard: Option<f64>, hz: f64| heard.is_some_and(|f| (f - hz).abs() < hz * 0.03);
+    assert!(
+        near(app_heard, 440.0) && near(phone_heard, 660.0),
+        "the app heard {app_heard:?}, the phone {phone_heard:?}"
+    );
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the SIP call: {output}");
+    alice.wait_event("hung up", Duration::from_secs(10));
+
+    // The phone gives up while the app rings: the woken devices stop.
+    alice.command(json!({"op": "autoAnswer", "on": false}));
+    let (success, output) = sipp(
+        "cancel.xml",
+        &bridge.address(),
+        "alice",
+        &["-cid_str", "given-up-%u"],
+    );
+    assert!(success, "CANCEL → 487: {output}");
+    let end = device.wait_for("endCall", Duration::from_secs(10));
+    let pushed = device.received();
+    let starts: Vec<&Value> = pushed
+        .iter()
+        .filter(|p| p["signal_type"] == "startCall")
+        .collect();
+    assert_eq!(starts.len(), 2, "{pushed:#?}");
+    assert_eq!(end["session_id"], starts[1]["session_id"], "{pushed:#?}");
+    assert_eq!(end["message"], "Missed call from sipp", "{end}");
+    assert!(end.get("ios_voip").is_none(), "{end}");
+    let ends = pushed.iter().filter(|p| p["signal_type"] == "endCall");
+    assert_eq!(
+        ends.count(),
+        1,
+        "no endCall for the answered call: {pushed:#?}"
+    );
+}
+
+/// With `call_push = "off"` no call is pushed, and the call goes on.
+#[test]
+fn no_push_goes_out_when_call_push_is_off() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start_with_environment(
+        "127.0.0.1",
+        &[],
+        &[("CONNECTYCUBE_CALL_PUSH", "off")],
+    );
+    let device = PushEndpoint::start();
+    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
+    device.subscribe(&api_url, "alice", "demo", "production");
+    let (success, output) = sipp(
+        "cancel.xml",
+        &bridge.address(),
+        "alice",
+        &["-cid_str", "unpushed-%u"],
+    );
+    assert!(success, "CANCEL → 487: {output}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(device.received().is_empty(), "{:#?}", device.received());
+    assert!(
+        !bridge.logs().iter().any(|l| l.contains("startCall")),
+        "{:#?}",
+        bridge.logs()
+    );
 }
 
 /// A PBX re-bridges an Opus phone's call with an app user, as Asterisk

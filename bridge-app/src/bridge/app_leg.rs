@@ -1,7 +1,10 @@
 //! A SIP call carried on to a ConnectyCube user: the offer of the call's
 //! `connectycubesink`, sent as a `call` from the caller's identity (again
 //! every 5 s, as the SDK does, until answered), the answer applied from
-//! `accept`, trickled candidates handed over, and `hangUp` either way.
+//! `accept`, trickled candidates handed over, and `hangUp` either way. The
+//! call also goes out as a push notification (`startCall`, and `endCall`
+//! if it ends unanswered), so the user's mobile app rings even in the
+//! background or closed, as ConnectyCube's call-kit apps expect.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,7 @@ use bridge_protocol::connectycube::signaling::{
 };
 use futures_util::future::BoxFuture;
 use gst::prelude::*;
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -63,6 +67,7 @@ pub struct ConnectyCubeLeg {
     /// Video once the offer carries video, else audio.
     call_type: CallType,
     signalling: Option<tokio::task::JoinHandle<()>>,
+    answered: bool,
     /// The called app user's part of this call, for Asterisk.
     presence: Option<CallPresence>,
 }
@@ -86,6 +91,7 @@ impl ConnectyCubeLeg {
             session_id: uuid_like(),
             call_type: CallType::Audio,
             signalling: None,
+            answered: false,
             presence: None,
         }
     }
@@ -103,6 +109,50 @@ impl ConnectyCubeLeg {
             self.from.user_id,
             vec![self.to_user_id],
         )
+    }
+
+    /// Who calls, as the app user's phone shows it.
+    fn caller_name(&self) -> &str {
+        ["callerName", "callerNumber"]
+            .iter()
+            .find_map(|key| self.user_info.iter().find(|(k, _)| k == key))
+            .map_or(self.from.login.as_str(), |(_, v)| v.as_str())
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.call_type {
+            CallType::Video => "video",
+            CallType::Audio => "audio",
+        }
+    }
+
+    /// A push of `signal_type` about this call: the keys ConnectyCube's
+    /// call-kit apps read (Flutter's `connectycube_flutter_call_kit`, and
+    /// React Native's CallKeep samples), so either kind of app rings.
+    fn push_payload(&self, signal_type: &str, message: String) -> Value {
+        let caller = self.caller_name();
+        json!({
+            "message": message,
+            "signal_type": signal_type,
+            "session_id": self.session_id,
+            "call_type": self.call_type as u8,
+            "caller_id": self.from.user_id,
+            "caller_name": caller,
+            "call_opponents": self.to_user_id.to_string(),
+            "uuid": self.session_id,
+            "callType": self.kind(),
+            "initiatorId": self.from.user_id,
+            "opponentsIds": self.to_user_id.to_string(),
+            "handle": caller,
+        })
+    }
+
+    fn push_start(&self) {
+        let message = format!("Incoming {} call from {}", self.kind(), self.caller_name());
+        let mut payload = self.push_payload("startCall", message);
+        // iOS wakes the app for VoIP pushes only.
+        payload["ios_voip"] = json!(1);
+        self.from.push(self.to_user_id, payload);
     }
 
     async fn place(&mut self, webrtc: gst::Element) -> Result<oneshot::Receiver<String>, Refusal> {
@@ -130,8 +180,9 @@ impl ConnectyCubeLeg {
             "ConnectyCube call {} from {} to {}: calling",
             self.session_id, self.from.login, self.to_name
         );
+        self.from.send(self.to_user_id, &call);
+        self.push_start();
         loop {
-            self.from.send(self.to_user_id, &call);
             let redial = (tokio::time::Instant::now() + REDIAL).min(deadline);
             loop {
                 let received = match tokio::time::timeout_at(redial, signals.recv()).await {
@@ -150,6 +201,7 @@ impl ConnectyCubeLeg {
                 let signal = &received.signal;
                 match signal.signal_type {
                     SignalType::Accept => {
+                        self.answered = true;
                         if let Some(presence) = &mut self.presence {
                             presence.answered();
                         }
@@ -200,6 +252,7 @@ impl ConnectyCubeLeg {
                     reason: format!("{} did not answer", self.to_name),
                 });
             }
+            self.from.send(self.to_user_id, &call);
         }
     }
 }
@@ -339,6 +392,13 @@ impl AppSide for ConnectyCubeLeg {
         let mut hang_up = self.signal(SignalType::HangUp);
         hang_up.user_info = vec![("reason".into(), reason.to_owned())];
         self.from.send(self.to_user_id, &hang_up);
+        if !self.answered {
+            // The devices the start woke stop ringing; an answered call's
+            // end is for its app alone.
+            let message = format!("Missed call from {}", self.caller_name());
+            let payload = self.push_payload("endCall", message);
+            self.from.push(self.to_user_id, payload);
+        }
         self.from.unsubscribe(&self.session_id);
         if let Some(task) = self.signalling.take() {
             task.abort();

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bridge_protocol::connectycube::rest::{RestClient, UserSession};
+use bridge_protocol::connectycube::rest::{PushEvent, RestClient, RestError, UserSession};
 use bridge_protocol::connectycube::signaling::{CallSignal, ReceivedSignal, SignalType, user_jid};
 use bridge_protocol::connectycube::xmpp::{Chat, ChatConfig, ChatEvent};
 use bridge_protocol::connectycube::{AppCredentials, UserCredentials};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -32,6 +33,10 @@ pub struct Identity {
     app_id: u64,
     chat_domain: String,
     chat: Chat,
+    /// Its REST session, for push notifications.
+    rest: Arc<UserSession>,
+    /// Where its push notifications go (`production`, `development`); none when off.
+    push_environment: Option<&'static str>,
     subscribers: Mutex<HashMap<String, mpsc::UnboundedSender<ReceivedSignal>>>,
     chat_state: ChatStateHook,
 }
@@ -84,6 +89,8 @@ impl Identity {
             app_id: cc.app_id,
             chat_domain: cc.chat_domain.clone(),
             chat,
+            rest: session,
+            push_environment: cc.call_push.environment(),
             subscribers: Mutex::default(),
             chat_state,
         });
@@ -95,6 +102,43 @@ impl Identity {
         let jid = user_jid(to, self.app_id, &self.chat_domain);
         let id = format!("{:024x}", rand::random::<u128>() >> 32);
         self.chat.send(&signal.to_stanza(&jid, &id));
+    }
+
+    /// Sends `payload` to the devices user `to` subscribed for push
+    /// notifications, in the background: a call never waits for it, and a
+    /// push that fails costs only the push.
+    pub fn push(&self, to: u64, payload: Value) {
+        let Some(environment) = self.push_environment else {
+            return;
+        };
+        let (rest, login) = (self.rest.clone(), self.login.clone());
+        tokio::spawn(async move {
+            let what = payload["signal_type"].as_str().unwrap_or("push").to_owned();
+            let event = PushEvent {
+                user_ids: &[to],
+                environment,
+                payload: &payload,
+            };
+            let sent = async {
+                let token = rest.session().await?.token;
+                match rest.client().create_event(&token, &event).await {
+                    // The session expired: once more with a new one.
+                    Err(e) if e.is_session_expired() => {
+                        let token = rest.renew().await?.token;
+                        rest.client().create_event(&token, &event).await
+                    }
+                    sent => sent,
+                }
+            };
+            match sent.await {
+                Ok(()) => info!("push {what} from {login} to user {to} sent"),
+                // ConnectyCube's answer when no device of the user is subscribed.
+                Err(RestError::Refused {
+                    status: 422, body, ..
+                }) => info!("push {what} from {login} to user {to} not sent: {body}"),
+                Err(e) => warn!("push {what} from {login} to user {to} failed: {e}"),
+            }
+        });
     }
 
     /// Signals of session `session_id` from now on.

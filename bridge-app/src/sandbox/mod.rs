@@ -137,6 +137,8 @@ fn router(served: Arc<Served>) -> Router {
         )
         .route("/users/by_login.json", get(rest::user_by_login))
         .route("/calls/reject.json", post(rest::call_reject))
+        .route("/subscriptions.json", post(rest::create_subscription))
+        .route("/events.json", post(rest::create_event))
         .route("/ws", get(chat_upgrade))
         .with_state(state);
     Router::new()

@@ -1,4 +1,5 @@
-//! The sandbox's REST API: the routes the JS SDK calls (connectycube-protocol.md §2).
+//! The sandbox's REST API: the routes the JS SDK calls (connectycube-protocol.md §2),
+//! and its push notifications (subscriptions and events).
 
 use std::sync::Arc;
 
@@ -6,6 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use serde_json::{Value, json};
 
 use super::state::{SignInError, State};
@@ -166,4 +168,178 @@ pub async fn call_reject(
     token_session(&state, &headers)?;
     parse_body(&body)?;
     Ok(axum::Json(json!({})).into_response())
+}
+
+/// A string field of `value` at `path`, or an error naming it.
+fn field<'a>(value: &'a Value, path: &[&str]) -> Result<&'a str, ApiError> {
+    path.iter()
+        .try_fold(value, |value, key| value.get(key))
+        .and_then(Value::as_str)
+        .filter(|text| !text.is_empty())
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("{} is required", path.join(".")),
+            )
+        })
+}
+
+/// `POST /subscriptions.json` (the SDK's `pushnotifications.subscriptions.create`):
+/// the user's device, to receive push notifications.
+pub async fn create_subscription(
+    AxumState(state): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let session = token_session(&state, &headers)?;
+    if session.user_id == 0 {
+        return Err(error(StatusCode::FORBIDDEN, "a user session is required"));
+    }
+    let body = parse_body(&body)?;
+    let channel = field(&body, &["notification_channel"])?.to_owned();
+    let environment = field(&body, &["push_token", "environment"])?.to_owned();
+    let platform = field(&body, &["device", "platform"])?.to_owned();
+    let udid = field(&body, &["device", "udid"])?.to_owned();
+    let web_endpoint = match channel.as_str() {
+        "web" => Some(field(&body, &["push_token", "web_endpoint"])?.to_owned()),
+        "apns" | "apns_voip" | "gcm" => {
+            field(&body, &["push_token", "client_identification_sequence"])?;
+            None
+        }
+        other => {
+            return Err(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("unknown notification_channel {other:?}"),
+            ));
+        }
+    };
+    let subscription = {
+        let mut directory = state.directory.lock().unwrap();
+        // A device subscribes once per channel: a new token replaces the old.
+        directory
+            .subscriptions
+            .retain(|s| !(s.user_id == session.user_id && s.udid == udid && s.channel == channel));
+        let subscription = super::state::Subscription {
+            id: directory.next_id(),
+            user_id: session.user_id,
+            channel,
+            environment,
+            platform,
+            udid,
+            web_endpoint,
+        };
+        directory.subscriptions.push(subscription.clone());
+        subscription
+    };
+    Ok(axum::Json(json!([{
+        "subscription": {
+            "id": subscription.id,
+            "notification_channel": { "name": subscription.channel },
+            "device": {
+                "udid": subscription.udid,
+                "platform": { "name": subscription.platform },
+            },
+        }
+    }]))
+    .into_response())
+}
+
+/// `POST /events.json` (the SDK's `pushnotifications.events.create`): a
+/// push notification to the subscribed devices of `user.ids` in the
+/// event's environment. The sandbox delivers to web devices by posting the
+/// decoded message to their endpoint (unencrypted: no real push service
+/// is in reach here); the other channels' pushes are only logged.
+pub async fn create_event(
+    AxumState(state): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let session = token_session(&state, &headers)?;
+    let body = parse_body(&body)?;
+    let event = &body["event"];
+    let unprocessable = |message: &str| error(StatusCode::UNPROCESSABLE_ENTITY, message);
+    if field(event, &["notification_type"])? != "push" {
+        return Err(unprocessable("notification_type must be push"));
+    }
+    let environment = field(event, &["environment"])?;
+    if !matches!(environment, "production" | "development") {
+        return Err(unprocessable(
+            "environment must be production or development",
+        ));
+    }
+    // Comma-separated, as the SDK's types have it; apps also send arrays.
+    let ids: Option<Vec<u64>> = match &event["user"]["ids"] {
+        Value::String(ids) => ids.split(',').map(|id| id.trim().parse().ok()).collect(),
+        Value::Array(ids) => ids
+            .iter()
+            .map(|id| id.as_u64().or_else(|| id.as_str()?.parse().ok()))
+            .collect(),
+        Value::Number(id) => id.as_u64().map(|id| vec![id]),
+        _ => None,
+    };
+    let ids = ids
+        .filter(|ids| !ids.is_empty())
+        .ok_or_else(|| unprocessable("user.ids must list user ids"))?;
+    let message = field(event, &["message"])?;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(message)
+        .map_err(|_| unprocessable("message must be base64"))?;
+    let recipients: Vec<super::state::Subscription> = {
+        let directory = state.directory.lock().unwrap();
+        directory
+            .subscriptions
+            .iter()
+            .filter(|s| ids.contains(&s.user_id) && s.environment == environment)
+            .cloned()
+            .collect()
+    };
+    if recipients.is_empty() {
+        return Err(unprocessable("No one can receive the message"));
+    }
+    let text = String::from_utf8_lossy(&payload).into_owned();
+    let mut events = Vec::new();
+    for recipient in &recipients {
+        tracing::info!(
+            "sandbox: push from user {} to user {} ({}): {text}",
+            session.user_id,
+            recipient.user_id,
+            recipient.channel
+        );
+        if let Some(endpoint) = recipient.web_endpoint.clone() {
+            tokio::spawn(deliver(endpoint, payload.clone()));
+        }
+        let id = state.directory.lock().unwrap().next_id();
+        events.push(json!({
+            "event": {
+                "id": id,
+                "event_type": "one_shot",
+                "message": message,
+                "application_id": state.app_id,
+                "user_id": session.user_id,
+                "environment": environment,
+                "notification_channel": { "name": recipient.channel },
+            }
+        }));
+    }
+    Ok(axum::Json(Value::Array(events)).into_response())
+}
+
+/// Hands a push to a web device's endpoint.
+async fn deliver(endpoint: String, payload: Vec<u8>) {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build();
+    let sent = match client {
+        Ok(client) => client
+            .post(&endpoint)
+            .header("Content-Type", "application/json")
+            .body(payload)
+            .send()
+            .await
+            .and_then(|response| response.error_for_status()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("sandbox: push to {endpoint} not delivered: {e}");
+    }
 }

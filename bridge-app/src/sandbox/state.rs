@@ -44,12 +44,34 @@ pub struct Resource {
     pub deliver: mpsc::UnboundedSender<String>,
 }
 
+/// A device a user subscribed for push notifications.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: u64,
+    pub user_id: u64,
+    /// `apns`, `apns_voip`, `gcm` or `web`.
+    pub channel: String,
+    pub environment: String,
+    pub platform: String,
+    pub udid: String,
+    /// A web device's push endpoint, where the sandbox delivers.
+    pub web_endpoint: Option<String>,
+}
+
 #[derive(Default)]
 pub struct Directory {
     pub users: Vec<User>,
     pub sessions: HashMap<String, Session>,
     pub resources: HashMap<u64, Vec<Resource>>,
+    pub subscriptions: Vec<Subscription>,
     next_id: u64,
+}
+
+impl Directory {
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -102,9 +124,8 @@ impl State {
                 Err(SignInError::WrongPassword)
             };
         }
-        directory.next_id += 1;
         let user = User {
-            id: directory.next_id,
+            id: directory.next_id(),
             login: login.map(str::to_owned),
             email: email.map(str::to_owned),
             password: password.to_owned(),
@@ -116,9 +137,8 @@ impl State {
 
     pub fn new_session(&self, user_id: u64) -> Session {
         let mut directory = self.directory.lock().unwrap();
-        directory.next_id += 1;
         let session = Session {
-            id: directory.next_id,
+            id: directory.next_id(),
             user_id,
             token: format!("{:032x}", rand::random::<u128>()),
             created: std::time::SystemTime::now()

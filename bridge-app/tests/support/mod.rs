@@ -1386,3 +1386,102 @@ fn nft(rules: &str) {
         .unwrap();
     assert!(child.wait().unwrap().success(), "nft refused:\n{rules}");
 }
+
+/// A web device's push endpoint, as a push service would reach it: each
+/// notification posted to it is kept, as JSON.
+pub struct PushEndpoint {
+    pub url: String,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl PushEndpoint {
+    pub fn start() -> PushEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/device", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let kept = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; length];
+                if std::io::Read::read_exact(&mut reader, &mut body).is_ok() {
+                    let notification = serde_json::from_slice(&body)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+                    kept.lock().unwrap().push(notification);
+                }
+                let _ = reader.get_mut().write_all(
+                    b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        PushEndpoint { url, received }
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The first notification whose `signal_type` is `signal_type`.
+    pub fn wait_for(&self, signal_type: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let received = self.received();
+            if let Some(found) = received.iter().find(|n| n["signal_type"] == signal_type) {
+                return found.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {signal_type} push within {within:?}: {received:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Subscribes `login`'s web device to pushes in `environment` through
+    /// the REST API at `api_url`, as the SDK's
+    /// `pushnotifications.subscriptions.create` does.
+    pub fn subscribe(&self, api_url: &str, login: &str, password: &str, environment: &str) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let session = UserSession::new(
+                RestClient::new(api_url, app()),
+                UserCredentials::Login {
+                    login: login.into(),
+                    password: password.into(),
+                },
+            );
+            let token = session.session().await.expect("a session").token;
+            let response = reqwest::Client::new()
+                .post(format!("{api_url}/subscriptions.json"))
+                .header("CB-Token", token)
+                .json(&json!({
+                    "notification_channel": "web",
+                    "push_token": {
+                        "environment": environment,
+                        "web_endpoint": self.url,
+                        "web_auth": "auth",
+                        "web_p256dh": "p256dh",
+                    },
+                    "device": { "platform": "web", "udid": format!("{login}-browser") },
+                }))
+                .send()
+                .await
+                .expect("the sandbox answers");
+            assert!(
+                response.status().is_success(),
+                "subscription refused: {}",
+                response.text().await.unwrap_or_default()
+            );
+        });
+    }
+}

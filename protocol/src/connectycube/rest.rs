@@ -1,8 +1,10 @@
-//! ConnectyCube REST: sessions (`POST /session.json`), login, and a session
-//! holder that reuses its token and renews it when the server says it expired.
+//! ConnectyCube REST: sessions (`POST /session.json`), login, push
+//! notifications (`POST /events.json`), and a session holder that reuses its
+//! token and renews it when the server says it expired.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -160,6 +162,20 @@ impl RestClient {
             })
     }
 
+    /// `POST /events.json` (the SDK's `pushnotifications.events.create`): a
+    /// push notification to every device the users subscribed in
+    /// `environment` (`production` or `development`).
+    pub async fn create_event(&self, token: &str, event: &PushEvent<'_>) -> Result<(), RestError> {
+        self.request(
+            reqwest::Method::POST,
+            "events.json",
+            Some(token),
+            Some(event.to_json()),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// `DELETE /session.json`.
     pub async fn destroy_session(&self, token: &str) -> Result<(), RestError> {
         self.request(reqwest::Method::DELETE, "session.json", Some(token), None)
@@ -288,6 +304,31 @@ pub fn legacy_signature(
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// A push notification: `payload` reaches the users' devices as the
+/// event's message, the base64 of its JSON, as the SDK's apps send it.
+pub struct PushEvent<'a> {
+    pub user_ids: &'a [u64],
+    pub environment: &'a str,
+    pub payload: &'a Value,
+}
+
+impl PushEvent<'_> {
+    /// The `event` object of `POST /events.json`; `user.ids` is a
+    /// comma-separated list, as the SDK's types have it.
+    pub fn to_json(&self) -> Value {
+        let ids: Vec<String> = self.user_ids.iter().map(u64::to_string).collect();
+        let message = base64::engine::general_purpose::STANDARD.encode(self.payload.to_string());
+        json!({
+            "event": {
+                "notification_type": "push",
+                "environment": self.environment,
+                "user": { "ids": ids.join(",") },
+                "message": message,
+            }
+        })
+    }
+}
+
 /// A user's session: created once, reused, renewed when it expires.
 pub struct UserSession {
     client: RestClient,
@@ -302,6 +343,10 @@ impl UserSession {
             credentials,
             current: Mutex::new(None),
         }
+    }
+
+    pub fn client(&self) -> &RestClient {
+        &self.client
     }
 
     /// The current session, creating one if needed.
@@ -338,6 +383,24 @@ impl UserSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_push_event_carries_its_payload_as_base64_json() {
+        let payload = json!({"signal_type": "startCall", "session_id": "s-1"});
+        let event = PushEvent {
+            user_ids: &[1002, 1003],
+            environment: "production",
+            payload: &payload,
+        }
+        .to_json();
+        assert_eq!(event["event"]["notification_type"], "push");
+        assert_eq!(event["event"]["environment"], "production");
+        assert_eq!(event["event"]["user"]["ids"], "1002,1003");
+        let message = base64::engine::general_purpose::STANDARD
+            .decode(event["event"]["message"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&message).unwrap(), payload);
+    }
 
     #[test]
     fn signature_matches_the_legacy_form() {
