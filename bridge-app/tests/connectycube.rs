@@ -90,6 +90,79 @@ async fn bad_rest_bodies_get_clear_errors() {
     );
 }
 
+/// Malformed push subscriptions and events get an error naming what is
+/// wrong; an event nobody can receive gets ConnectyCube's refusal.
+#[tokio::test]
+async fn bad_push_requests_get_clear_errors() {
+    let sandbox = SandboxProcess::start(free_port());
+    let alice = RustUser::sign_in(&sandbox.api_url(), &sandbox.chat_url(), "alice", "a").await;
+    let token = alice.session.session().await.unwrap().token;
+    let http = reqwest::Client::new();
+    let post = |route: &str, body: serde_json::Value| {
+        http.post(format!("{}/{route}", sandbox.api_url()))
+            .header("CB-Token", &token)
+            .json(&body)
+            .send()
+    };
+    let refusal = |route: &'static str, body: serde_json::Value| {
+        let answer = post(route, body);
+        async move {
+            let answer = answer.await.unwrap();
+            let status = answer.status().as_u16();
+            let body: serde_json::Value = answer.json().await.unwrap();
+            (status, body["errors"]["base"][0].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let event = |event: serde_json::Value| json!({ "event": event });
+    let valid = json!({
+        "notification_type": "push",
+        "environment": "production",
+        "user": {"ids": alice.user_id.to_string()},
+        "message": "e30=",
+    });
+    let with = |key: &str, value: serde_json::Value| {
+        let mut changed = valid.clone();
+        changed[key] = value;
+        event(changed)
+    };
+    for (body, expected) in [
+        (with("notification_type", json!("email")), "notification_type"),
+        (with("environment", json!("staging")), "environment"),
+        (with("user", json!({"ids": "one,two"})), "user.ids"),
+        (with("user", json!({})), "user.ids"),
+        (with("message", json!("not base64!")), "base64"),
+        (json!({"no": "event"}), "notification_type"),
+        (event(valid.clone()), "No one can receive the message"),
+    ] {
+        let (status, message) = refusal("events.json", body.clone()).await;
+        assert_eq!(status, 422, "{body}: {message}");
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let (status, message) = refusal(
+        "subscriptions.json",
+        json!({"notification_channel": "pigeon", "push_token": {"environment": "production"},
+               "device": {"platform": "ios", "udid": "x"}}),
+    )
+    .await;
+    assert_eq!((status, message.contains("pigeon")), (422, true), "{message}");
+    let (status, message) = refusal(
+        "subscriptions.json",
+        json!({"notification_channel": "web", "push_token": {"environment": "production"},
+               "device": {"platform": "web", "udid": "x"}}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(message.contains("push_token.web_endpoint"), "{message}");
+    let unknown = http
+        .post(format!("{}/events.json", sandbox.api_url()))
+        .header("CB-Token", "made-up")
+        .json(&event(valid))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 401);
+}
+
 async fn raw_chat(
     sandbox: &SandboxProcess,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {

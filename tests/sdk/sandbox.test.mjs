@@ -3,6 +3,7 @@
 // each hears the other's microphone tone.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
 import { startSandbox, launchBrowser, signedInPage, waitFor, has, hears, sleep } from './harness.mjs';
 
 let sandbox, browserA, browserB, alice, bob;
@@ -71,4 +72,44 @@ test('an unanswered call times out at the caller', async () => {
   await sleep(500);
   await alice.page.evaluate(() => window.demo.call('bob'));
   await waitFor('alice to give up', () => has(alice, 'no answer'), 15000);
+});
+
+test("the SDK's push notifications reach a subscribed web device", async () => {
+  // The device's push endpoint, where the sandbox delivers.
+  const delivered = [];
+  const endpoint = createServer((request, response) => {
+    let body = '';
+    request.on('data', (chunk) => { body += chunk; });
+    request.on('end', () => { delivered.push(JSON.parse(body)); response.writeHead(201).end(); });
+  });
+  await new Promise((resolve) => endpoint.listen(0, '127.0.0.1', resolve));
+  const webEndpoint = `http://127.0.0.1:${endpoint.address().port}/bob`;
+  try {
+    const subscribed = await bob.page.evaluate((web_endpoint) => ConnectyCube.pushnotifications.subscriptions.create({
+      notification_channel: 'web',
+      push_token: { environment: 'development', web_endpoint, web_auth: 'auth', web_p256dh: 'p256dh' },
+      device: { platform: 'web', udid: 'bob-browser' },
+    }), webEndpoint);
+    assert.equal(subscribed[0].subscription.notification_channel.name, 'web');
+    const payload = { message: 'Incoming audio call from alice', signal_type: 'startCall', session_id: 's-1', ios_voip: 1 };
+    const sent = await alice.page.evaluate(([ids, payload]) => ConnectyCube.pushnotifications.events.create({
+      notification_type: 'push',
+      environment: 'development',
+      user: { ids },
+      message: ConnectyCube.pushnotifications.base64Encode(JSON.stringify(payload)),
+    }), [String(bob.userId), payload]);
+    assert.equal(sent[0].event.notification_channel.name, 'web');
+    await waitFor('the push at bob\'s device', () => delivered.length > 0);
+    assert.deepEqual(delivered[0], payload);
+    // Nobody subscribed in production: ConnectyCube's refusal.
+    const refused = await alice.page.evaluate((ids) => ConnectyCube.pushnotifications.events.create({
+      notification_type: 'push',
+      environment: 'production',
+      user: { ids },
+      message: ConnectyCube.pushnotifications.base64Encode('{}'),
+    }).then(() => null, (e) => e.code), String(bob.userId));
+    assert.equal(refused, 422);
+  } finally {
+    endpoint.close();
+  }
 });
