@@ -110,7 +110,13 @@ async fn bad_push_requests_get_clear_errors() {
             let answer = answer.await.unwrap();
             let status = answer.status().as_u16();
             let body: serde_json::Value = answer.json().await.unwrap();
-            (status, body["errors"]["base"][0].as_str().unwrap_or_default().to_owned())
+            (
+                status,
+                body["errors"]["base"][0]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
         }
     };
     let event = |event: serde_json::Value| json!({ "event": event });
@@ -126,7 +132,10 @@ async fn bad_push_requests_get_clear_errors() {
         event(changed)
     };
     for (body, expected) in [
-        (with("notification_type", json!("email")), "notification_type"),
+        (
+            with("notification_type", json!("email")),
+            "notification_type",
+        ),
         (with("environment", json!("staging")), "environment"),
         (with("user", json!({"ids": "one,two"})), "user.ids"),
         (with("user", json!({})), "user.ids"),
@@ -144,7 +153,11 @@ async fn bad_push_requests_get_clear_errors() {
                "device": {"platform": "ios", "udid": "x"}}),
     )
     .await;
-    assert_eq!((status, message.contains("pigeon")), (422, true), "{message}");
+    assert_eq!(
+        (status, message.contains("pigeon")),
+        (422, true),
+        "{message}"
+    );
     let (status, message) = refusal(
         "subscriptions.json",
         json!({"notification_channel": "web", "push_token": {"environment": "production"},
@@ -153,6 +166,16 @@ async fn bad_push_requests_get_clear_errors() {
     .await;
     assert_eq!(status, 422);
     assert!(message.contains("push_token.web_endpoint"), "{message}");
+    // The sandbox posts to web endpoints itself: none off this machine.
+    let (status, message) = refusal(
+        "subscriptions.json",
+        json!({"notification_channel": "web",
+               "push_token": {"environment": "production", "web_endpoint": "http://192.0.2.1/x"},
+               "device": {"platform": "web", "udid": "x"}}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(message.contains("this machine"), "{message}");
     let unknown = http
         .post(format!("{}/events.json", sandbox.api_url()))
         .header("CB-Token", "made-up")

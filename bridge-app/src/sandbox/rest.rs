@@ -201,7 +201,28 @@ pub async fn create_subscription(
     let platform = field(&body, &["device", "platform"])?.to_owned();
     let udid = field(&body, &["device", "udid"])?.to_owned();
     let web_endpoint = match channel.as_str() {
-        "web" => Some(field(&body, &["push_token", "web_endpoint"])?.to_owned()),
+        "web" => {
+            let endpoint = field(&body, &["push_token", "web_endpoint"])?;
+            // Posted to by the sandbox itself: only on this machine.
+            let local = reqwest::Url::parse(endpoint).is_ok_and(|url| {
+                url.scheme() == "http"
+                    && match url.host_str() {
+                        Some("localhost") => true,
+                        Some(host) => host
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback()),
+                        None => false,
+                    }
+            });
+            if !local {
+                return Err(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "push_token.web_endpoint: the sandbox delivers only to http:// endpoints on this machine",
+                ));
+            }
+            Some(endpoint.to_owned())
+        }
         "apns" | "apns_voip" | "gcm" => {
             field(&body, &["push_token", "client_identification_sequence"])?;
             None
