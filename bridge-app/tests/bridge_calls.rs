@@ -12,7 +12,8 @@ use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
     Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec,
-    PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, sipp, tempdir, wav_frequency,
+    PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, post_as, sipp, tempdir,
+    wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -184,6 +185,41 @@ fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
         ends.count(),
         1,
         "no endCall for the answered call: {pushed:#?}"
+    );
+}
+
+/// The app user declines on the call screen the push brought up while her
+/// app is closed: the app, with no chat, rejects by REST
+/// (`/calls/reject.json`, the SDK's `callRejectRequest`), the reject
+/// reaches the bridge as a signal naming only its session, and the phone
+/// gets 486 for a busy reject. The app ended the call itself: no `endCall`.
+#[test]
+fn a_closed_app_declining_from_its_call_screen_refuses_the_call() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let device = PushEndpoint::start();
+    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
+    device.subscribe(&api_url, "alice", "demo", "production");
+    let address = bridge.address();
+    let phone = std::thread::spawn(move || {
+        sipp("busy.xml", &address, "alice", &["-cid_str", "declined-%u"])
+    });
+    let start = device.wait_for("startCall", Duration::from_secs(10));
+    let reject = json!({
+        "sessionID": start["session_id"],
+        "recipientId": start["caller_id"],
+        "platform": "ios",
+        "userInfo": {"busy": "true"},
+    });
+    let (status, body) = post_as(&api_url, ("alice", "demo"), "calls/reject.json", reject);
+    assert_eq!(status, 200, "{body}");
+    let (success, output) = phone.join().unwrap();
+    assert!(success, "reject → 486: {output}\n{:#?}", bridge.logs());
+    std::thread::sleep(Duration::from_millis(500));
+    let pushed = device.received();
+    assert!(
+        !pushed.iter().any(|p| p["signal_type"] == "endCall"),
+        "{pushed:#?}"
     );
 }
 

@@ -90,8 +90,9 @@ async fn bad_rest_bodies_get_clear_errors() {
     );
 }
 
-/// Malformed push subscriptions and events get an error naming what is
-/// wrong; an event nobody can receive gets ConnectyCube's refusal.
+/// Malformed push subscriptions, events and REST rejects get an error
+/// naming what is wrong; an event nobody can receive gets ConnectyCube's
+/// refusal.
 #[tokio::test]
 async fn bad_push_requests_get_clear_errors() {
     let sandbox = SandboxProcess::start(free_port());
@@ -176,6 +177,18 @@ async fn bad_push_requests_get_clear_errors() {
     .await;
     assert_eq!(status, 422);
     assert!(message.contains("this machine"), "{message}");
+    for (body, expected) in [
+        (json!({"recipientId": 1}), "sessionID"),
+        (json!({"sessionID": "s", "recipientId": "x"}), "recipientId"),
+        (
+            json!({"sessionID": "s", "recipientId": 1, "userInfo": {"a b": "c"}}),
+            "a b",
+        ),
+    ] {
+        let (status, message) = refusal("calls/reject.json", body.clone()).await;
+        assert_eq!(status, 422, "{body}: {message}");
+        assert!(message.contains(expected), "{body}: {message}");
+    }
     let unknown = http
         .post(format!("{}/events.json", sandbox.api_url()))
         .header("CB-Token", "made-up")

@@ -113,3 +113,22 @@ test("the SDK's push notifications reach a subscribed web device", async () => {
     endpoint.close();
   }
 });
+
+test("a callee with no chat declines by REST and the caller sees the reject", async () => {
+  await sleep(500);
+  const count = (peer, kind) => peer.page.evaluate((k) => window.demo.events.filter((e) => e.kind === k).length, kind);
+  const rejectedBefore = await count(alice, 'rejected');
+  const ringingBefore = await count(bob, 'incoming call');
+  await alice.page.evaluate(() => window.demo.call('bob'));
+  await waitFor('bob to see the call', async () => (await count(bob, 'incoming call')) > ringingBefore);
+  // As a closed app's call screen does: the SDK's callRejectRequest.
+  const sessionID = await bob.page.evaluate(() => Object.keys(ConnectyCube.videochat.sessions).pop());
+  await bob.page.evaluate(([sessionID, recipientId]) => ConnectyCube.videochat.callRejectRequest({
+    sessionID, recipientId, platform: 'web', userInfo: { busy: 'true' },
+  }), [sessionID, alice.userId]);
+  const rejected = await waitFor('alice to see the reject', async () => {
+    const all = await alice.page.evaluate(() => window.demo.events.filter((e) => e.kind === 'rejected'));
+    return all.length > rejectedBefore ? all.pop() : null;
+  });
+  assert.match(rejected.detail, new RegExp(`by ${bob.userId} .*"busy":"true"`));
+});

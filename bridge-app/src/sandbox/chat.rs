@@ -205,9 +205,14 @@ fn route(state: &State, from_jid: &str, stanza: &Element, raw: &str) {
     let Some(stamped) = stamp_from(raw, from_jid) else {
         return;
     };
+    deliver(state, to_user, &stamped);
+}
+
+/// Hands a stanza, `from` set, to every bound resource of `to_user`.
+pub fn deliver(state: &State, to_user: u64, stanza: &str) {
     let directory = state.directory.lock().unwrap();
     for resource in directory.resources.get(&to_user).into_iter().flatten() {
-        let _ = resource.deliver.send(stamped.clone());
+        let _ = resource.deliver.send(stanza.to_owned());
     }
 }
 

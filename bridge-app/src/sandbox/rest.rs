@@ -8,6 +8,8 @@ use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use bridge_protocol::connectycube::signaling::{MODULE_IDENTIFIER, user_jid};
+use bridge_protocol::connectycube::xml::Element;
 use serde_json::{Value, json};
 
 use super::state::{SignInError, State};
@@ -159,14 +161,75 @@ pub async fn user_by_login(
     Ok(axum::Json(json!({ "user": user.to_json() })).into_response())
 }
 
-/// `POST /calls/reject.json` (the SDK's optional `callRejectRequest`).
+/// `POST /calls/reject.json` (the SDK's `callRejectRequest`, which a
+/// closed app sends from its call screen, having no chat): the `reject`
+/// goes on to `recipientId`'s chat from the rejecting user, with what the
+/// request carries (its session, platform and `userInfo`).
 pub async fn call_reject(
     AxumState(state): Shared,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    token_session(&state, &headers)?;
-    parse_body(&body)?;
+    let session = token_session(&state, &headers)?;
+    if session.user_id == 0 {
+        return Err(error(StatusCode::FORBIDDEN, "a user session is required"));
+    }
+    let body = parse_body(&body)?;
+    let session_id = field(&body, &["sessionID"])?;
+    let recipient = match &body["recipientId"] {
+        Value::Number(id) => id.as_u64(),
+        Value::String(id) => id.trim().parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "recipientId must be a user id",
+        )
+    })?;
+    let mut params = Element::new("extraParams").attr("xmlns", "jabber:client");
+    if let Some(info) = body["userInfo"].as_object().filter(|info| !info.is_empty()) {
+        let mut user_info = Element::new("userInfo");
+        for (key, value) in info {
+            let name_ok = !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !name_ok {
+                return Err(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("userInfo key {key:?} is not a plain name"),
+                ));
+            }
+            let text = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
+            user_info
+                .children
+                .push(Element::new(key.as_str()).text(text));
+        }
+        params.children.push(user_info);
+    }
+    let platform = body["platform"].as_str().unwrap_or("web");
+    for (name, text) in [
+        ("sessionID", session_id),
+        ("moduleIdentifier", MODULE_IDENTIFIER),
+        ("signalType", "reject"),
+        ("platform", platform),
+    ] {
+        params.children.push(Element::new(name).text(text));
+    }
+    let stanza = Element::new("message")
+        .attr("to", user_jid(recipient, state.app_id, &state.domain))
+        .attr(
+            "from",
+            user_jid(session.user_id, state.app_id, &state.domain),
+        )
+        .attr("type", "headline")
+        .attr("id", format!("{:024x}", rand::random::<u128>() >> 32))
+        .attr("xmlns", "jabber:client")
+        .child(params);
+    super::chat::deliver(&state, recipient, &stanza.to_string());
     Ok(axum::Json(json!({})).into_response())
 }
 

@@ -1447,41 +1447,55 @@ impl PushEndpoint {
         }
     }
 
-    /// Subscribes `login`'s web device to pushes in `environment` through
-    /// the REST API at `api_url`, as the SDK's
-    /// `pushnotifications.subscriptions.create` does.
+    /// Subscribes `login`'s web device to pushes in `environment`, as the
+    /// SDK's `pushnotifications.subscriptions.create` does.
     pub fn subscribe(&self, api_url: &str, login: &str, password: &str, environment: &str) {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let session = UserSession::new(
-                RestClient::new(api_url, app()),
-                UserCredentials::Login {
-                    login: login.into(),
-                    password: password.into(),
-                },
-            );
-            let token = session.session().await.expect("a session").token;
-            let response = reqwest::Client::new()
-                .post(format!("{api_url}/subscriptions.json"))
-                .header("CB-Token", token)
-                .json(&json!({
-                    "notification_channel": "web",
-                    "push_token": {
-                        "environment": environment,
-                        "web_endpoint": self.url,
-                        "web_auth": "auth",
-                        "web_p256dh": "p256dh",
-                    },
-                    "device": { "platform": "web", "udid": format!("{login}-browser") },
-                }))
-                .send()
-                .await
-                .expect("the sandbox answers");
-            assert!(
-                response.status().is_success(),
-                "subscription refused: {}",
-                response.text().await.unwrap_or_default()
-            );
+        let subscription = json!({
+            "notification_channel": "web",
+            "push_token": {
+                "environment": environment,
+                "web_endpoint": self.url,
+                "web_auth": "auth",
+                "web_p256dh": "p256dh",
+            },
+            "device": { "platform": "web", "udid": format!("{login}-browser") },
         });
+        let (status, body) = post_as(
+            api_url,
+            (login, password),
+            "subscriptions.json",
+            subscription,
+        );
+        assert!((200..300).contains(&status), "subscription refused: {body}");
     }
+}
+
+/// `body` posted to `route` of the REST API at `api_url` in a session of
+/// `login` (as an app with no chat does): the status and the body.
+pub fn post_as(
+    api_url: &str,
+    (login, password): (&str, &str),
+    route: &str,
+    body: Value,
+) -> (u16, String) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let session = UserSession::new(
+            RestClient::new(api_url, app()),
+            UserCredentials::Login {
+                login: login.into(),
+                password: password.into(),
+            },
+        );
+        let token = session.session().await.expect("a session").token;
+        let response = reqwest::Client::new()
+            .post(format!("{api_url}/{route}"))
+            .header("CB-Token", token)
+            .json(&body)
+            .send()
+            .await
+            .expect("the REST API answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    })
 }

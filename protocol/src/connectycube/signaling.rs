@@ -228,14 +228,21 @@ impl CallSignal {
                     problem: format!("{text:?} is not a number"),
                 })
         };
-        let restart = matches!(
+        // The SDK reads these by their session and sender alone: an ICE
+        // restart carries neither call type nor caller, and a reject sent
+        // over REST from a closed app (`/calls/reject.json`, relayed by
+        // the server) may not either.
+        let by_session = matches!(
             signal_type,
-            SignalType::IceRestart | SignalType::IceRestartAccept
+            SignalType::IceRestart
+                | SignalType::IceRestartAccept
+                | SignalType::Reject
+                | SignalType::HangUp
         );
         let call_type = match params.find_text("callType") {
             Some("1") => CallType::Video,
             Some("2") => CallType::Audio,
-            None if restart => CallType::Audio,
+            None if by_session => CallType::Audio,
             other => {
                 return Err(SignalError::BadField {
                     field: "callType",
@@ -245,7 +252,7 @@ impl CallSignal {
         };
         let caller_id = match params.find_text("callerID") {
             Some(text) => number("callerID", text)?,
-            None if restart => 0,
+            None if by_session => 0,
             None => {
                 return Err(SignalError::BadField {
                     field: "callerID",
@@ -405,6 +412,24 @@ mod tests {
             .filter_map(|m| CallSignal::from_stanza(m).ok())
             .any(|s| s.signal.signal_type == SignalType::Reject);
         assert!(rejected);
+    }
+
+    #[test]
+    fn reads_a_reject_that_names_only_its_session() {
+        // What a closed app's REST reject can become: no call type, no caller.
+        let stanza = Element::parse(
+            "<message from=\"1002-1@localhost\" to=\"1001-1@localhost\" type=\"headline\">\
+             <extraParams><sessionID>s-9</sessionID><moduleIdentifier>WebRTCVideoChat</moduleIdentifier>\
+             <signalType>reject</signalType><platform>ios</platform></extraParams></message>",
+        )
+        .unwrap();
+        let read = CallSignal::from_stanza(&stanza).unwrap();
+        assert_eq!(read.from_user_id, 1002);
+        assert_eq!(read.signal.signal_type, SignalType::Reject);
+        assert_eq!(read.signal.session_id, "s-9");
+        // A call still needs both.
+        let call = stanza.to_string().replace(">reject<", ">call<");
+        assert!(CallSignal::from_stanza(&Element::parse(&call).unwrap()).is_err());
     }
 
     #[test]
