@@ -55,6 +55,15 @@ fn token_session(state: &State, headers: &HeaderMap) -> Result<super::state::Ses
         .ok_or_else(session_expired)
 }
 
+/// The session of `CB-Token`, which must be a user's (not an application's).
+fn user_session(state: &State, headers: &HeaderMap) -> Result<super::state::Session, ApiError> {
+    let session = token_session(state, headers)?;
+    if session.user_id == 0 {
+        return Err(error(StatusCode::FORBIDDEN, "a user session is required"));
+    }
+    Ok(session)
+}
+
 fn sign_in_error(e: SignInError) -> ApiError {
     match e {
         SignInError::WrongPassword => error(StatusCode::UNAUTHORIZED, "Unauthorized"),
@@ -170,10 +179,7 @@ pub async fn call_reject(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let session = token_session(&state, &headers)?;
-    if session.user_id == 0 {
-        return Err(error(StatusCode::FORBIDDEN, "a user session is required"));
-    }
+    let session = user_session(&state, &headers)?;
     let body = parse_body(&body)?;
     let session_id = field(&body, &["sessionID"])?;
     let recipient = match &body["recipientId"] {
@@ -254,10 +260,7 @@ pub async fn create_subscription(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let session = token_session(&state, &headers)?;
-    if session.user_id == 0 {
-        return Err(error(StatusCode::FORBIDDEN, "a user session is required"));
-    }
+    let session = user_session(&state, &headers)?;
     let body = parse_body(&body)?;
     let channel = field(&body, &["notification_channel"])?.to_owned();
     let environment = field(&body, &["push_token", "environment"])?.to_owned();
