@@ -10,7 +10,7 @@ SYSTEM_PACKAGES=(
   libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
-  libbcg729-dev cmake meson ninja-build sox chromium iproute2 nftables
+  libbcg729-dev cmake meson ninja-build sox chromium firefox-esr pulseaudio iproute2 nftables
   sip-tester kamailio baresip-core baresip-ffmpeg
 )
 
@@ -66,8 +66,8 @@ build_all() {
 TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-45m}
 
 # Runs a command inside a network namespace made for it: loopback plus a veth
-# pair with documentation-range addresses and no route out. WebRTC peers
-# (Chromium ignores loopback) talk over the veth; nothing leaves the namespace.
+# pair with documentation-range addresses and no way out. WebRTC peers
+# (browsers ignore loopback) talk over the veth; nothing leaves the namespace.
 in_test_netns() {
   local ns="sipcc-test-$$" status
   local sudo=""
@@ -86,6 +86,9 @@ in_test_netns() {
     ip link set media1 up
     ip route add 192.0.2.51 dev media0
     ip route add 192.0.2.50 dev media1
+    # A default route, as every real machine has (Firefox gathers no
+    # candidate without one); what takes it reaches media1 and ends there.
+    ip route add default dev media0
     # A one-to-one NAT, as a cloud VM has: its public address 198.51.100.7
     # leads to 192.0.2.50, and what 192.0.2.50 sends out (to 198.51.100.0/24,
     # where a STUN server, 198.51.100.8, is) comes from 198.51.100.7.

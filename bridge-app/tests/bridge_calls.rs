@@ -11,7 +11,7 @@ use bridge_protocol::connectycube::signaling::{CallSignal, SignalType};
 use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec,
+    Baresip, BridgeProcess, Browser, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec,
     PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, post_as, sipp, tempdir,
     wav_frequency,
 };
@@ -2294,4 +2294,80 @@ fn an_app_that_never_sends_candidates_is_hung_up_after_the_ice_timeout() {
         cause.contains("WebRTC connection is") && cause.contains("after answering"),
         "{line}"
     );
+}
+
+/// The app in Firefox (Debian's Firefox ESR), another WebRTC engine than
+/// Chromium's: its own SDP (Opus and VP8 on other payload types), DTLS and
+/// ICE, and host candidates hidden behind mDNS names as in every Firefox,
+/// so the bridge meets it only by the addresses its checks come from. A
+/// phone calls alice in Firefox (the bridge offers); then bob calls from
+/// Firefox alice's registered phone (baresip), once for her voice (the
+/// shared stack answers Firefox's offer) and once with his camera to hers
+/// (webrtcbin answers it): each time both hear, and then see, each other.
+#[test]
+fn app_users_in_firefox_and_phones_hear_each_other_both_ways() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start_in(Browser::Firefox, &sandbox, "alice", "demo", 660);
+    alice.command(json!({"op": "autoAnswer", "on": true}));
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 8, "to-firefox");
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the SIP call: {output}");
+    alice.wait_event("hung up", Duration::from_secs(10));
+    drop(alice);
+
+    let mut bob = BrowserPeer::start_in(Browser::Firefox, &sandbox, "bob", "demo", 660);
+    for video in [false, true] {
+        let registered = registrations_of(&bridge, "alice");
+        let port = bridge.sip_port;
+        let phone = std::thread::spawn(move || {
+            let phone = Baresip::new("alice", "demo", port, 523, "g711");
+            let phone = if video { phone.with_video() } else { phone };
+            let output = phone.answer_calls(15);
+            let heard = phone.heard().and_then(|wav| wav_frequency(&wav));
+            (heard, phone.decoded_frame(), output)
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while registrations_of(&bridge, "alice") == registered {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "alice's phone registers"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bob.command(json!({"op": "call", "to": "alice", "video": video}));
+        bob.wait_event("accepted", Duration::from_secs(15));
+        let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+        let app_frames = match video {
+            true => frames_decoded_by(&mut bob, 30, Duration::from_secs(10)),
+            false => 0,
+        };
+        bob.command(json!({"op": "hangUp"}));
+        let (phone_heard, phone_frame, output) = phone.join().unwrap();
+        let context = format!("video {video}\n{output}");
+        assert_heard_each_other(app_heard, phone_heard, &context, &bridge);
+        if video {
+            assert_app_and_baresip_saw_each_other(app_frames, phone_frame, &context);
+        }
+    }
+
+    let lines = wait_for_cdr(&cdr, 3);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["app_codec"], "OPUS", "{line}");
+    }
+}
+
+/// How many times `user`'s phone registered with the bridge so far.
+fn registrations_of(bridge: &BridgeProcess, user: &str) -> usize {
+    let registered = format!("registrar: {user} registered");
+    bridge
+        .logs()
+        .iter()
+        .filter(|l| l.contains(&registered))
+        .count()
 }

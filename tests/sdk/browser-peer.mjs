@@ -1,8 +1,9 @@
-// A ConnectyCube web user as a child process: headless Chromium with the
-// real SDK (the sandbox's demo page), driven by JSON lines on stdin and
-// answering with one JSON line each on stdout. For tests written in Rust.
+// A ConnectyCube web user as a child process: headless Chromium (or Firefox)
+// with the real SDK (the sandbox's demo page), driven by JSON lines on stdin
+// and answering with one JSON line each on stdout; it closes its browser and
+// exits when stdin closes. For tests written in Rust.
 //
-//   node browser-peer.mjs SANDBOX_URL LOGIN PASSWORD [TONE_HZ]
+//   node browser-peer.mjs SANDBOX_URL LOGIN PASSWORD [TONE_HZ [chromium|firefox]]
 //   → {"ready":true,"userId":1001}
 //   ← {"op":"call","to":"bob","video":false,"userInfo":{}}   → {"ok":true,"value":...}
 //   ops: call, answer, reject, rejectNext, autoAnswer, hangUp, events, frequency, framesDecoded, audioStats,
@@ -10,9 +11,9 @@
 import { createInterface } from 'node:readline';
 import { launchBrowser, signedInPage } from './harness.mjs';
 
-const [url, login, password, tone] = process.argv.slice(2);
+const [url, login, password, tone, engine] = process.argv.slice(2);
 const sandbox = { url: url.endsWith('/') ? url : url + '/' };
-const browser = await launchBrowser(tone ? Number(tone) : 0);
+const browser = await launchBrowser(tone ? Number(tone) : 0, engine);
 const peer = await signedInPage(browser, sandbox, login, password, '?answerTimeout=10');
 const reply = (value) => process.stdout.write(JSON.stringify(value) + '\n');
 reply({ ready: true, userId: peer.userId });
@@ -47,3 +48,4 @@ for await (const line of createInterface({ input: process.stdin })) {
   }
 }
 await browser.close();
+process.exit(0);

@@ -1,12 +1,14 @@
 // Shared by the SDK tests: start the sandbox (the real sip-cc-bridge binary),
-// start headless Chromium with a fake microphone playing a known tone, open
-// the sandbox's demo page (the real connectycube.min.js) and drive it.
+// start a headless browser (Chromium, or Firefox) with a fake microphone
+// playing a known tone, open the sandbox's demo page (the real
+// connectycube.min.js) and drive it.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import puppeteer from 'puppeteer-core';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const bridgeBinary = process.env.SIP_CC_BRIDGE || join(root, 'target', 'release', 'sip-cc-bridge');
@@ -55,8 +57,15 @@ export function toneFile(hz) {
   return file;
 }
 
-/** Headless Debian Chromium whose microphone plays `hz`. */
-export async function launchBrowser(hz) {
+/**
+ * A headless browser whose microphone plays `hz`: Debian's Chromium (by
+ * Playwright), or with `engine` 'firefox' Debian's Firefox ESR (by
+ * Puppeteer, over WebDriver BiDi: Playwright drives only its own patched
+ * Firefox). Both pages answer the same calls (`goto`, `evaluate`,
+ * `waitForFunction`, `pageerror`).
+ */
+export async function launchBrowser(hz, engine = 'chromium') {
+  if (engine === 'firefox') return launchFirefox(hz);
   const args = [
     '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
     '--disable-component-update', '--disable-sync', '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
@@ -64,6 +73,51 @@ export async function launchBrowser(hz) {
   ];
   if (hz) args.push(`--use-file-for-fake-audio-capture=${toneFile(hz)}`);
   return chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args });
+}
+
+/**
+ * Firefox with its own fake microphone (a sine at `hz`, by its pref). Its
+ * Web Audio runs only with an audio output, so it plays into a PulseAudio
+ * null sink of this process's own. Host candidates stay hidden behind mDNS
+ * names, as in every Firefox: the bridge meets the browser by the addresses
+ * its checks come from.
+ */
+async function launchFirefox(hz) {
+  const pulse = await nullAudioServer();
+  return puppeteer.launch({
+    browser: 'firefox',
+    executablePath: process.env.FIREFOX || '/usr/bin/firefox-esr',
+    headless: true,
+    env: { ...process.env, PULSE_SERVER: pulse },
+    extraPrefsFirefox: {
+      'media.navigator.streams.fake': true,
+      'media.navigator.permission.disabled': true,
+      'media.navigator.audio.fake_frequency': hz || 1000,
+      'media.autoplay.default': 0,
+      'media.autoplay.block-webaudio': false,
+      'media.peerconnection.ice.default_address_only': false,
+    },
+  });
+}
+
+let nullAudio;
+/** A PulseAudio server with one null sink, for this process's browsers; stopped at exit. */
+function nullAudioServer() {
+  nullAudio ??= (async () => {
+    const dir = join(scratch, 'pulse');
+    mkdirSync(dir, { recursive: true });
+    const socket = join(dir, 'native');
+    const child = spawn('pulseaudio', [
+      '--daemonize=no', '--exit-idle-time=30', '-n', '--use-pid-file=false', '--disable-shm',
+      '-L', 'module-null-sink sink_name=null',
+      '-L', `module-native-protocol-unix auth-anonymous=1 socket=${socket}`,
+    ], { env: { ...process.env, XDG_RUNTIME_DIR: dir, HOME: dir }, stdio: 'ignore' });
+    process.on('exit', () => child.kill());
+    await waitFor('PulseAudio to listen', () => existsSync(socket) || child.exitCode !== null, 10000);
+    if (child.exitCode !== null) throw new Error(`pulseaudio exited with ${child.exitCode}`);
+    return `unix:${socket}`;
+  })();
+  return nullAudio;
 }
 
 /** Opens the sandbox's demo page and signs in; returns the page and its user id. */

@@ -1,6 +1,6 @@
 // The sandbox proven with the real ConnectyCube JS SDK 6.1.2 in headless
-// Chromium: two browser users sign in and call each other through it, and
-// each hears the other's microphone tone.
+// Chromium (and Firefox): two browser users sign in and call each other
+// through it, and each hears the other's microphone tone.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
@@ -43,6 +43,23 @@ test('an audio call connects and each side hears the other', async () => {
   await alice.page.evaluate(() => window.demo.hangUp());
   await waitFor('bob to see the hang-up', () => has(bob, 'hung up'));
   await bob.page.evaluate(() => window.demo.setAutoAnswer(false));
+});
+
+test('a user in Firefox calls a user in Chromium, and each hears the other', async () => {
+  const firefox = await launchBrowser(523, 'firefox');
+  try {
+    const carol = await signedInPage(firefox, sandbox, 'carol', 'pw-c');
+    await bob.page.evaluate(() => window.demo.setAutoAnswer(true));
+    await carol.page.evaluate(() => window.demo.call('bob'));
+    await waitFor('carol to see the accept', () => has(carol, 'accepted'));
+    await hears(carol, 660);
+    await hears(bob, 523);
+    await carol.page.evaluate(() => window.demo.hangUp());
+    await waitFor('bob to see the hang-up', () => has(bob, 'hung up'));
+  } finally {
+    await bob.page.evaluate(() => window.demo.setAutoAnswer(false));
+    await firefox.close();
+  }
 });
 
 test('a rejected call reaches the caller with the reason', async () => {

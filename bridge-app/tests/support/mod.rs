@@ -165,19 +165,42 @@ impl RustUser {
     }
 }
 
-/// A browser user: `tests/sdk/browser-peer.mjs` (the real SDK in Chromium).
+/// The browser a [`BrowserPeer`] runs the SDK in.
+#[derive(Clone, Copy)]
+pub enum Browser {
+    Chromium,
+    Firefox,
+}
+
+/// A browser user: `tests/sdk/browser-peer.mjs` (the real SDK in Chromium
+/// or Firefox).
 pub struct BrowserPeer {
     child: Child,
-    stdin: ChildStdin,
+    /// Closed when dropped: the peer then closes its browser.
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     pub user_id: u64,
 }
 
 impl BrowserPeer {
     pub fn start(sandbox_url: &str, login: &str, password: &str, tone: u32) -> BrowserPeer {
+        Self::start_in(Browser::Chromium, sandbox_url, login, password, tone)
+    }
+
+    pub fn start_in(
+        browser: Browser,
+        sandbox_url: &str,
+        login: &str,
+        password: &str,
+        tone: u32,
+    ) -> BrowserPeer {
+        let engine = match browser {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        };
         let mut child = Command::new("node")
             .arg(repo_root().join("tests/sdk/browser-peer.mjs"))
-            .args([sandbox_url, login, password, &tone.to_string()])
+            .args([sandbox_url, login, password, &tone.to_string(), engine])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -191,14 +214,14 @@ impl BrowserPeer {
         let user_id = ready["userId"].as_u64().unwrap();
         BrowserPeer {
             child,
-            stdin,
+            stdin: Some(stdin),
             stdout,
             user_id,
         }
     }
 
     pub fn command(&mut self, command: Value) -> Value {
-        writeln!(self.stdin, "{command}").unwrap();
+        writeln!(self.stdin.as_mut().unwrap(), "{command}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         let answer: Value =
@@ -255,7 +278,17 @@ impl BrowserPeer {
 }
 
 impl Drop for BrowserPeer {
+    /// Lets the peer close its browser (a Firefox, reached over a socket,
+    /// would outlive a killed peer), and kills it if it takes too long.
     fn drop(&mut self) {
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

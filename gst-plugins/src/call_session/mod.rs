@@ -1172,10 +1172,19 @@ impl CallSession {
             sender.payload_type = theirs.filter(|pt| i32::from(*pt) != ours);
             sender.twcc_id = congestion::remote_twcc_id(remote, sender.kind);
             let adopted = congestion::with_remote_twcc(&caps, sender.twcc_id);
-            if adopted != caps {
-                sender.caps = Some(adopted.clone());
+            // webrtcbin answers an offer's media line with the stream whose
+            // caps carry the offer's payload type (Firefox numbers Opus 109,
+            // Chromium 111); any other stream it answers receive-only.
+            let mut announced = adopted.clone();
+            if let (Some(pt), Some(s)) =
+                (sender.payload_type, announced.make_mut().structure_mut(0))
+            {
+                s.set("payload", i32::from(pt));
+            }
+            if adopted != caps || sender.payload_type.is_some() {
+                sender.caps = Some(adopted);
                 if let Some(pad) = &sender.pad {
-                    changed.push((pad.clone(), adopted));
+                    changed.push((pad.clone(), announced));
                 }
             }
         }
