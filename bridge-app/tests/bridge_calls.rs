@@ -2371,3 +2371,79 @@ fn registrations_of(bridge: &BridgeProcess, user: &str) -> usize {
         .filter(|l| l.contains(&registered))
         .count()
 }
+
+/// Carol calls alice, bob and dave together (a group call); bob's calls go
+/// to his registered phone (baresip). The SDK connects every two opponents
+/// too, each link made by the one with the higher user id: the bridge
+/// tells alice (below bob) at once that bob's phone takes no part in the
+/// mesh, and refuses dave's call (dave is above bob), with the reason,
+/// rather than let alice wait and dave dial for a minute. When dave and
+/// alice leave, their `hangUp`s reach bob as well: the phone's call with
+/// carol goes on, and ends only when carol hangs up. The phone heard
+/// carol throughout.
+#[test]
+fn a_group_call_keeps_the_phone_when_other_app_users_leave() {
+    let _serial = one_at_a_time();
+    let cdr = tempdir().join("cdr.jsonl");
+    let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 440);
+    let mut dave = BrowserPeer::start(&sandbox, "dave", "demo", 880);
+    let mut carol = BrowserPeer::start(&sandbox, "carol", "demo", 660);
+    for user in [&mut alice, &mut dave] {
+        user.command(json!({"op": "autoAnswer", "on": true}));
+    }
+    let port = bridge.sip_port;
+    let phone = std::thread::spawn(move || {
+        let phone = Baresip::new("bob", "demo", port, 523, "g711");
+        let output = phone.answer_calls(25);
+        (phone.heard().and_then(|wav| wav_frequency(&wav)), output)
+    });
+    assert_registered(&bridge, "bob");
+    carol.command(json!({"op": "call", "to": ["alice", "bob", "dave"]}));
+
+    for (user, name) in [(&mut alice, "alice"), (&mut dave, "dave")] {
+        let refused = user.wait_event("rejected", Duration::from_secs(20));
+        assert!(
+            refused.contains("talks only with the user who called it"),
+            "{name} is told bob's phone takes no part in the mesh: {refused}\n{:#?}",
+            bridge.logs()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for user in [&mut dave, &mut alice] {
+        user.command(json!({"op": "hangUp"}));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let (alice_id, dave_id) = (alice.user_id, dave.user_id);
+    let bob_left = carol
+        .command(json!({"op": "events"}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| {
+            let by = e["detail"].as_str().unwrap_or_default();
+            e["kind"] == "hung up"
+                && !by.starts_with(&format!("by {alice_id} "))
+                && !by.starts_with(&format!("by {dave_id} "))
+        });
+    assert!(
+        !bob_left && cdr_lines(&cdr).is_empty(),
+        "the phone's call goes on after the others left: {:#?}",
+        bridge.logs()
+    );
+    carol.command(json!({"op": "hangUp"}));
+    let (phone_heard, output) = phone.join().unwrap();
+    assert!(
+        phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "the phone heard {phone_heard:?} instead of carol's 660 Hz\n{output}"
+    );
+    let lines = wait_for_cdr(&cdr, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let cause = lines[0]["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains(&format!("user {} hung up", carol.user_id)),
+        "carol's hang-up ends the call: {}",
+        lines[0]
+    );
+}

@@ -13,7 +13,7 @@ use gst::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
-use super::app_leg::{add_candidates, follow, local_description};
+use super::app_leg::{add_candidates, follow, local_description, refuse_mesh, refuse_mesh_link};
 use super::identity::Identity;
 use super::presence::CallPresence;
 use crate::sip::{AppCaller, AppSide};
@@ -96,6 +96,15 @@ impl ConnectyCubeCaller {
         let mut accept = self.reply(SignalType::Accept);
         accept.sdp = Some(answer);
         self.callee.send(self.call.from_user_id, &accept);
+        // In a group call, the SDK leaves each link between two opponents to
+        // the one with the higher id: those below us wait for our call, which
+        // will not come (those above call us, and are refused then).
+        let us = self.callee.user_id;
+        for &opponent in &self.call.signal.opponent_ids {
+            if opponent < us && opponent != self.call.from_user_id {
+                refuse_mesh(&self.callee, &self.call.signal, opponent);
+            }
+        }
         info!(
             "ConnectyCube call {} from user {}: accepted for {}",
             self.call.signal.session_id, self.call.from_user_id, self.callee.login
@@ -118,6 +127,7 @@ impl ConnectyCubeCaller {
         };
         while let Some(received) = signals.recv().await {
             if received.from_user_id != self.call.from_user_id {
+                refuse_mesh_link(&self.callee, &received);
                 continue;
             }
             match received.signal.signal_type {

@@ -283,6 +283,10 @@ pub(super) async fn follow(
         tokio::select! {
             received = signals.recv() => {
                 let Some(received) = received else { break };
+                if received.from_user_id != peer {
+                    refuse_mesh_link(&us, &received);
+                    continue;
+                }
                 match received.signal.signal_type {
                     SignalType::IceCandidates => add_candidates(&webrtc, &received.signal.candidates),
                     SignalType::IceRestart => restart_ice(&webrtc, &received, &us).await,
@@ -317,6 +321,39 @@ pub(super) async fn follow(
         }
     }
     webrtc.disconnect(handler);
+}
+
+/// The reason a group call's other users are given when they try to
+/// connect to a phone's user.
+const MESH_REFUSED: &str = "a phone on a group call talks only with the user who called it";
+
+/// A signal of the call's session from another user than the call's peer:
+/// in a group call the SDK connects every two opponents too (a mesh), and a
+/// phone's user takes part only with its peer. A `call` is refused, so the
+/// other app stops dialling at once; the rest (a leaving user's `hangUp`,
+/// its candidates) is not this call's and is ignored.
+pub(super) fn refuse_mesh_link(us: &Identity, received: &ReceivedSignal) {
+    if received.signal.signal_type != SignalType::Call {
+        return;
+    }
+    info!(
+        "ConnectyCube call {}: user {} connects to {} in a group call: refused ({MESH_REFUSED})",
+        received.signal.session_id, received.from_user_id, us.login
+    );
+    refuse_mesh(us, &received.signal, received.from_user_id);
+}
+
+/// Tells `to` that `us` takes no part in the group call `call` with it.
+pub(super) fn refuse_mesh(us: &Identity, call: &CallSignal, to: u64) {
+    let mut reject = CallSignal::new(
+        SignalType::Reject,
+        &call.session_id,
+        call.call_type,
+        call.caller_id,
+        call.opponent_ids.clone(),
+    );
+    reject.user_info = vec![("reason".to_owned(), MESH_REFUSED.to_owned())];
+    us.send(to, &reject);
 }
 
 /// Answers an `iceRestart` offer with `iceRestartAccept`, as the SDK does,
