@@ -29,8 +29,13 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// Alice in Chromium on the bridge's sandbox, her microphone a 660 Hz tone,
 /// answering every call by herself when `auto_answer`.
 fn alice_answering(bridge: &BridgeProcess, auto_answer: bool) -> BrowserPeer {
+    alice_answering_in(Browser::Chromium, bridge, auto_answer)
+}
+
+/// The same in `browser`.
+fn alice_answering_in(browser: Browser, bridge: &BridgeProcess, auto_answer: bool) -> BrowserPeer {
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-    let mut alice = BrowserPeer::start(&sandbox, "alice", "demo", 660);
+    let mut alice = BrowserPeer::start_in(browser, &sandbox, "alice", "demo", 660);
     alice.command(json!({"op": "autoAnswer", "on": auto_answer}));
     alice
 }
@@ -124,9 +129,7 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
 fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
-    let device = PushEndpoint::start();
-    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
-    device.subscribe(&api_url, "alice", "demo", "production");
+    let (device, _) = alices_subscribed_device(&bridge);
 
     let (phone, signalling) = dial(&bridge, "call.xml", "alice", PCMU_440, 8, "woken", &[]);
     let start = device.wait_for("startCall", Duration::from_secs(10));
@@ -197,9 +200,7 @@ fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
 fn a_closed_app_declining_from_its_call_screen_refuses_the_call() {
     let _serial = one_at_a_time();
     let bridge = BridgeProcess::start(&[]);
-    let device = PushEndpoint::start();
-    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
-    device.subscribe(&api_url, "alice", "demo", "production");
+    let (device, api_url) = alices_subscribed_device(&bridge);
     let address = bridge.address();
     let phone = std::thread::spawn(move || {
         sipp("busy.xml", &address, "alice", &["-cid_str", "declined-%u"])
@@ -223,6 +224,15 @@ fn a_closed_app_declining_from_its_call_screen_refuses_the_call() {
     );
 }
 
+/// A device of alice's subscribed to the bridge's sandbox for production
+/// pushes, and the sandbox's REST address.
+fn alices_subscribed_device(bridge: &BridgeProcess) -> (PushEndpoint, String) {
+    let device = PushEndpoint::start();
+    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
+    device.subscribe(&api_url, "alice", "demo", "production");
+    (device, api_url)
+}
+
 /// With `call_push = "off"` no call is pushed, and the call goes on.
 #[test]
 fn no_push_goes_out_when_call_push_is_off() {
@@ -232,9 +242,7 @@ fn no_push_goes_out_when_call_push_is_off() {
         &[],
         &[("CONNECTYCUBE_CALL_PUSH", "off")],
     );
-    let device = PushEndpoint::start();
-    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
-    device.subscribe(&api_url, "alice", "demo", "production");
+    let (device, _) = alices_subscribed_device(&bridge);
     let (success, output) = sipp(
         "cancel.xml",
         &bridge.address(),
@@ -1776,6 +1784,18 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
     assert!(encoders.iter().any(|e| e == "vp8enc"), "{cdr}");
 }
 
+/// The same with alice's app in Firefox, which answers the bridge's offer
+/// (audio and VP8) from its own WebRTC engine.
+#[test]
+fn a_video_phone_and_an_app_user_in_firefox_see_and_hear_each_other() {
+    let _serial = one_at_a_time();
+    let mut call = VideoCallFromPhone::start_in(Browser::Firefox, "vp8", "video-call.xml", &[]);
+    let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
+    seen.assert_both_ways(440.0, &call.bridge.logs());
+    let cdr = call.finish();
+    assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
+}
+
 /// The same with `--video h264`: the phone's H.264 passes through to the
 /// app untouched (no encoder on the way) and the browser still decodes it.
 /// 6 s in, the phone asks for a key frame (SIP INFO picture_fast_update):
@@ -1814,11 +1834,21 @@ struct VideoCallFromPhone {
 impl VideoCallFromPhone {
     /// The call `video-1` with `--video mode` (and `bridge_args`), its media flowing.
     fn start(mode: &str, scenario: &'static str, bridge_args: &[&str]) -> VideoCallFromPhone {
+        Self::start_in(Browser::Chromium, mode, scenario, bridge_args)
+    }
+
+    /// The same with alice's app in `browser`.
+    fn start_in(
+        browser: Browser,
+        mode: &str,
+        scenario: &'static str,
+        bridge_args: &[&str],
+    ) -> VideoCallFromPhone {
         let cdr = tempdir().join("cdr.jsonl");
         let mut args = vec!["--cdr", cdr.to_str().unwrap(), "--video", mode];
         args.extend_from_slice(bridge_args);
         let bridge = BridgeProcess::start(&args);
-        let alice = alice_answering(&bridge, true);
+        let alice = alice_answering_in(browser, &bridge, true);
         let phone = Phone::new("PCMU", 0, 8000, 440);
         let camera = VideoPhone::new();
         let (address, audio_port, video_port) = (
