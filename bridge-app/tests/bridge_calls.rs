@@ -2477,3 +2477,65 @@ fn a_group_call_keeps_the_phone_when_other_app_users_leave() {
         lines[0]
     );
 }
+
+/// A group call's link to a phone's user that comes without the caller's
+/// own call (dave, an opponent of carol's group call, calls alice under
+/// carol's id, as the SDK does): refused with the reason, and alice's
+/// phone (a registered baresip) does not ring.
+#[test]
+fn a_group_calls_link_without_its_callers_call_does_not_ring_the_phone() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let port = bridge.sip_port;
+    let phone = std::thread::spawn(move || {
+        Baresip::new("alice", "demo", port, 523, "g711").answer_calls(6)
+    });
+    assert_registered(&bridge, "alice");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let api_url = format!("http://127.0.0.1:{}", bridge.sandbox_port);
+    let chat_url = format!("ws://localhost:{}/ws", bridge.sandbox_port);
+    let sign_in = |login| {
+        runtime.block_on(support::RustUser::sign_in(
+            &api_url, &chat_url, login, "demo",
+        ))
+    };
+    let (carol, mut dave) = (sign_in("carol"), sign_in("dave"));
+    let alice_id: u64 = bridge
+        .logs()
+        .iter()
+        .find_map(|l| {
+            l.split("mapping alice ↔ ConnectyCube user ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("alice is mapped");
+    let mut link = CallSignal::new(
+        SignalType::Call,
+        "group-call-1",
+        bridge_protocol::connectycube::signaling::CallType::Audio,
+        carol.user_id,
+        vec![alice_id, dave.user_id],
+    );
+    link.sdp = Some("v=0\r\n".into());
+    dave.send_signal(alice_id, &link);
+    let refused = runtime.block_on(dave.signal(Duration::from_secs(10), |s| {
+        s.signal.signal_type == SignalType::Reject
+    }));
+    assert_eq!(refused.from_user_id, alice_id);
+    assert_eq!(refused.signal.session_id, "group-call-1");
+    let reason = refused.signal.user_info.iter().find(|(k, _)| k == "reason");
+    assert!(
+        reason.is_some_and(|(_, r)| r.contains("talks only with the user who called it")),
+        "{refused:?}\n{:#?}",
+        bridge.logs()
+    );
+    let output = phone.join().unwrap();
+    assert!(
+        !output.contains("answering call") && !bridge.logs().iter().any(|l| l.contains("dialling")),
+        "the phone does not ring:\n{output}\n{:#?}",
+        bridge.logs()
+    );
+}

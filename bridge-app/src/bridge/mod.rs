@@ -26,7 +26,7 @@ use crate::sip::{
     OutboundCall, Router, Services, SipConfig, TlsFiles, Transport, UserAgent,
 };
 use app_caller::ConnectyCubeCaller;
-use app_leg::{ConnectyCubeLeg, PlacedSessions};
+use app_leg::{ConnectyCubeLeg, PlacedSessions, refuse_mesh_link};
 use asterisk::{AmiSettings, AsteriskLink};
 use cdr::CdrWriter;
 use identity::{Identity, IncomingCall};
@@ -496,6 +496,12 @@ async fn dial_out(
         let Some(extension) = router.extension_of(identity.user_id) else {
             continue;
         };
+        if received.signal.caller_id != received.from_user_id {
+            // Another opponent's link in a group call (the SDK sends it
+            // under the caller's id) whose caller's own call is not ours.
+            refuse_mesh_link(&identity, &received);
+            continue;
+        }
         // From now on the SDK's redials reach this call, not this loop.
         let signals = identity.subscribe(&session);
         let caller_id = received.from_user_id;
