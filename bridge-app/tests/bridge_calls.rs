@@ -125,6 +125,27 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
 /// sending, answers, and both hear each other; an answered call pushes no
 /// `endCall`. A call the phone gives up on while the app rings pushes
 /// `endCall` for its session, so the devices it woke stop ringing.
+/// A softphone offering the RTCP feedback profile (RFC 4585), as Linphone
+/// does with AVPF on: the call was refused with 488 before.
+#[test]
+fn a_phone_offering_rtcp_feedback_reaches_an_app_user() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let mut alice = alice_answering(&bridge, true);
+    let (phone, signalling) = phone_call_with(
+        &bridge,
+        "call.xml",
+        "alice",
+        PCMU_440,
+        8,
+        "avpf",
+        &["-key", "profile", "RTP/AVPF"],
+    );
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the RTP/AVPF call: {output}");
+}
+
 #[test]
 fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
     let _serial = one_at_a_time();
@@ -1372,7 +1393,8 @@ fn an_app_user_reaches_a_phone_that_takes_only_srtp() {
         &["--cdr", cdr.to_str().unwrap()],
         &[("SIP_OFFER_SRTP", "true")],
     );
-    let phone = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711").with_mandatory_srtp();
+    let phone = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711")
+        .with_mandatory_srtp("srtp-mand");
     let phone = answering_on_a_thread(phone, 12);
     let mut bob = bob_calls_registered_alice(&bridge, false);
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));

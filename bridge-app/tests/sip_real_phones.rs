@@ -60,13 +60,15 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
             .all(|l| !l.contains("echopw") && !l.contains("wrong-password"))
     );
 
-    // Four phones at once, one codec each, one of them insisting on
-    // SDES-SRTP, all calling the echo.
+    // Five phones at once, one codec each, two of them insisting on
+    // SDES-SRTP (one in the RTCP feedback profile, RTP/SAVPF), all calling
+    // the echo.
     let phones = [
-        ("g711", 523, false),
-        ("g722", 660, false),
-        ("opus", 880, false),
-        ("g711", 740, true),
+        ("g711", 523, None),
+        ("g722", 660, None),
+        ("opus", 880, None),
+        ("g711", 740, Some("srtp-mand")),
+        ("g711", 587, Some("srtp-mandf")),
     ];
     let calls: Vec<_> = phones
         .iter()
@@ -74,8 +76,8 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
             let port = kamailio.port;
             std::thread::spawn(move || {
                 let mut phone = Baresip::new("carol", "carolpw", port, frequency, codec);
-                if srtp {
-                    phone = phone.with_mandatory_srtp();
+                if let Some(mediaenc) = srtp {
+                    phone = phone.with_mandatory_srtp(mediaenc);
                 }
                 let output = phone.call("echo", 6);
                 let heard = phone.heard().and_then(|wav| wav_frequency(&wav));

@@ -75,6 +75,30 @@ impl Capabilities {
 
 const DTMF: &str = "TELEPHONE-EVENT";
 
+/// The RTCP feedback (RFC 4585) the bridge both sends and acts on: the
+/// key-frame requests. Not generic NACK: it keeps no packets to send again.
+const FEEDBACK: [&str; 2] = ["nack pli", "ccm fir"];
+
+/// The RTP profile `proto` names, if the bridge speaks it: (SRTP, RTCP feedback).
+fn rtp_profile(proto: &str) -> Option<(bool, bool)> {
+    match proto.to_ascii_uppercase().as_str() {
+        "RTP/AVP" => Some((false, false)),
+        "RTP/AVPF" => Some((false, true)),
+        "RTP/SAVP" => Some((true, false)),
+        "RTP/SAVPF" => Some((true, true)),
+        _ => None,
+    }
+}
+
+fn profile_name(srtp: bool, feedback: bool) -> &'static str {
+    match (srtp, feedback) {
+        (false, false) => "RTP/AVP",
+        (false, true) => "RTP/AVPF",
+        (true, false) => "RTP/SAVP",
+        (true, true) => "RTP/SAVPF",
+    }
+}
+
 /// One accepted stream: what both ends send and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NegotiatedStream {
@@ -97,6 +121,10 @@ pub struct NegotiatedStream {
     pub direction: Direction,
     /// SDES-SRTP keys, when the stream is RTP/SAVP.
     pub srtp: Option<NegotiatedSrtp>,
+    /// The peer's profile has RTCP feedback (RTP/AVPF or RTP/SAVPF, RFC
+    /// 4585), which the answer keeps, with those of the bridge's feedback
+    /// types the offer named for the stream's format.
+    pub feedback: Option<Vec<&'static str>>,
 }
 
 /// RFC 4733 telephone events as negotiated.
@@ -221,14 +249,12 @@ pub fn answer(
             continue;
         }
         // Plain RTP (unless SRTP is required), or SDES-SRTP when we have a
-        // key and a usable a=crypto; anything else (DTLS, AVPF) is refused
-        // stream by stream.
-        let srtp = if media.proto.eq_ignore_ascii_case("RTP/AVP") {
-            if capabilities.srtp_required {
-                continue;
-            }
-            None
-        } else if media.proto.eq_ignore_ascii_case("RTP/SAVP") {
+        // key and a usable a=crypto, each with or without RTCP feedback;
+        // anything else (DTLS) is refused stream by stream.
+        let Some((secure, feedback)) = rtp_profile(&media.proto) else {
+            continue;
+        };
+        let srtp = if secure {
             match capabilities
                 .sdes
                 .as_ref()
@@ -237,8 +263,10 @@ pub fn answer(
                 Some(srtp) => Some(srtp),
                 None => continue,
             }
-        } else {
+        } else if capabilities.srtp_required {
             continue;
+        } else {
+            None
         };
         let Some((codec, format)) = media.formats.iter().find_map(|f| {
             let codec = codec::lookup(&f.encoding_name, f.clock_rate)?;
@@ -250,6 +278,18 @@ pub fn answer(
             continue;
         };
         let address = media.address.ok_or(NegotiationError::NoAddress { index })?;
+        let feedback = feedback.then(|| match kind {
+            MediaKind::Audio => Vec::new(),
+            MediaKind::Video => FEEDBACK
+                .into_iter()
+                .filter(|ours| {
+                    media.rtcp_feedback.iter().any(|(pt, offered)| {
+                        pt.is_none_or(|pt| pt == format.payload_type)
+                            && offered.eq_ignore_ascii_case(ours)
+                    })
+                })
+                .collect(),
+        });
         let dtmf = (kind == MediaKind::Audio && capabilities.dtmf)
             .then(|| dtmf_format(media, format.clock_rate))
             .flatten();
@@ -274,6 +314,7 @@ pub fn answer(
             rtcp_mux: media.rtcp_mux,
             direction: reverse(offered_direction(media.direction, address)),
             srtp,
+            feedback,
         });
     }
     if streams.is_empty() {
@@ -331,13 +372,12 @@ pub fn render_answer(
             Some((stream, local)) => {
                 let mut pts = vec![stream.format.payload_type];
                 pts.extend(stream.dtmf.map(|d| d.payload_type));
-                let proto = if stream.srtp.is_some() {
-                    "RTP/SAVP"
-                } else {
-                    "RTP/AVP"
-                };
+                let proto = profile_name(stream.srtp.is_some(), stream.feedback.is_some());
                 write_media_line(&mut sdp, stream.kind.as_str(), proto, local.rtp_port, &pts);
                 write_format(&mut sdp, &stream.format);
+                for feedback in stream.feedback.iter().flatten() {
+                    write_feedback(&mut sdp, stream.format.payload_type, feedback);
+                }
                 if let Some(dtmf) = stream.dtmf {
                     write_dtmf(&mut sdp, dtmf);
                 }
@@ -368,6 +408,9 @@ pub struct OfferedStream {
     pub direction: Direction,
     /// SDES-SRTP: offered as RTP/SAVP with this key; without, plain RTP/AVP.
     pub crypto: Option<CryptoAttribute>,
+    /// Offered with RTCP feedback (RTP/AVPF, or RTP/SAVPF with `crypto`),
+    /// video with the bridge's key-frame requests.
+    pub feedback: bool,
 }
 
 /// Writes an offer listing every allowed codec of each stream in the bridge's
@@ -421,14 +464,15 @@ pub fn render_offer(
             .collect();
         let mut pts: Vec<u8> = formats.iter().map(|f| f.payload_type).collect();
         pts.extend(dtmf.iter().map(|d| d.payload_type));
-        let proto = if stream.crypto.is_some() {
-            "RTP/SAVP"
-        } else {
-            "RTP/AVP"
-        };
+        let proto = profile_name(stream.crypto.is_some(), stream.feedback);
         write_media_line(&mut sdp, stream.kind.as_str(), proto, stream.rtp_port, &pts);
         for format in formats.drain(..) {
             write_format(&mut sdp, &format);
+            if stream.feedback && stream.kind == MediaKind::Video {
+                for feedback in FEEDBACK {
+                    write_feedback(&mut sdp, format.payload_type, feedback);
+                }
+            }
         }
         for dtmf in dtmf {
             write_dtmf(&mut sdp, dtmf);
@@ -455,6 +499,7 @@ pub fn provisional_audio(capabilities: &Capabilities) -> Option<NegotiatedStream
         rtp_port: 9,
         direction: Direction::Inactive,
         crypto: None,
+        feedback: false,
     };
     let origin = Origin {
         session_id: 0,
@@ -509,6 +554,10 @@ fn write_format(sdp: &mut String, format: &PayloadFormat) {
     if let Some(fmtp) = &format.fmtp {
         let _ = write!(sdp, "a=fmtp:{pt} {fmtp}\r\n");
     }
+}
+
+fn write_feedback(sdp: &mut String, payload_type: u8, feedback: &str) {
+    let _ = write!(sdp, "a=rtcp-fb:{payload_type} {feedback}\r\n");
 }
 
 fn write_dtmf(sdp: &mut String, dtmf: DtmfFormat) {
@@ -766,6 +815,96 @@ mod tests {
         assert!(answer(&unusable, &capabilities).is_err());
     }
 
+    /// Linphone's and baresip's AVPF offers: the answer keeps the profile,
+    /// and for video the key-frame requests the offer named (not NACK).
+    #[test]
+    fn rtcp_feedback_profiles_are_answered_in_kind() {
+        let capabilities = Capabilities {
+            sdes: Some(SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80)),
+            ..Capabilities::all()
+        };
+        let linphone = offer(
+            "m=audio 4000 RTP/AVPF 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=rtcp-fb:* trr-int 1000\r\n\
+             m=video 4002 RTP/AVPF 96 97\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 H264/90000\r\n\
+             a=rtcp-fb:* trr-int 1000\r\na=rtcp-fb:* ccm tmmbr\r\na=rtcp-fb:97 nack\r\na=rtcp-fb:97 nack pli\r\n\
+             a=rtcp-fb:96 ccm fir\r\na=rtcp-fb:* ccm  fir\r\n",
+        );
+        let negotiation = answer(&linphone, &capabilities).unwrap();
+        assert_eq!(negotiation.audio().unwrap().feedback, Some(vec![]));
+        let video = negotiation.video().unwrap();
+        assert_eq!(video.codec.encoding_name, "VP8");
+        // PLI is named for H.264 only: not asked of this stream's sender.
+        assert_eq!(video.feedback, Some(vec!["ccm fir"]));
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[
+                LocalStream { rtp_port: 5000 },
+                LocalStream { rtp_port: 5002 },
+            ],
+        );
+        assert!(text.contains("m=audio 5000 RTP/AVPF 0 101\r\n"), "{text}");
+        assert!(
+            text.contains("m=video 5002 RTP/AVPF 96\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 ccm fir\r\na=sendrecv"),
+            "{text}"
+        );
+        assert!(!text.contains("nack"), "{text}");
+        assert!(!text.contains("tmmbr"), "{text}");
+
+        let baresip = offer(
+            "m=audio 4000 RTP/SAVPF 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n",
+        );
+        let negotiation = answer(&baresip, &capabilities).unwrap();
+        assert!(negotiation.audio().unwrap().srtp.is_some());
+        let text = render_answer(
+            &negotiation,
+            ORIGIN,
+            LOCAL,
+            &[LocalStream { rtp_port: 5000 }],
+        );
+        assert!(text.contains("m=audio 5000 RTP/SAVPF 0\r\n"), "{text}");
+
+        // DTLS-SRTP (a browser's profile) is still not spoken to phones.
+        let dtls = offer("m=audio 4000 UDP/TLS/RTP/SAVPF 0\r\na=fingerprint:sha-256 AA\r\n");
+        assert!(answer(&dtls, &capabilities).is_err());
+    }
+
+    /// The bridge's own offers in a call with feedback (its re-offers) keep
+    /// the profile, with its key-frame requests on every video format.
+    #[test]
+    fn offers_with_feedback_name_the_profile_and_the_key_frame_requests() {
+        let stream = |kind, rtp_port| OfferedStream {
+            kind,
+            rtp_port,
+            direction: Direction::SendRecv,
+            crypto: None,
+            feedback: true,
+        };
+        let text = render_offer(
+            &Capabilities::all(),
+            ORIGIN,
+            LOCAL,
+            &[
+                stream(MediaKind::Audio, 5000),
+                stream(MediaKind::Video, 5002),
+            ],
+        );
+        let parsed = sdp::parse(&text).unwrap();
+        assert!(parsed.media.iter().all(|m| m.proto == "RTP/AVPF"), "{text}");
+        assert!(parsed.media[0].rtcp_feedback.is_empty(), "{text}");
+        let video = &parsed.media[1];
+        for format in &video.formats {
+            for feedback in FEEDBACK {
+                let entry = (Some(format.payload_type), feedback.to_owned());
+                assert!(video.rtcp_feedback.contains(&entry), "{text}");
+            }
+        }
+        // And a phone's answer to it is taken with its feedback.
+        let answered = answer(&parsed, &Capabilities::all()).unwrap();
+        assert_eq!(answered.video().unwrap().feedback, Some(FEEDBACK.to_vec()));
+    }
+
     fn offer_srtp() -> SessionDescription {
         offer(
             "m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n",
@@ -799,12 +938,14 @@ mod tests {
                     rtp_port: 5000,
                     direction: Direction::SendRecv,
                     crypto: None,
+                    feedback: false,
                 },
                 OfferedStream {
                     kind: MediaKind::Video,
                     rtp_port: 5002,
                     direction: Direction::SendRecv,
                     crypto: None,
+                    feedback: false,
                 },
             ],
         );
@@ -853,6 +994,7 @@ mod tests {
             rtp_port,
             direction: Direction::SendRecv,
             crypto: Some(crypto.clone()),
+            feedback: false,
         };
         let capabilities = Capabilities {
             sdes: Some(ours.clone()),
@@ -915,6 +1057,7 @@ mod tests {
                 rtp_port: 4000,
                 direction: Direction::SendRecv,
                 crypto: None,
+                feedback: false,
             }],
         );
         let offered = &sdp::parse(&offer).unwrap().media[0];
@@ -1002,6 +1145,7 @@ mod tests {
                     rtp_port: 4000,
                     direction: Direction::SendRecv,
                     crypto: None,
+                    feedback: false,
                 }],
             )
         };

@@ -67,6 +67,9 @@ pub struct MediaSection {
     pub formats: Vec<PayloadFormat>,
     /// `a=crypto` lines (SDES-SRTP, RFC 4568), verbatim.
     pub crypto: Vec<String>,
+    /// `a=rtcp-fb` (RFC 4585): the payload type it names (none for `*`)
+    /// and the feedback type with its parameter, e.g. `nack pli`.
+    pub rtcp_feedback: Vec<(Option<u8>, String)>,
 }
 
 impl MediaSection {
@@ -179,6 +182,7 @@ fn media_section(
         ptime: None,
         formats,
         crypto: Vec::new(),
+        rtcp_feedback: Vec::new(),
     };
     for attribute in &media.attributes {
         let value = attribute.value.as_deref().unwrap_or("");
@@ -213,6 +217,18 @@ fn media_section(
                 }
             }
             "crypto" => section.crypto.push(value.to_owned()),
+            "rtcp-fb" => {
+                let (pt, feedback) = value.trim().split_once(' ').unwrap_or((value, ""));
+                let pt = match pt {
+                    "*" => None,
+                    pt => Some(
+                        pt.parse()
+                            .map_err(|_| format!("a=rtcp-fb:{value} names no payload type"))?,
+                    ),
+                };
+                let feedback = feedback.split_ascii_whitespace().collect::<Vec<_>>();
+                section.rtcp_feedback.push((pt, feedback.join(" ")));
+            }
             _ => {}
         }
     }

@@ -422,6 +422,7 @@ async fn answer_call(
         session_timer,
         capabilities,
         offered_crypto: None,
+        offered_feedback: false,
         app: None,
         app_hangup: None,
         app_identity: Caller {
@@ -776,6 +777,9 @@ struct Call {
     /// What the bridge's own offers protect their streams with (our key,
     /// under the tag in use); none: plain RTP.
     offered_crypto: Option<CryptoAttribute>,
+    /// The phone's streams have RTCP feedback (RTP/AVPF): the bridge's
+    /// re-offers keep the profile.
+    offered_feedback: bool,
     /// The far side of a bridged call.
     app: Option<Box<dyn AppSide>>,
     /// Yields why the app hung up.
@@ -819,22 +823,24 @@ impl Call {
     /// the video when the call has it, which would stop if left out.
     fn render_offer(&mut self, direction: Direction) -> String {
         let origin = self.next_origin();
-        self.render_offer_as(origin, direction, &self.capabilities)
+        self.render_offer_as(origin, direction, &self.capabilities, self.offered_feedback)
     }
 
     /// Our offer under `origin` (a new session's, or the next version of
-    /// ours), of the codecs of `capabilities`.
+    /// ours), of the codecs of `capabilities`, with RTCP feedback or not.
     fn render_offer_as(
         &self,
         origin: Origin,
         direction: Direction,
         capabilities: &Capabilities,
+        feedback: bool,
     ) -> String {
         let mut streams = vec![OfferedStream {
             kind: MediaKind::Audio,
             rtp_port: self.reservation.port,
             direction,
             crypto: self.offered_crypto.clone(),
+            feedback,
         }];
         if let Some((reservation, _)) = &self.video {
             streams.push(OfferedStream {
@@ -842,6 +848,7 @@ impl Call {
                 rtp_port: reservation.port,
                 direction,
                 crypto: self.offered_crypto.clone(),
+                feedback,
             });
         }
         offer_answer::render_offer(capabilities, origin, self.sdp_address(), &streams)
@@ -954,11 +961,13 @@ impl Call {
         if self.answered {
             self.set_answered();
         }
-        // Our re-offers keep the stream as protected as it is now.
+        // Our re-offers keep the stream as protected as it is now, and
+        // in its profile.
         self.offered_crypto = stream.srtp.as_ref().map(|srtp| CryptoAttribute {
             tag: srtp.tag,
             key: srtp.send.clone(),
         });
+        self.offered_feedback = stream.feedback.is_some();
         if let Some(media) = &self.media {
             self.record.sip_codec = Some(media.codec());
             self.record.sip_srtp = stream.srtp.as_ref().map(|s| s.send.suite.name());
@@ -1612,8 +1621,9 @@ impl Call {
             session_id: rand::random::<u32>().into(),
             version: 1,
         };
+        // Plain RTP/AVP (or RTP/SAVP) to a new phone: every phone takes it.
         let capabilities = self.capabilities_for_new_phone();
-        let offer = self.render_offer_as(origin, Direction::SendRecv, &capabilities);
+        let offer = self.render_offer_as(origin, Direction::SendRecv, &capabilities, false);
         let option = rsipstack::dialog::invitation::InviteOption {
             caller_display_name: self.app_identity.display_name.clone(),
             caller: self.app_identity.uri.as_str().try_into()?,
@@ -2093,6 +2103,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         rtp_port: reservation.port,
         direction: Direction::SendRecv,
         crypto: offered_crypto.clone(),
+        feedback: false,
     }];
     // An app's video call offers the phone H.264 video on a port of its own.
     let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
@@ -2109,6 +2120,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             rtp_port: video.port,
             direction: Direction::SendRecv,
             crypto: offered_crypto.clone(),
+            feedback: false,
         });
     }
     let origin = Origin {
@@ -2168,6 +2180,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         session_timer: None,
         capabilities,
         offered_crypto,
+        offered_feedback: false,
         app: None,
         app_hangup: None,
         app_identity: caller.clone(),

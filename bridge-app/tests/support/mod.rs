@@ -589,6 +589,9 @@ pub fn sipp(scenario: &str, target: &str, service: &str, extra_args: &[&str]) ->
             "-trace_err",
         ])
         .args(extra_args)
+        // The profile of the scenarios' offers unless the test gave one
+        // (SIPp keeps a key's first value).
+        .args(["-key", "profile", "RTP/AVP"])
         .current_dir(&dir)
         .output()
         .expect("sipp (Debian sip-tester) is installed");
@@ -843,8 +846,10 @@ impl Baresip {
         command
     }
 
-    /// Makes the phone insist on SDES-SRTP (RTP/SAVP with a=crypto).
-    pub fn with_mandatory_srtp(self) -> Baresip {
+    /// Makes the phone insist on SDES-SRTP: baresip's `mediaenc`
+    /// `srtp-mand` offers RTP/SAVP with a=crypto, `srtp-mandf` RTP/SAVPF
+    /// (with RTCP feedback) and takes only an answer in that profile.
+    pub fn with_mandatory_srtp(self, mediaenc: &str) -> Baresip {
         let config = self.dir.join("config");
         let mut text = std::fs::read_to_string(&config).unwrap();
         text.push_str("module srtp.so\n");
@@ -853,7 +858,7 @@ impl Baresip {
         let line = std::fs::read_to_string(&accounts).unwrap();
         std::fs::write(
             &accounts,
-            line.trim_end().to_owned() + ";mediaenc=srtp-mand\n",
+            format!("{};mediaenc={mediaenc}\n", line.trim_end()),
         )
         .unwrap();
         self
