@@ -448,6 +448,14 @@ impl Config {
             problems
                 .push("connectycube.gateway_login / gateway_password: give both or neither".into());
         }
+        if let Some(Err(e)) = self
+            .sip
+            .outbound_proxy
+            .as_deref()
+            .map(crate::sip::proxy_address)
+        {
+            problems.push(format!("sip.outbound_proxy: {e}"));
+        }
         if self.sip.username.is_some() && self.sip.domain.is_none() {
             problems.push("sip.domain: needed to register sip.username".into());
         }
@@ -776,8 +784,10 @@ department = "Sales"
         config.management.listen = Some(([127, 0, 0, 1], 8088).into());
         config.sip.opus_complexity = 11;
         config.connectycube.stun_server = Some("turn://user:pass@host".into());
+        config.sip.outbound_proxy = Some("sbc.example.com:five".into());
         let problems = config.validate().unwrap_err().0;
         for key in [
+            "sip.outbound_proxy",
             "sip.opus_complexity",
             "connectycube.stun_server",
             "users[1].extension",

@@ -11,9 +11,9 @@ use bridge_protocol::connectycube::signaling::{CallSignal, SignalType};
 use gst::prelude::*;
 use serde_json::{Value, json};
 use support::{
-    Baresip, BridgeProcess, Browser, BrowserPeer, KamailioProcess, NftTable, Phone, PhoneCodec,
-    PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, post_as, sipp, tempdir,
-    wav_frequency,
+    Baresip, BridgeProcess, Browser, BrowserPeer, Dnsmasq, KamailioProcess, NftTable, Phone,
+    PhoneCodec, PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, post_as, sipp,
+    tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -1794,6 +1794,57 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
 }
 
+/// The SIP server named by its domain alone, as hosted PBXs and SIP trunks
+/// are: found by its DNS SRV records (RFC 3263, from a real DNS server), or
+/// reached through the outbound proxy (which was silently ignored unless
+/// written as IP:port). Either way the app's call reaches alice's phone
+/// there, named at the domain.
+#[test]
+fn an_app_call_reaches_a_sip_server_by_its_srv_records_or_its_outbound_proxy() {
+    let _serial = one_at_a_time();
+    let by_srv = PhoneAtDomain::with_sip(&tempdir(), |_| "domain = \"pbx.sipcc.test\"".into());
+    let dns = Dnsmasq::start(&[
+        format!(
+            "--srv-host=_sip._udp.pbx.sipcc.test,sbc.sipcc.test,{},10,50",
+            by_srv.sip_port
+        ),
+        "--host-record=sbc.sipcc.test,127.0.0.1".into(),
+    ]);
+    let bridge =
+        BridgeProcess::start_resolving_with(&dns, &["--config", by_srv.config.to_str().unwrap()]);
+    app_call_answered_at(&by_srv, &bridge, &dns.log());
+    assert!(
+        dns.log().contains("_sip._udp.pbx.sipcc.test"),
+        "{}",
+        dns.log()
+    );
+    drop(bridge);
+
+    let through_proxy = PhoneAtDomain::with_sip(&tempdir(), |sip_port| {
+        format!(
+            "domain = \"pbx.sipcc.test\"\noutbound_proxy = \"sip:127.0.0.1:{sip_port};transport=udp;lr\""
+        )
+    });
+    let bridge = BridgeProcess::start(&["--config", through_proxy.config.to_str().unwrap()]);
+    app_call_answered_at(&through_proxy, &bridge, "");
+}
+
+/// Bob calls alice, whose phone at `domain` answers; bob hangs up.
+fn app_call_answered_at(domain: &PhoneAtDomain, bridge: &BridgeProcess, context: &str) {
+    let media_port = support::free_even_port().to_string();
+    let phone = domain.answer("answer-at-domain.xml", &["-mp", &media_port]);
+    let mut bob = domain.bob();
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("accepted", Duration::from_secs(20));
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = phone.join().unwrap();
+    assert!(
+        success,
+        "the phone at the domain answered and was hung up on:\n{output}\n{:#?}\n{context}",
+        bridge.logs()
+    );
+}
+
 /// A video phone (PCMU and H.264) calls alice, whose browser answers with
 /// its camera: the phone's H.264 reaches the app as VP8, the app's VP8
 /// reaches the phone as H.264, frames are decoded on both sides, the voices
@@ -2038,17 +2089,23 @@ struct PhoneAtDomain {
 
 impl PhoneAtDomain {
     fn new(dir: &std::path::Path) -> PhoneAtDomain {
+        Self::with_sip(dir, |sip_port| format!("domain = \"127.0.0.1:{sip_port}\""))
+    }
+
+    /// With the `[sip]` settings that say how the phone's port is reached.
+    fn with_sip(dir: &std::path::Path, reached: impl FnOnce(u16) -> String) -> PhoneAtDomain {
         let (sip_port, sandbox_port) = (support::free_port(), support::free_port());
         let config = dir.join("bridge.toml");
         std::fs::write(
             &config,
             format!(
-                "[sip]\ndomain = \"127.0.0.1:{sip_port}\"\nregistrar = true\n\n\
+                "[sip]\n{}\nregistrar = true\n\n\
                  [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\nchat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n\
                  gateway_login = \"sip-gateway\"\ngateway_password = \"demo\"\n\n\
                  [[users]]\nextension = \"alice\"\nlogin = \"alice\"\npassword = \"demo\"\nsip_password = \"demo\"\n\n\
                  [[users]]\nextension = \"bob\"\nlogin = \"bob\"\npassword = \"demo\"\nsip_password = \"demo\"\n\n\
                  [cdr]\npath = \"{}\"\n",
+                reached(sip_port),
                 dir.join("cdr.jsonl").display()
             ),
         )

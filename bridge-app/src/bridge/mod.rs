@@ -210,10 +210,11 @@ fn sip_config(config: &Config) -> SipConfig {
             sha256: s.digest_sha256,
         },
         domain: s.domain.clone(),
+        // Checked with the configuration.
         outbound_proxy: s
             .outbound_proxy
             .as_deref()
-            .and_then(|proxy| proxy.parse().ok()),
+            .and_then(|proxy| crate::sip::proxy_address(proxy).ok()),
         accounts,
         registrar: s.registrar,
         max_calls: s.max_calls,

@@ -21,6 +21,7 @@ use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::prelude::{HeadersExt, ToTypedHeader};
 use rsipstack::sip::{Header, Method, Request, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
+use rsipstack::transport::SipAddr;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -1628,7 +1629,7 @@ impl Call {
             caller_display_name: self.app_identity.display_name.clone(),
             caller: self.app_identity.uri.as_str().try_into()?,
             callee: uri.as_str().try_into()?,
-            destination: destination.map(Into::into),
+            destination,
             content_type: Some("application/sdp".into()),
             offer: Some(offer.into_bytes()),
             contact: self.shared.contact.clone(),
@@ -2025,7 +2026,7 @@ pub struct OutboundCall {
     /// Request URI, e.g. a registered phone's Contact or `sip:alice@pbx`.
     pub target: String,
     /// Where the INVITE goes when not to the target's own host (outbound proxy).
-    pub destination: Option<std::net::SocketAddr>,
+    pub destination: Option<SipAddr>,
     /// The user part and display name the phone sees as the caller.
     pub from_user: String,
     pub from_display: Option<String>,
@@ -2139,7 +2140,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             caller_display_name: from_display.clone(),
             caller: caller.uri.as_str().try_into()?,
             callee,
-            destination: destination.map(Into::into),
+            destination: destination.clone(),
             content_type: Some("application/sdp".into()),
             offer: Some(offer.clone().into_bytes()),
             contact: shared.contact.clone(),

@@ -28,7 +28,8 @@ pub use registration::Account;
 pub use routing::{
     AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination, Refusal, Router, Services,
 };
-pub use ua::{Dialer, UserAgent};
+use rsipstack::transport::SipAddr;
+pub use ua::{Dialer, UserAgent, proxy_address};
 
 /// A transport the bridge listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +68,7 @@ pub struct SipConfig {
     /// called at `sip:<user>@<domain>`.
     pub domain: Option<String>,
     /// Where the bridge's own INVITEs go when not to the target's host.
-    pub outbound_proxy: Option<SocketAddr>,
+    pub outbound_proxy: Option<SipAddr>,
     /// Accounts registered at their registrar.
     pub accounts: Vec<Account>,
     /// Accept REGISTER from the users of `admission.users`.

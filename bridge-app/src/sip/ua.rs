@@ -18,10 +18,10 @@ use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::prelude::HeadersExt;
 use rsipstack::sip::{Header, Method, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
-use rsipstack::transport::TransportLayer;
 use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
 use rsipstack::transport::udp::UdpConnection;
+use rsipstack::transport::{SipAddr, TransportLayer};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -386,7 +386,41 @@ impl Dialer {
 }
 
 /// Where a phone is called (a Request-URI), and through which proxy.
-pub type PhoneRoute = (String, Option<SocketAddr>);
+pub type PhoneRoute = (String, Option<SipAddr>);
+
+/// The outbound proxy of `sip.outbound_proxy`: `host`, `host:port`, or a
+/// SIP URI (`sip:host[:port][;transport=tcp]`; `sips:` is TLS). A name is
+/// resolved for each call, by its DNS SRV records when no port is given
+/// (RFC 3263).
+pub fn proxy_address(text: &str) -> Result<SipAddr, String> {
+    let text = text.trim();
+    let secure = text.starts_with("sips:");
+    let uri = if secure || text.starts_with("sip:") {
+        text.to_owned()
+    } else {
+        format!("sip:{text}")
+    };
+    let invalid = || format!("{text:?} is not host, host:port or a SIP URI");
+    let uri = rsipstack::sip::Uri::try_from(uri.as_str()).map_err(|_| invalid())?;
+    let valid_host = match &uri.host_with_port.host {
+        rsipstack::sip::Host::IpAddr(_) => true,
+        rsipstack::sip::Host::Domain(name) => {
+            let name = name.to_string();
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        }
+    };
+    if uri.auth.is_some() || !valid_host {
+        return Err(invalid());
+    }
+    let mut address = SipAddr::try_from(&uri).map_err(|_| invalid())?;
+    if secure {
+        address.r#type = Some(rsipstack::sip::Transport::Tls);
+    }
+    Ok(address)
+}
 
 /// Where `user`'s phone is called: its registration with the bridge, else
 /// `sip:<user>@<sip.domain>`; `None` without either.
@@ -397,7 +431,7 @@ pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
         (None, Some(domain)) => format!("sip:{user}@{domain}"),
         (None, None) => return None,
     };
-    Some((target, shared.config.outbound_proxy))
+    Some((target, shared.config.outbound_proxy.clone()))
 }
 
 /// A Warning header (RFC 3261 §20.43) saying why, as this bridge (399:
@@ -659,6 +693,42 @@ mod tests {
                 .unwrap_err()
                 .contains("Subject")
         );
+    }
+
+    #[test]
+    fn an_outbound_proxy_is_a_host_a_host_and_port_or_a_sip_uri() {
+        use rsipstack::sip::Transport;
+        let parsed = |text| {
+            let address = proxy_address(text).unwrap();
+            (address.r#type, address.addr.to_string())
+        };
+        assert_eq!(parsed("192.0.2.10"), (None, "192.0.2.10".into()));
+        assert_eq!(
+            parsed(" sbc.example.com:5080 "),
+            (None, "sbc.example.com:5080".into())
+        );
+        assert_eq!(
+            parsed("[2001:db8::1]:5060"),
+            (None, "[2001:db8::1]:5060".into())
+        );
+        assert_eq!(
+            parsed("sip:sbc.example.com;transport=tcp;lr"),
+            (Some(Transport::Tcp), "sbc.example.com".into())
+        );
+        assert_eq!(
+            parsed("sips:sbc.example.com:5061"),
+            (Some(Transport::Tls), "sbc.example.com:5061".into())
+        );
+        for bad in [
+            "",
+            "sip:",
+            "user@sbc.example.com",
+            "sbc example com",
+            "host:port",
+        ] {
+            let error = proxy_address(bad).expect_err(bad);
+            assert!(error.contains("host:port or a SIP URI"), "{bad}: {error}");
+        }
     }
 
     proptest! {

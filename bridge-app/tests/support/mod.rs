@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -355,9 +355,25 @@ impl BridgeProcess {
         extra_args: &[&str],
         environment: &[(&str, &str)],
     ) -> BridgeProcess {
+        Self::start_with(host, extra_args, environment, None)
+    }
+
+    /// With DNS answered by `dns` alone: the bridge runs in a mount
+    /// namespace of its own whose /etc/resolv.conf names it (root, as the
+    /// test namespace).
+    pub fn start_resolving_with(dns: &Dnsmasq, extra_args: &[&str]) -> BridgeProcess {
+        Self::start_with("127.0.0.1", extra_args, &[], Some(&dns.resolv_conf))
+    }
+
+    fn start_with(
+        host: &str,
+        extra_args: &[&str],
+        environment: &[(&str, &str)],
+        resolv_conf: Option<&Path>,
+    ) -> BridgeProcess {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            let mut bridge = Self::spawn(host, extra_args, environment);
+            let mut bridge = Self::spawn(host, extra_args, environment, resolv_conf);
             match bridge.until_listening(Duration::from_secs(20)) {
                 Ok(()) => return bridge,
                 Err(why) if attempt < ATTEMPTS => {
@@ -390,7 +406,12 @@ impl BridgeProcess {
         Ok(())
     }
 
-    fn spawn(host: &str, extra_args: &[&str], environment: &[(&str, &str)]) -> BridgeProcess {
+    fn spawn(
+        host: &str,
+        extra_args: &[&str],
+        environment: &[(&str, &str)],
+        resolv_conf: Option<&Path>,
+    ) -> BridgeProcess {
         let sip_port = free_port();
         let sandbox_port = free_port();
         let sip = if host.contains(':') {
@@ -404,7 +425,20 @@ impl BridgeProcess {
         } else {
             vec!["--sandbox".to_owned(), format!("127.0.0.1:{sandbox_port}")]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sip-cc-bridge"))
+        let binary = env!("CARGO_BIN_EXE_sip-cc-bridge");
+        let mut command = match resolv_conf {
+            None => Command::new(binary),
+            Some(resolv_conf) => {
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+                    .arg(resolv_conf)
+                    .arg(binary);
+                command
+            }
+        };
+        let mut child = command
             .arg("run")
             .args(["--sip", &sip])
             .args(&sandbox)
@@ -638,6 +672,70 @@ pub fn free_even_port() -> u16 {
 
 /// Kamailio as registrar and proxy (config `tests/kamailio/kamailio.cfg`),
 /// on a free loopback port; killed when dropped.
+/// A DNS server (dnsmasq) on the test namespace's 127.0.0.1:53 that
+/// knows only the records it is given, and a resolv.conf naming it.
+pub struct Dnsmasq {
+    child: Child,
+    pub resolv_conf: PathBuf,
+    log: PathBuf,
+}
+
+impl Dnsmasq {
+    /// `records`: dnsmasq options such as `--srv-host=…`, `--host-record=…`.
+    pub fn start(records: &[String]) -> Dnsmasq {
+        let dir = tempdir();
+        let resolv_conf = dir.join("resolv.conf");
+        std::fs::write(&resolv_conf, "nameserver 127.0.0.1\n").unwrap();
+        let log = dir.join("dnsmasq.log");
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--port=53",
+                "--user=root",
+                "--pid-file",
+                "--log-queries",
+                "--log-facility=-",
+            ])
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("dnsmasq (Debian dnsmasq-base) is installed");
+        let mut dns = Dnsmasq {
+            child,
+            resolv_conf,
+            log,
+        };
+        // Serving once port 53 is taken.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::UdpSocket::bind("127.0.0.1:53").is_ok() {
+            if let Ok(Some(status)) = dns.child.try_wait() {
+                panic!("dnsmasq exited, {status}: {}", dns.log());
+            }
+            assert!(Instant::now() < deadline, "dnsmasq: {}", dns.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dns
+    }
+
+    /// What it logged, the queries it answered among it.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct KamailioProcess {
     child: Child,
     pub port: u16,
