@@ -79,6 +79,18 @@ const DTMF: &str = "TELEPHONE-EVENT";
 /// key-frame requests. Not generic NACK: it keeps no packets to send again.
 const FEEDBACK: [&str; 2] = ["nack pli", "ccm fir"];
 
+/// An H.264 format's packetization mode (RFC 6184: 0 unless given).
+fn h264_mode(format: &PayloadFormat) -> u8 {
+    format
+        .fmtp
+        .iter()
+        .flat_map(|fmtp| fmtp.split(';'))
+        .filter_map(|parameter| parameter.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("packetization-mode"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The RTP profile `proto` names, if the bridge speaks it: (SRTP, RTCP feedback).
 fn rtp_profile(proto: &str) -> Option<(bool, bool)> {
     match proto.to_ascii_uppercase().as_str() {
@@ -268,15 +280,32 @@ pub fn answer(
         } else {
             None
         };
-        let Some((codec, format)) = media.formats.iter().find_map(|f| {
+        let usable = |f: &PayloadFormat| {
             let codec = codec::lookup(&f.encoding_name, f.clock_rate)?;
             (codec.kind == kind
                 && codec.encoding_name != DTMF
                 && capabilities.allows(kind, codec.encoding_name))
-            .then(|| (codec, f.clone()))
-        }) else {
+            .then_some(codec)
+        };
+        let Some((codec, mut format)) = media
+            .formats
+            .iter()
+            .find_map(|f| usable(f).map(|codec| (codec, f.clone())))
+        else {
             continue;
         };
+        // The bridge's H.264 packetizer fragments large NAL units (FU-A,
+        // packetization mode 1): of the offered H.264 formats, one that
+        // takes them, when there is one.
+        if codec.encoding_name == "H264" && h264_mode(&format) != 1 {
+            let fragmenting = media
+                .formats
+                .iter()
+                .find(|f| usable(f) == Some(codec) && h264_mode(f) == 1);
+            if let Some(fragmenting) = fragmenting {
+                format = fragmenting.clone();
+            }
+        }
         let address = media.address.ok_or(NegotiationError::NoAddress { index })?;
         let feedback = feedback.then(|| match kind {
             MediaKind::Audio => Vec::new(),
@@ -868,6 +897,29 @@ mod tests {
         // DTLS-SRTP (a browser's profile) is still not spoken to phones.
         let dtls = offer("m=audio 4000 UDP/TLS/RTP/SAVPF 0\r\na=fingerprint:sha-256 AA\r\n");
         assert!(answer(&dtls, &capabilities).is_err());
+    }
+
+    /// A video phone offering H.264 in both packetization modes, single
+    /// NAL units first: the answer takes the mode the bridge's packetizer
+    /// speaks; with mode 0 alone, mode 0.
+    #[test]
+    fn h264_in_the_fragmenting_mode_is_taken_when_offered() {
+        let both = offer(
+            "m=video 4002 RTP/AVP 97 99 126\r\na=rtpmap:97 H264/90000\r\na=fmtp:97 profile-level-id=42801f\r\n\
+             a=rtpmap:99 VP8/90000\r\n\
+             a=rtpmap:126 H264/90000\r\na=fmtp:126 profile-level-id=42801f; packetization-mode=1\r\n",
+        );
+        let capabilities = Capabilities {
+            video: vec!["H264"],
+            ..Capabilities::all()
+        };
+        let video = answer(&both, &capabilities).unwrap().video().unwrap().clone();
+        assert_eq!(video.format.payload_type, 126);
+        let only_single = offer(
+            "m=video 4002 RTP/AVP 97\r\na=rtpmap:97 H264/90000\r\na=fmtp:97 packetization-mode=0\r\n",
+        );
+        let video = answer(&only_single, &capabilities).unwrap().video().unwrap().clone();
+        assert_eq!(video.format.payload_type, 97);
     }
 
     /// The bridge's own offers in a call with feedback (its re-offers) keep
