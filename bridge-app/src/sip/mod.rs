@@ -21,6 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rsipstack::transport::SipAddr;
+
 pub use admission::AdmissionConfig;
 pub use call::OutboundCall;
 pub use media::Service;
@@ -28,7 +30,6 @@ pub use registration::Account;
 pub use routing::{
     AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination, Refusal, Router, Services,
 };
-use rsipstack::transport::SipAddr;
 pub use ua::{Dialer, UserAgent, proxy_address};
 
 /// A transport the bridge listens on.
