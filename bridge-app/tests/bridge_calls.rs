@@ -118,13 +118,6 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     }
 }
 
-/// A phone calls an app user whose app is not running (a mobile app in the
-/// background, or closed): the call also goes out as a push notification
-/// to her subscribed device, `startCall` with what ConnectyCube's call-kit
-/// apps read. The app it woke signs in, gets the call the bridge keeps
-/// sending, answers, and both hear each other; an answered call pushes no
-/// `endCall`. A call the phone gives up on while the app rings pushes
-/// `endCall` for its session, so the devices it woke stop ringing.
 /// A softphone offering the RTCP feedback profile (RFC 4585), as Linphone
 /// does with AVPF on: the call was refused with 488 before.
 #[test]
@@ -146,6 +139,13 @@ fn a_phone_offering_rtcp_feedback_reaches_an_app_user() {
     assert!(success, "the RTP/AVPF call: {output}");
 }
 
+/// A phone calls an app user whose app is not running (a mobile app in the
+/// background, or closed): the call also goes out as a push notification
+/// to her subscribed device, `startCall` with what ConnectyCube's call-kit
+/// apps read. The app it woke signs in, gets the call the bridge keeps
+/// sending, answers, and both hear each other; an answered call pushes no
+/// `endCall`. A call the phone gives up on while the app rings pushes
+/// `endCall` for its session, so the devices it woke stop ringing.
 #[test]
 fn a_push_wakes_an_app_user_who_was_not_online_and_she_answers() {
     let _serial = one_at_a_time();

@@ -670,8 +670,6 @@ pub fn free_even_port() -> u16 {
     }
 }
 
-/// Kamailio as registrar and proxy (config `tests/kamailio/kamailio.cfg`),
-/// on a free loopback port; killed when dropped.
 /// A DNS server (dnsmasq) on the test namespace's 127.0.0.1:53 that
 /// knows only the records it is given, and a resolv.conf naming it.
 pub struct Dnsmasq {
@@ -736,6 +734,8 @@ impl Drop for Dnsmasq {
     }
 }
 
+/// Kamailio as registrar and proxy (config `tests/kamailio/kamailio.cfg`),
+/// on a free loopback port; killed when dropped.
 pub struct KamailioProcess {
     child: Child,
     pub port: u16,
