@@ -158,3 +158,40 @@ fn the_bridge_registers_under_a_sha256_digest_challenge() {
         bridge.logs()
     );
 }
+
+/// A registrar whose domain resolves nowhere, reached through the outbound
+/// proxy (`sip.outbound_proxy`), as providers' SBCs are: the REGISTER goes
+/// to the proxy (here Kamailio itself) and the account registers.
+#[test]
+fn the_bridge_registers_through_its_outbound_proxy() {
+    let kamailio = KamailioProcess::start();
+    let config = support::tempdir().join("bridge.toml");
+    let sandbox_port = support::free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\noutbound_proxy = \"127.0.0.1:{}\"\n\n\
+             [connectycube]\nsandbox = true\napi_url = \"http://127.0.0.1:{sandbox_port}\"\n\
+             chat_url = \"ws://127.0.0.1:{sandbox_port}/ws\"\n",
+            kamailio.port
+        ),
+    )
+    .unwrap();
+    let bridge = BridgeProcess::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--register",
+        "echo:echopw@pbx.sipcc.invalid",
+    ]);
+    assert!(
+        bridge
+            .wait_for_log(
+                |l| l.contains("registration echo@") && l.ends_with(": registered"),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "echo registers through the proxy: {:#?}\n{}",
+        bridge.logs(),
+        kamailio.log()
+    );
+}

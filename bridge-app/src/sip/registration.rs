@@ -5,12 +5,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rsipstack::dialog::authenticate::Credential;
 use rsipstack::dialog::registration::{RefreshOutcome, Registration};
+use rsipstack::sip::{Host, Transport};
 use rsipstack::transaction::endpoint::EndpointInnerRef;
+use rsipstack::transport::SipAddr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -66,10 +69,12 @@ impl Account {
 /// Account states by `user@registrar`: `registered`, `failed: <reason>`, …
 pub type RegistrationStates = Arc<Mutex<HashMap<String, String>>>;
 
-/// Keeps `account` registered until `stop` is cancelled, then unregisters.
+/// Keeps `account` registered until `stop` is cancelled, then unregisters;
+/// through `proxy` (`sip.outbound_proxy`) when there is one.
 pub fn spawn(
     endpoint: EndpointInnerRef,
     account: Account,
+    proxy: Option<SipAddr>,
     states: RegistrationStates,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -102,6 +107,23 @@ pub fn spawn(
                 states.insert(name.clone(), state);
             }
         };
+        if let Some(proxy) = &proxy {
+            // rsipstack's registration takes the proxy's IP: a name is
+            // resolved when the registration starts.
+            loop {
+                match proxy_socket(proxy).await {
+                    Ok(address) => {
+                        registration.outbound_proxy = Some(address);
+                        break;
+                    }
+                    Err(e) => record(format!("failed: outbound proxy {proxy}: {e}")),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
         registration
             .keep_alive(
                 registrar.clone(),
@@ -123,6 +145,24 @@ pub fn spawn(
             Err(_) => record("failed: un-REGISTER timed out".into()),
         }
     })
+}
+
+/// The address of `proxy`, its port or SIP's default.
+async fn proxy_socket(proxy: &SipAddr) -> Result<SocketAddr, String> {
+    let secure = proxy.r#type == Some(Transport::Tls);
+    let port = proxy
+        .addr
+        .port
+        .map(u16::from)
+        .unwrap_or(if secure { 5061 } else { 5060 });
+    match &proxy.addr.host {
+        Host::IpAddr(ip) => Ok(SocketAddr::new(*ip, port)),
+        Host::Domain(name) => tokio::net::lookup_host((name.to_string(), port))
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or_else(|| "no address".to_owned()),
+    }
 }
 
 #[cfg(test)]

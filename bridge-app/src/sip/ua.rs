@@ -244,6 +244,7 @@ impl UserAgent {
                 registration::spawn(
                     endpoint.inner.clone(),
                     account.clone(),
+                    shared.config.outbound_proxy.clone(),
                     registration_states.clone(),
                     registration_stop.clone(),
                 )
