@@ -1381,20 +1381,57 @@ fn a_phone_call_survives_the_apps_network_going_away() {
     );
 }
 
-/// A phone that takes only SRTP (baresip, `mediaenc=srtp-mand`) refuses
-/// the bridge's plain RTP; with `offer_srtp` the bridge offers SDES-SRTP,
-/// and the app user's call reaches it, both hearing each other through it.
+/// A phone that takes only SRTP (baresip, `mediaenc=srtp-mand`): with
+/// `offer_srtp` the bridge offers it SDES-SRTP at once, and the app user's
+/// call reaches it, both hearing each other through it.
 #[test]
 fn an_app_user_reaches_a_phone_that_takes_only_srtp() {
     let _serial = one_at_a_time();
+    let bridge = app_user_reaches_a_secure_phone(&[("SIP_OFFER_SRTP", "true")], "srtp-mand");
+    assert!(
+        !bridge
+            .logs()
+            .iter()
+            .any(|line| line.contains("offering RTP/")),
+        "the first offer was taken: {:#?}",
+        bridge.logs()
+    );
+}
+
+/// Without `offer_srtp`, a phone that refuses plain RTP is offered SRTP
+/// and then RTCP feedback in turn: baresip with `mediaenc=srtp-mandf`
+/// takes only RTP/SAVPF, and refuses the bridge's RTP/AVP, RTP/SAVP and
+/// RTP/AVPF offers with 488.
+#[test]
+fn an_app_user_reaches_a_phone_that_refuses_the_bridges_first_profiles() {
+    let _serial = one_at_a_time();
+    let bridge = app_user_reaches_a_secure_phone(&[], "srtp-mandf");
+    let logs = bridge.logs();
+    for (refused, next) in [
+        ("RTP/AVP", "RTP/SAVP"),
+        ("RTP/SAVP", "RTP/AVPF"),
+        ("RTP/AVPF", "RTP/SAVPF"),
+    ] {
+        assert!(
+            logs.iter()
+                .any(|line| line.contains(&format!("488 to {refused}; offering {next}"))),
+            "{refused} refused, then {next} offered: {logs:#?}"
+        );
+    }
+}
+
+/// Bob's app calls alice, a baresip that takes only SRTP in `mediaenc`'s
+/// profile, through a bridge with `environment`: they hear each other, and
+/// the call's record names its SRTP suite.
+fn app_user_reaches_a_secure_phone(environment: &[(&str, &str)], mediaenc: &str) -> BridgeProcess {
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start_with_environment(
         "127.0.0.1",
         &["--cdr", cdr.to_str().unwrap()],
-        &[("SIP_OFFER_SRTP", "true")],
+        environment,
     );
-    let phone = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711")
-        .with_mandatory_srtp("srtp-mand");
+    let phone =
+        Baresip::new("alice", "demo", bridge.sip_port, 523, "g711").with_mandatory_srtp(mediaenc);
     let phone = answering_on_a_thread(phone, 12);
     let mut bob = bob_calls_registered_alice(&bridge, false);
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
@@ -1406,6 +1443,7 @@ fn an_app_user_reaches_a_phone_that_takes_only_srtp() {
         "{}",
         lines[0]
     );
+    bridge
 }
 
 #[test]

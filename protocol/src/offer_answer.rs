@@ -102,7 +102,8 @@ fn rtp_profile(proto: &str) -> Option<(bool, bool)> {
     }
 }
 
-fn profile_name(srtp: bool, feedback: bool) -> &'static str {
+/// The SDP name of the RTP profile: SRTP or not, RTCP feedback or not.
+pub fn profile_name(srtp: bool, feedback: bool) -> &'static str {
     match (srtp, feedback) {
         (false, false) => "RTP/AVP",
         (false, true) => "RTP/AVPF",

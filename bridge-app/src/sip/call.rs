@@ -48,6 +48,39 @@ const ICE_TIMEOUT: Duration = Duration::from_secs(20);
 const RELIABLE_RESEND_FIRST: Duration = Duration::from_millis(500);
 const RELIABLE_RESEND_LAST: Duration = Duration::from_secs(16);
 
+/// An RTP profile of the bridge's first offer to a phone (RFC 3551, 3711,
+/// 4585).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OfferProfile {
+    srtp: bool,
+    feedback: bool,
+}
+
+impl OfferProfile {
+    /// The profiles offered in turn while the phone refuses them as not
+    /// acceptable: the configured one, then those of phones set to SRTP
+    /// only or to RTCP feedback only. With `offer_srtp`, never plain RTP.
+    fn in_turn(offer_srtp: bool) -> &'static [OfferProfile] {
+        const AVP: OfferProfile = OfferProfile::new(false, false);
+        const SAVP: OfferProfile = OfferProfile::new(true, false);
+        const AVPF: OfferProfile = OfferProfile::new(false, true);
+        const SAVPF: OfferProfile = OfferProfile::new(true, true);
+        if offer_srtp {
+            &[SAVP, SAVPF]
+        } else {
+            &[AVP, SAVP, AVPF, SAVPF]
+        }
+    }
+
+    const fn new(srtp: bool, feedback: bool) -> Self {
+        Self { srtp, feedback }
+    }
+
+    fn name(self) -> &'static str {
+        offer_answer::profile_name(self.srtp, self.feedback)
+    }
+}
+
 /// Redirections (3xx) followed for one outbound call.
 const MAX_REDIRECTS: u32 = 3;
 
@@ -2087,25 +2120,6 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
     };
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
-    // With `offer_srtp`, every stream offered is RTP/SAVP under one fresh key.
-    let offered_crypto = shared.config.offer_srtp.then(|| CryptoAttribute {
-        tag: 1,
-        key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
-    });
-    // What we offer protected is never sent in the clear: not on the
-    // phone's answer, nor on its later offers.
-    let mut capabilities = Capabilities {
-        sdes: offered_crypto.as_ref().map(|crypto| crypto.key.clone()),
-        srtp_required: offered_crypto.is_some(),
-        ..Capabilities::all_audio()
-    };
-    let mut streams = vec![OfferedStream {
-        kind: MediaKind::Audio,
-        rtp_port: reservation.port,
-        direction: Direction::SendRecv,
-        crypto: offered_crypto.clone(),
-        feedback: false,
-    }];
     // An app's video call offers the phone H.264 video on a port of its own.
     let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
         PortReservation::new(shared.config.media_address)
@@ -2114,35 +2128,56 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     } else {
         None
     };
-    if let Some(video) = &video_reservation {
-        capabilities.video = vec!["H264"];
-        streams.push(OfferedStream {
-            kind: MediaKind::Video,
-            rtp_port: video.port,
-            direction: Direction::SendRecv,
-            crypto: offered_crypto.clone(),
-            feedback: false,
-        });
-    }
     let origin = Origin {
         session_id: rand::random::<u32>().into(),
         version: 1,
     };
-    let offer = offer_answer::render_offer(
-        &capabilities,
-        origin,
-        shared.config.public_address.unwrap_or(reservation.address),
-        &streams,
-    );
+    let sdp_address = shared.config.public_address.unwrap_or(reservation.address);
+    let (audio_port, video_port) = (reservation.port, video_reservation.as_ref().map(|v| v.port));
+    // The offer in `profile`, what answers to it may take, and its key.
+    let offer_in = |profile: OfferProfile| {
+        // An SRTP offer has every stream under one fresh key.
+        let crypto = profile.srtp.then(|| CryptoAttribute {
+            tag: 1,
+            key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
+        });
+        let stream = |kind, rtp_port| OfferedStream {
+            kind,
+            rtp_port,
+            direction: Direction::SendRecv,
+            crypto: crypto.clone(),
+            feedback: profile.feedback,
+        };
+        let mut streams = vec![stream(MediaKind::Audio, audio_port)];
+        streams.extend(video_port.map(|port| stream(MediaKind::Video, port)));
+        // What we offer protected is never sent in the clear: not on the
+        // phone's answer, nor on its later offers.
+        let capabilities = Capabilities {
+            sdes: crypto.as_ref().map(|crypto| crypto.key.clone()),
+            srtp_required: crypto.is_some(),
+            video: if video_port.is_some() {
+                vec!["H264"]
+            } else {
+                Vec::new()
+            },
+            ..Capabilities::all_audio()
+        };
+        let sdp = offer_answer::render_offer(&capabilities, origin, sdp_address, &streams);
+        (sdp, capabilities, crypto)
+    };
+    let profiles = OfferProfile::in_turn(shared.config.offer_srtp);
+    let mut profile = profiles[0];
+    let mut untried = profiles[1..].iter().copied();
+    let (mut offer, capabilities, offered_crypto) = offer_in(profile);
     let credential = trunk_credential(&shared);
-    let invite_option = |callee: rsipstack::sip::Uri| -> anyhow::Result<_> {
+    let invite_option = |callee: rsipstack::sip::Uri, offer: &str| -> anyhow::Result<_> {
         Ok(rsipstack::dialog::invitation::InviteOption {
             caller_display_name: from_display.clone(),
             caller: caller.uri.as_str().try_into()?,
             callee,
             destination: destination.clone(),
             content_type: Some("application/sdp".into()),
-            offer: Some(offer.clone().into_bytes()),
+            offer: Some(offer.as_bytes().to_vec()),
             contact: shared.contact.clone(),
             credential: credential.clone(),
             call_id: Some(call_id.clone()),
@@ -2152,7 +2187,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     info!("call {call_id}: {} calls {target}", app.describe());
     let (dialog, mut invite) = shared
         .dialogs
-        .do_invite_async(invite_option(callee_uri)?, state_sender)?;
+        .do_invite_async(invite_option(callee_uri.clone(), &offer)?, state_sender)?;
+    let mut callee_uri = callee_uri;
     let mut states = states;
     let mut call = Call {
         shared: shared.clone(),
@@ -2181,7 +2217,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         session_timer: None,
         capabilities,
         offered_crypto,
-        offered_feedback: false,
+        offered_feedback: profile.feedback,
         app: None,
         app_hangup: None,
         app_identity: caller.clone(),
@@ -2269,16 +2305,38 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             .then(|| response.contact_header().ok()?.typed().ok())
             .flatten()
             .filter(|_| redirects < MAX_REDIRECTS);
-        let Some(contact) = redirect else {
-            break response;
+        // A phone set to take only SRTP, or only RTCP feedback, refuses
+        // offers in the other profiles as not acceptable.
+        let next_profile = if matches!(status, 488 | 606) {
+            untried.next()
+        } else {
+            None
         };
-        redirects += 1;
-        info!("call {call_id}: {status}, redirected to {}", contact.uri);
+        if let Some(contact) = redirect {
+            redirects += 1;
+            info!("call {call_id}: {status}, redirected to {}", contact.uri);
+            callee_uri = contact.uri;
+        } else if let Some(next) = next_profile {
+            info!(
+                "call {call_id}: {target} answered {status} to {}; offering {}",
+                profile.name(),
+                next.name()
+            );
+            profile = next;
+            let (sdp, capabilities, crypto) = offer_in(profile);
+            offer = sdp;
+            call.capabilities = capabilities;
+            call.offered_crypto = crypto;
+            call.offered_feedback = profile.feedback;
+        } else {
+            break response;
+        }
+        early_answer = None;
         let (sender, receiver) = shared.dialogs.new_dialog_state_channel();
         states = receiver;
         let (dialog, next) = shared
             .dialogs
-            .do_invite_async(invite_option(contact.uri)?, sender)?;
+            .do_invite_async(invite_option(callee_uri.clone(), &offer)?, sender)?;
         call.dialog = dialog;
         invite = next;
         // The dialog a pickup would name is gone.
@@ -2379,6 +2437,21 @@ mod tests {
             "INFO"
         ));
         assert!(!allows(&invite_with(""), "INFO"));
+    }
+
+    #[test]
+    fn a_call_offered_srtp_is_never_offered_in_the_clear() {
+        let names = |offer_srtp| {
+            OfferProfile::in_turn(offer_srtp)
+                .iter()
+                .map(|profile| profile.name())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(true), ["RTP/SAVP", "RTP/SAVPF"]);
+        assert_eq!(
+            names(false),
+            ["RTP/AVP", "RTP/SAVP", "RTP/AVPF", "RTP/SAVPF"]
+        );
     }
 
     #[test]
