@@ -21,17 +21,7 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
         "--management",
         &format!("127.0.0.1:{management_port}"),
     ]);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registration echo@") && l.ends_with(": registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "echo registers: {:#?}\n{}",
-        bridge.logs(),
-        kamailio.log()
-    );
+    assert_echo_registers(&bridge, &kamailio, "echo registers");
     let failed = bridge
         .wait_for_log(
             |l| l.contains("registration tone@") && l.contains("failed: "),
@@ -120,7 +110,7 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
         bridge
             .logs()
             .iter()
-            .any(|l| l.contains("registration echo@") && l.ends_with(": unregistered"))
+            .any(|l| echo_registration_is(l, "unregistered"))
     );
     let phone = Baresip::new("carol", "carolpw", kamailio.port, 440, "g711");
     let output = phone.call("echo", 3);
@@ -137,23 +127,13 @@ fn the_bridge_registers_under_a_sha256_digest_challenge() {
         "--register",
         &format!("echo:echopw@127.0.0.1:{}", kamailio.port),
     ]);
-    assert!(
-        bridge
-            .wait_for_log(
-                |l| l.contains("registration echo@") && l.ends_with(": registered"),
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "echo registers answering SHA-256: {:#?}\n{}",
-        bridge.logs(),
-        kamailio.log()
-    );
+    assert_echo_registers(&bridge, &kamailio, "echo registers answering SHA-256");
     assert!(bridge.interrupt(), "the bridge exits cleanly on Ctrl-C");
     assert!(
         bridge
             .logs()
             .iter()
-            .any(|l| l.contains("registration echo@") && l.ends_with(": unregistered")),
+            .any(|l| echo_registration_is(l, "unregistered")),
         "the un-REGISTER is accepted too: {:#?}",
         bridge.logs()
     );
@@ -183,15 +163,27 @@ fn the_bridge_registers_through_its_outbound_proxy() {
         "--register",
         "echo:echopw@pbx.sipcc.invalid",
     ]);
+    assert_echo_registers(&bridge, &kamailio, "echo registers through the proxy");
+}
+
+/// The bridge registers its account echo at Kamailio within 10 s; `what`
+/// says how, in the failure with both logs.
+fn assert_echo_registers(bridge: &BridgeProcess, kamailio: &KamailioProcess, what: &str) {
     assert!(
         bridge
             .wait_for_log(
-                |l| l.contains("registration echo@") && l.ends_with(": registered"),
+                |l| echo_registration_is(l, "registered"),
                 Duration::from_secs(10)
             )
             .is_some(),
-        "echo registers through the proxy: {:#?}\n{}",
+        "{what}: {:#?}\n{}",
         bridge.logs(),
         kamailio.log()
     );
+}
+
+/// `line` of the bridge's log reports its account echo's registration in
+/// `state`.
+fn echo_registration_is(line: &str, state: &str) -> bool {
+    line.contains("registration echo@") && line.ends_with(&format!(": {state}"))
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rsipstack::dialog::authenticate::Credential;
 use rsipstack::dialog::registration::{RefreshOutcome, Registration};
-use rsipstack::sip::{Host, Transport};
+use rsipstack::sip::Host;
 use rsipstack::transaction::endpoint::EndpointInnerRef;
 use rsipstack::transport::SipAddr;
 use tokio::task::JoinHandle;
@@ -149,12 +149,11 @@ pub fn spawn(
 
 /// The address of `proxy`, its port or SIP's default.
 async fn proxy_socket(proxy: &SipAddr) -> Result<SocketAddr, String> {
-    let secure = proxy.r#type == Some(Transport::Tls);
     let port = proxy
         .addr
         .port
-        .map(u16::from)
-        .unwrap_or(if secure { 5061 } else { 5060 });
+        .unwrap_or_else(|| proxy.r#type.unwrap_or_default().default_port())
+        .into();
     match &proxy.addr.host {
         Host::IpAddr(ip) => Ok(SocketAddr::new(*ip, port)),
         Host::Domain(name) => tokio::net::lookup_host((name.to_string(), port))
