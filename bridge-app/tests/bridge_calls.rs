@@ -1833,29 +1833,46 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
 }
 
 /// The SIP server named by its domain alone, as hosted PBXs and SIP trunks
-/// are: found by its DNS SRV records (RFC 3263, from a real DNS server), or
-/// reached through the outbound proxy (which was silently ignored unless
-/// written as IP:port). Either way the app's call reaches alice's phone
-/// there, named at the domain.
+/// are: found by its DNS SRV records (RFC 3263, from a real DNS server),
+/// the next server tried when one is silent or answers 503, or reached
+/// through the outbound proxy (which was silently ignored unless written
+/// as IP:port). Either way the app's call reaches alice's phone there,
+/// named at the domain.
 #[test]
 fn an_app_call_reaches_a_sip_server_by_its_srv_records_or_its_outbound_proxy() {
     let _serial = one_at_a_time();
     let by_srv = PhoneAtDomain::with_sip(&tempdir(), |_| "domain = \"pbx.sipcc.test\"".into());
+    // The domain's first server is silent, its second out of service.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let unavailable_port = support::free_port();
+    let srv = |port: u16, priority: u16| {
+        format!("--srv-host=_sip._udp.pbx.sipcc.test,sbc.sipcc.test,{port},{priority},50")
+    };
     let dns = Dnsmasq::start(&[
-        format!(
-            "--srv-host=_sip._udp.pbx.sipcc.test,sbc.sipcc.test,{},10,50",
-            by_srv.sip_port
-        ),
+        srv(silent.local_addr().unwrap().port(), 10),
+        srv(unavailable_port, 20),
+        srv(by_srv.sip_port, 30),
         "--host-record=sbc.sipcc.test,127.0.0.1".into(),
     ]);
     let bridge =
         BridgeProcess::start_resolving_with(&dns, &["--config", by_srv.config.to_str().unwrap()]);
+    let unavailable = sipp_server(unavailable_port, "unavailable-server.xml", &[]);
     app_call_answered_at(&by_srv, &bridge, &dns.log());
     assert!(
         dns.log().contains("_sip._udp.pbx.sipcc.test"),
         "{}",
         dns.log()
     );
+    let mut invite = [0; 2048];
+    silent.set_nonblocking(true).unwrap();
+    let received = silent.recv(&mut invite).unwrap_or(0);
+    assert!(
+        invite[..received].starts_with(b"INVITE sip:alice@pbx.sipcc.test"),
+        "the first server got the INVITE first: {:?}",
+        String::from_utf8_lossy(&invite[..received])
+    );
+    let (refused, output) = unavailable.join().unwrap();
+    assert!(refused, "the second server was tried next:\n{output}");
     drop(bridge);
 
     let through_proxy = PhoneAtDomain::with_sip(&tempdir(), |sip_port| {
@@ -2158,40 +2175,7 @@ impl PhoneAtDomain {
     /// SIPp answering one call to alice with `scenario` (and `args`); the
     /// thread yields its verdict and output.
     fn answer(&self, scenario: &str, args: &[&str]) -> std::thread::JoinHandle<(bool, String)> {
-        let mut command = std::process::Command::new("sipp");
-        command
-            .arg("-sf")
-            .arg(
-                support::repo_root()
-                    .join("bridge-app/tests/sipp")
-                    .join(scenario),
-            )
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &self.sip_port.to_string(),
-                "-s",
-                "alice",
-            ])
-            .args(args)
-            .args([
-                "-m",
-                "1",
-                "-nostdin",
-                "-timeout",
-                "60s",
-                "-timeout_error",
-                "-trace_err",
-            ])
-            .current_dir(tempdir());
-        std::thread::spawn(move || {
-            let output = command.output().unwrap();
-            (
-                output.status.success(),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-            )
-        })
+        sipp_server(self.sip_port, scenario, args)
     }
 
     /// Bob in Chromium on the bridge's sandbox, his microphone a 660 Hz tone.
@@ -2199,6 +2183,49 @@ impl PhoneAtDomain {
         let sandbox = format!("http://localhost:{}/", self.sandbox_port);
         BrowserPeer::start(&sandbox, "bob", "demo", 660)
     }
+}
+
+/// SIPp on `sip_port` taking one call to alice with `scenario` (and
+/// `args`); the thread yields its verdict and output.
+fn sipp_server(
+    sip_port: u16,
+    scenario: &str,
+    args: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let mut command = std::process::Command::new("sipp");
+    command
+        .arg("-sf")
+        .arg(
+            support::repo_root()
+                .join("bridge-app/tests/sipp")
+                .join(scenario),
+        )
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &sip_port.to_string(),
+            "-s",
+            "alice",
+        ])
+        .args(args)
+        .args([
+            "-m",
+            "1",
+            "-nostdin",
+            "-timeout",
+            "60s",
+            "-timeout_error",
+            "-trace_err",
+        ])
+        .current_dir(tempdir());
+    std::thread::spawn(move || {
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    })
 }
 
 /// Bob's browser places a video call to alice, whose phone (SIPp answering

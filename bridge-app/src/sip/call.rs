@@ -4,6 +4,7 @@
 //! UPDATE (hold, resume, new address or codec, refreshes, offers in ACK),
 //! INFO DTMF, RTP timeout, session expiry, shutdown.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +36,7 @@ use super::session_timer::{Refresher, SessionTimer};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
     ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, cseq_of, phone_route, refuse,
-    reply, source_of, warning,
+    reply, servers_of, source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -80,6 +81,11 @@ impl OfferProfile {
         offer_answer::profile_name(self.srtp, self.feedback)
     }
 }
+
+/// How long a SIP server may leave the bridge's INVITE unanswered (not
+/// even 100 Trying, due within 200 ms: RFC 3261 §16.2) before the call
+/// goes to the domain's next server, when it has one.
+const SERVER_SILENCE: Duration = Duration::from_secs(4);
 
 /// Redirections (3xx) followed for one outbound call.
 const MAX_REDIRECTS: u32 = 3;
@@ -2170,7 +2176,30 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     let mut untried = profiles[1..].iter().copied();
     let (mut offer, capabilities, offered_crypto) = offer_in(profile);
     let credential = trunk_credential(&shared);
-    let invite_option = |callee: rsipstack::sip::Uri, offer: &str| -> anyhow::Result<_> {
+    // A SIP server named in DNS may have several addresses (SRV targets by
+    // priority, then its addresses): the call goes to the first, then to
+    // the next while one stays silent, cannot be reached or answers 503
+    // (RFC 3263 §4.3).
+    let proxy = destination;
+    let mut servers = match &proxy {
+        Some(proxy) => servers_of(&shared, proxy).await,
+        None => match SipAddr::try_from(&callee_uri) {
+            Ok(mut next_hop) => {
+                if callee_uri.scheme == Some(rsipstack::sip::Scheme::Sips) {
+                    next_hop
+                        .r#type
+                        .get_or_insert(rsipstack::sip::Transport::Tls);
+                }
+                servers_of(&shared, &next_hop).await
+            }
+            Err(_) => VecDeque::new(),
+        },
+    };
+    let mut destination = servers.pop_front().or_else(|| proxy.clone());
+    let invite_option = |callee: rsipstack::sip::Uri,
+                         offer: &str,
+                         destination: &Option<SipAddr>|
+     -> anyhow::Result<_> {
         Ok(rsipstack::dialog::invitation::InviteOption {
             caller_display_name: from_display.clone(),
             caller: caller.uri.as_str().try_into()?,
@@ -2185,9 +2214,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         })
     };
     info!("call {call_id}: {} calls {target}", app.describe());
-    let (dialog, mut invite) = shared
-        .dialogs
-        .do_invite_async(invite_option(callee_uri.clone(), &offer)?, state_sender)?;
+    let (dialog, mut invite) = shared.dialogs.do_invite_async(
+        invite_option(callee_uri.clone(), &offer, &destination)?,
+        state_sender,
+    )?;
     let mut callee_uri = callee_uri;
     let mut states = states;
     let mut call = Call {
@@ -2239,10 +2269,18 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     let response = loop {
         let no_answer = tokio::time::sleep(config.no_answer_timeout);
         tokio::pin!(no_answer);
+        let silence = tokio::time::sleep(SERVER_SILENCE);
+        tokio::pin!(silence);
+        let mut heard = false;
         let outcome = loop {
             tokio::select! {
                 result = &mut invite => break result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
+                () = &mut silence, if !heard && !servers.is_empty() => {
+                    invite.abort();
+                    break Err(anyhow::anyhow!("no response within {SERVER_SILENCE:?}"));
+                }
                 Some(state) = states.recv() => {
+                    heard |= matches!(state, DialogState::Trying(_) | DialogState::Early(..));
                     // 18x: the app keeps ringing (its SDK has no progress signal).
                     if let DialogState::Early(_, progress) = state {
                         let with_sdp = !progress.body.is_empty();
@@ -2285,58 +2323,78 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 }
             }
         };
-        let response = match outcome {
-            Ok((_, Some(response))) => response,
-            Ok((_, None)) => {
-                app.refuse(408, "no final response");
-                call.finish(408, "no final response".into());
-                return Ok(());
+        let server_failed = match &outcome {
+            Err(e) => Some(e.to_string()),
+            Ok((_, Some(response))) if response.status_code == StatusCode::ServiceUnavailable => {
+                Some(response.status_code.to_string())
             }
-            Err(e) => {
-                app.refuse(503, &format!("{e}"));
-                call.finish(503, format!("{e}"));
-                return Ok(());
+            Ok(_) => None,
+        };
+        if let Some(why) = server_failed
+            && let Some(server) = servers.pop_front()
+        {
+            if let Some(failed) = &destination {
+                info!("call {call_id}: {failed} failed ({why}); trying {server}");
             }
-        };
-        // 3xx: try the first Contact, a few times at most (RFC 3261 §8.1.3.4).
-        let status = u16::from(response.status_code.clone());
-        let redirect = (300..400)
-            .contains(&status)
-            .then(|| response.contact_header().ok()?.typed().ok())
-            .flatten()
-            .filter(|_| redirects < MAX_REDIRECTS);
-        // A phone set to take only SRTP, or only RTCP feedback, refuses
-        // offers in the other profiles as not acceptable.
-        let next_profile = if matches!(status, 488 | 606) {
-            untried.next()
+            destination = Some(server);
         } else {
-            None
-        };
-        if let Some(contact) = redirect {
-            redirects += 1;
-            info!("call {call_id}: {status}, redirected to {}", contact.uri);
-            callee_uri = contact.uri;
-        } else if let Some(next) = next_profile {
-            info!(
-                "call {call_id}: {target} answered {status} to {}; offering {}",
-                profile.name(),
-                next.name()
-            );
-            profile = next;
-            let (sdp, capabilities, crypto) = offer_in(profile);
-            offer = sdp;
-            call.capabilities = capabilities;
-            call.offered_crypto = crypto;
-            call.offered_feedback = profile.feedback;
-        } else {
-            break response;
+            let response = match outcome {
+                Ok((_, Some(response))) => response,
+                Ok((_, None)) => {
+                    app.refuse(408, "no final response");
+                    call.finish(408, "no final response".into());
+                    return Ok(());
+                }
+                Err(e) => {
+                    app.refuse(503, &format!("{e}"));
+                    call.finish(503, format!("{e}"));
+                    return Ok(());
+                }
+            };
+            // 3xx: try the first Contact, a few times at most (RFC 3261 §8.1.3.4).
+            let status = u16::from(response.status_code.clone());
+            let redirect = (300..400)
+                .contains(&status)
+                .then(|| response.contact_header().ok()?.typed().ok())
+                .flatten()
+                .filter(|_| redirects < MAX_REDIRECTS);
+            // A phone set to take only SRTP, or only RTCP feedback, refuses
+            // offers in the other profiles as not acceptable.
+            let next_profile = if matches!(status, 488 | 606) {
+                untried.next()
+            } else {
+                None
+            };
+            if let Some(contact) = redirect {
+                redirects += 1;
+                info!("call {call_id}: {status}, redirected to {}", contact.uri);
+                callee_uri = contact.uri;
+                // The new target's own server, through the proxy if any.
+                destination = proxy.clone();
+                servers.clear();
+            } else if let Some(next) = next_profile {
+                info!(
+                    "call {call_id}: {target} answered {status} to {}; offering {}",
+                    profile.name(),
+                    next.name()
+                );
+                profile = next;
+                let (sdp, capabilities, crypto) = offer_in(profile);
+                offer = sdp;
+                call.capabilities = capabilities;
+                call.offered_crypto = crypto;
+                call.offered_feedback = profile.feedback;
+            } else {
+                break response;
+            }
         }
         early_answer = None;
         let (sender, receiver) = shared.dialogs.new_dialog_state_channel();
         states = receiver;
-        let (dialog, next) = shared
-            .dialogs
-            .do_invite_async(invite_option(callee_uri.clone(), &offer)?, sender)?;
+        let (dialog, next) = shared.dialogs.do_invite_async(
+            invite_option(callee_uri.clone(), &offer, &destination)?,
+            sender,
+        )?;
         call.dialog = dialog;
         invite = next;
         // The dialog a pickup would name is gone.

@@ -2,7 +2,7 @@
 //! every incoming request — new calls to [`super::call`], requests inside a
 //! dialog to the dialog, OPTIONS answered, the rest refused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +15,9 @@ use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::Dialog;
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
+use rsipstack::resolver::SipResolver;
 use rsipstack::sip::prelude::HeadersExt;
-use rsipstack::sip::{Header, Method, StatusCode};
+use rsipstack::sip::{Header, Host, Method, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
@@ -53,6 +54,8 @@ pub(super) struct Shared {
     /// progress go on.
     pub draining: AtomicBool,
     pub registrar: Option<Registrar>,
+    /// Finds the SIP servers of a domain (RFC 3263).
+    pub resolver: SipResolver,
 }
 
 /// A call in progress as the rest of the bridge sees it.
@@ -232,6 +235,7 @@ impl UserAgent {
             calls: Mutex::default(),
             shutdown: shutdown.clone(),
             draining: AtomicBool::new(false),
+            resolver: SipResolver::new(),
         });
 
         let registration_stop = CancellationToken::new();
@@ -433,6 +437,34 @@ pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
         (None, None) => return None,
     };
     Some((target, shared.config.outbound_proxy.clone()))
+}
+
+/// The servers a request to `next_hop` may go to, in the order to try them
+/// (RFC 3263: SRV targets by priority and weight, then the name's
+/// addresses); none when `next_hop` is an address, or when the name is not
+/// found (the transport layer then reports why).
+pub(super) async fn servers_of(shared: &Shared, next_hop: &SipAddr) -> VecDeque<SipAddr> {
+    let Host::Domain(domain) = &next_hop.addr.host else {
+        return VecDeque::new();
+    };
+    let secure = next_hop.r#type == Some(rsipstack::sip::Transport::Tls);
+    match shared
+        .resolver
+        .lookup(domain, next_hop.addr.port, next_hop.r#type, secure)
+        .await
+    {
+        Ok(targets) => targets
+            .into_iter()
+            .map(|target| SipAddr {
+                r#type: Some(target.transport),
+                ..SipAddr::from(target.addr)
+            })
+            .collect(),
+        Err(e) => {
+            debug!("{next_hop}: {e}");
+            VecDeque::new()
+        }
+    }
 }
 
 /// A Warning header (RFC 3261 §20.43) saying why, as this bridge (399:
