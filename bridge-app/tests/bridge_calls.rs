@@ -1224,6 +1224,54 @@ fn bob_calls_registered_alice(bridge: &BridgeProcess, video: bool) -> BrowserPee
     bob
 }
 
+/// Phones behind a NAT name their private address in Via and Contact
+/// (here 192.0.2.10, which reaches nothing): the bridge's registrar keeps
+/// where each REGISTER came from, and the app's call reaches the phone
+/// there: over UDP at the address and port its packets come from, over
+/// TCP on the connection it registered on.
+#[test]
+fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    for (sipp_transport, transport) in [("u1", "UDP"), ("t1", "TCP")] {
+        let address = bridge.address();
+        let phone = std::thread::spawn(move || {
+            let answer = support::repo_root().join("bridge-app/tests/sipp/answer-behind-nat.xml");
+            let args = [
+                "-au",
+                "alice",
+                "-ap",
+                "demo",
+                "-t",
+                sipp_transport,
+                "-oocsf",
+                answer.to_str().unwrap(),
+            ];
+            sipp("register-behind-nat.xml", &address, "alice", &args)
+        });
+        bridge
+            .wait_for_log(
+                |l| {
+                    l.contains("registrar: alice registered at sip:alice@192.0.2.10")
+                        && l.contains(&format!("transport={transport} (reached at "))
+                },
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("alice registers over {transport}: {:#?}", bridge.logs()));
+        let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+        let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+        bob.command(json!({"op": "call", "to": "alice"}));
+        bob.wait_event("accepted", Duration::from_secs(15));
+        bob.command(json!({"op": "hangUp"}));
+        let (success, output) = phone.join().unwrap();
+        assert!(
+            success,
+            "over {transport}, the phone took the app's call where it registered from:\n{output}\n{:#?}",
+            bridge.logs()
+        );
+    }
+}
+
 /// A bridge behind a NAT, told of a STUN server outside it (a real one,
 /// Kamailio's stun module, beyond the test namespace's NAT: `scripts/lib.sh`),
 /// tells the app where it is seen from: the app gets a server-reflexive

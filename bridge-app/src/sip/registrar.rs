@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use rsipstack::sip::prelude::HeadersExt;
 use rsipstack::sip::{Header, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
+use rsipstack::transport::SipAddr;
+use rsipstack::transport::connection::SipConnection;
 use tracing::info;
 
 use super::admission::{Admission, Verdict};
@@ -21,6 +23,11 @@ const MAX_EXPIRES: u32 = 3600;
 pub struct Binding {
     /// The phone's Contact URI.
     pub contact: String,
+    /// Where its REGISTER came from, where requests to it go: a phone
+    /// behind a NAT names its private address in Contact, and one on TCP
+    /// or TLS is reached over the connection it opened (as Kamailio's
+    /// `fix_nated_register` and Asterisk's `rewrite_contact` do).
+    pub source: Option<SipAddr>,
     expires_at: Instant,
 }
 
@@ -97,16 +104,21 @@ impl Registrar {
         let expires = expires.min(MAX_EXPIRES);
         let binding = Binding {
             contact: contact.clone(),
+            source: request_source(tx),
             expires_at: Instant::now() + Duration::from_secs(expires.into()),
+        };
+        let reached = match &binding.source {
+            Some(source) => format!(" (reached at {source})"),
+            None => String::new(),
         };
         let fresh = self
             .bindings
             .lock()
             .unwrap()
-            .insert(key.clone(), binding)
-            .is_none_or(|old| old.contact != contact);
+            .insert(key.clone(), binding.clone())
+            .is_none_or(|old| (old.contact, old.source) != (binding.contact, binding.source));
         if fresh {
-            info!("registrar: {user} registered at {contact} for {expires} s");
+            info!("registrar: {user} registered at {contact}{reached} for {expires} s");
         }
         let headers = self.contact_headers(&key);
         reply(tx, StatusCode::OK, headers).await;
@@ -127,6 +139,19 @@ impl Registrar {
             })
             .unwrap_or_default()
     }
+}
+
+/// Where a request came from, as responses go back (RFC 3261 §18.2.2,
+/// RFC 3581): the peer of its connection, or the source the transport
+/// wrote into its top Via (`received`, `rport`).
+fn request_source(tx: &Transaction) -> Option<SipAddr> {
+    let connection = tx.connection.as_ref()?;
+    if connection.is_reliable() {
+        return connection.get_remote_addr().cloned();
+    }
+    let via = tx.original.via_header().ok()?;
+    let (transport, addr) = SipConnection::parse_target_from_via(via).ok()?;
+    Some(SipAddr::new(transport, addr))
 }
 
 /// The URI and `expires` parameter of a Contact value (first contact only).

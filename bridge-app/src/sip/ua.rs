@@ -427,16 +427,17 @@ pub fn proxy_address(text: &str) -> Result<SipAddr, String> {
     Ok(address)
 }
 
-/// Where `user`'s phone is called: its registration with the bridge, else
-/// `sip:<user>@<sip.domain>`; `None` without either.
+/// Where `user`'s phone is called: its registration with the bridge (sent
+/// where it registered from), else `sip:<user>@<sip.domain>` (through the
+/// outbound proxy, if any); `None` without either.
 pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
     let registered = shared.registrar.as_ref().and_then(|r| r.lookup(user));
-    let target = match (registered, &shared.config.domain) {
-        (Some(binding), _) => binding.contact,
-        (None, Some(domain)) => format!("sip:{user}@{domain}"),
-        (None, None) => return None,
-    };
-    Some((target, shared.config.outbound_proxy.clone()))
+    let proxy = shared.config.outbound_proxy.clone();
+    match (registered, &shared.config.domain) {
+        (Some(binding), _) => Some((binding.contact, binding.source.or(proxy))),
+        (None, Some(domain)) => Some((format!("sip:{user}@{domain}"), proxy)),
+        (None, None) => None,
+    }
 }
 
 /// The servers a request to `next_hop` may go to, in the order to try them
