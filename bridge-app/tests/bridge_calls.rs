@@ -1272,6 +1272,38 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
     }
 }
 
+/// A phone behind a NAT calls an app user (its Via and Contact name its
+/// private address); the app hangs up, and the bridge's BYE reaches the
+/// phone where its INVITE came from: over UDP at the address and port its
+/// packets come from, over TCP on its connection.
+#[test]
+fn a_phone_behind_a_nat_gets_the_bridges_bye() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let mut alice = alice_answering(&bridge, true);
+    for (sipp_transport, transport) in [("u1", "UDP"), ("t1", "TCP")] {
+        let connected = alice.count_events("connection");
+        let address = bridge.address();
+        let phone = std::thread::spawn(move || {
+            sipp(
+                "call-behind-nat.xml",
+                &address,
+                "alice",
+                &["-t", sipp_transport],
+            )
+        });
+        alice.wait_for_more("connection", connected, Duration::from_secs(15));
+        std::thread::sleep(Duration::from_secs(1));
+        alice.command(json!({"op": "hangUp"}));
+        let (success, output) = phone.join().unwrap();
+        assert!(
+            success,
+            "over {transport}, the BYE reached the phone where it called from:\n{output}\n{:#?}",
+            bridge.logs()
+        );
+    }
+}
+
 /// A bridge behind a NAT, told of a STUN server outside it (a real one,
 /// Kamailio's stun module, beyond the test namespace's NAT: `scripts/lib.sh`),
 /// tells the app where it is seen from: the app gets a server-reflexive

@@ -36,7 +36,7 @@ use super::session_timer::{Refresher, SessionTimer};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
     ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, cseq_of, phone_route, refuse,
-    reply, servers_of, source_of, warning,
+    reply, server_invite, servers_of, source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -408,12 +408,7 @@ async fn answer_call(
     let phone_allows_update = allows(&tx.original, "UPDATE");
     let reliable_ringing = required_tags(&tx.original).iter().any(|t| t == "100rel");
     let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
-    let dialog = shared.dialogs.get_or_create_server_invite(
-        &tx,
-        state_sender,
-        None,
-        Some(shared.contact.clone()),
-    )?;
+    let dialog = server_invite(&shared, &tx, state_sender)?;
     let mut driver = dialog.clone();
     tokio::spawn(async move {
         // Sends 100 Trying, retransmits responses, takes the ACK or CANCEL.
@@ -1862,13 +1857,7 @@ impl Call {
             }
         };
         let (state_sender, states) = self.shared.dialogs.new_dialog_state_channel();
-        let created = self.shared.dialogs.get_or_create_server_invite(
-            &tx,
-            state_sender,
-            None,
-            Some(self.shared.contact.clone()),
-        );
-        let dialog = match created {
+        let dialog = match server_invite(&self.shared, &tx, state_sender) {
             Ok(dialog) => dialog,
             Err(e) => {
                 warn!(

@@ -2,18 +2,18 @@
 //! phones REGISTER with digest, and calls from the app side find them here.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rsipstack::sip::prelude::HeadersExt;
-use rsipstack::sip::{Header, StatusCode};
+use rsipstack::sip::{Header, StatusCode, Uri};
+use rsipstack::transaction::endpoint::TargetLocator;
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::SipAddr;
-use rsipstack::transport::connection::SipConnection;
 use tracing::info;
 
 use super::admission::{Admission, Verdict};
-use super::ua::{refuse, reply, source_of};
+use super::ua::{port, refuse, reply, request_source, source_of};
 
 const MIN_EXPIRES: u32 = 60;
 const MAX_EXPIRES: u32 = 3600;
@@ -23,12 +23,16 @@ const MAX_EXPIRES: u32 = 3600;
 pub struct Binding {
     /// The phone's Contact URI.
     pub contact: String,
-    /// Where its REGISTER came from, where requests to it go: a phone
-    /// behind a NAT names its private address in Contact, and one on TCP
-    /// or TLS is reached over the connection it opened (as Kamailio's
-    /// `fix_nated_register` and Asterisk's `rewrite_contact` do).
-    pub source: Option<SipAddr>,
+    /// Where its REGISTER came from, where requests to its Contact go
+    /// ([`RegisteredContacts`]).
+    source: Option<SipAddr>,
     expires_at: Instant,
+}
+
+impl Binding {
+    fn is_live(&self) -> bool {
+        self.expires_at > Instant::now()
+    }
 }
 
 #[derive(Default)]
@@ -42,8 +46,19 @@ impl Registrar {
         let bindings = self.bindings.lock().unwrap();
         bindings
             .get(&user.to_ascii_lowercase())
-            .filter(|b| b.expires_at > Instant::now())
+            .filter(|b| b.is_live())
             .cloned()
+    }
+
+    /// Where the phone whose live registration names `uri` as its Contact
+    /// registered from.
+    fn source_of_contact(&self, uri: &Uri) -> Option<SipAddr> {
+        let bindings = self.bindings.lock().unwrap();
+        bindings
+            .values()
+            .filter(|b| b.is_live())
+            .find(|b| Uri::try_from(b.contact.as_str()).is_ok_and(|c| same_contact(&c, uri)))
+            .and_then(|b| b.source.clone())
     }
 
     pub async fn handle(&self, admission: &Admission, tx: &mut Transaction) {
@@ -141,17 +156,31 @@ impl Registrar {
     }
 }
 
-/// Where a request came from, as responses go back (RFC 3261 §18.2.2,
-/// RFC 3581): the peer of its connection, or the source the transport
-/// wrote into its top Via (`received`, `rport`).
-fn request_source(tx: &Transaction) -> Option<SipAddr> {
-    let connection = tx.connection.as_ref()?;
-    if connection.is_reliable() {
-        return connection.get_remote_addr().cloned();
+/// Requests to a registered phone's Contact go where its REGISTER came
+/// from, as responses do: a phone behind a NAT names its private address
+/// in Contact, and one on TCP or TLS is reached over the connection it
+/// opened (as Kamailio's registrar with `fix_nated_register`, and Asterisk
+/// with `rewrite_contact`, do). This covers the bridge's INVITEs to it, and
+/// the ACKs and in-dialog requests of its calls either way. Any other URI
+/// is reached as it says.
+pub struct RegisteredContacts(pub Arc<Registrar>);
+
+#[async_trait::async_trait]
+impl TargetLocator for RegisteredContacts {
+    async fn locate(&self, uri: &Uri) -> rsipstack::Result<SipAddr> {
+        match self.0.source_of_contact(uri) {
+            Some(source) => Ok(source),
+            None => SipAddr::try_from(uri),
+        }
     }
-    let via = tx.original.via_header().ok()?;
-    let (transport, addr) = SipConnection::parse_target_from_via(via).ok()?;
-    Some(SipAddr::new(transport, addr))
+}
+
+/// The same user at the same host and port (a missing port is SIP's
+/// default): a phone's Contact may carry other parameters in its INVITEs
+/// and answers than in its REGISTER.
+fn same_contact(a: &Uri, b: &Uri) -> bool {
+    let user = |uri: &Uri| uri.auth.as_ref().map(|auth| auth.user.clone());
+    user(a) == user(b) && a.host_with_port.host == b.host_with_port.host && port(a) == port(b)
 }
 
 /// The URI and `expires` parameter of a Contact value (first contact only).
@@ -175,6 +204,22 @@ fn parse_contact(value: &str) -> (String, Option<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_contact_is_the_same_whatever_its_parameters() {
+        let uri = |text: &str| Uri::try_from(text).unwrap();
+        let registered = uri("sip:alice@192.168.1.10;transport=udp");
+        assert!(same_contact(
+            &registered,
+            &uri("sip:alice@192.168.1.10:5060;ob")
+        ));
+        assert!(!same_contact(&registered, &uri("sip:bob@192.168.1.10")));
+        assert!(!same_contact(
+            &registered,
+            &uri("sip:alice@192.168.1.10:5062")
+        ));
+        assert!(!same_contact(&registered, &uri("sip:alice@192.168.1.11")));
+    }
 
     #[test]
     fn contacts_parse() {

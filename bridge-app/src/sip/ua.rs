@@ -12,13 +12,14 @@ use anyhow::Context;
 use gst::prelude::*;
 use rsipstack::EndpointBuilder;
 use rsipstack::dialog::DialogId;
-use rsipstack::dialog::dialog::Dialog;
+use rsipstack::dialog::dialog::{Dialog, DialogStateSender};
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::resolver::SipResolver;
 use rsipstack::sip::prelude::HeadersExt;
-use rsipstack::sip::{Header, Host, Method, StatusCode};
+use rsipstack::sip::{Header, Host, Method, Scheme, StatusCode, Uri};
 use rsipstack::transaction::transaction::Transaction;
+use rsipstack::transport::connection::SipConnection;
 use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
 use rsipstack::transport::udp::UdpConnection;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
-use super::registrar::Registrar;
+use super::registrar::{RegisteredContacts, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
 use super::{Router, SipConfig, Transport, call};
@@ -53,7 +54,7 @@ pub(super) struct Shared {
     /// Set when the bridge is stopping: new calls are refused, calls in
     /// progress go on.
     pub draining: AtomicBool,
-    pub registrar: Option<Registrar>,
+    pub registrar: Option<Arc<Registrar>>,
     /// Finds the SIP servers of a domain (RFC 3263).
     pub resolver: SipResolver,
 }
@@ -203,7 +204,9 @@ impl UserAgent {
             addresses.push(address);
         }
 
-        let endpoint = EndpointBuilder::new()
+        let registrar = config.registrar.then(|| Arc::new(Registrar::default()));
+        let mut endpoint = EndpointBuilder::new();
+        endpoint
             .with_cancel_token(shutdown.child_token())
             .with_transport_layer(transports)
             .with_user_agent(concat!("sip-cc-bridge/", env!("CARGO_PKG_VERSION")))
@@ -213,8 +216,11 @@ impl UserAgent {
                     .split(", ")
                     .filter_map(|m| m.parse::<Method>().ok())
                     .collect(),
-            )
-            .build();
+            );
+        if let Some(registrar) = &registrar {
+            endpoint.with_target_locator(Box::new(RegisteredContacts(registrar.clone())));
+        }
+        let endpoint = endpoint.build();
         let mut incoming = endpoint.incoming_transactions()?;
         let dialogs = Arc::new(DialogLayer::new(endpoint.inner.clone()));
         let first = addresses.first().context("sip: no listener configured")?;
@@ -226,7 +232,7 @@ impl UserAgent {
             .context("cannot build the Contact URI")?;
         let shared = Arc::new(Shared {
             admission: Admission::new(config.admission.clone()),
-            registrar: config.registrar.then(Registrar::default),
+            registrar,
             config,
             router,
             dialogs,
@@ -427,15 +433,18 @@ pub fn proxy_address(text: &str) -> Result<SipAddr, String> {
     Ok(address)
 }
 
-/// Where `user`'s phone is called: its registration with the bridge (sent
-/// where it registered from), else `sip:<user>@<sip.domain>` (through the
-/// outbound proxy, if any); `None` without either.
+/// Where `user`'s phone is called: its registration with the bridge
+/// (reached where it registered from: `RegisteredContacts`), else
+/// `sip:<user>@<sip.domain>` (through the outbound proxy, if any); `None`
+/// without either.
 pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
     let registered = shared.registrar.as_ref().and_then(|r| r.lookup(user));
-    let proxy = shared.config.outbound_proxy.clone();
     match (registered, &shared.config.domain) {
-        (Some(binding), _) => Some((binding.contact, binding.source.or(proxy))),
-        (None, Some(domain)) => Some((format!("sip:{user}@{domain}"), proxy)),
+        (Some(binding), _) => Some((binding.contact, None)),
+        (None, Some(domain)) => Some((
+            format!("sip:{user}@{domain}"),
+            shared.config.outbound_proxy.clone(),
+        )),
         (None, None) => None,
     }
 }
@@ -487,6 +496,89 @@ pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
         .and_then(|c| c.get_remote_addr())
         .and_then(|addr| SocketAddr::try_from(addr.addr.clone()).ok())
         .map(|addr| addr.ip())
+}
+
+/// Where a request came from, as responses go back (RFC 3261 §18.2.2,
+/// RFC 3581): the peer of its connection, or the source the transport
+/// wrote into its top Via (`received`, `rport`).
+pub(super) fn request_source(tx: &Transaction) -> Option<SipAddr> {
+    let connection = tx.connection.as_ref()?;
+    if connection.is_reliable() {
+        return connection.get_remote_addr().cloned();
+    }
+    let via = tx.original.via_header().ok()?;
+    let (transport, addr) = SipConnection::parse_target_from_via(via).ok()?;
+    Some(SipAddr::new(transport, addr))
+}
+
+/// The port of `uri`, SIP's default when it names none.
+pub(super) fn port(uri: &Uri) -> u16 {
+    uri.host_with_port
+        .port
+        .map(u16::from)
+        .unwrap_or(if uri.scheme == Some(Scheme::Sips) {
+            5061
+        } else {
+            5060
+        })
+}
+
+/// The dialog of an INVITE the bridge answers. A phone that sent it
+/// straight (one Via) over UDP from another address than its Contact names
+/// is behind a NAT: the bridge's requests in the call go where it sent
+/// from, as responses do (as Kamailio's `fix_nated_contact` does).
+pub(super) fn server_invite(
+    shared: &Shared,
+    tx: &Transaction,
+    states: DialogStateSender,
+) -> anyhow::Result<InviteDialog> {
+    let dialog = shared.dialogs.get_or_create_server_invite(
+        tx,
+        states,
+        None,
+        Some(shared.contact.clone()),
+    )?;
+    if let Some(target) = behind_nat(tx) {
+        debug!(
+            "{}: the caller is behind a NAT, reached at {target}",
+            tx.original.uri
+        );
+        Dialog::Invite(dialog.clone())
+            .set_remote_target(target, tx.original.contact_header().ok().cloned());
+    }
+    Ok(dialog)
+}
+
+/// The Contact of a request sent straight over UDP, at the address it came
+/// from, when it names another one.
+fn behind_nat(tx: &Transaction) -> Option<Uri> {
+    if tx.connection.as_ref()?.is_reliable() {
+        return None;
+    }
+    let vias: usize = tx
+        .original
+        .headers
+        .iter()
+        .filter_map(|header| match header {
+            Header::Via(via) => Some(via.value().split(',').count()),
+            _ => None,
+        })
+        .sum();
+    let source = request_source(tx)?;
+    let mut contact = tx
+        .original
+        .typed_contact_headers()
+        .ok()?
+        .into_iter()
+        .next()?
+        .uri;
+    let reached_as_named = contact.host_with_port.host == source.addr.host
+        && Some(port(&contact)) == source.addr.port.map(u16::from);
+    if vias != 1 || reached_as_named {
+        return None;
+    }
+    contact.host_with_port = source.addr;
+    Some(contact)
 }
 
 async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
