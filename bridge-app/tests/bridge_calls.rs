@@ -1272,6 +1272,52 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
     }
 }
 
+/// The app is told the caller the SIP side vouches for: a trusted server's
+/// asserted identity (P-Asserted-Identity, as carriers send behind an
+/// anonymous From) unless the caller withholds it (`Privacy: id`); and a
+/// phone that authenticated calls as its own user, whatever its From says
+/// (an office phone cannot pose as another user's).
+#[test]
+fn the_app_is_told_the_caller_the_sip_side_vouches_for() {
+    let _serial = one_at_a_time();
+    let last_incoming_call = |alice: &mut BrowserPeer| {
+        let events = alice.command(json!({"op": "events"}));
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|e| e["kind"] == "incoming call")
+            .map(|e| e["detail"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let bridge = BridgeProcess::start(&[]);
+    let mut alice = alice_answering(&bridge, false);
+    for (privacy, shown) in [("none", "+4930123456"), ("id", "anonymous")] {
+        let args = ["-key", "privacy", privacy];
+        let (success, output) = sipp("asserted-identity.xml", &bridge.address(), "alice", &args);
+        assert!(success, "{output}");
+        let incoming = last_incoming_call(&mut alice);
+        assert!(
+            incoming.contains(&format!("\"callerNumber\":\"{shown}\"")),
+            "Privacy: {privacy}, the app sees {shown}: {incoming}"
+        );
+    }
+    drop((alice, bridge));
+
+    // Loopback untrusted: SIPp, From "sipp", authenticates as bob.
+    let bridge = BridgeProcess::start(&["--trust", "192.0.2.123"]);
+    let mut alice = alice_answering(&bridge, true);
+    let args = ["-au", "bob", "-ap", "demo"];
+    let (success, output) = sipp("auth.xml", &bridge.address(), "alice", &args);
+    assert!(success, "{output}\n{:#?}", bridge.logs());
+    let incoming = last_incoming_call(&mut alice);
+    assert!(
+        incoming.starts_with("from 1004,") && incoming.contains("\"callerNumber\":\"bob\""),
+        "the call comes from bob's own user: {incoming}"
+    );
+}
+
 /// A phone behind a NAT calls an app user (its Via and Contact name its
 /// private address); the app hangs up, and the bridge's BYE reaches the
 /// phone where its INVITE came from: over UDP at the address and port its

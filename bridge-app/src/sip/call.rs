@@ -268,11 +268,14 @@ async fn answer_call(
         return Ok(());
     };
     let verdict = shared.admission.check(&tx.original, source);
-    if !matches!(verdict, Verdict::Admit { .. }) {
+    let Verdict::Admit {
+        user: authenticated,
+    } = verdict
+    else {
         info!("call {call_id} from {source}: {verdict:?}");
         refuse(&mut tx, &verdict).await;
         return Ok(());
-    }
+    };
     let unsupported = unsupported_requirements(&tx.original);
     if !unsupported.is_empty() {
         let unsupported = unsupported.join(", ");
@@ -294,7 +297,7 @@ async fn answer_call(
         }
     }
     let started = std::time::SystemTime::now();
-    let caller = caller_of(&tx.original);
+    let caller = calling_party(&tx.original, authenticated.as_deref(), call_id);
     let target = tx
         .original
         .uri
@@ -728,6 +731,100 @@ async fn hand_to_replaced_call(
     };
     info!("call {call_id}: {}, {}", refusal.1, refusal.0);
     reply(&mut tx, refusal.0, vec![warning(399, refusal.1)]).await;
+}
+
+/// Who calls, as the app is told: the user a phone authenticated as,
+/// whatever its From says; from a trusted server (a PBX, a SIP trunk), the
+/// identity it asserts (P-Asserted-Identity, RFC 3325) unless the caller
+/// withholds it (`Privacy: id`, RFC 3323), else its From.
+fn calling_party(request: &Request, authenticated: Option<&str>, call_id: &str) -> Caller {
+    let from = caller_of(request);
+    match authenticated {
+        Some(user) if from.user.eq_ignore_ascii_case(user) => from,
+        Some(user) => {
+            info!(
+                "call {call_id}: From names {:?}, the caller authenticated as {user:?}",
+                from.user
+            );
+            let host = from.uri.split_once('@').map_or("", |(_, host)| host);
+            Caller {
+                user: user.to_owned(),
+                uri: format!("sip:{user}@{host}"),
+                ..from
+            }
+        }
+        None => asserted_identity(request).unwrap_or(from),
+    }
+}
+
+/// The caller a trusted server asserts: the first `P-Asserted-Identity`
+/// value naming a SIP or tel URI; none when the caller withholds its
+/// identity (`Privacy: id`).
+fn asserted_identity(request: &Request) -> Option<Caller> {
+    let values = |name: &'static str| {
+        request
+            .headers
+            .iter()
+            .filter(move |header| header.name().eq_ignore_ascii_case(name))
+            .map(|header| header.value())
+    };
+    let withheld = values("Privacy")
+        .flat_map(|privacy| privacy.split(';'))
+        .any(|token| token.trim().eq_ignore_ascii_case("id"));
+    if withheld {
+        return None;
+    }
+    values("P-Asserted-Identity")
+        .flat_map(name_addrs)
+        .find_map(|value| {
+            let (display_name, uri) = name_addr(value);
+            let (scheme, rest) = uri.split_once(':')?;
+            let user = match scheme.to_ascii_lowercase().as_str() {
+                "sip" | "sips" => rest.split_once('@')?.0,
+                "tel" => rest,
+                _ => return None,
+            };
+            let user = user.split(';').next()?.trim();
+            (!user.is_empty()).then(|| Caller {
+                user: user.to_owned(),
+                display_name,
+                uri: uri.to_owned(),
+            })
+        })
+}
+
+/// The values of a header listing name-addrs, split at the commas outside
+/// quotes and angle brackets.
+fn name_addrs(list: &str) -> Vec<&str> {
+    let (mut values, mut start, mut quoted, mut bracketed) = (Vec::new(), 0, false, false);
+    for (at, c) in list.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => bracketed = true,
+            '>' if !quoted => bracketed = false,
+            ',' if !quoted && !bracketed => {
+                values.push(list[start..at].trim());
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    values.push(list[start..].trim());
+    values
+}
+
+/// The display name and URI of `"Name" <uri>` or a bare URI.
+fn name_addr(value: &str) -> (Option<String>, &str) {
+    match (value.find('<'), value.rfind('>')) {
+        (Some(open), Some(close)) if open < close => {
+            let name = value[..open].trim().trim_matches('"').trim();
+            (
+                (!name.is_empty()).then(|| name.to_owned()),
+                value[open + 1..close].trim(),
+            )
+        }
+        _ => (None, value.trim()),
+    }
 }
 
 fn caller_of(request: &Request) -> Caller {
@@ -2484,6 +2581,37 @@ mod tests {
             "INFO"
         ));
         assert!(!allows(&invite_with(""), "INFO"));
+    }
+
+    #[test]
+    fn the_caller_is_who_the_sip_side_vouches_for() {
+        let asserted = "P-Asserted-Identity: \"Carol, Sales\" <sip:+4930123456@carrier.example;user=phone>, <tel:+4930123456>\r\n";
+        let caller = calling_party(&invite_with(asserted), None, "c1");
+        assert_eq!(caller.user, "+4930123456");
+        assert_eq!(caller.display_name.as_deref(), Some("Carol, Sales"));
+        let tel = "P-Asserted-Identity: <tel:+4930999;phone-context=example>\r\n";
+        assert_eq!(
+            calling_party(&invite_with(tel), None, "c1").user,
+            "+4930999"
+        );
+        // Withheld, or not the URI of a caller: From.
+        let withheld = format!("{asserted}Privacy: header; id\r\n");
+        assert_eq!(
+            calling_party(&invite_with(&withheld), None, "c1").user,
+            "bob"
+        );
+        let mail = "P-Asserted-Identity: <mailto:carol@example.com>\r\n";
+        assert_eq!(calling_party(&invite_with(mail), None, "c1").user, "bob");
+        // A phone that authenticated is its user, whatever it asserts.
+        let phone = calling_party(&invite_with(asserted), Some("alice"), "c1");
+        assert_eq!(
+            (phone.user.as_str(), phone.uri.as_str()),
+            ("alice", "sip:alice@127.0.0.1")
+        );
+        assert_eq!(
+            calling_party(&invite_with(""), Some("BOB"), "c1").user,
+            "bob"
+        );
     }
 
     #[test]

@@ -19,7 +19,6 @@ use rsipstack::resolver::SipResolver;
 use rsipstack::sip::prelude::HeadersExt;
 use rsipstack::sip::{Header, Host, Method, Scheme, StatusCode, Uri};
 use rsipstack::transaction::transaction::Transaction;
-use rsipstack::transport::connection::SipConnection;
 use rsipstack::transport::tcp_listener::TcpListenerConnection;
 use rsipstack::transport::tls::{TlsConfig, TlsListenerConnection};
 use rsipstack::transport::udp::UdpConnection;
@@ -489,26 +488,17 @@ pub(super) fn cseq_of(request: &rsipstack::sip::Request) -> Option<u32> {
     request.cseq_header().ok().and_then(|c| c.seq().ok())
 }
 
-/// Where a request came from (the transport's peer, else the top Via).
-pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
-    tx.connection
-        .as_ref()
-        .and_then(|c| c.get_remote_addr())
-        .and_then(|addr| SocketAddr::try_from(addr.addr.clone()).ok())
-        .map(|addr| addr.ip())
+/// Where a request came from, where responses go (RFC 3261 §18.2.2,
+/// RFC 3581): its packet's source, or the peer of its connection.
+pub(super) fn request_source(tx: &Transaction) -> Option<SipAddr> {
+    tx.connection.as_ref()?.get_remote_addr().cloned()
 }
 
-/// Where a request came from, as responses go back (RFC 3261 §18.2.2,
-/// RFC 3581): the peer of its connection, or the source the transport
-/// wrote into its top Via (`received`, `rport`).
-pub(super) fn request_source(tx: &Transaction) -> Option<SipAddr> {
-    let connection = tx.connection.as_ref()?;
-    if connection.is_reliable() {
-        return connection.get_remote_addr().cloned();
-    }
-    let via = tx.original.via_header().ok()?;
-    let (transport, addr) = SipConnection::parse_target_from_via(via).ok()?;
-    Some(SipAddr::new(transport, addr))
+/// The address a request came from.
+pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
+    request_source(tx)
+        .and_then(|source| SocketAddr::try_from(source.addr).ok())
+        .map(|source| source.ip())
 }
 
 /// The port of `uri`, SIP's default when it names none.
