@@ -13,10 +13,11 @@ use rsipstack::transport::SipAddr;
 use tracing::info;
 
 use super::admission::{Admission, Verdict};
-use super::ua::{port, refuse, reply, request_source, source_of};
+use super::ua::{behind_nat, port, refuse, reply, request_source, source_of};
 
 const MIN_EXPIRES: u32 = 60;
 const MAX_EXPIRES: u32 = 3600;
+const NAT_MAX_EXPIRES: u32 = 60;
 
 /// Where a registered extension is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +117,14 @@ impl Registrar {
             reply(tx, StatusCode::IntervalTooBrief, headers).await;
             return;
         }
-        let expires = expires.min(MAX_EXPIRES);
+        // Behind a NAT over UDP, the phone's refreshes also keep the NAT's
+        // mapping open, which many routers close after a minute or two.
+        let longest = if behind_nat(tx).is_some() {
+            NAT_MAX_EXPIRES
+        } else {
+            MAX_EXPIRES
+        };
+        let expires = expires.min(longest);
         let binding = Binding {
             contact: contact.clone(),
             source: request_source(tx),

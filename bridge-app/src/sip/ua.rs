@@ -541,7 +541,7 @@ pub(super) fn server_invite(
 
 /// The Contact of a request sent straight over UDP, at the address it came
 /// from, when it names another one.
-fn behind_nat(tx: &Transaction) -> Option<Uri> {
+pub(super) fn behind_nat(tx: &Transaction) -> Option<Uri> {
     if tx.connection.as_ref()?.is_reliable() {
         return None;
     }
