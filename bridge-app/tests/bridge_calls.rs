@@ -1262,10 +1262,7 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
                 Duration::from_secs(10),
             )
             .unwrap_or_else(|| panic!("alice registers over {transport}: {:#?}", bridge.logs()));
-        let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
-        let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
-        bob.command(json!({"op": "call", "to": "alice"}));
-        bob.wait_event("accepted", Duration::from_secs(15));
+        let mut bob = bob_calls_registered_alice(&bridge, false);
         bob.command(json!({"op": "hangUp"}));
         let (success, output) = phone.join().unwrap();
         assert!(
