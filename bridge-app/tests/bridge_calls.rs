@@ -1313,10 +1313,22 @@ fn the_app_is_told_the_caller_the_sip_side_vouches_for() {
     let (success, output) = sipp("auth.xml", &bridge.address(), "alice", &args);
     assert!(success, "{output}\n{:#?}", bridge.logs());
     let incoming = last_incoming_call(&mut alice);
+    let bob = format!("from {},", mapped_user_id(&bridge, "bob"));
     assert!(
-        incoming.starts_with("from 1004,") && incoming.contains("\"callerNumber\":\"bob\""),
-        "the call comes from bob's own user: {incoming}"
+        incoming.starts_with(&bob) && incoming.contains("\"callerNumber\":\"bob\""),
+        "the call comes from bob's own user ({bob}): {incoming}"
     );
+}
+
+/// The ConnectyCube user id of `extension`'s mapping, from the bridge's
+/// log (the sandbox numbers users as they sign in).
+fn mapped_user_id(bridge: &BridgeProcess, extension: &str) -> u64 {
+    let mapping = format!("mapping {extension} ↔ ConnectyCube user ");
+    bridge
+        .logs()
+        .iter()
+        .find_map(|l| l.split(&mapping).nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{extension} is mapped: {:#?}", bridge.logs()))
 }
 
 /// A phone behind a NAT calls an app user (its Via and Contact name its
@@ -2773,18 +2785,7 @@ fn a_group_calls_link_without_its_callers_call_does_not_ring_the_phone() {
         ))
     };
     let (carol, mut dave) = (sign_in("carol"), sign_in("dave"));
-    let alice_id: u64 = bridge
-        .logs()
-        .iter()
-        .find_map(|l| {
-            l.split("mapping alice ↔ ConnectyCube user ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("alice is mapped");
+    let alice_id = mapped_user_id(&bridge, "alice");
     let mut link = CallSignal::new(
         SignalType::Call,
         "group-call-1",
