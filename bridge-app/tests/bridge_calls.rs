@@ -1273,6 +1273,107 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
     }
 }
 
+/// An extension with several phones (a desk phone, a softphone, a mobile
+/// client) registered at once: an app's call rings them all. A busy phone
+/// does not end the call; the first to answer takes it, and the one still
+/// ringing is CANCELled. Each phone unregisters its own binding and leaves
+/// the others; once all are gone, the app's call finds no phone.
+#[test]
+fn an_app_call_rings_every_phone_of_the_extension() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&[]);
+    let answering = Phone::new("PCMU", 0, 8000, 523);
+    let answering_port = answering.port().to_string();
+    let phones: Vec<_> = [
+        ("device-rings.xml", String::new()),
+        ("device-busy.xml", String::new()),
+        ("device-answers.xml", answering_port),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(registered, (scenario, phone_port))| {
+        let address = bridge.address();
+        let phone = std::thread::spawn(move || {
+            let scenario = support::repo_root()
+                .join("bridge-app/tests/sipp")
+                .join(scenario);
+            let args = [
+                "-au",
+                "alice",
+                "-ap",
+                "demo",
+                "-oocsf",
+                scenario.to_str().unwrap(),
+            ];
+            let port = ["-key", "phone_port", &phone_port];
+            sipp(
+                "register-device.xml",
+                &address,
+                "alice",
+                &[&args[..], &port].concat(),
+            )
+        });
+        let registrations = bridge.wait_for_logs(
+            |l| l.contains("registrar: alice registered at"),
+            registered + 1,
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            registrations.len(),
+            registered + 1,
+            "each of alice's phones registers: {:#?}",
+            bridge.logs()
+        );
+        phone
+    })
+    .collect();
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "call", "to": "alice"}));
+    let dialled = bridge
+        .wait_for_log(|l| l.contains(" calls sip:alice@"), Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the bridge calls alice: {:#?}", bridge.logs()));
+    assert_eq!(
+        dialled.matches("sip:alice@").count(),
+        3,
+        "every phone of alice's rings: {dialled}"
+    );
+    let call_id = dialled
+        .split("call ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    bob.wait_event("accepted", Duration::from_secs(15));
+    answering.call(bridge.media_port(call_id));
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+    let phone_heard = answering.heard_frequency();
+    bob.command(json!({"op": "hangUp"}));
+    for (phone, role) in phones.into_iter().zip(["ringing", "busy", "answering"]) {
+        let (success, output) = phone.join().unwrap();
+        assert!(
+            success,
+            "the {role} phone's part of the call, then its un-REGISTER:\n{output}\n{:#?}",
+            bridge.logs()
+        );
+    }
+    assert_heard_each_other(app_heard, phone_heard, " (the answering phone)", &bridge);
+    let unregistered = bridge
+        .logs()
+        .iter()
+        .filter(|l| l.contains("registrar: alice unregistered sip:alice@127.0.0.1:"))
+        .count();
+    assert_eq!(
+        unregistered,
+        3,
+        "each phone unregistered itself: {:#?}",
+        bridge.logs()
+    );
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("rejected", Duration::from_secs(15));
+}
+
 /// The app is told the caller the SIP side vouches for: a trusted server's
 /// asserted identity (P-Asserted-Identity, as carriers send behind an
 /// anonymous From) unless the caller withholds it (`Privacy: id`); and a

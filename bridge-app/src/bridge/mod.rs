@@ -507,7 +507,7 @@ async fn dial_out(
         let signals = identity.subscribe(&session);
         let caller_id = received.from_user_id;
         let mut caller = ConnectyCubeCaller::new(identity.clone(), received, signals);
-        let Some((target, destination)) = dialer.route(&extension) else {
+        let Some(route) = dialer.route(&extension) else {
             info!("ConnectyCube user {caller_id} calls {extension}: no phone registered");
             caller.refuse(480, &format!("{extension} has no phone registered"));
             continue;
@@ -517,10 +517,12 @@ async fn dial_out(
             None => (format!("cc-{caller_id}"), None),
         };
         let caller = caller.with_presence(router.identities.presence.in_use(&from_user));
-        info!("ConnectyCube user {caller_id} calls {extension}: dialling {target}");
+        info!(
+            "ConnectyCube user {caller_id} calls {extension}: dialling {}",
+            route.targets.join(", ")
+        );
         dialer.call(OutboundCall {
-            target,
-            destination,
+            route,
             record_to: router.recording_path(
                 &extension,
                 router

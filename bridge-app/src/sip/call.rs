@@ -4,7 +4,6 @@
 //! UPDATE (hold, resume, new address or codec, refreshes, offers in ACK),
 //! INFO DTMF, RTP timeout, session expiry, shutdown.
 
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,18 +16,19 @@ use bridge_protocol::offer_answer::{
 };
 use bridge_protocol::sdes::{CryptoAttribute, CryptoSuite, SrtpKey};
 use bridge_protocol::sdp::{self, Direction};
+use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::{DialogState, TerminatedReason, TransactionHandle};
 use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::prelude::{HeadersExt, ToTypedHeader};
 use rsipstack::sip::{Header, Method, Request, StatusCode};
 use rsipstack::transaction::transaction::Transaction;
-use rsipstack::transport::SipAddr;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
+use super::branch::{Branch, Failure, Invitation, Progress, Streams};
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
@@ -36,7 +36,7 @@ use super::session_timer::{Refresher, SessionTimer};
 use super::transfer::{self, ReferTarget, Replaces};
 use super::ua::{
     ALLOW, LiveCall, PhoneRoute, Replaceable, SUPPORTED, Shared, cseq_of, phone_route, refuse,
-    reply, server_invite, servers_of, source_of, warning,
+    reply, server_invite, source_of, warning,
 };
 use super::video::{AppVideoCodec, CallVideo};
 
@@ -48,47 +48,6 @@ const ICE_TIMEOUT: Duration = Duration::from_secs(20);
 /// up to 64 × T1 in all (RFC 3262 §3).
 const RELIABLE_RESEND_FIRST: Duration = Duration::from_millis(500);
 const RELIABLE_RESEND_LAST: Duration = Duration::from_secs(16);
-
-/// An RTP profile of the bridge's first offer to a phone (RFC 3551, 3711,
-/// 4585).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct OfferProfile {
-    srtp: bool,
-    feedback: bool,
-}
-
-impl OfferProfile {
-    /// The profiles offered in turn while the phone refuses them as not
-    /// acceptable: the configured one, then those of phones set to SRTP
-    /// only or to RTCP feedback only. With `offer_srtp`, never plain RTP.
-    fn in_turn(offer_srtp: bool) -> &'static [OfferProfile] {
-        const AVP: OfferProfile = OfferProfile::new(false, false);
-        const SAVP: OfferProfile = OfferProfile::new(true, false);
-        const AVPF: OfferProfile = OfferProfile::new(false, true);
-        const SAVPF: OfferProfile = OfferProfile::new(true, true);
-        if offer_srtp {
-            &[SAVP, SAVPF]
-        } else {
-            &[AVP, SAVP, AVPF, SAVPF]
-        }
-    }
-
-    const fn new(srtp: bool, feedback: bool) -> Self {
-        Self { srtp, feedback }
-    }
-
-    fn name(self) -> &'static str {
-        offer_answer::profile_name(self.srtp, self.feedback)
-    }
-}
-
-/// How long a SIP server may leave the bridge's INVITE unanswered (not
-/// even 100 Trying, due within 200 ms: RFC 3261 §16.2) before the call
-/// goes to the domain's next server, when it has one.
-const SERVER_SILENCE: Duration = Duration::from_secs(4);
-
-/// Redirections (3xx) followed for one outbound call.
-const MAX_REDIRECTS: u32 = 3;
 
 /// How often a call's RTP statistics are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
@@ -605,17 +564,37 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// or was answered while they waited): 481 for each.
 fn refuse_replacements(pending: &mut mpsc::UnboundedReceiver<Transaction>, why: &'static str) {
     pending.close();
-    while let Ok(mut invite) = pending.try_recv() {
-        tokio::spawn(async move {
-            let warning = warning(399, why);
-            reply(
-                &mut invite,
-                StatusCode::CallTransactionDoesNotExist,
-                vec![warning],
-            )
-            .await;
-        });
+    while let Ok(invite) = pending.try_recv() {
+        refuse_replacement(invite, why);
     }
+}
+
+/// 481 for an INVITE naming a dialog that cannot be replaced.
+fn refuse_replacement(mut invite: Transaction, why: &'static str) {
+    tokio::spawn(async move {
+        let warning = warning(399, why);
+        reply(
+            &mut invite,
+            StatusCode::CallTransactionDoesNotExist,
+            vec![warning],
+        )
+        .await;
+    });
+}
+
+/// The phones of a call that another took stop ringing (not waiting: a
+/// CANCEL may wait on an unresponsive phone).
+fn stop_branches(shared: &Arc<Shared>, branches: Vec<Branch>) {
+    for branch in branches {
+        let shared = shared.clone();
+        tokio::spawn(async move { branch.stop(&shared.dialogs).await });
+    }
+}
+
+/// Every phone of a call that ends unanswered stops ringing.
+async fn stop_all(shared: &Shared, branches: Vec<Branch>) {
+    let stops = branches.into_iter().map(|b| b.stop(&shared.dialogs));
+    futures_util::future::join_all(stops).await;
 }
 
 /// RFC 3262: a 180 for a caller that requires it to be reliable, sent
@@ -701,7 +680,7 @@ async fn hand_to_replaced_call(
         .unwrap()
         .iter()
         .find_map(|(replaced, call)| match &call.replaceable {
-            Some(replaceable) if replaces.names(&replaceable.dialog) => {
+            Some(replaceable) if replaceable.dialogs.iter().any(|d| replaces.names(d)) => {
                 Some((replaced.clone(), replaceable.early, replaceable.to.clone()))
             }
             _ => None,
@@ -1215,7 +1194,7 @@ impl Call {
         let mut transferor_gone = false;
         // INVITEs naming the call's dialog in `Replaces`.
         let (replace_with, mut replacements) = mpsc::unbounded_channel();
-        self.accept_replacements(&replace_with, false);
+        self.accept_replacements(&replace_with);
         // What ends the call: the Reason of our BYE (none when the phone hung
         // up), and the cause for the app and the record.
         let (bye_reason, cause) = loop {
@@ -1313,7 +1292,7 @@ impl Call {
                             task.abort();
                         }
                         transferor_gone = false;
-                        self.accept_replacements(&replace_with, false);
+                        self.accept_replacements(&replace_with);
                     } else if transferor_gone {
                         break (None, why);
                     }
@@ -1326,7 +1305,7 @@ impl Call {
                         if let Some(task) = refreshing.take() {
                             task.abort();
                         }
-                        self.accept_replacements(&replace_with, false);
+                        self.accept_replacements(&replace_with);
                     }
                 }
                 reason = app_ended => break (
@@ -1738,7 +1717,7 @@ impl Call {
     fn call_transfer_target(
         &mut self,
         request: &Request,
-        (target, (uri, destination)): (ReferTarget, PhoneRoute),
+        (target, route): (ReferTarget, PhoneRoute),
     ) -> anyhow::Result<Transfer> {
         let mut headers = Vec::new();
         if let Some(replaces) = &target.replaces {
@@ -1759,8 +1738,9 @@ impl Call {
         let option = rsipstack::dialog::invitation::InviteOption {
             caller_display_name: self.app_identity.display_name.clone(),
             caller: self.app_identity.uri.as_str().try_into()?,
-            callee: uri.as_str().try_into()?,
-            destination,
+            // The phone the user registered last (a transfer rings one).
+            callee: route.targets[0].as_str().try_into()?,
+            destination: route.proxy,
             content_type: Some("application/sdp".into()),
             offer: Some(offer.into_bytes()),
             contact: self.shared.contact.clone(),
@@ -1920,11 +1900,32 @@ impl Call {
     }
 
     /// Lets an INVITE naming the call's present dialog in `Replaces` reach
-    /// it (`early`: the bridge's call still rings).
-    fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>, early: bool) {
+    /// it.
+    fn accept_replacements(&self, to: &mpsc::UnboundedSender<Transaction>) {
+        self.set_replaceable(vec![self.dialog.id()], false, to);
+    }
+
+    /// Lets an INVITE naming the dialog of a phone ringing for the call in
+    /// `Replaces` (a pickup) reach it.
+    fn accept_pickups(&self, to: &mpsc::UnboundedSender<Transaction>, branches: &[Branch]) {
+        let ringing = branches
+            .iter()
+            .map(Branch::dialog)
+            .filter(|dialog| matches!(dialog.state(), DialogState::Early(..)))
+            .map(InviteDialog::id)
+            .collect();
+        self.set_replaceable(ringing, true, to);
+    }
+
+    fn set_replaceable(
+        &self,
+        dialogs: Vec<DialogId>,
+        early: bool,
+        to: &mpsc::UnboundedSender<Transaction>,
+    ) {
         if let Some(call) = self.shared.calls.lock().unwrap().get_mut(&self.call_id) {
             call.replaceable = Some(Replaceable {
-                dialog: self.dialog.id(),
+                dialogs,
                 early,
                 to: to.clone(),
             });
@@ -2146,12 +2147,24 @@ fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::
     })
 }
 
+/// What happens while the bridge's call to a user's phones rings.
+enum Ringing {
+    /// The phone of the branch at this index rang, answered or failed.
+    Phone(usize, Progress),
+    /// Another phone picks the call up (an INVITE with `Replaces`).
+    PickedUp(Box<Transaction>),
+    /// The app gave up, for this reason.
+    Abandoned(String),
+    NoAnswer,
+    ShuttingDown,
+}
+
 /// A call the bridge places toward a SIP phone for an app.
 pub struct OutboundCall {
-    /// Request URI, e.g. a registered phone's Contact or `sip:alice@pbx`.
-    pub target: String,
-    /// Where the INVITE goes when not to the target's own host (outbound proxy).
-    pub destination: Option<SipAddr>,
+    /// Where the user's phones are called: each registered phone's
+    /// Contact, or e.g. `sip:alice@pbx`, through the outbound proxy if any.
+    /// All ring at once; the first to answer takes the call.
+    pub route: PhoneRoute,
     /// The user part and display name the phone sees as the caller.
     pub from_user: String,
     pub from_display: Option<String>,
@@ -2162,7 +2175,7 @@ pub struct OutboundCall {
 
 pub(super) fn outgoing(shared: Arc<Shared>, request: OutboundCall) {
     tokio::spawn(async move {
-        let target = request.target.clone();
+        let target = request.route.targets.join(", ");
         if let Err(e) = place_call(shared, request).await {
             warn!("call to {target}: {e:#}");
         }
@@ -2171,23 +2184,26 @@ pub(super) fn outgoing(shared: Arc<Shared>, request: OutboundCall) {
 
 async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Result<()> {
     let OutboundCall {
-        target,
-        destination,
+        route,
         from_user,
         from_display,
         mut app,
         record_to,
     } = request;
     let started = std::time::SystemTime::now();
-    let callee_uri = rsipstack::sip::Uri::try_from(target.as_str())
-        .map_err(|e| anyhow::anyhow!("bad target {target:?}: {e}"));
-    let callee_uri = match callee_uri {
-        Ok(uri) => uri,
-        Err(e) => {
-            app.refuse(404, "the extension has no usable address");
-            return Err(e);
-        }
-    };
+    let targets: Vec<rsipstack::sip::Uri> = route
+        .targets
+        .iter()
+        .filter_map(|target| {
+            rsipstack::sip::Uri::try_from(target.as_str())
+                .inspect_err(|e| warn!("bad target {target:?}: {e}"))
+                .ok()
+        })
+        .collect();
+    if targets.is_empty() {
+        app.refuse(404, "the extension has no usable address");
+        anyhow::bail!("no usable target");
+    }
     if shared.draining.load(Ordering::Relaxed) {
         app.refuse(503, "the bridge is stopping");
         return Ok(());
@@ -2211,7 +2227,6 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         display_name: from_display.clone(),
         uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
     };
-    let (state_sender, states) = shared.dialogs.new_dialog_state_channel();
     // An app's video call offers the phone H.264 video on a port of its own.
     let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
         PortReservation::new(shared.config.media_address)
@@ -2224,91 +2239,43 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         session_id: rand::random::<u32>().into(),
         version: 1,
     };
-    let sdp_address = shared.config.public_address.unwrap_or(reservation.address);
-    let (audio_port, video_port) = (reservation.port, video_reservation.as_ref().map(|v| v.port));
-    // The offer in `profile`, what answers to it may take, and its key.
-    let offer_in = |profile: OfferProfile| {
-        // An SRTP offer has every stream under one fresh key.
-        let crypto = profile.srtp.then(|| CryptoAttribute {
-            tag: 1,
-            key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
-        });
-        let stream = |kind, rtp_port| OfferedStream {
-            kind,
-            rtp_port,
-            direction: Direction::SendRecv,
-            crypto: crypto.clone(),
-            feedback: profile.feedback,
-        };
-        let mut streams = vec![stream(MediaKind::Audio, audio_port)];
-        streams.extend(video_port.map(|port| stream(MediaKind::Video, port)));
-        // What we offer protected is never sent in the clear: not on the
-        // phone's answer, nor on its later offers.
-        let capabilities = Capabilities {
-            sdes: crypto.as_ref().map(|crypto| crypto.key.clone()),
-            srtp_required: crypto.is_some(),
-            video: if video_port.is_some() {
-                vec!["H264"]
-            } else {
-                Vec::new()
-            },
-            ..Capabilities::all_audio()
-        };
-        let sdp = offer_answer::render_offer(&capabilities, origin, sdp_address, &streams);
-        (sdp, capabilities, crypto)
-    };
-    let profiles = OfferProfile::in_turn(shared.config.offer_srtp);
-    let mut profile = profiles[0];
-    let mut untried = profiles[1..].iter().copied();
-    let (mut offer, capabilities, offered_crypto) = offer_in(profile);
-    let credential = trunk_credential(&shared);
-    // A SIP server named in DNS may have several addresses (SRV targets by
-    // priority, then its addresses): the call goes to the first, then to
-    // the next while one stays silent, cannot be reached or answers 503
-    // (RFC 3263 §4.3).
-    let proxy = destination;
-    let mut servers = match &proxy {
-        Some(proxy) => servers_of(&shared, proxy).await,
-        None => match SipAddr::try_from(&callee_uri) {
-            Ok(mut next_hop) => {
-                if callee_uri.scheme == Some(rsipstack::sip::Scheme::Sips) {
-                    next_hop
-                        .r#type
-                        .get_or_insert(rsipstack::sip::Transport::Tls);
-                }
-                servers_of(&shared, &next_hop).await
-            }
-            Err(_) => VecDeque::new(),
-        },
-    };
-    let mut destination = servers.pop_front().or_else(|| proxy.clone());
-    let invite_option = |callee: rsipstack::sip::Uri,
-                         offer: &str,
-                         destination: &Option<SipAddr>|
-     -> anyhow::Result<_> {
-        Ok(rsipstack::dialog::invitation::InviteOption {
+    let invitation = Invitation {
+        shared: shared.clone(),
+        template: rsipstack::dialog::invitation::InviteOption {
             caller_display_name: from_display.clone(),
             caller: caller.uri.as_str().try_into()?,
-            callee,
-            destination: destination.clone(),
-            content_type: Some("application/sdp".into()),
-            offer: Some(offer.as_bytes().to_vec()),
             contact: shared.contact.clone(),
-            credential: credential.clone(),
+            content_type: Some("application/sdp".into()),
+            credential: trunk_credential(&shared),
             call_id: Some(call_id.clone()),
             ..Default::default()
-        })
+        },
+        streams: Streams {
+            origin,
+            address: shared.config.public_address.unwrap_or(reservation.address),
+            audio_port: reservation.port,
+            video_port: video_reservation.as_ref().map(|v| v.port),
+        },
     };
+    let target = route.targets.join(", ");
     info!("call {call_id}: {} calls {target}", app.describe());
-    let (dialog, mut invite) = shared.dialogs.do_invite_async(
-        invite_option(callee_uri.clone(), &offer, &destination)?,
-        state_sender,
-    )?;
-    let mut callee_uri = callee_uri;
-    let mut states = states;
+    // Every phone of the user rings at once (RFC 3261 §16.7's parallel
+    // forking); the first to answer takes the call.
+    let mut branches = Vec::new();
+    for uri in targets {
+        match Branch::start(&invitation, uri.clone(), route.proxy.clone()).await {
+            Ok(branch) => branches.push(branch),
+            Err(e) => warn!("call {call_id}: cannot call {uri}: {e}"),
+        }
+    }
+    if branches.is_empty() {
+        app.refuse(503, "no phone could be called");
+        anyhow::bail!("no phone could be called");
+    }
+    let first = &branches[0];
     let mut call = Call {
         shared: shared.clone(),
-        dialog,
+        dialog: first.dialog().clone(),
         call_id: call_id.clone(),
         peer: Peer::App {
             session: format!("app-{}", reservation.session()),
@@ -2331,9 +2298,9 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         phone_allows_update: false,
         answered: false,
         session_timer: None,
-        capabilities,
-        offered_crypto,
-        offered_feedback: profile.feedback,
+        capabilities: first.offer.capabilities.clone(),
+        offered_crypto: first.offer.crypto.clone(),
+        offered_feedback: first.offer.profile.feedback,
         app: None,
         app_hangup: None,
         app_identity: caller.clone(),
@@ -2346,157 +2313,123 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         ),
     };
     let config = &shared.config;
-    let mut redirects = 0;
-    // The answer of an 18x with SDP, for a 200 OK that does not repeat it.
-    let mut early_answer: Option<Vec<u8>> = None;
-    // Another phone picking the ringing call up: its INVITE names the
-    // call's early dialog in `Replaces` (a call-pickup key, RFC 3891).
+    let no_answer = tokio::time::sleep(config.no_answer_timeout);
+    tokio::pin!(no_answer);
+    // Another phone picking the ringing call up: its INVITE names one of
+    // the call's early dialogs in `Replaces` (a call-pickup key, RFC 3891).
     let (pick_up_with, mut pickups) = mpsc::unbounded_channel();
-    let response = loop {
-        let no_answer = tokio::time::sleep(config.no_answer_timeout);
-        tokio::pin!(no_answer);
-        let silence = tokio::time::sleep(SERVER_SILENCE);
-        tokio::pin!(silence);
-        let mut heard = false;
-        let outcome = loop {
-            tokio::select! {
-                result = &mut invite => break result.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}"))),
-                () = &mut silence, if !heard && !servers.is_empty() => {
-                    invite.abort();
-                    break Err(anyhow::anyhow!("no response within {SERVER_SILENCE:?}"));
-                }
-                Some(state) = states.recv() => {
-                    heard |= matches!(state, DialogState::Trying(_) | DialogState::Early(..));
-                    // 18x: the app keeps ringing (its SDK has no progress signal).
-                    if let DialogState::Early(_, progress) = state {
-                        let with_sdp = !progress.body.is_empty();
-                        info!(
-                            "call {call_id}: {}{}",
-                            progress.status_code,
-                            if with_sdp { " with SDP (early media)" } else { "" }
-                        );
-                        if with_sdp {
-                            early_answer = Some(progress.body.clone());
-                        }
-                        // With the phone's tag the early dialog has its name.
-                        call.accept_replacements(&pick_up_with, true);
-                    }
-                }
-                Some(pickup) = pickups.recv() => {
-                    if let Some(states) = call.replace_phone(pickup, false).await {
-                        drop(invite);
-                        return connect_app(call, app, states, token).await;
-                    }
-                }
-                reason = app.abandoned() => {
-                    info!("call {call_id}: the app gave up ({reason}), CANCEL");
-                    let _ = call.dialog.cancel().await;
-                    call.finish(487, format!("the app gave up: {reason}"));
-                    return Ok(());
-                }
-                () = &mut no_answer => {
-                    info!("call {call_id}: no answer within {:?}, CANCEL", config.no_answer_timeout);
-                    let _ = call.dialog.cancel().await;
-                    app.refuse(480, "no answer");
-                    call.finish(480, "no answer".into());
-                    return Ok(());
-                }
-                () = token.cancelled() => {
-                    let _ = call.dialog.cancel().await;
-                    app.refuse(503, "the bridge is shutting down");
-                    call.finish(503, "the bridge shut down".into());
-                    return Ok(());
-                }
-            }
+    let mut failure: Option<Failure> = None;
+    let (answered, response) = loop {
+        let event = tokio::select! {
+            (progress, index, _) = futures_util::future::select_all(
+                branches.iter_mut().map(|b| Box::pin(b.progress(&invitation)))
+            ) => Ringing::Phone(index, progress),
+            Some(pickup) = pickups.recv() => Ringing::PickedUp(Box::new(pickup)),
+            reason = app.abandoned() => Ringing::Abandoned(reason),
+            () = &mut no_answer => Ringing::NoAnswer,
+            () = token.cancelled() => Ringing::ShuttingDown,
         };
-        let server_failed = match &outcome {
-            Err(e) => Some(e.to_string()),
-            Ok((_, Some(response))) if response.status_code == StatusCode::ServiceUnavailable => {
-                Some(response.status_code.to_string())
-            }
-            Ok(_) => None,
-        };
-        if let Some(why) = server_failed
-            && let Some(server) = servers.pop_front()
-        {
-            if let Some(failed) = &destination {
-                info!("call {call_id}: {failed} failed ({why}); trying {server}");
-            }
-            destination = Some(server);
-        } else {
-            let response = match outcome {
-                Ok((_, Some(response))) => response,
-                Ok((_, None)) => {
-                    app.refuse(408, "no final response");
-                    call.finish(408, "no final response".into());
-                    return Ok(());
-                }
-                Err(e) => {
-                    app.refuse(503, &format!("{e}"));
-                    call.finish(503, format!("{e}"));
-                    return Ok(());
-                }
-            };
-            // 3xx: try the first Contact, a few times at most (RFC 3261 §8.1.3.4).
-            let status = u16::from(response.status_code.clone());
-            let redirect = (300..400)
-                .contains(&status)
-                .then(|| response.contact_header().ok()?.typed().ok())
-                .flatten()
-                .filter(|_| redirects < MAX_REDIRECTS);
-            // A phone set to take only SRTP, or only RTCP feedback, refuses
-            // offers in the other profiles as not acceptable.
-            let next_profile = if matches!(status, 488 | 606) {
-                untried.next()
-            } else {
-                None
-            };
-            if let Some(contact) = redirect {
-                redirects += 1;
-                info!("call {call_id}: {status}, redirected to {}", contact.uri);
-                callee_uri = contact.uri;
-                // The new target's own server, through the proxy if any.
-                destination = proxy.clone();
-                servers.clear();
-            } else if let Some(next) = next_profile {
+        match event {
+            // 18x: the app keeps ringing (its SDK has no progress signal).
+            Ringing::Phone(index, Progress::Ringing(status, with_sdp)) => {
                 info!(
-                    "call {call_id}: {target} answered {status} to {}; offering {}",
-                    profile.name(),
-                    next.name()
+                    "call {call_id}: {status}{} from {}",
+                    if with_sdp {
+                        " with SDP (early media)"
+                    } else {
+                        ""
+                    },
+                    branches[index].target
                 );
-                profile = next;
-                let (sdp, capabilities, crypto) = offer_in(profile);
-                offer = sdp;
-                call.capabilities = capabilities;
-                call.offered_crypto = crypto;
-                call.offered_feedback = profile.feedback;
-            } else {
-                break response;
+                call.accept_pickups(&pick_up_with, &branches);
             }
-        }
-        early_answer = None;
-        let (sender, receiver) = shared.dialogs.new_dialog_state_channel();
-        states = receiver;
-        let (dialog, next) = shared.dialogs.do_invite_async(
-            invite_option(callee_uri.clone(), &offer, &destination)?,
-            sender,
-        )?;
-        call.dialog = dialog;
-        invite = next;
-        // The dialog a pickup would name is gone.
-        if let Some(live) = shared.calls.lock().unwrap().get_mut(&call_id) {
-            live.replaceable = None;
+            Ringing::Phone(index, Progress::Answered(response)) => {
+                break (branches.swap_remove(index).answered(), response);
+            }
+            Ringing::Phone(index, Progress::Failed(failed)) => {
+                let branch = branches.remove(index);
+                info!(
+                    "call {call_id}: {} answered {} ({})",
+                    branch.target,
+                    failed.status(),
+                    failed.reason()
+                );
+                let global = failed.is_global();
+                let best = match failure.take() {
+                    Some(earlier) => Failure::best(earlier, failed),
+                    None => failed,
+                };
+                if global || branches.is_empty() {
+                    stop_branches(&shared, branches);
+                    refuse_replacements(&mut pickups, "the call has ended");
+                    let status = best.status();
+                    app.refuse(status, &best.reason());
+                    let cause = match &best {
+                        Failure::Refused(_) => format!("the phone answered {}", best.reason()),
+                        Failure::Unanswered(_, why) => why.clone(),
+                    };
+                    call.finish(status, cause);
+                    return Ok(());
+                }
+                failure = Some(best);
+                call.accept_pickups(&pick_up_with, &branches);
+            }
+            Ringing::PickedUp(pickup) => {
+                // The phone whose ringing it names hands the call over.
+                let named = replaces_of(&pickup.original)
+                    .ok()
+                    .flatten()
+                    .and_then(|replaces| {
+                        branches
+                            .iter()
+                            .position(|b| replaces.names(&b.dialog().id()))
+                    });
+                let Some(index) = named else {
+                    refuse_replacement(*pickup, "that phone no longer rings");
+                    continue;
+                };
+                call.dialog = branches[index].dialog().clone();
+                if let Some(states) = call.replace_phone(*pickup, false).await {
+                    // `replace_phone` cancelled the picked-up phone's ringing.
+                    branches.swap_remove(index);
+                    stop_branches(&shared, branches);
+                    return connect_app(call, app, states, token).await;
+                }
+            }
+            Ringing::Abandoned(reason) => {
+                info!("call {call_id}: the app gave up ({reason}), CANCEL");
+                stop_all(&shared, branches).await;
+                call.finish(487, format!("the app gave up: {reason}"));
+                return Ok(());
+            }
+            Ringing::NoAnswer => {
+                info!(
+                    "call {call_id}: no answer within {:?}, CANCEL",
+                    config.no_answer_timeout
+                );
+                stop_all(&shared, branches).await;
+                app.refuse(480, "no answer");
+                call.finish(480, "no answer".into());
+                return Ok(());
+            }
+            Ringing::ShuttingDown => {
+                stop_all(&shared, branches).await;
+                app.refuse(503, "the bridge is shutting down");
+                call.finish(503, "the bridge shut down".into());
+                return Ok(());
+            }
         }
     };
+    // The other phones stop ringing.
+    stop_branches(&shared, branches);
     refuse_replacements(&mut pickups, "the call was answered");
-    let status = u16::from(response.status_code.clone());
-    if !(200..300).contains(&status) {
-        let reason = response.status_code.to_string();
-        info!("call {call_id}: {target} answered {reason}");
-        app.refuse(status, &reason);
-        call.finish(status, format!("the phone answered {reason}"));
-        return Ok(());
-    }
+    let target = answered.target.to_string();
+    call.record.target = target.clone();
+    call.capabilities = answered.offer.capabilities;
+    call.offered_crypto = answered.offer.crypto;
+    call.offered_feedback = answered.offer.profile.feedback;
+    call.dialog = answered.dialog;
+    let (early_answer, states) = (answered.early_answer, answered.states);
     call.fast_update = FastUpdate::new(allows(&response, "INFO"));
     call.info_dtmf = InfoDtmf::new(allows(&response, "INFO"));
     let answer_body = match (&response.body, &early_answer) {
@@ -2611,21 +2544,6 @@ mod tests {
         assert_eq!(
             calling_party(&invite_with(""), Some("BOB"), "c1").user,
             "bob"
-        );
-    }
-
-    #[test]
-    fn a_call_offered_srtp_is_never_offered_in_the_clear() {
-        let names = |offer_srtp| {
-            OfferProfile::in_turn(offer_srtp)
-                .iter()
-                .map(|profile| profile.name())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(names(true), ["RTP/SAVP", "RTP/SAVPF"]);
-        assert_eq!(
-            names(false),
-            ["RTP/AVP", "RTP/SAVP", "RTP/AVPF", "RTP/SAVPF"]
         );
     }
 

@@ -3,6 +3,7 @@
 //! media of each call on `sipsrc`/`sipsink`.
 
 pub mod admission;
+mod branch;
 mod call;
 mod digest_names;
 mod latency;
@@ -30,7 +31,7 @@ pub use registration::Account;
 pub use routing::{
     AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination, Refusal, Router, Services,
 };
-pub use ua::{Dialer, UserAgent, proxy_address};
+pub use ua::{Dialer, PhoneRoute, UserAgent, proxy_address};
 
 /// A transport the bridge listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! The bridge as registrar for its own extensions (the embedded default):
 //! phones REGISTER with digest, and calls from the app side find them here.
+//! An extension may have several phones (a desk phone and a softphone):
+//! each registration is a binding of its own, and calls ring them all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,17 +15,24 @@ use rsipstack::transport::SipAddr;
 use tracing::info;
 
 use super::admission::{Admission, Verdict};
-use super::ua::{behind_nat, port, refuse, reply, request_source, source_of};
+use super::ua::{behind_nat, port, refuse, reply, request_source, source_of, warning};
 
 const MIN_EXPIRES: u32 = 60;
 const MAX_EXPIRES: u32 = 3600;
 const NAT_MAX_EXPIRES: u32 = 60;
+/// Phones one extension may register at once: a phone that registers
+/// beyond them takes the place of the one whose registration ends first
+/// (a phone that restarted on another port leaves its old binding behind).
+const MAX_BINDINGS: usize = 10;
 
 /// Where a registered extension is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     /// The phone's Contact URI.
     pub contact: String,
+    /// The phone's `+sip.instance` (RFC 5626): the same phone, whatever
+    /// Contact it registers with next.
+    instance: Option<String>,
     /// Where its REGISTER came from, where requests to its Contact go
     /// ([`RegisteredContacts`]).
     source: Option<SipAddr>,
@@ -34,21 +43,33 @@ impl Binding {
     fn is_live(&self) -> bool {
         self.expires_at > Instant::now()
     }
+
+    /// The same phone as `contact` (with `instance`) registers.
+    fn is_phone(&self, contact: &Uri, instance: Option<&str>) -> bool {
+        match (instance, &self.instance) {
+            (Some(instance), Some(own)) => instance == own,
+            _ => Uri::try_from(self.contact.as_str()).is_ok_and(|own| same_contact(&own, contact)),
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Registrar {
-    bindings: Mutex<HashMap<String, Binding>>,
+    /// Each extension's phones, the latest registered first.
+    bindings: Mutex<HashMap<String, Vec<Binding>>>,
 }
 
 impl Registrar {
-    /// The live binding of `user`, if any.
-    pub fn lookup(&self, user: &str) -> Option<Binding> {
+    /// The live bindings of `user`, the latest registered first.
+    pub fn lookup(&self, user: &str) -> Vec<Binding> {
         let bindings = self.bindings.lock().unwrap();
         bindings
             .get(&user.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
             .filter(|b| b.is_live())
             .cloned()
+            .collect()
     }
 
     /// Where the phone whose live registration names `uri` as its Contact
@@ -57,6 +78,7 @@ impl Registrar {
         let bindings = self.bindings.lock().unwrap();
         bindings
             .values()
+            .flatten()
             .filter(|b| b.is_live())
             .find(|b| Uri::try_from(b.contact.as_str()).is_ok_and(|c| same_contact(&c, uri)))
             .and_then(|b| b.source.clone())
@@ -104,12 +126,33 @@ impl Registrar {
             reply(tx, StatusCode::OK, headers).await;
             return;
         };
-        let (contact, contact_expires) = parse_contact(&contact_value);
-        let expires = contact_expires.or(header_expires).unwrap_or(MAX_EXPIRES);
-        if contact == "*" || expires == 0 {
+        let Some(contact) = parse_contact(&contact_value) else {
+            info!("REGISTER of {user} from {source}: unusable Contact {contact_value:?}, 400");
+            let warning = warning(399, "unusable Contact");
+            reply(tx, StatusCode::BadRequest, vec![warning]).await;
+            return;
+        };
+        let expires = contact.expires.or(header_expires).unwrap_or(MAX_EXPIRES);
+        let Some((contact_text, uri)) = contact.uri.clone() else {
+            // `*`: every binding of the extension goes (RFC 3261 §10.2.2).
+            if expires != 0 {
+                let warning = warning(399, "Contact * needs Expires: 0");
+                reply(tx, StatusCode::BadRequest, vec![warning]).await;
+                return;
+            }
             self.bindings.lock().unwrap().remove(&key);
-            info!("registrar: {user} unregistered");
+            info!("registrar: {user} unregistered every phone");
             reply(tx, StatusCode::OK, vec![]).await;
+            return;
+        };
+        let instance = contact.instance.as_deref();
+        if expires == 0 {
+            if let Some(phones) = self.bindings.lock().unwrap().get_mut(&key) {
+                phones.retain(|b| !b.is_phone(&uri, instance));
+            }
+            info!("registrar: {user} unregistered {contact_text}");
+            let headers = self.contact_headers(&key);
+            reply(tx, StatusCode::OK, headers).await;
             return;
         }
         if expires < MIN_EXPIRES {
@@ -126,7 +169,8 @@ impl Registrar {
         };
         let expires = expires.min(longest);
         let binding = Binding {
-            contact: contact.clone(),
+            contact: contact_text,
+            instance: contact.instance.clone(),
             source: request_source(tx),
             expires_at: Instant::now() + Duration::from_secs(expires.into()),
         };
@@ -134,33 +178,60 @@ impl Registrar {
             Some(source) => format!(" (reached at {source})"),
             None => String::new(),
         };
-        let fresh = self
-            .bindings
-            .lock()
-            .unwrap()
-            .insert(key.clone(), binding.clone())
-            .is_none_or(|old| (old.contact, old.source) != (binding.contact, binding.source));
+        let fresh = {
+            let mut bindings = self.bindings.lock().unwrap();
+            let phones = bindings.entry(key.clone()).or_default();
+            phones.retain(Binding::is_live);
+            let known = phones.iter().position(|b| b.is_phone(&uri, instance));
+            let fresh = known.is_none_or(|known| {
+                let old = &phones[known];
+                (&old.contact, &old.source) != (&binding.contact, &binding.source)
+            });
+            match known {
+                Some(known) => phones[known] = binding.clone(),
+                None => {
+                    if phones.len() >= MAX_BINDINGS
+                        && let Some(ending) =
+                            (0..phones.len()).min_by_key(|&i| phones[i].expires_at)
+                    {
+                        let gone = phones.remove(ending);
+                        info!(
+                            "registrar: {user} has {MAX_BINDINGS} phones; {} makes way",
+                            gone.contact
+                        );
+                    }
+                    phones.insert(0, binding.clone());
+                }
+            }
+            fresh
+        };
         if fresh {
-            info!("registrar: {user} registered at {contact}{reached} for {expires} s");
+            info!(
+                "registrar: {user} registered at {}{reached} for {expires} s",
+                binding.contact
+            );
         }
         let headers = self.contact_headers(&key);
         reply(tx, StatusCode::OK, headers).await;
     }
 
+    /// The extension's bindings, as a registrar's 200 OK lists them
+    /// (RFC 3261 §10.3 step 8).
     fn contact_headers(&self, key: &str) -> Vec<Header> {
         let bindings = self.bindings.lock().unwrap();
         bindings
             .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|b| b.is_live())
             .map(|b| {
                 let left = b
                     .expires_at
                     .saturating_duration_since(Instant::now())
                     .as_secs();
-                vec![Header::Contact(
-                    format!("<{}>;expires={left}", b.contact).into(),
-                )]
+                Header::Contact(format!("<{}>;expires={left}", b.contact).into())
             })
-            .unwrap_or_default()
+            .collect()
     }
 }
 
@@ -191,22 +262,50 @@ fn same_contact(a: &Uri, b: &Uri) -> bool {
     user(a) == user(b) && a.host_with_port.host == b.host_with_port.host && port(a) == port(b)
 }
 
-/// The URI and `expires` parameter of a Contact value (first contact only).
-fn parse_contact(value: &str) -> (String, Option<u32>) {
+/// A REGISTER's Contact (the first, when it names several).
+#[derive(Debug, PartialEq)]
+struct Contact {
+    /// The phone's URI as it wrote it, and parsed; `None` for `*` (all).
+    uri: Option<(String, Uri)>,
+    expires: Option<u32>,
+    instance: Option<String>,
+}
+
+/// The Contact of a REGISTER; `None` when it names no usable SIP URI.
+fn parse_contact(value: &str) -> Option<Contact> {
     let value = value.trim();
     if value == "*" {
-        return ("*".into(), None);
+        return Some(Contact {
+            uri: None,
+            expires: None,
+            instance: None,
+        });
     }
+    // Without angle brackets, what follows the URI's first `;` are the
+    // Contact's own parameters (RFC 3261 §20.10).
     let (uri, params) = match (value.find('<'), value.find('>')) {
         (Some(open), Some(close)) if open < close => (&value[open + 1..close], &value[close + 1..]),
         _ => value.split_once(';').unwrap_or((value, "")),
     };
-    let expires = params
-        .split(';')
-        .filter_map(|p| p.trim().split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("expires"))
-        .and_then(|(_, v)| v.trim().trim_end_matches(',').parse().ok());
-    (uri.trim().to_owned(), expires)
+    let params = params.split(',').next().unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .split(';')
+            .filter_map(|p| p.trim().split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+    };
+    let text = uri.trim().to_owned();
+    let scheme = text.split_once(':')?.0;
+    if !(scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips")) {
+        return None;
+    }
+    let parsed = Uri::try_from(text.as_str()).ok()?;
+    Some(Contact {
+        uri: Some((text, parsed)),
+        expires: param("expires").and_then(|v| v.parse().ok()),
+        instance: param("+sip.instance"),
+    })
 }
 
 #[cfg(test)]
@@ -231,18 +330,36 @@ mod tests {
 
     #[test]
     fn contacts_parse() {
+        let contact = |value: &str| {
+            parse_contact(value).map(|c| {
+                let uri = c.uri.map(|(text, _)| text);
+                (uri, c.expires, c.instance)
+            })
+        };
         assert_eq!(
-            parse_contact("<sip:alice@127.0.0.1:5095;transport=udp>;expires=60"),
-            ("sip:alice@127.0.0.1:5095;transport=udp".into(), Some(60))
+            contact("<sip:alice@127.0.0.1:5095;transport=UDP>;expires=60, <sip:alice@10.0.0.9>"),
+            Some((
+                Some("sip:alice@127.0.0.1:5095;transport=UDP".into()),
+                Some(60),
+                None
+            ))
         );
         assert_eq!(
-            parse_contact("\"Alice\" <sip:alice@10.0.0.1>"),
-            ("sip:alice@10.0.0.1".into(), None)
+            contact(
+                "\"Alice\" <sip:alice@10.0.0.1>;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\""
+            ),
+            Some((
+                Some("sip:alice@10.0.0.1".into()),
+                None,
+                Some("<urn:uuid:00000000-0000-1000-8000-000A95A0E128>".into())
+            ))
         );
         assert_eq!(
-            parse_contact("sip:bob@10.0.0.2;expires=0"),
-            ("sip:bob@10.0.0.2".into(), Some(0))
+            contact("sip:bob@10.0.0.2;expires=0"),
+            Some((Some("sip:bob@10.0.0.2".into()), Some(0), None))
         );
-        assert_eq!(parse_contact("*"), ("*".into(), None));
+        assert_eq!(contact("*"), Some((None, None, None)));
+        assert_eq!(contact("<not a uri>"), None);
+        assert_eq!(contact(""), None);
     }
 }

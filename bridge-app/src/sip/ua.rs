@@ -78,7 +78,9 @@ pub(super) struct LiveCall {
 
 /// A call's dialog as an INVITE with `Replaces` may name it.
 pub(super) struct Replaceable {
-    pub dialog: DialogId,
+    /// The call's dialog; while the bridge's call rings, those of its
+    /// ringing phones.
+    pub dialogs: Vec<DialogId>,
     /// Still ringing (a call the bridge placed): a phone picking it up
     /// takes it; otherwise it is answered.
     pub early: bool,
@@ -395,8 +397,14 @@ impl Dialer {
     }
 }
 
-/// Where a phone is called (a Request-URI), and through which proxy.
-pub type PhoneRoute = (String, Option<SipAddr>);
+/// Where a user's phones are called, and through which proxy.
+#[derive(Debug, Clone)]
+pub struct PhoneRoute {
+    /// Request-URIs, rung at once: each phone registered with the bridge
+    /// (the latest registered first), or the user at `sip.domain`.
+    pub targets: Vec<String>,
+    pub proxy: Option<SipAddr>,
+}
 
 /// The outbound proxy of `sip.outbound_proxy`: `host`, `host:port`, or a
 /// SIP URI (`sip:host[:port][;transport=tcp]`; `sips:` is TLS). A name is
@@ -432,20 +440,40 @@ pub fn proxy_address(text: &str) -> Result<SipAddr, String> {
     Ok(address)
 }
 
-/// Where `user`'s phone is called: its registration with the bridge
-/// (reached where it registered from: `RegisteredContacts`), else
+/// Where `user`'s phones are called: their registrations with the bridge
+/// (each reached where it registered from: `RegisteredContacts`), else
 /// `sip:<user>@<sip.domain>` (through the outbound proxy, if any); `None`
 /// without either.
 pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
-    let registered = shared.registrar.as_ref().and_then(|r| r.lookup(user));
-    match (registered, &shared.config.domain) {
-        (Some(binding), _) => Some((binding.contact, None)),
-        (None, Some(domain)) => Some((
-            format!("sip:{user}@{domain}"),
-            shared.config.outbound_proxy.clone(),
-        )),
-        (None, None) => None,
+    let registered = shared
+        .registrar
+        .as_ref()
+        .map(|r| r.lookup(user))
+        .unwrap_or_default();
+    if !registered.is_empty() {
+        let targets = registered.into_iter().map(|b| b.contact).collect();
+        return Some(PhoneRoute {
+            targets,
+            proxy: None,
+        });
     }
+    let domain = shared.config.domain.as_ref()?;
+    Some(PhoneRoute {
+        targets: vec![format!("sip:{user}@{domain}")],
+        proxy: shared.config.outbound_proxy.clone(),
+    })
+}
+
+/// The next hop of a request to `uri` without a proxy: its host, over TLS
+/// for a `sips:` URI (RFC 3263 §4.1).
+pub(super) fn next_hop(uri: &Uri) -> Option<SipAddr> {
+    let mut next_hop = SipAddr::try_from(uri).ok()?;
+    if uri.scheme == Some(Scheme::Sips) {
+        next_hop
+            .r#type
+            .get_or_insert(rsipstack::sip::Transport::Tls);
+    }
+    Some(next_hop)
 }
 
 /// The servers a request to `next_hop` may go to, in the order to try them
@@ -503,14 +531,14 @@ pub(super) fn source_of(tx: &Transaction) -> Option<IpAddr> {
 
 /// The port of `uri`, SIP's default when it names none.
 pub(super) fn port(uri: &Uri) -> u16 {
-    uri.host_with_port
-        .port
-        .map(u16::from)
-        .unwrap_or(if uri.scheme == Some(Scheme::Sips) {
-            5061
+    uri.host_with_port.port.map(u16::from).unwrap_or_else(|| {
+        let transport = if uri.scheme == Some(Scheme::Sips) {
+            rsipstack::sip::Transport::Tls
         } else {
-            5060
-        })
+            rsipstack::sip::Transport::Udp
+        };
+        transport.default_port().into()
+    })
 }
 
 /// The dialog of an INVITE the bridge answers. A phone that sent it

@@ -1,0 +1,455 @@
+//! The bridge's INVITE to one phone of a call it places for an app: a
+//! branch (RFC 3261 §16.7's word), to one registered phone of the
+//! extension or to the extension at its SIP server. Until the phone's final
+//! answer a branch goes on by itself: to the server's next address while
+//! one is silent, unreachable or answers 503 (RFC 3263 §4.3), to a
+//! redirect's target (3xx), and to the next RTP profile while the phone
+//! refuses the offer as not acceptable (488, 606).
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge_protocol::codec::MediaKind;
+use bridge_protocol::offer_answer::{self, Capabilities, OfferedStream, Origin};
+use bridge_protocol::sdes::{CryptoAttribute, CryptoSuite, SrtpKey};
+use bridge_protocol::sdp::Direction;
+use rsipstack::dialog::dialog::DialogState;
+use rsipstack::dialog::dialog_layer::DialogLayer;
+use rsipstack::dialog::invitation::{InviteAsyncResult, InviteOption};
+use rsipstack::dialog::invite_dialog::InviteDialog;
+use rsipstack::sip::prelude::{HeadersExt, ToTypedHeader};
+use rsipstack::sip::{Response, StatusCode, StatusCodeKind, Uri};
+use rsipstack::transport::SipAddr;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::info;
+
+use super::ua::{Shared, next_hop, servers_of};
+
+/// How long a SIP server may leave the bridge's INVITE unanswered (not
+/// even 100 Trying, due within 200 ms: RFC 3261 §16.2) before the call
+/// goes to the domain's next server, when it has one.
+const SERVER_SILENCE: Duration = Duration::from_secs(4);
+
+/// Redirections (3xx) followed for one branch.
+const MAX_REDIRECTS: u32 = 3;
+
+/// An RTP profile of the bridge's first offer to a phone (RFC 3551, 3711,
+/// 4585).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OfferProfile {
+    srtp: bool,
+    pub feedback: bool,
+}
+
+impl OfferProfile {
+    /// The profiles offered in turn while the phone refuses them as not
+    /// acceptable: the configured one, then those of phones set to SRTP
+    /// only or to RTCP feedback only. With `offer_srtp`, never plain RTP.
+    fn in_turn(offer_srtp: bool) -> &'static [OfferProfile] {
+        const AVP: OfferProfile = OfferProfile::new(false, false);
+        const SAVP: OfferProfile = OfferProfile::new(true, false);
+        const AVPF: OfferProfile = OfferProfile::new(false, true);
+        const SAVPF: OfferProfile = OfferProfile::new(true, true);
+        if offer_srtp {
+            &[SAVP, SAVPF]
+        } else {
+            &[AVP, SAVP, AVPF, SAVPF]
+        }
+    }
+
+    const fn new(srtp: bool, feedback: bool) -> Self {
+        Self { srtp, feedback }
+    }
+
+    fn name(self) -> &'static str {
+        offer_answer::profile_name(self.srtp, self.feedback)
+    }
+}
+
+/// The call's offer in one profile, what answers to it may take, and its
+/// key.
+pub(super) struct Offer {
+    pub profile: OfferProfile,
+    sdp: String,
+    pub capabilities: Capabilities,
+    pub crypto: Option<CryptoAttribute>,
+}
+
+/// The streams the bridge offers the phones of a call it places.
+pub(super) struct Streams {
+    pub origin: Origin,
+    pub address: IpAddr,
+    pub audio_port: u16,
+    /// An app's video call offers the phone H.264 on a port of its own.
+    pub video_port: Option<u16>,
+}
+
+impl Streams {
+    fn offer(&self, profile: OfferProfile) -> Offer {
+        // An SRTP offer has every stream under one fresh key.
+        let crypto = profile.srtp.then(|| CryptoAttribute {
+            tag: 1,
+            key: SrtpKey::generate(CryptoSuite::AesCm128HmacSha1_80),
+        });
+        let stream = |kind, rtp_port| OfferedStream {
+            kind,
+            rtp_port,
+            direction: Direction::SendRecv,
+            crypto: crypto.clone(),
+            feedback: profile.feedback,
+        };
+        let mut streams = vec![stream(MediaKind::Audio, self.audio_port)];
+        streams.extend(self.video_port.map(|port| stream(MediaKind::Video, port)));
+        // What we offer protected is never sent in the clear: not on the
+        // phone's answer, nor on its later offers.
+        let capabilities = Capabilities {
+            sdes: crypto.as_ref().map(|crypto| crypto.key.clone()),
+            srtp_required: crypto.is_some(),
+            video: if self.video_port.is_some() {
+                vec!["H264"]
+            } else {
+                Vec::new()
+            },
+            ..Capabilities::all_audio()
+        };
+        let sdp = offer_answer::render_offer(&capabilities, self.origin, self.address, &streams);
+        Offer {
+            profile,
+            sdp,
+            capabilities,
+            crypto,
+        }
+    }
+}
+
+/// What every branch of a call shares.
+pub(super) struct Invitation {
+    pub shared: Arc<Shared>,
+    /// The INVITE's caller, Contact, credential and Call-ID.
+    pub template: InviteOption,
+    pub streams: Streams,
+}
+
+impl Invitation {
+    fn call_id(&self) -> &str {
+        self.template.call_id.as_deref().unwrap_or_default()
+    }
+
+    fn send(
+        &self,
+        callee: Uri,
+        destination: Option<SipAddr>,
+        offer: &Offer,
+    ) -> anyhow::Result<Attempt> {
+        let (sender, states) = self.shared.dialogs.new_dialog_state_channel();
+        let option = InviteOption {
+            callee,
+            destination,
+            offer: Some(offer.sdp.as_bytes().to_vec()),
+            ..self.template.clone()
+        };
+        let (dialog, invite) = self.shared.dialogs.do_invite_async(option, sender)?;
+        Ok(Attempt {
+            dialog,
+            invite,
+            states,
+            heard: false,
+            silence_ends: Instant::now() + SERVER_SILENCE,
+        })
+    }
+}
+
+/// One INVITE of a branch.
+struct Attempt {
+    dialog: InviteDialog,
+    invite: JoinHandle<InviteAsyncResult>,
+    states: mpsc::UnboundedReceiver<DialogState>,
+    /// A 100 or 18x came from the server tried.
+    heard: bool,
+    silence_ends: Instant,
+}
+
+/// How a branch ended without a phone answering.
+pub(super) enum Failure {
+    /// The phone's (or its server's) final response.
+    Refused(Response),
+    /// No final response: the status the app is told, and why.
+    Unanswered(u16, String),
+}
+
+impl Failure {
+    pub fn status(&self) -> u16 {
+        match self {
+            Failure::Refused(response) => response.status_code.clone().into(),
+            Failure::Unanswered(status, _) => *status,
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        match self {
+            Failure::Refused(response) => response.status_code.to_string(),
+            Failure::Unanswered(_, why) => why.clone(),
+        }
+    }
+
+    /// The failure the app is told when every phone failed: the best of
+    /// them (RFC 3261 §16.7: a 6xx, else the lowest class, first come).
+    pub fn best(a: Failure, b: Failure) -> Failure {
+        let rank = |f: &Failure| match f.status() / 100 {
+            6 => 0,
+            class => class,
+        };
+        if rank(&b) < rank(&a) { b } else { a }
+    }
+
+    /// A phone declining everywhere (6xx, RFC 3261 §16.7 step 5): the
+    /// other phones stop ringing.
+    pub fn is_global(&self) -> bool {
+        self.status() >= 600
+    }
+}
+
+/// What became of a branch.
+pub(super) enum Progress {
+    /// The phone rings (18x; with SDP, early media whose answer the
+    /// branch keeps).
+    Ringing(StatusCode, bool),
+    /// The phone answered.
+    Answered(Response),
+    Failed(Failure),
+}
+
+/// The branch whose phone answered.
+pub(super) struct Answered {
+    pub target: Uri,
+    /// The offer the phone answered.
+    pub offer: Offer,
+    /// The answer of its 18x with SDP, for a 200 OK that does not repeat it.
+    pub early_answer: Option<Vec<u8>>,
+    pub dialog: InviteDialog,
+    pub states: mpsc::UnboundedReceiver<DialogState>,
+}
+
+pub(super) struct Branch {
+    /// The Request-URI: the phone's, or a redirect's target.
+    pub target: Uri,
+    proxy: Option<SipAddr>,
+    /// The server addresses not tried yet.
+    servers: VecDeque<SipAddr>,
+    destination: Option<SipAddr>,
+    untried_profiles: std::slice::Iter<'static, OfferProfile>,
+    pub offer: Offer,
+    redirects: u32,
+    attempt: Attempt,
+    /// The answer of an 18x with SDP, for a 200 OK that does not repeat it.
+    pub early_answer: Option<Vec<u8>>,
+}
+
+impl Branch {
+    /// INVITEs `target`: through `proxy`, else to its own host; a SIP
+    /// server named in DNS may have several addresses (SRV targets by
+    /// priority, then its addresses), tried in turn.
+    pub async fn start(
+        invitation: &Invitation,
+        target: Uri,
+        proxy: Option<SipAddr>,
+    ) -> anyhow::Result<Branch> {
+        let mut servers = match proxy.as_ref().cloned().or_else(|| next_hop(&target)) {
+            Some(next_hop) => servers_of(&invitation.shared, &next_hop).await,
+            None => VecDeque::new(),
+        };
+        let destination = servers.pop_front().or_else(|| proxy.clone());
+        let mut untried_profiles =
+            OfferProfile::in_turn(invitation.shared.config.offer_srtp).iter();
+        let profile = *untried_profiles.next().expect("at least one profile");
+        let offer = invitation.streams.offer(profile);
+        let attempt = invitation.send(target.clone(), destination.clone(), &offer)?;
+        Ok(Branch {
+            target,
+            proxy,
+            servers,
+            destination,
+            untried_profiles,
+            offer,
+            redirects: 0,
+            attempt,
+            early_answer: None,
+        })
+    }
+
+    pub fn dialog(&self) -> &InviteDialog {
+        &self.attempt.dialog
+    }
+
+    /// What the call goes on with once the branch's phone answered.
+    pub fn answered(self) -> Answered {
+        Answered {
+            target: self.target,
+            offer: self.offer,
+            early_answer: self.early_answer,
+            dialog: self.attempt.dialog,
+            states: self.attempt.states,
+        }
+    }
+
+    /// The branch's next step (cancel-safe). Not to be called again once it
+    /// answered or failed.
+    pub async fn progress(&mut self, invitation: &Invitation) -> Progress {
+        loop {
+            let attempt = &mut self.attempt;
+            let outcome = tokio::select! {
+                result = &mut attempt.invite => result
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                () = tokio::time::sleep_until(attempt.silence_ends),
+                    if !attempt.heard && !self.servers.is_empty() => {
+                    attempt.invite.abort();
+                    Err(format!("no response within {SERVER_SILENCE:?}"))
+                }
+                Some(state) = attempt.states.recv() => {
+                    attempt.heard |= matches!(state, DialogState::Trying(_) | DialogState::Early(..));
+                    if let DialogState::Early(_, response) = state {
+                        let with_sdp = !response.body.is_empty();
+                        if with_sdp {
+                            self.early_answer = Some(response.body.clone());
+                        }
+                        return Progress::Ringing(response.status_code, with_sdp);
+                    }
+                    continue;
+                }
+            };
+            if let Some(progress) = self.retry(invitation, outcome) {
+                return progress;
+            }
+        }
+    }
+
+    /// Sends the branch's next INVITE after `outcome` when there is one to
+    /// send; otherwise what the outcome means for the call.
+    fn retry(
+        &mut self,
+        invitation: &Invitation,
+        outcome: Result<(rsipstack::dialog::DialogId, Option<Response>), String>,
+    ) -> Option<Progress> {
+        let call_id = invitation.call_id();
+        let server_failed = match &outcome {
+            Err(e) => Some(e.clone()),
+            Ok((_, Some(response))) if response.status_code == StatusCode::ServiceUnavailable => {
+                Some(response.status_code.to_string())
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = server_failed
+            && let Some(server) = self.servers.pop_front()
+        {
+            if let Some(failed) = &self.destination {
+                info!("call {call_id}: {failed} failed ({why}); trying {server}");
+            }
+            self.destination = Some(server);
+        } else {
+            let response = match outcome {
+                Ok((_, Some(response))) => response,
+                Ok((_, None)) => {
+                    let failure = Failure::Unanswered(408, "no final response".into());
+                    return Some(Progress::Failed(failure));
+                }
+                Err(e) => return Some(Progress::Failed(Failure::Unanswered(503, e))),
+            };
+            let status = u16::from(response.status_code.clone());
+            if response.status_code.kind() == StatusCodeKind::Successful {
+                return Some(Progress::Answered(response));
+            }
+            // 3xx: try the first Contact, a few times at most (RFC 3261 §8.1.3.4).
+            let redirect = (300..400)
+                .contains(&status)
+                .then(|| response.contact_header().ok()?.typed().ok())
+                .flatten()
+                .filter(|_| self.redirects < MAX_REDIRECTS);
+            // A phone set to take only SRTP, or only RTCP feedback, refuses
+            // offers in the other profiles as not acceptable.
+            let next_profile = if matches!(status, 488 | 606) {
+                self.untried_profiles.next().copied()
+            } else {
+                None
+            };
+            if let Some(contact) = redirect {
+                self.redirects += 1;
+                info!("call {call_id}: {status}, redirected to {}", contact.uri);
+                self.target = contact.uri;
+                // The new target's own server, through the proxy if any.
+                self.destination = self.proxy.clone();
+                self.servers.clear();
+            } else if let Some(next) = next_profile {
+                info!(
+                    "call {call_id}: {} answered {status} to {}; offering {}",
+                    self.target,
+                    self.offer.profile.name(),
+                    next.name()
+                );
+                self.offer = invitation.streams.offer(next);
+            } else {
+                return Some(Progress::Failed(Failure::Refused(response)));
+            }
+        }
+        self.early_answer = None;
+        match invitation.send(self.target.clone(), self.destination.clone(), &self.offer) {
+            Ok(attempt) => {
+                self.attempt = attempt;
+                None
+            }
+            Err(e) => Some(Progress::Failed(Failure::Unanswered(503, e.to_string()))),
+        }
+    }
+
+    /// Stops the branch: CANCEL while it rings; BYE when its phone
+    /// answered too, at the same moment as the one that took the call.
+    pub async fn stop(self, dialogs: &DialogLayer) {
+        let dialog = self.attempt.dialog;
+        if matches!(dialog.state(), DialogState::Confirmed(..)) {
+            let _ = dialog.bye().await;
+            dialogs.remove_dialog(&dialog.id());
+        } else {
+            let _ = dialog.cancel().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_offered_srtp_is_never_offered_in_the_clear() {
+        let names = |offer_srtp| {
+            OfferProfile::in_turn(offer_srtp)
+                .iter()
+                .map(|profile| profile.name())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(true), ["RTP/SAVP", "RTP/SAVPF"]);
+        assert_eq!(
+            names(false),
+            ["RTP/AVP", "RTP/SAVP", "RTP/AVPF", "RTP/SAVPF"]
+        );
+    }
+
+    #[test]
+    fn the_app_hears_the_best_of_the_phones_refusals() {
+        let unanswered = |status| Failure::Unanswered(status, String::new());
+        let best = |statuses: &[u16]| {
+            statuses
+                .iter()
+                .map(|&s| unanswered(s))
+                .reduce(Failure::best)
+                .map(|f| f.status())
+        };
+        assert_eq!(best(&[503, 486, 408]), Some(486));
+        assert_eq!(best(&[486, 603, 480]), Some(603));
+        assert_eq!(best(&[480, 486]), Some(480), "the first of a class");
+        assert!(unanswered(603).is_global() && !unanswered(486).is_global());
+    }
+}
