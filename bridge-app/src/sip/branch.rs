@@ -301,15 +301,10 @@ impl Branch {
     pub async fn progress(&mut self, invitation: &Invitation) -> Progress {
         loop {
             let attempt = &mut self.attempt;
+            // The phone's 18x before its final response: a 200 OK may leave
+            // the answer to the 183's SDP.
             let outcome = tokio::select! {
-                result = &mut attempt.invite => result
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string())),
-                () = tokio::time::sleep_until(attempt.silence_ends),
-                    if !attempt.heard && !self.servers.is_empty() => {
-                    attempt.invite.abort();
-                    Err(format!("no response within {SERVER_SILENCE:?}"))
-                }
+                biased;
                 Some(state) = attempt.states.recv() => {
                     attempt.heard |= matches!(state, DialogState::Trying(_) | DialogState::Early(..));
                     if let DialogState::Early(_, response) = state {
@@ -320,6 +315,14 @@ impl Branch {
                         return Progress::Ringing(response.status_code, with_sdp);
                     }
                     continue;
+                }
+                result = &mut attempt.invite => result
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                () = tokio::time::sleep_until(attempt.silence_ends),
+                    if !attempt.heard && !self.servers.is_empty() => {
+                    attempt.invite.abort();
+                    Err(format!("no response within {SERVER_SILENCE:?}"))
                 }
             };
             if let Some(progress) = self.retry(invitation, outcome) {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
-use super::branch::{Branch, Failure, Invitation, Progress, Streams};
+use super::branch::{Branch, Failure, Invitation, Offer, Progress, Streams};
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
@@ -1858,6 +1858,14 @@ impl Call {
     /// `Replaces`) may speak: the call's codec first, then any other the
     /// call's media can switch to; as protected as the call is now; video
     /// if the call has it.
+    /// The phone now in the call was made `offer`: what its answers may
+    /// take, and the keys and feedback offered.
+    fn offered(&mut self, offer: &Offer) {
+        self.capabilities = offer.capabilities.clone();
+        self.offered_crypto = offer.crypto.clone();
+        self.offered_feedback = offer.profile.feedback;
+    }
+
     fn capabilities_for_new_phone(&self) -> Capabilities {
         let mut audio = self.capabilities.audio.clone();
         if self.media.as_ref().is_some_and(CallMedia::can_switch_codec) {
@@ -2332,15 +2340,13 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         match event {
             // 18x: the app keeps ringing (its SDK has no progress signal).
             Ringing::Phone(index, Progress::Ringing(status, with_sdp)) => {
-                info!(
-                    "call {call_id}: {status}{} from {}",
-                    if with_sdp {
-                        " with SDP (early media)"
-                    } else {
-                        ""
-                    },
-                    branches[index].target
-                );
+                let early_media = if with_sdp {
+                    " with SDP (early media)"
+                } else {
+                    ""
+                };
+                let phone = &branches[index].target;
+                info!("call {call_id}: {phone} sent {status}{early_media}");
                 call.accept_pickups(&pick_up_with, &branches);
             }
             Ringing::Phone(index, Progress::Answered(response)) => {
@@ -2348,12 +2354,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             }
             Ringing::Phone(index, Progress::Failed(failed)) => {
                 let branch = branches.remove(index);
-                info!(
-                    "call {call_id}: {} answered {} ({})",
-                    branch.target,
-                    failed.status(),
-                    failed.reason()
-                );
+                info!("call {call_id}: {}: {}", branch.target, failed.reason());
                 let global = failed.is_global();
                 let best = match failure.take() {
                     Some(earlier) => Failure::best(earlier, failed),
@@ -2389,6 +2390,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                     continue;
                 };
                 call.dialog = branches[index].dialog().clone();
+                call.offered(&branches[index].offer);
                 if let Some(states) = call.replace_phone(*pickup, false).await {
                     // `replace_phone` cancelled the picked-up phone's ringing.
                     branches.swap_remove(index);
@@ -2425,9 +2427,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     refuse_replacements(&mut pickups, "the call was answered");
     let target = answered.target.to_string();
     call.record.target = target.clone();
-    call.capabilities = answered.offer.capabilities;
-    call.offered_crypto = answered.offer.crypto;
-    call.offered_feedback = answered.offer.profile.feedback;
+    call.offered(&answered.offer);
     call.dialog = answered.dialog;
     let (early_answer, states) = (answered.early_answer, answered.states);
     call.fast_update = FastUpdate::new(allows(&response, "INFO"));

@@ -883,7 +883,9 @@ impl Baresip {
              module_app account.so\n\
              module_app menu.so\n\
              snd_path {dir}\n",
-            sip_port = free_port(),
+            // baresip listens for TLS on the next port up: a block from the
+            // reserved range, where no socket bound to port 0 lands.
+            sip_port = free_even_port(),
             tone = tone.display(),
             dir = dir.display(),
         );
