@@ -45,6 +45,9 @@ pub struct SipSection {
     pub trusted: Vec<IpAddr>,
     /// Act as the registrar for the mapped extensions (their `sip_password`).
     pub registrar: bool,
+    /// Seconds between the registrar's OPTIONS to each registered phone
+    /// (qualify): one that does not answer is not rung. 0: never asked.
+    pub qualify_interval_s: u64,
     /// Also challenge with SHA-256 digests (RFC 8760); some phones fail on it.
     pub digest_sha256: bool,
     pub rtp_timeout_ms: u64,
@@ -225,6 +228,7 @@ impl Default for SipSection {
             password: None,
             trusted: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
             registrar: false,
+            qualify_interval_s: 30,
             digest_sha256: false,
             rtp_timeout_ms: 30_000,
             jitter_buffer_ms: 0,

@@ -59,6 +59,10 @@ pub struct RunOptions {
     /// through) or off (overrides sip.video).
     #[arg(long, value_enum)]
     pub video: Option<crate::sip::video::AppVideoCodec>,
+    /// Seconds between the registrar's OPTIONS to each registered phone; 0:
+    /// never (overrides sip.qualify_interval_s).
+    #[arg(long)]
+    pub qualify_interval_s: Option<u64>,
     /// Milliseconds of ringing after which a call gets 480.
     #[arg(long)]
     pub no_answer_timeout_ms: Option<u64>,
@@ -109,6 +113,9 @@ impl RunOptions {
         }
         if let Some(video) = self.video {
             config.sip.video = video;
+        }
+        if let Some(seconds) = self.qualify_interval_s {
+            config.sip.qualify_interval_s = seconds;
         }
         if let Some(ms) = self.no_answer_timeout_ms {
             config.sip.no_answer_timeout_ms = ms;

@@ -1281,7 +1281,8 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
 #[test]
 fn an_app_call_rings_every_phone_of_the_extension() {
     let _serial = one_at_a_time();
-    let bridge = BridgeProcess::start(&[]);
+    // The phones answer the registrar's OPTIONS throughout.
+    let bridge = BridgeProcess::start(&["--qualify-interval-s", "1"]);
     let answering = Phone::new("PCMU", 0, 8000, 523);
     let answering_port = answering.port().to_string();
     let phones: Vec<_> = [
@@ -1372,6 +1373,79 @@ fn an_app_call_rings_every_phone_of_the_extension() {
     );
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(15));
+}
+
+/// The registrar asks each registered phone OPTIONS (here every second):
+/// a phone gone without unregistering (unplugged, a laptop closed) is not
+/// rung. With no phone left the app's call is refused at once, rather than
+/// ringing nothing; a phone that is there takes the next call alone.
+#[test]
+fn a_registered_phone_that_is_gone_is_not_rung() {
+    let _serial = one_at_a_time();
+    let bridge = BridgeProcess::start(&["--qualify-interval-s", "1"]);
+    let address = bridge.address();
+    let credentials = ["-au", "alice", "-ap", "demo"];
+    let (registered, output) = sipp("register-and-go.xml", &address, "alice", &credentials);
+    assert!(registered, "{output}");
+    let silent = bridge
+        .wait_for_log(
+            |l| l.contains("registrar: alice's phone at ") && l.contains("does not answer OPTIONS"),
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("the gone phone is found out: {:#?}", bridge.logs()));
+    let gone = silent
+        .split(" phone at ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
+    let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("rejected", Duration::from_secs(10));
+    let phone = std::thread::spawn(move || {
+        let scenario = support::repo_root().join("bridge-app/tests/sipp/device-answers.xml");
+        let port = support::free_even_port().to_string();
+        let args = [
+            "-oocsf",
+            scenario.to_str().unwrap(),
+            "-key",
+            "phone_port",
+            &port,
+        ];
+        sipp(
+            "register-device.xml",
+            &address,
+            "alice",
+            &[&credentials[..], &args].concat(),
+        )
+    });
+    assert_eq!(
+        bridge
+            .wait_for_logs(
+                |l| l.contains("registrar: alice registered at"),
+                2,
+                Duration::from_secs(10)
+            )
+            .len(),
+        2,
+        "the phone that is there registers: {:#?}",
+        bridge.logs()
+    );
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("accepted", Duration::from_secs(15));
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = phone.join().unwrap();
+    assert!(
+        success,
+        "the phone that is there takes the call, then BYE:\n{output}"
+    );
+    let dialled = bridge.wait_for_logs(|l| l.contains(" calls sip:alice@"), 1, Duration::ZERO);
+    assert!(
+        dialled.len() == 1 && !dialled[0].contains(gone),
+        "only the phone that is there rings (not {gone}): {dialled:#?}"
+    );
 }
 
 /// The app is told the caller the SIP side vouches for: a trusted server's

@@ -217,6 +217,7 @@ fn sip_config(config: &Config) -> SipConfig {
             .and_then(|proxy| crate::sip::proxy_address(proxy).ok()),
         accounts,
         registrar: s.registrar,
+        qualify_interval: Duration::from_secs(s.qualify_interval_s),
         max_calls: s.max_calls,
         video: s.video,
         webrtc_stack: s.webrtc_stack,

@@ -81,6 +81,9 @@ pub struct SipConfig {
     pub video: video::AppVideoCodec,
     /// What carries the app leg of calls without video.
     pub webrtc_stack: media::WebRtcStack,
+    /// How often the registrar asks registered phones OPTIONS (zero:
+    /// never).
+    pub qualify_interval: Duration,
     /// How long the built-in services ring before answering.
     pub answer_delay: Duration,
     /// Ringing longer than this ends the call with 480.
@@ -132,6 +135,7 @@ impl SipConfig {
             max_calls: 200,
             video: video::AppVideoCodec::default(),
             webrtc_stack: media::WebRtcStack::default(),
+            qualify_interval: Duration::from_secs(30),
             answer_delay: Duration::ZERO,
             no_answer_timeout: Duration::from_secs(60),
             rtp_timeout: Duration::from_millis(media::DEFAULT_RTP_TIMEOUT_MS.into()),

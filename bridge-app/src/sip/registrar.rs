@@ -2,16 +2,22 @@
 //! phones REGISTER with digest, and calls from the app side find them here.
 //! An extension may have several phones (a desk phone and a softphone):
 //! each registration is a binding of its own, and calls ring them all.
+//! Registered phones are asked OPTIONS now and then (qualify, as
+//! Asterisk's `qualify_frequency`): one that stops answering is not rung
+//! until it answers or registers again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rsipstack::sip::prelude::HeadersExt;
-use rsipstack::sip::{Header, StatusCode, Uri};
-use rsipstack::transaction::endpoint::TargetLocator;
+use rsipstack::sip::{Header, Method, SipMessage, StatusCode, StatusCodeKind, Uri, typed};
+use rsipstack::transaction::endpoint::{EndpointInnerRef, TargetLocator};
+use rsipstack::transaction::key::{TransactionKey, TransactionRole};
+use rsipstack::transaction::make_tag;
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::SipAddr;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::admission::{Admission, Verdict};
@@ -24,6 +30,8 @@ const NAT_MAX_EXPIRES: u32 = 60;
 /// beyond them takes the place of the one whose registration ends first
 /// (a phone that restarted on another port leaves its old binding behind).
 const MAX_BINDINGS: usize = 10;
+/// How long a registered phone may take to answer the bridge's OPTIONS.
+const QUALIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a registered extension is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +45,8 @@ pub struct Binding {
     /// ([`RegisteredContacts`]).
     source: Option<SipAddr>,
     expires_at: Instant,
+    /// It answered the bridge's last OPTIONS (or has registered since).
+    reachable: bool,
 }
 
 impl Binding {
@@ -60,16 +70,90 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// The live bindings of `user`, the latest registered first.
+    /// The live bindings of `user` whose phones answer, the latest
+    /// registered first.
     pub fn lookup(&self, user: &str) -> Vec<Binding> {
         let bindings = self.bindings.lock().unwrap();
         bindings
             .get(&user.to_ascii_lowercase())
             .into_iter()
             .flatten()
-            .filter(|b| b.is_live())
+            .filter(|b| b.is_live() && b.reachable)
             .cloned()
             .collect()
+    }
+
+    /// Asks every registered phone OPTIONS each `interval`, from `bridge`
+    /// (the bridge's Contact), until `stop`; a phone that does not answer
+    /// within 5 s is not rung until it answers or registers again. Any
+    /// response will do: the phone is there.
+    pub async fn qualify(
+        self: Arc<Self>,
+        endpoint: EndpointInnerRef,
+        bridge: Uri,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let phones: Vec<(String, Binding)> = {
+                let mut bindings = self.bindings.lock().unwrap();
+                bindings.retain(|_, phones| {
+                    phones.retain(Binding::is_live);
+                    !phones.is_empty()
+                });
+                bindings
+                    .iter()
+                    .flat_map(|(user, phones)| phones.iter().map(|b| (user.clone(), b.clone())))
+                    .collect()
+            };
+            let asks = phones.into_iter().map(|(user, binding)| {
+                let (registrar, endpoint, bridge) =
+                    (self.clone(), endpoint.clone(), bridge.clone());
+                async move {
+                    let answered = tokio::time::timeout(
+                        QUALIFY_TIMEOUT,
+                        ask_options(&endpoint, &bridge, &binding),
+                    )
+                    .await
+                    .map_err(|_| "no answer".to_owned())
+                    .and_then(|answered| answered.map_err(|e| format!("{e:#}")));
+                    registrar.mark(&user, &binding.contact, answered);
+                }
+            });
+            futures_util::future::join_all(asks).await;
+        }
+    }
+
+    /// What the phone at `contact` made of the bridge's OPTIONS; a change
+    /// is logged.
+    fn mark(&self, user: &str, contact: &str, answered: Result<(), String>) {
+        let mut bindings = self.bindings.lock().unwrap();
+        let Some(binding) = bindings
+            .get_mut(user)
+            .and_then(|phones| phones.iter_mut().find(|b| b.contact == contact))
+        else {
+            return;
+        };
+        match answered {
+            Ok(()) if !binding.reachable => {
+                binding.reachable = true;
+                info!("registrar: {user}'s phone at {contact} answers again");
+            }
+            Err(why) if binding.reachable => {
+                binding.reachable = false;
+                info!(
+                    "registrar: {user}'s phone at {contact} does not answer OPTIONS ({why}); not rung until it does"
+                );
+            }
+            _ => {}
+        }
     }
 
     /// Where the phone whose live registration names `uri` as its Contact
@@ -173,6 +257,7 @@ impl Registrar {
             instance: contact.instance.clone(),
             source: request_source(tx),
             expires_at: Instant::now() + Duration::from_secs(expires.into()),
+            reachable: true,
         };
         let reached = match &binding.source {
             Some(source) => format!(" (reached at {source})"),
@@ -233,6 +318,47 @@ impl Registrar {
             })
             .collect()
     }
+}
+
+/// One OPTIONS to a registered phone, sent where its REGISTER came from;
+/// `Ok` once it responds (a provisional response aside).
+async fn ask_options(
+    endpoint: &EndpointInnerRef,
+    bridge: &Uri,
+    binding: &Binding,
+) -> anyhow::Result<()> {
+    let contact = Uri::try_from(binding.contact.as_str())?;
+    let target = match &binding.source {
+        Some(source) => source.clone(),
+        None => SipAddr::try_from(&contact)?,
+    };
+    // The Via names the transport the request goes out on.
+    let (connection, _) = endpoint.transport_layer.lookup(&target, None).await?;
+    let via = endpoint.get_via(Some(connection.get_addr().clone()), None)?;
+    let from = typed::From {
+        display_name: None,
+        uri: bridge.clone(),
+        params: vec![],
+    }
+    .with_tag(make_tag());
+    let to = typed::To {
+        display_name: None,
+        uri: contact.clone(),
+        params: vec![],
+    };
+    let request = endpoint.make_request(Method::Options, contact, via, from, to, 1, None);
+    let key = TransactionKey::from_request(&request, TransactionRole::Client)?;
+    let mut tx = Transaction::new_client(key, request, endpoint.clone(), Some(connection));
+    tx.destination = Some(target);
+    tx.send().await?;
+    while let Some(message) = tx.receive().await {
+        if let SipMessage::Response(response) = message
+            && response.status_code.kind() != StatusCodeKind::Provisional
+        {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no response")
 }
 
 /// Requests to a registered phone's Contact go where its REGISTER came

@@ -245,6 +245,16 @@ impl UserAgent {
             resolver: SipResolver::new(),
         });
 
+        if let Some(registrar) = &shared.registrar
+            && !shared.config.qualify_interval.is_zero()
+        {
+            tokio::spawn(registrar.clone().qualify(
+                endpoint.inner.clone(),
+                shared.contact.clone(),
+                shared.config.qualify_interval,
+                shutdown.child_token(),
+            ));
+        }
         let registration_stop = CancellationToken::new();
         let registration_states = RegistrationStates::default();
         let registrations = shared
