@@ -1854,10 +1854,6 @@ impl Call {
 }
 
 impl Call {
-    /// What a phone taking the call over (a transfer's target, or by
-    /// `Replaces`) may speak: the call's codec first, then any other the
-    /// call's media can switch to; as protected as the call is now; video
-    /// if the call has it.
     /// The phone now in the call was made `offer`: what its answers may
     /// take, and the keys and feedback offered.
     fn offered(&mut self, offer: &Offer) {
@@ -1866,6 +1862,10 @@ impl Call {
         self.offered_feedback = offer.profile.feedback;
     }
 
+    /// What a phone taking the call over (a transfer's target, or by
+    /// `Replaces`) may speak: the call's codec first, then any other the
+    /// call's media can switch to; as protected as the call is now; video
+    /// if the call has it.
     fn capabilities_for_new_phone(&self) -> Capabilities {
         let mut audio = self.capabilities.audio.clone();
         if self.media.as_ref().is_some_and(CallMedia::can_switch_codec) {
