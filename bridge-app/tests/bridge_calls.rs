@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use support::{
     Baresip, BridgeProcess, Browser, BrowserPeer, Dnsmasq, KamailioProcess, NftTable, Phone,
     PhoneCodec, PushEndpoint, VideoPhone, dial, phone_call, phone_call_with, post_as, sipp,
-    tempdir, wav_frequency,
+    sipp_server, tempdir, wav_frequency,
 };
 
 /// One call at a time: each test drives a Chromium and a bridge, and on two
@@ -2497,49 +2497,6 @@ impl PhoneAtDomain {
         let sandbox = format!("http://localhost:{}/", self.sandbox_port);
         BrowserPeer::start(&sandbox, "bob", "demo", 660)
     }
-}
-
-/// SIPp on `sip_port` taking one call to alice with `scenario` (and
-/// `args`); the thread yields its verdict and output.
-fn sipp_server(
-    sip_port: u16,
-    scenario: &str,
-    args: &[&str],
-) -> std::thread::JoinHandle<(bool, String)> {
-    let mut command = std::process::Command::new("sipp");
-    command
-        .arg("-sf")
-        .arg(
-            support::repo_root()
-                .join("bridge-app/tests/sipp")
-                .join(scenario),
-        )
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &sip_port.to_string(),
-            "-s",
-            "alice",
-        ])
-        .args(args)
-        .args([
-            "-m",
-            "1",
-            "-nostdin",
-            "-timeout",
-            "60s",
-            "-timeout_error",
-            "-trace_err",
-        ])
-        .current_dir(tempdir());
-    std::thread::spawn(move || {
-        let output = command.output().unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
-    })
 }
 
 /// Bob's browser places a video call to alice, whose phone (SIPp answering

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Baresip, BridgeProcess, KamailioProcess, wav_frequency};
+use support::{Baresip, BridgeProcess, Dnsmasq, KamailioProcess, sipp_server, wav_frequency};
 
 #[test]
 fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
@@ -164,6 +164,34 @@ fn the_bridge_registers_through_its_outbound_proxy() {
         "echo:echopw@pbx.sipcc.invalid",
     ]);
     assert_echo_registers(&bridge, &kamailio, "echo registers through the proxy");
+}
+
+/// A registrar named by its domain alone, as SIP trunks are: found by its
+/// DNS SRV records (from a real DNS server); its first server is out of
+/// service (503, here SIPp), so the account registers at the next
+/// (Kamailio). Before, the first server found was the only one tried, and
+/// the trunk's calls were lost while it was down.
+#[test]
+fn the_bridge_registers_at_the_next_server_when_the_first_is_down() {
+    let kamailio = KamailioProcess::start();
+    let unavailable_port = support::free_even_port();
+    let unavailable = sipp_server(unavailable_port, "unavailable-registrar.xml", &[]);
+    let srv = |port: u16, priority: u16| {
+        format!("--srv-host=_sip._udp.trunk.sipcc.test,sbc.sipcc.test,{port},{priority},50")
+    };
+    let dns = Dnsmasq::start(&[
+        srv(unavailable_port, 10),
+        srv(kamailio.port, 20),
+        "--host-record=sbc.sipcc.test,127.0.0.1".into(),
+    ]);
+    let bridge =
+        BridgeProcess::start_resolving_with(&dns, &["--register", "echo:echopw@trunk.sipcc.test"]);
+    assert_echo_registers(&bridge, &kamailio, "echo registers at the second server");
+    let (success, output) = unavailable.join().unwrap();
+    assert!(
+        success,
+        "the first server got the REGISTER first and answered 503: {output}"
+    );
 }
 
 /// The bridge registers its account echo at Kamailio within 10 s; `what`

@@ -259,7 +259,7 @@ impl Branch {
         proxy: Option<SipAddr>,
     ) -> anyhow::Result<Branch> {
         let mut servers = match proxy.as_ref().cloned().or_else(|| next_hop(&target)) {
-            Some(next_hop) => servers_of(&invitation.shared, &next_hop).await,
+            Some(next_hop) => servers_of(&invitation.shared.resolver, &next_hop).await,
             None => VecDeque::new(),
         };
         let destination = servers.pop_front().or_else(|| proxy.clone());

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use rsipstack::dialog::authenticate::Credential;
 use rsipstack::dialog::registration::{RefreshOutcome, Registration};
-use rsipstack::sip::Host;
+use rsipstack::resolver::SipResolver;
+use rsipstack::sip::{Host, Param, StatusCode, Transport, Uri};
 use rsipstack::transaction::endpoint::EndpointInnerRef;
 use rsipstack::transport::SipAddr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use super::ua::{next_hop, servers_of};
 
 /// One account the bridge registers.
 #[derive(Clone)]
@@ -69,10 +72,19 @@ impl Account {
 /// Account states by `user@registrar`: `registered`, `failed: <reason>`, …
 pub type RegistrationStates = Arc<Mutex<HashMap<String, String>>>;
 
+/// How long a registration whose every server failed waits before it
+/// resolves and tries them again.
+const ROUND_PAUSE: Duration = Duration::from_secs(30);
+
 /// Keeps `account` registered until `stop` is cancelled, then unregisters;
-/// through `proxy` (`sip.outbound_proxy`) when there is one.
+/// through `proxy` (`sip.outbound_proxy`) when there is one. A registrar
+/// (or proxy) named in DNS may have several servers (RFC 3263: SRV targets
+/// by priority, then its addresses): the account registers at the first
+/// that takes it, and goes on to the next when one cannot be reached or
+/// answers 503 (RFC 3263 §4.3).
 pub fn spawn(
     endpoint: EndpointInnerRef,
+    resolver: SipResolver,
     account: Account,
     proxy: Option<SipAddr>,
     states: RegistrationStates,
@@ -107,38 +119,72 @@ pub fn spawn(
                 states.insert(name.clone(), state);
             }
         };
-        if let Some(proxy) = &proxy {
-            // rsipstack's registration takes the proxy's IP: a name is
-            // resolved when the registration starts.
-            loop {
-                match proxy_socket(proxy).await {
-                    Ok(address) => {
-                        registration.outbound_proxy = Some(address);
-                        break;
+        let first_hop = proxy.clone().or_else(|| next_hop(&registrar));
+        let mut registered_at = registrar.clone();
+        'rounds: loop {
+            let servers: Vec<Option<SipAddr>> = match &first_hop {
+                None => vec![None],
+                Some(hop) => {
+                    let found = servers_of(&resolver, hop).await;
+                    if !found.is_empty() {
+                        found.into_iter().map(Some).collect()
+                    } else if matches!(hop.addr.host, Host::IpAddr(_)) {
+                        vec![Some(hop.clone())]
+                    } else if proxy.is_some() {
+                        // Never around the proxy: the registrar's domain may
+                        // resolve only behind it.
+                        record(format!("failed: outbound proxy {hop}: not found"));
+                        vec![]
+                    } else {
+                        // rsipstack resolves the registrar, and says why not.
+                        vec![None]
                     }
-                    Err(e) => record(format!("failed: outbound proxy {proxy}: {e}")),
                 }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            };
+            let several = servers.len() > 1;
+            for server in servers {
+                registration.outbound_proxy = server.as_ref().and_then(socket_of);
+                registered_at = over_transport(&registrar, server.as_ref());
+                let attempt = stop.child_token();
+                registration
+                    .keep_alive(
+                        registered_at.clone(),
+                        account.expires,
+                        attempt.clone(),
+                        |outcome| {
+                            let server_failed = match outcome {
+                                RefreshOutcome::Registered(_) => {
+                                    record("registered".into());
+                                    false
+                                }
+                                RefreshOutcome::Rejected(response) => {
+                                    record(format!("failed: {}", response.status_code));
+                                    response.status_code == StatusCode::ServiceUnavailable
+                                }
+                                RefreshOutcome::Failed(error) => {
+                                    record(format!("failed: {error}"));
+                                    true
+                                }
+                            };
+                            if server_failed && several {
+                                attempt.cancel();
+                            }
+                        },
+                    )
+                    .await;
+                if stop.is_cancelled() {
+                    break 'rounds;
+                }
+                if let Some(server) = &server {
+                    info!("registration {name}: {server} failed; trying the next server");
                 }
             }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(ROUND_PAUSE) => {}
+            }
         }
-        registration
-            .keep_alive(
-                registrar.clone(),
-                account.expires,
-                stop.clone(),
-                |outcome| match outcome {
-                    RefreshOutcome::Registered(_) => record("registered".into()),
-                    RefreshOutcome::Rejected(response) => {
-                        record(format!("failed: {}", response.status_code))
-                    }
-                    RefreshOutcome::Failed(error) => record(format!("failed: {error}")),
-                },
-            )
-            .await;
-        let unregister = registration.register(registrar, Some(0));
+        let unregister = registration.register(registered_at, Some(0));
         match tokio::time::timeout(Duration::from_secs(2), unregister).await {
             Ok(Ok(_)) => record("unregistered".into()),
             Ok(Err(e)) => record(format!("failed: un-REGISTER: {e}")),
@@ -147,21 +193,32 @@ pub fn spawn(
     })
 }
 
-/// The address of `proxy`, its port or SIP's default.
-async fn proxy_socket(proxy: &SipAddr) -> Result<SocketAddr, String> {
-    let port = proxy
+/// The socket address of a server named by its IP address (its port, or
+/// its transport's default).
+fn socket_of(server: &SipAddr) -> Option<SocketAddr> {
+    let Host::IpAddr(ip) = server.addr.host else {
+        return None;
+    };
+    let port = server
         .addr
         .port
-        .unwrap_or_else(|| proxy.r#type.unwrap_or_default().default_port())
-        .into();
-    match &proxy.addr.host {
-        Host::IpAddr(ip) => Ok(SocketAddr::new(*ip, port)),
-        Host::Domain(name) => tokio::net::lookup_host((name.to_string(), port))
-            .await
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or_else(|| "no address".to_owned()),
+        .unwrap_or_else(|| server.r#type.unwrap_or_default().default_port());
+    Some(SocketAddr::new(ip, port.into()))
+}
+
+/// The registrar's URI, naming the transport of `server` (an SRV target
+/// over TCP or TLS) when it names none: rsipstack takes the REGISTER's
+/// transport from the URI.
+fn over_transport(registrar: &Uri, server: Option<&SipAddr>) -> Uri {
+    let mut uri = registrar.clone();
+    let named = uri.params.iter().any(|p| matches!(p, Param::Transport(_)));
+    if let Some(transport) = server.and_then(|s| s.r#type)
+        && transport != Transport::Udp
+        && !named
+    {
+        uri.params.push(Param::Transport(transport));
     }
+    uri
 }
 
 #[cfg(test)]

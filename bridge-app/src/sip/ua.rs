@@ -264,6 +264,7 @@ impl UserAgent {
             .map(|account| {
                 registration::spawn(
                     endpoint.inner.clone(),
+                    shared.resolver.clone(),
                     account.clone(),
                     shared.config.outbound_proxy.clone(),
                     registration_states.clone(),
@@ -490,13 +491,12 @@ pub(super) fn next_hop(uri: &Uri) -> Option<SipAddr> {
 /// (RFC 3263: SRV targets by priority and weight, then the name's
 /// addresses); none when `next_hop` is an address, or when the name is not
 /// found (the transport layer then reports why).
-pub(super) async fn servers_of(shared: &Shared, next_hop: &SipAddr) -> VecDeque<SipAddr> {
+pub(super) async fn servers_of(resolver: &SipResolver, next_hop: &SipAddr) -> VecDeque<SipAddr> {
     let Host::Domain(domain) = &next_hop.addr.host else {
         return VecDeque::new();
     };
     let secure = next_hop.r#type == Some(rsipstack::sip::Transport::Tls);
-    match shared
-        .resolver
+    match resolver
         .lookup(domain, next_hop.addr.port, next_hop.r#type, secure)
         .await
     {

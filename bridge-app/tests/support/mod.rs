@@ -639,6 +639,45 @@ pub fn sipp(scenario: &str, target: &str, service: &str, extra_args: &[&str]) ->
     (output.status.success(), text)
 }
 
+/// SIPp on `sip_port` taking one call (or REGISTER) to alice with `scenario` (and
+/// `args`); the thread yields its verdict and output.
+pub fn sipp_server(
+    sip_port: u16,
+    scenario: &str,
+    args: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let mut command = std::process::Command::new("sipp");
+    command
+        .arg("-sf")
+        .arg(repo_root().join("bridge-app/tests/sipp").join(scenario))
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &sip_port.to_string(),
+            "-s",
+            "alice",
+        ])
+        .args(args)
+        .args([
+            "-m",
+            "1",
+            "-nostdin",
+            "-timeout",
+            "60s",
+            "-timeout_error",
+            "-trace_err",
+        ])
+        .current_dir(tempdir());
+    std::thread::spawn(move || {
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    })
+}
+
 /// A fresh directory under the system's temporary directory.
 pub fn tempdir() -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
