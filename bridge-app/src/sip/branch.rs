@@ -246,7 +246,7 @@ pub(super) struct Branch {
     redirects: u32,
     attempt: Attempt,
     /// The answer of an 18x with SDP, for a 200 OK that does not repeat it.
-    pub early_answer: Option<Vec<u8>>,
+    early_answer: Option<Vec<u8>>,
 }
 
 impl Branch {
