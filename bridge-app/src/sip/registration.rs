@@ -176,9 +176,10 @@ pub fn spawn(
                     break 'rounds;
                 }
                 if let Some(server) = &server {
-                    info!("registration {name}: {server} failed; trying the next server");
+                    info!("registration {name}: {server} failed");
                 }
             }
+            info!("registration {name}: no server took it; again in {ROUND_PAUSE:?}");
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(ROUND_PAUSE) => {}
