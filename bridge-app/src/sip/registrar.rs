@@ -263,38 +263,19 @@ impl Registrar {
             Some(source) => format!(" (reached at {source})"),
             None => String::new(),
         };
-        let fresh = {
+        let contact_text = binding.contact.clone();
+        let bound = {
             let mut bindings = self.bindings.lock().unwrap();
-            let phones = bindings.entry(key.clone()).or_default();
-            phones.retain(Binding::is_live);
-            let known = phones.iter().position(|b| b.is_phone(&uri, instance));
-            let fresh = known.is_none_or(|known| {
-                let old = &phones[known];
-                (&old.contact, &old.source) != (&binding.contact, &binding.source)
-            });
-            match known {
-                Some(known) => phones[known] = binding.clone(),
-                None => {
-                    if phones.len() >= MAX_BINDINGS
-                        && let Some(ending) =
-                            (0..phones.len()).min_by_key(|&i| phones[i].expires_at)
-                    {
-                        let gone = phones.remove(ending);
-                        info!(
-                            "registrar: {user} has {MAX_BINDINGS} phones; {} makes way",
-                            gone.contact
-                        );
-                    }
-                    phones.insert(0, binding.clone());
-                }
-            }
-            fresh
+            bind(bindings.entry(key.clone()).or_default(), binding, &uri)
         };
-        if fresh {
+        if let Some(gone) = bound.displaced {
             info!(
-                "registrar: {user} registered at {}{reached} for {expires} s",
-                binding.contact
+                "registrar: {user} has {MAX_BINDINGS} phones; {} makes way",
+                gone.contact
             );
+        }
+        if bound.fresh {
+            info!("registrar: {user} registered at {contact_text}{reached} for {expires} s");
         }
         let headers = self.contact_headers(&key);
         reply(tx, StatusCode::OK, headers).await;
@@ -317,6 +298,44 @@ impl Registrar {
                 Header::Contact(format!("<{}>;expires={left}", b.contact).into())
             })
             .collect()
+    }
+}
+
+/// What registering a phone did to its extension's bindings.
+struct Bound {
+    /// A new phone, or one now reached elsewhere: worth a log line.
+    fresh: bool,
+    /// The phone that made way for it (at `MAX_BINDINGS`).
+    displaced: Option<Binding>,
+}
+
+/// Adds `binding` (its Contact parsed as `uri`) to an extension's phones,
+/// the latest first, or refreshes the binding of the same phone.
+fn bind(phones: &mut Vec<Binding>, binding: Binding, uri: &Uri) -> Bound {
+    phones.retain(Binding::is_live);
+    let instance = binding.instance.clone();
+    if let Some(known) = phones
+        .iter()
+        .position(|b| b.is_phone(uri, instance.as_deref()))
+    {
+        let old = std::mem::replace(&mut phones[known], binding);
+        let now = &phones[known];
+        return Bound {
+            fresh: (&old.contact, &old.source) != (&now.contact, &now.source),
+            displaced: None,
+        };
+    }
+    let displaced = if phones.len() >= MAX_BINDINGS {
+        (0..phones.len())
+            .min_by_key(|&i| phones[i].expires_at)
+            .map(|ending| phones.remove(ending))
+    } else {
+        None
+    };
+    phones.insert(0, binding);
+    Bound {
+        fresh: true,
+        displaced,
     }
 }
 
@@ -452,6 +471,64 @@ mod tests {
             &uri("sip:alice@192.168.1.10:5062")
         ));
         assert!(!same_contact(&registered, &uri("sip:alice@192.168.1.11")));
+    }
+
+    fn binding(contact: &str, instance: Option<&str>, seconds: u64) -> (Binding, Uri) {
+        let binding = Binding {
+            contact: contact.into(),
+            instance: instance.map(Into::into),
+            source: None,
+            expires_at: Instant::now() + Duration::from_secs(seconds),
+            reachable: true,
+        };
+        (binding, Uri::try_from(contact).unwrap())
+    }
+
+    #[test]
+    fn each_phone_of_an_extension_has_its_binding() {
+        let mut phones = Vec::new();
+        fn bind_phone(
+            phones: &mut Vec<Binding>,
+            contact: &str,
+            instance: Option<&str>,
+            seconds: u64,
+        ) -> Bound {
+            let (binding, uri) = binding(contact, instance, seconds);
+            bind(phones, binding, &uri)
+        }
+        assert!(bind_phone(&mut phones, "sip:alice@10.0.0.1", None, 60).fresh);
+        assert!(bind_phone(&mut phones, "sip:alice@10.0.0.2:5062", None, 60).fresh);
+        // A refresh: nothing new. With other parameters: the same phone.
+        let refresh = bind_phone(&mut phones, "sip:alice@10.0.0.1", None, 120);
+        assert!(!refresh.fresh && refresh.displaced.is_none());
+        bind_phone(&mut phones, "sip:alice@10.0.0.1:5060;ob", None, 120);
+        let contacts =
+            |phones: &[Binding]| phones.iter().map(|b| b.contact.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            contacts(&phones),
+            ["sip:alice@10.0.0.2:5062", "sip:alice@10.0.0.1:5060;ob"]
+        );
+        // The same instance from a new address: that phone, moved.
+        let uuid = Some("<urn:uuid:1>");
+        assert!(bind_phone(&mut phones, "sip:alice@10.0.0.3", uuid, 60).fresh);
+        assert!(bind_phone(&mut phones, "sip:alice@10.0.0.4", uuid, 60).fresh);
+        assert_eq!(phones.len(), 3);
+        assert_eq!(phones[0].contact, "sip:alice@10.0.0.4");
+        // Beyond the limit, the phone whose registration ends first goes.
+        for n in 10..17 {
+            bind_phone(&mut phones, &format!("sip:alice@10.0.1.{n}"), None, 300);
+        }
+        assert_eq!(phones.len(), MAX_BINDINGS);
+        let full = bind_phone(&mut phones, "sip:alice@10.0.2.1", None, 300);
+        assert_eq!(
+            full.displaced.map(|b| b.contact).as_deref(),
+            Some("sip:alice@10.0.0.2:5062")
+        );
+        assert_eq!(phones.len(), MAX_BINDINGS);
+        // Expired bindings go when the next phone registers.
+        let mut expired = vec![binding("sip:alice@10.0.0.9", None, 0).0];
+        bind_phone(&mut expired, "sip:alice@10.0.0.1", None, 60);
+        assert_eq!(contacts(&expired), ["sip:alice@10.0.0.1"]);
     }
 
     #[test]
