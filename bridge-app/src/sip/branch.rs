@@ -20,12 +20,14 @@ use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invitation::{InviteAsyncResult, InviteOption};
 use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::prelude::{HeadersExt, ToTypedHeader};
-use rsipstack::sip::{Response, StatusCode, StatusCodeKind, Uri};
+use rsipstack::sip::{Header, Method, Response, SipMessage, StatusCode, StatusCodeKind, Uri};
+use rsipstack::transaction::key::{TransactionKey, TransactionRole};
+use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::SipAddr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::ua::{Shared, next_hop, servers_of};
 
@@ -410,15 +412,76 @@ impl Branch {
 
     /// Stops the branch: CANCEL while it rings; BYE when its phone
     /// answered too, at the same moment as the one that took the call.
-    pub async fn stop(self, dialogs: &DialogLayer) {
-        let dialog = self.attempt.dialog;
+    /// `answered_elsewhere`: another phone took the call, which the CANCEL
+    /// says (RFC 3326), so that this phone logs no missed call.
+    pub async fn stop(self, dialogs: &DialogLayer, answered_elsewhere: bool) {
+        let Attempt { dialog, invite, .. } = self.attempt;
+        let ringing = matches!(
+            dialog.state(),
+            DialogState::Trying(_) | DialogState::Early(..)
+        );
         if matches!(dialog.state(), DialogState::Confirmed(..)) {
             let _ = dialog.bye().await;
             dialogs.remove_dialog(&dialog.id());
+        } else if answered_elsewhere && ringing {
+            if let Err(e) = cancel_answered_elsewhere(dialogs, &dialog, self.destination).await {
+                debug!("{}: CANCEL: {e:#}", self.target);
+                let _ = dialog.cancel().await;
+                return;
+            }
+            // rsipstack's own CANCEL would end a 2xx that crossed this one.
+            if let Ok(Ok(Ok((_, Some(response))))) =
+                tokio::time::timeout(INVITE_TIMEOUT, invite).await
+                && response.status_code.kind() == StatusCodeKind::Successful
+            {
+                let _ = dialog.bye().await;
+                dialogs.remove_dialog(&dialog.id());
+            }
         } else {
             let _ = dialog.cancel().await;
         }
     }
+}
+
+/// How long an INVITE transaction lasts at most (RFC 3261 Timer B).
+const INVITE_TIMEOUT: Duration = Duration::from_secs(32);
+
+/// CANCELs the INVITE of `dialog` with `Reason: SIP;cause=200;text="Call
+/// completed elsewhere"` (RFC 3326), which rsipstack's `cancel` cannot
+/// carry: the same request line, Via, From, To, Call-ID and CSeq number
+/// (RFC 3261 §9.1), sent where the INVITE went.
+async fn cancel_answered_elsewhere(
+    dialogs: &DialogLayer,
+    dialog: &InviteDialog,
+    destination: Option<SipAddr>,
+) -> anyhow::Result<()> {
+    let mut cancel = dialog.initial_request();
+    let seq = cancel.cseq_header()?.seq()?;
+    cancel
+        .headers
+        .retain(|h| !matches!(h, Header::ContentLength(_) | Header::ContentType(_)));
+    cancel.method = Method::Cancel;
+    cancel
+        .cseq_header_mut()?
+        .mut_seq(seq)?
+        .mut_method(Method::Cancel)?;
+    cancel.body = Vec::new();
+    cancel.headers.push(Header::Reason(
+        "SIP;cause=200;text=\"Call completed elsewhere\"".into(),
+    ));
+    cancel.headers.push(Header::ContentLength(0.into()));
+    let key = TransactionKey::from_request(&cancel, TransactionRole::Client)?;
+    let mut tx = Transaction::new_client(key, cancel, dialogs.endpoint.clone(), None);
+    tx.destination = destination;
+    tx.send().await?;
+    while let Some(message) = tx.receive().await {
+        if let SipMessage::Response(response) = message
+            && response.status_code.kind() != StatusCodeKind::Provisional
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

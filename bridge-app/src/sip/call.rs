@@ -582,18 +582,18 @@ fn refuse_replacement(mut invite: Transaction, why: &'static str) {
     });
 }
 
-/// The phones of a call that another took stop ringing (not waiting: a
-/// CANCEL may wait on an unresponsive phone).
-fn stop_branches(shared: &Arc<Shared>, branches: Vec<Branch>) {
+/// The phones of a call still ringing stop (not waiting: a CANCEL may wait
+/// on an unresponsive phone); `answered_elsewhere`: another phone took it.
+fn stop_branches(shared: &Arc<Shared>, branches: Vec<Branch>, answered_elsewhere: bool) {
     for branch in branches {
         let shared = shared.clone();
-        tokio::spawn(async move { branch.stop(&shared.dialogs).await });
+        tokio::spawn(async move { branch.stop(&shared.dialogs, answered_elsewhere).await });
     }
 }
 
 /// Every phone of a call that ends unanswered stops ringing.
 async fn stop_all(shared: &Shared, branches: Vec<Branch>) {
-    let stops = branches.into_iter().map(|b| b.stop(&shared.dialogs));
+    let stops = branches.into_iter().map(|b| b.stop(&shared.dialogs, false));
     futures_util::future::join_all(stops).await;
 }
 
@@ -2361,7 +2361,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                     None => failed,
                 };
                 if global || branches.is_empty() {
-                    stop_branches(&shared, branches);
+                    stop_branches(&shared, branches, false);
                     refuse_replacements(&mut pickups, "the call has ended");
                     let status = best.status();
                     app.refuse(status, &best.reason());
@@ -2394,7 +2394,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 if let Some(states) = call.replace_phone(*pickup, false).await {
                     // `replace_phone` cancelled the picked-up phone's ringing.
                     branches.swap_remove(index);
-                    stop_branches(&shared, branches);
+                    stop_branches(&shared, branches, true);
                     return connect_app(call, app, states, token).await;
                 }
             }
@@ -2423,7 +2423,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         }
     };
     // The other phones stop ringing.
-    stop_branches(&shared, branches);
+    stop_branches(&shared, branches, true);
     refuse_replacements(&mut pickups, "the call was answered");
     let target = answered.target.to_string();
     call.record.target = target.clone();
