@@ -1382,7 +1382,32 @@ fn an_app_call_rings_every_phone_of_the_extension() {
 #[test]
 fn a_registered_phone_that_is_gone_is_not_rung() {
     let _serial = one_at_a_time();
-    let bridge = BridgeProcess::start(&["--qualify-interval-s", "1"]);
+    let management_port = support::free_port();
+    let bridge = BridgeProcess::start(&[
+        "--qualify-interval-s",
+        "1",
+        "--management",
+        &format!("127.0.0.1:{management_port}"),
+    ]);
+    // alice's phones as the management API shows them: Contact, answers.
+    let phones = || {
+        let token = Some(support::MANAGEMENT_TOKEN);
+        let (_, body) = support::http_get(management_port, "/stats", token);
+        let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let listed = stats["phones"]["alice"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        listed
+            .iter()
+            .map(|p| {
+                (
+                    p["contact"].as_str().unwrap().to_owned(),
+                    p["answers"] == true,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
     let address = bridge.address();
     let credentials = ["-au", "alice", "-ap", "demo"];
     let (registered, output) = sipp("register-and-go.xml", &address, "alice", &credentials);
@@ -1400,6 +1425,7 @@ fn a_registered_phone_that_is_gone_is_not_rung() {
         .split(' ')
         .next()
         .unwrap();
+    assert_eq!(phones(), [(gone.to_owned(), false)]);
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "call", "to": "alice"}));
@@ -1432,6 +1458,11 @@ fn a_registered_phone_that_is_gone_is_not_rung() {
         2,
         "the phone that is there registers: {:#?}",
         bridge.logs()
+    );
+    let listed = phones();
+    assert!(
+        listed.len() == 2 && listed[0].1 && listed[1] == (gone.to_owned(), false),
+        "the phone that is there, listed first, answers; the gone one does not: {listed:?}"
     );
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("accepted", Duration::from_secs(15));

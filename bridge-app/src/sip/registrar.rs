@@ -17,6 +17,7 @@ use rsipstack::transaction::key::{TransactionKey, TransactionRole};
 use rsipstack::transaction::make_tag;
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::SipAddr;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -81,6 +82,30 @@ impl Registrar {
             .filter(|b| b.is_live() && b.reachable)
             .cloned()
             .collect()
+    }
+
+    /// Every extension's registered phones, for the management API: each
+    /// one's Contact, where it is reached, the seconds its registration has
+    /// left, and whether it answers the bridge's OPTIONS.
+    pub fn phones(&self) -> serde_json::Value {
+        let bindings = self.bindings.lock().unwrap();
+        let now = Instant::now();
+        let extensions = bindings.iter().filter_map(|(user, phones)| {
+            let phones: Vec<_> = phones
+                .iter()
+                .filter(|b| b.is_live())
+                .map(|b| {
+                    json!({
+                        "contact": b.contact,
+                        "reached_at": b.source.as_ref().map(ToString::to_string),
+                        "expires_in_s": b.expires_at.saturating_duration_since(now).as_secs(),
+                        "answers": b.reachable,
+                    })
+                })
+                .collect();
+            (!phones.is_empty()).then(|| (user.clone(), serde_json::Value::from(phones)))
+        });
+        serde_json::Value::Object(extensions.collect())
     }
 
     /// Asks every registered phone OPTIONS each `interval`, from `bridge`

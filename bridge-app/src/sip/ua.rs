@@ -323,8 +323,8 @@ impl UserAgent {
         self.shared.active_calls.load(Ordering::Relaxed)
     }
 
-    /// Registrations and calls in progress with their live media
-    /// statistics, for the management API.
+    /// Registrations, the phones registered with the bridge, and calls in
+    /// progress with their live media statistics, for the management API.
     pub fn stats(&self) -> serde_json::Value {
         let calls: Vec<serde_json::Value> = self
             .shared
@@ -338,6 +338,7 @@ impl UserAgent {
             "draining": self.shared.draining.load(Ordering::Relaxed),
             "active_calls": self.active_calls(),
             "registrations": self.registrations(),
+            "phones": self.shared.registrar.as_ref().map(|r| r.phones()),
             "calls": calls,
         })
     }
