@@ -687,14 +687,22 @@ fn both_hear(
 /// connection as it is.
 #[test]
 fn a_phone_transfers_its_call_with_an_app_user_to_another_phone() {
-    blind_transfer_to_alice("transfer.xml", OPUS_440, "blind");
+    blind_transfer_to_alice("transfer.xml", OPUS_440, "blind", false);
+}
+
+/// A transfer to a user with several phones rings them all: her desk
+/// phone answers, and her softphone, ringing, is CANCELled with the
+/// Reason that it was answered elsewhere.
+#[test]
+fn a_transfer_rings_every_phone_of_the_target() {
+    blind_transfer_to_alice("transfer.xml", PCMU_440, "forked", true);
 }
 
 /// Many desk phones hang up as soon as a blind transfer is under way: the
 /// call goes on, and the bridge carries the transfer through by itself.
 #[test]
 fn a_transfer_goes_on_when_the_transferor_hangs_up_at_once() {
-    blind_transfer_to_alice("transfer-and-leave.xml", PCMU_440, "leave");
+    blind_transfer_to_alice("transfer-and-leave.xml", PCMU_440, "leave", false);
 }
 
 /// A video phone transfers its call with bob to alice's desk phone with a
@@ -816,14 +824,40 @@ fn a_call_moved_to_a_phone_of_another_codec_goes_on() {
 
 /// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
 /// phone registered with the bridge as alice (G.711): bob and alice hear
-/// each other.
-fn blind_transfer_to_alice(scenario: &'static str, codec: PhoneCodec, call_id: &str) {
+/// each other. `softphone`: alice also has a SIPp phone registered, which
+/// rings until the bridge CANCELs it as answered elsewhere.
+fn blind_transfer_to_alice(
+    scenario: &'static str,
+    codec: PhoneCodec,
+    call_id: &str,
+    softphone: bool,
+) {
     let _serial = one_at_a_time();
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
+    let softphone = softphone.then(|| {
+        let address = bridge.address();
+        let phone = std::thread::spawn(move || {
+            let ringing = support::repo_root().join("bridge-app/tests/sipp/device-rings.xml");
+            let args = [
+                "-au",
+                "alice",
+                "-ap",
+                "demo",
+                "-oocsf",
+                ringing.to_str().unwrap(),
+            ];
+            sipp("register-device.xml", &address, "alice", &args)
+        });
+        assert_registered(&bridge, "alice");
+        phone
+    });
     let target = Baresip::new("alice", "demo", bridge.sip_port, 523, "g711");
     let target = answering_on_a_thread(target, 30);
-    assert_registered(&bridge, "alice");
+    let phones = 1 + usize::from(softphone.is_some());
+    let registered = |l: &str| l.contains("registrar: alice registered");
+    let registrations = bridge.wait_for_logs(registered, phones, Duration::from_secs(10));
+    assert_eq!(registrations.len(), phones, "{:#?}", bridge.logs());
     let mut bob = bob_transferred_by_a_phone(
         &bridge,
         bridge.sandbox_port,
@@ -840,6 +874,14 @@ fn blind_transfer_to_alice(scenario: &'static str, codec: PhoneCodec, call_id: &
         &bridge,
     );
     assert_transferred(&cdr, &format!("{call_id}-1"), "alice");
+    if let Some(softphone) = softphone {
+        let (success, output) = softphone.join().unwrap();
+        assert!(
+            success,
+            "alice's softphone rang and was CANCELled as answered elsewhere:\n{output}\n{:#?}",
+            bridge.logs()
+        );
+    }
     let lines = wait_for_cdr(&cdr, 1);
     assert_eq!(lines[0]["sip_codec"], "PCMU", "alice's codec: {}", lines[0]);
     assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);

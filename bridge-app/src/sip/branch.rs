@@ -15,6 +15,7 @@ use bridge_protocol::codec::MediaKind;
 use bridge_protocol::offer_answer::{self, Capabilities, OfferedStream, Origin};
 use bridge_protocol::sdes::{CryptoAttribute, CryptoSuite, SrtpKey};
 use bridge_protocol::sdp::Direction;
+use rsipstack::dialog::DialogId;
 use rsipstack::dialog::dialog::DialogState;
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invitation::{InviteAsyncResult, InviteOption};
@@ -27,7 +28,7 @@ use rsipstack::transport::SipAddr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::ua::{Shared, next_hop, servers_of};
 
@@ -74,11 +75,24 @@ impl OfferProfile {
 
 /// The call's offer in one profile, what answers to it may take, and its
 /// key.
+#[derive(Clone)]
 pub(super) struct Offer {
     pub profile: OfferProfile,
     sdp: String,
     pub capabilities: Capabilities,
     pub crypto: Option<CryptoAttribute>,
+}
+
+impl Offer {
+    /// An offer made elsewhere (a transfer's), to be sent as it is.
+    pub fn as_is(sdp: String, capabilities: Capabilities) -> Offer {
+        Offer {
+            profile: OfferProfile::new(capabilities.sdes.is_some(), false),
+            sdp,
+            capabilities,
+            crypto: None,
+        }
+    }
 }
 
 /// The streams the bridge offers the phones of a call it places.
@@ -128,15 +142,40 @@ impl Streams {
     }
 }
 
+/// What the branches of a call offer.
+pub(super) enum Offers {
+    /// A new call's streams, offered in each RTP profile in turn while a
+    /// phone refuses them.
+    InTurn(Streams),
+    /// One offer as it is: a transfer's, in the call's codec and keys.
+    Fixed(Offer),
+}
+
 /// What every branch of a call shares.
 pub(super) struct Invitation {
     pub shared: Arc<Shared>,
-    /// The INVITE's caller, Contact, credential and Call-ID.
+    /// The INVITE's caller, Contact, credential, Call-ID and headers.
     pub template: InviteOption,
-    pub streams: Streams,
+    pub offers: Offers,
 }
 
 impl Invitation {
+    /// The offer in `profile`, and the profiles to try after it.
+    fn offer(&self, profile: Option<OfferProfile>) -> (Offer, &'static [OfferProfile]) {
+        match &self.offers {
+            Offers::InTurn(streams) => {
+                let in_turn = OfferProfile::in_turn(self.shared.config.offer_srtp);
+                let profile = profile.unwrap_or(in_turn[0]);
+                let later = in_turn
+                    .iter()
+                    .position(|p| *p == profile)
+                    .map_or(&[][..], |at| &in_turn[at + 1..]);
+                (streams.offer(profile), later)
+            }
+            Offers::Fixed(offer) => (offer.clone(), &[]),
+        }
+    }
+
     fn call_id(&self) -> &str {
         self.template.call_id.as_deref().unwrap_or_default()
     }
@@ -265,10 +304,8 @@ impl Branch {
             None => VecDeque::new(),
         };
         let destination = servers.pop_front().or_else(|| proxy.clone());
-        let mut untried_profiles =
-            OfferProfile::in_turn(invitation.shared.config.offer_srtp).iter();
-        let profile = *untried_profiles.next().expect("at least one profile");
-        let offer = invitation.streams.offer(profile);
+        let (offer, later) = invitation.offer(None);
+        let untried_profiles = later.iter();
         let attempt = invitation.send(target.clone(), destination.clone(), &offer)?;
         Ok(Branch {
             target,
@@ -395,7 +432,7 @@ impl Branch {
                     self.offer.profile.name(),
                     next.name()
                 );
-                self.offer = invitation.streams.offer(next);
+                self.offer = invitation.offer(Some(next)).0;
             } else {
                 return Some(Progress::Failed(Failure::Refused(response)));
             }
@@ -440,6 +477,121 @@ impl Branch {
         } else {
             let _ = dialog.cancel().await;
         }
+    }
+}
+
+/// The branches of one call, rung at once (parallel forking, RFC 3261
+/// §16.7): the first phone to answer takes the call; a 6xx ends it; when
+/// every phone failed, the best of their answers is the call's.
+pub(super) struct Fork {
+    pub invitation: Invitation,
+    /// The phones still ringing.
+    pub branches: Vec<Branch>,
+    /// The best failure so far.
+    failure: Option<Failure>,
+}
+
+/// What a fork's phones did.
+pub(super) enum Forked {
+    /// The phone of the branch at this index rings (18x; with SDP: early
+    /// media).
+    Ringing(usize, StatusCode, bool),
+    /// A phone answered: its branch, and its 2xx.
+    Answered(Box<(Answered, Response)>),
+    /// No phone took the call; those still ringing are in `branches`.
+    Failed(Failure),
+}
+
+impl Fork {
+    /// INVITEs each of `targets` (through `proxy` if any); the targets
+    /// that cannot be called are logged and left out.
+    pub async fn start(invitation: Invitation, targets: Vec<Uri>, proxy: Option<SipAddr>) -> Fork {
+        let mut branches = Vec::new();
+        for target in targets {
+            match Branch::start(&invitation, target.clone(), proxy.clone()).await {
+                Ok(branch) => branches.push(branch),
+                Err(e) => warn!("call {}: cannot call {target}: {e:#}", invitation.call_id()),
+            }
+        }
+        Fork {
+            invitation,
+            branches,
+            failure: None,
+        }
+    }
+
+    /// The phones' next step (cancel-safe). Not to be called again once
+    /// a phone answered or the fork failed.
+    pub async fn next(&mut self) -> Forked {
+        loop {
+            let Fork {
+                invitation,
+                branches,
+                failure,
+            } = self;
+            if branches.is_empty() {
+                let failed = Failure::Unanswered(503, "no phone could be called".into());
+                return Forked::Failed(failure.take().unwrap_or(failed));
+            }
+            let ringing = branches
+                .iter_mut()
+                .map(|b| Box::pin(b.progress(invitation)));
+            let (progress, index, _) = futures_util::future::select_all(ringing).await;
+            match progress {
+                Progress::Ringing(status, with_sdp) => {
+                    return Forked::Ringing(index, status, with_sdp);
+                }
+                Progress::Answered(response) => {
+                    let answered = branches.swap_remove(index).answered();
+                    return Forked::Answered(Box::new((answered, response)));
+                }
+                Progress::Failed(failed) => {
+                    let branch = branches.remove(index);
+                    info!(
+                        "call {}: {}: {}",
+                        invitation.call_id(),
+                        branch.target,
+                        failed.reason()
+                    );
+                    let global = failed.is_global();
+                    let best = match failure.take() {
+                        Some(earlier) => Failure::best(earlier, failed),
+                        None => failed,
+                    };
+                    if global || branches.is_empty() {
+                        return Forked::Failed(best);
+                    }
+                    *failure = Some(best);
+                }
+            }
+        }
+    }
+
+    /// The early dialogs of the phones ringing now.
+    pub fn ringing_dialogs(&self) -> Vec<DialogId> {
+        self.branches
+            .iter()
+            .map(Branch::dialog)
+            .filter(|dialog| matches!(dialog.state(), DialogState::Early(..)))
+            .map(InviteDialog::id)
+            .collect()
+    }
+
+    /// The phones still ringing stop, not waited for (a CANCEL may wait on
+    /// an unresponsive phone); `answered_elsewhere`: another phone took
+    /// the call.
+    pub fn stop_later(&mut self, answered_elsewhere: bool) {
+        for branch in self.branches.drain(..) {
+            let shared = self.invitation.shared.clone();
+            tokio::spawn(async move { branch.stop(&shared.dialogs, answered_elsewhere).await });
+        }
+    }
+
+    /// The phones still ringing stop, for a call that ends unanswered.
+    pub async fn stop(&mut self) {
+        let dialogs = &self.invitation.shared.dialogs;
+        let stops = self.branches.drain(..).map(|b| b.stop(dialogs, false));
+        futures_util::future::join_all(stops).await;
     }
 }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
-use super::branch::{Branch, Failure, Invitation, Offer, Progress, Streams};
+use super::branch::{Answered, Failure, Fork, Forked, Invitation, Offer, Offers, Streams};
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
@@ -580,21 +580,6 @@ fn refuse_replacement(mut invite: Transaction, why: &'static str) {
         )
         .await;
     });
-}
-
-/// The phones of a call still ringing stop (not waiting: a CANCEL may wait
-/// on an unresponsive phone); `answered_elsewhere`: another phone took it.
-fn stop_branches(shared: &Arc<Shared>, branches: Vec<Branch>, answered_elsewhere: bool) {
-    for branch in branches {
-        let shared = shared.clone();
-        tokio::spawn(async move { branch.stop(&shared.dialogs, answered_elsewhere).await });
-    }
-}
-
-/// Every phone of a call that ends unanswered stops ringing.
-async fn stop_all(shared: &Shared, branches: Vec<Branch>) {
-    let stops = branches.into_iter().map(|b| b.stop(&shared.dialogs, false));
-    futures_util::future::join_all(stops).await;
 }
 
 /// RFC 3262: a 180 for a caller that requires it to be reliable, sent
@@ -1735,36 +1720,65 @@ impl Call {
         // Plain RTP/AVP (or RTP/SAVP) to a new phone: every phone takes it.
         let capabilities = self.capabilities_for_new_phone();
         let offer = self.render_offer_as(origin, Direction::SendRecv, &capabilities, false);
-        let option = rsipstack::dialog::invitation::InviteOption {
-            caller_display_name: self.app_identity.display_name.clone(),
-            caller: self.app_identity.uri.as_str().try_into()?,
-            // The phone the user registered last (a transfer rings one).
-            callee: route.targets[0].as_str().try_into()?,
-            destination: route.proxy,
-            content_type: Some("application/sdp".into()),
-            offer: Some(offer.into_bytes()),
-            contact: self.shared.contact.clone(),
-            credential: trunk_credential(&self.shared),
-            headers: Some(headers),
-            ..Default::default()
+        let invitation = Invitation {
+            shared: self.shared.clone(),
+            template: rsipstack::dialog::invitation::InviteOption {
+                caller_display_name: self.app_identity.display_name.clone(),
+                caller: self.app_identity.uri.as_str().try_into()?,
+                content_type: Some("application/sdp".into()),
+                contact: self.shared.contact.clone(),
+                credential: trunk_credential(&self.shared),
+                headers: Some(headers),
+                ..Default::default()
+            },
+            offers: Offers::Fixed(Offer::as_is(offer, capabilities.clone())),
         };
-        let (sender, states) = self.shared.dialogs.new_dialog_state_channel();
-        let (dialog, invite) = self.shared.dialogs.do_invite_async(option, sender)?;
+        let targets = route
+            .targets
+            .iter()
+            .filter_map(|t| rsipstack::sip::Uri::try_from(t.as_str()).ok())
+            .collect();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let no_answer = self.shared.config.no_answer_timeout;
-        let outcome = Box::pin(async move {
-            let unreachable = |why: String| Err(("503 Service Unavailable", why));
-            match tokio::time::timeout(no_answer, invite).await {
-                Err(_) => Err(("408 Request Timeout", "no answer".to_owned())),
-                Ok(Err(e)) => unreachable(e.to_string()),
-                Ok(Ok(Err(e))) => unreachable(e.to_string()),
-                Ok(Ok(Ok((_, None)))) => unreachable("no final response".to_owned()),
-                Ok(Ok(Ok((_, Some(response))))) => Ok(response),
+        // Every phone of the target rings; the first to answer takes the
+        // call. On a task of its own, so that a transfer given up still
+        // CANCELs its phones.
+        let ringing = tokio::spawn(async move {
+            let mut fork = Fork::start(invitation, targets, route.proxy).await;
+            let deadline = tokio::time::sleep(no_answer);
+            tokio::pin!(deadline);
+            loop {
+                let forked = tokio::select! {
+                    forked = fork.next() => Some(forked),
+                    () = &mut deadline => None,
+                    () = stopped.cancelled() => None,
+                };
+                match forked {
+                    Some(Forked::Ringing(..)) => {}
+                    Some(Forked::Answered(answered)) => {
+                        fork.stop_later(true);
+                        return Ok(*answered);
+                    }
+                    Some(Forked::Failed(failure)) => {
+                        fork.stop_later(false);
+                        return Err(failure);
+                    }
+                    None => {
+                        fork.stop().await;
+                        return Err(Failure::Unanswered(408, "no answer".into()));
+                    }
+                }
             }
+        });
+        let outcome = Box::pin(async move {
+            ringing
+                .await
+                .unwrap_or_else(|e| Err(Failure::Unanswered(503, e.to_string())))
         });
         Ok(Transfer {
             target: target.user,
-            dialog,
-            states,
+            stop,
             outcome,
             capabilities,
             origin: Origin {
@@ -1787,13 +1801,9 @@ impl Call {
         transferor_gone: bool,
     ) -> (Option<mpsc::UnboundedReceiver<DialogState>>, String) {
         let target = transfer.target.clone();
-        let response = match outcome {
-            Ok(response)
-                if response.status_code.kind() == rsipstack::sip::StatusCodeKind::Successful =>
-            {
-                response
-            }
-            Ok(response) => {
+        let (answered, response) = match outcome {
+            Ok(answered) => answered,
+            Err(Failure::Refused(response)) => {
                 info!(
                     "call {}: {target} answered the transfer {}",
                     self.call_id, response.status_code
@@ -1804,13 +1814,12 @@ impl Call {
                     format!("the transfer to {target} failed: {}", response.status_code),
                 );
             }
-            Err((status, why)) => {
+            Err(Failure::Unanswered(status, why)) => {
                 info!(
                     "call {}: the transfer to {target} failed: {why}",
                     self.call_id
                 );
-                transfer.cancel();
-                transfer.tell(status.into(), true);
+                transfer.tell(StatusCode::from(status).to_string(), true);
                 return (None, format!("the transfer to {target} failed: {why}"));
             }
         };
@@ -1822,13 +1831,13 @@ impl Call {
                 "call {}: {target}'s answer to the transfer is unusable ({e:#})",
                 self.call_id
             );
-            let dialog = transfer.dialog.clone();
+            let dialog = answered.dialog;
             tokio::spawn(async move { dialog.bye().await });
             transfer.tell("488 Not Acceptable Here".into(), true);
             return (None, format!("the transfer to {target} failed: {e:#}"));
         }
         transfer.tell("200 OK".into(), true);
-        let transferor = std::mem::replace(&mut self.dialog, transfer.dialog);
+        let transferor = std::mem::replace(&mut self.dialog, answered.dialog);
         self.origin = transfer.origin;
         match transfer.progress {
             _ if transferor_gone => self.shared.dialogs.remove_dialog(&transferor.id()),
@@ -1849,7 +1858,7 @@ impl Call {
         self.record.transferred_to = Some(target.clone());
         self.publish();
         info!("call {}: transferred to {target}", self.call_id);
-        (Some(transfer.states), String::new())
+        (Some(answered.states), String::new())
     }
 }
 
@@ -1915,13 +1924,7 @@ impl Call {
 
     /// Lets an INVITE naming the dialog of a phone ringing for the call in
     /// `Replaces` (a pickup) reach it.
-    fn accept_pickups(&self, to: &mpsc::UnboundedSender<Transaction>, branches: &[Branch]) {
-        let ringing = branches
-            .iter()
-            .map(Branch::dialog)
-            .filter(|dialog| matches!(dialog.state(), DialogState::Early(..)))
-            .map(InviteDialog::id)
-            .collect();
+    fn accept_pickups(&self, to: &mpsc::UnboundedSender<Transaction>, ringing: Vec<DialogId>) {
         self.set_replaceable(ringing, true, to);
     }
 
@@ -2098,9 +2101,9 @@ type Refusal = (StatusCode, String, Vec<Header>);
 struct Transfer {
     /// The user part it goes to.
     target: String,
-    dialog: InviteDialog,
-    states: mpsc::UnboundedReceiver<DialogState>,
-    /// The target's final answer (2xx or not), or why there is none.
+    /// Stops the target's phones ringing.
+    stop: CancellationToken,
+    /// The phone of the target's that answered, or why none did.
     outcome: futures_util::future::BoxFuture<'static, TransferOutcome>,
     /// What the answer is negotiated against: our offer's codec and keys.
     capabilities: Capabilities,
@@ -2114,16 +2117,13 @@ struct Transfer {
     )>,
 }
 
-/// The target's final response, or the status the transferor is told
-/// (`408 Request Timeout`) and why.
-type TransferOutcome = Result<rsipstack::sip::Response, (&'static str, String)>;
+/// The target's phone that answered and its 2xx, or why none did.
+type TransferOutcome = Result<(Answered, rsipstack::sip::Response), Failure>;
 
 impl Transfer {
-    /// Gives up on the target's call (a CANCEL that may wait on an
-    /// unresponsive target: not on the call's task).
+    /// Gives up on the target's call: its phones stop ringing.
     fn cancel(&self) {
-        let dialog = self.dialog.clone();
-        tokio::spawn(async move { dialog.cancel().await });
+        self.stop.cancel();
     }
 
     /// Tells the transferor the transfer's state, as a sipfrag status line.
@@ -2157,8 +2157,8 @@ fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::
 
 /// What happens while the bridge's call to a user's phones rings.
 enum Ringing {
-    /// The phone of the branch at this index rang, answered or failed.
-    Phone(usize, Progress),
+    /// A phone rang or answered, or none will.
+    Phone(Forked),
     /// Another phone picks the call up (an INVITE with `Replaces`).
     PickedUp(Box<Transaction>),
     /// The app gave up, for this reason.
@@ -2258,29 +2258,22 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             call_id: Some(call_id.clone()),
             ..Default::default()
         },
-        streams: Streams {
+        offers: Offers::InTurn(Streams {
             origin,
             address: shared.config.public_address.unwrap_or(reservation.address),
             audio_port: reservation.port,
             video_port: video_reservation.as_ref().map(|v| v.port),
-        },
+        }),
     };
     let target = route.targets.join(", ");
     info!("call {call_id}: {} calls {target}", app.describe());
-    // Every phone of the user rings at once (RFC 3261 §16.7's parallel
-    // forking); the first to answer takes the call.
-    let mut branches = Vec::new();
-    for uri in targets {
-        match Branch::start(&invitation, uri.clone(), route.proxy.clone()).await {
-            Ok(branch) => branches.push(branch),
-            Err(e) => warn!("call {call_id}: cannot call {uri}: {e}"),
-        }
-    }
-    if branches.is_empty() {
+    // Every phone of the user rings at once; the first to answer takes
+    // the call.
+    let mut fork = Fork::start(invitation, targets, route.proxy).await;
+    let Some(first) = fork.branches.first() else {
         app.refuse(503, "no phone could be called");
         anyhow::bail!("no phone could be called");
-    }
-    let first = &branches[0];
+    };
     let mut call = Call {
         shared: shared.clone(),
         dialog: first.dialog().clone(),
@@ -2326,12 +2319,9 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     // Another phone picking the ringing call up: its INVITE names one of
     // the call's early dialogs in `Replaces` (a call-pickup key, RFC 3891).
     let (pick_up_with, mut pickups) = mpsc::unbounded_channel();
-    let mut failure: Option<Failure> = None;
     let (answered, response) = loop {
         let event = tokio::select! {
-            (progress, index, _) = futures_util::future::select_all(
-                branches.iter_mut().map(|b| Box::pin(b.progress(&invitation)))
-            ) => Ringing::Phone(index, progress),
+            forked = fork.next() => Ringing::Phone(forked),
             Some(pickup) = pickups.recv() => Ringing::PickedUp(Box::new(pickup)),
             reason = app.abandoned() => Ringing::Abandoned(reason),
             () = &mut no_answer => Ringing::NoAnswer,
@@ -2339,41 +2329,28 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         };
         match event {
             // 18x: the app keeps ringing (its SDK has no progress signal).
-            Ringing::Phone(index, Progress::Ringing(status, with_sdp)) => {
+            Ringing::Phone(Forked::Ringing(index, status, with_sdp)) => {
                 let early_media = if with_sdp {
                     " with SDP (early media)"
                 } else {
                     ""
                 };
-                let phone = &branches[index].target;
+                let phone = &fork.branches[index].target;
                 info!("call {call_id}: {phone} sent {status}{early_media}");
-                call.accept_pickups(&pick_up_with, &branches);
+                call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
             }
-            Ringing::Phone(index, Progress::Answered(response)) => {
-                break (branches.swap_remove(index).answered(), response);
-            }
-            Ringing::Phone(index, Progress::Failed(failed)) => {
-                let branch = branches.remove(index);
-                info!("call {call_id}: {}: {}", branch.target, failed.reason());
-                let global = failed.is_global();
-                let best = match failure.take() {
-                    Some(earlier) => Failure::best(earlier, failed),
-                    None => failed,
+            Ringing::Phone(Forked::Answered(answered)) => break *answered,
+            Ringing::Phone(Forked::Failed(best)) => {
+                fork.stop_later(false);
+                refuse_replacements(&mut pickups, "the call has ended");
+                let status = best.status();
+                app.refuse(status, &best.reason());
+                let cause = match &best {
+                    Failure::Refused(_) => format!("the phone answered {}", best.reason()),
+                    Failure::Unanswered(_, why) => why.clone(),
                 };
-                if global || branches.is_empty() {
-                    stop_branches(&shared, branches, false);
-                    refuse_replacements(&mut pickups, "the call has ended");
-                    let status = best.status();
-                    app.refuse(status, &best.reason());
-                    let cause = match &best {
-                        Failure::Refused(_) => format!("the phone answered {}", best.reason()),
-                        Failure::Unanswered(_, why) => why.clone(),
-                    };
-                    call.finish(status, cause);
-                    return Ok(());
-                }
-                failure = Some(best);
-                call.accept_pickups(&pick_up_with, &branches);
+                call.finish(status, cause);
+                return Ok(());
             }
             Ringing::PickedUp(pickup) => {
                 // The phone whose ringing it names hands the call over.
@@ -2381,7 +2358,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                     .ok()
                     .flatten()
                     .and_then(|replaces| {
-                        branches
+                        fork.branches
                             .iter()
                             .position(|b| replaces.names(&b.dialog().id()))
                     });
@@ -2389,18 +2366,18 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                     refuse_replacement(*pickup, "that phone no longer rings");
                     continue;
                 };
-                call.dialog = branches[index].dialog().clone();
-                call.offered(&branches[index].offer);
+                call.dialog = fork.branches[index].dialog().clone();
+                call.offered(&fork.branches[index].offer);
                 if let Some(states) = call.replace_phone(*pickup, false).await {
                     // `replace_phone` cancelled the picked-up phone's ringing.
-                    branches.swap_remove(index);
-                    stop_branches(&shared, branches, true);
+                    fork.branches.swap_remove(index);
+                    fork.stop_later(true);
                     return connect_app(call, app, states, token).await;
                 }
             }
             Ringing::Abandoned(reason) => {
                 info!("call {call_id}: the app gave up ({reason}), CANCEL");
-                stop_all(&shared, branches).await;
+                fork.stop().await;
                 call.finish(487, format!("the app gave up: {reason}"));
                 return Ok(());
             }
@@ -2409,13 +2386,13 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                     "call {call_id}: no answer within {:?}, CANCEL",
                     config.no_answer_timeout
                 );
-                stop_all(&shared, branches).await;
+                fork.stop().await;
                 app.refuse(480, "no answer");
                 call.finish(480, "no answer".into());
                 return Ok(());
             }
             Ringing::ShuttingDown => {
-                stop_all(&shared, branches).await;
+                fork.stop().await;
                 app.refuse(503, "the bridge is shutting down");
                 call.finish(503, "the bridge shut down".into());
                 return Ok(());
@@ -2423,7 +2400,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         }
     };
     // The other phones stop ringing.
-    stop_branches(&shared, branches, true);
+    fork.stop_later(true);
     refuse_replacements(&mut pickups, "the call was answered");
     let target = answered.target.to_string();
     call.record.target = target.clone();
