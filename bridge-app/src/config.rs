@@ -23,7 +23,7 @@ pub struct Config {
     pub asterisk: AsteriskSection,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SipSection {
     /// UDP and TCP.
@@ -77,7 +77,7 @@ pub struct SipSection {
     pub webrtc_stack: crate::sip::media::WebRtcStack,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectyCubeSection {
     pub app_id: u64,
@@ -125,7 +125,7 @@ impl CallPush {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserMapping {
     /// The SIP user part (`alice` in `sip:alice@pbx`).
@@ -142,7 +142,7 @@ pub struct UserMapping {
     pub record: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecordingSection {
     pub enabled: bool,
@@ -151,7 +151,7 @@ pub struct RecordingSection {
 
 /// The management API (`GET /stats`): off unless `listen` is set, and then
 /// only with a bearer token.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagementSection {
     pub listen: Option<SocketAddr>,
@@ -160,7 +160,7 @@ pub struct ManagementSection {
 
 /// The link to Asterisk's manager interface (AMI): off unless `ami` is
 /// set. Each mapped user's state is published as a custom device state.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AsteriskSection {
     /// Asterisk's AMI, `host:port` (`manager.conf`; port 5038 when left out).
@@ -207,7 +207,7 @@ impl AsteriskSection {
 /// Shortest management token accepted.
 const MIN_TOKEN_LEN: usize = 16;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdrSection {
     /// One JSON line per call is appended here (default: standard output).
@@ -571,6 +571,26 @@ impl Config {
         }
     }
 
+    /// The sections other than `users` in which `other` differs, but for
+    /// `sip.trusted`: what a reload cannot apply to a running bridge.
+    pub fn fixed_sections_changed(&self, other: &Config) -> Vec<&'static str> {
+        let sip = SipSection {
+            trusted: self.sip.trusted.clone(),
+            ..other.sip.clone()
+        };
+        [
+            ("sip", self.sip != sip),
+            ("connectycube", self.connectycube != other.connectycube),
+            ("recording", self.recording != other.recording),
+            ("cdr", self.cdr != other.cdr),
+            ("management", self.management != other.management),
+            ("asterisk", self.asterisk != other.asterisk),
+        ]
+        .into_iter()
+        .filter_map(|(section, changed)| changed.then_some(section))
+        .collect()
+    }
+
     pub fn user_by_extension(&self, extension: &str) -> Option<&UserMapping> {
         self.users
             .iter()
@@ -871,5 +891,21 @@ department = "Sales"
             Some("127.0.0.1:8080".parse().unwrap())
         );
         assert_eq!(config.users.len(), 2);
+    }
+
+    #[test]
+    fn a_reload_names_the_sections_it_cannot_apply() {
+        let running = Config::embedded_default();
+        let mut reloaded = running.clone();
+        reloaded.users.pop();
+        reloaded.sip.trusted.push("10.0.0.1".parse().unwrap());
+        assert!(running.fixed_sections_changed(&reloaded).is_empty());
+        reloaded.sip.rtp_timeout_ms += 1;
+        reloaded.connectycube.app_id += 1;
+        reloaded.management.token = Some("another-token-of-sixteen".into());
+        assert_eq!(
+            running.fixed_sections_changed(&reloaded),
+            ["sip", "connectycube", "management"]
+        );
     }
 }

@@ -201,9 +201,21 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
                 if config.sip.registrar { ", phones may REGISTER as this extension" } else { "" }
             );
         }
-        println!("  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops.");
+        println!(
+            "  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops; SIGHUP reloads the users."
+        );
         let mut stop = StopSignals::new()?;
-        stop.next().await;
+        let mut reloads =
+            signal(SignalKind::hangup()).context("cannot watch for reload signals")?;
+        loop {
+            tokio::select! {
+                () = stop.next() => break,
+                _ = reloads.recv() => match options.configuration() {
+                    Ok(config) => bridge.reload(config, |sip| options.adjust(sip)).await,
+                    Err(e) => tracing::warn!("reload refused, the bridge goes on as it was: {e}"),
+                },
+            }
+        }
         let drain = Duration::from_secs(config.sip.drain_timeout_s);
         if !drain.is_zero() && bridge.sip.active_calls() > 0 {
             println!(

@@ -822,6 +822,32 @@ fn a_call_moved_to_a_phone_of_another_codec_goes_on() {
     assert_eq!(lines[0]["media"], "transcoded", "{}", lines[0]);
 }
 
+/// A SIPp phone of alice's on a thread of its own: it registers with the
+/// bridge (`register`, a scenario with a digest REGISTER), and answers
+/// what comes outside that dialog as the scenario `answer` says; its
+/// result when `register` ends.
+fn alice_sipp_phone(
+    bridge: &BridgeProcess,
+    register: &'static str,
+    answer: &'static str,
+    extra_args: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let address = bridge.address();
+    let answer = support::repo_root()
+        .join("bridge-app/tests/sipp")
+        .join(answer);
+    let mut args: Vec<String> = ["-au", "alice", "-ap", "demo", "-oocsf"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    args.push(answer.to_str().unwrap().to_owned());
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sipp(register, &address, "alice", &args)
+    })
+}
+
 /// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
 /// phone registered with the bridge as alice (G.711): bob and alice hear
 /// each other. `softphone`: alice also has a SIPp phone registered, which
@@ -836,19 +862,7 @@ fn blind_transfer_to_alice(
     let cdr = tempdir().join("cdr.jsonl");
     let bridge = BridgeProcess::start(&["--cdr", cdr.to_str().unwrap()]);
     let softphone = softphone.then(|| {
-        let address = bridge.address();
-        let phone = std::thread::spawn(move || {
-            let ringing = support::repo_root().join("bridge-app/tests/sipp/device-rings.xml");
-            let args = [
-                "-au",
-                "alice",
-                "-ap",
-                "demo",
-                "-oocsf",
-                ringing.to_str().unwrap(),
-            ];
-            sipp("register-device.xml", &address, "alice", &args)
-        });
+        let phone = alice_sipp_phone(&bridge, "register-device.xml", "device-rings.xml", &[]);
         assert_registered(&bridge, "alice");
         phone
     });
@@ -1279,21 +1293,12 @@ fn an_app_call_reaches_a_phone_registered_from_behind_a_nat() {
     // Over UDP, for 60 s (not the 300 asked): its refreshes keep its NAT's
     // mapping open.
     for (sipp_transport, transport, expires) in [("u1", "UDP", 60), ("t1", "TCP", 300)] {
-        let address = bridge.address();
-        let phone = std::thread::spawn(move || {
-            let answer = support::repo_root().join("bridge-app/tests/sipp/answer-behind-nat.xml");
-            let args = [
-                "-au",
-                "alice",
-                "-ap",
-                "demo",
-                "-t",
-                sipp_transport,
-                "-oocsf",
-                answer.to_str().unwrap(),
-            ];
-            sipp("register-behind-nat.xml", &address, "alice", &args)
-        });
+        let phone = alice_sipp_phone(
+            &bridge,
+            "register-behind-nat.xml",
+            "answer-behind-nat.xml",
+            &["-t", sipp_transport],
+        );
         bridge
             .wait_for_log(
                 |l| {
@@ -1335,27 +1340,12 @@ fn an_app_call_rings_every_phone_of_the_extension() {
     .into_iter()
     .enumerate()
     .map(|(registered, (scenario, phone_port))| {
-        let address = bridge.address();
-        let phone = std::thread::spawn(move || {
-            let scenario = support::repo_root()
-                .join("bridge-app/tests/sipp")
-                .join(scenario);
-            let args = [
-                "-au",
-                "alice",
-                "-ap",
-                "demo",
-                "-oocsf",
-                scenario.to_str().unwrap(),
-            ];
-            let port = ["-key", "phone_port", &phone_port];
-            sipp(
-                "register-device.xml",
-                &address,
-                "alice",
-                &[&args[..], &port].concat(),
-            )
-        });
+        let phone = alice_sipp_phone(
+            &bridge,
+            "register-device.xml",
+            scenario,
+            &["-key", "phone_port", &phone_port],
+        );
         let registrations = bridge.wait_for_logs(
             |l| l.contains("registrar: alice registered at"),
             registered + 1,
@@ -1472,23 +1462,13 @@ fn a_registered_phone_that_is_gone_is_not_rung() {
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(10));
-    let phone = std::thread::spawn(move || {
-        let scenario = support::repo_root().join("bridge-app/tests/sipp/device-answers.xml");
-        let port = support::free_even_port().to_string();
-        let args = [
-            "-oocsf",
-            scenario.to_str().unwrap(),
-            "-key",
-            "phone_port",
-            &port,
-        ];
-        sipp(
-            "register-device.xml",
-            &address,
-            "alice",
-            &[&credentials[..], &args].concat(),
-        )
-    });
+    let port = support::free_even_port().to_string();
+    let phone = alice_sipp_phone(
+        &bridge,
+        "register-device.xml",
+        "device-answers.xml",
+        &["-key", "phone_port", &port],
+    );
     assert_eq!(
         bridge
             .wait_for_logs(
@@ -1988,6 +1968,132 @@ fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
     );
     let (success, output) = sipp("unavailable.xml", &bridge.address(), "dave", &[]);
     assert!(success, "503 with a Reason: {output}\n{:#?}", bridge.logs());
+}
+
+/// A configuration with the `[sip]` lines `sip` and `users`, each with
+/// the password `demo` and the phone password `<name>-phone`.
+fn reload_config(sandbox: &support::SandboxProcess, sip: &str, users: &[&str]) -> String {
+    let user = |name: &&str| {
+        format!(
+            "[[users]]\nextension = \"{name}\"\nlogin = \"{name}\"\npassword = \"demo\"\nsip_password = \"{name}-phone\"\n"
+        )
+    };
+    format!(
+        "[sip]\nregistrar = true\n{sip}\n[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\n{}",
+        sandbox.api_url(),
+        sandbox.chat_url(),
+        users.iter().map(user).collect::<Vec<_>>().join("\n")
+    )
+}
+
+#[test]
+fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
+    let _serial = one_at_a_time();
+    let sandbox = support::SandboxProcess::start(support::free_port());
+    let config = tempdir().join("bridge.toml");
+    std::fs::write(&config, reload_config(&sandbox, "", &["sipp", "bob"])).unwrap();
+    let management_port = support::free_port().to_string();
+    let management = format!("127.0.0.1:{management_port}");
+    let bridge = BridgeProcess::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--management",
+        &management,
+    ]);
+    let stats = || {
+        let (_, body) = support::http_get(
+            management_port.parse().unwrap(),
+            "/stats",
+            Some(support::MANAGEMENT_TOKEN),
+        );
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let address = bridge.address();
+    let register = |user: &str, password: &str| {
+        sipp(
+            "register-and-go.xml",
+            &address,
+            user,
+            &["-au", user, "-ap", password],
+        )
+    };
+    let (registered, output) = register("sipp", "sipp-phone");
+    assert!(registered, "{output}");
+    assert!(stats()["phones"]["sipp"].is_array(), "{}", stats());
+    let (registered, _) = register("carol", "carol-phone");
+    assert!(!registered, "carol is not a user yet");
+
+    let mut bob = BrowserPeer::start(
+        &format!("http://localhost:{}/", sandbox.port),
+        "bob",
+        "demo",
+        660,
+    );
+    bob.command(json!({"op": "autoAnswer", "on": true}));
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "bob", PCMU_440, 25, "reload");
+    bob.wait_event("incoming call", Duration::from_secs(15));
+    assert_each_hears_the_other(&bridge, &mut bob, &phone);
+
+    // The phone's own user is taken out (its call goes on, signalled as
+    // that user to its end), carol comes in, bob stays; a [sip] key that
+    // needs a restart is named.
+    std::fs::write(
+        &config,
+        reload_config(&sandbox, "rtp_timeout_ms = 20000", &["bob", "carol"]),
+    )
+    .unwrap();
+    bridge.signal("HUP");
+    bridge
+        .wait_for_log(
+            |l| l.contains("reload: users added: carol; changed: none; taken out: sipp"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the reload is logged: {:#?}", bridge.logs()));
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains("reload: [sip] changed; it takes effect when the bridge restarts")),
+        "{:#?}",
+        bridge.logs()
+    );
+    let signed_in = stats()["connectycube_signed_in"].clone();
+    assert!(
+        signed_in["carol"].is_u64() && signed_in["bob"].is_u64(),
+        "{signed_in}"
+    );
+    assert!(signed_in.get("sipp").is_none(), "{signed_in}");
+    assert!(
+        stats()["phones"].get("sipp").is_none(),
+        "sipp's phone is forgotten: {}",
+        stats()
+    );
+    let (registered, output) = register("carol", "carol-phone");
+    assert!(registered, "carol's phone registers: {output}");
+    let (registered, _) = register("sipp", "sipp-phone");
+    assert!(!registered, "sipp is no longer a user");
+
+    assert_each_hears_the_other(&bridge, &mut bob, &phone);
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the call went on to the phone's BYE: {output}");
+    bob.wait_event("hung up", Duration::from_secs(10));
+
+    // A configuration with a mistake is refused as a whole, naming it.
+    std::fs::write(&config, "[sip]\nusername = \"trunk\"\n").unwrap();
+    bridge.signal("HUP");
+    let refused = bridge
+        .wait_for_log(|l| l.contains("reload refused"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the bad reload is logged: {:#?}", bridge.logs()));
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains("sip.domain: needed")),
+        "{refused}\n{:#?}",
+        bridge.logs()
+    );
+    let (registered, output) = register("carol", "carol-phone");
+    assert!(registered, "the users stay as they were: {output}");
 }
 
 #[test]

@@ -12,14 +12,14 @@ pub mod identity;
 pub mod presence;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::{Config, sandbox_address};
+use crate::config::{Config, SipSection, UserMapping, sandbox_address};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sip::{
     self, Account, AdmissionConfig, AppCaller, CallRecord, Caller, Destination, Dialer, Listener,
@@ -79,13 +79,6 @@ impl Bridge {
         }
         // After the first sign-ins, so Asterisk first hears how they went.
         let asterisk = asterisk_link(&config, &presence);
-        if !identities.unavailable.lock().unwrap().is_empty() {
-            tokio::spawn(retry_sign_ins(
-                Arc::downgrade(&identities),
-                config.clone(),
-                incoming.clone(),
-            ));
-        }
         let gateway = match (&cc.gateway_login, &cc.gateway_password) {
             (Some(login), Some(password)) => {
                 let ignore = Box::new(|_| {});
@@ -106,8 +99,10 @@ impl Bridge {
             services: Services::line_checks(),
             placed: PlacedSessions::default(),
             cdr: CdrWriter::open(config.cdr.path.as_deref())?,
-            config: config.clone(),
+            config: RwLock::new(Arc::new(config.clone())),
+            incoming,
         });
+        tokio::spawn(retry_sign_ins(Arc::downgrade(&router)));
         let mut sip_settings = sip_config(&config);
         adjust(&mut sip_settings);
         let sip = UserAgent::start(sip_settings, router.clone()).await?;
@@ -118,6 +113,80 @@ impl Bridge {
             router,
             asterisk,
         })
+    }
+
+    /// Applies a configuration read again (SIGHUP) to the running bridge:
+    /// the user mapping (users added sign in to ConnectyCube, users taken
+    /// out sign out and their phones are forgotten, changed credentials
+    /// sign in again) and who is admitted (`sip.trusted`, the phones'
+    /// passwords; `adjust` as at the start). Calls in progress go on as
+    /// they are. The other sections take effect at the next start: each one
+    /// changed is named in the log.
+    pub async fn reload(&self, config: Config, adjust: impl FnOnce(&mut SipConfig)) {
+        let router = &self.router;
+        let old = router.config();
+        for section in old.fixed_sections_changed(&config) {
+            warn!("reload: [{section}] changed; it takes effect when the bridge restarts");
+        }
+        let applied = Config {
+            users: config.users,
+            sip: SipSection {
+                trusted: config.sip.trusted,
+                ..old.sip.clone()
+            },
+            ..(*old).clone()
+        };
+        let mut sip_settings = sip_config(&applied);
+        adjust(&mut sip_settings);
+        self.sip.reconfigure_admission(sip_settings.admission);
+
+        let is_new = |user: &&UserMapping| old.user_by_extension(&user.extension).is_none();
+        let added: Vec<&UserMapping> = applied.users.iter().filter(is_new).collect();
+        let changed: Vec<&UserMapping> = applied
+            .users
+            .iter()
+            .filter(|user| {
+                old.user_by_extension(&user.extension)
+                    .is_some_and(|before| before != *user)
+            })
+            .collect();
+        let removed: Vec<&UserMapping> = old
+            .users
+            .iter()
+            .filter(|user| applied.user_by_extension(&user.extension).is_none())
+            .collect();
+        let identities = &router.identities;
+        for user in &added {
+            identities.presence.add(&user.extension);
+        }
+        let signs_in_again = |user: &&&UserMapping| {
+            old.user_by_extension(&user.extension).is_none_or(|before| {
+                (&before.login, &before.password) != (&user.login, &user.password)
+            })
+        };
+        for user in added.iter().chain(&changed).filter(signs_in_again) {
+            identities
+                .sign_in(&applied.connectycube, user, &router.incoming)
+                .await;
+        }
+        for user in &removed {
+            identities.sign_out(&user.extension);
+        }
+        let names = |users: &[&UserMapping]| match users {
+            [] => "none".to_owned(),
+            users => users
+                .iter()
+                .map(|u| u.extension.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        info!(
+            "reload: users added: {}; changed: {}; taken out: {}",
+            names(&added),
+            names(&changed),
+            names(&removed)
+        );
+        *router.config.write().unwrap() = Arc::new(applied);
     }
 
     /// Ends every call with BYE, unregisters, and tells Asterisk the app
@@ -300,6 +369,15 @@ impl Identities {
         }
     }
 
+    /// `extension` is no longer mapped: its user signs out once the calls
+    /// in progress that act as it end.
+    fn sign_out(&self, extension: &str) {
+        let key = extension.to_ascii_lowercase();
+        self.signed_in.write().unwrap().remove(&key);
+        self.unavailable.lock().unwrap().remove(&key);
+        self.presence.set_signed_in(extension, false);
+    }
+
     fn get(&self, extension: &str) -> Option<Arc<Identity>> {
         self.signed_in
             .read()
@@ -328,31 +406,27 @@ impl Identities {
 }
 
 /// Mappings that could not sign in (ConnectyCube unreachable at start, a
-/// password changed later) are tried again every 30 s.
-async fn retry_sign_ins(
-    identities: std::sync::Weak<Identities>,
-    config: Config,
-    incoming: mpsc::UnboundedSender<IncomingCall>,
-) {
+/// password changed later) are tried again every 30 s while the bridge runs.
+async fn retry_sign_ins(router: Weak<BridgeRouter>) {
     loop {
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let Some(identities) = identities.upgrade() else {
+        let Some(router) = router.upgrade() else {
             return;
         };
-        let pending: Vec<String> = identities
+        let pending: Vec<String> = router
+            .identities
             .unavailable
             .lock()
             .unwrap()
             .keys()
             .cloned()
             .collect();
-        if pending.is_empty() {
-            return;
-        }
+        let config = router.config();
         for extension in pending {
             if let Some(user) = config.user_by_extension(&extension) {
-                identities
-                    .sign_in(&config.connectycube, user, &incoming)
+                router
+                    .identities
+                    .sign_in(&config.connectycube, user, &router.incoming)
                     .await;
             }
         }
@@ -360,7 +434,10 @@ async fn retry_sign_ins(
 }
 
 struct BridgeRouter {
-    config: Config,
+    /// Replaced whole by a reload.
+    config: RwLock<Arc<Config>>,
+    /// Where the users' new calls go (for users signed in later).
+    incoming: mpsc::UnboundedSender<IncomingCall>,
     identities: Arc<Identities>,
     gateway: Option<Arc<Identity>>,
     services: Services,
@@ -370,14 +447,22 @@ struct BridgeRouter {
 }
 
 impl BridgeRouter {
-    /// The extension the bridge acts for as ConnectyCube user `user_id`.
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    /// The extension the bridge acts for as ConnectyCube user `user_id`
+    /// (mapped still: a sign-in may finish after a reload took it out).
     fn extension_of(&self, user_id: u64) -> Option<String> {
-        self.identities.extension_of(user_id)
+        self.identities
+            .extension_of(user_id)
+            .filter(|extension| self.config().user_by_extension(extension).is_some())
     }
 
     /// A new file for a call of `extension`, when its calls are recorded.
     fn recording_path(&self, extension: &str, recorded: bool) -> Option<std::path::PathBuf> {
-        let recording = &self.config.recording;
+        let config = self.config();
+        let recording = &config.recording;
         if !(recording.enabled || recorded) {
             return None;
         }
@@ -388,14 +473,17 @@ impl BridgeRouter {
         Some(recording.directory.as_ref()?.join(name))
     }
 
-    fn mapping_of(&self, user_id: u64) -> Option<&crate::config::UserMapping> {
-        self.config.user_by_extension(&self.extension_of(user_id)?)
+    fn mapping_of(&self, user_id: u64) -> Option<UserMapping> {
+        self.config()
+            .user_by_extension(&self.extension_of(user_id)?)
+            .cloned()
     }
 }
 
 impl Router for BridgeRouter {
     fn route(&self, target: &str, caller: &Caller) -> Option<Destination> {
-        let Some(mapping) = self.config.user_by_extension(target) else {
+        let config = self.config();
+        let Some(mapping) = config.user_by_extension(target) else {
             return self.services.route(target, caller);
         };
         let key = mapping.extension.to_ascii_lowercase();
@@ -527,7 +615,7 @@ async fn dial_out(
             record_to: router.recording_path(
                 &extension,
                 router
-                    .config
+                    .config()
                     .user_by_extension(&extension)
                     .is_some_and(|m| m.record),
             ),

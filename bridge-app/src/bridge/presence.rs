@@ -72,6 +72,19 @@ impl Presence {
         })
     }
 
+    /// A user mapped since the start (a reloaded configuration), not
+    /// signed in yet.
+    pub fn add(&self, extension: &str) {
+        let mut users = self.users.lock().unwrap();
+        if !users
+            .keys()
+            .any(|known| known.eq_ignore_ascii_case(extension))
+        {
+            users.insert(extension.to_owned(), Activity::default());
+            self.changes.send_replace(());
+        }
+    }
+
     /// Marks changed whenever a user's state may have changed.
     pub fn subscribe(&self) -> watch::Receiver<()> {
         self.changes.subscribe()

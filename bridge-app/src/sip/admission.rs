@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bridge_protocol::digest::{Algorithm, Credentials};
@@ -53,7 +53,8 @@ struct Bucket {
 }
 
 pub struct Admission {
-    config: AdmissionConfig,
+    /// Replaced whole when the configuration is reloaded.
+    config: RwLock<AdmissionConfig>,
     nonces: Mutex<HashMap<String, Instant>>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
@@ -61,15 +62,21 @@ pub struct Admission {
 impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
         Self {
-            config,
+            config: RwLock::new(config),
             nonces: Mutex::default(),
             buckets: Mutex::default(),
         }
     }
 
+    /// From now on, admits as `config` says (a reloaded configuration's
+    /// servers and users); nonces already given stay good.
+    pub fn reconfigure(&self, config: AdmissionConfig) {
+        *self.config.write().unwrap() = config;
+    }
+
     /// Whether `source` may send one more request now.
     pub fn within_rate(&self, source: IpAddr) -> bool {
-        let rate = self.config.requests_per_second;
+        let rate = self.config.read().unwrap().requests_per_second;
         let burst = rate * 2.0;
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap();
@@ -92,7 +99,7 @@ impl Admission {
     }
 
     pub fn is_trusted(&self, source: IpAddr) -> bool {
-        self.config.trusted.contains(&source)
+        self.config.read().unwrap().trusted.contains(&source)
     }
 
     /// Decides on a request that starts something (INVITE, REGISTER).
@@ -124,9 +131,9 @@ impl Admission {
             return Verdict::Challenge(self.challenge());
         }
         let method = request.method.to_string();
-        let verified = credentials.realm == self.config.realm
-            && self
-                .config
+        let config = self.config.read().unwrap();
+        let verified = credentials.realm == config.realm
+            && config
                 .users
                 .get(&credentials.username)
                 .is_some_and(|password| credentials.verify(&method, password));
@@ -155,8 +162,9 @@ impl Admission {
             nonces.remove(&oldest);
         }
         nonces.insert(nonce.clone(), now);
-        let realm = &self.config.realm;
-        let algorithms: &[Algorithm] = if self.config.sha256 {
+        let config = self.config.read().unwrap();
+        let realm = &config.realm;
+        let algorithms: &[Algorithm] = if config.sha256 {
             &[Algorithm::Md5, Algorithm::Sha256]
         } else {
             &[Algorithm::Md5]

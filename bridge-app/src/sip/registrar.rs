@@ -84,6 +84,21 @@ impl Registrar {
             .collect()
     }
 
+    /// Forgets the phones of every extension `keep` refuses (a user taken
+    /// out of the configuration); returns those extensions.
+    pub fn forget_all_but(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut bindings = self.bindings.lock().unwrap();
+        let gone: Vec<String> = bindings
+            .keys()
+            .filter(|user| !keep(user))
+            .cloned()
+            .collect();
+        for user in &gone {
+            bindings.remove(user);
+        }
+        gone
+    }
+
     /// Every extension's registered phones, for the management API: each
     /// one's Contact, where it is reached, the seconds its registration has
     /// left, and whether it answers the bridge's OPTIONS.

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::admission::{Admission, Verdict};
+use super::admission::{Admission, AdmissionConfig, Verdict};
 use super::registrar::{RegisteredContacts, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
@@ -312,6 +312,21 @@ impl UserAgent {
     /// Each account's state: `registered`, `failed: <reason>`, …
     pub fn registrations(&self) -> HashMap<String, String> {
         self.registration_states.lock().unwrap().clone()
+    }
+
+    /// Admits as `admission` says from now on: a reloaded configuration's
+    /// trusted servers and users. The phones of users no longer there are
+    /// not rung again; calls in progress go on.
+    pub fn reconfigure_admission(&self, admission: AdmissionConfig) {
+        let users: Vec<String> = admission.users.keys().cloned().collect();
+        // First, so that no phone of a user taken out registers after the purge.
+        self.shared.admission.reconfigure(admission);
+        if let Some(registrar) = &self.shared.registrar {
+            let keep = |user: &str| users.iter().any(|known| known.eq_ignore_ascii_case(user));
+            for user in registrar.forget_all_but(keep) {
+                info!("registrar: {user} is no longer a user; its phones are forgotten");
+            }
+        }
     }
 
     /// The addresses SIP listens on.
