@@ -2017,14 +2017,9 @@ impl Call {
         let caller = caller_of(&request);
         let replaced = std::mem::replace(&mut self.dialog, dialog);
         self.set_answered();
-        if matches!(replaced.state(), DialogState::Early(..)) {
-            // The phone ringing for the call stops: another took it.
-            let dialogs = self.shared.dialogs.clone();
-            tokio::spawn(async move {
-                let _ = replaced.cancel().await;
-                dialogs.remove_dialog(&replaced.id());
-            });
-        } else {
+        // A picked-up phone (still ringing) is stopped by its fork, as
+        // answered elsewhere.
+        if !matches!(replaced.state(), DialogState::Early(..)) {
             transfer::hang_up(replaced, self.shared.dialogs.clone(), self.call_id.clone());
         }
         self.session_timer = session_timer;
@@ -2369,8 +2364,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 call.dialog = fork.branches[index].dialog().clone();
                 call.offered(&fork.branches[index].offer);
                 if let Some(states) = call.replace_phone(*pickup, false).await {
-                    // `replace_phone` cancelled the picked-up phone's ringing.
-                    fork.branches.swap_remove(index);
+                    // The picked-up phone too stops ringing as answered elsewhere.
                     fork.stop_later(true);
                     return connect_app(call, app, states, token).await;
                 }
