@@ -210,10 +210,15 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 () = stop.next() => break,
-                _ = reloads.recv() => match options.configuration() {
-                    Ok(config) => bridge.reload(config, |sip| options.adjust(sip)).await,
-                    Err(e) => tracing::warn!("reload refused, the bridge goes on as it was: {e}"),
-                },
+                // On a task: signing users in may take long, and a stop
+                // signal must be heard meanwhile.
+                _ = reloads.recv() => {
+                    let (bridge, options) = (bridge.clone(), options.clone());
+                    tokio::spawn(async move {
+                        let read = || options.configuration();
+                        bridge.reload(read, |sip| options.adjust(sip)).await;
+                    });
+                }
             }
         }
         let drain = Duration::from_secs(config.sip.drain_timeout_s);

@@ -39,6 +39,8 @@ pub struct Bridge {
     router: Arc<BridgeRouter>,
     /// Keeps Asterisk told of the app users' states, when configured.
     asterisk: Option<AsteriskLink>,
+    /// Held by a reload: one at a time, in the order asked.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Bridge {
@@ -112,17 +114,32 @@ impl Bridge {
             sandbox,
             router,
             asterisk,
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Applies a configuration read again (SIGHUP) to the running bridge:
+    /// Applies the configuration `read` gives (SIGHUP) to the running bridge:
     /// the user mapping (users added sign in to ConnectyCube, users taken
     /// out sign out and their phones are forgotten, changed credentials
     /// sign in again) and who is admitted (`sip.trusted`, the phones'
     /// passwords; `adjust` as at the start). Calls in progress go on as
     /// they are. The other sections take effect at the next start: each one
-    /// changed is named in the log.
-    pub async fn reload(&self, config: Config, adjust: impl FnOnce(&mut SipConfig)) {
+    /// changed is named in the log. A configuration with a mistake is
+    /// refused whole. Reloads run one at a time, each reading the
+    /// configuration as it then is.
+    pub async fn reload(
+        &self,
+        read: impl FnOnce() -> anyhow::Result<Config>,
+        adjust: impl FnOnce(&mut SipConfig),
+    ) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let config = match read() {
+            Ok(config) => config,
+            Err(e) => {
+                warn!("reload refused, the bridge goes on as it was: {e}");
+                return;
+            }
+        };
         let router = &self.router;
         let old = router.config();
         for section in old.fixed_sections_changed(&config) {
