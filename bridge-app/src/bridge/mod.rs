@@ -373,6 +373,9 @@ impl Identities {
                 self.presence.set_signed_in(&user.extension, true);
             }
             Err(e) => {
+                // After a reload's change of credentials the user signed in
+                // before is no longer the one mapped.
+                self.signed_in.write().unwrap().remove(&key);
                 let mut unavailable = self.unavailable.lock().unwrap();
                 if unavailable.get(&key) != Some(&e) {
                     warn!(
