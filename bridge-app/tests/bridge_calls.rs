@@ -1405,6 +1405,14 @@ fn an_app_call_rings_every_phone_of_the_extension() {
     );
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(15));
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.ends_with("calls alice: alice has no phone registered")),
+        "{:#?}",
+        bridge.logs()
+    );
 }
 
 /// The registrar asks each registered phone OPTIONS (here every second):
@@ -1462,6 +1470,14 @@ fn a_registered_phone_that_is_gone_is_not_rung() {
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(10));
+    assert!(
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.ends_with("calls alice: alice's registered phones do not answer")),
+        "{:#?}",
+        bridge.logs()
+    );
     let port = support::free_even_port().to_string();
     let phone = alice_sipp_phone(
         &bridge,

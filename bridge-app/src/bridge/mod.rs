@@ -617,8 +617,9 @@ async fn dial_out(
         let caller_id = received.from_user_id;
         let mut caller = ConnectyCubeCaller::new(identity.clone(), received, signals);
         let Some(route) = dialer.route(&extension) else {
-            info!("ConnectyCube user {caller_id} calls {extension}: no phone registered");
-            caller.refuse(480, &format!("{extension} has no phone registered"));
+            let why = dialer.unreachable(&extension);
+            info!("ConnectyCube user {caller_id} calls {extension}: {why}");
+            caller.refuse(480, &why);
             continue;
         };
         let (from_user, from_display) = match router.mapping_of(caller_id) {

@@ -99,6 +99,14 @@ impl Registrar {
         gone
     }
 
+    /// How many phones `user` has registered, answering or not.
+    pub fn registered(&self, user: &str) -> usize {
+        let bindings = self.bindings.lock().unwrap();
+        bindings
+            .get(&user.to_ascii_lowercase())
+            .map_or(0, |phones| phones.iter().filter(|b| b.is_live()).count())
+    }
+
     /// Every extension's registered phones, for the management API: each
     /// one's Contact, where it is reached, the seconds its registration has
     /// left, and whether it answers the bridge's OPTIONS.

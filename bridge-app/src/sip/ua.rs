@@ -419,6 +419,19 @@ impl Dialer {
         phone_route(&self.shared, user)
     }
 
+    /// Why `user`, to whom there is no route, cannot be called.
+    pub fn unreachable(&self, user: &str) -> String {
+        let registered = self
+            .shared
+            .registrar
+            .as_ref()
+            .map_or(0, |r| r.registered(user));
+        match registered {
+            0 => format!("{user} has no phone registered"),
+            _ => format!("{user}'s registered phones do not answer"),
+        }
+    }
+
     pub fn call(&self, request: call::OutboundCall) {
         call::outgoing(self.shared.clone(), request);
     }
