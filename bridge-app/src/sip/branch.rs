@@ -252,6 +252,50 @@ impl Failure {
     pub fn is_global(&self) -> bool {
         self.status() >= 600
     }
+
+    /// How the phones still ringing stop once every hope of this call
+    /// ended with `self`.
+    pub fn stop(&self) -> Stop {
+        match self {
+            Failure::Refused(response) if self.is_global() => Stop::Declined(
+                response.status_code.code(),
+                response.status_code.text().to_owned(),
+            ),
+            _ => Stop::Plain,
+        }
+    }
+}
+
+/// Why the bridge stops a phone's ringing, which its CANCEL says (RFC
+/// 3326), as Kamailio's and Asterisk's do: a phone told the call was
+/// completed elsewhere logs no missed call.
+#[derive(Clone)]
+pub(super) enum Stop {
+    /// The call ended unanswered, or the app gave up.
+    Plain,
+    /// Another phone took the call.
+    AnsweredElsewhere,
+    /// Another phone declined it for the user everywhere (6xx): its status
+    /// and reason phrase.
+    Declined(u16, String),
+}
+
+impl Stop {
+    /// The CANCEL's `Reason`, if it has one.
+    fn reason(&self) -> Option<String> {
+        match self {
+            Stop::Plain => None,
+            Stop::AnsweredElsewhere => {
+                Some("SIP;cause=200;text=\"Call completed elsewhere\"".into())
+            }
+            Stop::Declined(status, phrase) => {
+                // The phone's own phrase for a status rsipstack does not
+                // know: nothing that would end the quoted text.
+                let phrase = phrase.replace(['"', '\\'], "");
+                Some(format!("SIP;cause={status};text=\"{phrase}\""))
+            }
+        }
+    }
 }
 
 /// What became of a branch.
@@ -447,11 +491,9 @@ impl Branch {
         }
     }
 
-    /// Stops the branch: CANCEL while it rings; BYE when its phone
-    /// answered too, at the same moment as the one that took the call.
-    /// `answered_elsewhere`: another phone took the call, which the CANCEL
-    /// says (RFC 3326), so that this phone logs no missed call.
-    pub async fn stop(self, dialogs: &DialogLayer, answered_elsewhere: bool) {
+    /// Stops the branch: CANCEL while it rings, saying why; BYE when its
+    /// phone answered too, at the same moment as the one that took the call.
+    pub async fn stop(self, dialogs: &DialogLayer, why: &Stop) {
         let Attempt { dialog, invite, .. } = self.attempt;
         let ringing = matches!(
             dialog.state(),
@@ -460,8 +502,8 @@ impl Branch {
         if matches!(dialog.state(), DialogState::Confirmed(..)) {
             let _ = dialog.bye().await;
             dialogs.remove_dialog(&dialog.id());
-        } else if answered_elsewhere && ringing {
-            if let Err(e) = cancel_answered_elsewhere(dialogs, &dialog, self.destination).await {
+        } else if let (Some(reason), true) = (why.reason(), ringing) {
+            if let Err(e) = cancel_with_reason(dialogs, &dialog, self.destination, reason).await {
                 debug!("{}: CANCEL: {e:#}", self.target);
                 let _ = dialog.cancel().await;
                 return;
@@ -578,19 +620,21 @@ impl Fork {
     }
 
     /// The phones still ringing stop, not waited for (a CANCEL may wait on
-    /// an unresponsive phone); `answered_elsewhere`: another phone took
-    /// the call.
-    pub fn stop_later(&mut self, answered_elsewhere: bool) {
+    /// an unresponsive phone).
+    pub fn stop_later(&mut self, why: Stop) {
         for branch in self.branches.drain(..) {
-            let shared = self.invitation.shared.clone();
-            tokio::spawn(async move { branch.stop(&shared.dialogs, answered_elsewhere).await });
+            let (shared, why) = (self.invitation.shared.clone(), why.clone());
+            tokio::spawn(async move { branch.stop(&shared.dialogs, &why).await });
         }
     }
 
     /// The phones still ringing stop, for a call that ends unanswered.
     pub async fn stop(&mut self) {
         let dialogs = &self.invitation.shared.dialogs;
-        let stops = self.branches.drain(..).map(|b| b.stop(dialogs, false));
+        let stops = self
+            .branches
+            .drain(..)
+            .map(|b| b.stop(dialogs, &Stop::Plain));
         futures_util::future::join_all(stops).await;
     }
 }
@@ -598,14 +642,14 @@ impl Fork {
 /// How long an INVITE transaction lasts at most (RFC 3261 Timer B).
 const INVITE_TIMEOUT: Duration = Duration::from_secs(32);
 
-/// CANCELs the INVITE of `dialog` with `Reason: SIP;cause=200;text="Call
-/// completed elsewhere"` (RFC 3326), which rsipstack's `cancel` cannot
-/// carry: the same request line, Via, From, To, Call-ID and CSeq number
-/// (RFC 3261 §9.1), sent where the INVITE went.
-async fn cancel_answered_elsewhere(
+/// CANCELs the INVITE of `dialog` with `reason` (RFC 3326), which
+/// rsipstack's `cancel` cannot carry: the same request line, Via, From,
+/// To, Call-ID and CSeq number (RFC 3261 §9.1), sent where the INVITE went.
+async fn cancel_with_reason(
     dialogs: &DialogLayer,
     dialog: &InviteDialog,
     destination: Option<SipAddr>,
+    reason: String,
 ) -> anyhow::Result<()> {
     let mut cancel = dialog.initial_request();
     let seq = cancel.cseq_header()?.seq()?;
@@ -618,9 +662,7 @@ async fn cancel_answered_elsewhere(
         .mut_seq(seq)?
         .mut_method(Method::Cancel)?;
     cancel.body = Vec::new();
-    cancel.headers.push(Header::Reason(
-        "SIP;cause=200;text=\"Call completed elsewhere\"".into(),
-    ));
+    cancel.headers.push(Header::Reason(reason.into()));
     cancel.headers.push(Header::ContentLength(0.into()));
     let key = TransactionKey::from_request(&cancel, TransactionRole::Client)?;
     let mut tx = Transaction::new_client(key, cancel, dialogs.endpoint.clone(), None);
@@ -652,6 +694,36 @@ mod tests {
         assert_eq!(
             names(false),
             ["RTP/AVP", "RTP/SAVP", "RTP/AVPF", "RTP/SAVPF"]
+        );
+    }
+
+    #[test]
+    fn a_cancel_says_why_the_phone_stops_ringing() {
+        let refused = |status_line: &str| {
+            let text = format!(
+                "SIP/2.0 {status_line}\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1\r\n\
+                 From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\n\
+                 CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+            );
+            Failure::Refused(Response::try_from(text.as_str()).unwrap())
+        };
+        assert_eq!(Stop::Plain.reason(), None);
+        assert_eq!(
+            Stop::AnsweredElsewhere.reason().unwrap(),
+            "SIP;cause=200;text=\"Call completed elsewhere\""
+        );
+        assert_eq!(refused("486 Busy Here").stop().reason(), None);
+        assert_eq!(
+            refused("603 Decline").stop().reason().unwrap(),
+            "SIP;cause=603;text=\"Decline\""
+        );
+        assert_eq!(
+            refused("699 Not \"here\" \\").stop().reason().unwrap(),
+            "SIP;cause=699;text=\"Not here \""
+        );
+        assert_eq!(
+            Failure::Unanswered(408, "no answer".into()).stop().reason(),
+            None
         );
     }
 

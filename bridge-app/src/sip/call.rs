@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
-use super::branch::{Answered, Failure, Fork, Forked, Invitation, Offer, Offers, Streams};
+use super::branch::{Answered, Failure, Fork, Forked, Invitation, Offer, Offers, Stop, Streams};
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
@@ -1757,11 +1757,11 @@ impl Call {
                 match forked {
                     Some(Forked::Ringing(..)) => {}
                     Some(Forked::Answered(answered)) => {
-                        fork.stop_later(true);
+                        fork.stop_later(Stop::AnsweredElsewhere);
                         return Ok(*answered);
                     }
                     Some(Forked::Failed(failure)) => {
-                        fork.stop_later(false);
+                        fork.stop_later(failure.stop());
                         return Err(failure);
                     }
                     None => {
@@ -2336,7 +2336,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             }
             Ringing::Phone(Forked::Answered(answered)) => break *answered,
             Ringing::Phone(Forked::Failed(best)) => {
-                fork.stop_later(false);
+                fork.stop_later(best.stop());
                 refuse_replacements(&mut pickups, "the call has ended");
                 let status = best.status();
                 app.refuse(status, &best.reason());
@@ -2365,7 +2365,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 call.offered(&fork.branches[index].offer);
                 if let Some(states) = call.replace_phone(*pickup, false).await {
                     // The picked-up phone too stops ringing as answered elsewhere.
-                    fork.stop_later(true);
+                    fork.stop_later(Stop::AnsweredElsewhere);
                     return connect_app(call, app, states, token).await;
                 }
             }
@@ -2394,7 +2394,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         }
     };
     // The other phones stop ringing.
-    fork.stop_later(true);
+    fork.stop_later(Stop::AnsweredElsewhere);
     refuse_replacements(&mut pickups, "the call was answered");
     let target = answered.target.to_string();
     call.record.target = target.clone();
