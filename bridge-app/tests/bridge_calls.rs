@@ -2002,6 +2002,11 @@ fn reload_config(sandbox: &support::SandboxProcess, sip: &str, users: &[&str]) -
     )
 }
 
+/// An office adds a colleague and takes one out while calls go on: on
+/// SIGHUP the bridge signs the new user in and lets its phone register,
+/// forgets the user taken out and its phone, and the call that user's
+/// phone is making goes on to its end; a configuration with a mistake
+/// changes nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();

@@ -39,7 +39,7 @@ pub struct Bridge {
     router: Arc<BridgeRouter>,
     /// Keeps Asterisk told of the app users' states, when configured.
     asterisk: Option<AsteriskLink>,
-    /// Held by a reload: one at a time, in the order asked.
+    /// Held by a reload: one at a time.
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -145,14 +145,14 @@ impl Bridge {
         for section in old.fixed_sections_changed(&config) {
             warn!("reload: [{section}] changed; it takes effect when the bridge restarts");
         }
-        let applied = Config {
+        let applied = Arc::new(Config {
             users: config.users,
             sip: SipSection {
                 trusted: config.sip.trusted,
                 ..old.sip.clone()
             },
             ..(*old).clone()
-        };
+        });
         let mut sip_settings = sip_config(&applied);
         adjust(&mut sip_settings);
         self.sip.reconfigure_admission(sip_settings.admission);
@@ -186,6 +186,9 @@ impl Bridge {
                 .sign_in(&applied.connectycube, user, &router.incoming)
                 .await;
         }
+        // Routed from now on; then the users taken out go, so that a
+        // retried sign-in finishing meanwhile finds them gone.
+        *router.config.write().unwrap() = applied.clone();
         for user in &removed {
             identities.sign_out(&user.extension);
         }
@@ -203,7 +206,6 @@ impl Bridge {
             names(&changed),
             names(&removed)
         );
-        *router.config.write().unwrap() = Arc::new(applied);
     }
 
     /// Ends every call with BYE, unregisters, and tells Asterisk the app
@@ -444,10 +446,14 @@ async fn retry_sign_ins(router: Weak<BridgeRouter>) {
         let config = router.config();
         for extension in pending {
             if let Some(user) = config.user_by_extension(&extension) {
-                router
-                    .identities
+                let identities = &router.identities;
+                identities
                     .sign_in(&config.connectycube, user, &router.incoming)
                     .await;
+                // A reload took the user out meanwhile.
+                if router.config().user_by_extension(&extension).is_none() {
+                    identities.sign_out(&extension);
+                }
             }
         }
     }

@@ -267,8 +267,8 @@ impl Failure {
 }
 
 /// Why the bridge stops a phone's ringing, which its CANCEL says (RFC
-/// 3326), as Kamailio's and Asterisk's do: a phone told the call was
-/// completed elsewhere logs no missed call.
+/// 3326), as Kamailio's does: a phone told the call was completed
+/// elsewhere logs no missed call.
 #[derive(Clone)]
 pub(super) enum Stop {
     /// The call ended unanswered, or the app gave up.
