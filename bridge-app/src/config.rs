@@ -571,8 +571,9 @@ impl Config {
         }
     }
 
-    /// The sections other than `users` in which `other` differs, but for
-    /// `sip.trusted`: what a reload cannot apply to a running bridge.
+    /// The sections other than `users` and `recording` in which `other`
+    /// differs, but for `sip.trusted`: what a reload cannot apply to a
+    /// running bridge.
     pub fn fixed_sections_changed(&self, other: &Config) -> Vec<&'static str> {
         let sip = SipSection {
             trusted: self.sip.trusted.clone(),
@@ -581,7 +582,6 @@ impl Config {
         [
             ("sip", self.sip != sip),
             ("connectycube", self.connectycube != other.connectycube),
-            ("recording", self.recording != other.recording),
             ("cdr", self.cdr != other.cdr),
             ("management", self.management != other.management),
             ("asterisk", self.asterisk != other.asterisk),
@@ -899,6 +899,7 @@ department = "Sales"
         let mut reloaded = running.clone();
         reloaded.users.pop();
         reloaded.sip.trusted.push("10.0.0.1".parse().unwrap());
+        reloaded.recording.enabled = true;
         assert!(running.fixed_sections_changed(&reloaded).is_empty());
         reloaded.sip.rtp_timeout_ms += 1;
         reloaded.connectycube.app_id += 1;

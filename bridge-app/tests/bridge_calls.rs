@@ -1986,16 +1986,17 @@ fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
     assert!(success, "503 with a Reason: {output}\n{:#?}", bridge.logs());
 }
 
-/// A configuration with the `[sip]` lines `sip` and `users`, each with
-/// the password `demo` and the phone password `<name>-phone`.
-fn reload_config(sandbox: &support::SandboxProcess, sip: &str, users: &[&str]) -> String {
+/// A configuration with the sections `more` and `users`, each with the
+/// password `demo` and the phone password `<name>-phone`.
+fn reload_config(sandbox: &support::SandboxProcess, more: &str, users: &[&str]) -> String {
     let user = |name: &&str| {
         format!(
             "[[users]]\nextension = \"{name}\"\nlogin = \"{name}\"\npassword = \"demo\"\nsip_password = \"{name}-phone\"\n"
         )
     };
     format!(
-        "[sip]\nregistrar = true\n{sip}\n[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\n{}",
+        "[sip]\nregistrar = true\n\n[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\
+         gateway_login = \"sip-gateway\"\ngateway_password = \"demo\"\n\n{more}\n\n{}",
         sandbox.api_url(),
         sandbox.chat_url(),
         users.iter().map(user).collect::<Vec<_>>().join("\n")
@@ -2005,13 +2006,18 @@ fn reload_config(sandbox: &support::SandboxProcess, sip: &str, users: &[&str]) -
 /// An office adds a colleague and takes one out while calls go on: on
 /// SIGHUP the bridge signs the new user in and lets its phone register,
 /// forgets the user taken out and its phone, and the call that user's
-/// phone is making goes on to its end; a configuration with a mistake
-/// changes nothing.
+/// phone is making goes on to its end; the calls after it are recorded;
+/// a configuration with a mistake changes nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();
     let sandbox = support::SandboxProcess::start(support::free_port());
-    let config = tempdir().join("bridge.toml");
+    let dir = tempdir();
+    let (config, cdr, recordings) = (
+        dir.join("bridge.toml"),
+        dir.join("cdr.jsonl"),
+        dir.join("recordings"),
+    );
     std::fs::write(&config, reload_config(&sandbox, "", &["sipp", "bob"])).unwrap();
     let management_port = support::free_port().to_string();
     let management = format!("127.0.0.1:{management_port}");
@@ -2020,6 +2026,8 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         config.to_str().unwrap(),
         "--management",
         &management,
+        "--cdr",
+        cdr.to_str().unwrap(),
     ]);
     let stats = || {
         let (_, body) = support::http_get(
@@ -2056,13 +2064,13 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     assert_each_hears_the_other(&bridge, &mut bob, &phone);
 
     // The phone's own user is taken out (its call goes on, signalled as
-    // that user to its end), carol comes in, bob stays; a [sip] key that
-    // needs a restart is named.
-    std::fs::write(
-        &config,
-        reload_config(&sandbox, "rtp_timeout_ms = 20000", &["bob", "carol"]),
-    )
-    .unwrap();
+    // that user to its end), carol comes in, bob stays; new calls are
+    // recorded; a section that needs a restart is named.
+    let more = format!(
+        "[asterisk]\ndevice_prefix = \"Bridge:\"\n\n[recording]\nenabled = true\ndirectory = \"{}\"",
+        recordings.display()
+    );
+    std::fs::write(&config, reload_config(&sandbox, &more, &["bob", "carol"])).unwrap();
     bridge.signal("HUP");
     bridge
         .wait_for_log(
@@ -2074,7 +2082,8 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         bridge
             .logs()
             .iter()
-            .any(|l| l.contains("reload: [sip] changed; it takes effect when the bridge restarts")),
+            .any(|l| l
+                .contains("reload: [asterisk] changed; it takes effect when the bridge restarts")),
         "{:#?}",
         bridge.logs()
     );
@@ -2098,6 +2107,18 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the call went on to the phone's BYE: {output}");
     bob.wait_event("hung up", Duration::from_secs(10));
+    // The next call, from the phone now unmapped (so from the gateway
+    // user), is recorded; the one in progress at the reload was not.
+    let (_phone, signalling) = phone_call(&bridge, "call.xml", "bob", PCMU_440, 6, "recorded");
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the recorded call: {output}");
+    let lines = wait_for_cdr(&cdr, 2);
+    let recording_of = |call_id: &str| {
+        let line = lines.iter().find(|l| l["call_id"] == call_id);
+        line.unwrap_or_else(|| panic!("no CDR of {call_id}: {lines:?}"))["recording"].clone()
+    };
+    assert!(recording_of("reload-1").is_null(), "{lines:?}");
+    assert_both_voices_recorded(recording_of("recorded-1").as_str().unwrap());
 
     // A configuration with a mistake is refused as a whole, naming it.
     std::fs::write(&config, "[sip]\nusername = \"trunk\"\n").unwrap();

@@ -121,9 +121,9 @@ impl Bridge {
     /// Applies the configuration `read` gives (SIGHUP) to the running bridge:
     /// the user mapping (users added sign in to ConnectyCube, users taken
     /// out sign out and their phones are forgotten, changed credentials
-    /// sign in again) and who is admitted (`sip.trusted`, the phones'
-    /// passwords; `adjust` as at the start). Calls in progress go on as
-    /// they are. The other sections take effect at the next start: each one
+    /// sign in again), who is admitted (`sip.trusted`, the phones'
+    /// passwords; `adjust` as at the start) and which new calls are
+    /// recorded. Calls in progress go on as they are. The other sections take effect at the next start: each one
     /// changed is named in the log. A configuration with a mistake is
     /// refused whole. Reloads run one at a time, each reading the
     /// configuration as it then is.
@@ -145,12 +145,28 @@ impl Bridge {
         for section in old.fixed_sections_changed(&config) {
             warn!("reload: [{section}] changed; it takes effect when the bridge restarts");
         }
+        let recording = match &config.recording.directory {
+            Some(directory) if config.recording != old.recording => {
+                match std::fs::create_dir_all(directory) {
+                    Ok(()) => config.recording,
+                    Err(e) => {
+                        warn!(
+                            "reload: recording.directory: cannot create {}: {e}; recording stays as it was",
+                            directory.display()
+                        );
+                        old.recording.clone()
+                    }
+                }
+            }
+            _ => config.recording,
+        };
         let applied = Arc::new(Config {
             users: config.users,
             sip: SipSection {
                 trusted: config.sip.trusted,
                 ..old.sip.clone()
             },
+            recording,
             ..(*old).clone()
         });
         let mut sip_settings = sip_config(&applied);
