@@ -118,15 +118,15 @@ impl Bridge {
         })
     }
 
-    /// Applies the configuration `read` gives (SIGHUP) to the running bridge:
-    /// the user mapping (users added sign in to ConnectyCube, users taken
-    /// out sign out and their phones are forgotten, changed credentials
-    /// sign in again), who is admitted (`sip.trusted`, the phones'
-    /// passwords; `adjust` as at the start) and which new calls are
-    /// recorded. Calls in progress go on as they are. The other sections take effect at the next start: each one
-    /// changed is named in the log. A configuration with a mistake is
-    /// refused whole. Reloads run one at a time, each reading the
-    /// configuration as it then is.
+    /// Applies the configuration `read` gives (SIGHUP) to the running
+    /// bridge: the user mapping (users added sign in to ConnectyCube, users
+    /// taken out sign out and their phones are forgotten, changed
+    /// credentials sign in again), who is admitted (`sip.trusted`, the
+    /// phones' passwords; `adjust` as at the start) and which new calls are
+    /// recorded. Calls in progress go on as they are. The other sections
+    /// take effect at the next start: each one changed is named in the log.
+    /// A configuration with a mistake is refused whole. Reloads run one at
+    /// a time, each reading the configuration as it then is.
     pub async fn reload(
         &self,
         read: impl FnOnce() -> anyhow::Result<Config>,
