@@ -571,7 +571,7 @@ impl Config {
         }
     }
 
-    /// The sections other than `users` and `recording` in which `other`
+    /// The sections other than `users`, `recording` and `cdr` in which `other`
     /// differs, but for `sip.trusted`: what a reload cannot apply to a
     /// running bridge.
     pub fn fixed_sections_changed(&self, other: &Config) -> Vec<&'static str> {
@@ -582,7 +582,6 @@ impl Config {
         [
             ("sip", self.sip != sip),
             ("connectycube", self.connectycube != other.connectycube),
-            ("cdr", self.cdr != other.cdr),
             ("management", self.management != other.management),
             ("asterisk", self.asterisk != other.asterisk),
         ]
@@ -900,6 +899,7 @@ department = "Sales"
         reloaded.users.pop();
         reloaded.sip.trusted.push("10.0.0.1".parse().unwrap());
         reloaded.recording.enabled = true;
+        reloaded.cdr.path = Some("/var/log/bridge/cdr.jsonl".into());
         assert!(running.fixed_sections_changed(&reloaded).is_empty());
         reloaded.sip.rtp_timeout_ms += 1;
         reloaded.connectycube.app_id += 1;

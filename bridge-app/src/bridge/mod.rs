@@ -160,8 +160,18 @@ impl Bridge {
             }
             _ => config.recording,
         };
+        // Opened again even when unchanged: a log rotation may have moved
+        // the file away.
+        let cdr = match router.cdr.reopen(config.cdr.path.as_deref()) {
+            Ok(()) => config.cdr,
+            Err(e) => {
+                warn!("reload: {e}; CDRs go on where they went");
+                old.cdr.clone()
+            }
+        };
         let applied = Arc::new(Config {
             users: config.users,
+            cdr,
             sip: SipSection {
                 trusted: config.sip.trusted,
                 ..old.sip.clone()
