@@ -273,11 +273,7 @@ fn no_push_goes_out_when_call_push_is_off() {
     assert!(success, "CANCEL → 487: {output}");
     std::thread::sleep(Duration::from_secs(1));
     assert!(device.received().is_empty(), "{:#?}", device.received());
-    assert!(
-        !bridge.logs().iter().any(|l| l.contains("startCall")),
-        "{:#?}",
-        bridge.logs()
-    );
+    assert!(!bridge.logged("startCall"), "{:#?}", bridge.logs());
 }
 
 /// A PBX re-bridges an Opus phone's call with an app user, as Asterisk
@@ -429,10 +425,7 @@ fn baresip_calls_an_app_user_through_kamailio_in_each_codec() {
             "{codec}: baresip heard {phone_heard:?} instead of the app's 660 Hz\n{output}"
         );
         assert!(
-            bridge
-                .logs()
-                .iter()
-                .any(|l| l.contains(&format!(": {encoding_name} SendRecv,"))),
+            bridge.logged(&format!(": {encoding_name} SendRecv,")),
             "{codec}: a {encoding_name} call leg: {:#?}",
             bridge.logs()
         );
@@ -1235,7 +1228,7 @@ fn a_draining_bridge_refuses_an_apps_new_call_and_keeps_the_one_in_progress() {
     );
     let (_, desk_output) = desk.join().unwrap();
     assert!(
-        !bridge.logs().iter().any(|l| l.contains("calls sip:alice")),
+        !bridge.logged("calls sip:alice"),
         "the desk phone was not called: {desk_output}"
     );
 }
@@ -1406,10 +1399,7 @@ fn an_app_call_rings_every_phone_of_the_extension() {
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(15));
     assert!(
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.ends_with("calls alice: alice has no phone registered")),
+        bridge.logged("calls alice: alice has no phone registered"),
         "{:#?}",
         bridge.logs()
     );
@@ -1471,10 +1461,7 @@ fn a_registered_phone_that_is_gone_is_not_rung() {
     bob.command(json!({"op": "call", "to": "alice"}));
     bob.wait_event("rejected", Duration::from_secs(10));
     assert!(
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.ends_with("calls alice: alice's registered phones do not answer")),
+        bridge.logged("calls alice: alice's registered phones do not answer"),
         "{:#?}",
         bridge.logs()
     );
@@ -2131,10 +2118,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         .wait_for_log(|l| l.contains("reload refused"), Duration::from_secs(10))
         .unwrap_or_else(|| panic!("the bad reload is logged: {:#?}", bridge.logs()));
     assert!(
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.contains("sip.domain: needed")),
+        bridge.logged("sip.domain: needed"),
         "{refused}\n{:#?}",
         bridge.logs()
     );
@@ -2354,16 +2338,12 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
         bridge.logs()
     );
     assert!(
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.contains("302, redirected to sip:alice@127.0.0.1"))
+        bridge.logged("302, redirected to sip:alice@127.0.0.1"),
+        "{:#?}",
+        bridge.logs()
     );
     assert!(
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.ends_with("183 Session Progress with SDP (early media)")),
+        bridge.logged("183 Session Progress with SDP (early media)"),
         "{:#?}",
         bridge.logs()
     );
@@ -3165,7 +3145,7 @@ fn a_group_calls_link_without_its_callers_call_does_not_ring_the_phone() {
     );
     let output = phone.join().unwrap();
     assert!(
-        !output.contains("answering call") && !bridge.logs().iter().any(|l| l.contains("dialling")),
+        !output.contains("answering call") && !bridge.logged("dialling"),
         "the phone does not ring:\n{output}\n{:#?}",
         bridge.logs()
     );

@@ -95,10 +95,7 @@ fn baresip_hears_the_echo_and_the_tone_through_kamailio() {
         "PCMU SendRecv SRTP AES_CM_128_HMAC_SHA1_80,",
     ] {
         assert!(
-            bridge
-                .logs()
-                .iter()
-                .any(|l| l.contains(&format!(": {media}"))),
+            bridge.logged(&format!(": {media}")),
             "a {media} call: {:#?}",
             bridge.logs()
         );

@@ -475,7 +475,7 @@ fn malformed_requests_leave_a_call_in_progress_alone() {
         "Subject header longer than 2048 bytes, 400",
     ] {
         assert!(
-            bridge.logs().iter().any(|l| l.contains(refusal)),
+            bridge.logged(refusal),
             "no {refusal:?} in {:#?}",
             bridge.logs()
         );
@@ -522,10 +522,7 @@ fn the_echo_returns_the_callers_tone_in_every_codec() {
             "{name}: sent {frequency} Hz, heard {heard:.0} Hz"
         );
         assert!(
-            bridge
-                .logs()
-                .iter()
-                .any(|l| l.contains(&format!("call echo-{name}-1: {name} SendRecv"))),
+            bridge.logged(&format!("call echo-{name}-1: {name} SendRecv")),
             "{name} negotiated"
         );
     }

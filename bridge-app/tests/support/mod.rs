@@ -521,6 +521,11 @@ impl BridgeProcess {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Whether a line of the bridge's log so far holds `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
     /// The bridge's RTP port of a call's video (`None`: the first call
     /// with video), and its H.264 payload type, from its log.
     pub fn video_port(&self, call_id: Option<&str>) -> (u16, u8) {
