@@ -63,6 +63,11 @@ pub struct SipSection {
     /// answers without it. Phones without SRTP refuse such calls; calls
     /// from phones follow what the phone offers either way.
     pub offer_srtp: bool,
+    /// An app's call to a phone is answered on the phone's early media (a
+    /// 18x with SDP: a PBX's ringback, a carrier's announcement), so that
+    /// the app hears it; the app's SDK then shows the call as answered
+    /// while the phone still rings.
+    pub early_media: bool,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
     /// On SIGTERM or Ctrl-C, how long the calls in progress may go on
@@ -234,6 +239,7 @@ impl Default for SipSection {
             jitter_buffer_ms: 0,
             opus_complexity: crate::sip::media::DEFAULT_OPUS_COMPLEXITY,
             offer_srtp: false,
+            early_media: false,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
             drain_timeout_s: 0,

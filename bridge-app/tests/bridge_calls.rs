@@ -2351,6 +2351,95 @@ fn an_app_call_follows_a_redirect_and_takes_the_answer_of_a_183() {
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
 }
 
+/// A PBX or a carrier that plays ringback or an announcement before the
+/// call is answered (a 183 with SDP): with `sip.early_media` the app's call
+/// is answered on it and the app hears it while the phone side rings, with
+/// nothing of the app's voice sent back until the answer; the answer goes
+/// on on the same WebRTC leg, and both voices cross. A refusal after the
+/// early media ends the app's call with the phone side's status.
+#[test]
+fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let domain = PhoneAtDomain::with_sip(&dir, |sip_port| {
+        format!("domain = \"127.0.0.1:{sip_port}\"\nearly_media = true")
+    });
+    let bridge = BridgeProcess::start(&["--config", domain.config.to_str().unwrap()]);
+    // The early media, then the voice of the one who answers.
+    let phone = Phone::new("PCMU", 0, 8000, 523);
+    let phone_port = phone.port().to_string();
+    let pbx = domain.answer(
+        "early-media-answer.xml",
+        &["-key", "phone_port", &phone_port],
+    );
+    let mut bob = domain.bob();
+    bob.command(json!({"op": "call", "to": "alice"}));
+    let early = bridge
+        .wait_for_log(
+            |l| l.contains("the app's call is answered for sip:alice@"),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
+    let call_id = early
+        .split("call ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    let answered = |bridge: &BridgeProcess| {
+        bridge
+            .logs()
+            .iter()
+            .any(|l| l.contains(&format!("call {call_id}: ")) && l.ends_with(" answered"))
+    };
+    bob.wait_event("accepted", Duration::from_secs(10));
+    phone.call(bridge.media_port(call_id));
+    let early_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(4));
+    let answered_early = answered(&bridge);
+    let sent_back_early = phone.heard_frequency();
+    assert!(
+        early_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) && !answered_early,
+        "the app hears the early media ({early_heard:?} Hz) before the answer (answered: {answered_early})\n{:#?}",
+        bridge.logs()
+    );
+    assert!(
+        sent_back_early.is_none_or(|f| (f - 660.0).abs() > 20.0),
+        "nothing of the app reaches the phone side before its answer: {sent_back_early:?} Hz"
+    );
+    bridge
+        .wait_for_log(
+            |l| l.contains(&format!("call {call_id}: ")) && l.ends_with(" answered"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the PBX answers: {:#?}", bridge.logs()));
+    let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut phone_heard = phone.heard_frequency();
+    while phone_heard.is_none_or(|f| (f - 660.0).abs() > 20.0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        phone_heard = phone.heard_frequency();
+    }
+    bob.command(json!({"op": "hangUp"}));
+    let (success, output) = pbx.join().unwrap();
+    assert!(success, "183, 200 OK, then the app's BYE:\n{output}");
+    assert_heard_each_other(app_heard, phone_heard, " after the answer", &bridge);
+
+    // Early media, then busy: the app's call (answered for it) ends with 486.
+    let busy = domain.answer("early-media-busy.xml", &["-key", "phone_port", &phone_port]);
+    bob.command(json!({"op": "call", "to": "alice"}));
+    bob.wait_event("accepted", Duration::from_secs(20));
+    let ended = bob.wait_event("hung up", Duration::from_secs(15));
+    assert!(ended.contains("\"sipStatus\":\"486\""), "{ended}");
+    let (success, output) = busy.join().unwrap();
+    assert!(success, "183, then 486 acknowledged:\n{output}");
+    let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 2);
+    let statuses: Vec<_> = lines.iter().map(|l| l["status"].clone()).collect();
+    assert_eq!(statuses, [200, 486], "{lines:?}");
+}
+
 /// The SIP server named by its domain alone, as hosted PBXs and SIP trunks
 /// are: found by its DNS SRV records (RFC 3263, from a real DNS server),
 /// the next server tried when one is silent or answers 503, or reached

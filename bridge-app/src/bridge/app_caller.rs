@@ -28,6 +28,8 @@ pub struct ConnectyCubeCaller {
     early_candidates: Vec<IceCandidate>,
     /// Whether the app still expects to hear from us.
     open: bool,
+    /// `accept` went out (on the phone's answer, or on its early media).
+    accepted: bool,
     signalling: Option<tokio::task::JoinHandle<()>>,
     /// The calling app user's part of this call, for Asterisk: held until
     /// the call ends.
@@ -48,6 +50,7 @@ impl ConnectyCubeCaller {
             signals: Some(signals),
             early_candidates: Vec::new(),
             open: true,
+            accepted: false,
             signalling: None,
             _presence: None,
         }
@@ -96,6 +99,7 @@ impl ConnectyCubeCaller {
         let mut accept = self.reply(SignalType::Accept);
         accept.sdp = Some(answer);
         self.callee.send(self.call.from_user_id, &accept);
+        self.accepted = true;
         // In a group call, the SDK leaves each link between two opponents to
         // the one with the higher id: those below us wait for our call, which
         // will not come (those above call us, and are refused then).
@@ -177,8 +181,15 @@ impl AppCaller for ConnectyCubeCaller {
     }
 
     fn refuse(&mut self, status: u16, reason: &str) {
+        // A call accepted for the phone's early media is answered for the
+        // app: it ends as a callee's hang-up does. The reason goes along
+        // either way.
+        let (signal_type, done) = match self.accepted {
+            true => (SignalType::HangUp, "hung up"),
+            false => (SignalType::Reject, "rejected"),
+        };
         info!(
-            "ConnectyCube call {} from user {}: rejected ({status} {reason})",
+            "ConnectyCube call {} from user {}: {done} ({status} {reason})",
             self.call.signal.session_id, self.call.from_user_id
         );
         let mut info = vec![
@@ -188,7 +199,7 @@ impl AppCaller for ConnectyCubeCaller {
         if status == 486 || status == 600 {
             info.push(("busy".to_owned(), "true".to_owned()));
         }
-        self.close(SignalType::Reject, info);
+        self.close(signal_type, info);
     }
 
     fn abandoned(&mut self) -> BoxFuture<'_, String> {

@@ -341,6 +341,7 @@ fn sip_config(config: &Config) -> SipConfig {
         jitter_buffer: Duration::from_millis(s.jitter_buffer_ms),
         opus_complexity: s.opus_complexity,
         offer_srtp: s.offer_srtp,
+        early_media: s.early_media,
         ..SipConfig::embedded_default()
     }
 }

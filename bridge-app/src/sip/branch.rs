@@ -368,6 +368,11 @@ impl Branch {
         &self.attempt.dialog
     }
 
+    /// The SDP of the phone's last 18x that carried one (early media).
+    pub fn early_answer(&self) -> Option<&[u8]> {
+        self.early_answer.as_deref()
+    }
+
     /// What the call goes on with once the branch's phone answered.
     pub fn answered(self) -> Answered {
         Answered {

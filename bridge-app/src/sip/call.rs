@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::admission::Verdict;
-use super::branch::{Answered, Failure, Fork, Forked, Invitation, Offer, Offers, Stop, Streams};
+use super::branch::{
+    Answered, Branch, Failure, Fork, Forked, Invitation, Offer, Offers, Stop, Streams,
+};
 use super::media::{CallMedia, MediaEvent, Peer, PortReservation};
 use super::recorder::Recorder;
 use super::routing::{AppCaller, AppLeg, AppSide, CallRecord, Caller, Destination};
@@ -1863,6 +1865,54 @@ impl Call {
 }
 
 impl Call {
+    /// `sip.early_media`: the call's media starts on the early answer of
+    /// `branch` (its 18x's SDP), and the app's call is answered for it, so
+    /// the app hears the ringback or announcement. Until a phone answers,
+    /// nothing goes the other way (RFC 3960: a gateway keeps the caller's
+    /// voice from a phone that has not answered). The app's hang-up
+    /// receiver, or `None` when early media cannot be played (the call
+    /// then goes on as without it).
+    async fn play_early_media(
+        &mut self,
+        branch: &Branch,
+        app: &mut dyn AppCaller,
+    ) -> Option<oneshot::Receiver<String>> {
+        let phone = &branch.target;
+        self.offered(&branch.offer);
+        let audio = branch.early_answer().and_then(|sdp| {
+            negotiate_answer(sdp, &self.capabilities)
+                .and_then(|n| n.audio().cloned().ok_or_else(|| "no audio".to_owned()))
+                .inspect_err(|e| warn!("call {}: {phone}'s early media: {e}", self.call_id))
+                .ok()
+        })?;
+        if let Err(e) = self.apply(&audio) {
+            warn!("call {}: {phone}'s early media: {e:#}", self.call_id);
+            return None;
+        }
+        let media = self.media.as_ref()?;
+        media.keep_app_audio_from_phone();
+        let webrtc = media.app_element()?.clone();
+        match app.answer(webrtc).await {
+            Ok(hangup) => {
+                info!(
+                    "call {}: the app's call is answered for {phone}'s early media",
+                    self.call_id
+                );
+                Some(hangup)
+            }
+            Err(e) => {
+                warn!(
+                    "call {}: the app leg failed on early media: {e}",
+                    self.call_id
+                );
+                if let Some(media) = self.media.take() {
+                    media.stop();
+                }
+                None
+            }
+        }
+    }
+
     /// The phone now in the call was made `offer`: what its answers may
     /// take, and the keys and feedback offered.
     fn offered(&mut self, offer: &Offer) {
@@ -2216,6 +2266,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app.refuse(503, "the bridge is at capacity");
         return Ok(());
     }
+    // The phone's early media is played to the app where the call's
+    // WebRTC leg can stay as it is whichever phone answers: audio only,
+    // and its codec switchable (not recorded).
+    let early_media = shared.config.early_media && !app.wants_video() && record_to.is_none();
     let call_id = format!("{:032x}", rand::random::<u128>());
     let (_active, token) = ActiveCall::register(&shared, &call_id, 0);
     let reservation = match PortReservation::new(shared.config.media_address) {
@@ -2314,25 +2368,33 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     // Another phone picking the ringing call up: its INVITE names one of
     // the call's early dialogs in `Replaces` (a call-pickup key, RFC 3891).
     let (pick_up_with, mut pickups) = mpsc::unbounded_channel();
+    // The app's hang-up once its call is answered on early media.
+    let mut early_hangup: Option<oneshot::Receiver<String>> = None;
     let (answered, response) = loop {
         let event = tokio::select! {
             forked = fork.next() => Ringing::Phone(forked),
             Some(pickup) = pickups.recv() => Ringing::PickedUp(Box::new(pickup)),
             reason = app.abandoned() => Ringing::Abandoned(reason),
+            reason = app_hung_up(&mut early_hangup) => Ringing::Abandoned(reason),
             () = &mut no_answer => Ringing::NoAnswer,
             () = token.cancelled() => Ringing::ShuttingDown,
         };
         match event {
             // 18x: the app keeps ringing (its SDK has no progress signal).
             Ringing::Phone(Forked::Ringing(index, status, with_sdp)) => {
-                let early_media = if with_sdp {
+                let early_media_note = if with_sdp {
                     " with SDP (early media)"
                 } else {
                     ""
                 };
                 let phone = &fork.branches[index].target;
-                info!("call {call_id}: {phone} sent {status}{early_media}");
+                info!("call {call_id}: {phone} sent {status}{early_media_note}");
                 call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
+                if with_sdp && early_media && early_hangup.is_none() {
+                    early_hangup = call
+                        .play_early_media(&fork.branches[index], &mut *app)
+                        .await;
+                }
             }
             Ringing::Phone(Forked::Answered(answered)) => break *answered,
             Ringing::Phone(Forked::Failed(best)) => {
@@ -2366,7 +2428,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 if let Some(states) = call.replace_phone(*pickup, false).await {
                     // The picked-up phone too stops ringing as answered elsewhere.
                     fork.stop_later(Stop::AnsweredElsewhere);
-                    return connect_app(call, app, states, token).await;
+                    return connect_app(call, app, early_hangup, states, token).await;
                 }
             }
             Ringing::Abandoned(reason) => {
@@ -2428,14 +2490,24 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     call.set_answered();
     call.apply(&audio)?;
     info!("call {call_id}: {target} answered");
-    connect_app(call, app, states, token).await
+    connect_app(call, app, early_hangup, states, token).await
+}
+
+/// The app's reason once `hangup` (when there is one) says it hung up.
+async fn app_hung_up(hangup: &mut Option<oneshot::Receiver<String>>) -> String {
+    match hangup {
+        Some(hangup) => hangup.await.unwrap_or_else(|_| "the app leg closed".into()),
+        None => std::future::pending().await,
+    }
 }
 
 /// A phone answered the bridge's call (or picked it up): the app's call is
-/// answered on the call's WebRTC leg, and the call runs to its end.
+/// answered on the call's WebRTC leg (unless it was on early media:
+/// `early_hangup`), and the call runs to its end.
 async fn connect_app(
     mut call: Call,
     mut app: Box<dyn AppCaller>,
+    early_hangup: Option<oneshot::Receiver<String>>,
     states: mpsc::UnboundedReceiver<DialogState>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -2448,7 +2520,11 @@ async fn connect_app(
         .as_ref()
         .and_then(|m| m.app_element().cloned())
         .ok_or_else(|| anyhow::anyhow!("a bridged call without a WebRTC leg"))?;
-    match app.answer(webrtc).await {
+    let answered = match early_hangup {
+        Some(hangup) => Ok(hangup),
+        None => app.answer(webrtc).await,
+    };
+    match answered {
         Ok(hangup) => {
             call.record.answered = Some(std::time::SystemTime::now());
             call.app_hangup = Some(hangup);

@@ -613,6 +613,12 @@ impl CallMedia {
         self.time_silence();
     }
 
+    /// Nothing goes to the phone until the next [`Self::update`] (its
+    /// answer) lets it: the phone plays early media and has not answered.
+    pub fn keep_app_audio_from_phone(&self) {
+        self.valve.set_property("drop", true);
+    }
+
     /// The phone's dialog is answered: its RTP is due from now on.
     pub fn set_answered(&self) {
         self.answered.store(true, Ordering::Relaxed);

@@ -95,6 +95,8 @@ pub struct SipConfig {
     pub opus_complexity: u32,
     /// The bridge's own calls offer SDES-SRTP, and need it in the answer.
     pub offer_srtp: bool,
+    /// An app's call to a phone is answered on the phone's early media.
+    pub early_media: bool,
     /// Session interval asked of callers that use session timers (RFC 4028).
     pub session_expires: u32,
     /// The smallest session interval accepted; shorter ones get 422.
@@ -142,6 +144,7 @@ impl SipConfig {
             jitter_buffer: Duration::ZERO,
             opus_complexity: media::DEFAULT_OPUS_COMPLEXITY,
             offer_srtp: false,
+            early_media: false,
             session_expires: 1800,
             min_session_expires: 90,
         }
