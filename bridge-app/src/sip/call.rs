@@ -1865,18 +1865,12 @@ impl Call {
 }
 
 impl Call {
-    /// `sip.early_media`: the call's media starts on the early answer of
-    /// `branch` (its 18x's SDP), and the app's call is answered for it, so
-    /// the app hears the ringback or announcement. Until a phone answers,
-    /// nothing goes the other way (RFC 3960: a gateway keeps the caller's
-    /// voice from a phone that has not answered). The app's hang-up
-    /// receiver, or `None` when early media cannot be played (the call
-    /// then goes on as without it).
-    async fn play_early_media(
-        &mut self,
-        branch: &Branch,
-        app: &mut dyn AppCaller,
-    ) -> Option<oneshot::Receiver<String>> {
+    /// `sip.early_media`: the call's media plays the early media of
+    /// `branch` (its 18x's SDP), started on it if need be. Until a phone
+    /// answers, nothing goes the other way (RFC 3960: a gateway keeps the
+    /// caller's voice from a phone that has not answered). `false` when
+    /// its early media cannot be played.
+    fn follow_early_media(&mut self, branch: &Branch) -> bool {
         let phone = &branch.target;
         self.offered(&branch.offer);
         let audio = branch.early_answer().and_then(|sdp| {
@@ -1884,14 +1878,27 @@ impl Call {
                 .and_then(|n| n.audio().cloned().ok_or_else(|| "no audio".to_owned()))
                 .inspect_err(|e| warn!("call {}: {phone}'s early media: {e}", self.call_id))
                 .ok()
-        })?;
+        });
+        let Some(audio) = audio else { return false };
         if let Err(e) = self.apply(&audio) {
             warn!("call {}: {phone}'s early media: {e:#}", self.call_id);
-            return None;
+            return false;
         }
-        let media = self.media.as_ref()?;
-        media.keep_app_audio_from_phone();
-        let webrtc = media.app_element()?.clone();
+        self.media
+            .as_ref()
+            .inspect(|media| media.keep_app_audio_from_phone())
+            .is_some()
+    }
+
+    /// The app's call is answered on the early media of `phone`, so the
+    /// app hears it: the app's hang-up receiver, or `None` when the app
+    /// leg failed (the call then rings on as without early media).
+    async fn answer_app_on_early_media(
+        &mut self,
+        phone: &rsipstack::sip::Uri,
+        app: &mut dyn AppCaller,
+    ) -> Option<oneshot::Receiver<String>> {
+        let webrtc = self.media.as_ref()?.app_element()?.clone();
         match app.answer(webrtc).await {
             Ok(hangup) => {
                 info!(
@@ -2368,8 +2375,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     // Another phone picking the ringing call up: its INVITE names one of
     // the call's early dialogs in `Replaces` (a call-pickup key, RFC 3891).
     let (pick_up_with, mut pickups) = mpsc::unbounded_channel();
-    // The app's hang-up once its call is answered on early media.
+    // The app's hang-up once its call is answered on early media, and the
+    // phone whose early media it hears.
     let mut early_hangup: Option<oneshot::Receiver<String>> = None;
+    let mut early_from: Option<DialogId> = None;
     let (answered, response) = loop {
         let event = tokio::select! {
             forked = fork.next() => Ringing::Phone(forked),
@@ -2390,10 +2399,20 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 let phone = &fork.branches[index].target;
                 info!("call {call_id}: {phone} sent {status}{early_media_note}");
                 call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
-                if with_sdp && early_media && early_hangup.is_none() {
-                    early_hangup = call
-                        .play_early_media(&fork.branches[index], &mut *app)
-                        .await;
+                let branch = &fork.branches[index];
+                let dialog = branch.dialog().id();
+                // One phone's early media at a time: another's once that
+                // phone has failed.
+                let another_plays = early_from.as_ref().is_some_and(|playing| {
+                    *playing != dialog && fork.branches.iter().any(|b| b.dialog().id() == *playing)
+                });
+                if with_sdp && early_media && !another_plays && call.follow_early_media(branch) {
+                    early_from = Some(dialog);
+                    if early_hangup.is_none() {
+                        early_hangup = call
+                            .answer_app_on_early_media(&branch.target, &mut *app)
+                            .await;
+                    }
                 }
             }
             Ringing::Phone(Forked::Answered(answered)) => break *answered,
