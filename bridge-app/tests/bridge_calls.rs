@@ -2511,10 +2511,23 @@ fn app_call_answered_at(domain: &PhoneAtDomain, bridge: &BridgeProcess, context:
 /// A video phone (PCMU and H.264) calls alice, whose browser answers with
 /// its camera: the phone's H.264 reaches the app as VP8, the app's VP8
 /// reaches the phone as H.264, frames are decoded on both sides, the voices
-/// still cross, and the CDR names the video's codecs and encoders.
+/// still cross, alice's keypad reaches the phone, and the CDR names the
+/// video's codecs and encoders.
 #[test]
 fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
-    let (cdr, _, _) = video_call("vp8", "video-call.xml");
+    let _serial = one_at_a_time();
+    let mut call = VideoCallFromPhone::start("vp8", "video-call.xml", &[]);
+    let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
+    seen.assert_both_ways(440.0, &call.bridge.logs());
+    // A door station's "press # to open": the app's keypad reaches the
+    // phone in a video call too (webrtcbin's WebRTC leg).
+    call.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while call.phone.digits().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(call.phone.digits(), "1#9", "{:#?}", call.bridge.logs());
+    let cdr = call.finish();
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
     let encoders = cdr["video"]["encoders"].as_array().unwrap();
     assert!(encoders.iter().any(|e| e == "vp8enc"), "{cdr}");
@@ -2836,6 +2849,13 @@ fn an_app_video_call_reaches_a_video_phone() {
     camera.call(bridge_video, payload_type);
     bob.wait_event("accepted", Duration::from_secs(20));
     let seen = watch_video_call(&mut bob, &phone, &camera);
+    // Bob's keypad reaches the phone (the events his browser offered,
+    // taken into the bridge's answer).
+    bob.command(json!({"op": "dtmf", "tones": "*5"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while phone.digits().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     bob.command(json!({"op": "hangUp"}));
     let (success, output) = answering.join().unwrap();
     assert!(
@@ -2844,6 +2864,7 @@ fn an_app_video_call_reaches_a_video_phone() {
         bridge.logs()
     );
     seen.assert_both_ways(523.0, &bridge.logs());
+    assert_eq!(phone.digits(), "*5", "{:#?}", bridge.logs());
 }
 
 /// What each side of a video call decoded and heard.

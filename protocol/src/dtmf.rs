@@ -318,3 +318,100 @@ mod tests {
         }
     }
 }
+
+/// The payload type a description gives `telephone-event/48000` (the
+/// keypad events that go with 48 kHz Opus, as browsers offer them).
+pub fn wideband_event_payload_type(sdp: &str) -> Option<u8> {
+    sdp.lines().find_map(|line| {
+        let (pt, codec) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
+        let mut parts = codec.split('/');
+        let named = parts.next()?.eq_ignore_ascii_case("telephone-event");
+        (named && parts.next()? == "48000")
+            .then(|| pt.parse().ok())
+            .flatten()
+    })
+}
+
+/// `sdp` with `telephone-event/48000` at payload type `pt` added to its
+/// first audio section (the format on its `m=` line, its `rtpmap` and the
+/// digits' `fmtp`), when it has none: for a WebRTC stack that does not
+/// announce it itself. Unchanged when `pt` is taken by another format of
+/// any section (bundled sections share one numbering).
+pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
+    let pt_text = pt.to_string();
+    let taken = sdp.lines().any(|line| {
+        line.starts_with("m=") && line.trim_end().split(' ').skip(3).any(|f| f == pt_text)
+    });
+    if taken || wideband_event_payload_type(sdp).is_some() {
+        return sdp.to_owned();
+    }
+    let newline = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut out = String::with_capacity(sdp.len() + 80);
+    let mut in_audio = false;
+    let mut added = false;
+    let mut lines = sdp.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        let text = line.trim_end_matches(['\r', '\n']);
+        if text.starts_with("m=") {
+            in_audio = !added && text.starts_with("m=audio ");
+            if in_audio {
+                out.push_str(&format!("{text} {pt}"));
+                out.push_str(&line[text.len()..]);
+                continue;
+            }
+        }
+        out.push_str(line);
+        let section_ends = lines.peek().is_none_or(|next| next.starts_with("m="));
+        if in_audio && section_ends {
+            if !line.ends_with('\n') {
+                out.push_str(newline);
+            }
+            out.push_str(&format!(
+                "a=rtpmap:{pt} telephone-event/48000{newline}a=fmtp:{pt} 0-15{newline}"
+            ));
+            in_audio = false;
+            added = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod sdp_tests {
+    use super::*;
+
+    const AUDIO_VIDEO: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:audio0\r\na=rtpmap:111 OPUS/48000/2\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n";
+
+    #[test]
+    fn keypad_events_join_the_audio_section() {
+        let with = with_wideband_events(AUDIO_VIDEO, 110);
+        assert!(
+            with.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111 110\r\n"),
+            "{with}"
+        );
+        let audio = &with[..with.find("m=video").unwrap()];
+        assert!(
+            audio.ends_with("a=rtpmap:110 telephone-event/48000\r\na=fmtp:110 0-15\r\n"),
+            "{with}"
+        );
+        assert!(with.ends_with(
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n"
+        ));
+        assert_eq!(wideband_event_payload_type(&with), Some(110));
+        // Once is enough; a payload type already taken is left alone.
+        assert_eq!(with_wideband_events(&with, 110), with);
+        assert_eq!(with_wideband_events(AUDIO_VIDEO, 111), AUDIO_VIDEO);
+        assert_eq!(with_wideband_events(AUDIO_VIDEO, 96), AUDIO_VIDEO);
+        // An audio section at the end, without a final newline.
+        let audio_only = "v=0\nm=audio 9 RTP/AVP 111\na=rtpmap:111 opus/48000/2";
+        assert_eq!(
+            with_wideband_events(audio_only, 101),
+            "v=0\nm=audio 9 RTP/AVP 111 101\na=rtpmap:111 opus/48000/2\na=rtpmap:101 telephone-event/48000\na=fmtp:101 0-15\n"
+        );
+        // Narrowband events (Firefox's, beside Opus) are not these.
+        let firefox = "m=audio 9 RTP/AVP 109 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+        assert_eq!(wideband_event_payload_type(firefox), None);
+    }
+}

@@ -27,7 +27,7 @@ pub use congestion::EncoderControl;
 pub use shared_peer::{peer_config as shared_stack_config, warm_up as warm_up_shared_stack};
 pub use signalling::SignallingSettings;
 
-use bridge_protocol::{ice, opus_fmtp};
+use bridge_protocol::{dtmf, ice, opus_fmtp};
 use shared_peer::{Frame, PeerEvent, SharedPeer};
 use timeline::Timeline;
 
@@ -69,6 +69,33 @@ impl MediaKind {
                 .build(),
         }
     }
+}
+
+/// The payload type offered for the app's keypad events on webrtcbin.
+const KEYPAD_EVENTS_PT: u8 = 110;
+
+/// webrtcbin announces no `telephone-event`, so apps would send no keypad
+/// digits: it is added to webrtcbin's own description before it takes it
+/// (its received payload types follow the descriptions), and the digits
+/// are taken from the RTP it receives (`on_incoming_pad`).
+fn with_keypad_events(
+    description: &gst_webrtc::WebRTCSessionDescription,
+    pt: u8,
+) -> gst_webrtc::WebRTCSessionDescription {
+    let text = description.sdp().to_string();
+    let with_events = dtmf::with_wideband_events(&text, pt);
+    match gst_sdp::SDPMessage::parse_buffer(with_events.as_bytes()) {
+        Ok(sdp) if with_events != text => {
+            gst_webrtc::WebRTCSessionDescription::new(description.type_(), sdp)
+        }
+        _ => description.clone(),
+    }
+}
+
+fn is_keypad_events(caps: &gst::CapsRef) -> bool {
+    caps.structure(0)
+        .and_then(|s| s.get::<&str>("encoding-name").ok())
+        .is_some_and(|name| name.eq_ignore_ascii_case("TELEPHONE-EVENT"))
 }
 
 /// What carries a call's WebRTC leg.
@@ -853,7 +880,6 @@ impl CallSession {
             .current_caps()
             .map(|c| MediaKind::of_caps(&c))
             .unwrap_or_default();
-        gst::info!(CAT, obj = pad, "receiving {kind:?}");
         // Not clocked, no preroll: it starts at once, on its own, before it
         // joins the pipeline. Changing states from here (webrtcbin's
         // streaming thread) once it is a child could wait on a pipeline
@@ -863,6 +889,15 @@ impl CallSession {
             .async_(false)
             .build();
         let weak = Arc::downgrade(self);
+        if pad
+            .current_caps()
+            .is_some_and(|caps| is_keypad_events(&caps))
+        {
+            gst::info!(CAT, obj = pad, "receiving the app's keypad");
+            self.receive_keypad(pad, appsink);
+            return;
+        }
+        gst::info!(CAT, obj = pad, "receiving {kind:?}");
         appsink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -890,6 +925,43 @@ impl CallSession {
             .unwrap()
             .incoming
             .insert(kind, appsink.static_pad("sink").unwrap());
+    }
+
+    /// The app's keypad digits (RFC 4733 events in its audio stream, on a
+    /// pad of their own) go to the audio sources as the shared stack's do.
+    fn receive_keypad(self: &Arc<Self>, pad: &gst::Pad, appsink: gst_app::AppSink) {
+        let weak = Arc::downgrade(self);
+        let detector = Mutex::new(dtmf::EventDetector::default());
+        appsink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let clock_rate = sample
+                        .caps()
+                        .and_then(|caps| caps.structure(0).and_then(crate::clock_rate))
+                        .filter(|rate| *rate > 0);
+                    let ended = sample
+                        .buffer()
+                        .and_then(|buffer| buffer.map_readable().ok())
+                        .and_then(|map| {
+                            let packet = rtp_types::RtpPacket::parse(map.as_slice()).ok()?;
+                            let mut detector = detector.lock().unwrap();
+                            detector.push(packet.timestamp(), packet.payload())
+                        });
+                    if let (Some((digit, duration)), Some(rate), Some(session)) =
+                        (ended, clock_rate, weak.upgrade())
+                    {
+                        let duration_ms = u32::from(duration) * 1000 / rate;
+                        session.on_peer_event(PeerEvent::Dtmf { digit, duration_ms });
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        let Some(bin) = self.bin() else { return };
+        let _ = appsink.set_state(gst::State::Playing);
+        let _ = bin.pipeline.add(&appsink);
+        let _ = pad.link(&appsink.static_pad("sink").unwrap());
     }
 
     /// Asks the peer for a key frame of what it sends as `kind`: the event
@@ -1057,7 +1129,8 @@ impl CallSession {
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no offer")?;
-        bin.set_local(&offer).await
+        bin.set_local(&with_keypad_events(&offer, KEYPAD_EVENTS_PT))
+            .await
     }
 
     async fn transport_answer(self: &Arc<Self>, offer_sdp: &str) -> Result<String, String> {
@@ -1082,6 +1155,10 @@ impl CallSession {
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no answer")?;
+        let answer = match dtmf::wideband_event_payload_type(offer_sdp) {
+            Some(pt) => with_keypad_events(&answer, pt),
+            None => answer,
+        };
         bin.set_local(&answer).await
     }
 
