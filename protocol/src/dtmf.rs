@@ -214,6 +214,63 @@ pub fn relay_body(digit: char, duration_ms: u32) -> String {
     format!("Signal={digit}\r\nDuration={duration_ms}\r\n")
 }
 
+/// The payload type a description gives `telephone-event/48000` (the
+/// keypad events that go with 48 kHz Opus, as browsers offer them).
+pub fn wideband_event_payload_type(sdp: &str) -> Option<u8> {
+    sdp.lines().find_map(|line| {
+        let (pt, codec) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
+        let mut parts = codec.split('/');
+        let named = parts.next()?.eq_ignore_ascii_case("telephone-event");
+        (named && parts.next()? == "48000")
+            .then(|| pt.parse().ok())
+            .flatten()
+    })
+}
+
+/// `sdp` with `telephone-event/48000` at payload type `pt` added to its
+/// first audio section (the format on its `m=` line, its `rtpmap` and the
+/// digits' `fmtp`), when it has none: for a WebRTC stack that does not
+/// announce it itself. Unchanged when `pt` is taken by another format of
+/// any section (bundled sections share one numbering).
+pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
+    let pt_text = pt.to_string();
+    let taken = sdp.lines().any(|line| {
+        line.starts_with("m=") && line.trim_end().split(' ').skip(3).any(|f| f == pt_text)
+    });
+    if taken || wideband_event_payload_type(sdp).is_some() {
+        return sdp.to_owned();
+    }
+    let newline = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut out = String::with_capacity(sdp.len() + 80);
+    let mut in_audio = false;
+    let mut added = false;
+    let mut lines = sdp.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        let text = line.trim_end_matches(['\r', '\n']);
+        if text.starts_with("m=") {
+            in_audio = !added && text.starts_with("m=audio ");
+            if in_audio {
+                out.push_str(&format!("{text} {pt}"));
+                out.push_str(&line[text.len()..]);
+                continue;
+            }
+        }
+        out.push_str(line);
+        let section_ends = lines.peek().is_none_or(|next| next.starts_with("m="));
+        if in_audio && section_ends {
+            if !line.ends_with('\n') {
+                out.push_str(newline);
+            }
+            out.push_str(&format!(
+                "a=rtpmap:{pt} telephone-event/48000{newline}a=fmtp:{pt} 0-15{newline}"
+            ));
+            in_audio = false;
+            added = true;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,73 +369,17 @@ mod tests {
         }
 
         #[test]
+        fn arbitrary_descriptions_never_panic(sdp in "(m=audio [0-9 ]{0,8}|a=rtpmap:[0-9]{0,3} [a-zA-Z/0-9-]{0,24}|.{0,12})(\r?\n(m=video 9 x 110|a=rtpmap:1 telephone-event/48000|.{0,12}))*") {
+            let _ = wideband_event_payload_type(&sdp);
+            let _ = with_wideband_events(&sdp, 110);
+        }
+
+        #[test]
         fn arbitrary_info_bodies_never_panic(body in ".{0,64}") {
             let _ = info_digit("application/dtmf-relay", &body);
             let _ = info_digit("application/dtmf", &body);
         }
     }
-}
-
-/// The payload type a description gives `telephone-event/48000` (the
-/// keypad events that go with 48 kHz Opus, as browsers offer them).
-pub fn wideband_event_payload_type(sdp: &str) -> Option<u8> {
-    sdp.lines().find_map(|line| {
-        let (pt, codec) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
-        let mut parts = codec.split('/');
-        let named = parts.next()?.eq_ignore_ascii_case("telephone-event");
-        (named && parts.next()? == "48000")
-            .then(|| pt.parse().ok())
-            .flatten()
-    })
-}
-
-/// `sdp` with `telephone-event/48000` at payload type `pt` added to its
-/// first audio section (the format on its `m=` line, its `rtpmap` and the
-/// digits' `fmtp`), when it has none: for a WebRTC stack that does not
-/// announce it itself. Unchanged when `pt` is taken by another format of
-/// any section (bundled sections share one numbering).
-pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
-    let pt_text = pt.to_string();
-    let taken = sdp.lines().any(|line| {
-        line.starts_with("m=") && line.trim_end().split(' ').skip(3).any(|f| f == pt_text)
-    });
-    if taken || wideband_event_payload_type(sdp).is_some() {
-        return sdp.to_owned();
-    }
-    let newline = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
-    let mut out = String::with_capacity(sdp.len() + 80);
-    let mut in_audio = false;
-    let mut added = false;
-    let mut lines = sdp.split_inclusive('\n').peekable();
-    while let Some(line) = lines.next() {
-        let text = line.trim_end_matches(['\r', '\n']);
-        if text.starts_with("m=") {
-            in_audio = !added && text.starts_with("m=audio ");
-            if in_audio {
-                out.push_str(&format!("{text} {pt}"));
-                out.push_str(&line[text.len()..]);
-                continue;
-            }
-        }
-        out.push_str(line);
-        let section_ends = lines.peek().is_none_or(|next| next.starts_with("m="));
-        if in_audio && section_ends {
-            if !line.ends_with('\n') {
-                out.push_str(newline);
-            }
-            out.push_str(&format!(
-                "a=rtpmap:{pt} telephone-event/48000{newline}a=fmtp:{pt} 0-15{newline}"
-            ));
-            in_audio = false;
-            added = true;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod sdp_tests {
-    use super::*;
 
     const AUDIO_VIDEO: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
 m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:audio0\r\na=rtpmap:111 OPUS/48000/2\r\n\

@@ -876,10 +876,16 @@ impl CallSession {
         if pad.direction() != gst::PadDirection::Src {
             return;
         }
-        let kind = pad
-            .current_caps()
-            .map(|c| MediaKind::of_caps(&c))
-            .unwrap_or_default();
+        let caps = pad.current_caps();
+        let keypad = caps.as_ref().is_some_and(|caps| is_keypad_events(caps));
+        let kind = caps.map(|c| MediaKind::of_caps(&c)).unwrap_or_default();
+        let callbacks = if keypad {
+            gst::info!(CAT, obj = pad, "receiving the app's keypad");
+            self.keypad_callbacks()
+        } else {
+            gst::info!(CAT, obj = pad, "receiving {kind:?}");
+            self.media_callbacks(kind)
+        };
         // Not clocked, no preroll: it starts at once, on its own, before it
         // joins the pipeline. Changing states from here (webrtcbin's
         // streaming thread) once it is a child could wait on a pipeline
@@ -887,81 +893,68 @@ impl CallSession {
         let appsink = gst_app::AppSink::builder()
             .sync(false)
             .async_(false)
+            .callbacks(callbacks)
             .build();
-        let weak = Arc::downgrade(self);
-        if pad
-            .current_caps()
-            .is_some_and(|caps| is_keypad_events(&caps))
-        {
-            gst::info!(CAT, obj = pad, "receiving the app's keypad");
-            self.receive_keypad(pad, appsink);
-            return;
-        }
-        gst::info!(CAT, obj = pad, "receiving {kind:?}");
-        appsink.set_callbacks(
-            gst_app::AppSinkCallbacks::builder()
-                .new_sample(move |sink| {
-                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                    if let Some(session) = weak.upgrade() {
-                        let outputs: Vec<Arc<dyn ReceiverOutput>> = {
-                            let inner = session.inner.lock().unwrap();
-                            let receivers = inner.receivers.iter().filter(|r| r.kind == kind);
-                            receivers.map(|r| r.output.clone()).collect()
-                        };
-                        for output in outputs {
-                            output.deliver(&session, sample.clone());
-                        }
-                    }
-                    Ok(gst::FlowSuccess::Ok)
-                })
-                .build(),
-        );
         let Some(bin) = self.bin() else { return };
         let _ = appsink.set_state(gst::State::Playing);
         let _ = bin.pipeline.add(&appsink);
-        let _ = pad.link(&appsink.static_pad("sink").unwrap());
-        self.inner
-            .lock()
-            .unwrap()
-            .incoming
-            .insert(kind, appsink.static_pad("sink").unwrap());
+        let sink = appsink.static_pad("sink").unwrap();
+        let _ = pad.link(&sink);
+        if !keypad {
+            self.inner.lock().unwrap().incoming.insert(kind, sink);
+        }
+    }
+
+    /// Each sample of `kind` goes to the sources of that kind.
+    fn media_callbacks(self: &Arc<Self>, kind: MediaKind) -> gst_app::AppSinkCallbacks {
+        let weak = Arc::downgrade(self);
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                if let Some(session) = weak.upgrade() {
+                    let outputs: Vec<Arc<dyn ReceiverOutput>> = {
+                        let inner = session.inner.lock().unwrap();
+                        let receivers = inner.receivers.iter().filter(|r| r.kind == kind);
+                        receivers.map(|r| r.output.clone()).collect()
+                    };
+                    for output in outputs {
+                        output.deliver(&session, sample.clone());
+                    }
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build()
     }
 
     /// The app's keypad digits (RFC 4733 events in its audio stream, on a
     /// pad of their own) go to the audio sources as the shared stack's do.
-    fn receive_keypad(self: &Arc<Self>, pad: &gst::Pad, appsink: gst_app::AppSink) {
+    fn keypad_callbacks(self: &Arc<Self>) -> gst_app::AppSinkCallbacks {
         let weak = Arc::downgrade(self);
         let detector = Mutex::new(dtmf::EventDetector::default());
-        appsink.set_callbacks(
-            gst_app::AppSinkCallbacks::builder()
-                .new_sample(move |sink| {
-                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                    let clock_rate = sample
-                        .caps()
-                        .and_then(|caps| caps.structure(0).and_then(crate::clock_rate))
-                        .filter(|rate| *rate > 0);
-                    let ended = sample
-                        .buffer()
-                        .and_then(|buffer| buffer.map_readable().ok())
-                        .and_then(|map| {
-                            let packet = rtp_types::RtpPacket::parse(map.as_slice()).ok()?;
-                            let mut detector = detector.lock().unwrap();
-                            detector.push(packet.timestamp(), packet.payload())
-                        });
-                    if let (Some((digit, duration)), Some(rate), Some(session)) =
-                        (ended, clock_rate, weak.upgrade())
-                    {
-                        let duration_ms = u32::from(duration) * 1000 / rate;
-                        session.on_peer_event(PeerEvent::Dtmf { digit, duration_ms });
-                    }
-                    Ok(gst::FlowSuccess::Ok)
-                })
-                .build(),
-        );
-        let Some(bin) = self.bin() else { return };
-        let _ = appsink.set_state(gst::State::Playing);
-        let _ = bin.pipeline.add(&appsink);
-        let _ = pad.link(&appsink.static_pad("sink").unwrap());
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let clock_rate = sample
+                    .caps()
+                    .and_then(|caps| caps.structure(0).and_then(crate::clock_rate))
+                    .filter(|rate| *rate > 0);
+                let ended = sample
+                    .buffer()
+                    .and_then(|buffer| buffer.map_readable().ok())
+                    .and_then(|map| {
+                        let packet = rtp_types::RtpPacket::parse(map.as_slice()).ok()?;
+                        let mut detector = detector.lock().unwrap();
+                        detector.push(packet.timestamp(), packet.payload())
+                    });
+                if let (Some((digit, duration)), Some(rate), Some(session)) =
+                    (ended, clock_rate, weak.upgrade())
+                {
+                    let duration_ms = u32::from(duration) * 1000 / rate;
+                    session.on_peer_event(PeerEvent::Dtmf { digit, duration_ms });
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build()
     }
 
     /// Asks the peer for a key frame of what it sends as `kind`: the event
