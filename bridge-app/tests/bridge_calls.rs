@@ -77,11 +77,7 @@ fn a_phone_calls_an_app_user_and_both_hear_each_other() {
     // Alice answers the phone's voice menu on her keypad: the digits reach
     // the phone as RFC 4733 events, in order.
     alice.command(json!({"op": "dtmf", "tones": "1#9"}));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while phone.digits().len() < 3 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(phone.digits(), "1#9", "{:#?}", bridge.logs());
+    assert_eq!(phone.wait_for_digits(3), "1#9", "{:#?}", bridge.logs());
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
     alice.wait_event("hung up", Duration::from_secs(10));
@@ -1248,6 +1244,12 @@ fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Optio
     heard
 }
 
+/// The call a line of the bridge's log is about ("call ID: …").
+fn call_id_in(line: &str) -> &str {
+    let after = line.split("call ").nth(1).unwrap_or_default();
+    after.split(':').next().unwrap_or_default()
+}
+
 /// Waits until `user`'s phone has registered with the bridge.
 fn assert_registered(bridge: &BridgeProcess, user: &str) {
     assert!(
@@ -1364,13 +1366,7 @@ fn an_app_call_rings_every_phone_of_the_extension() {
         3,
         "every phone of alice's rings: {dialled}"
     );
-    let call_id = dialled
-        .split("call ")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap();
+    let call_id = call_id_in(&dialled);
     bob.wait_event("accepted", Duration::from_secs(15));
     answering.call(bridge.media_port(call_id));
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
@@ -2380,13 +2376,7 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
             Duration::from_secs(20),
         )
         .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
-    let call_id = early
-        .split("call ")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap();
+    let call_id = call_id_in(&early);
     let answered = |bridge: &BridgeProcess| {
         bridge
             .logs()
@@ -2522,11 +2512,12 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
     // A door station's "press # to open": the app's keypad reaches the
     // phone in a video call too (webrtcbin's WebRTC leg).
     call.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while call.phone.digits().len() < 3 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(call.phone.digits(), "1#9", "{:#?}", call.bridge.logs());
+    assert_eq!(
+        call.phone.wait_for_digits(3),
+        "1#9",
+        "{:#?}",
+        call.bridge.logs()
+    );
     let cdr = call.finish();
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
     let encoders = cdr["video"]["encoders"].as_array().unwrap();
@@ -2852,10 +2843,7 @@ fn an_app_video_call_reaches_a_video_phone() {
     // Bob's keypad reaches the phone (the events his browser offered,
     // taken into the bridge's answer).
     bob.command(json!({"op": "dtmf", "tones": "*5"}));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while phone.digits().len() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let digits = phone.wait_for_digits(2);
     bob.command(json!({"op": "hangUp"}));
     let (success, output) = answering.join().unwrap();
     assert!(
@@ -2864,7 +2852,7 @@ fn an_app_video_call_reaches_a_video_phone() {
         bridge.logs()
     );
     seen.assert_both_ways(523.0, &bridge.logs());
-    assert_eq!(phone.digits(), "*5", "{:#?}", bridge.logs());
+    assert_eq!(digits, "*5", "{:#?}", bridge.logs());
 }
 
 /// What each side of a video call decoded and heard.

@@ -1155,6 +1155,15 @@ impl Phone {
         self.digits.lock().unwrap().clone()
     }
 
+    /// The digits heard once there are `count` of them, or after 5 s.
+    pub fn wait_for_digits(&self, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.digits().len() < count && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.digits()
+    }
+
     pub fn port(&self) -> u16 {
         self.pipeline
             .by_name("rx")
