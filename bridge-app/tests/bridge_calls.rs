@@ -2525,13 +2525,21 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
 }
 
 /// The same with alice's app in Firefox, which answers the bridge's offer
-/// (audio and VP8) from its own WebRTC engine.
+/// (audio and VP8) from its own WebRTC engine; its keypad (events at 8 kHz)
+/// reaches the phone.
 #[test]
 fn a_video_phone_and_an_app_user_in_firefox_see_and_hear_each_other() {
     let _serial = one_at_a_time();
     let mut call = VideoCallFromPhone::start_in(Browser::Firefox, "vp8", "video-call.xml", &[]);
     let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
     seen.assert_both_ways(440.0, &call.bridge.logs());
+    call.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
+    assert_eq!(
+        call.phone.wait_for_digits(3),
+        "1#9",
+        "{:#?}",
+        call.bridge.logs()
+    );
     let cdr = call.finish();
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
 }

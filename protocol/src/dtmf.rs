@@ -214,34 +214,45 @@ pub fn relay_body(digit: char, duration_ms: u32) -> String {
     format!("Signal={digit}\r\nDuration={duration_ms}\r\n")
 }
 
-/// The payload type a description gives `telephone-event/48000` (the
-/// keypad events that go with 48 kHz Opus, as browsers offer them).
-pub fn wideband_event_payload_type(sdp: &str) -> Option<u8> {
-    sdp.lines().find_map(|line| {
-        let (pt, codec) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
-        let mut parts = codec.split('/');
-        let named = parts.next()?.eq_ignore_ascii_case("telephone-event");
-        (named && parts.next()? == "48000")
-            .then(|| pt.parse().ok())
-            .flatten()
-    })
+/// The payload types and clock rates a description gives
+/// `telephone-event` (browsers' keypads: Chromium's at 48 kHz and 8 kHz,
+/// Firefox's at 8 kHz only).
+pub fn event_payload_types(sdp: &str) -> Vec<(u8, u32)> {
+    sdp.lines()
+        .filter_map(|line| {
+            let (pt, codec) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
+            let mut parts = codec.split('/');
+            if !parts.next()?.eq_ignore_ascii_case("telephone-event") {
+                return None;
+            }
+            Some((pt.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
-/// `sdp` with `telephone-event/48000` at payload type `pt` added to its
-/// first audio section (the format on its `m=` line, its `rtpmap` and the
-/// digits' `fmtp`), when it has none: for a WebRTC stack that does not
-/// announce it itself. Unchanged when `pt` is taken by another format of
-/// any section (bundled sections share one numbering).
-pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
-    let pt_text = pt.to_string();
-    let taken = sdp.lines().any(|line| {
-        line.starts_with("m=") && line.trim_end().split(' ').skip(3).any(|f| f == pt_text)
-    });
-    if taken || wideband_event_payload_type(sdp).is_some() {
+/// `sdp` with `telephone-event` at each of `events` (payload type, clock
+/// rate) added to its first audio section (the format on its `m=` line,
+/// its `rtpmap` and the digits' `fmtp`): for a WebRTC stack that does not
+/// announce it itself. Nothing is added when the description has
+/// telephone events already, nor any event whose payload type another
+/// format of any section takes (bundled sections share one numbering).
+pub fn with_events(sdp: &str, events: &[(u8, u32)]) -> String {
+    let taken = |pt: u8| {
+        sdp.lines().any(|line| {
+            line.starts_with("m=")
+                && line
+                    .trim_end()
+                    .split(' ')
+                    .skip(3)
+                    .any(|f| f == pt.to_string())
+        })
+    };
+    let events: Vec<&(u8, u32)> = events.iter().filter(|(pt, _)| !taken(*pt)).collect();
+    if events.is_empty() || !event_payload_types(sdp).is_empty() {
         return sdp.to_owned();
     }
     let newline = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
-    let mut out = String::with_capacity(sdp.len() + 80);
+    let mut out = String::with_capacity(sdp.len() + 80 * events.len());
     let mut in_audio = false;
     let mut added = false;
     let mut lines = sdp.split_inclusive('\n').peekable();
@@ -250,7 +261,10 @@ pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
         if text.starts_with("m=") {
             in_audio = !added && text.starts_with("m=audio ");
             if in_audio {
-                out.push_str(&format!("{text} {pt}"));
+                out.push_str(text);
+                for (pt, _) in &events {
+                    out.push_str(&format!(" {pt}"));
+                }
                 out.push_str(&line[text.len()..]);
                 continue;
             }
@@ -261,9 +275,11 @@ pub fn with_wideband_events(sdp: &str, pt: u8) -> String {
             if !line.ends_with('\n') {
                 out.push_str(newline);
             }
-            out.push_str(&format!(
-                "a=rtpmap:{pt} telephone-event/48000{newline}a=fmtp:{pt} 0-15{newline}"
-            ));
+            for (pt, rate) in &events {
+                out.push_str(&format!(
+                    "a=rtpmap:{pt} telephone-event/{rate}{newline}a=fmtp:{pt} 0-15{newline}"
+                ));
+            }
             in_audio = false;
             added = true;
         }
@@ -370,8 +386,8 @@ mod tests {
 
         #[test]
         fn arbitrary_descriptions_never_panic(sdp in "(m=audio [0-9 ]{0,8}|a=rtpmap:[0-9]{0,3} [a-zA-Z/0-9-]{0,24}|.{0,12})(\r?\n(m=video 9 x 110|a=rtpmap:1 telephone-event/48000|.{0,12}))*") {
-            let _ = wideband_event_payload_type(&sdp);
-            let _ = with_wideband_events(&sdp, 110);
+            let _ = event_payload_types(&sdp);
+            let _ = with_events(&sdp, &[(110, 48000), (126, 8000)]);
         }
 
         #[test]
@@ -387,32 +403,37 @@ m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n";
 
     #[test]
     fn keypad_events_join_the_audio_section() {
-        let with = with_wideband_events(AUDIO_VIDEO, 110);
+        let with = with_events(AUDIO_VIDEO, &[(110, 48000), (126, 8000)]);
         assert!(
-            with.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111 110\r\n"),
+            with.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111 110 126\r\n"),
             "{with}"
         );
         let audio = &with[..with.find("m=video").unwrap()];
         assert!(
-            audio.ends_with("a=rtpmap:110 telephone-event/48000\r\na=fmtp:110 0-15\r\n"),
+            audio.ends_with(
+                "a=rtpmap:110 telephone-event/48000\r\na=fmtp:110 0-15\r\n\
+                 a=rtpmap:126 telephone-event/8000\r\na=fmtp:126 0-15\r\n"
+            ),
             "{with}"
         );
         assert!(with.ends_with(
             "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n"
         ));
-        assert_eq!(wideband_event_payload_type(&with), Some(110));
-        // Once is enough; a payload type already taken is left alone.
-        assert_eq!(with_wideband_events(&with, 110), with);
-        assert_eq!(with_wideband_events(AUDIO_VIDEO, 111), AUDIO_VIDEO);
-        assert_eq!(with_wideband_events(AUDIO_VIDEO, 96), AUDIO_VIDEO);
+        assert_eq!(event_payload_types(&with), [(110, 48000), (126, 8000)]);
+        // Once is enough; a payload type already taken is left out.
+        assert_eq!(with_events(&with, &[(101, 8000)]), with);
+        assert_eq!(with_events(AUDIO_VIDEO, &[(111, 48000)]), AUDIO_VIDEO);
+        assert!(
+            with_events(AUDIO_VIDEO, &[(96, 48000), (101, 8000)])
+                .contains("m=audio 9 UDP/TLS/RTP/SAVPF 111 101\r\n")
+        );
         // An audio section at the end, without a final newline.
         let audio_only = "v=0\nm=audio 9 RTP/AVP 111\na=rtpmap:111 opus/48000/2";
         assert_eq!(
-            with_wideband_events(audio_only, 101),
-            "v=0\nm=audio 9 RTP/AVP 111 101\na=rtpmap:111 opus/48000/2\na=rtpmap:101 telephone-event/48000\na=fmtp:101 0-15\n"
+            with_events(audio_only, &[(101, 8000)]),
+            "v=0\nm=audio 9 RTP/AVP 111 101\na=rtpmap:111 opus/48000/2\na=rtpmap:101 telephone-event/8000\na=fmtp:101 0-15\n"
         );
-        // Narrowband events (Firefox's, beside Opus) are not these.
         let firefox = "m=audio 9 RTP/AVP 109 101\r\na=rtpmap:101 telephone-event/8000\r\n";
-        assert_eq!(wideband_event_payload_type(firefox), None);
+        assert_eq!(event_payload_types(firefox), [(101, 8000)]);
     }
 }

@@ -71,8 +71,10 @@ impl MediaKind {
     }
 }
 
-/// The payload type offered for the app's keypad events on webrtcbin.
-const KEYPAD_EVENTS_PT: u8 = 110;
+/// The app's keypad events offered on webrtcbin (payload type, clock
+/// rate): at Opus's clock, as Chromium sends them, and at 8 kHz, the only
+/// ones Firefox sends.
+const KEYPAD_EVENTS: [(u8, u32); 2] = [(110, 48000), (126, 8000)];
 
 /// webrtcbin announces no `telephone-event`, so apps would send no keypad
 /// digits: it is added to webrtcbin's own description before it takes it
@@ -80,10 +82,10 @@ const KEYPAD_EVENTS_PT: u8 = 110;
 /// are taken from the RTP it receives (`on_incoming_pad`).
 fn with_keypad_events(
     description: &gst_webrtc::WebRTCSessionDescription,
-    pt: u8,
+    events: &[(u8, u32)],
 ) -> gst_webrtc::WebRTCSessionDescription {
     let text = description.sdp().to_string();
-    let with_events = dtmf::with_wideband_events(&text, pt);
+    let with_events = dtmf::with_events(&text, events);
     match gst_sdp::SDPMessage::parse_buffer(with_events.as_bytes()) {
         Ok(sdp) if with_events != text => {
             gst_webrtc::WebRTCSessionDescription::new(description.type_(), sdp)
@@ -1122,7 +1124,7 @@ impl CallSession {
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no offer")?;
-        bin.set_local(&with_keypad_events(&offer, KEYPAD_EVENTS_PT))
+        bin.set_local(&with_keypad_events(&offer, &KEYPAD_EVENTS))
             .await
     }
 
@@ -1148,10 +1150,10 @@ impl CallSession {
             .ok()
             .and_then(|v| v.get::<gst_webrtc::WebRTCSessionDescription>().ok())
             .ok_or("webrtcbin made no answer")?;
-        let answer = match dtmf::wideband_event_payload_type(offer_sdp) {
-            Some(pt) => with_keypad_events(&answer, pt),
-            None => answer,
-        };
+        // The offer's own events: at Opus's clock if it has them.
+        let mut offered = dtmf::event_payload_types(offer_sdp);
+        offered.sort_by_key(|(_, rate)| std::cmp::Reverse(*rate));
+        let answer = with_keypad_events(&answer, &offered[..offered.len().min(1)]);
         bin.set_local(&answer).await
     }
 
