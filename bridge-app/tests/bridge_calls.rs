@@ -2509,15 +2509,7 @@ fn a_video_phone_and_an_app_user_see_and_hear_each_other() {
     let mut call = VideoCallFromPhone::start("vp8", "video-call.xml", &[]);
     let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
     seen.assert_both_ways(440.0, &call.bridge.logs());
-    // A door station's "press # to open": the app's keypad reaches the
-    // phone in a video call too (webrtcbin's WebRTC leg).
-    call.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
-    assert_eq!(
-        call.phone.wait_for_digits(3),
-        "1#9",
-        "{:#?}",
-        call.bridge.logs()
-    );
+    call.assert_keypad_reaches_the_phone();
     let cdr = call.finish();
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
     let encoders = cdr["video"]["encoders"].as_array().unwrap();
@@ -2533,13 +2525,7 @@ fn a_video_phone_and_an_app_user_in_firefox_see_and_hear_each_other() {
     let mut call = VideoCallFromPhone::start_in(Browser::Firefox, "vp8", "video-call.xml", &[]);
     let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
     seen.assert_both_ways(440.0, &call.bridge.logs());
-    call.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
-    assert_eq!(
-        call.phone.wait_for_digits(3),
-        "1#9",
-        "{:#?}",
-        call.bridge.logs()
-    );
+    call.assert_keypad_reaches_the_phone();
     let cdr = call.finish();
     assert_eq!(cdr["video"]["app_codec"], "VP8", "{cdr}");
 }
@@ -2580,6 +2566,18 @@ struct VideoCallFromPhone {
 }
 
 impl VideoCallFromPhone {
+    /// A door station's "press # to open": alice's keypad reaches the phone
+    /// in a video call too (webrtcbin's WebRTC leg).
+    fn assert_keypad_reaches_the_phone(&mut self) {
+        self.alice.command(json!({"op": "dtmf", "tones": "1#9"}));
+        assert_eq!(
+            self.phone.wait_for_digits(3),
+            "1#9",
+            "{:#?}",
+            self.bridge.logs()
+        );
+    }
+
     /// The call `video-1` with `--video mode` (and `bridge_args`), its media flowing.
     fn start(mode: &str, scenario: &'static str, bridge_args: &[&str]) -> VideoCallFromPhone {
         Self::start_in(Browser::Chromium, mode, scenario, bridge_args)
@@ -3056,10 +3054,12 @@ fn an_app_that_never_sends_candidates_is_hung_up_after_the_ice_timeout() {
 /// Chromium's: its own SDP (Opus and VP8 on other payload types), DTLS and
 /// ICE, and host candidates hidden behind mDNS names as in every Firefox,
 /// so the bridge meets it only by the addresses its checks come from. A
-/// phone calls alice in Firefox (the bridge offers); then bob calls from
+/// phone calls alice in Firefox (the bridge offers), and her keypad (events
+/// at 8 kHz, the only ones Firefox sends) reaches it; then bob calls from
 /// Firefox alice's registered phone (baresip), once for her voice (the
 /// shared stack answers Firefox's offer) and once with his camera to hers
-/// (webrtcbin answers it): each time both hear, and then see, each other.
+/// (webrtcbin answers it): each time both hear, and then see, each other,
+/// and bob's keypad reaches the phone.
 #[test]
 fn app_users_in_firefox_and_phones_hear_each_other_both_ways() {
     let _serial = one_at_a_time();
@@ -3068,8 +3068,10 @@ fn app_users_in_firefox_and_phones_hear_each_other_both_ways() {
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut alice = BrowserPeer::start_in(Browser::Firefox, &sandbox, "alice", "demo", 660);
     alice.command(json!({"op": "autoAnswer", "on": true}));
-    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 8, "to-firefox");
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 10, "to-firefox");
     assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    alice.command(json!({"op": "dtmf", "tones": "1#9"}));
+    assert_eq!(phone.wait_for_digits(3), "1#9", "{:#?}", bridge.logs());
     let (success, output) = signalling.join().unwrap();
     assert!(success, "the SIP call: {output}");
     alice.wait_event("hung up", Duration::from_secs(10));
@@ -3097,6 +3099,7 @@ fn app_users_in_firefox_and_phones_hear_each_other_both_ways() {
         bob.command(json!({"op": "call", "to": "alice", "video": video}));
         bob.wait_event("accepted", Duration::from_secs(15));
         let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(10));
+        bob.command(json!({"op": "dtmf", "tones": "*5"}));
         // The phone's recording holds a few seconds of the app too.
         std::thread::sleep(Duration::from_secs(3));
         let app_frames = match video {
@@ -3107,6 +3110,12 @@ fn app_users_in_firefox_and_phones_hear_each_other_both_ways() {
         let (phone_heard, phone_frame, output) = phone.join().unwrap();
         let context = format!("video {video}\n{output}");
         assert_heard_each_other(app_heard, phone_heard, &context, &bridge);
+        for digit in ["'*'", "'5'"] {
+            assert!(
+                output.contains(&format!("received event: {digit}")),
+                "bob's keypad reaches the phone: {digit}\n{context}"
+            );
+        }
         if video {
             assert_app_and_baresip_saw_each_other(app_frames, phone_frame, &context);
         }

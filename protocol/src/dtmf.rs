@@ -233,10 +233,15 @@ pub fn event_payload_types(sdp: &str) -> Vec<(u8, u32)> {
 /// `sdp` with `telephone-event` at each of `events` (payload type, clock
 /// rate) added to its first audio section (the format on its `m=` line,
 /// its `rtpmap` and the digits' `fmtp`): for a WebRTC stack that does not
-/// announce it itself. Nothing is added when the description has
-/// telephone events already, nor any event whose payload type another
-/// format of any section takes (bundled sections share one numbering).
+/// announce it itself, or only at some rates. An event is left out when
+/// the description has telephone events at its rate already, or when
+/// another format of any section takes its payload type (bundled sections
+/// share one numbering).
 pub fn with_events(sdp: &str, events: &[(u8, u32)]) -> String {
+    let announced: Vec<u32> = event_payload_types(sdp)
+        .into_iter()
+        .map(|(_, rate)| rate)
+        .collect();
     let taken = |pt: u8| {
         sdp.lines().any(|line| {
             line.starts_with("m=")
@@ -247,8 +252,11 @@ pub fn with_events(sdp: &str, events: &[(u8, u32)]) -> String {
                     .any(|f| f == pt.to_string())
         })
     };
-    let events: Vec<&(u8, u32)> = events.iter().filter(|(pt, _)| !taken(*pt)).collect();
-    if events.is_empty() || !event_payload_types(sdp).is_empty() {
+    let events: Vec<&(u8, u32)> = events
+        .iter()
+        .filter(|(pt, rate)| !taken(*pt) && !announced.contains(rate))
+        .collect();
+    if events.is_empty() {
         return sdp.to_owned();
     }
     let newline = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
@@ -420,8 +428,15 @@ m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n";
             "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=rtpmap:96 VP8/90000\r\n"
         ));
         assert_eq!(event_payload_types(&with), [(110, 48000), (126, 8000)]);
-        // Once is enough; a payload type already taken is left out.
+        // Once per rate is enough; a payload type already taken is left out.
         assert_eq!(with_events(&with, &[(101, 8000)]), with);
+        let chromium_rate_only = with_events(AUDIO_VIDEO, &[(110, 48000)]);
+        let both = with_events(&chromium_rate_only, &[(110, 48000), (126, 8000)]);
+        assert!(
+            both.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111 110 126\r\n"),
+            "{both}"
+        );
+        assert_eq!(event_payload_types(&both), [(110, 48000), (126, 8000)]);
         assert_eq!(with_events(AUDIO_VIDEO, &[(111, 48000)]), AUDIO_VIDEO);
         assert!(
             with_events(AUDIO_VIDEO, &[(96, 48000), (101, 8000)])

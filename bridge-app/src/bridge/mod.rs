@@ -122,8 +122,9 @@ impl Bridge {
     /// bridge: the user mapping (users added sign in to ConnectyCube, users
     /// taken out sign out and their phones are forgotten, changed
     /// credentials sign in again), who is admitted (`sip.trusted`, the
-    /// phones' passwords; `adjust` as at the start) and which new calls are
-    /// recorded. Calls in progress go on as they are. The other sections
+    /// phones' passwords; `adjust` as at the start), which new calls are
+    /// recorded, and where CDRs go (the file is opened again, for log
+    /// rotation). Calls in progress go on as they are. The other sections
     /// take effect at the next start: each one changed is named in the log.
     /// A configuration with a mistake is refused whole. Reloads run one at
     /// a time, each reading the configuration as it then is.

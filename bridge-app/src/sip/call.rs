@@ -1194,12 +1194,7 @@ impl Call {
                     None => std::future::pending().await,
                 }
             };
-            let app_ended = async {
-                match app_hangup.as_mut() {
-                    Some(hangup) => hangup.await.unwrap_or_else(|_| "the app leg closed".into()),
-                    None => std::future::pending().await,
-                }
-            };
+            let app_ended = app_hung_up(&mut app_hangup);
             let transferred = async {
                 match transfer.as_mut() {
                     Some(transfer) => (&mut transfer.outcome).await,
@@ -2401,8 +2396,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
                 let branch = &fork.branches[index];
                 let dialog = branch.dialog().id();
-                // One phone's early media at a time: another's once that
-                // phone has failed.
+                // One phone's early media at a time: another's at its
+                // first 18x with SDP after that phone has failed.
                 let another_plays = early_from.as_ref().is_some_and(|playing| {
                     *playing != dialog && fork.branches.iter().any(|b| b.dialog().id() == *playing)
                 });

@@ -71,9 +71,9 @@ impl MediaKind {
     }
 }
 
-/// The app's keypad events offered on webrtcbin (payload type, clock
-/// rate): at Opus's clock, as Chromium sends them, and at 8 kHz, the only
-/// ones Firefox sends.
+/// The app's keypad events offered on both WebRTC stacks (payload type,
+/// clock rate): at Opus's clock, as Chromium sends them, and at 8 kHz, the
+/// only ones Firefox sends.
 const KEYPAD_EVENTS: [(u8, u32); 2] = [(110, 48000), (126, 8000)];
 
 /// webrtcbin announces no `telephone-event`, so apps would send no keypad

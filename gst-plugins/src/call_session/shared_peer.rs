@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bridge_protocol::dtmf::EventDetector;
+use bridge_protocol::dtmf::{self, EventDetector};
 use bridge_protocol::{ice, opus_fmtp};
 use str0m::change::{SdpAnswer, SdpApi, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, CodecExtra, FormatParams};
@@ -25,6 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
+use super::KEYPAD_EVENTS;
 use super::congestion::loss_percent;
 use super::crypto::CRYPTO;
 use super::timeline::Timeline;
@@ -42,9 +43,6 @@ const REORDER_WAIT: Duration = Duration::from_millis(20);
 
 /// The id str0m's (and browsers') default map gives the media id.
 const MID_EXTENSION: u8 = 4;
-
-/// Chromium's payload type for telephone events at 48 kHz.
-const TELEPHONE_EVENT_PT: Pt = Pt::new_with_value(110);
 
 /// Rounds of work str0m wants done at once, before other calls get a turn.
 const IMMEDIATE_ROUNDS: usize = 8;
@@ -111,16 +109,18 @@ pub fn peer_config() -> Result<RtcConfig, String> {
         .set_reordering_size_audio(REORDER_PACKETS)
         .set_reordering_timeout_audio(Some(REORDER_WAIT))
         .set_stats_interval(Some(Duration::from_secs(1)));
-    // The app's keypad (RFC 4733 at Opus's clock, as browsers send it):
-    // digits for the phone's voice menus.
-    config.codec_config().add_config(
-        TELEPHONE_EVENT_PT,
-        None,
-        Codec::Tele,
-        Frequency::FORTY_EIGHT_KHZ,
-        None,
-        FormatParams::default(),
-    );
+    // The app's keypad (RFC 4733): digits for the phone's voice menus.
+    for (pt, rate) in KEYPAD_EVENTS {
+        let rate = Frequency::new(rate).ok_or("a keypad event rate of 0")?;
+        config.codec_config().add_config(
+            Pt::new_with_value(pt),
+            None,
+            Codec::Tele,
+            rate,
+            None,
+            FormatParams::default(),
+        );
+    }
     Ok(config)
 }
 
@@ -796,10 +796,13 @@ impl PeerTask {
 }
 
 /// The offer `changes` make; their answer is taken later, with `pending`.
+/// str0m's offers carry only the keypad events at Opus's clock, which
+/// Firefox does not send: the others are added to its text, and str0m
+/// takes them from the answer (they are in its configuration).
 fn offer(changes: SdpApi<'_>, pending: &mut Option<SdpPendingOffer>) -> Result<String, String> {
     let (offer, pending_offer) = changes.apply().ok_or("nothing to offer")?;
     *pending = Some(pending_offer);
-    Ok(offer.to_sdp_string())
+    Ok(dtmf::with_events(&offer.to_sdp_string(), &KEYPAD_EVENTS))
 }
 
 /// A media line the answer rejects (port 0, a video line here) must still
