@@ -1244,6 +1244,22 @@ fn frequency_heard_by(app: &mut BrowserPeer, hz: f64, within: Duration) -> Optio
     heard
 }
 
+/// What `phone` hears once it is `hz`, or after 5 s.
+fn frequency_heard_by_phone(phone: &Phone, hz: f64) -> Option<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut heard = phone.heard_frequency();
+    while heard.is_none_or(|f| (f - hz).abs() > 20.0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        heard = phone.heard_frequency();
+    }
+    heard
+}
+
+/// Whether a line of the bridge's log says a phone answered `call_id`.
+fn says_answered(call_id: &str) -> impl Fn(&str) -> bool + '_ {
+    move |l| l.contains(&format!("call {call_id}: ")) && l.ends_with(" answered")
+}
+
 /// The call a line of the bridge's log is about ("call ID: …").
 fn call_id_in(line: &str) -> &str {
     let after = line.split("call ").nth(1).unwrap_or_default();
@@ -2377,16 +2393,10 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
         )
         .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
     let call_id = call_id_in(&early);
-    let answered = |bridge: &BridgeProcess| {
-        bridge
-            .logs()
-            .iter()
-            .any(|l| l.contains(&format!("call {call_id}: ")) && l.ends_with(" answered"))
-    };
     bob.wait_event("accepted", Duration::from_secs(10));
     phone.call(bridge.media_port(call_id));
     let early_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(4));
-    let answered_early = answered(&bridge);
+    let answered_early = bridge.logs().iter().any(|l| says_answered(call_id)(l));
     let sent_back_early = phone.heard_frequency();
     assert!(
         early_heard.is_some_and(|f| (f - 523.0).abs() < 15.0) && !answered_early,
@@ -2398,20 +2408,10 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
         "nothing of the app reaches the phone side before its answer: {sent_back_early:?} Hz"
     );
     bridge
-        .wait_for_log(
-            |l| l.contains(&format!("call {call_id}: ")) && l.ends_with(" answered"),
-            Duration::from_secs(10),
-        )
+        .wait_for_log(says_answered(call_id), Duration::from_secs(10))
         .unwrap_or_else(|| panic!("the PBX answers: {:#?}", bridge.logs()));
     let app_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(5));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut phone_heard = phone.heard_frequency();
-    while phone_heard.is_none_or(|f| (f - 660.0).abs() > 20.0)
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(200));
-        phone_heard = phone.heard_frequency();
-    }
+    let phone_heard = frequency_heard_by_phone(&phone, 660.0);
     bob.command(json!({"op": "hangUp"}));
     let (success, output) = pbx.join().unwrap();
     assert!(success, "183, 200 OK, then the app's BYE:\n{output}");
@@ -2428,6 +2428,95 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
     let lines = wait_for_cdr(&dir.join("cdr.jsonl"), 2);
     let statuses: Vec<_> = lines.iter().map(|l| l["status"].clone()).collect();
     assert_eq!(statuses, [200, 486], "{lines:?}");
+}
+
+/// An extension whose two phones both play early media (a 183 with SDP):
+/// the app hears the first one's (PCMU); when that phone turns out busy,
+/// the other's (PCMA) plays on at once, though it sent its 183 while the
+/// first one played and sends no other; that phone's answer goes on on
+/// the same WebRTC leg with both voices crossing.
+#[test]
+fn with_early_media_another_phones_plays_on_when_the_first_fails() {
+    let _serial = one_at_a_time();
+    let dir = tempdir();
+    let config = PhoneAtDomain::with_sip(&dir, |_| "early_media = true".into());
+    let bridge = BridgeProcess::start(&["--config", config.config.to_str().unwrap()]);
+    let (busy, answering) = (
+        Phone::new("PCMU", 0, 8000, 523),
+        Phone::new("PCMA", 8, 8000, 784),
+    );
+    let phones: Vec<_> = [
+        ("device-early-busy.xml", &busy),
+        ("device-early-answers.xml", &answering),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(registered, (scenario, phone))| {
+        let port = phone.port().to_string();
+        let sipp = alice_sipp_phone(
+            &bridge,
+            "register-device.xml",
+            scenario,
+            &["-key", "phone_port", &port],
+        );
+        let registrations = bridge.wait_for_logs(
+            |l| l.contains("registrar: alice registered at"),
+            registered + 1,
+            Duration::from_secs(10),
+        );
+        assert_eq!(registrations.len(), registered + 1, "{:#?}", bridge.logs());
+        sipp
+    })
+    .collect();
+    let mut bob = config.bob();
+    bob.command(json!({"op": "call", "to": "alice"}));
+    let early = bridge
+        .wait_for_log(
+            |l| l.contains("the app's call is answered for sip:alice@"),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
+    let call_id = call_id_in(&early).to_owned();
+    bob.wait_event("accepted", Duration::from_secs(10));
+    let media_port = bridge.media_port(&call_id);
+    busy.call(media_port);
+    answering.call(media_port);
+    let first_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(3));
+    assert!(
+        first_heard.is_some_and(|f| (f - 523.0).abs() < 15.0),
+        "the app hears the first phone's early media: {first_heard:?} Hz\n{:#?}",
+        bridge.logs()
+    );
+    bridge
+        .wait_for_log(
+            |l| l.contains(&format!("call {call_id}: ")) && l.ends_with(": 486 Busy Here"),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("the first phone is busy: {:#?}", bridge.logs()));
+    // A busy phone sends no more RTP.
+    drop(busy);
+    let then_heard = frequency_heard_by(&mut bob, 784.0, Duration::from_secs(4));
+    let answered = bridge.logs().iter().any(|l| says_answered(&call_id)(l));
+    assert!(
+        then_heard.is_some_and(|f| (f - 784.0).abs() < 15.0) && !answered,
+        "then the other phone's, before it answers: {then_heard:?} Hz (answered: {answered})\n{:#?}",
+        bridge.logs()
+    );
+    bridge
+        .wait_for_log(says_answered(&call_id), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the other phone answers: {:#?}", bridge.logs()));
+    let app_heard = frequency_heard_by(&mut bob, 784.0, Duration::from_secs(5));
+    let phone_heard = frequency_heard_by_phone(&answering, 660.0);
+    bob.command(json!({"op": "hangUp"}));
+    for (phone, role) in phones.into_iter().zip(["busy", "answering"]) {
+        let (success, output) = phone.join().unwrap();
+        assert!(success, "the {role} phone:\n{output}\n{:#?}", bridge.logs());
+    }
+    assert!(
+        app_heard.is_some_and(|f| (f - 784.0).abs() < 15.0)
+            && phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
+        "after the answer the app heard {app_heard:?} Hz (the phone's 784), the phone {phone_heard:?} Hz (the app's 660)"
+    );
 }
 
 /// The SIP server named by its domain alone, as hosted PBXs and SIP trunks

@@ -545,6 +545,8 @@ pub(super) enum Forked {
     Ringing(usize, StatusCode, bool),
     /// A phone answered: its branch, and its 2xx.
     Answered(Box<(Answered, Response)>),
+    /// A phone refused or failed while others still ring: its early dialog.
+    Dropped(DialogId),
     /// No phone took the call; those still ringing are in `branches`.
     Failed(Failure),
 }
@@ -570,46 +572,43 @@ impl Fork {
     /// The phones' next step (cancel-safe). Not to be called again once
     /// a phone answered or the fork failed.
     pub async fn next(&mut self) -> Forked {
-        loop {
-            let Fork {
-                invitation,
-                branches,
-                failure,
-            } = self;
-            if branches.is_empty() {
-                let failed = Failure::Unanswered(503, "no phone could be called".into());
-                return Forked::Failed(failure.take().unwrap_or(failed));
+        let Fork {
+            invitation,
+            branches,
+            failure,
+        } = self;
+        if branches.is_empty() {
+            let failed = Failure::Unanswered(503, "no phone could be called".into());
+            return Forked::Failed(failure.take().unwrap_or(failed));
+        }
+        let ringing = branches
+            .iter_mut()
+            .map(|b| Box::pin(b.progress(invitation)));
+        let (progress, index, _) = futures_util::future::select_all(ringing).await;
+        match progress {
+            Progress::Ringing(status, with_sdp) => Forked::Ringing(index, status, with_sdp),
+            Progress::Answered(response) => {
+                let answered = branches.swap_remove(index).answered();
+                Forked::Answered(Box::new((answered, response)))
             }
-            let ringing = branches
-                .iter_mut()
-                .map(|b| Box::pin(b.progress(invitation)));
-            let (progress, index, _) = futures_util::future::select_all(ringing).await;
-            match progress {
-                Progress::Ringing(status, with_sdp) => {
-                    return Forked::Ringing(index, status, with_sdp);
+            Progress::Failed(failed) => {
+                let branch = branches.remove(index);
+                info!(
+                    "call {}: {}: {}",
+                    invitation.call_id(),
+                    branch.target,
+                    failed.reason()
+                );
+                let global = failed.is_global();
+                let best = match failure.take() {
+                    Some(earlier) => Failure::best(earlier, failed),
+                    None => failed,
+                };
+                if global || branches.is_empty() {
+                    return Forked::Failed(best);
                 }
-                Progress::Answered(response) => {
-                    let answered = branches.swap_remove(index).answered();
-                    return Forked::Answered(Box::new((answered, response)));
-                }
-                Progress::Failed(failed) => {
-                    let branch = branches.remove(index);
-                    info!(
-                        "call {}: {}: {}",
-                        invitation.call_id(),
-                        branch.target,
-                        failed.reason()
-                    );
-                    let global = failed.is_global();
-                    let best = match failure.take() {
-                        Some(earlier) => Failure::best(earlier, failed),
-                        None => failed,
-                    };
-                    if global || branches.is_empty() {
-                        return Forked::Failed(best);
-                    }
-                    *failure = Some(best);
-                }
+                *failure = Some(best);
+                Forked::Dropped(branch.dialog().id())
             }
         }
     }

@@ -1752,7 +1752,7 @@ impl Call {
                     () = stopped.cancelled() => None,
                 };
                 match forked {
-                    Some(Forked::Ringing(..)) => {}
+                    Some(Forked::Ringing(..) | Forked::Dropped(_)) => {}
                     Some(Forked::Answered(answered)) => {
                         fork.stop_later(Stop::AnsweredElsewhere);
                         return Ok(*answered);
@@ -2396,8 +2396,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                 call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
                 let branch = &fork.branches[index];
                 let dialog = branch.dialog().id();
-                // One phone's early media at a time: another's at its
-                // first 18x with SDP after that phone has failed.
+                // One phone's early media at a time: another's once that
+                // phone has failed (`Forked::Dropped`).
                 let another_plays = early_from.as_ref().is_some_and(|playing| {
                     *playing != dialog && fork.branches.iter().any(|b| b.dialog().id() == *playing)
                 });
@@ -2408,6 +2408,21 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
                             .answer_app_on_early_media(&branch.target, &mut *app)
                             .await;
                     }
+                }
+            }
+            Ringing::Phone(Forked::Dropped(dialog)) => {
+                call.accept_pickups(&pick_up_with, fork.ringing_dialogs());
+                // Another phone's early media plays on in its place.
+                if early_from == Some(dialog) {
+                    let playing = fork
+                        .branches
+                        .iter()
+                        .filter(|b| b.early_answer().is_some())
+                        .find(|b| call.follow_early_media(b));
+                    if let Some(branch) = playing {
+                        info!("call {call_id}: {}'s early media plays on", branch.target);
+                    }
+                    early_from = playing.map(|b| b.dialog().id());
                 }
             }
             Ringing::Phone(Forked::Answered(answered)) => break *answered,

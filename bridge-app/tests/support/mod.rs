@@ -1095,7 +1095,10 @@ impl Phone {
         } else {
             ""
         };
-        let session = format!("phone-{encoding_name}");
+        // Elements of one session name share its sockets: one per phone.
+        static PHONES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let number = PHONES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = format!("phone-{encoding_name}-{number}");
         let description = format!(
             "audiotestsrc is-live=true freq={frequency} volume=0.5 ! audioconvert ! audioresample \
                ! audio/x-raw,rate={},channels=1 ! {} ! {} pt={payload_type} max-ptime=20000000 \
