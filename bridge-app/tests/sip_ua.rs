@@ -760,17 +760,19 @@ fn tls_carries_sip() {
 }
 
 #[test]
-fn the_management_api_shows_a_live_call_to_token_holders_only() {
+fn the_management_api_shows_live_and_ended_calls_to_token_holders_only() {
     let port = support::free_port();
     let bridge = BridgeProcess::start(&["--management", &format!("127.0.0.1:{port}")]);
     bridge
         .wait_for_log(|l| l.contains("management API on"), Duration::from_secs(5))
         .expect("the management API starts");
-    assert_eq!(support::http_get(port, "/stats", None).0, 401);
-    assert_eq!(
-        support::http_get(port, "/stats", Some("test-management-token-0124")).0,
-        401
-    );
+    for path in ["/stats", "/metrics"] {
+        assert_eq!(support::http_get(port, path, None).0, 401);
+        assert_eq!(
+            support::http_get(port, path, Some("test-management-token-0124")).0,
+            401
+        );
+    }
 
     let (phone, signalling) = support::phone_call(
         &bridge,
@@ -796,6 +798,9 @@ fn the_management_api_shows_a_live_call_to_token_holders_only() {
         call["rtp"]["packets_sent"].as_u64().unwrap() >= 50,
         "{call:#}"
     );
+    let (status, metrics) = support::http_get(port, "/metrics", Some(support::MANAGEMENT_TOKEN));
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("\nsipcc_calls_active 1\n"), "{metrics}");
     drop(phone);
     assert_sipp(signalling.join().unwrap(), "managed call");
 
@@ -810,6 +815,21 @@ fn the_management_api_shows_a_live_call_to_token_holders_only() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(stats["calls"], serde_json::json!([]), "{stats:#}");
+    // The ended call in the totals, and in Prometheus's figures.
+    let ended = &stats["calls_ended"];
+    assert_eq!(ended["by_status"]["200"], 1, "{stats:#}");
+    let received = ended["rtp_packets_received"].as_u64().unwrap();
+    assert!(received >= 50, "1 s of 20 ms packets at least: {stats:#}");
+    let talked = ended["answered_seconds"].as_f64().unwrap();
+    assert!((3.0..10.0).contains(&talked), "{stats:#}");
+    let (_, metrics) = support::http_get(port, "/metrics", Some(support::MANAGEMENT_TOKEN));
+    for sample in [
+        "\nsipcc_calls_active 0\n".to_owned(),
+        "\nsipcc_calls_ended_total{status=\"200\"} 1\n".to_owned(),
+        format!("\nsipcc_rtp_packets_received_total {received}\n"),
+    ] {
+        assert!(metrics.contains(&sample), "{sample:?} in\n{metrics}");
+    }
     assert!(
         bridge
             .logs()

@@ -10,6 +10,7 @@ pub mod asterisk;
 pub mod cdr;
 pub mod identity;
 pub mod presence;
+pub mod totals;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -31,6 +32,7 @@ use asterisk::{AmiSettings, AsteriskLink};
 use cdr::CdrWriter;
 use identity::{Identity, IncomingCall};
 use presence::Presence;
+use totals::CallTotals;
 
 pub struct Bridge {
     pub sip: UserAgent,
@@ -101,6 +103,7 @@ impl Bridge {
             services: Services::line_checks(),
             placed: PlacedSessions::default(),
             cdr: CdrWriter::open(config.cdr.path.as_deref())?,
+            totals: CallTotals::default(),
             config: RwLock::new(Arc::new(config.clone())),
             incoming,
         });
@@ -245,8 +248,8 @@ impl Bridge {
     }
 
     /// The SIP leg's registrations and calls, which mapped users are
-    /// signed in to ConnectyCube, and the Asterisk link (for the
-    /// management API).
+    /// signed in to ConnectyCube, the calls ended so far, and the
+    /// Asterisk link (for the management API).
     pub fn stats(&self) -> serde_json::Value {
         let mut stats = self.sip.stats();
         let signed_in: serde_json::Map<String, serde_json::Value> = self
@@ -255,6 +258,7 @@ impl Bridge {
             .map(|(extension, user_id)| (extension, user_id.into()))
             .collect();
         stats["connectycube_signed_in"] = signed_in.into();
+        stats["calls_ended"] = self.router.totals.to_json();
         if let Some(asterisk) = &self.asterisk {
             stats["asterisk"] = asterisk.status();
         }
@@ -498,6 +502,7 @@ struct BridgeRouter {
     placed: PlacedSessions,
     answer_timeout: Duration,
     cdr: CdrWriter,
+    totals: CallTotals,
 }
 
 impl BridgeRouter {
@@ -591,6 +596,7 @@ impl Router for BridgeRouter {
 
     fn call_ended(&self, record: &CallRecord) {
         self.cdr.write(record);
+        self.totals.count(record);
     }
 }
 
