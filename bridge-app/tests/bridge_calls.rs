@@ -837,6 +837,37 @@ fn alice_sipp_phone(
     })
 }
 
+/// alice's SIPp phones (`register-device.xml`), each answering as its
+/// scenario says with its media at its `phone_port`, registered one after
+/// the other.
+fn alice_sipp_phones<const N: usize>(
+    bridge: &BridgeProcess,
+    phones: [(&'static str, String); N],
+) -> Vec<std::thread::JoinHandle<(bool, String)>> {
+    let mut started = Vec::new();
+    for (scenario, phone_port) in phones {
+        let args = ["-key", "phone_port", &phone_port];
+        started.push(alice_sipp_phone(
+            bridge,
+            "register-device.xml",
+            scenario,
+            &args,
+        ));
+        let registrations = bridge.wait_for_logs(
+            |l| l.contains("registrar: alice registered at"),
+            started.len(),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            registrations.len(),
+            started.len(),
+            "each of alice's phones registers: {:#?}",
+            bridge.logs()
+        );
+    }
+    started
+}
+
 /// A phone's call to bob in `codec`, transferred (`scenario`) to a desk
 /// phone registered with the bridge as alice (G.711): bob and alice hear
 /// each other. `softphone`: alice also has a SIPp phone registered, which
@@ -1343,34 +1374,14 @@ fn an_app_call_rings_every_phone_of_the_extension() {
     let bridge = BridgeProcess::start(&["--qualify-interval-s", "1"]);
     let answering = Phone::new("PCMU", 0, 8000, 523);
     let answering_port = answering.port().to_string();
-    let phones: Vec<_> = [
-        ("device-rings.xml", String::new()),
-        ("device-busy.xml", String::new()),
-        ("device-answers.xml", answering_port),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(registered, (scenario, phone_port))| {
-        let phone = alice_sipp_phone(
-            &bridge,
-            "register-device.xml",
-            scenario,
-            &["-key", "phone_port", &phone_port],
-        );
-        let registrations = bridge.wait_for_logs(
-            |l| l.contains("registrar: alice registered at"),
-            registered + 1,
-            Duration::from_secs(10),
-        );
-        assert_eq!(
-            registrations.len(),
-            registered + 1,
-            "each of alice's phones registers: {:#?}",
-            bridge.logs()
-        );
-        phone
-    })
-    .collect();
+    let phones = alice_sipp_phones(
+        &bridge,
+        [
+            ("device-rings.xml", String::new()),
+            ("device-busy.xml", String::new()),
+            ("device-answers.xml", answering_port),
+        ],
+    );
     let sandbox = format!("http://localhost:{}/", bridge.sandbox_port);
     let mut bob = BrowserPeer::start(&sandbox, "bob", "demo", 660);
     bob.command(json!({"op": "call", "to": "alice"}));
@@ -2385,15 +2396,7 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
         &["-key", "phone_port", &phone_port],
     );
     let mut bob = domain.bob();
-    bob.command(json!({"op": "call", "to": "alice"}));
-    let early = bridge
-        .wait_for_log(
-            |l| l.contains("the app's call is answered for sip:alice@"),
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
-    let call_id = call_id_in(&early);
-    bob.wait_event("accepted", Duration::from_secs(10));
+    let call_id = &bob_calls_alice_on_early_media(&bridge, &mut bob);
     phone.call(bridge.media_port(call_id));
     let early_heard = frequency_heard_by(&mut bob, 523.0, Duration::from_secs(4));
     let answered_early = bridge.logs().iter().any(|l| says_answered(call_id)(l));
@@ -2430,6 +2433,20 @@ fn with_early_media_the_app_hears_the_ringback_and_then_the_phone() {
     assert_eq!(statuses, [200, 486], "{lines:?}");
 }
 
+/// Bob calls alice, and his call is answered for the early media of a
+/// phone of hers: the call's id.
+fn bob_calls_alice_on_early_media(bridge: &BridgeProcess, bob: &mut BrowserPeer) -> String {
+    bob.command(json!({"op": "call", "to": "alice"}));
+    let early = bridge
+        .wait_for_log(
+            |l| l.contains("the app's call is answered for sip:alice@"),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
+    bob.wait_event("accepted", Duration::from_secs(10));
+    call_id_in(&early).to_owned()
+}
+
 /// An extension whose two phones both play early media (a 183 with SDP):
 /// the app hears the first one's (PCMU); when that phone turns out busy,
 /// the other's (PCMA) plays on at once, though it sent its 183 while the
@@ -2445,39 +2462,15 @@ fn with_early_media_another_phones_plays_on_when_the_first_fails() {
         Phone::new("PCMU", 0, 8000, 523),
         Phone::new("PCMA", 8, 8000, 784),
     );
-    let phones: Vec<_> = [
-        ("device-early-busy.xml", &busy),
-        ("device-early-answers.xml", &answering),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(registered, (scenario, phone))| {
-        let port = phone.port().to_string();
-        let sipp = alice_sipp_phone(
-            &bridge,
-            "register-device.xml",
-            scenario,
-            &["-key", "phone_port", &port],
-        );
-        let registrations = bridge.wait_for_logs(
-            |l| l.contains("registrar: alice registered at"),
-            registered + 1,
-            Duration::from_secs(10),
-        );
-        assert_eq!(registrations.len(), registered + 1, "{:#?}", bridge.logs());
-        sipp
-    })
-    .collect();
+    let phones = alice_sipp_phones(
+        &bridge,
+        [
+            ("device-early-busy.xml", busy.port().to_string()),
+            ("device-early-answers.xml", answering.port().to_string()),
+        ],
+    );
     let mut bob = config.bob();
-    bob.command(json!({"op": "call", "to": "alice"}));
-    let early = bridge
-        .wait_for_log(
-            |l| l.contains("the app's call is answered for sip:alice@"),
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|| panic!("answered on the early media: {:#?}", bridge.logs()));
-    let call_id = call_id_in(&early).to_owned();
-    bob.wait_event("accepted", Duration::from_secs(10));
+    let call_id = bob_calls_alice_on_early_media(&bridge, &mut bob);
     let media_port = bridge.media_port(&call_id);
     busy.call(media_port);
     answering.call(media_port);
