@@ -578,11 +578,13 @@ impl Config {
     }
 
     /// The sections other than `users`, `recording` and `cdr` in which `other`
-    /// differs, but for `sip.trusted`: what a reload cannot apply to a
-    /// running bridge.
+    /// differs, but for `sip.trusted`, `sip.max_calls` and `sip.early_media`:
+    /// what a reload cannot apply to a running bridge.
     pub fn fixed_sections_changed(&self, other: &Config) -> Vec<&'static str> {
         let sip = SipSection {
             trusted: self.sip.trusted.clone(),
+            max_calls: self.sip.max_calls,
+            early_media: self.sip.early_media,
             ..other.sip.clone()
         };
         [
@@ -906,6 +908,8 @@ department = "Sales"
         reloaded.sip.trusted.push("10.0.0.1".parse().unwrap());
         reloaded.recording.enabled = true;
         reloaded.cdr.path = Some("/var/log/bridge/cdr.jsonl".into());
+        reloaded.sip.max_calls += 100;
+        reloaded.sip.early_media = !running.sip.early_media;
         assert!(running.fixed_sections_changed(&reloaded).is_empty());
         reloaded.sip.rtp_timeout_ms += 1;
         reloaded.connectycube.app_id += 1;

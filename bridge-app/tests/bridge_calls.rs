@@ -1998,14 +1998,19 @@ fn a_mapping_with_wrong_credentials_gets_a_clear_503() {
 
 /// A configuration with the sections `more` and `users`, each with the
 /// password `demo` and the phone password `<name>-phone`.
-fn reload_config(sandbox: &support::SandboxProcess, more: &str, users: &[&str]) -> String {
+fn reload_config(
+    sandbox: &support::SandboxProcess,
+    sip: &str,
+    more: &str,
+    users: &[&str],
+) -> String {
     let user = |name: &&str| {
         format!(
             "[[users]]\nextension = \"{name}\"\nlogin = \"{name}\"\npassword = \"demo\"\nsip_password = \"{name}-phone\"\n"
         )
     };
     format!(
-        "[sip]\nregistrar = true\n\n[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\
+        "[sip]\nregistrar = true\n{sip}\n[connectycube]\napi_url = \"{}\"\nchat_url = \"{}\"\n\
          gateway_login = \"sip-gateway\"\ngateway_password = \"demo\"\n\n{more}\n\n{}",
         sandbox.api_url(),
         sandbox.chat_url(),
@@ -2017,8 +2022,9 @@ fn reload_config(sandbox: &support::SandboxProcess, more: &str, users: &[&str]) 
 /// SIGHUP the bridge signs the new user in and lets its phone register,
 /// forgets the user taken out and its phone, and the call that user's
 /// phone is making goes on to its end; the calls after it are recorded;
-/// the CDR file is opened again (after a log rotation); a configuration
-/// with a mistake changes nothing.
+/// the CDR file is opened again (after a log rotation); the number of
+/// calls carried at once changes; a configuration with a mistake changes
+/// nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();
@@ -2029,7 +2035,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         dir.join("cdr.jsonl"),
         dir.join("recordings"),
     );
-    std::fs::write(&config, reload_config(&sandbox, "", &["sipp", "bob"])).unwrap();
+    std::fs::write(&config, reload_config(&sandbox, "", "", &["sipp", "bob"])).unwrap();
     let management_port = support::free_port().to_string();
     let management = format!("127.0.0.1:{management_port}");
     let bridge = BridgeProcess::start(&[
@@ -2081,7 +2087,12 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         "[asterisk]\ndevice_prefix = \"Bridge:\"\n\n[recording]\nenabled = true\ndirectory = \"{}\"",
         recordings.display()
     );
-    std::fs::write(&config, reload_config(&sandbox, &more, &["bob", "carol"])).unwrap();
+    let sip = "max_calls = 1\n";
+    std::fs::write(
+        &config,
+        reload_config(&sandbox, sip, &more, &["bob", "carol"]),
+    )
+    .unwrap();
     // A log rotation moves the CDR file away first (logrotate's default):
     // the records from the reload on go to a new one.
     std::fs::rename(&cdr, dir.join("cdr.jsonl.1")).unwrap();
@@ -2116,6 +2127,9 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     assert!(registered, "carol's phone registers: {output}");
     let (registered, _) = register("sipp", "sipp-phone");
     assert!(!registered, "sipp is no longer a user");
+    // `sip.max_calls` is down to the one call in progress: the next waits.
+    let (refused, output) = sipp("at-capacity.xml", &address, "bob", &[]);
+    assert!(refused, "503 at capacity: {output}");
 
     assert_each_hears_the_other(&bridge, &mut bob, &phone);
     let (success, output) = signalling.join().unwrap();

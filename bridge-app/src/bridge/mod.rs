@@ -125,7 +125,8 @@ impl Bridge {
     /// bridge: the user mapping (users added sign in to ConnectyCube, users
     /// taken out sign out and their phones are forgotten, changed
     /// credentials sign in again), who is admitted (`sip.trusted`, the
-    /// phones' passwords; `adjust` as at the start), which new calls are
+    /// phones' passwords; `adjust` as at the start), `sip.max_calls` and
+    /// `sip.early_media`, which new calls are
     /// recorded, and where CDRs go (the file is opened again, for log
     /// rotation). Calls in progress go on as they are. The other sections
     /// take effect at the next start: each one changed is named in the log.
@@ -178,6 +179,8 @@ impl Bridge {
             cdr,
             sip: SipSection {
                 trusted: config.sip.trusted,
+                max_calls: config.sip.max_calls,
+                early_media: config.sip.early_media,
                 ..old.sip.clone()
             },
             recording,
@@ -185,7 +188,7 @@ impl Bridge {
         });
         let mut sip_settings = sip_config(&applied);
         adjust(&mut sip_settings);
-        self.sip.reconfigure_admission(sip_settings.admission);
+        self.sip.reconfigure(sip_settings);
 
         let is_new = |user: &&UserMapping| old.user_by_extension(&user.extension).is_none();
         let added: Vec<&UserMapping> = applied.users.iter().filter(is_new).collect();

@@ -280,18 +280,13 @@ async fn answer_call(
         reply(&mut tx, StatusCode::ServiceUnavailable, vec![reason]).await;
         return Ok(());
     }
-    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
+    let max_calls = shared.max_calls.load(Ordering::Relaxed);
+    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls {
         shared.active_calls.fetch_sub(1, Ordering::Relaxed);
-        warn!(
-            "call {call_id}: over capacity ({} calls), 503",
-            shared.config.max_calls
-        );
-        reply(
-            &mut tx,
-            StatusCode::ServiceUnavailable,
-            vec![Header::RetryAfter("10".into())],
-        )
-        .await;
+        warn!("call {call_id}: over capacity ({max_calls} calls), 503");
+        let reason = Header::Reason("SIP;cause=503;text=\"the bridge is at capacity\"".into());
+        let headers = vec![Header::RetryAfter("10".into()), reason];
+        reply(&mut tx, StatusCode::ServiceUnavailable, headers).await;
         return Ok(());
     }
     let invite_cseq = cseq_of(&tx.original);
@@ -2263,7 +2258,9 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app.refuse(503, "the bridge is stopping");
         return Ok(());
     }
-    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= shared.config.max_calls {
+    if shared.active_calls.fetch_add(1, Ordering::Relaxed)
+        >= shared.max_calls.load(Ordering::Relaxed)
+    {
         shared.active_calls.fetch_sub(1, Ordering::Relaxed);
         app.refuse(503, "the bridge is at capacity");
         return Ok(());
@@ -2271,7 +2268,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     // The phone's early media is played to the app where the call's
     // WebRTC leg can stay as it is whichever phone answers: audio only,
     // and its codec switchable (not recorded).
-    let early_media = shared.config.early_media && !app.wants_video() && record_to.is_none();
+    let early_media =
+        shared.early_media.load(Ordering::Relaxed) && !app.wants_video() && record_to.is_none();
     let call_id = format!("{:032x}", rand::random::<u128>());
     let (_active, token) = ActiveCall::register(&shared, &call_id, 0);
     let reservation = match PortReservation::new(shared.config.media_address) {

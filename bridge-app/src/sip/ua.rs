@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::admission::{Admission, AdmissionConfig, Verdict};
+use super::admission::{Admission, Verdict};
 use super::registrar::{RegisteredContacts, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
@@ -46,6 +46,10 @@ pub(super) struct Shared {
     /// The Contact URI of the bridge (public address when configured).
     pub contact: rsipstack::sip::Uri,
     pub active_calls: AtomicUsize,
+    /// `config.max_calls` and `config.early_media` as a reload last set
+    /// them (for the calls from then on).
+    pub max_calls: AtomicUsize,
+    pub early_media: AtomicBool,
     /// Calls in progress by Call-ID, so shutdown can end them and the
     /// management API can show them.
     pub calls: Mutex<HashMap<String, LiveCall>>,
@@ -234,6 +238,8 @@ impl UserAgent {
         let shared = Arc::new(Shared {
             admission: Admission::new(config.admission.clone()),
             registrar,
+            max_calls: AtomicUsize::new(config.max_calls),
+            early_media: AtomicBool::new(config.early_media),
             config,
             router,
             dialogs,
@@ -314,13 +320,22 @@ impl UserAgent {
         self.registration_states.lock().unwrap().clone()
     }
 
-    /// Admits as `admission` says from now on: a reloaded configuration's
-    /// trusted servers and users. The phones of users no longer there are
-    /// not rung again; calls in progress go on.
-    pub fn reconfigure_admission(&self, admission: AdmissionConfig) {
+    /// Applies what a reloaded configuration may change: who is admitted
+    /// (trusted servers and users; the phones of users no longer there
+    /// are not rung again), how many calls are carried at once, and
+    /// whether apps hear early media. Calls in progress go on as they are.
+    pub fn reconfigure(&self, settings: SipConfig) {
+        let shared = &self.shared;
+        shared
+            .max_calls
+            .store(settings.max_calls, Ordering::Relaxed);
+        shared
+            .early_media
+            .store(settings.early_media, Ordering::Relaxed);
+        let admission = settings.admission;
         let users: Vec<String> = admission.users.keys().cloned().collect();
         // First, so that no phone of a user taken out registers after the purge.
-        self.shared.admission.reconfigure(admission);
+        shared.admission.reconfigure(admission);
         if let Some(registrar) = &self.shared.registrar {
             let keep = |user: &str| users.iter().any(|known| known.eq_ignore_ascii_case(user));
             for user in registrar.forget_all_but(keep) {
