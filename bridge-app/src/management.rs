@@ -122,7 +122,7 @@ fn prometheus_text(stats: &serde_json::Value) -> String {
         "counter",
         "Calls ended, by the SIP status the caller got (200: answered).",
         by_status
-            .map(|(status, calls)| (format!("{{status=\"{status}\"}}"), number(calls)))
+            .map(|(status, calls)| (label("status", status), number(calls)))
             .collect(),
     );
     metric(

@@ -126,9 +126,9 @@ impl Bridge {
     /// taken out sign out and their phones are forgotten, changed
     /// credentials sign in again), who is admitted (`sip.trusted`, the
     /// phones' passwords; `adjust` as at the start), `sip.max_calls` and
-    /// `sip.early_media`, which new calls are
-    /// recorded, and where CDRs go (the file is opened again, for log
-    /// rotation). Calls in progress go on as they are. The other sections
+    /// `sip.early_media`, which new calls are recorded, and where CDRs go
+    /// (the file is opened again, for log rotation). Calls in progress go
+    /// on as they are. The other sections
     /// take effect at the next start: each one changed is named in the log.
     /// A configuration with a mistake is refused whole. Reloads run one at
     /// a time, each reading the configuration as it then is.

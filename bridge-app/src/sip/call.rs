@@ -280,9 +280,7 @@ async fn answer_call(
         reply(&mut tx, StatusCode::ServiceUnavailable, vec![reason]).await;
         return Ok(());
     }
-    let max_calls = shared.max_calls.load(Ordering::Relaxed);
-    if shared.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls {
-        shared.active_calls.fetch_sub(1, Ordering::Relaxed);
+    if let Err(max_calls) = shared.take_call_slot() {
         warn!("call {call_id}: over capacity ({max_calls} calls), 503");
         let reason = Header::Reason("SIP;cause=503;text=\"the bridge is at capacity\"".into());
         let headers = vec![Header::RetryAfter("10".into()), reason];
@@ -2258,10 +2256,11 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app.refuse(503, "the bridge is stopping");
         return Ok(());
     }
-    if shared.active_calls.fetch_add(1, Ordering::Relaxed)
-        >= shared.max_calls.load(Ordering::Relaxed)
-    {
-        shared.active_calls.fetch_sub(1, Ordering::Relaxed);
+    if let Err(max_calls) = shared.take_call_slot() {
+        warn!(
+            "{}: refused, over capacity ({max_calls} calls)",
+            app.describe()
+        );
         app.refuse(503, "the bridge is at capacity");
         return Ok(());
     }

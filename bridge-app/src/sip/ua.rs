@@ -62,6 +62,19 @@ pub(super) struct Shared {
     pub resolver: SipResolver,
 }
 
+impl Shared {
+    /// Counts one more call in progress, unless the bridge carries
+    /// `max_calls` already: then that limit.
+    pub fn take_call_slot(&self) -> Result<(), usize> {
+        let max_calls = self.max_calls.load(Ordering::Relaxed);
+        if self.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls {
+            self.active_calls.fetch_sub(1, Ordering::Relaxed);
+            return Err(max_calls);
+        }
+        Ok(())
+    }
+}
+
 /// A call in progress as the rest of the bridge sees it.
 pub(super) struct LiveCall {
     pub stop: CancellationToken,
@@ -336,7 +349,7 @@ impl UserAgent {
         let users: Vec<String> = admission.users.keys().cloned().collect();
         // First, so that no phone of a user taken out registers after the purge.
         shared.admission.reconfigure(admission);
-        if let Some(registrar) = &self.shared.registrar {
+        if let Some(registrar) = &shared.registrar {
             let keep = |user: &str| users.iter().any(|known| known.eq_ignore_ascii_case(user));
             for user in registrar.forget_all_but(keep) {
                 info!("registrar: {user} is no longer a user; its phones are forgotten");
