@@ -2127,7 +2127,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     assert!(registered, "carol's phone registers: {output}");
     let (registered, _) = register("sipp", "sipp-phone");
     assert!(!registered, "sipp is no longer a user");
-    // `sip.max_calls` is down to the one call in progress: the next waits.
+    // `sip.max_calls` is down to the one call in progress: the next is refused.
     let (refused, output) = sipp("at-capacity.xml", &address, "bob", &[]);
     assert!(refused, "503 at capacity: {output}");
 
