@@ -2648,6 +2648,35 @@ fn a_video_phones_h264_passes_through_to_the_app() {
     );
 }
 
+/// An older desk phone, of H.264 level 1.2 (CIF at 15 frames a second)
+/// and taking single NAL units only (packetization mode 0), calls alice:
+/// the app's picture (320×240 at 30 frames a second, as Chromium starts)
+/// reaches it scaled to what its level decodes at that rate, and with no
+/// NAL unit in parts or aggregated, which such a phone would drop; x264
+/// bounds the slices.
+#[test]
+fn a_cif_phone_taking_single_nal_units_decodes_the_apps_picture() {
+    let _serial = one_at_a_time();
+    let mut call = VideoCallFromPhone::start("vp8", "video-call-cif.xml", &[]);
+    let seen = watch_video_call(&mut call.alice, &call.phone, &call.camera);
+    let logs = call.bridge.logs();
+    seen.assert_both_ways(440.0, &logs);
+    let (width, height) = call.camera.largest_picture().expect("a decoded picture");
+    // 6,000 macroblocks a second: 200 a frame at 30 frames a second.
+    assert!(
+        (width as u32).div_ceil(16) * (height as u32).div_ceil(16) <= 200,
+        "the phone got {width}×{height}, more than level 1.2 decodes\n{logs:#?}"
+    );
+    assert_eq!(
+        call.camera.packets_not_single_nal(),
+        0,
+        "fragments or aggregates reached a phone in packetization mode 0"
+    );
+    let cdr = call.finish();
+    let encoders = cdr["video"]["encoders"].as_array().unwrap();
+    assert!(encoders.iter().any(|e| e == "x264enc"), "{cdr}");
+}
+
 /// A video phone (PCMU and H.264 from GStreamer, signalling from SIPp
 /// running `scenario`) calling alice, whose browser answers with its camera.
 struct VideoCallFromPhone {

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod connectycube;
 pub mod digest;
 pub mod dtmf;
+pub mod h264;
 pub mod ice;
 pub mod offer_answer;
 pub mod opus_fmtp;

@@ -81,14 +81,7 @@ const FEEDBACK: [&str; 2] = ["nack pli", "ccm fir"];
 
 /// An H.264 format's packetization mode (RFC 6184: 0 unless given).
 fn h264_mode(format: &PayloadFormat) -> u8 {
-    format
-        .fmtp
-        .iter()
-        .flat_map(|fmtp| fmtp.split(';'))
-        .filter_map(|parameter| parameter.split_once('='))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("packetization-mode"))
-        .and_then(|(_, value)| value.trim().parse().ok())
-        .unwrap_or(0)
+    crate::h264::packetization_mode(format.fmtp.as_deref())
 }
 
 /// The RTP profile `proto` names, if the bridge speaks it: (SRTP, RTCP feedback).

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
+use bridge_protocol::h264;
 use bridge_protocol::offer_answer::NegotiatedStream;
 use bridge_protocol::sdp::Direction;
 use gst::prelude::*;
@@ -43,48 +44,102 @@ impl AppVideoCodec {
 }
 
 /// An encoder and the settings that make it fit for a live call (low
-/// latency, a key frame at least every two seconds, a modest bitrate).
+/// latency, a key frame at least every two seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encoder {
     pub factory: &'static str,
-    pub settings: &'static str,
+    settings: &'static str,
+    /// Its bitrate property, and how many bit/s its unit is.
+    bitrate: (&'static str, u32),
+    /// Caps its output is held to (empty: none).
+    output: &'static str,
 }
 
-const fn encoder(factory: &'static str, settings: &'static str) -> Encoder {
-    Encoder { factory, settings }
+const fn encoder(
+    factory: &'static str,
+    settings: &'static str,
+    bitrate: (&'static str, u32),
+    output: &'static str,
+) -> Encoder {
+    Encoder {
+        factory,
+        settings,
+        bitrate,
+        output,
+    }
 }
+
+/// A modest bitrate for a call's picture, unless the phone's level allows less.
+pub const VIDEO_KBPS: u32 = 1000;
+
+impl Encoder {
+    /// The encoder in a launch description, at `kbps`.
+    pub fn launch(&self, kbps: u32) -> String {
+        let (property, unit) = self.bitrate;
+        let output = match self.output {
+            "" => String::new(),
+            caps => format!(" ! {caps}"),
+        };
+        format!(
+            "{} {} {property}={}{output}",
+            self.factory,
+            self.settings,
+            u64::from(kbps) * 1000 / u64::from(unit)
+        )
+    }
+}
+
+const KBIT: (&str, u32) = ("bitrate", 1000);
 
 /// H.264 toward phones, best first: VA-API, VideoToolbox, NVENC, then
 /// openh264 (constrained baseline, what desk phones decode) and x264.
 pub const H264_ENCODERS: &[Encoder] = &[
-    encoder("vah264enc", "bitrate=1000 key-int-max=60 b-frames=0"),
-    encoder(
-        "vaapih264enc",
-        "bitrate=1000 keyframe-period=60 max-bframes=0",
-    ),
+    encoder("vah264enc", "key-int-max=60 b-frames=0", KBIT, ""),
+    encoder("vaapih264enc", "keyframe-period=60 max-bframes=0", KBIT, ""),
     encoder(
         "vtenc_h264_hw",
-        "bitrate=1000 realtime=true allow-frame-reordering=false max-keyframe-interval=60",
+        "realtime=true allow-frame-reordering=false max-keyframe-interval=60",
+        KBIT,
+        "",
     ),
     encoder(
         "nvh264enc",
-        "bitrate=1000 gop-size=60 zerolatency=true bframes=0",
+        "gop-size=60 zerolatency=true bframes=0",
+        KBIT,
+        "",
     ),
-    encoder("openh264enc", "bitrate=1000000 gop-size=60 complexity=low"),
+    encoder(
+        "openh264enc",
+        "gop-size=60 complexity=low",
+        ("bitrate", 1),
+        "",
+    ),
     encoder(
         "x264enc",
-        "bitrate=1000 tune=zerolatency speed-preset=ultrafast key-int-max=60 \
-         ! video/x-h264,profile=constrained-baseline",
+        "tune=zerolatency speed-preset=ultrafast key-int-max=60",
+        KBIT,
+        "video/x-h264,profile=constrained-baseline",
     ),
 ];
 
+/// H.264 toward a phone that takes each NAL unit in a packet of its own
+/// (packetization mode 0): only x264 bounds its slices in bytes.
+const SINGLE_NAL_H264_ENCODER: Encoder = encoder(
+    "x264enc",
+    "tune=zerolatency speed-preset=ultrafast key-int-max=60 option-string=slice-max-size=1100",
+    KBIT,
+    "video/x-h264,profile=constrained-baseline",
+);
+
 /// VP8 toward apps, best first.
 pub const VP8_ENCODERS: &[Encoder] = &[
-    encoder("vavp8enc", "bitrate=1000 key-int-max=60"),
-    encoder("vaapivp8enc", "bitrate=1000 keyframe-period=60"),
+    encoder("vavp8enc", "key-int-max=60", KBIT, ""),
+    encoder("vaapivp8enc", "keyframe-period=60", KBIT, ""),
     encoder(
         "vp8enc",
-        "deadline=1 cpu-used=8 target-bitrate=1000000 keyframe-max-dist=60 error-resilient=partitions",
+        "deadline=1 cpu-used=8 keyframe-max-dist=60 error-resilient=partitions",
+        ("target-bitrate", 1),
+        "",
     ),
 ];
 
@@ -119,11 +174,11 @@ pub fn elements(codec: AppVideoCodec) -> Vec<&'static str> {
         AppVideoCodec::Off => Vec::new(),
         AppVideoCodec::H264 => passing.to_vec(),
         AppVideoCodec::Vp8 => {
-            let encoders = [VP8_ENCODERS, H264_ENCODERS]
+            let encoders = [VP8_ENCODERS, H264_ENCODERS, &[SINGLE_NAL_H264_ENCODER]]
                 .into_iter()
                 .filter_map(|ranked| installed(ranked).ok().map(|e| e.factory));
             let decoders = [h264_decoder(), "vp8dec"];
-            let around = ["videoconvert", "rtpvp8pay", "rtpvp8depay"];
+            let around = ["videoconvert", "videoscale", "rtpvp8pay", "rtpvp8depay"];
             passing
                 .into_iter()
                 .chain(decoders)
@@ -133,6 +188,66 @@ pub fn elements(codec: AppVideoCodec) -> Vec<&'static str> {
         }
     }
 }
+
+/// The H.264 encoder for a phone that takes `limits`: one that bounds its
+/// slices for a phone that takes single NAL units, when installed.
+fn h264_encoder(limits: &h264::Limits) -> anyhow::Result<&'static Encoder> {
+    if limits.single_nal_units {
+        match installed(&[SINGLE_NAL_H264_ENCODER]) {
+            Ok(encoder) => return Ok(encoder),
+            Err(_) => warn!(
+                "the phone takes H.264 in single NAL units only, and no encoder \
+                 here bounds its slices (x264enc): large pictures go in fragments"
+            ),
+        }
+    }
+    installed(H264_ENCODERS)
+}
+
+/// Holds the picture `scaler` passes to what a phone of `limits` decodes
+/// (at the 30 frames a second apps send at most), in the shape it has:
+/// `scaler`'s output caps are set from each new input caps.
+fn fit_pictures_to(scaler: &gst::Element, size: &gst::Element, limits: h264::Limits) {
+    let size = size.downgrade();
+    let Some(pad) = scaler.static_pad("sink") else {
+        return;
+    };
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        let Some(gst::EventView::Caps(caps)) = info.event().map(|e| e.view()) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(input) = caps.caps().structure(0) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let (Ok(width), Ok(height), Some(size)) = (
+            input.get::<i32>("width"),
+            input.get::<i32>("height"),
+            size.upgrade(),
+        ) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let (fitted_width, fitted_height) =
+            limits.fit(width.max(1) as u32, height.max(1) as u32, APP_FRAME_RATE);
+        if (fitted_width, fitted_height) != (width as u32, height as u32) {
+            info!(
+                "the app's {width}×{height} picture goes to the phone (H.264 level {}) at \
+                 {fitted_width}×{fitted_height}",
+                limits.level_name()
+            );
+        }
+        let mut output = gst::Caps::builder("video/x-raw")
+            .field("width", fitted_width as i32)
+            .field("height", fitted_height as i32);
+        if let Ok(aspect) = input.get::<gst::Fraction>("pixel-aspect-ratio") {
+            output = output.field("pixel-aspect-ratio", aspect);
+        }
+        size.set_property("caps", output.build());
+        gst::PadProbeReturn::Ok
+    });
+}
+
+/// The most frames a second apps send.
+const APP_FRAME_RATE: u32 = 30;
 
 /// The H.264 decoder: libav's, else openh264's (behind a parser either way).
 fn h264_decoder() -> &'static str {
@@ -179,6 +294,13 @@ impl CallVideo {
         let session = reservation.session();
         let address: IpAddr = reservation.address;
         let pt = stream.format.payload_type;
+        let limits = h264::Limits::from_fmtp(stream.format.fmtp.as_deref());
+        // No aggregates (STAP-A) for a phone that takes single NAL units.
+        let aggregate = if limits.single_nal_units {
+            "none"
+        } else {
+            "zero-latency"
+        };
         // Lost packets and undecodable frames ask the sender for a key
         // frame (PLI/FIR and SIP INFO toward the phone, PLI toward the app).
         // Recorded: the H.264 from and to the phone, as it is.
@@ -196,31 +318,46 @@ impl CallVideo {
              ! rtph264depay request-keyframe=true ! h264parse config-interval=-1{tap_from_phone}"
         );
         let to_phone = format!(
-            "{tap_to_phone}valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode=zero-latency \
+            "{tap_to_phone}valve name=to_phone drop=false ! rtph264pay pt={pt} config-interval=-1 aggregate-mode={aggregate} \
              ! sipsink name=vtx session={session} local-address={address}"
         );
         let app_src = format!("connectycubesrc session={app_session}{nat} media=video");
         let (description, encoders) = match app_codec {
             AppVideoCodec::Off => anyhow::bail!("video is off"),
-            AppVideoCodec::H264 => (
-                format!(
-                    "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
+            AppVideoCodec::H264 => {
+                if limits.single_nal_units || limits.level < 31 {
+                    warn!(
+                        "the app's H.264 passes to the phone as it is: the phone's level {}{} \
+                         is not enforced (video = \"vp8\" would)",
+                        limits.level_name(),
+                        if limits.single_nal_units {
+                            " and single NAL units"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                (
+                    format!(
+                        "{from_phone} ! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency \
                        ! valve name=to_app drop=false ! connectycubesink session={app_session}{nat} caps=\"{H264_RTP_CAPS}\" \
                      {app_src} ! rtph264depay request-keyframe=true ! h264parse ! {to_phone}"
-                ),
-                Vec::new(),
-            ),
+                    ),
+                    Vec::new(),
+                )
+            }
             AppVideoCodec::Vp8 => {
-                let (vp8, h264) = (installed(VP8_ENCODERS)?, installed(H264_ENCODERS)?);
+                let (vp8, h264) = (installed(VP8_ENCODERS)?, h264_encoder(&limits)?);
                 let decoder = h264_decoder();
                 (
                     format!(
                         "{from_phone} ! {decoder} automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
-                           ! {} {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
+                           ! {} ! rtpvp8pay pt=96 picture-id-mode=15-bit \
                            ! valve name=to_app drop=false ! connectycubesink session={app_session}{nat} caps=\"{VP8_RTP_CAPS}\" \
                          {app_src} ! rtpvp8depay request-keyframe=true ! vp8dec automatic-request-sync-points=true ! videoconvert ! {LIVE_QUEUE} \
-                           ! {} {} ! h264parse ! {to_phone}",
-                        vp8.factory, vp8.settings, h264.factory, h264.settings
+                           ! videoscale name=phone_scale ! capsfilter name=phone_picture ! {} ! h264parse ! {to_phone}",
+                        vp8.launch(VIDEO_KBPS),
+                        h264.launch(VIDEO_KBPS.min(limits.max_bitrate_kbps)),
                     ),
                     vec![vp8.factory, h264.factory],
                 )
@@ -237,6 +374,12 @@ impl CallVideo {
                 .by_name(name)
                 .with_context(|| format!("video pipeline lacks {name}"))
         };
+        if let (Some(scaler), Some(size)) = (
+            pipeline.by_name("phone_scale"),
+            pipeline.by_name("phone_picture"),
+        ) {
+            fit_pictures_to(&scaler, &size, limits);
+        }
         if let Some(recorder) = recorder {
             for (name, track) in [
                 ("record_phone", Track::PhoneVideo),
@@ -372,6 +515,56 @@ mod tests {
     }
 
     #[test]
+    fn bitrates_are_written_in_each_encoders_unit() {
+        let by_name = |name| H264_ENCODERS.iter().find(|e| e.factory == name).unwrap();
+        assert_eq!(
+            by_name("openh264enc").launch(768),
+            "openh264enc gop-size=60 complexity=low bitrate=768000"
+        );
+        assert!(
+            by_name("x264enc")
+                .launch(768)
+                .ends_with(" bitrate=768 ! video/x-h264,profile=constrained-baseline")
+        );
+    }
+
+    /// A phone of level 1.3 (CIF) gets a VGA picture at 360×270, and one
+    /// of level 3.1 gets it as it is.
+    #[test]
+    fn pictures_are_scaled_to_the_phones_level() {
+        gst::init().unwrap();
+        let received = |fmtp: &str| {
+            let pipeline = gst::parse::launch(
+                "videotestsrc num-buffers=1 ! video/x-raw,width=640,height=480 \
+                 ! videoscale name=scale ! capsfilter name=size ! appsink name=phone",
+            )
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+            let by_name = |name| pipeline.by_name(name).unwrap();
+            fit_pictures_to(
+                &by_name("scale"),
+                &by_name("size"),
+                h264::Limits::from_fmtp(Some(fmtp)),
+            );
+            pipeline.set_state(gst::State::Playing).unwrap();
+            let sample = by_name("phone")
+                .downcast::<gst_app::AppSink>()
+                .unwrap()
+                .pull_sample()
+                .unwrap();
+            pipeline.set_state(gst::State::Null).unwrap();
+            let caps = sample.caps().unwrap().structure(0).unwrap().to_owned();
+            (
+                caps.get::<i32>("width").unwrap(),
+                caps.get::<i32>("height").unwrap(),
+            )
+        };
+        assert_eq!(received("profile-level-id=42e00d"), (360, 270));
+        assert_eq!(received("profile-level-id=42e01f"), (640, 480));
+    }
+
+    #[test]
     fn this_machine_falls_back_to_an_installed_software_encoder() {
         gst::init().unwrap();
         let h264 = installed(H264_ENCODERS).unwrap();
@@ -383,12 +576,10 @@ mod tests {
         );
         assert_eq!(vp8.factory, "vp8enc");
         // Their settings are valid as written.
-        for encoder in [h264, vp8] {
-            gst::parse::bin_from_description(
-                &format!("{} {}", encoder.factory, encoder.settings),
-                true,
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", encoder.factory));
+        for encoder in [h264, vp8, &SINGLE_NAL_H264_ENCODER] {
+            let description = format!("{} ! fakesink", encoder.launch(VIDEO_KBPS));
+            gst::parse::bin_from_description(&description, true)
+                .unwrap_or_else(|e| panic!("{}: {e}", encoder.factory));
         }
     }
 }

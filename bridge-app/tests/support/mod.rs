@@ -1238,6 +1238,11 @@ impl Drop for Phone {
 pub struct VideoPhone {
     pipeline: gst::Pipeline,
     frames: Arc<std::sync::atomic::AtomicU64>,
+    /// The largest picture decoded: width, height.
+    largest: Arc<Mutex<Option<(i32, i32)>>>,
+    /// Packets received with a NAL unit in parts (FU-A, FU-B) or several
+    /// in one (STAP, MTAP): what a phone in packetization mode 0 drops.
+    not_single_nal: Arc<std::sync::atomic::AtomicU64>,
     key_frames: Arc<Mutex<Vec<Instant>>>,
     key_frames_sent: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -1255,6 +1260,8 @@ impl VideoPhone {
             .unwrap();
         let frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = frames.clone();
+        let largest = Arc::new(Mutex::new(None));
+        let measured = largest.clone();
         let screen = pipeline
             .by_name("screen")
             .unwrap()
@@ -1263,12 +1270,40 @@ impl VideoPhone {
         screen.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
-                    sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let size = sample
+                        .caps()
+                        .and_then(|caps| caps.structure(0))
+                        .and_then(|s| {
+                            Some((s.get::<i32>("width").ok()?, s.get::<i32>("height").ok()?))
+                        });
+                    let mut largest = measured.lock().unwrap();
+                    if size.is_some_and(|(w, h)| largest.is_none_or(|(lw, lh)| w * h > lw * lh)) {
+                        *largest = size;
+                    }
                     Ok(gst::FlowSuccess::Ok)
                 })
                 .build(),
         );
+        let not_single_nal = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen_not_single = not_single_nal.clone();
+        pipeline
+            .by_name("rx")
+            .unwrap()
+            .static_pad("src")
+            .unwrap()
+            .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                let nal_type = info
+                    .buffer()
+                    .and_then(|b| b.map_readable().ok())
+                    .and_then(|packet| rtp_payload(&packet).first().map(|b| b & 0x1f));
+                // 24–27 aggregate, 28–29 fragment (RFC 6184, Table 1).
+                if nal_type.is_some_and(|t| (24..=29).contains(&t)) {
+                    seen_not_single.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                gst::PadProbeReturn::Ok
+            });
         let key_frames = Arc::new(Mutex::new(Vec::new()));
         let seen = key_frames.clone();
         pipeline
@@ -1306,6 +1341,8 @@ impl VideoPhone {
         VideoPhone {
             pipeline,
             frames,
+            largest,
+            not_single_nal,
             key_frames,
             key_frames_sent,
         }
@@ -1350,6 +1387,32 @@ impl VideoPhone {
     pub fn frames(&self) -> u64 {
         self.frames.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The largest picture decoded so far: width, height.
+    pub fn largest_picture(&self) -> Option<(i32, i32)> {
+        *self.largest.lock().unwrap()
+    }
+
+    /// Packets received that were not a single NAL unit each.
+    pub fn packets_not_single_nal(&self) -> u64 {
+        self.not_single_nal
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// An RTP packet's payload (after its CSRCs and header extension).
+fn rtp_payload(packet: &[u8]) -> &[u8] {
+    let Some(&first) = packet.first() else {
+        return &[];
+    };
+    let mut start = 12 + 4 * usize::from(first & 0x0f);
+    if first & 0x10 != 0 {
+        let words = packet
+            .get(start + 2..start + 4)
+            .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+        start += 4 + 4 * words;
+    }
+    packet.get(start..).unwrap_or(&[])
 }
 
 impl Drop for VideoPhone {
