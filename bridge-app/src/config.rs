@@ -23,6 +23,28 @@ pub struct Config {
     pub asterisk: AsteriskSection,
 }
 
+impl SipSection {
+    /// These settings with what a reload from `new` may change: who is
+    /// admitted, how many calls at once, and what each new call takes as
+    /// it starts. The rest (where SIP listens, the trunk, the registrar,
+    /// the WebRTC stack, the drain) needs a restart.
+    pub fn reloaded(&self, new: &SipSection) -> SipSection {
+        SipSection {
+            trusted: new.trusted.clone(),
+            digest_sha256: new.digest_sha256,
+            max_calls: new.max_calls,
+            early_media: new.early_media,
+            rtp_timeout_ms: new.rtp_timeout_ms,
+            jitter_buffer_ms: new.jitter_buffer_ms,
+            opus_complexity: new.opus_complexity,
+            offer_srtp: new.offer_srtp,
+            no_answer_timeout_ms: new.no_answer_timeout_ms,
+            video: new.video,
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SipSection {
@@ -578,17 +600,11 @@ impl Config {
     }
 
     /// The sections other than `users`, `recording` and `cdr` in which `other`
-    /// differs, but for `sip.trusted`, `sip.max_calls` and `sip.early_media`:
-    /// what a reload cannot apply to a running bridge.
+    /// differs, but for what a reload may change in `[sip]`
+    /// (`SipSection::reloaded`): what a reload cannot apply to a running bridge.
     pub fn fixed_sections_changed(&self, other: &Config) -> Vec<&'static str> {
-        let sip = SipSection {
-            trusted: self.sip.trusted.clone(),
-            max_calls: self.sip.max_calls,
-            early_media: self.sip.early_media,
-            ..other.sip.clone()
-        };
         [
-            ("sip", self.sip != sip),
+            ("sip", self.sip.reloaded(&other.sip) != other.sip),
             ("connectycube", self.connectycube != other.connectycube),
             ("management", self.management != other.management),
             ("asterisk", self.asterisk != other.asterisk),
@@ -910,8 +926,12 @@ department = "Sales"
         reloaded.cdr.path = Some("/var/log/bridge/cdr.jsonl".into());
         reloaded.sip.max_calls += 100;
         reloaded.sip.early_media = !running.sip.early_media;
-        assert!(running.fixed_sections_changed(&reloaded).is_empty());
         reloaded.sip.rtp_timeout_ms += 1;
+        reloaded.sip.opus_complexity = 5;
+        reloaded.sip.video = crate::sip::video::AppVideoCodec::Off;
+        assert!(running.fixed_sections_changed(&reloaded).is_empty());
+        assert!(running.sip.reloaded(&reloaded.sip) == reloaded.sip);
+        reloaded.sip.qualify_interval_s += 1;
         reloaded.connectycube.app_id += 1;
         reloaded.management.token = Some("another-token-of-sixteen".into());
         assert_eq!(

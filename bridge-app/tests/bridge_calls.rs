@@ -2023,8 +2023,8 @@ fn reload_config(
 /// forgets the user taken out and its phone, and the call that user's
 /// phone is making goes on to its end; the calls after it are recorded;
 /// the CDR file is opened again (after a log rotation); the number of
-/// calls carried at once changes; a configuration with a mistake changes
-/// nothing.
+/// calls carried at once and the RTP timeout change; a configuration with
+/// a mistake changes nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();
@@ -2087,7 +2087,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         "[asterisk]\ndevice_prefix = \"Bridge:\"\n\n[recording]\nenabled = true\ndirectory = \"{}\"",
         recordings.display()
     );
-    let sip = "max_calls = 1\n";
+    let sip = "max_calls = 1\nrtp_timeout_ms = 1500\n";
     std::fs::write(
         &config,
         reload_config(&sandbox, sip, &more, &["bob", "carol"]),
@@ -2147,6 +2147,10 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     };
     assert!(recording_of("reload-1").is_null(), "{lines:?}");
     assert_both_voices_recorded(recording_of("recorded-1").as_str().unwrap());
+    // The RTP timeout is down from 30 s to 1.5 s for new calls: a silent
+    // phone's call ends well within SIPp's 10 s.
+    let (hung_up, output) = sipp("wait-for-bye.xml", &address, "echo", &["-timeout", "10s"]);
+    assert!(hung_up, "BYE after the reloaded RTP timeout: {output}");
 
     // A configuration with a mistake is refused as a whole, naming it.
     std::fs::write(&config, "[sip]\nusername = \"trunk\"\n").unwrap();

@@ -20,7 +20,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::{Config, SipSection, UserMapping, sandbox_address};
+use crate::config::{Config, UserMapping, sandbox_address};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sip::{
     self, Account, AdmissionConfig, AppCaller, CallRecord, Caller, Destination, Dialer, Listener,
@@ -125,11 +125,11 @@ impl Bridge {
     /// bridge: the user mapping (users added sign in to ConnectyCube, users
     /// taken out sign out and their phones are forgotten, changed
     /// credentials sign in again), who is admitted (`sip.trusted`, the
-    /// phones' passwords; `adjust` as at the start), `sip.max_calls` and
-    /// `sip.early_media`, which new calls are recorded, and where CDRs go
-    /// (the file is opened again, for log rotation). Calls in progress go
-    /// on as they are. The other sections
-    /// take effect at the next start: each one changed is named in the log.
+    /// phones' passwords; `adjust` as at the start), the `[sip]` settings
+    /// new calls take (`SipSection::reloaded`), which new calls are
+    /// recorded, and where CDRs go (the file is opened again, for log
+    /// rotation). Calls in progress go on as they are. The rest takes
+    /// effect at the next start: each section changed is named in the log.
     /// A configuration with a mistake is refused whole. Reloads run one at
     /// a time, each reading the configuration as it then is.
     pub async fn reload(
@@ -177,12 +177,7 @@ impl Bridge {
         let applied = Arc::new(Config {
             users: config.users,
             cdr,
-            sip: SipSection {
-                trusted: config.sip.trusted,
-                max_calls: config.sip.max_calls,
-                early_media: config.sip.early_media,
-                ..old.sip.clone()
-            },
+            sip: old.sip.reloaded(&config.sip),
             recording,
             ..(*old).clone()
         });

@@ -164,7 +164,7 @@ impl Invitation {
     fn offer(&self, profile: Option<OfferProfile>) -> (Offer, &'static [OfferProfile]) {
         match &self.offers {
             Offers::InTurn(streams) => {
-                let in_turn = OfferProfile::in_turn(self.shared.config.offer_srtp);
+                let in_turn = OfferProfile::in_turn(self.shared.config().offer_srtp);
                 let profile = profile.unwrap_or(in_turn[0]);
                 let later = in_turn
                     .iter()

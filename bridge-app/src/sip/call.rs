@@ -291,10 +291,10 @@ async fn answer_call(
     let (_active, token) = ActiveCall::register(&shared, call_id, invite_cseq.unwrap_or(0));
 
     let session_timer = match SessionTimer::requested(&tx.original) {
-        Some(timer) if timer.interval < shared.config.min_session_expires => {
+        Some(timer) if timer.interval < shared.config().min_session_expires => {
             let interval = timer.interval;
             info!("call {call_id}: Session-Expires {interval} below Min-SE, 422");
-            let min_se = Header::MinSE(shared.config.min_session_expires.to_string().into());
+            let min_se = Header::MinSE(shared.config().min_session_expires.to_string().into());
             reply(&mut tx, StatusCode::SessionIntervalTooSmall, vec![min_se]).await;
             return Ok(());
         }
@@ -307,7 +307,8 @@ async fn answer_call(
         ..Capabilities::all_audio()
     };
     // A bridged call takes the phone's H.264 video too.
-    if matches!(destination, Destination::App { .. }) && shared.config.video != AppVideoCodec::Off {
+    if matches!(destination, Destination::App { .. }) && shared.config().video != AppVideoCodec::Off
+    {
         capabilities.video = vec!["H264"];
     }
     let offer = match offered_sdp(&tx.original) {
@@ -353,7 +354,7 @@ async fn answer_call(
         }
         _ => None,
     };
-    let reservation = match PortReservation::new(shared.config.media_address) {
+    let reservation = match PortReservation::new(shared.config().media_address) {
         Ok(r) => r,
         Err(e) => {
             warn!("call {call_id}: {e:#}, 503");
@@ -454,7 +455,7 @@ async fn answer_call(
     }
 
     let mut states = states;
-    let config = &shared.config;
+    let config = shared.config();
     let webrtc = call.media.as_ref().and_then(|m| m.app_element().cloned());
     let answered = async {
         match (app.as_mut(), webrtc) {
@@ -884,7 +885,7 @@ struct Call {
 impl Call {
     fn sdp_address(&self) -> IpAddr {
         self.shared
-            .config
+            .config()
             .public_address
             .unwrap_or(self.reservation.address)
     }
@@ -984,10 +985,10 @@ impl Call {
                 &reservation,
                 stream,
                 session,
-                self.shared.config.video,
+                self.shared.config().video,
                 self.media_events.0.clone(),
                 recorder.as_ref(),
-                &super::media::nat_properties(&self.shared.config),
+                &super::media::nat_properties(&self.shared.config()),
             )?;
             self.recorder = recorder;
             Ok((reservation, video))
@@ -1020,7 +1021,7 @@ impl Call {
         let codec = stream.codec.encoding_name;
         let switched = match self.media.as_mut() {
             Some(media) if media.codec() != codec => {
-                media.switch_codec(stream, &self.shared.config)?
+                media.switch_codec(stream, &self.shared.config())?
             }
             _ => false,
         };
@@ -1042,7 +1043,7 @@ impl Call {
                     &self.reservation,
                     stream,
                     &self.peer,
-                    &self.shared.config,
+                    &self.shared.config(),
                     self.media_events.0.clone(),
                     self.recorder.as_ref(),
                     self.video.is_some() || self.app_offers_video,
@@ -1489,7 +1490,7 @@ impl Call {
         };
         if let Some(timer) = SessionTimer::requested(request) {
             self.session_timer = Some(SessionTimer {
-                interval: timer.interval.max(self.shared.config.min_session_expires),
+                interval: timer.interval.max(self.shared.config().min_session_expires),
                 ..timer
             });
         }
@@ -1730,7 +1731,7 @@ impl Call {
             .collect();
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        let no_answer = self.shared.config.no_answer_timeout;
+        let no_answer = self.shared.config().no_answer_timeout;
         // Every phone of the target rings; the first to answer takes the
         // call. On a task of its own, so that a transfer given up still
         // CANCELs its phones.
@@ -2099,8 +2100,8 @@ impl Call {
             ));
         }
         let session_timer = match SessionTimer::requested(request) {
-            Some(timer) if timer.interval < self.shared.config.min_session_expires => {
-                let min_se = self.shared.config.min_session_expires.to_string();
+            Some(timer) if timer.interval < self.shared.config().min_session_expires => {
+                let min_se = self.shared.config().min_session_expires.to_string();
                 return Err((
                     StatusCode::SessionIntervalTooSmall,
                     format!("Session-Expires {} below Min-SE", timer.interval),
@@ -2186,7 +2187,8 @@ fn describe(reason: &TerminatedReason) -> String {
 
 /// What the bridge's own INVITEs answer a challenge with: the trunk account.
 fn trunk_credential(shared: &Shared) -> Option<rsipstack::dialog::authenticate::Credential> {
-    let account = shared.config.accounts.first()?;
+    let config = shared.config();
+    let account = config.accounts.first()?;
     Some(rsipstack::dialog::authenticate::Credential {
         username: account.username.clone(),
         password: account.password.clone(),
@@ -2267,11 +2269,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     // The phone's early media is played to the app where the call's
     // WebRTC leg can stay as it is whichever phone answers: audio only,
     // and its codec switchable (not recorded).
-    let early_media =
-        shared.early_media.load(Ordering::Relaxed) && !app.wants_video() && record_to.is_none();
+    let early_media = shared.config().early_media && !app.wants_video() && record_to.is_none();
     let call_id = format!("{:032x}", rand::random::<u128>());
     let (_active, token) = ActiveCall::register(&shared, &call_id, 0);
-    let reservation = match PortReservation::new(shared.config.media_address) {
+    let reservation = match PortReservation::new(shared.config().media_address) {
         Ok(r) => r,
         Err(e) => {
             app.refuse(503, "no media port");
@@ -2284,8 +2285,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         uri: format!("sip:{from_user}@{}", shared.contact.host_with_port),
     };
     // An app's video call offers the phone H.264 video on a port of its own.
-    let video_reservation = if app.wants_video() && shared.config.video != AppVideoCodec::Off {
-        PortReservation::new(shared.config.media_address)
+    let video_reservation = if app.wants_video() && shared.config().video != AppVideoCodec::Off {
+        PortReservation::new(shared.config().media_address)
             .inspect_err(|e| warn!("call {call_id}: no video ({e:#}); audio only"))
             .ok()
     } else {
@@ -2308,7 +2309,10 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         },
         offers: Offers::InTurn(Streams {
             origin,
-            address: shared.config.public_address.unwrap_or(reservation.address),
+            address: shared
+                .config()
+                .public_address
+                .unwrap_or(reservation.address),
             audio_port: reservation.port,
             video_port: video_reservation.as_ref().map(|v| v.port),
         }),
@@ -2361,7 +2365,7 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
             started,
         ),
     };
-    let config = &shared.config;
+    let config = shared.config();
     let no_answer = tokio::time::sleep(config.no_answer_timeout);
     tokio::pin!(no_answer);
     // Another phone picking the ringing call up: its INVITE names one of

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,17 +39,14 @@ pub(super) const SUPPORTED: &str = "timer, norefersub, replaces";
 
 /// What every call task shares.
 pub(super) struct Shared {
-    pub config: SipConfig,
+    /// As started, with what reloads changed since (see `reconfigure`).
+    config: RwLock<Arc<SipConfig>>,
     pub router: Arc<dyn Router>,
     pub admission: Admission,
     pub dialogs: Arc<DialogLayer>,
     /// The Contact URI of the bridge (public address when configured).
     pub contact: rsipstack::sip::Uri,
     pub active_calls: AtomicUsize,
-    /// `config.max_calls` and `config.early_media` as a reload last set
-    /// them (for the calls from then on).
-    pub max_calls: AtomicUsize,
-    pub early_media: AtomicBool,
     /// Calls in progress by Call-ID, so shutdown can end them and the
     /// management API can show them.
     pub calls: Mutex<HashMap<String, LiveCall>>,
@@ -63,10 +60,16 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The SIP settings as they now are: a call takes them as it starts
+    /// and at each renegotiation.
+    pub fn config(&self) -> Arc<SipConfig> {
+        self.config.read().unwrap().clone()
+    }
+
     /// Counts one more call in progress, unless the bridge carries
     /// `max_calls` already: then that limit.
     pub fn take_call_slot(&self) -> Result<(), usize> {
-        let max_calls = self.max_calls.load(Ordering::Relaxed);
+        let max_calls = self.config().max_calls;
         if self.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls {
             self.active_calls.fetch_sub(1, Ordering::Relaxed);
             return Err(max_calls);
@@ -251,9 +254,7 @@ impl UserAgent {
         let shared = Arc::new(Shared {
             admission: Admission::new(config.admission.clone()),
             registrar,
-            max_calls: AtomicUsize::new(config.max_calls),
-            early_media: AtomicBool::new(config.early_media),
-            config,
+            config: RwLock::new(Arc::new(config)),
             router,
             dialogs,
             contact,
@@ -265,19 +266,19 @@ impl UserAgent {
         });
 
         if let Some(registrar) = &shared.registrar
-            && !shared.config.qualify_interval.is_zero()
+            && !shared.config().qualify_interval.is_zero()
         {
             tokio::spawn(registrar.clone().qualify(
                 endpoint.inner.clone(),
                 shared.contact.clone(),
-                shared.config.qualify_interval,
+                shared.config().qualify_interval,
                 shutdown.child_token(),
             ));
         }
         let registration_stop = CancellationToken::new();
         let registration_states = RegistrationStates::default();
         let registrations = shared
-            .config
+            .config()
             .accounts
             .iter()
             .map(|account| {
@@ -285,7 +286,7 @@ impl UserAgent {
                     endpoint.inner.clone(),
                     shared.resolver.clone(),
                     account.clone(),
-                    shared.config.outbound_proxy.clone(),
+                    shared.config().outbound_proxy.clone(),
                     registration_states.clone(),
                     registration_stop.clone(),
                 )
@@ -333,19 +334,15 @@ impl UserAgent {
         self.registration_states.lock().unwrap().clone()
     }
 
-    /// Applies what a reloaded configuration may change: who is admitted
-    /// (trusted servers and users; the phones of users no longer there
-    /// are not rung again), how many calls are carried at once, and
-    /// whether apps hear early media. Calls in progress go on as they are.
+    /// Applies a reloaded configuration, whose keys beyond those a reload
+    /// may change (`SipSection::reloaded`) are as the bridge started with:
+    /// who is admitted (trusted servers and users; the phones of users no
+    /// longer there are not rung again), and the settings calls take as
+    /// they start. Calls in progress go on as they are.
     pub fn reconfigure(&self, settings: SipConfig) {
         let shared = &self.shared;
-        shared
-            .max_calls
-            .store(settings.max_calls, Ordering::Relaxed);
-        shared
-            .early_media
-            .store(settings.early_media, Ordering::Relaxed);
-        let admission = settings.admission;
+        let admission = settings.admission.clone();
+        *shared.config.write().unwrap() = Arc::new(settings);
         let users: Vec<String> = admission.users.keys().cloned().collect();
         // First, so that no phone of a user taken out registers after the purge.
         shared.admission.reconfigure(admission);
@@ -525,10 +522,11 @@ pub(super) fn phone_route(shared: &Shared, user: &str) -> Option<PhoneRoute> {
             proxy: None,
         });
     }
-    let domain = shared.config.domain.as_ref()?;
+    let config = shared.config();
+    let domain = config.domain.as_ref()?;
     Some(PhoneRoute {
         targets: vec![format!("sip:{user}@{domain}")],
-        proxy: shared.config.outbound_proxy.clone(),
+        proxy: config.outbound_proxy.clone(),
     })
 }
 
