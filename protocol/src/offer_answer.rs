@@ -458,12 +458,23 @@ pub fn render_offer(
                     .iter()
                     .find(|c| c.kind == stream.kind && c.encoding_name.eq_ignore_ascii_case(name))
             })
-            .map(|c| {
-                let payload_type = c.static_payload_type.unwrap_or_else(|| {
-                    next_dynamic += 1;
-                    next_dynamic - 1
+            .flat_map(|c| {
+                let mut payload_type = || {
+                    c.static_payload_type.unwrap_or_else(|| {
+                        next_dynamic += 1;
+                        next_dynamic - 1
+                    })
+                };
+                let format = offered_format(c, payload_type());
+                // H.264 in single NAL units too, after the fragmenting mode,
+                // for phones that take no other (RFC 6184: an answerer
+                // without a format's packetization mode refuses that format).
+                let single_nal_units = (c.encoding_name == "H264").then(|| PayloadFormat {
+                    payload_type: payload_type(),
+                    fmtp: Some(SINGLE_NAL_H264_FMTP.to_owned()),
+                    ..format.clone()
                 });
-                offered_format(c, payload_type)
+                std::iter::once(format).chain(single_nal_units)
             })
             .collect();
         // Events at 8 kHz, and at 48 kHz too with Opus, so that a phone
@@ -532,6 +543,9 @@ pub fn provisional_audio(capabilities: &Capabilities) -> Option<NegotiatedStream
     let offer = crate::sdp::parse(&offer).ok()?;
     answer(&offer, capabilities).ok()?.audio().cloned()
 }
+
+/// The bridge's H.264 in packetization mode 0 (the default).
+const SINGLE_NAL_H264_FMTP: &str = "profile-level-id=42e01f";
 
 /// The fmtp the bridge offers for a codec it sends.
 fn offered_format(codec: &Codec, payload_type: u8) -> PayloadFormat {
@@ -1016,7 +1030,16 @@ mod tests {
             ],
             "events at 8 and 48 kHz"
         );
-        assert_eq!(parsed.media[1].formats.len(), 3);
+        let modes: Vec<(&str, u8)> = parsed.media[1]
+            .formats
+            .iter()
+            .map(|f| (f.encoding_name.as_str(), h264_mode(f)))
+            .collect();
+        assert_eq!(
+            modes,
+            [("H264", 1), ("H264", 0), ("VP8", 0), ("VP9", 0)],
+            "H.264 fragmented first, then in single NAL units"
+        );
         assert!(parsed.media.iter().all(|m| m.proto == "RTP/AVP"));
         assert!(parsed.media.iter().all(|m| m.crypto.is_empty()));
         // Answering our own offer picks our first choice.
