@@ -290,15 +290,14 @@ async fn answer_call(
     let invite_cseq = cseq_of(&tx.original);
     let (_active, token) = ActiveCall::register(&shared, call_id, invite_cseq.unwrap_or(0));
 
-    let session_timer = match SessionTimer::requested(&tx.original) {
-        Some(timer) if timer.interval < shared.config().min_session_expires => {
-            let interval = timer.interval;
-            info!("call {call_id}: Session-Expires {interval} below Min-SE, 422");
-            let min_se = Header::MinSE(shared.config().min_session_expires.to_string().into());
-            reply(&mut tx, StatusCode::SessionIntervalTooSmall, vec![min_se]).await;
+    let min_se = shared.config().min_session_expires;
+    let session_timer = match SessionTimer::requested_within(&tx.original, min_se) {
+        Ok(timer) => timer,
+        Err(header) => {
+            info!("call {call_id}: Session-Expires below Min-SE {min_se}, 422");
+            reply(&mut tx, StatusCode::SessionIntervalTooSmall, vec![header]).await;
             return Ok(());
         }
-        timer => timer,
     };
 
     // One SDES key per call, so that re-offers keep what the phone knows.
@@ -2099,17 +2098,11 @@ impl Call {
                 "the call is being transferred",
             ));
         }
-        let session_timer = match SessionTimer::requested(request) {
-            Some(timer) if timer.interval < self.shared.config().min_session_expires => {
-                let min_se = self.shared.config().min_session_expires.to_string();
-                return Err((
-                    StatusCode::SessionIntervalTooSmall,
-                    format!("Session-Expires {} below Min-SE", timer.interval),
-                    vec![Header::MinSE(min_se.into())],
-                ));
-            }
-            timer => timer,
-        };
+        let min_se = self.shared.config().min_session_expires;
+        let session_timer = SessionTimer::requested_within(request, min_se).map_err(|header| {
+            let why = format!("Session-Expires below Min-SE {min_se}");
+            (StatusCode::SessionIntervalTooSmall, why, vec![header])
+        })?;
         let capabilities = self.capabilities_for_new_phone();
         let offer =
             offered_sdp(request).map_err(|why| refusal(StatusCode::NotAcceptableHere, &why))?;

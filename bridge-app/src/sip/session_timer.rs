@@ -54,6 +54,15 @@ impl SessionTimer {
         })
     }
 
+    /// [`requested`](Self::requested), refused with the `Min-SE` header for
+    /// a 422 (RFC 4028 §8.1) when its interval is below `min_se` seconds.
+    pub fn requested_within(request: &Request, min_se: u32) -> Result<Option<Self>, Header> {
+        match Self::requested(request) {
+            Some(timer) if timer.interval < min_se => Err(Header::MinSE(min_se.to_string().into())),
+            timer => Ok(timer),
+        }
+    }
+
     /// When the session is over unless refreshed: the interval less a
     /// margin (RFC 4028 §10: a third, at most 32 s).
     pub fn deadline(self) -> Instant {
@@ -128,6 +137,22 @@ mod tests {
         );
         assert_eq!(timer("Session-Expires: soon\r\n"), None);
         assert_eq!(timer(""), None);
+    }
+
+    #[test]
+    fn an_interval_below_min_se_is_refused_naming_it() {
+        let within =
+            |headers, min_se| SessionTimer::requested_within(&invite_with(headers), min_se);
+        let refused = within("Session-Expires: 30\r\n", 90).unwrap_err();
+        assert_eq!(refused.to_string(), "Min-SE: 90");
+        assert_eq!(
+            within("Session-Expires: 90\r\n", 90)
+                .unwrap()
+                .unwrap()
+                .interval,
+            90
+        );
+        assert_eq!(within("", 90).unwrap(), None);
     }
 
     #[test]
