@@ -23,28 +23,6 @@ pub struct Config {
     pub asterisk: AsteriskSection,
 }
 
-impl SipSection {
-    /// These settings with what a reload from `new` may change: who is
-    /// admitted, how many calls at once, and what each new call takes as
-    /// it starts. The rest (where SIP listens, the trunk, the registrar,
-    /// the WebRTC stack, the drain) needs a restart.
-    pub fn reloaded(&self, new: &SipSection) -> SipSection {
-        SipSection {
-            trusted: new.trusted.clone(),
-            digest_sha256: new.digest_sha256,
-            max_calls: new.max_calls,
-            early_media: new.early_media,
-            rtp_timeout_ms: new.rtp_timeout_ms,
-            jitter_buffer_ms: new.jitter_buffer_ms,
-            opus_complexity: new.opus_complexity,
-            offer_srtp: new.offer_srtp,
-            no_answer_timeout_ms: new.no_answer_timeout_ms,
-            video: new.video,
-            ..self.clone()
-        }
-    }
-}
-
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SipSection {
@@ -102,6 +80,28 @@ pub struct SipSection {
     /// What carries the app leg of calls without video: "shared" (threads
     /// all calls share) or "webrtcbin" (one per call).
     pub webrtc_stack: crate::sip::media::WebRtcStack,
+}
+
+impl SipSection {
+    /// These settings with what a reload from `new` may change: who is
+    /// admitted, how many calls at once, and what each new call takes as
+    /// it starts. The rest (where SIP listens, the trunk, the registrar,
+    /// the WebRTC stack, the drain) needs a restart.
+    pub fn reloaded(&self, new: &SipSection) -> SipSection {
+        SipSection {
+            trusted: new.trusted.clone(),
+            digest_sha256: new.digest_sha256,
+            max_calls: new.max_calls,
+            early_media: new.early_media,
+            rtp_timeout_ms: new.rtp_timeout_ms,
+            jitter_buffer_ms: new.jitter_buffer_ms,
+            opus_complexity: new.opus_complexity,
+            offer_srtp: new.offer_srtp,
+            no_answer_timeout_ms: new.no_answer_timeout_ms,
+            video: new.video,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Clone, Deserialize, PartialEq)]
