@@ -84,9 +84,10 @@ pub struct SipSection {
 
 impl SipSection {
     /// These settings with what a reload from `new` may change: who is
-    /// admitted, how many calls at once, and what each new call takes as
-    /// it starts. The rest (where SIP listens, the trunk, the registrar,
-    /// the WebRTC stack, the drain) needs a restart.
+    /// admitted, how many calls at once, what each new call takes as it
+    /// starts, and how long a stop lets the calls go on. The rest (where
+    /// SIP listens, the trunk, the registrar and its qualify, the WebRTC
+    /// stack) needs a restart.
     pub fn reloaded(&self, new: &SipSection) -> SipSection {
         SipSection {
             trusted: new.trusted.clone(),
@@ -99,6 +100,7 @@ impl SipSection {
             offer_srtp: new.offer_srtp,
             no_answer_timeout_ms: new.no_answer_timeout_ms,
             video: new.video,
+            drain_timeout_s: new.drain_timeout_s,
             ..self.clone()
         }
     }
@@ -929,6 +931,7 @@ department = "Sales"
         reloaded.sip.rtp_timeout_ms += 1;
         reloaded.sip.opus_complexity = 5;
         reloaded.sip.video = crate::sip::video::AppVideoCodec::Off;
+        reloaded.sip.drain_timeout_s = 600;
         assert!(running.fixed_sections_changed(&reloaded).is_empty());
         assert!(running.sip.reloaded(&reloaded.sip) == reloaded.sip);
         reloaded.sip.qualify_interval_s += 1;

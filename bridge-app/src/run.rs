@@ -202,7 +202,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             );
         }
         println!(
-            "  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops; SIGHUP reloads the users."
+            "  e.g. sipp -sn uac -s alice {address}   Ctrl-C stops; SIGHUP reloads the configuration."
         );
         let mut stop = StopSignals::new()?;
         let mut reloads =
@@ -221,7 +221,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
                 }
             }
         }
-        let drain = Duration::from_secs(config.sip.drain_timeout_s);
+        let drain = bridge.drain_timeout();
         if !drain.is_zero() && bridge.sip.active_calls() > 0 {
             println!(
                 "Draining: {} call(s) in progress may go on for up to {drain:?}; new calls get 503. \

@@ -2023,8 +2023,8 @@ fn reload_config(
 /// forgets the user taken out and its phone, and the call that user's
 /// phone is making goes on to its end; the calls after it are recorded;
 /// the CDR file is opened again (after a log rotation); the number of
-/// calls carried at once and the RTP timeout change; a configuration with
-/// a mistake changes nothing.
+/// calls carried at once, the RTP timeout and the drain change; a
+/// configuration with a mistake changes nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();
@@ -2038,7 +2038,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     std::fs::write(&config, reload_config(&sandbox, "", "", &["sipp", "bob"])).unwrap();
     let management_port = support::free_port().to_string();
     let management = format!("127.0.0.1:{management_port}");
-    let bridge = BridgeProcess::start(&[
+    let mut bridge = BridgeProcess::start(&[
         "--config",
         config.to_str().unwrap(),
         "--management",
@@ -2087,7 +2087,7 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         "[asterisk]\ndevice_prefix = \"Bridge:\"\n\n[recording]\nenabled = true\ndirectory = \"{}\"",
         recordings.display()
     );
-    let sip = "max_calls = 1\nrtp_timeout_ms = 1500\n";
+    let sip = "max_calls = 1\nrtp_timeout_ms = 1500\ndrain_timeout_s = 60\n";
     std::fs::write(
         &config,
         reload_config(&sandbox, sip, &more, &["bob", "carol"]),
@@ -2165,6 +2165,15 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     );
     let (registered, output) = register("carol", "carol-phone");
     assert!(registered, "the users stay as they were: {output}");
+
+    // Stopped with a drain timeout the reload set, the bridge lets the
+    // call in progress go on to its end (with none, it would end it at once).
+    let (_phone, signalling) = phone_call(&bridge, "call.xml", "bob", PCMU_440, 6, "drained");
+    bob.wait_event("incoming call", Duration::from_secs(15));
+    bridge.signal("TERM");
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the call went on through the drain: {output}");
+    assert_eq!(bridge.exited_within(Duration::from_secs(10)), Some(true));
 }
 
 #[test]

@@ -263,6 +263,12 @@ impl Bridge {
         stats
     }
 
+    /// How long the calls in progress may go on once the bridge is told
+    /// to stop (`sip.drain_timeout_s` as last loaded).
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.router.config().sip.drain_timeout_s)
+    }
+
     /// Mapped extensions whose ConnectyCube user is signed in.
     pub fn signed_in(&self) -> Vec<(String, u64)> {
         let mut users: Vec<(String, u64)> = self
