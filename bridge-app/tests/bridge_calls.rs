@@ -1930,8 +1930,14 @@ fn a_recorded_call_holds_both_voices() {
     assert_both_voices_recorded(path);
 }
 
-/// A finalized WAV recording of over 3 s holds both voices.
+/// A finalized WAV recording of over 3 s holds both voices: the phone's
+/// 440 Hz and the app's 660 Hz.
 fn assert_both_voices_recorded(path: &str) {
+    assert_tones_recorded(path, &[440.0, 660.0]);
+}
+
+/// A finalized WAV recording of over 3 s holds each of `tones` (Hz).
+fn assert_tones_recorded(path: &str, tones: &[f64]) {
     let mut reader = hound::WavReader::open(path).expect("a finalized, readable WAV file");
     let rate = reader.spec().sample_rate;
     let samples: Vec<f32> = reader
@@ -1943,18 +1949,20 @@ fn assert_both_voices_recorded(path: &str) {
         "{} samples",
         samples.len()
     );
-    assert_both_voices(&samples, rate);
+    assert_tones(&samples, rate, tones);
 }
 
-/// A recording holds the phone's 440 Hz and the app's 660 Hz.
-fn assert_both_voices(samples: &[f32], rate: u32) {
+/// `samples` at `rate` hold each of `tones` (Hz), well above 1000 Hz's level.
+fn assert_tones(samples: &[f32], rate: u32, tones: &[f64]) {
     let power = |hz| bridge_protocol::tone::tone_power(samples, rate, hz);
-    let (phone, app, neither) = (power(440.0), power(660.0), power(1000.0));
-    assert!(
-        phone > neither * 20.0,
-        "the phone's voice: {phone} vs {neither}"
-    );
-    assert!(app > neither * 20.0, "the app's voice: {app} vs {neither}");
+    let neither = power(1000.0);
+    for &tone in tones {
+        assert!(
+            power(tone) > neither * 20.0,
+            "{tone} Hz: {} vs {neither} at 1000 Hz",
+            power(tone)
+        );
+    }
 }
 
 #[test]
@@ -2321,8 +2329,8 @@ fn a_delayed_offer_reaches_an_app_user() {
     delayed_offer_to_alice(false);
 }
 
-/// The same, recorded: a recording's media cannot switch codec, so the
-/// bridge offers PCMU alone, and the recording holds both voices.
+/// The same, recorded: the recording holds both voices through the
+/// media's move from Opus passed through to PCMU transcoded.
 #[test]
 fn a_recorded_delayed_offer_holds_both_voices() {
     delayed_offer_to_alice(true);
@@ -2478,13 +2486,22 @@ fn bob_calls_alice_on_early_media(bridge: &BridgeProcess, bob: &mut BrowserPeer)
 /// the app hears the first one's (PCMU); when that phone turns out busy,
 /// the other's (PCMA) plays on at once, though it sent its 183 while the
 /// first one played and sends no other; that phone's answer goes on on
-/// the same WebRTC leg with both voices crossing.
+/// the same WebRTC leg with both voices crossing. The call is recorded,
+/// and the recording holds both phones' early media and both voices.
 #[test]
 fn with_early_media_another_phones_plays_on_when_the_first_fails() {
     let _serial = one_at_a_time();
     let dir = tempdir();
     let config = PhoneAtDomain::with_sip(&dir, |_| "early_media = true".into());
-    let bridge = BridgeProcess::start(&["--config", config.config.to_str().unwrap()]);
+    let (cdr, recordings) = (dir.join("cdr.jsonl"), dir.join("recordings"));
+    let bridge = BridgeProcess::start(&[
+        "--config",
+        config.config.to_str().unwrap(),
+        "--cdr",
+        cdr.to_str().unwrap(),
+        "--record",
+        recordings.to_str().unwrap(),
+    ]);
     let (busy, answering) = (
         Phone::new("PCMU", 0, 8000, 523),
         Phone::new("PCMA", 8, 8000, 784),
@@ -2537,6 +2554,9 @@ fn with_early_media_another_phones_plays_on_when_the_first_fails() {
             && phone_heard.is_some_and(|f| (f - 660.0).abs() < 20.0),
         "after the answer the app heard {app_heard:?} Hz (the phone's 784), the phone {phone_heard:?} Hz (the app's 660)"
     );
+    let lines = wait_for_cdr(&cdr, 1);
+    let recording = lines[0]["recording"].as_str().expect("a recording");
+    assert_tones_recorded(recording, &[523.0, 784.0, 660.0]);
 }
 
 /// The SIP server named by its domain alone, as hosted PBXs and SIP trunks
@@ -2839,7 +2859,7 @@ fn a_recorded_video_call_holds_both_voices_and_both_pictures() {
         "frames of each picture: {:?}",
         recording.video_frames
     );
-    assert_both_voices(&recording.audio, 16000);
+    assert_tones(&recording.audio, 16000, &[440.0, 660.0]);
 }
 
 /// The video phone holds the call (both streams sendonly) and resumes:

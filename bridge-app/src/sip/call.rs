@@ -342,13 +342,8 @@ async fn answer_call(
     // offer, inactive, so that the app can ring; the answer in the ACK then
     // says where the phone's audio goes and in which codec.
     let provisional = match (&negotiated, &destination) {
-        (None, Destination::App { record_to, .. }) => {
+        (None, Destination::App { .. }) => {
             capabilities.video.clear();
-            if record_to.is_some() {
-                // A recorded call's media cannot switch codec once the
-                // answer comes: one codec, which every phone speaks.
-                capabilities.audio = vec!["PCMU"];
-            }
             offer_answer::provisional_audio(&capabilities)
         }
         _ => None,
@@ -2261,8 +2256,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
     }
     // The phone's early media is played to the app where the call's
     // WebRTC leg can stay as it is whichever phone answers: audio only,
-    // and its codec switchable (not recorded).
-    let early_media = shared.config().early_media && !app.wants_video() && record_to.is_none();
+    // its codec switchable.
+    let early_media = shared.config().early_media && !app.wants_video();
     let call_id = format!("{:032x}", rand::random::<u128>());
     let (_active, token) = ActiveCall::register(&shared, &call_id, 0);
     let reservation = match PortReservation::new(shared.config().media_address) {

@@ -203,10 +203,6 @@ fn swap_segment(
     });
 }
 
-/// Where a recorded call's voices are taken, each way: a `tee` whose
-/// other branch goes to the recorder.
-const RECORDING_SPLITS: (&str, &str) = ("tee name=from_phone ! queue", "tee name=from_app ! queue");
-
 /// Raw audio to the phone's RTP: its codec's encoder at its own rate
 /// (Opus in frames of the phone's ptime), then its payloader.
 fn encode_for_phone(
@@ -235,32 +231,18 @@ fn encode_for_phone(
 /// both ways passes as it is; any other codec is decoded and encoded at
 /// the phone's own rate, with no resampler, whose delay would push the
 /// audio off the packet grid and hold every packet for the next one.
-/// `splits` take each voice for a recording where it is plain (empty:
-/// none). The element named `to_app` holds the app's audio back while the
-/// phone holds the call.
+/// The element named `to_app` holds the app's audio back while the phone
+/// holds the call.
 fn codec_segments(
     chain: &AudioChain,
     encode_for_phone: &str,
     config: &super::SipConfig,
-    (split_phone, split_app): (&str, &str),
 ) -> (String, Option<String>) {
-    let join = |parts: &[&str]| {
-        parts
-            .iter()
-            .filter(|part| !part.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ! ")
-    };
     let opus_both_ways = chain.depayloader == "rtpopusdepay";
     if opus_both_ways {
         // Each leg numbers the packets by its own map: the WebRTC stack
         // for the app, `sipsink` by the phone's SDP.
-        let to_app = join(&[split_phone, "valve name=to_app drop=false"]);
-        return (
-            to_app,
-            (!split_app.is_empty()).then(|| split_app.to_owned()),
-        );
+        return ("valve name=to_app drop=false".to_owned(), None);
     }
     // Every phone codec's decoder gives 16-bit mono at the rate Opus is
     // fed at, and Opus is decoded to the phone encoder's rate.
@@ -272,21 +254,23 @@ fn codec_segments(
         "opusvoiceenc audio-type=generic complexity={} ! rtpopuspay pt=111",
         config.opus_complexity
     );
-    let to_app = join(&[
-        chain.depayloader,
-        chain.decoder,
-        &raw,
-        split_phone,
-        "volume name=to_app",
-        &encode_for_app,
-    ]);
-    let to_phone = join(&[
-        "rtpopusdepay",
-        "opusvoicedec plc=true",
-        split_app,
-        encode_for_phone,
-    ]);
+    let to_app = format!(
+        "{} ! {} ! {raw} ! volume name=to_app ! {encode_for_app}",
+        chain.depayloader, chain.decoder
+    );
+    let to_phone = format!("{APP_VOICE_DECODER} ! {encode_for_phone}");
     (to_app, Some(to_phone))
+}
+
+/// The app's Opus RTP to raw audio at the rate downstream asks for.
+const APP_VOICE_DECODER: &str = "rtpopusdepay ! opusvoicedec plc=true";
+
+/// The phone's RTP in `chain`'s codec to raw audio, for a recording.
+fn phone_voice_decoder(chain: &AudioChain) -> String {
+    match chain.depayloader {
+        "rtpopusdepay" => APP_VOICE_DECODER.to_owned(),
+        depayloader => format!("{depayloader} ! {}", chain.decoder),
+    }
 }
 
 /// The elements of the common calls' pipelines, loaded before the first call.
@@ -378,8 +362,8 @@ pub struct CallMedia {
     receiver: gst::Element,
     sender: gst::Element,
     valve: gst::Element,
-    /// The app's audio source (`connectycubesrc`), when bridged.
-    app_src: Option<gst::Element>,
+    /// Where a bridged call's codec lies, for a codec switch.
+    segments: Option<CodecSegments>,
     codec: &'static str,
     /// How long the bridge holds the audio, toward the app and toward the phone.
     latency: (LatencyMeter, LatencyMeter),
@@ -389,6 +373,36 @@ pub struct CallMedia {
     answered: AtomicBool,
     held: AtomicBool,
     rtp_timeout_ms: u32,
+}
+
+/// Where the elements of a bridged call's phone codec lie, each span from a
+/// source pad to a sink pad.
+struct CodecSegments {
+    /// Toward the app: to the app's sink.
+    phone_out: gst::Pad,
+    /// Toward the phone: to the hold valve.
+    app_out: gst::Pad,
+    /// The phone's voice decoded for a recording.
+    phone_voice: Option<(gst::Pad, gst::Pad)>,
+}
+
+impl CodecSegments {
+    /// The spans in a call's `pipeline` (`None`: no app, a service).
+    fn of(pipeline: &gst::Pipeline, receiver: &gst::Element) -> Option<Self> {
+        let pad = |element: &str, name| pipeline.by_name(element)?.static_pad(name);
+        let recorded = pipeline.by_name("phone_out").is_some();
+        let (phone_out, app_out) = if recorded {
+            (pad("phone_out", "src")?, pad("app_out", "src")?)
+        } else {
+            (receiver.static_pad("src")?, pad("app_src", "src")?)
+        };
+        let phone_voice = pad("phone_voice", "src").zip(pad("phone_voice_raw", "sink"));
+        Some(CodecSegments {
+            phone_out,
+            app_out,
+            phone_voice,
+        })
+    }
 }
 
 /// Bridge-added latency of a call's audio in each direction, in ms.
@@ -446,25 +460,6 @@ impl CallMedia {
                 session: app,
                 record_to,
             } => {
-                // Each voice, decoded, into the recorder (a mix of both).
-                let to_recorder = "queue ! audioconvert ! audioresample \
-                    ! audio/x-raw,format=S16LE,rate=16000,channels=1 ! recorder.";
-                // The mixer resamples nothing: its output is fixed to what
-                // both voices are converted to. A video call's recorder takes
-                // the mix; otherwise it goes to a WAV file.
-                let mix =
-                    "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1";
-                let (splits, recorder) = match (record_to, recorder) {
-                    (Some(_), Some(_)) => (
-                        RECORDING_SPLITS,
-                        format!("{mix} ! appsink name=voices sync=false async=false"),
-                    ),
-                    (Some(path), None) => (
-                        RECORDING_SPLITS,
-                        format!("{mix} ! wavenc ! filesink location=\"{}\"", path.display()),
-                    ),
-                    (None, _) => (("", ""), String::new()),
-                };
                 let nat = nat_properties(config);
                 let app_sink = format!(
                     "connectycubesink name=app session={app} webrtc-stack={stack}{nat} caps=\"{OPUS_RTP_CAPS}\""
@@ -478,24 +473,45 @@ impl CallMedia {
                 let app_src = format!(
                     "connectycubesrc name=app_src session={app} webrtc-stack={stack}{nat} media=audio max-playback-rate={playback_rate}"
                 );
-                let (to_app, to_phone_codec) =
-                    codec_segments(&chain, &encode_for_phone, config, splits);
-                let record = match (record_to.is_some(), codec) {
-                    (false, _) => String::new(),
-                    // The packets pass as they are: decoded for the recording only.
-                    (true, "OPUS") => format!(
-                        "from_phone. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} \
-                         from_app. ! queue ! rtpopusdepay ! opusvoicedec plc=true ! {to_recorder} {recorder}"
+                let (to_app, to_phone_codec) = codec_segments(&chain, &encode_for_phone, config);
+                let to_phone_codec = to_phone_codec
+                    .map(|segment| format!(" ! {segment}"))
+                    .unwrap_or_default();
+                // The mixer resamples nothing: its output is fixed to what
+                // both voices are converted to. A video call's recorder takes
+                // the mix; otherwise it goes to a WAV file.
+                let mix =
+                    "audiomixer name=recorder ! audio/x-raw,format=S16LE,rate=16000,channels=1";
+                let recording = match (record_to, recorder) {
+                    (Some(_), Some(_)) => Some(format!(
+                        "{mix} ! appsink name=voices sync=false async=false"
+                    )),
+                    (Some(path), None) => Some(format!(
+                        "{mix} ! wavenc ! filesink location=\"{}\"",
+                        path.display()
+                    )),
+                    (None, _) => None,
+                };
+                match recording {
+                    None => format!(
+                        "{receiver} ! {to_app} ! {app_sink} {app_src}{to_phone_codec} ! {to_phone}"
                     ),
-                    (true, _) => {
-                        format!("from_phone. ! {to_recorder} from_app. ! {to_recorder} {recorder}")
+                    // Each leg's RTP is split before any codec's elements,
+                    // and decoded for the recording on its own, so that a
+                    // codec switch swaps the same segments as in a call not
+                    // recorded, and the phone's decoder for the recording.
+                    Some(recording) => {
+                        let to_mix = "audioresample \
+                            ! audio/x-raw,format=S16LE,rate=16000,channels=1 ! recorder.";
+                        format!(
+                            "{receiver} ! tee name=from_phone ! queue name=phone_out ! {to_app} ! {app_sink} \
+                             {app_src} ! tee name=from_app ! queue name=app_out{to_phone_codec} ! {to_phone} \
+                             from_phone. ! queue name=phone_voice ! {} ! audioconvert name=phone_voice_raw ! {to_mix} \
+                             from_app. ! queue ! {APP_VOICE_DECODER} ! audioconvert ! {to_mix} {recording}",
+                            phone_voice_decoder(&chain)
+                        )
                     }
-                };
-                let from_app = match to_phone_codec {
-                    Some(segment) => format!("{app_src} ! {segment}"),
-                    None => app_src,
-                };
-                format!("{receiver} ! {to_app} ! {app_sink} {from_app} ! {to_phone} {record}")
+                }
             }
         };
         tracing::debug!("call pipeline: {description}");
@@ -512,7 +528,7 @@ impl CallMedia {
         let media = Self {
             app: pipeline.by_name("app"),
             to_app: pipeline.by_name("to_app"),
-            app_src: pipeline.by_name("app_src"),
+            segments: CodecSegments::of(&pipeline, &receiver),
             recording: match peer {
                 Peer::App { record_to, .. } if recorder.is_none() => record_to.clone(),
                 _ => None,
@@ -635,54 +651,63 @@ impl CallMedia {
         }
     }
 
-    /// Whether [`Self::switch_codec`] can: a bridged call not recorded.
+    /// Whether [`Self::switch_codec`] can: a bridged call.
     pub fn can_switch_codec(&self) -> bool {
-        self.app_src.is_some()
-            && self.recording.is_none()
-            && self.pipeline.by_name("recorder").is_none()
+        self.segments.is_some()
     }
 
     /// Moves a bridged call to another phone codec, its WebRTC leg as it
     /// is: for a phone that takes the call over (a transfer's target) and
     /// does not speak the call's codec. The elements between the phone's
-    /// RTP and the app's are swapped, each way once no packet passes.
-    /// `Ok(false)`: this call's media cannot (a service, or a recording).
+    /// RTP and the app's are swapped, each way once no packet passes, and
+    /// the phone's decoder for a recording. `Ok(false)`: this call's media
+    /// cannot (a service).
     pub fn switch_codec(
         &mut self,
         stream: &NegotiatedStream,
         config: &super::SipConfig,
     ) -> anyhow::Result<bool> {
-        let (Some(app), Some(app_src)) = (&self.app, &self.app_src) else {
+        let (Some(app), Some(segments)) = (&self.app, &self.segments) else {
             return Ok(false);
         };
-        if !self.can_switch_codec() {
-            return Ok(false);
-        }
         let codec = stream.codec.encoding_name;
         let chain = audio_chain(codec).with_context(|| format!("no audio chain for {codec}"))?;
         let encode = encode_for_phone(&chain, stream, config);
-        let (to_app, to_phone) = codec_segments(&chain, &encode, config, ("", ""));
+        let (to_app, to_phone) = codec_segments(&chain, &encode, config);
         let bin = |description: &str| {
             gst::parse::bin_from_description(description, true)
                 .with_context(|| format!("cannot build {description}"))
         };
         let to_app = bin(&to_app)?;
         let to_phone = to_phone.as_deref().map(bin).transpose()?;
+        let phone_voice = match &segments.phone_voice {
+            Some(_) => Some(bin(&phone_voice_decoder(&chain))?),
+            None => None,
+        };
         // The phone's packets are of the new codec from now on.
         self.set_peer(stream);
-        let pad = |element: &gst::Element, name| element.static_pad(name).expect("a static pad");
+        let app_sink = app.static_pad("sink").expect("a static pad");
+        let hold = self.valve.static_pad("sink").expect("a static pad");
         swap_segment(
             &self.pipeline,
-            pad(&self.receiver, "src"),
-            pad(app, "sink"),
+            segments.phone_out.clone(),
+            app_sink,
             Some(to_app.clone().upcast()),
         );
         swap_segment(
             &self.pipeline,
-            pad(app_src, "src"),
-            pad(&self.valve, "sink"),
+            segments.app_out.clone(),
+            hold,
             to_phone.map(|bin| bin.upcast()),
         );
+        if let (Some((from, to)), Some(decoder)) = (&segments.phone_voice, phone_voice) {
+            swap_segment(
+                &self.pipeline,
+                from.clone(),
+                to.clone(),
+                Some(decoder.upcast()),
+            );
+        }
         self.to_app = to_app.by_name("to_app");
         self.codec = codec;
         self.set_direction(stream);
