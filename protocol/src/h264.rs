@@ -111,7 +111,8 @@ impl Limits {
             let even = |length: f64| ((length * scale) as u32 & !1).max(16);
             let fitted = (even(w), even(h));
             let (across, down) = (fitted.0.div_ceil(16), fitted.1.div_ceil(16));
-            let fits = across * down <= frame && across.max(down) <= side;
+            let fits =
+                u64::from(across) * u64::from(down) <= u64::from(frame) && across.max(down) <= side;
             if fits || fitted == (16, 16) {
                 return fitted;
             }
