@@ -70,6 +70,10 @@ pub struct SipSection {
     pub early_media: bool,
     pub no_answer_timeout_ms: u64,
     pub max_calls: usize,
+    /// While the bridge uses more than this percent of the cores it may
+    /// run on (averaged over 3 s), new calls get 503, so that the calls in
+    /// progress lose no packet. 0: never refused for CPU.
+    pub max_cpu_percent: f64,
     /// On SIGTERM or Ctrl-C, how long the calls in progress may go on
     /// while no new call is taken (0, the default: they are ended at
     /// once). A second signal ends them at once.
@@ -93,6 +97,7 @@ impl SipSection {
             trusted: new.trusted.clone(),
             digest_sha256: new.digest_sha256,
             max_calls: new.max_calls,
+            max_cpu_percent: new.max_cpu_percent,
             early_media: new.early_media,
             rtp_timeout_ms: new.rtp_timeout_ms,
             jitter_buffer_ms: new.jitter_buffer_ms,
@@ -266,6 +271,7 @@ impl Default for SipSection {
             early_media: false,
             no_answer_timeout_ms: 60_000,
             max_calls: 200,
+            max_cpu_percent: crate::sip::DEFAULT_MAX_CPU_PERCENT,
             drain_timeout_s: 0,
             video: Default::default(),
             webrtc_stack: Default::default(),
@@ -518,6 +524,9 @@ impl Config {
         }
         if self.sip.opus_complexity > 10 {
             problems.push("sip.opus_complexity: 0 to 10".into());
+        }
+        if !(0.0..=100.0).contains(&self.sip.max_cpu_percent) {
+            problems.push("sip.max_cpu_percent: 0 (never refuse) to 100".into());
         }
         if self.sip.rtp_timeout_ms == 0 {
             problems.push("sip.rtp_timeout_ms: must be more than 0".into());
@@ -832,12 +841,14 @@ department = "Sales"
         config.connectycube.chat_url = "http://wrong".into();
         config.management.listen = Some(([127, 0, 0, 1], 8088).into());
         config.sip.opus_complexity = 11;
+        config.sip.max_cpu_percent = 150.0;
         config.connectycube.stun_server = Some("turn://user:pass@host".into());
         config.sip.outbound_proxy = Some("sbc.example.com:five".into());
         let problems = config.validate().unwrap_err().0;
         for key in [
             "sip.outbound_proxy",
             "sip.opus_complexity",
+            "sip.max_cpu_percent",
             "connectycube.stun_server",
             "users[1].extension",
             "users[1].login",
@@ -927,6 +938,7 @@ department = "Sales"
         reloaded.recording.enabled = true;
         reloaded.cdr.path = Some("/var/log/bridge/cdr.jsonl".into());
         reloaded.sip.max_calls += 100;
+        reloaded.sip.max_cpu_percent = 50.0;
         reloaded.sip.early_media = !running.sip.early_media;
         reloaded.sip.rtp_timeout_ms += 1;
         reloaded.sip.opus_complexity = 5;

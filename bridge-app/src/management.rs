@@ -116,6 +116,12 @@ fn prometheus_text(stats: &serde_json::Value) -> String {
         "1 while the bridge takes no new call.",
         gauge(f64::from(u8::from(stats["draining"] == true))),
     );
+    metric(
+        "cpu_percent",
+        "gauge",
+        "The bridge's CPU over the last 3 s, percent of the cores it may use (sip.max_cpu_percent refuses new calls above it).",
+        gauge(number(&stats["cpu_percent"])),
+    );
     let by_status = ended["by_status"].as_object().into_iter().flatten();
     metric(
         "calls_ended_total",
@@ -222,6 +228,7 @@ mod tests {
         let stats = serde_json::json!({
             "draining": false,
             "active_calls": 2,
+            "cpu_percent": 12.5,
             "registrations": {"trunk": "registered", "pbx\"2": "failed: 403 Forbidden"},
             "phones": {"alice": [{"contact": "sip:alice@192.0.2.1"}, {"contact": "sip:a@x"}]},
             "connectycube_signed_in": {"alice": 1001, "bob": 1002},
@@ -237,6 +244,7 @@ mod tests {
         for sample in [
             "sipcc_calls_active 2\n",
             "sipcc_draining 0\n",
+            "sipcc_cpu_percent 12.5\n",
             "sipcc_calls_ended_total{status=\"200\"} 3\n",
             "sipcc_calls_ended_total{status=\"486\"} 1\n",
             "sipcc_call_seconds_total 61.5\n",

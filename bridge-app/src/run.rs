@@ -47,6 +47,10 @@ pub struct RunOptions {
     /// Calls carried at once; more get 503.
     #[arg(long)]
     pub max_calls: Option<usize>,
+    /// Percent of its cores the bridge may use before new calls get 503;
+    /// 0: no limit (overrides sip.max_cpu_percent).
+    #[arg(long)]
+    pub max_cpu_percent: Option<f64>,
     /// On SIGTERM or Ctrl-C, seconds the calls in progress may go on while
     /// new ones get 503 (overrides sip.drain_timeout_s).
     #[arg(long)]
@@ -107,6 +111,9 @@ impl RunOptions {
         }
         if let Some(calls) = self.max_calls {
             config.sip.max_calls = calls;
+        }
+        if let Some(percent) = self.max_cpu_percent {
+            config.sip.max_cpu_percent = percent;
         }
         if let Some(seconds) = self.drain_timeout_s {
             config.sip.drain_timeout_s = seconds;

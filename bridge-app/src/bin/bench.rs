@@ -350,7 +350,7 @@ fn start_bridge(
     let stack = format!("{:?}", args.webrtc_stack).to_lowercase();
     let complexity = args.opus_complexity;
     let mut config = format!(
-        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nwebrtc_stack = \"{stack}\"\nopus_complexity = {complexity}\n\n\
+        "[sip]\nlisten = \"127.0.0.1:{sip}\"\nmax_calls = {}\nmax_cpu_percent = 0\nwebrtc_stack = \"{stack}\"\nopus_complexity = {complexity}\n\n\
          [connectycube]\napi_url = \"http://127.0.0.1:{sandbox}\"\n\
          chat_url = \"ws://127.0.0.1:{sandbox}/ws\"\ngateway_login = \"bench-gateway\"\ngateway_password = \"bench\"\n\n\
          [cdr]\npath = \"{}\"\n",

@@ -342,6 +342,7 @@ fn sip_config(config: &Config) -> SipConfig {
         registrar: s.registrar,
         qualify_interval: Duration::from_secs(s.qualify_interval_s),
         max_calls: s.max_calls,
+        max_cpu_percent: s.max_cpu_percent,
         video: s.video,
         webrtc_stack: s.webrtc_stack,
         answer_delay: Duration::ZERO,

@@ -280,8 +280,8 @@ async fn answer_call(
         reply(&mut tx, StatusCode::ServiceUnavailable, vec![reason]).await;
         return Ok(());
     }
-    if let Err(max_calls) = shared.take_call_slot() {
-        warn!("call {call_id}: over capacity ({max_calls} calls), 503");
+    if let Err(overload) = shared.take_call_slot() {
+        warn!("call {call_id}: over capacity ({overload}), 503");
         let reason = Header::Reason("SIP;cause=503;text=\"the bridge is at capacity\"".into());
         let headers = vec![Header::RetryAfter("10".into()), reason];
         reply(&mut tx, StatusCode::ServiceUnavailable, headers).await;
@@ -2246,11 +2246,8 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app.refuse(503, "the bridge is stopping");
         return Ok(());
     }
-    if let Err(max_calls) = shared.take_call_slot() {
-        warn!(
-            "{}: refused, over capacity ({max_calls} calls)",
-            app.describe()
-        );
+    if let Err(overload) = shared.take_call_slot() {
+        warn!("{}: refused, over capacity ({overload})", app.describe());
         app.refuse(503, "the bridge is at capacity");
         return Ok(());
     }

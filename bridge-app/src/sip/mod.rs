@@ -5,6 +5,7 @@
 pub mod admission;
 mod branch;
 mod call;
+mod cpu_load;
 mod digest_names;
 mod latency;
 pub mod media;
@@ -26,6 +27,7 @@ use rsipstack::transport::SipAddr;
 
 pub use admission::AdmissionConfig;
 pub use call::OutboundCall;
+pub use cpu_load::DEFAULT_MAX_CPU_PERCENT;
 pub use media::Service;
 pub use registration::Account;
 pub use routing::{
@@ -77,6 +79,9 @@ pub struct SipConfig {
     pub registrar: bool,
     /// Calls carried at once; more get 503.
     pub max_calls: usize,
+    /// Percent of its cores the bridge may use before new calls get 503
+    /// (0: no limit).
+    pub max_cpu_percent: f64,
     /// Phones' H.264 video toward apps: as VP8, passed through, or refused.
     pub video: video::AppVideoCodec,
     /// What carries the app leg of calls without video.
@@ -135,6 +140,7 @@ impl SipConfig {
             accounts: Vec::new(),
             registrar: false,
             max_calls: 200,
+            max_cpu_percent: DEFAULT_MAX_CPU_PERCENT,
             video: video::AppVideoCodec::default(),
             webrtc_stack: media::WebRtcStack::default(),
             qualify_interval: Duration::from_secs(30),

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
+use super::cpu_load::CpuLoad;
 use super::registrar::{RegisteredContacts, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
@@ -57,6 +58,27 @@ pub(super) struct Shared {
     pub registrar: Option<Arc<Registrar>>,
     /// Finds the SIP servers of a domain (RFC 3263).
     pub resolver: SipResolver,
+    pub cpu: Arc<CpuLoad>,
+}
+
+/// Why a new call is refused while the bridge carries others.
+#[derive(Debug, PartialEq)]
+pub(super) enum Overload {
+    /// `max_calls` calls already.
+    Calls(usize),
+    /// The bridge's CPU over `max_cpu_percent` of its cores.
+    Cpu { percent: f64, limit: f64 },
+}
+
+impl std::fmt::Display for Overload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overload::Calls(calls) => write!(f, "{calls} calls"),
+            Overload::Cpu { percent, limit } => {
+                write!(f, "CPU at {percent:.1} % of its cores, over {limit} %")
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -67,12 +89,16 @@ impl Shared {
     }
 
     /// Counts one more call in progress, unless the bridge carries
-    /// `max_calls` already: then that limit.
-    pub fn take_call_slot(&self) -> Result<(), usize> {
-        let max_calls = self.config().max_calls;
-        if self.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls {
+    /// `max_calls` already or its CPU is over `max_cpu_percent`.
+    pub fn take_call_slot(&self) -> Result<(), Overload> {
+        let config = self.config();
+        let (percent, limit) = (self.cpu.percent(), config.max_cpu_percent);
+        if limit > 0.0 && percent > limit {
+            return Err(Overload::Cpu { percent, limit });
+        }
+        if self.active_calls.fetch_add(1, Ordering::Relaxed) >= config.max_calls {
             self.active_calls.fetch_sub(1, Ordering::Relaxed);
-            return Err(max_calls);
+            return Err(Overload::Calls(config.max_calls));
         }
         Ok(())
     }
@@ -263,7 +289,9 @@ impl UserAgent {
             shutdown: shutdown.clone(),
             draining: AtomicBool::new(false),
             resolver: SipResolver::new(),
+            cpu: CpuLoad::new(),
         });
+        tokio::spawn(shared.cpu.clone().sample(shutdown.child_token()));
 
         if let Some(registrar) = &shared.registrar
             && !shared.config().qualify_interval.is_zero()
@@ -377,6 +405,8 @@ impl UserAgent {
         json!({
             "draining": self.shared.draining.load(Ordering::Relaxed),
             "active_calls": self.active_calls(),
+            "cpu_percent": self.shared.cpu.percent(),
+            "cpu_cores": self.shared.cpu.cores(),
             "registrations": self.registrations(),
             "phones": self.shared.registrar.as_ref().map(|r| r.phones()),
             "calls": calls,
