@@ -2138,6 +2138,8 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     // `sip.max_calls` is down to the one call in progress: the next is refused.
     let (refused, output) = sipp("at-capacity.xml", &address, "bob", &[]);
     assert!(refused, "503 at capacity: {output}");
+    let (refused, output) = sipp("options-at-capacity.xml", &address, "bob", &[]);
+    assert!(refused, "OPTIONS gets the same 503: {output}");
 
     assert_each_hears_the_other(&bridge, &mut bob, &phone);
     let (success, output) = signalling.join().unwrap();

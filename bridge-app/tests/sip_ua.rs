@@ -354,6 +354,10 @@ fn a_draining_bridge_keeps_its_calls_and_refuses_new_ones() {
         "a new call while draining gets 503 with a Reason",
     );
     assert_sipp(
+        sipp("options-stopping.xml", &bridge.address(), "echo", &[]),
+        "OPTIONS while draining gets the same 503, so proxies route elsewhere",
+    );
+    assert_sipp(
         call.join().unwrap(),
         "the call in progress goes on until the phone hangs up",
     );
@@ -906,6 +910,10 @@ fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
         "the refusal names the CPU: {:#?}",
         bridge.logs()
     );
+    assert_sipp(
+        sipp("options-at-capacity.xml", &bridge.address(), "echo", &[]),
+        "OPTIONS gets the 503 an INVITE would",
+    );
     let (_, metrics) = support::http_get(port, "/metrics", Some(support::MANAGEMENT_TOKEN));
     assert!(metrics.contains("\nsipcc_cpu_percent "), "{metrics}");
 
@@ -920,6 +928,10 @@ fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
     }
     // Once they have ended, calls are taken again.
     wait_for_cpu(false);
+    assert_sipp(
+        sipp("options.xml", &bridge.address(), "echo", &[]),
+        "OPTIONS: 200 again",
+    );
     assert_sipp(
         echo_call_in_progress(bridge.address(), 1000)
             .join()

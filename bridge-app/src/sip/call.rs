@@ -274,17 +274,14 @@ async fn answer_call(
         reply(&mut tx, StatusCode::NotFound, vec![]).await;
         return Ok(());
     };
-    if shared.draining.load(Ordering::Relaxed) {
-        info!("call {call_id}: the bridge is stopping, 503");
-        let reason = Header::Reason("SIP;cause=503;text=\"the bridge is stopping\"".into());
-        reply(&mut tx, StatusCode::ServiceUnavailable, vec![reason]).await;
-        return Ok(());
-    }
-    if let Err(overload) = shared.take_call_slot() {
-        warn!("call {call_id}: over capacity ({overload}), 503");
-        let reason = Header::Reason("SIP;cause=503;text=\"the bridge is at capacity\"".into());
-        let headers = vec![Header::RetryAfter("10".into()), reason];
-        reply(&mut tx, StatusCode::ServiceUnavailable, headers).await;
+    if let Err(unavailable) = shared.take_call_slot() {
+        warn!("call {call_id}: {unavailable}, 503");
+        reply(
+            &mut tx,
+            StatusCode::ServiceUnavailable,
+            unavailable.headers(),
+        )
+        .await;
         return Ok(());
     }
     let invite_cseq = cseq_of(&tx.original);
@@ -2242,13 +2239,9 @@ async fn place_call(shared: Arc<Shared>, request: OutboundCall) -> anyhow::Resul
         app.refuse(404, "the extension has no usable address");
         anyhow::bail!("no usable target");
     }
-    if shared.draining.load(Ordering::Relaxed) {
-        app.refuse(503, "the bridge is stopping");
-        return Ok(());
-    }
-    if let Err(overload) = shared.take_call_slot() {
-        warn!("{}: refused, over capacity ({overload})", app.describe());
-        app.refuse(503, "the bridge is at capacity");
+    if let Err(unavailable) = shared.take_call_slot() {
+        warn!("{}: refused, {unavailable}", app.describe());
+        app.refuse(503, unavailable.reason());
         return Ok(());
     }
     // The phone's early media is played to the app where the call's

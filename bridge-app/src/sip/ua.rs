@@ -61,22 +61,46 @@ pub(super) struct Shared {
     pub cpu: Arc<CpuLoad>,
 }
 
-/// Why a new call is refused while the bridge carries others.
+/// Why the bridge takes no new call now.
 #[derive(Debug, PartialEq)]
-pub(super) enum Overload {
+pub(super) enum Unavailable {
+    /// It is stopping (draining): the calls in progress go on.
+    Stopping,
     /// `max_calls` calls already.
-    Calls(usize),
-    /// The bridge's CPU over `max_cpu_percent` of its cores.
-    Cpu { percent: f64, limit: f64 },
+    AtMaxCalls(usize),
+    /// Its CPU over `max_cpu_percent` of its cores.
+    CpuOver { percent: f64, limit: f64 },
 }
 
-impl std::fmt::Display for Overload {
+impl Unavailable {
+    /// What the caller is told, in the 503's Reason or the app's refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unavailable::Stopping => "the bridge is stopping",
+            _ => "the bridge is at capacity",
+        }
+    }
+
+    /// The headers of the 503 an INVITE or OPTIONS gets: the Reason, and
+    /// when the bridge is only busy, when to try again.
+    pub fn headers(&self) -> Vec<Header> {
+        let reason = Header::Reason(format!("SIP;cause=503;text=\"{}\"", self.reason()).into());
+        match self {
+            Unavailable::Stopping => vec![reason],
+            _ => vec![Header::RetryAfter("10".into()), reason],
+        }
+    }
+}
+
+impl std::fmt::Display for Unavailable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Overload::Calls(calls) => write!(f, "{calls} calls"),
-            Overload::Cpu { percent, limit } => {
-                write!(f, "CPU at {percent:.1} % of its cores, over {limit} %")
-            }
+            Unavailable::Stopping => write!(f, "the bridge is stopping"),
+            Unavailable::AtMaxCalls(calls) => write!(f, "over capacity ({calls} calls)"),
+            Unavailable::CpuOver { percent, limit } => write!(
+                f,
+                "over capacity (CPU at {percent:.1} % of its cores, over {limit} %)"
+            ),
         }
     }
 }
@@ -88,17 +112,38 @@ impl Shared {
         self.config.read().unwrap().clone()
     }
 
-    /// Counts one more call in progress, unless the bridge carries
-    /// `max_calls` already or its CPU is over `max_cpu_percent`.
-    pub fn take_call_slot(&self) -> Result<(), Overload> {
+    /// Counts one more call in progress, unless the bridge takes none now.
+    pub fn take_call_slot(&self) -> Result<(), Unavailable> {
+        self.refusing_calls(|max_calls| {
+            let full = self.active_calls.fetch_add(1, Ordering::Relaxed) >= max_calls;
+            if full {
+                self.active_calls.fetch_sub(1, Ordering::Relaxed);
+            }
+            full
+        })
+    }
+
+    /// Why a new call would be refused now, if it would: what an OPTIONS
+    /// is answered with, as an INVITE would be (RFC 3261 §11.2), so that
+    /// a proxy's load balancer takes the bridge out of its rotation.
+    pub fn unavailable(&self) -> Option<Unavailable> {
+        self.refusing_calls(|max_calls| self.active_calls.load(Ordering::Relaxed) >= max_calls)
+            .err()
+    }
+
+    /// Stopping, its CPU over the limit, or full: `full` is given
+    /// `max_calls`.
+    fn refusing_calls(&self, full: impl FnOnce(usize) -> bool) -> Result<(), Unavailable> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Unavailable::Stopping);
+        }
         let config = self.config();
         let (percent, limit) = (self.cpu.percent(), config.max_cpu_percent);
         if limit > 0.0 && percent > limit {
-            return Err(Overload::Cpu { percent, limit });
+            return Err(Unavailable::CpuOver { percent, limit });
         }
-        if self.active_calls.fetch_add(1, Ordering::Relaxed) >= config.max_calls {
-            self.active_calls.fetch_sub(1, Ordering::Relaxed);
-            return Err(Overload::Calls(config.max_calls));
+        if full(config.max_calls) {
+            return Err(Unavailable::AtMaxCalls(config.max_calls));
         }
         Ok(())
     }
@@ -750,6 +795,15 @@ async fn dispatch(shared: &Arc<Shared>, mut tx: Transaction) {
         Method::Options => {
             let Some(source) = source_of(&tx) else { return };
             if !shared.admission.within_rate(source) {
+                return;
+            }
+            if let Some(unavailable) = shared.unavailable() {
+                reply(
+                    &mut tx,
+                    StatusCode::ServiceUnavailable,
+                    unavailable.headers(),
+                )
+                .await;
                 return;
             }
             let headers = vec![
