@@ -4,7 +4,8 @@
 //! session timers, requests out of order or while ringing, CANCEL, no answer, 404, 488, 422, a refused
 //! transfer (603), digest authentication,
 //! the RTP timeout, TCP, malformed requests next to a call in progress, and stopping
-//! (SIGTERM, draining), and new calls refused while the bridge's CPU is over its limit.
+//! (SIGTERM, draining), new calls refused while the bridge's CPU is over its limit, and
+//! Kamailio's dispatcher taking a full bridge out of its rotation (OPTIONS 503) and back.
 
 mod support;
 
@@ -840,6 +841,46 @@ fn the_management_api_shows_live_and_ended_calls_to_token_holders_only() {
             .iter()
             .all(|l| !l.contains(support::MANAGEMENT_TOKEN)),
         "the token is never logged"
+    );
+}
+
+/// `scenario` to `service` through `balancer` until it passes, for up to
+/// 10 s: the balancer asks its bridges OPTIONS once a second.
+fn passes_within_pings(scenario: &str, balancer: &str, service: &str) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (passed, output) = sipp(scenario, balancer, service, &[]);
+        if passed || Instant::now() > deadline {
+            return (passed, output);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_load_balancer_takes_a_full_bridge_out_of_rotation_and_back() {
+    let bridge = BridgeProcess::start(&["--max-calls", "1"]);
+    let kamailio = support::KamailioProcess::start_dispatcher(&[bridge.address()]);
+    let balancer = format!("127.0.0.1:{}", kamailio.port);
+    // In rotation: a new call reaches the bridge (whose 404 for an
+    // unknown user comes back through the balancer).
+    let reaches_the_bridge = || passes_within_pings("not-found.xml", &balancer, "nobody");
+    assert_sipp(reaches_the_bridge(), "a call through the balancer");
+    // The one call the bridge may carry: its OPTIONS now get 503, and the
+    // balancer stops sending it calls it would refuse.
+    let call = echo_call_in_progress(bridge.address(), 6000);
+    wait_for_the_call(&bridge);
+    let (refused, output) = passes_within_pings("out-of-rotation.xml", &balancer, "echo");
+    assert!(
+        refused,
+        "the balancer has no bridge in rotation: {output}\n{}",
+        kamailio.log()
+    );
+    assert_sipp(call.join().unwrap(), "the call in progress, to its end");
+    // Room again: its next OPTIONS gets 200, and calls reach it again.
+    assert_sipp(
+        reaches_the_bridge(),
+        "a call once the bridge is back in rotation",
     );
 }
 

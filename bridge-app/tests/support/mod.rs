@@ -794,29 +794,54 @@ impl KamailioProcess {
 
     /// Challenges with `algorithm` (`MD5` or `SHA-256`).
     pub fn start_with_digest(algorithm: &str) -> KamailioProcess {
-        Self::start_config("kamailio.cfg", "127.0.0.1", algorithm)
+        let dir = tempdir();
+        Self::start_config(
+            dir,
+            "kamailio.cfg",
+            "127.0.0.1",
+            &[("KAMAILIO_DIGEST_ALGORITHM", algorithm)],
+        )
     }
 
     /// A STUN server only (`tests/kamailio/stun.cfg`), at 198.51.100.8:
     /// outside the test namespace's NAT (`scripts/lib.sh`).
     pub fn start_stun() -> KamailioProcess {
-        Self::start_config("stun.cfg", "198.51.100.8", "")
+        Self::start_config(tempdir(), "stun.cfg", "198.51.100.8", &[])
     }
 
-    fn start_config(file: &str, address: &str, algorithm: &str) -> KamailioProcess {
-        let port = free_port();
+    /// A load balancer (`tests/kamailio/dispatcher.cfg`) sending new calls
+    /// to `bridges` in rotation while they answer its OPTIONS with 2xx.
+    pub fn start_dispatcher(bridges: &[String]) -> KamailioProcess {
         let dir = tempdir();
+        let list = dir.join("dispatcher.list");
+        let destinations: String = bridges.iter().map(|b| format!("1 sip:{b}\n")).collect();
+        std::fs::write(&list, destinations).unwrap();
+        let list = list.display().to_string();
+        Self::start_config(
+            dir,
+            "dispatcher.cfg",
+            "127.0.0.1",
+            &[("DISPATCHER_LIST", &list)],
+        )
+    }
+
+    /// Kamailio with `file`, its port and `replacements` put in, in `dir`.
+    fn start_config(
+        dir: PathBuf,
+        file: &str,
+        address: &str,
+        replacements: &[(&str, &str)],
+    ) -> KamailioProcess {
+        let port = free_port();
         let template =
             std::fs::read_to_string(repo_root().join("bridge-app/tests/kamailio").join(file))
                 .unwrap();
         let config = dir.join("kamailio.cfg");
-        std::fs::write(
-            &config,
-            template
-                .replace("KAMAILIO_PORT", &port.to_string())
-                .replace("KAMAILIO_DIGEST_ALGORITHM", algorithm),
-        )
-        .unwrap();
+        let text = replacements.iter().fold(
+            template.replace("KAMAILIO_PORT", &port.to_string()),
+            |text, (name, value)| text.replace(name, value),
+        );
+        std::fs::write(&config, text).unwrap();
         let child = Command::new("kamailio")
             .arg("-f")
             .arg(&config)
