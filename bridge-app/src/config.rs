@@ -197,10 +197,17 @@ pub struct ManagementSection {
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AsteriskSection {
-    /// Asterisk's AMI, `host:port` (`manager.conf`; port 5038 when left out).
+    /// Asterisk's AMI, `host:port` (`manager.conf`; port 5038 when left
+    /// out, 5039 with `tls`).
     pub ami: Option<String>,
     pub username: Option<String>,
     pub secret: Option<String>,
+    /// Over TLS (`manager.conf`'s `tlsenable`), the server's certificate
+    /// checked for the host `ami` names.
+    pub tls: bool,
+    /// The certificate(s), PEM, Asterisk's is checked against (its own
+    /// self-signed one, or a private CA's); without it, the public CAs.
+    pub tls_ca_file: Option<PathBuf>,
     /// What comes before the extension in the device's name: with the
     /// default, alice's state is `Custom:alice`.
     pub device_prefix: String,
@@ -212,12 +219,28 @@ impl Default for AsteriskSection {
             ami: None,
             username: None,
             secret: None,
+            tls: false,
+            tls_ca_file: None,
             device_prefix: "Custom:".into(),
         }
     }
 }
 
 impl AsteriskSection {
+    /// How the AMI is reached: TCP, or TLS trusting `tls_ca_file`.
+    pub fn transport(&self) -> Result<bridge_protocol::ami::Transport, String> {
+        if !self.tls {
+            return Ok(bridge_protocol::ami::Transport::Tcp);
+        }
+        let ca = match &self.tls_ca_file {
+            Some(path) => Some(
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        bridge_protocol::ami::Transport::tls(ca.as_deref()).map_err(|e| e.to_string())
+    }
+
     /// `ami` with Asterisk's port when it names none.
     pub fn ami_address(&self) -> Option<String> {
         let ami = self.ami.as_deref()?.trim();
@@ -228,12 +251,16 @@ impl AsteriskSection {
             }
             None => false,
         };
+        let port = match self.tls {
+            true => bridge_protocol::ami::DEFAULT_TLS_PORT,
+            false => bridge_protocol::ami::DEFAULT_PORT,
+        };
         Some(if has_port {
             ami.to_owned()
         } else if ami.contains(':') && !ami.starts_with('[') {
-            format!("[{ami}]:{}", bridge_protocol::ami::DEFAULT_PORT)
+            format!("[{ami}]:{port}")
         } else {
-            format!("{ami}:{}", bridge_protocol::ami::DEFAULT_PORT)
+            format!("{ami}:{port}")
         })
     }
 }
@@ -349,6 +376,8 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("ASTERISK_AMI", "asterisk.ami"),
     ("ASTERISK_AMI_USERNAME", "asterisk.username"),
     ("ASTERISK_AMI_SECRET", "asterisk.secret"),
+    ("ASTERISK_AMI_TLS", "asterisk.tls"),
+    ("ASTERISK_AMI_CA_FILE", "asterisk.tls_ca_file"),
 ];
 
 impl Config {
@@ -415,15 +444,16 @@ impl Config {
         for (name, key) in ENVIRONMENT {
             let Some(value) = get(name) else { continue };
             let cc = &mut self.connectycube;
+            let mut boolean = |set: &mut bool| match value.trim() {
+                "true" => *set = true,
+                "false" => *set = false,
+                _ => problems.push(format!("{key} (from {name}): true or false")),
+            };
             match *name {
                 "SIP_DOMAIN" => self.sip.domain = Some(value),
                 "SIP_USERNAME" => self.sip.username = Some(value),
                 "SIP_PASSWORD" => self.sip.password = Some(value),
-                "SIP_OFFER_SRTP" => match value.trim() {
-                    "true" => self.sip.offer_srtp = true,
-                    "false" => self.sip.offer_srtp = false,
-                    _ => problems.push(format!("{key} (from {name}): true or false")),
-                },
+                "SIP_OFFER_SRTP" => boolean(&mut self.sip.offer_srtp),
                 "CONNECTYCUBE_APP_ID" => match value.trim().parse() {
                     Ok(id) => cc.app_id = id,
                     Err(_) => problems.push(format!("{key} (from {name}): not a number")),
@@ -446,6 +476,8 @@ impl Config {
                 "ASTERISK_AMI" => self.asterisk.ami = Some(value),
                 "ASTERISK_AMI_USERNAME" => self.asterisk.username = Some(value),
                 "ASTERISK_AMI_SECRET" => self.asterisk.secret = Some(value),
+                "ASTERISK_AMI_TLS" => boolean(&mut self.asterisk.tls),
+                "ASTERISK_AMI_CA_FILE" => self.asterisk.tls_ca_file = Some(value.into()),
                 _ => {}
             }
         }
@@ -596,6 +628,11 @@ impl Config {
                     Some(_) => {}
                 }
             }
+        }
+        if asterisk.tls_ca_file.is_some() && !asterisk.tls {
+            problems.push("asterisk.tls_ca_file: needs asterisk.tls = true".into());
+        } else if let Err(why) = asterisk.transport() {
+            problems.push(format!("asterisk.tls_ca_file: {why}"));
         }
         if asterisk.device_prefix.contains(['\r', '\n', '(', ')']) {
             problems.push(format!(
@@ -842,6 +879,7 @@ department = "Sales"
         config.management.listen = Some(([127, 0, 0, 1], 8088).into());
         config.sip.opus_complexity = 11;
         config.sip.max_cpu_percent = 150.0;
+        config.asterisk.tls_ca_file = Some("/no/such/ca.pem".into());
         config.connectycube.stun_server = Some("turn://user:pass@host".into());
         config.sip.outbound_proxy = Some("sbc.example.com:five".into());
         let problems = config.validate().unwrap_err().0;
@@ -849,6 +887,7 @@ department = "Sales"
             "sip.outbound_proxy",
             "sip.opus_complexity",
             "sip.max_cpu_percent",
+            "asterisk.tls_ca_file",
             "connectycube.stun_server",
             "users[1].extension",
             "users[1].login",

@@ -286,3 +286,95 @@ fn a_user_shows_unavailable_while_connectycube_is_away() {
         bridge.logs()
     );
 }
+
+/// Asterisk's manager interface over TLS (`manager.conf`'s `tlsenable`;
+/// here a TLS front, socat, before the double): the bridge checks the
+/// certificate against `asterisk.tls_ca_file` before it logs in, and
+/// refuses one that no authority it trusts signed.
+#[test]
+fn the_ami_link_runs_over_tls_to_the_certificate_it_trusts() {
+    let _serial = one_at_a_time();
+    let ami = AmiServer::start(AMI_USER, AMI_SECRET);
+    let dir = tempdir();
+    let (certificate, key) = (dir.join("asterisk.pem"), dir.join("asterisk.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(made.success());
+    let port = free_port();
+    let front = Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            certificate.display(),
+            key.display()
+        ))
+        .arg(format!("TCP:{}", ami.address()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat is installed");
+    let _front = KilledOnDrop(front);
+    let tls = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&tls).is_err() {
+        assert!(std::time::Instant::now() < deadline, "socat listens");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let linked_over_tls = |ca_file: Option<&std::path::Path>| {
+        let ca_file = ca_file.map(|p| p.display().to_string());
+        let mut environment = vec![
+            ("ASTERISK_AMI", tls.as_str()),
+            ("ASTERISK_AMI_USERNAME", AMI_USER),
+            ("ASTERISK_AMI_SECRET", AMI_SECRET),
+            ("ASTERISK_AMI_TLS", "true"),
+        ];
+        if let Some(path) = &ca_file {
+            environment.push(("ASTERISK_AMI_CA_FILE", path));
+        }
+        BridgeProcess::start_with_environment("127.0.0.1", &[], &environment)
+    };
+
+    // Trusting only the public authorities, the bridge never logs in.
+    let untrusting = linked_over_tls(None);
+    let refused = untrusting.wait_for_log(
+        |l| l.contains("TLS: invalid peer certificate"),
+        Duration::from_secs(10),
+    );
+    assert!(refused.is_some(), "{:#?}", untrusting.logs());
+    assert!(ami.logins().is_empty(), "{:?}", ami.logins());
+    drop(untrusting);
+
+    // Trusting Asterisk's certificate, it logs in and publishes its users.
+    let bridge = linked_over_tls(Some(&certificate));
+    assert!(
+        ami.wait_for_history("Custom:alice", &["NOT_INUSE"], Duration::from_secs(10)),
+        "{:?}\n{:#?}",
+        ami.history("Custom:alice"),
+        bridge.logs()
+    );
+    assert_eq!(ami.logins().len(), 1, "{:?}", ami.logins());
+}
+
+/// A helper process that ends with the test, passed or failed.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

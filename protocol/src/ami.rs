@@ -8,16 +8,26 @@
 //! [`Decoder`] frames what a server (or client) sends and refuses what no
 //! Asterisk would: overlong lines, endless messages, lines without a key.
 //! [`Connection`] is a client: login (by MD5 challenge, so the secret
-//! never crosses the network), then one action at a time.
+//! never crosses the network), then one action at a time; over TCP or, as
+//! `manager.conf`'s `tlsenable` offers it, TLS ([`Transport`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use tokio_rustls::rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// Asterisk's AMI port (`manager.conf`'s default).
 pub const DEFAULT_PORT: u16 = 5038;
+/// Asterisk's AMI port over TLS (`manager.conf`'s `tlsbindaddr` default).
+pub const DEFAULT_TLS_PORT: u16 = 5039;
 /// Longest line accepted: Asterisk's own messages stay far below it.
 const MAX_LINE: usize = 8 * 1024;
 /// Most headers accepted in one message.
@@ -45,6 +55,8 @@ pub enum AmiError {
     Timeout(Duration),
     #[error("the connection closed")]
     Closed,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     Io(String),
 }
@@ -190,9 +202,131 @@ impl Decoder {
     }
 }
 
+/// How the connection to the manager interface is carried.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    /// TLS, the server's certificate checked for the host it is reached at.
+    Tls(Arc<ClientConfig>),
+}
+
+impl Transport {
+    /// TLS trusting the certificates of `ca_pem` (a PEM file's text: a
+    /// private CA's, or the server's own self-signed one), or with none,
+    /// the public certificate authorities.
+    pub fn tls(ca_pem: Option<&[u8]>) -> Result<Self, AmiError> {
+        let mut roots = RootCertStore::empty();
+        let mut pinned = Vec::new();
+        match ca_pem {
+            Some(pem) => {
+                for certificate in CertificateDer::pem_slice_iter(pem) {
+                    let certificate = certificate
+                        .map_err(|e| AmiError::Tls(format!("a bad certificate: {e}")))?;
+                    roots
+                        .add(certificate.clone())
+                        .map_err(|e| AmiError::Tls(format!("a certificate not taken: {e}")))?;
+                    pinned.push(certificate);
+                }
+                if pinned.is_empty() {
+                    return Err(AmiError::Tls("no certificate in the file".into()));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let signed = WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| AmiError::Tls(e.to_string()))?;
+        let config = ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedOrSigned { pinned, signed }))
+            .with_no_client_auth();
+        Ok(Transport::Tls(Arc::new(config)))
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "Tcp",
+            Transport::Tls(_) => "Tls",
+        })
+    }
+}
+
+/// A server whose certificate is one of `pinned` is trusted as it is: a
+/// self-signed certificate (`openssl req -x509`, as many set Asterisk up)
+/// is its own authority, which the web's rules refuse for a server. Any
+/// other must be signed for its host name by an authority of `signed`.
+/// Either way the server proves it holds the certificate's key.
+#[derive(Debug)]
+struct PinnedOrSigned {
+    pinned: Vec<CertificateDer<'static>>,
+    signed: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for PinnedOrSigned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, tokio_rustls::rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|pin| pin.as_ref() == end_entity.as_ref())
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.signed
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        self.signed
+            .verify_tls12_signature(message, certificate, signature)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        self.signed
+            .verify_tls13_signature(message, certificate, signature)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.signed.supported_verify_schemes()
+    }
+}
+
+/// A connection's byte stream, whichever the transport.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The host of `address` (`host:port`, `[v6]:port`), as TLS checks it.
+fn server_name(address: &str) -> Result<ServerName<'static>, AmiError> {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_owned())
+        .map_err(|_| AmiError::Tls(format!("{host:?} is not a host name TLS can check")))
+}
+
 /// A logged-in AMI client connection.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     decoder: Decoder,
     /// The server's greeting, e.g. `Asterisk Call Manager/9.0.0`.
     pub greeting: String,
@@ -205,11 +339,30 @@ impl Connection {
     /// challenge (Asterisk's `Challenge` action) with the secret as
     /// `manager.conf` holds it; a server without challenges gets the
     /// plain secret.
-    pub async fn login(address: &str, username: &str, secret: &str) -> Result<Self, AmiError> {
-        let stream = tokio::time::timeout(ANSWER_WITHIN, TcpStream::connect(address))
+    pub async fn login(
+        address: &str,
+        transport: &Transport,
+        username: &str,
+        secret: &str,
+    ) -> Result<Self, AmiError> {
+        let connect = async {
+            let stream = TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            Ok::<Box<dyn Stream>, AmiError>(match transport {
+                Transport::Tcp => Box::new(stream),
+                Transport::Tls(config) => {
+                    let connector = tokio_rustls::TlsConnector::from(config.clone());
+                    let stream = connector
+                        .connect(server_name(address)?, stream)
+                        .await
+                        .map_err(|e| AmiError::Tls(e.to_string()))?;
+                    Box::new(stream)
+                }
+            })
+        };
+        let stream = tokio::time::timeout(ANSWER_WITHIN, connect)
             .await
             .map_err(|_| AmiError::Timeout(ANSWER_WITHIN))??;
-        stream.set_nodelay(true)?;
         let mut connection = Connection {
             stream,
             decoder: Decoder::for_client(),
@@ -258,6 +411,8 @@ impl Connection {
     pub async fn request(&mut self, action: Message) -> Result<Message, AmiError> {
         let id = action.get("ActionID").unwrap_or_default().to_owned();
         self.stream.write_all(action.encode()?.as_bytes()).await?;
+        // Over TLS, what is written may wait in the session's buffer.
+        self.stream.flush().await?;
         let answer = async {
             loop {
                 if let Frame::Message(message) = self.read_frame().await?
@@ -428,5 +583,36 @@ mod tests {
             Message::action("Ping", "7").encode().unwrap(),
             "Action: Ping\r\nActionID: 7\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_tls_ca_file_must_hold_a_certificate() {
+        for text in [
+            "",
+            "not PEM at all",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ] {
+            let refused = Transport::tls(Some(text.as_bytes()));
+            assert!(
+                matches!(refused, Err(AmiError::Tls(_))),
+                "{text:?}: {refused:?}"
+            );
+        }
+        let bad = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        assert!(Transport::tls(Some(bad.as_bytes())).is_err());
+        assert!(matches!(Transport::tls(None), Ok(Transport::Tls(_))));
+    }
+
+    #[test]
+    fn tls_checks_the_host_the_address_names() {
+        for (address, host) in [
+            ("pbx.example.com:5039", "pbx.example.com"),
+            ("192.0.2.7:5039", "192.0.2.7"),
+            ("[2001:db8::7]:5039", "2001:db8::7"),
+        ] {
+            let name = server_name(address).unwrap();
+            assert_eq!(name.to_str(), host, "{address}");
+        }
+        assert!(server_name("bad host:5039").is_err());
     }
 }

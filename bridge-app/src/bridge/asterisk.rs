@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bridge_protocol::ami::{AmiError, Connection};
+use bridge_protocol::ami::{AmiError, Connection, Transport};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ const FAREWELL_WITHIN: Duration = Duration::from_secs(2);
 pub struct AmiSettings {
     /// `host:port`.
     pub address: String,
+    pub transport: Transport,
     pub username: String,
     pub secret: String,
     /// Before the extension in the device's name (`Custom:`).
@@ -117,7 +118,7 @@ async fn keep_linked(
     loop {
         status.lock().unwrap().state = "connecting";
         let login = tokio::select! {
-            login = Connection::login(address, &settings.username, &settings.secret) => login,
+            login = Connection::login(address, &settings.transport, &settings.username, &settings.secret) => login,
             () = stop.cancelled() => break,
         };
         let failure = match login {

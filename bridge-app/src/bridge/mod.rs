@@ -361,6 +361,11 @@ fn asterisk_link(config: &Config, presence: &Arc<Presence>) -> Option<AsteriskLi
     let asterisk = &config.asterisk;
     let settings = AmiSettings {
         address: asterisk.ami_address()?,
+        // Checked with the configuration; a CA file gone since is logged.
+        transport: asterisk
+            .transport()
+            .inspect_err(|why| warn!("asterisk.tls_ca_file: {why}: no link to Asterisk"))
+            .ok()?,
         username: asterisk.username.clone()?,
         secret: asterisk.secret.clone()?,
         device_prefix: asterisk.device_prefix.clone(),
