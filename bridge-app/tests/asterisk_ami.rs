@@ -295,26 +295,7 @@ fn a_user_shows_unavailable_while_connectycube_is_away() {
 fn the_ami_link_runs_over_tls_to_the_certificate_it_trusts() {
     let _serial = one_at_a_time();
     let ami = AmiServer::start(AMI_USER, AMI_SECRET);
-    let dir = tempdir();
-    let (certificate, key) = (dir.join("asterisk.pem"), dir.join("asterisk.key"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args([
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&certificate)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed");
-    assert!(made.success());
+    let (certificate, key) = support::self_signed_certificate();
     let port = free_port();
     let front = Command::new("socat")
         .arg(format!(

@@ -677,27 +677,7 @@ fn a_call_over_ipv6() {
 #[test]
 fn tls_carries_sip() {
     let dir = support::tempdir();
-    let (certificate, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&certificate)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed");
-    assert!(status.success());
+    let (certificate, key) = support::self_signed_certificate();
     let (sip, tls, sandbox) = (
         support::free_port(),
         support::free_port(),

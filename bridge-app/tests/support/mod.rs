@@ -684,6 +684,32 @@ pub fn sipp_server(
 }
 
 /// A fresh directory under the system's temporary directory.
+/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in
+/// a new directory: what a server's TLS is set up with in the tests.
+pub fn self_signed_certificate() -> (PathBuf, PathBuf) {
+    let dir = tempdir();
+    let (certificate, key) = (dir.join("certificate.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(made.success(), "openssl made no certificate");
+    (certificate, key)
+}
+
 pub fn tempdir() -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
