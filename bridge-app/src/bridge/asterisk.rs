@@ -117,8 +117,9 @@ async fn keep_linked(
     let mut retry = FIRST_RETRY;
     loop {
         status.lock().unwrap().state = "connecting";
+        let (transport, username) = (&settings.transport, &settings.username);
         let login = tokio::select! {
-            login = Connection::login(address, &settings.transport, &settings.username, &settings.secret) => login,
+            login = Connection::login(address, transport, username, &settings.secret) => login,
             () = stop.cancelled() => break,
         };
         let failure = match login {
