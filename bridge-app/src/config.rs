@@ -89,9 +89,10 @@ pub struct SipSection {
 impl SipSection {
     /// These settings with what a reload from `new` may change: who is
     /// admitted, how many calls at once, what each new call takes as it
-    /// starts, and how long a stop lets the calls go on. The rest (where
-    /// SIP listens, the trunk, the registrar and its qualify, the WebRTC
-    /// stack) needs a restart.
+    /// starts, how long a stop lets the calls go on, and how often the
+    /// registrar asks its phones OPTIONS. The rest (where SIP listens, the
+    /// trunk, whether the bridge is a registrar, the WebRTC stack) needs a
+    /// restart.
     pub fn reloaded(&self, new: &SipSection) -> SipSection {
         SipSection {
             trusted: new.trusted.clone(),
@@ -106,6 +107,7 @@ impl SipSection {
             no_answer_timeout_ms: new.no_answer_timeout_ms,
             video: new.video,
             drain_timeout_s: new.drain_timeout_s,
+            qualify_interval_s: new.qualify_interval_s,
             ..self.clone()
         }
     }
@@ -986,6 +988,8 @@ department = "Sales"
         assert!(running.fixed_sections_changed(&reloaded).is_empty());
         assert!(running.sip.reloaded(&reloaded.sip) == reloaded.sip);
         reloaded.sip.qualify_interval_s += 1;
+        assert!(running.sip.reloaded(&reloaded.sip) == reloaded.sip);
+        reloaded.sip.registrar = !running.sip.registrar;
         reloaded.connectycube.app_id += 1;
         reloaded.management.token = Some("another-token-of-sixteen".into());
         assert_eq!(

@@ -2031,8 +2031,8 @@ fn reload_config(
 /// forgets the user taken out and its phone, and the call that user's
 /// phone is making goes on to its end; the calls after it are recorded;
 /// the CDR file is opened again (after a log rotation); the number of
-/// calls carried at once, the RTP timeout and the drain change; a
-/// configuration with a mistake changes nothing.
+/// calls carried at once, the RTP timeout, the drain and the registrar's
+/// qualify change; a configuration with a mistake changes nothing.
 #[test]
 fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     let _serial = one_at_a_time();
@@ -2095,7 +2095,8 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
         "[asterisk]\ndevice_prefix = \"Bridge:\"\n\n[recording]\nenabled = true\ndirectory = \"{}\"",
         recordings.display()
     );
-    let sip = "max_calls = 1\nrtp_timeout_ms = 1500\ndrain_timeout_s = 60\n";
+    let sip =
+        "max_calls = 1\nrtp_timeout_ms = 1500\ndrain_timeout_s = 60\nqualify_interval_s = 1\n";
     std::fs::write(
         &config,
         reload_config(&sandbox, sip, &more, &["bob", "carol"]),
@@ -2133,6 +2134,14 @@ fn a_reload_changes_the_users_and_keeps_the_calls_in_progress() {
     );
     let (registered, output) = register("carol", "carol-phone");
     assert!(registered, "carol's phone registers: {output}");
+    // The registrar now asks its phones OPTIONS every second, not 30:
+    // carol's (SIPp, gone) answers none, and is not rung.
+    bridge
+        .wait_for_log(
+            |l| l.contains("carol's phone at") && l.contains("does not answer OPTIONS"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the reloaded qualify: {:#?}", bridge.logs()));
     let (registered, _) = register("sipp", "sipp-phone");
     assert!(!registered, "sipp is no longer a user");
     // `sip.max_calls` is down to the one call in progress: the next is refused.

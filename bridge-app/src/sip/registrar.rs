@@ -33,6 +33,9 @@ const NAT_MAX_EXPIRES: u32 = 60;
 const MAX_BINDINGS: usize = 10;
 /// How long a registered phone may take to answer the bridge's OPTIONS.
 const QUALIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the registrar looks whether a round of OPTIONS is due, by
+/// the interval as now configured.
+const QUALIFY_CHECK: Duration = Duration::from_secs(1);
 
 /// Where a registered extension is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,25 +134,35 @@ impl Registrar {
         serde_json::Value::Object(extensions.collect())
     }
 
-    /// Asks every registered phone OPTIONS each `interval`, from `bridge`
-    /// (the bridge's Contact), until `stop`; a phone that does not answer
+    /// Asks every registered phone OPTIONS each `interval()` (as now
+    /// configured; zero: never), from `bridge` (the bridge's Contact),
+    /// until `stop`; a phone that does not answer
     /// within 5 s is not rung until it answers or registers again. Any
     /// response will do: the phone is there.
     pub async fn qualify(
         self: Arc<Self>,
         endpoint: EndpointInnerRef,
         bridge: Uri,
-        interval: Duration,
+        interval: impl Fn() -> Duration,
         stop: CancellationToken,
     ) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await;
+        let mut last_round = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = ticks.tick() => {}
+                () = tokio::time::sleep(QUALIFY_CHECK) => {}
             }
+            // Read each time, as a reload may change it; while it is zero,
+            // every phone is rung.
+            let every = interval();
+            if every.is_zero() {
+                self.forget_answers();
+                continue;
+            }
+            if last_round.elapsed() < every {
+                continue;
+            }
+            last_round = tokio::time::Instant::now();
             let phones: Vec<(String, Binding)> = {
                 let mut bindings = self.bindings.lock().unwrap();
                 bindings.retain(|_, phones| {
@@ -176,6 +189,14 @@ impl Registrar {
                 }
             });
             futures_util::future::join_all(asks).await;
+        }
+    }
+
+    /// Every phone counts as answering, as when the registrar asks none.
+    fn forget_answers(&self) {
+        let mut bindings = self.bindings.lock().unwrap();
+        for binding in bindings.values_mut().flatten() {
+            binding.reachable = true;
         }
     }
 

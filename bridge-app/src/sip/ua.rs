@@ -338,13 +338,12 @@ impl UserAgent {
         });
         tokio::spawn(shared.cpu.clone().sample(shutdown.child_token()));
 
-        if let Some(registrar) = &shared.registrar
-            && !shared.config().qualify_interval.is_zero()
-        {
+        if let Some(registrar) = &shared.registrar {
+            let settings = shared.clone();
             tokio::spawn(registrar.clone().qualify(
                 endpoint.inner.clone(),
                 shared.contact.clone(),
-                shared.config().qualify_interval,
+                move || settings.config().qualify_interval,
                 shutdown.child_token(),
             ));
         }
