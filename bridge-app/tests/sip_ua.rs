@@ -960,3 +960,99 @@ fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
         "a call once the CPU is back under the limit",
     );
 }
+
+/// A burst of calls that ring is weighed before their media loads the
+/// bridge: each counts at what a call carrying media costs, so the bridge
+/// takes only as many as its CPU limit leaves room for (a bridge of a pool
+/// that goes down sends its callers to the others at once).
+#[test]
+fn calls_still_ringing_count_against_the_cpu_limit() {
+    // Ten calls answered after 3 s; the burst's callers give up after
+    // 1.5 s of ringing (`cancel.xml`), before they would be answered.
+    let dir = support::tempdir();
+    let config = dir.join("bridge.toml");
+    std::fs::write(&config, "[sip]\nmax_cpu_percent = 0\n").unwrap();
+    let (management, sandbox) = (support::free_port(), support::free_port());
+    let bridge = BridgeProcess::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--sandbox",
+        &format!("127.0.0.1:{sandbox}"),
+        "--management",
+        &format!("127.0.0.1:{management}"),
+        "--answer-delay-ms",
+        "3000",
+    ]);
+    let opus = ("OPUS", 111, 48000, "opus/48000/2", 440);
+    let calls: Vec<_> = (0..10)
+        .map(|k| {
+            support::dial(
+                &bridge,
+                "call.xml",
+                "echo",
+                opus,
+                20,
+                &format!("load{k}"),
+                &[],
+            )
+        })
+        .collect();
+    for (k, (phone, _)) in calls.iter().enumerate() {
+        phone.call(bridge.media_port(&format!("load{k}-1")));
+    }
+    // Their media in the whole 3 s the load is averaged over.
+    std::thread::sleep(Duration::from_secs(5));
+    let loads: Vec<f64> = (0..4)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            let (_, body) =
+                support::http_get(management, "/stats", Some(support::MANAGEMENT_TOKEN));
+            let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+            stats["cpu_percent"].as_f64().unwrap()
+        })
+        .collect();
+    let carrying = loads.iter().sum::<f64>() / loads.len() as f64;
+    // Room for five more calls like them.
+    let limit = (carrying * 1.5 * 100.0).round() / 100.0;
+    std::fs::write(&config, format!("[sip]\nmax_cpu_percent = {limit}\n")).unwrap();
+    bridge.signal("HUP");
+    bridge
+        .wait_for_log(|l| l.contains("reload: users"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the reload: {:#?}", bridge.logs()));
+
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let address = bridge.address();
+            std::thread::spawn(move || sipp("cancel.xml", &address, "echo", &[]))
+        })
+        .collect();
+    let outcomes: Vec<(bool, String)> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    let rang = outcomes.iter().filter(|(rang, _)| *rang).count();
+    let refused = outcomes
+        .iter()
+        .filter(|(rang, output)| !rang && output.contains("503"))
+        .count();
+    assert_eq!(
+        rang + refused,
+        10,
+        "each call rings or gets 503: {outcomes:#?}"
+    );
+    assert!(
+        refused >= 2,
+        "ten calls at {carrying:.2} %, limit {limit} %: {rang} of the burst rang, {refused} refused: {:#?}",
+        bridge.logs()
+    );
+    assert!(
+        bridge.logged("calls starting carry media, over"),
+        "the refusal counts the calls ringing: {:#?}",
+        bridge.logs()
+    );
+    for (k, (phone, signalling)) in calls.into_iter().enumerate() {
+        assert_sipp(signalling.join().unwrap(), &format!("load call {k}"));
+        let heard = phone.heard_frequency();
+        assert!(
+            heard.is_some_and(|hz| (hz - 440.0).abs() < 15.0),
+            "load call {k} heard {heard:?} Hz"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! The bridge's own CPU load, as admission sees it: while the process uses
-//! more than `sip.max_cpu_percent` of the cores it may run on, new calls
-//! are refused, so that the calls in progress keep every packet instead of
-//! all of them losing some.
+//! more than `sip.max_cpu_percent` of the cores it may run on, or will once
+//! the calls still ringing carry media, new calls are refused, so that the
+//! calls in progress keep every packet instead of all of them losing some.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,6 +28,20 @@ pub struct CpuLoad {
     hundredths: AtomicU32,
     /// The cores the process may run on (affinity and cgroup quota).
     cores: usize,
+    /// What one call carrying media last cost on average, in ten
+    /// thousandths of a percent of the usable cores.
+    per_call: AtomicU32,
+}
+
+/// The load a new call is weighed against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadAhead {
+    /// As measured, in percent of the usable cores.
+    pub now: f64,
+    /// Calls taken whose media has not started (ringing, say).
+    pub starting: usize,
+    /// `now`, and the starting calls at what a call carrying media costs.
+    pub expected: f64,
 }
 
 impl CpuLoad {
@@ -35,7 +49,28 @@ impl CpuLoad {
         Arc::new(Self {
             hundredths: AtomicU32::new(0),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            per_call: AtomicU32::new(0),
         })
+    }
+
+    /// The load ahead with `carrying` calls whose media flows and
+    /// `starting` whose media is yet to: each starting call is counted at
+    /// what a carrying call now costs on average (with none carrying, at
+    /// what one cost when last seen). A burst of calls is refused while
+    /// they ring, not once their media has overloaded every call.
+    pub fn ahead(&self, carrying: usize, starting: usize) -> LoadAhead {
+        let now = self.percent();
+        if carrying > 0 {
+            let per_call = now / carrying as f64 * 10_000.0;
+            self.per_call
+                .store(per_call.round() as u32, Ordering::Relaxed);
+        }
+        let per_call = f64::from(self.per_call.load(Ordering::Relaxed)) / 10_000.0;
+        LoadAhead {
+            now,
+            starting,
+            expected: now + per_call * starting as f64,
+        }
     }
 
     /// Percent of the usable cores the bridge used over the last window.
@@ -110,6 +145,40 @@ mod tests {
         assert_eq!(utilization(Duration::from_millis(30), 3 * second, 1), 1.0);
         assert_eq!(utilization(second, Duration::ZERO, 2), 0.0);
         assert_eq!(utilization(second, second, 0), 100.0);
+    }
+
+    fn load_at(percent: f64) -> Arc<CpuLoad> {
+        let load = CpuLoad::new();
+        load.hundredths
+            .store((percent * 100.0) as u32, Ordering::Relaxed);
+        load
+    }
+
+    #[test]
+    fn calls_still_starting_count_at_what_a_carrying_call_costs() {
+        let load = load_at(4.0);
+        assert_eq!(
+            load.ahead(10, 0),
+            LoadAhead {
+                now: 4.0,
+                starting: 0,
+                expected: 4.0
+            }
+        );
+        let ahead = load.ahead(10, 3);
+        assert!((ahead.expected - 5.2).abs() < 1e-9, "{ahead:?}");
+
+        // Every call still ringing (the carrying ones ended): each counts
+        // at what a call cost when last seen.
+        load.hundredths.store(10, Ordering::Relaxed);
+        let ahead = load.ahead(0, 5);
+        assert!((ahead.expected - 2.1).abs() < 1e-9, "{ahead:?}");
+    }
+
+    #[test]
+    fn before_any_call_carried_media_nothing_is_counted_ahead() {
+        let load = load_at(0.5);
+        assert_eq!(load.ahead(0, 20).expected, 0.5);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Verdict};
-use super::cpu_load::CpuLoad;
+use super::cpu_load::{CpuLoad, LoadAhead};
 use super::registrar::{RegisteredContacts, Registrar};
 use super::registration::{self, RegistrationStates};
 use super::routing::CallRecord;
@@ -68,8 +68,9 @@ pub(super) enum Unavailable {
     Stopping,
     /// `max_calls` calls already.
     AtMaxCalls(usize),
-    /// Its CPU over `max_cpu_percent` of its cores.
-    CpuOver { percent: f64, limit: f64 },
+    /// Its CPU over `max_cpu_percent` of its cores, now or once the calls
+    /// starting carry media.
+    CpuOver { load: LoadAhead, limit: f64 },
 }
 
 impl Unavailable {
@@ -97,9 +98,15 @@ impl std::fmt::Display for Unavailable {
         match self {
             Unavailable::Stopping => write!(f, "the bridge is stopping"),
             Unavailable::AtMaxCalls(calls) => write!(f, "over capacity ({calls} calls)"),
-            Unavailable::CpuOver { percent, limit } => write!(
+            Unavailable::CpuOver { load, limit } if load.starting > 0 => write!(
                 f,
-                "over capacity (CPU at {percent:.1} % of its cores, over {limit} %)"
+                "over capacity (CPU at {:.1} % of its cores, {:.1} % once the {} calls starting carry media, over {limit} %)",
+                load.now, load.expected, load.starting
+            ),
+            Unavailable::CpuOver { load, limit } => write!(
+                f,
+                "over capacity (CPU at {:.1} % of its cores, over {limit} %)",
+                load.now
             ),
         }
     }
@@ -131,6 +138,17 @@ impl Shared {
             .err()
     }
 
+    /// The CPU load with the calls whose media has not started yet (a
+    /// call shows its media to the management API once it has).
+    fn load_ahead(&self) -> LoadAhead {
+        let (carrying, starting) = {
+            let calls = self.calls.lock().unwrap();
+            let carrying = calls.values().filter(|c| c.view.is_some()).count();
+            (carrying, calls.len() - carrying)
+        };
+        self.cpu.ahead(carrying, starting)
+    }
+
     /// Stopping, its CPU over the limit, or full: `full` is given
     /// `max_calls`.
     fn refusing_calls(&self, full: impl FnOnce(usize) -> bool) -> Result<(), Unavailable> {
@@ -138,9 +156,12 @@ impl Shared {
             return Err(Unavailable::Stopping);
         }
         let config = self.config();
-        let (percent, limit) = (self.cpu.percent(), config.max_cpu_percent);
-        if limit > 0.0 && percent > limit {
-            return Err(Unavailable::CpuOver { percent, limit });
+        let limit = config.max_cpu_percent;
+        if limit > 0.0 {
+            let load = self.load_ahead();
+            if load.expected > limit {
+                return Err(Unavailable::CpuOver { load, limit });
+            }
         }
         if full(config.max_calls) {
             return Err(Unavailable::AtMaxCalls(config.max_calls));
