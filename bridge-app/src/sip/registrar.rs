@@ -147,6 +147,7 @@ impl Registrar {
         stop: CancellationToken,
     ) {
         let mut last_round = tokio::time::Instant::now();
+        let mut asking = true;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -156,9 +157,12 @@ impl Registrar {
             // every phone is rung.
             let every = interval();
             if every.is_zero() {
-                self.forget_answers();
+                if std::mem::replace(&mut asking, false) {
+                    self.forget_answers();
+                }
                 continue;
             }
+            asking = true;
             if last_round.elapsed() < every {
                 continue;
             }
