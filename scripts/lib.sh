@@ -11,7 +11,7 @@ SYSTEM_PACKAGES=(
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-nice
   libbcg729-dev cmake meson ninja-build sox chromium firefox-esr pulseaudio iproute2 nftables
-  sip-tester kamailio baresip-core baresip-ffmpeg dnsmasq-base socat
+  sip-tester kamailio baresip-core baresip-ffmpeg dnsmasq-base socat coturn
 )
 
 # Installs whatever of SYSTEM_PACKAGES is missing (apt-get update only when needed).

@@ -33,6 +33,7 @@ struct Settings {
     answer_timeout: u32,
     stun_server: Option<String>,
     turn_server: Option<String>,
+    ice_transport_policy: gst_webrtc::WebRTCICETransportPolicy,
     public_address: Option<String>,
     stack: WebRtcStack,
 }
@@ -53,6 +54,7 @@ impl Default for Settings {
             answer_timeout: DEFAULT_ANSWER_TIMEOUT_S,
             stun_server: None,
             turn_server: None,
+            ice_transport_policy: gst_webrtc::WebRTCICETransportPolicy::All,
             public_address: None,
             stack: WebRtcStack::default(),
         }
@@ -153,16 +155,27 @@ impl CallProperties {
                 .nick("WebRTC stack")
                 .blurb(
                     "What carries the call: a webrtcbin of its own (audio, video, STUN/TURN), \
-                     or the threads all calls share (Opus audio, STUN; far cheaper)",
+                     or the threads all calls share (Opus audio, STUN/TURN; far cheaper)",
                 )
                 .mutable_ready()
                 .build(),
             string(
                 "turn-server",
                 "TURN server",
-                "turn(s)://user:password@host:port",
+                "turn://user:password@host:port (webrtc-stack=webrtcbin also turns://)",
                 None,
             ),
+            glib::ParamSpecEnum::builder_with_default(
+                "ice-transport-policy",
+                gst_webrtc::WebRTCICETransportPolicy::All,
+            )
+            .nick("ICE transport policy")
+            .blurb(
+                "all: every candidate; relay: only the TURN server's relayed address \
+                 (nothing of the local network is offered)",
+            )
+            .mutable_ready()
+            .build(),
             string(
                 "public-address",
                 "Public address",
@@ -200,6 +213,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout = value.get().unwrap(),
             "stun-server" => s.stun_server = text(),
             "turn-server" => s.turn_server = text(),
+            "ice-transport-policy" => s.ice_transport_policy = value.get().unwrap(),
             "public-address" => s.public_address = text(),
             "webrtc-stack" => s.stack = value.get().unwrap(),
             other => unreachable!("not a call property: {other}"),
@@ -222,6 +236,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout.to_value(),
             "stun-server" => s.stun_server.to_value(),
             "turn-server" => s.turn_server.to_value(),
+            "ice-transport-policy" => s.ice_transport_policy.to_value(),
             "public-address" => s.public_address.to_value(),
             "webrtc-stack" => s.stack.to_value(),
             "stats" => self
@@ -270,14 +285,6 @@ impl CallProperties {
                 })
             }
         };
-        if s.stack == WebRtcStack::Shared && s.turn_server.is_some() {
-            gst::warning!(
-                crate::CAT,
-                obj = element,
-                "webrtc-stack=shared relays nothing through a TURN server: \
-                 use webrtc-stack=webrtcbin for TURN"
-            );
-        }
         if let Some(Err(e)) = s.stun_server.as_deref().map(ice::stun_host_and_port) {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
@@ -298,6 +305,7 @@ impl CallProperties {
             &CallSettings {
                 stun_server: s.stun_server,
                 turn_server: s.turn_server,
+                relay_only: s.ice_transport_policy == gst_webrtc::WebRTCICETransportPolicy::Relay,
                 public_address,
                 signalling,
                 stack: s.stack,

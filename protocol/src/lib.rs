@@ -16,3 +16,4 @@ pub mod opus_fmtp;
 pub mod sdes;
 pub mod sdp;
 pub mod tone;
+pub mod turn;

@@ -28,7 +28,7 @@ pub use shared_peer::{peer_config as shared_stack_config, warm_up as warm_up_sha
 pub use signalling::SignallingSettings;
 
 use bridge_protocol::{dtmf, ice, opus_fmtp};
-use shared_peer::{Frame, PeerEvent, SharedPeer};
+use shared_peer::{Frame, IceServers, PeerEvent, SharedPeer};
 use timeline::Timeline;
 
 use crate::CAT;
@@ -109,10 +109,10 @@ pub enum WebRtcStack {
     #[enum_value(name = "A webrtcbin per call: audio and video", nick = "webrtcbin")]
     Webrtcbin,
     /// A peer connection on the threads every call shares: Opus audio
-    /// only, host and STUN candidates (no TURN), a fraction of webrtcbin's
+    /// only, host, STUN and TURN candidates, a fraction of webrtcbin's
     /// cost.
     #[enum_value(
-        name = "Shared threads for all calls: Opus audio only, host and STUN candidates",
+        name = "Shared threads for all calls: Opus audio only, host, STUN and TURN candidates",
         nick = "shared"
     )]
     Shared,
@@ -123,6 +123,8 @@ pub enum WebRtcStack {
 pub struct CallSettings {
     pub stun_server: Option<String>,
     pub turn_server: Option<String>,
+    /// Only relayed candidates (`ice-transport-policy=relay`).
+    pub relay_only: bool,
     /// Where peers reach this machine behind a one-to-one NAT.
     pub public_address: Option<IpAddr>,
     pub signalling: Option<SignallingSettings>,
@@ -438,6 +440,12 @@ impl Bin {
         if let Some(stun) = &settings.stun_server {
             webrtcbin.set_property("stun-server", stun);
         }
+        if settings.relay_only {
+            webrtcbin.set_property(
+                "ice-transport-policy",
+                gst_webrtc::WebRTCICETransportPolicy::Relay,
+            );
+        }
         if let Some(turn) = &settings.turn_server {
             webrtcbin.set_property("turn-server", turn);
         }
@@ -478,7 +486,11 @@ impl CallSession {
                 let started = SharedPeer::start(
                     events,
                     crate::MEDIA_POOL.for_element(element),
-                    self.settings.stun_server.as_deref(),
+                    &IceServers {
+                        stun_server: self.settings.stun_server.clone(),
+                        turn_server: self.settings.turn_server.clone(),
+                        relay_only: self.settings.relay_only,
+                    },
                 )
                 .map_err(|e| gst::error_msg!(gst::ResourceError::OpenReadWrite, ("{e}")))?;
                 let _ = peer.set(started);

@@ -13,6 +13,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bridge_protocol::dtmf::{self, EventDetector};
+use bridge_protocol::turn::{Allocation, FromServer, TurnServer};
 use bridge_protocol::{ice, opus_fmtp};
 use str0m::change::{SdpAnswer, SdpApi, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, CodecExtra, FormatParams};
@@ -67,6 +68,9 @@ const STUN_ASK_AT: [Duration; 3] = [
     Duration::from_millis(500),
 ];
 const STUN_WAIT: Duration = Duration::from_secs(1);
+/// How long a call waits for its TURN server's allocation (a challenge
+/// and an answer: two round trips).
+const TURN_WAIT: Duration = Duration::from_secs(2);
 /// How long a STUN server's resolved address is used without asking DNS
 /// again, and a server that answered none of a call's requests is not
 /// asked (each call would wait `STUN_WAIT` for it).
@@ -201,6 +205,20 @@ enum Command {
     },
 }
 
+/// Where a call's candidates come from besides its host addresses.
+#[derive(Debug, Clone, Default)]
+pub struct IceServers {
+    /// `stun://host[:port]`: each socket's address outside a NAT is
+    /// asked for and offered too.
+    pub stun_server: Option<String>,
+    /// `turn://user:password@host[:port]`: an address relayed by it is
+    /// offered too.
+    pub turn_server: Option<String>,
+    /// Only the relayed address is offered (the WebRTC
+    /// `iceTransportPolicy` "relay"): nothing of the local network shows.
+    pub relay_only: bool,
+}
+
 /// The handle of one call's peer connection; dropping it closes the connection.
 pub struct SharedPeer {
     commands: mpsc::UnboundedSender<Command>,
@@ -209,18 +227,28 @@ pub struct SharedPeer {
 }
 
 impl SharedPeer {
-    /// Binds the call's sockets (one per local address) and starts its task.
-    /// With `stun_server` (`stun://host[:port]`), each socket's address
-    /// outside a NAT is asked for and offered too.
+    /// Binds the call's sockets (one per local address) and starts its task,
+    /// which gathers from `servers` before it offers or answers.
     pub fn start(
         events: EventSink,
         media_loop: &Handle,
-        stun_server: Option<&str>,
+        servers: &IceServers,
     ) -> Result<SharedPeer, String> {
-        let stun_server = stun_server
+        let stun_server = servers
+            .stun_server
+            .as_deref()
             .map(ice::stun_host_and_port)
             .transpose()
             .map_err(|e| format!("stun-server {e}"))?;
+        let turn_server = servers
+            .turn_server
+            .as_deref()
+            .map(str::parse::<TurnServer>)
+            .transpose()
+            .map_err(|e| format!("turn-server {e}"))?;
+        if servers.relay_only && turn_server.is_none() {
+            return Err("a relay-only call needs a turn-server".into());
+        }
         let events = Arc::new(events);
         let mut rtc = peer_config()?.build(Instant::now());
         let _guard = media_loop.enter();
@@ -238,7 +266,9 @@ impl SharedPeer {
             let Ok(socket) = UdpSocket::from_std(socket) else {
                 continue;
             };
-            rtc.add_local_candidate(candidate);
+            if !servers.relay_only {
+                rtc.add_local_candidate(candidate);
+            }
             sockets.push((local, socket));
         }
         if sockets.is_empty() {
@@ -264,7 +294,11 @@ impl SharedPeer {
             first_sequence: None,
             rates_from: None,
             give_up_at: None,
-            stun_server,
+            // Relay only: no address of the local network, its outside
+            // address either.
+            stun_server: stun_server.filter(|_| !servers.relay_only),
+            turn_server,
+            relay: None,
             dtmf: EventDetector::default(),
             audio_at: None,
             loss_told: false,
@@ -383,11 +417,37 @@ struct PeerTask {
     give_up_at: Option<(Instant, &'static str)>,
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
+    turn_server: Option<TurnServer>,
+    /// The call's address on the TURN server, once allocated.
+    relay: Option<Relay>,
     dtmf: EventDetector,
     /// The statistics tick by which the peer's audio last came.
     audio_at: Option<Instant>,
     /// The loss of the connection was told, and nothing came since.
     loss_told: bool,
+}
+
+/// A datagram from the TURN server, or not.
+enum Relayed {
+    /// Not from the server.
+    No,
+    /// The server's own business (an answer to a refresh, say).
+    ServersOwn,
+    /// A peer's datagram, relayed to `relayed`: where in the server's it is.
+    Peer {
+        peer: SocketAddr,
+        relayed: SocketAddr,
+        at: std::ops::Range<usize>,
+    },
+}
+
+/// A relayed address and how it is reached.
+struct Relay {
+    allocation: Allocation,
+    server: SocketAddr,
+    /// The call's socket the server is reached from.
+    local: SocketAddr,
+    relayed: SocketAddr,
 }
 
 impl PeerTask {
@@ -396,7 +456,11 @@ impl PeerTask {
         if let Some((host, port)) = self.stun_server.take() {
             self.gather_reflexive(&host, port, &mut buffer).await;
         }
+        if let Some(server) = self.turn_server.take() {
+            self.gather_relayed(&server, &mut buffer).await;
+        }
         loop {
+            self.refresh_relay();
             let deadline = match self.drive_until_waiting() {
                 Ok(deadline) => deadline,
                 Err(reason) => {
@@ -411,17 +475,27 @@ impl PeerTask {
                 return;
             }
             let deadline = self.give_up_at.map_or(deadline, |(at, _)| deadline.min(at));
+            let deadline = match self.relay.as_ref().and_then(|r| r.allocation.refresh_at()) {
+                Some(at) => deadline.min(at),
+                None => deadline,
+            };
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
                     // The call is over.
                     None => {
                         self.rtc.disconnect();
+                        self.release_relay();
                         return;
                     }
                 },
                 (local, length, source) = receive(&self.sockets, &mut buffer) => {
-                    let Ok(contents) = buffer[..length].try_into() else {
+                    let (source, destination, at) = match self.through_relay(local, source, &buffer[..length]) {
+                        Relayed::Peer { peer, relayed, at } => (peer, relayed, at),
+                        Relayed::ServersOwn => continue,
+                        Relayed::No => (source, local, 0..length),
+                    };
+                    let Ok(contents) = buffer[at].try_into() else {
                         continue;
                     };
                     let input = Input::Receive(
@@ -429,7 +503,7 @@ impl PeerTask {
                         Receive {
                             proto: Protocol::Udp,
                             source,
-                            destination: local,
+                            destination,
                             contents,
                         },
                     );
@@ -543,6 +617,136 @@ impl PeerTask {
         STUN_SERVERS.lock().unwrap().insert(key, known);
     }
 
+    /// Allocates an address on the TURN server (RFC 8656, long-term
+    /// credentials) from the first socket of the server's family, and
+    /// offers it. Without an answer in time, or refused, the call goes on
+    /// with what it has.
+    async fn gather_relayed(&mut self, server: &TurnServer, buffer: &mut [u8]) {
+        let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
+            Ok(mut addresses) => addresses.next(),
+            Err(_) => None,
+        };
+        let Some(address) = address else {
+            gst::warning!(
+                crate::CAT,
+                "TURN server {server:?} not found: no relayed address"
+            );
+            return;
+        };
+        let Some(local) = self
+            .sockets
+            .iter()
+            .map(|(local, _)| *local)
+            .find(|local| local.is_ipv4() == address.is_ipv4())
+        else {
+            return;
+        };
+        let mut allocation = Allocation::new(server);
+        let started = tokio::time::Instant::now();
+        let mut next_ask = STUN_ASK_AT.iter();
+        let mut request = allocation.allocate();
+        let mut ask_at = next_ask.next().map(|after| started + *after);
+        let outcome = loop {
+            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
+                self.send_from(local, &request, address);
+                ask_at = next_ask.next().map(|after| at.max(started + *after));
+                continue;
+            }
+            let until = ask_at.unwrap_or(started + TURN_WAIT);
+            let Ok((at, length, source)) =
+                tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await
+            else {
+                if ask_at.is_none() {
+                    break Err(format!("no answer within {TURN_WAIT:?}"));
+                }
+                continue;
+            };
+            if (at, source) != (local, address) {
+                continue;
+            }
+            match allocation.receive(&buffer[..length], Instant::now()) {
+                FromServer::Allocated(relayed) => break Ok(relayed),
+                FromServer::Refused(why) => break Err(why),
+                FromServer::Retry(again) => {
+                    self.send_from(local, &again, address);
+                    request = again;
+                }
+                _ => {}
+            }
+        };
+        match outcome.and_then(|relayed| {
+            Candidate::relayed(relayed, local, "udp")
+                .map(|candidate| (relayed, candidate))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((relayed, candidate)) => {
+                gst::debug!(crate::CAT, "{local} relayed at {relayed} by {address}");
+                self.rtc.add_local_candidate(candidate);
+                self.relay = Some(Relay {
+                    allocation,
+                    server: address,
+                    local,
+                    relayed,
+                });
+            }
+            Err(why) => gst::warning!(
+                crate::CAT,
+                "TURN server {server:?} at {address}: {why}; no relayed address"
+            ),
+        }
+    }
+
+    fn send_from(&self, local: SocketAddr, datagram: &[u8], to: SocketAddr) {
+        if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| *a == local) {
+            // A full socket buffer loses the packet, as the network would.
+            let _ = socket.try_send_to(datagram, to);
+        }
+    }
+
+    /// What a datagram received on `local` from `source` is to the relay.
+    fn through_relay(&mut self, local: SocketAddr, source: SocketAddr, datagram: &[u8]) -> Relayed {
+        let Some(relay) = self.relay.as_mut() else {
+            return Relayed::No;
+        };
+        if (local, source) != (relay.local, relay.server) {
+            return Relayed::No;
+        }
+        match relay.allocation.receive(datagram, Instant::now()) {
+            FromServer::Data { peer, at } => Relayed::Peer {
+                peer,
+                relayed: relay.relayed,
+                at,
+            },
+            FromServer::Retry(again) => {
+                let (local, server) = (relay.local, relay.server);
+                self.send_from(local, &again, server);
+                Relayed::ServersOwn
+            }
+            _ => Relayed::ServersOwn,
+        }
+    }
+
+    /// The allocation's refresh, when due.
+    fn refresh_relay(&mut self) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        if let Some(refresh) = relay.allocation.refresh(Instant::now()) {
+            let (local, server) = (relay.local, relay.server);
+            self.send_from(local, &refresh, server);
+        }
+    }
+
+    /// Frees the relayed address on the server as the call ends.
+    fn release_relay(&mut self) {
+        if let Some(relay) = self.relay.as_mut()
+            && let Some(release) = relay.allocation.release()
+        {
+            let (local, server) = (relay.local, relay.server);
+            self.send_from(local, &release, server);
+        }
+    }
+
     /// Drives str0m until it waits for something in the future: work it
     /// asks for at once (packetizing a frame just written, say) is done
     /// here, not after a round through the timer.
@@ -569,14 +773,21 @@ impl PeerTask {
             }
             match self.rtc.poll_output().map_err(|e| e.to_string())? {
                 Output::Timeout(deadline) => return Ok(deadline),
-                Output::Transmit(transmit) => {
-                    if let Some((_, socket)) =
-                        self.sockets.iter().find(|(a, _)| *a == transmit.source)
-                    {
-                        // A full socket buffer loses the packet, as the network would.
-                        let _ = socket.try_send_to(&transmit.contents, transmit.destination);
+                Output::Transmit(transmit) => match self.relay.as_mut() {
+                    // From the relayed address: through the TURN server.
+                    Some(relay) if transmit.source == relay.relayed => {
+                        let datagrams = relay.allocation.send(
+                            transmit.destination,
+                            &transmit.contents,
+                            Instant::now(),
+                        );
+                        let (local, server) = (relay.local, relay.server);
+                        for datagram in datagrams {
+                            self.send_from(local, &datagram, server);
+                        }
                     }
-                }
+                    _ => self.send_from(transmit.source, &transmit.contents, transmit.destination),
+                },
                 Output::Event(event) => self.on_event(event)?,
             }
         }
@@ -912,7 +1123,12 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn an_offer_with_video_is_answered_for_its_audio() {
-        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), None).unwrap();
+        let peer = SharedPeer::start(
+            Box::new(|_| {}),
+            crate::MEDIA_POOL.any(),
+            &IceServers::default(),
+        )
+        .unwrap();
         let answer = crate::MEDIA_POOL
             .any()
             .block_on(peer.answer(AUDIO_VIDEO_OFFER));
@@ -932,8 +1148,12 @@ a=ssrc:2222 cname:abc\r\n";
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let server = format!("stun://{}", silent.local_addr().unwrap());
         let answer_a_call = || {
-            let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), Some(&server))
-                .unwrap();
+            let servers = IceServers {
+                stun_server: Some(server.clone()),
+                ..Default::default()
+            };
+            let peer =
+                SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), &servers).unwrap();
             crate::MEDIA_POOL
                 .any()
                 .block_on(peer.answer(AUDIO_VIDEO_OFFER))
@@ -961,7 +1181,12 @@ a=ssrc:2222 cname:abc\r\n";
 
     #[test]
     fn garbage_offers_and_candidates_get_errors() {
-        let peer = SharedPeer::start(Box::new(|_| {}), crate::MEDIA_POOL.any(), None).unwrap();
+        let peer = SharedPeer::start(
+            Box::new(|_| {}),
+            crate::MEDIA_POOL.any(),
+            &IceServers::default(),
+        )
+        .unwrap();
         for offer in [
             "",
             "v=0\r\nm=audio",
@@ -981,5 +1206,157 @@ a=ssrc:2222 cname:abc\r\n";
             .any()
             .block_on(peer.answer(AUDIO_VIDEO_OFFER));
         assert!(answer.is_ok(), "the peer still works: {answer:?}");
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+
+    /// coturn (Debian's `coturn`) on loopback, with one user.
+    struct Coturn {
+        child: Child,
+        port: u16,
+    }
+
+    impl Coturn {
+        fn start() -> Coturn {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .unwrap()
+                .port();
+            let child = Command::new("turnserver")
+                .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+                .args(["--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"])
+                .args(["--listening-port", &port.to_string()])
+                // The peers are on loopback too, which coturn refuses by default.
+                .arg("--allow-loopback-peers")
+                .args(["--lt-cred-mech", "--realm", "example.org"])
+                .args(["--user", "alice:s3cret"])
+                .args(["--log-file", "stdout"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("turnserver (Debian coturn) is installed");
+            let coturn = Coturn { child, port };
+            // Ready once it answers a Binding request.
+            let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            probe
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buffer = [0u8; 512];
+            loop {
+                assert!(Instant::now() < deadline, "coturn did not start");
+                let _ = probe.send_to(&ice::binding_request([1; 12]), ("127.0.0.1", port));
+                if probe.recv_from(&mut buffer).is_ok() {
+                    return coturn;
+                }
+            }
+        }
+    }
+
+    impl Drop for Coturn {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn peer(servers: &IceServers) -> (SharedPeer, std_mpsc::Receiver<PeerEvent>) {
+        let (told, events) = std_mpsc::channel();
+        let sink: EventSink = Box::new(move |event| {
+            let _ = told.send(event);
+        });
+        let peer = SharedPeer::start(sink, crate::MEDIA_POOL.any(), servers).unwrap();
+        (peer, events)
+    }
+
+    fn opus_packet(sequence: u16) -> Vec<u8> {
+        let mut packet = vec![0x80, 111];
+        packet.extend_from_slice(&sequence.to_be_bytes());
+        packet.extend_from_slice(&(u32::from(sequence) * 960).to_be_bytes());
+        packet.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        // An Opus CELT frame's TOC and a few bytes.
+        packet.extend_from_slice(&[0xfc, 0xff, 0xfe, 1, 2, 3, 4]);
+        packet
+    }
+
+    /// A call whose only candidate is its address on a TURN server (a
+    /// bridge that may reach nothing else) connects, and its audio arrives
+    /// through the relay.
+    #[test]
+    fn a_relay_only_call_connects_through_its_turn_server() {
+        let coturn = Coturn::start();
+        let relayed = IceServers {
+            turn_server: Some(format!("turn://alice:s3cret@127.0.0.1:{}", coturn.port)),
+            relay_only: true,
+            ..Default::default()
+        };
+        let (bridge, _) = peer(&relayed);
+        let (app, app_events) = peer(&IceServers::default());
+        let media_loop = crate::MEDIA_POOL.any();
+        let offer = media_loop
+            .block_on(bridge.create_offer(true, true))
+            .unwrap();
+        assert!(offer.contains("typ relay"), "{offer}");
+        assert!(!offer.contains("typ host"), "relay only: {offer}");
+        let answer = media_loop.block_on(app.answer(&offer)).unwrap();
+        media_loop.block_on(bridge.accept_answer(&answer)).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut frames = 0;
+        let mut sequence = 0u16;
+        while frames < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "{frames} frames through the relay; the bridge's ICE {}",
+                bridge.stats().ice_state
+            );
+            sequence = sequence.wrapping_add(1);
+            let packet = opus_packet(sequence);
+            bridge.send_frame(&rtp_types::RtpPacket::parse(&packet).unwrap());
+            while let Ok(event) = app_events.recv_timeout(Duration::from_millis(20)) {
+                if matches!(event, PeerEvent::Frame(_)) {
+                    frames += 1;
+                }
+            }
+        }
+        assert!(bridge.stats().connected);
+    }
+
+    /// A TURN server that refuses the credentials leaves a call without a
+    /// relayed address, told in the log, and the call does not wait for it.
+    #[test]
+    fn wrong_turn_credentials_give_no_relayed_address() {
+        let coturn = Coturn::start();
+        let servers = IceServers {
+            turn_server: Some(format!("turn://alice:wrong@127.0.0.1:{}", coturn.port)),
+            ..Default::default()
+        };
+        let (bridge, _) = peer(&servers);
+        let started = Instant::now();
+        let offer = crate::MEDIA_POOL
+            .any()
+            .block_on(bridge.create_offer(true, true))
+            .unwrap();
+        assert!(offer.contains("typ host"), "{offer}");
+        assert!(!offer.contains("typ relay"), "{offer}");
+        assert!(started.elapsed() < TURN_WAIT, "{:?}", started.elapsed());
+        assert!(
+            SharedPeer::start(
+                Box::new(|_| {}),
+                crate::MEDIA_POOL.any(),
+                &IceServers {
+                    relay_only: true,
+                    ..Default::default()
+                }
+            )
+            .is_err(),
+            "relay only needs a TURN server"
+        );
     }
 }
