@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use bridge_protocol::ice;
+use bridge_protocol::turn::TurnServer;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +134,12 @@ pub struct ConnectyCubeSection {
     /// `stun://host[:port]`: asked by each call's WebRTC leg where it is
     /// seen from outside a NAT (ConnectyCube's apps use a public one).
     pub stun_server: Option<String>,
+    /// `turn://user:password@host[:port]`: each call's WebRTC leg also
+    /// offers an address relayed by this TURN server.
+    pub turn_server: Option<String>,
+    /// Only the relayed address is offered: for a bridge that may reach
+    /// nothing but its TURN server.
+    pub relay_only: bool,
     /// Each call to an app user also goes out as a push notification to
     /// the user's subscribed devices, so a mobile app in the background or
     /// closed rings: "production", "development" (apps' development
@@ -323,6 +330,8 @@ impl Default for ConnectyCubeSection {
             gateway_password: None,
             answer_timeout_s: 45,
             stun_server: None,
+            turn_server: None,
+            relay_only: false,
             call_push: CallPush::default(),
         }
     }
@@ -373,6 +382,8 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_API_URL", "connectycube.api_url"),
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
     ("CONNECTYCUBE_STUN_SERVER", "connectycube.stun_server"),
+    ("CONNECTYCUBE_TURN_SERVER", "connectycube.turn_server"),
+    ("CONNECTYCUBE_RELAY_ONLY", "connectycube.relay_only"),
     ("CONNECTYCUBE_CALL_PUSH", "connectycube.call_push"),
     ("MANAGEMENT_TOKEN", "management.token"),
     ("ASTERISK_AMI", "asterisk.ami"),
@@ -466,6 +477,8 @@ impl Config {
                 "CONNECTYCUBE_API_URL" => cc.api_url = value,
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
                 "CONNECTYCUBE_STUN_SERVER" => cc.stun_server = Some(value),
+                "CONNECTYCUBE_TURN_SERVER" => cc.turn_server = Some(value),
+                "CONNECTYCUBE_RELAY_ONLY" => boolean(&mut cc.relay_only),
                 "CONNECTYCUBE_CALL_PUSH" => match value.trim() {
                     "production" => cc.call_push = CallPush::Production,
                     "development" => cc.call_push = CallPush::Development,
@@ -511,6 +524,13 @@ impl Config {
         }
         if let Some(Err(e)) = cc.stun_server.as_deref().map(ice::stun_host_and_port) {
             problems.push(format!("connectycube.stun_server: {e}"));
+        }
+        // The value holds a password: the problem names the key only.
+        if let Some(Err(e)) = cc.turn_server.as_deref().map(str::parse::<TurnServer>) {
+            problems.push(format!("connectycube.turn_server: {e}"));
+        }
+        if cc.relay_only && cc.turn_server.is_none() {
+            problems.push("connectycube.relay_only: needs connectycube.turn_server".into());
         }
         if cc.sandbox && cc.api_url.starts_with("http://") && sandbox_address(cc).is_none() {
             problems.push(format!(
@@ -872,6 +892,27 @@ department = "Sales"
     }
 
     #[test]
+    fn a_bad_turn_server_is_named_without_its_password() {
+        let mut config = Config::parse(EXAMPLE).unwrap();
+        config.connectycube.turn_server = Some("turn://user:hunter2@relay.example:port".into());
+        let problems = config.validate().unwrap_err().0;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("connectycube.turn_server: ")),
+            "{problems:#?}"
+        );
+        assert!(
+            !format!("{problems:?}").contains("hunter2"),
+            "{problems:#?}"
+        );
+        config.connectycube.turn_server = Some("turn://user:hunter2@relay.example".into());
+        config.connectycube.relay_only = true;
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn validation_names_every_bad_key() {
         let text = format!(
             "{EXAMPLE}\n[[users]]\nextension = \"100\"\nlogin = \"\"\npassword = \"\"\n\n[recording]\nenabled = true\n"
@@ -883,10 +924,12 @@ department = "Sales"
         config.sip.max_cpu_percent = 150.0;
         config.asterisk.tls_ca_file = Some("/no/such/ca.pem".into());
         config.connectycube.stun_server = Some("turn://user:pass@host".into());
+        config.connectycube.relay_only = true;
         config.sip.outbound_proxy = Some("sbc.example.com:five".into());
         let problems = config.validate().unwrap_err().0;
         for key in [
             "sip.outbound_proxy",
+            "connectycube.relay_only",
             "sip.opus_complexity",
             "sip.max_cpu_percent",
             "asterisk.tls_ca_file",

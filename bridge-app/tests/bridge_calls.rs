@@ -1643,6 +1643,48 @@ fn a_bridge_behind_a_nat_tells_the_app_its_address_outside() {
     assert!(outside, "no candidate at the public address: {candidates}");
 }
 
+/// A bridge that may reach apps only through its TURN server
+/// (`connectycube.relay_only`, a real coturn beyond the test namespace's
+/// NAT): the app is offered the relayed address alone, both sides hear each
+/// other through it, and the TURN password is in no log line.
+#[test]
+fn a_bridge_reaches_the_app_through_its_turn_server_alone() {
+    let _serial = one_at_a_time();
+    let turn = support::Coturn::start();
+    let bridge = BridgeProcess::start_with_environment(
+        "127.0.0.1",
+        &[],
+        &[
+            ("CONNECTYCUBE_TURN_SERVER", &turn.url()),
+            ("CONNECTYCUBE_RELAY_ONLY", "true"),
+            ("RUST_LOG", "debug,rsipstack=warn"),
+        ],
+    );
+    let mut alice = alice_answering(&bridge, true);
+    let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 6, "relayed");
+    assert_each_hears_the_other(&bridge, &mut alice, &phone);
+    let candidates = alice.command(json!({"op": "remoteCandidates"}));
+    let (success, output) = signalling.join().unwrap();
+    assert!(success, "the SIP call: {output}");
+    // Nothing of the bridge's network: its relayed address (and, as the
+    // namespace's NAT rewrites the relay's port towards the app, a
+    // peer-reflexive one, whose address the browser does not show).
+    let candidates: Vec<_> = candidates.as_array().cloned().unwrap_or_default();
+    let relayed =
+        |c: &&serde_json::Value| c["type"] == "relay" && c["address"] == support::Coturn::ADDRESS;
+    assert!(
+        candidates.iter().any(|c| relayed(&c))
+            && candidates
+                .iter()
+                .all(|c| relayed(&c) || (c["type"] == "prflx" && c["address"] == "")),
+        "the relayed address alone: {candidates:?}"
+    );
+    assert!(
+        !bridge.logs().iter().any(|l| l.contains("relay-s3cret")),
+        "the TURN password in the log"
+    );
+}
+
 #[test]
 fn an_app_user_calls_a_registered_phone_and_survives_an_ice_restart() {
     let _serial = one_at_a_time();

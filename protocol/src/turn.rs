@@ -98,6 +98,29 @@ impl std::str::FromStr for TurnServer {
     }
 }
 
+impl TurnServer {
+    /// As `turn-server` takes it, `@`, `:` and `%` of the credentials
+    /// escaped.
+    pub fn url(&self) -> String {
+        let escaped = |text: &str| {
+            text.replace('%', "%25")
+                .replace('@', "%40")
+                .replace(':', "%3A")
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!(
+            "turn://{}:{}@{host}:{}",
+            escaped(&self.username),
+            escaped(&self.password),
+            self.port
+        )
+    }
+}
+
 /// `%XX` escapes decoded (a password may hold `@` or `:` escaped so).
 fn percent_decoded(text: &str) -> String {
     let bytes = text.as_bytes();
@@ -563,6 +586,8 @@ mod tests {
             !format!("{server:?}").contains("p:w"),
             "the password stays out of logs"
         );
+        assert_eq!(server.url(), "turn://a%40b:p%3Aw@[2001:db8::1]:3478");
+        assert_eq!(server.url().parse::<TurnServer>(), Ok(server));
     }
 
     /// The server's side of the exchange, as RFC 8656 describes it.

@@ -319,6 +319,13 @@ fn sip_config(config: &Config) -> SipConfig {
             .map(|(certificate, key)| TlsFiles { certificate, key }),
         public_address: s.public_address,
         stun_server: config.connectycube.stun_server.clone(),
+        // Checked with the configuration.
+        turn_server: config
+            .connectycube
+            .turn_server
+            .as_deref()
+            .and_then(|url| url.parse().ok()),
+        relay_only: config.connectycube.relay_only,
         // RTP binds where SIP listens.
         media_address: s.listen.ip(),
         admission: AdmissionConfig {

@@ -979,7 +979,7 @@ impl Call {
                 self.shared.config().video,
                 self.media_events.0.clone(),
                 recorder.as_ref(),
-                &super::media::nat_properties(&self.shared.config()),
+                &self.shared.config(),
             )?;
             self.recorder = recorder;
             Ok((reservation, video))

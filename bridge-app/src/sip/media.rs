@@ -519,6 +519,7 @@ impl CallMedia {
             .with_context(|| format!("cannot build the {codec} pipeline"))?
             .downcast::<gst::Pipeline>()
             .map_err(|_| anyhow!("not a pipeline"))?;
+        set_relay(&pipeline, config);
         let by_name = |name: &str| {
             pipeline
                 .by_name(name)
@@ -841,6 +842,24 @@ pub(super) fn nat_properties(config: &super::SipConfig) -> String {
         properties.push_str(&format!(" stun-server=\"{server}\""));
     }
     properties
+}
+
+/// Sets the TURN server on the app elements of `pipeline`, not in its
+/// description, which is logged: the URL holds a password.
+pub(super) fn set_relay(pipeline: &gst::Pipeline, config: &super::SipConfig) {
+    let Some(server) = &config.turn_server else {
+        return;
+    };
+    let policy = if config.relay_only { "relay" } else { "all" };
+    for element in pipeline.iterate_recurse().into_iter().flatten() {
+        let app_element = element
+            .factory()
+            .is_some_and(|f| f.name().starts_with("connectycube"));
+        if app_element {
+            element.set_property("turn-server", server.url());
+            element.set_property_from_str("ice-transport-policy", policy);
+        }
+    }
 }
 
 /// The Opus frame size (ms) closest to the negotiated ptime.

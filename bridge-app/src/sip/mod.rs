@@ -65,6 +65,10 @@ pub struct SipConfig {
     pub public_address: Option<IpAddr>,
     /// Asked by each call's WebRTC leg where it is seen from outside a NAT.
     pub stun_server: Option<String>,
+    /// Relays each call's WebRTC leg too (its Debug hides the password).
+    pub turn_server: Option<bridge_protocol::turn::TurnServer>,
+    /// The relayed address alone is offered.
+    pub relay_only: bool,
     /// Where RTP sockets are bound.
     pub media_address: IpAddr,
     pub admission: AdmissionConfig,
@@ -127,6 +131,8 @@ impl SipConfig {
             tls: None,
             public_address: None,
             stun_server: None,
+            turn_server: None,
+            relay_only: false,
             media_address: loopback,
             admission: AdmissionConfig {
                 trusted: vec![loopback, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)],

@@ -289,8 +289,9 @@ impl CallVideo {
         app_codec: AppVideoCodec,
         events: mpsc::UnboundedSender<MediaEvent>,
         recorder: Option<&Arc<Recorder>>,
-        nat: &str,
+        config: &super::SipConfig,
     ) -> anyhow::Result<Self> {
+        let nat = super::media::nat_properties(config);
         let session = reservation.session();
         let address: IpAddr = reservation.address;
         let pt = stream.format.payload_type;
@@ -369,6 +370,7 @@ impl CallVideo {
             .context("cannot build the video pipeline")?
             .downcast::<gst::Pipeline>()
             .map_err(|_| anyhow!("not a pipeline"))?;
+        super::media::set_relay(&pipeline, config);
         let by_name = |name: &str| {
             pipeline
                 .by_name(name)

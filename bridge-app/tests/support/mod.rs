@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -798,6 +798,63 @@ impl Dnsmasq {
 }
 
 impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// coturn (Debian's `coturn`), a TURN server with one user, at
+/// 198.51.100.8: outside the test namespace's NAT (`scripts/lib.sh`);
+/// killed when dropped.
+pub struct Coturn {
+    child: Child,
+    port: u16,
+}
+
+impl Coturn {
+    pub const ADDRESS: &str = "198.51.100.8";
+
+    pub fn start() -> Coturn {
+        let port = free_port();
+        let child = Command::new("turnserver")
+            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+            .args(["--listening-ip", Self::ADDRESS, "--relay-ip", Self::ADDRESS])
+            .args(["--listening-port", &port.to_string()])
+            .args(["--lt-cred-mech", "--realm", "example.org"])
+            .args(["--user", "bridge:relay-s3cret"])
+            .args(["--log-file", "stdout"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnserver (Debian coturn) is installed");
+        let coturn = Coturn { child, port };
+        // Ready once it answers a Binding request.
+        let probe = UdpSocket::bind("0.0.0.0:0").unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut binding = [0u8; 20];
+        binding[1] = 1;
+        binding[4..8].copy_from_slice(&0x2112_a442u32.to_be_bytes());
+        while probe
+            .send_to(&binding, (Self::ADDRESS, port))
+            .and_then(|_| probe.recv_from(&mut [0u8; 512]))
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "coturn did not start");
+        }
+        coturn
+    }
+
+    /// As `connectycube.turn_server` takes it.
+    pub fn url(&self) -> String {
+        format!("turn://bridge:relay-s3cret@{}:{}", Self::ADDRESS, self.port)
+    }
+}
+
+impl Drop for Coturn {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
