@@ -38,6 +38,18 @@ struct Settings {
     stack: WebRtcStack,
 }
 
+/// `turn://user:password@host` as `turn://user:***@host`.
+fn masked_password(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| {
+        let (credentials, host) = rest.rsplit_once('@')?;
+        let (user, _) = credentials.split_once(':')?;
+        Some(format!("{scheme}://{user}:***@{host}"))
+    }) {
+        Some(masked) => masked,
+        None => url.to_owned(),
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -235,7 +247,13 @@ impl CallProperties {
             "peer" => s.peer.to_value(),
             "answer-timeout" => s.answer_timeout.to_value(),
             "stun-server" => s.stun_server.to_value(),
-            "turn-server" => s.turn_server.to_value(),
+            // Its password is a secret: shown masked (pipeline dumps list
+            // the properties set).
+            "turn-server" => s
+                .turn_server
+                .as_deref()
+                .map(masked_password)
+                .to_value(),
             "ice-transport-policy" => s.ice_transport_policy.to_value(),
             "public-address" => s.public_address.to_value(),
             "webrtc-stack" => s.stack.to_value(),
@@ -436,5 +454,24 @@ pub fn call_over(element: &gst::Element, end: &CallEnd) -> gst::FlowError {
         gst::FlowError::Error
     } else {
         gst::FlowError::Eos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gst::prelude::*;
+
+    #[test]
+    fn the_turn_servers_password_reads_back_masked() {
+        gst::init().unwrap();
+        crate::register().unwrap();
+        let sink = gst::ElementFactory::make("connectycubesink")
+            .property("turn-server", "turn://bridge:s3cret@relay.example:3478")
+            .build()
+            .unwrap();
+        assert_eq!(
+            sink.property::<Option<String>>("turn-server").as_deref(),
+            Some("turn://bridge:***@relay.example:3478")
+        );
     }
 }
