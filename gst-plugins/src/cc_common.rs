@@ -249,11 +249,7 @@ impl CallProperties {
             "stun-server" => s.stun_server.to_value(),
             // Its password is a secret: shown masked (pipeline dumps list
             // the properties set).
-            "turn-server" => s
-                .turn_server
-                .as_deref()
-                .map(masked_password)
-                .to_value(),
+            "turn-server" => s.turn_server.as_deref().map(masked_password).to_value(),
             "ice-transport-policy" => s.ice_transport_policy.to_value(),
             "public-address" => s.public_address.to_value(),
             "webrtc-stack" => s.stack.to_value(),
