@@ -47,20 +47,35 @@ const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 /// (the request or its answer may be lost).
 const PERMISSION_RETRY: Duration = Duration::from_millis(500);
 
+/// How the TURN server is reached; what it relays is UDP either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TurnTransport {
+    #[default]
+    Udp,
+    /// A TCP connection (RFC 8656 §3.1): through firewalls that pass no
+    /// UDP.
+    Tcp,
+}
+
 /// A TURN server as webrtcbin's `turn-server` spells it:
-/// `turn://user:password@host[:port]`.
+/// `turn://user:password@host[:port][?transport=udp|tcp]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TurnServer {
     pub host: String,
     pub port: u16,
     pub username: String,
     pub password: String,
+    pub transport: TurnTransport,
 }
 
 impl std::fmt::Debug for TurnServer {
     // The password is a secret: never in a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "turn://{}@{}:{}", self.username, self.host, self.port)
+        write!(f, "turn://{}@{}:{}", self.username, self.host, self.port)?;
+        if self.transport == TurnTransport::Tcp {
+            write!(f, "?transport=tcp")?;
+        }
+        Ok(())
     }
 }
 
@@ -68,10 +83,19 @@ impl std::str::FromStr for TurnServer {
     type Err = String;
 
     fn from_str(url: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("is not turn://user:password@host[:port] ({why})");
+        let bad = |why: &str| {
+            format!("is not turn://user:password@host[:port][?transport=udp|tcp] ({why})")
+        };
         let rest = url
             .strip_prefix("turn://")
             .ok_or_else(|| bad("turn:// missing"))?;
+        let (rest, transport) = match rest.split_once('?') {
+            None | Some((_, "transport=udp")) => {
+                (rest.split('?').next().unwrap_or(rest), TurnTransport::Udp)
+            }
+            Some((rest, "transport=tcp")) => (rest, TurnTransport::Tcp),
+            Some(_) => return Err(bad("transport=udp or transport=tcp")),
+        };
         let (credentials, address) = rest
             .rsplit_once('@')
             .ok_or_else(|| bad("no user and password"))?;
@@ -94,6 +118,7 @@ impl std::str::FromStr for TurnServer {
             port,
             username: percent_decoded(username),
             password: percent_decoded(password),
+            transport,
         })
     }
 }
@@ -112,12 +137,37 @@ impl TurnServer {
         } else {
             self.host.clone()
         };
+        let transport = match self.transport {
+            TurnTransport::Udp => "",
+            TurnTransport::Tcp => "?transport=tcp",
+        };
         format!(
-            "turn://{}:{}@{host}:{}",
+            "turn://{}:{}@{host}:{}{transport}",
             escaped(&self.username),
             escaped(&self.password),
             self.port
         )
+    }
+}
+
+/// Over a stream, how long the message at the start of `received` is:
+/// `Ok(None)` until its header is in; an error for bytes that are no TURN
+/// message (the stream cannot be read on).
+pub fn stream_message_length(received: &[u8]) -> Result<Option<usize>, String> {
+    let Some(&first) = received.first() else {
+        return Ok(None);
+    };
+    match first {
+        // STUN: a 20-byte header, then its length.
+        0x00..=0x3f => Ok(received
+            .get(2..4)
+            .map(|length| 20 + usize::from(u16::from_be_bytes([length[0], length[1]])))),
+        // ChannelData (channels 0x4000–0x4fff), padded to four bytes over a
+        // stream (RFC 8656 §12.5).
+        0x40..=0x4f => Ok(received.get(2..4).map(|length| {
+            4 + usize::from(u16::from_be_bytes([length[0], length[1]])).div_ceil(4) * 4
+        })),
+        _ => Err(format!("not a TURN message (first byte {first:#04x})")),
     }
 }
 
@@ -588,6 +638,18 @@ mod tests {
         );
         assert_eq!(server.url(), "turn://a%40b:p%3Aw@[2001:db8::1]:3478");
         assert_eq!(server.url().parse::<TurnServer>(), Ok(server));
+        let tcp: TurnServer = "turn://u:p@relay.example:443?transport=tcp"
+            .parse()
+            .unwrap();
+        assert_eq!((tcp.port, tcp.transport), (443, TurnTransport::Tcp));
+        assert_eq!(tcp.url().parse::<TurnServer>(), Ok(tcp));
+        let udp: TurnServer = "turn://u:p@relay.example?transport=udp".parse().unwrap();
+        assert_eq!((udp.port, udp.transport), (3478, TurnTransport::Udp));
+        assert!(
+            "turn://u:p@relay.example?transport=sctp"
+                .parse::<TurnServer>()
+                .is_err()
+        );
     }
 
     /// The server's side of the exchange, as RFC 8656 describes it.
@@ -783,6 +845,23 @@ mod tests {
         ] {
             assert_eq!(allocation.receive(garbage, now), FromServer::Ignored);
         }
+    }
+
+    #[test]
+    fn messages_are_framed_on_a_stream() {
+        let request = Allocation::new(&server()).allocate();
+        assert_eq!(stream_message_length(&request), Ok(Some(request.len())));
+        assert_eq!(
+            stream_message_length(&request[..4]),
+            Ok(Some(request.len()))
+        );
+        assert_eq!(stream_message_length(&request[..3]), Ok(None));
+        assert_eq!(stream_message_length(&request[..1]), Ok(None));
+        assert_eq!(stream_message_length(&[]), Ok(None));
+        // ChannelData 0x4000 with 5 bytes: padded to 8.
+        assert_eq!(stream_message_length(&[0x40, 0, 0, 5]), Ok(Some(12)));
+        assert!(stream_message_length(b"PUT / HTTP/1.1").is_err());
+        assert!(stream_message_length(&[0xff, 0, 0, 0]).is_err());
     }
 
     proptest::proptest! {

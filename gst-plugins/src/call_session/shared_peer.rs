@@ -13,7 +13,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bridge_protocol::dtmf::{self, EventDetector};
-use bridge_protocol::turn::{Allocation, FromServer, TurnServer};
+use bridge_protocol::turn::{self, Allocation, FromServer, TurnServer, TurnTransport};
 use bridge_protocol::{ice, opus_fmtp};
 use str0m::change::{SdpAnswer, SdpApi, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, CodecExtra, FormatParams};
@@ -21,7 +21,7 @@ use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
@@ -427,27 +427,98 @@ struct PeerTask {
     loss_told: bool,
 }
 
-/// A datagram from the TURN server, or not.
-enum Relayed {
-    /// Not from the server.
-    No,
-    /// The server's own business (an answer to a refresh, say).
-    ServersOwn,
-    /// A peer's datagram, relayed to `relayed`: where in the server's it is.
-    Peer {
-        peer: SocketAddr,
-        relayed: SocketAddr,
-        at: std::ops::Range<usize>,
-    },
-}
-
-/// A relayed address and how it is reached.
+/// A relayed address and how its server is reached.
 struct Relay {
     allocation: Allocation,
     server: SocketAddr,
-    /// The call's socket the server is reached from.
-    local: SocketAddr,
+    link: ServerLink,
     relayed: SocketAddr,
+}
+
+/// How a call reaches its TURN server.
+enum ServerLink {
+    /// From the call's UDP socket at this address.
+    Udp(SocketAddr),
+    /// Over a TCP connection: tasks of the call's loop write what goes
+    /// into `outgoing`, and frame what arrives into `incoming`.
+    Stream {
+        outgoing: mpsc::UnboundedSender<Vec<u8>>,
+        incoming: mpsc::UnboundedReceiver<Vec<u8>>,
+    },
+}
+
+impl ServerLink {
+    fn send(&self, sockets: &[(SocketAddr, UdpSocket)], server: SocketAddr, message: &[u8]) {
+        match self {
+            ServerLink::Udp(local) => {
+                if let Some((_, socket)) = sockets.iter().find(|(a, _)| a == local) {
+                    // A full socket buffer loses the packet, as the network would.
+                    let _ = socket.try_send_to(message, server);
+                }
+            }
+            ServerLink::Stream { outgoing, .. } => {
+                let _ = outgoing.send(message.to_vec());
+            }
+        }
+    }
+}
+
+/// A TCP connection to the TURN server (RFC 8656 §3.1): a task writes what
+/// is sent, another frames what arrives. Its local address comes with it.
+async fn connect_stream(server: SocketAddr) -> Result<(ServerLink, SocketAddr), String> {
+    let stream = tokio::time::timeout(TURN_WAIT, tokio::net::TcpStream::connect(server))
+        .await
+        .map_err(|_| format!("no TCP connection within {TURN_WAIT:?}"))?
+        .map_err(|e| format!("no TCP connection: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let (mut reading, mut writing) = stream.into_split();
+    let (outgoing, mut to_write) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (arrived, incoming) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = to_write.recv().await {
+            if writing.write_all(&message).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match reading.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(length) => received.extend_from_slice(&chunk[..length]),
+            }
+            loop {
+                match turn::stream_message_length(&received) {
+                    Ok(Some(length)) if received.len() >= length => {
+                        if arrived.send(received.drain(..length).collect()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(why) => {
+                        gst::warning!(crate::CAT, "TURN server {server}: {why}");
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok((ServerLink::Stream { outgoing, incoming }, local))
+}
+
+/// The next message from a TURN server reached over a stream (`None`: the
+/// connection closed); never, for one reached over UDP.
+async fn from_stream(relay: &mut Option<Relay>) -> Option<Vec<u8>> {
+    match relay {
+        Some(Relay {
+            link: ServerLink::Stream { incoming, .. },
+            ..
+        }) => incoming.recv().await,
+        _ => std::future::pending().await,
+    }
 }
 
 impl PeerTask {
@@ -490,28 +561,23 @@ impl PeerTask {
                     }
                 },
                 (local, length, source) = receive(&self.sockets, &mut buffer) => {
-                    let (source, destination, at) = match self.through_relay(local, source, &buffer[..length]) {
-                        Relayed::Peer { peer, relayed, at } => (peer, relayed, at),
-                        Relayed::ServersOwn => continue,
-                        Relayed::No => (source, local, 0..length),
-                    };
-                    let Ok(contents) = buffer[at].try_into() else {
-                        continue;
-                    };
-                    let input = Input::Receive(
-                        Instant::now(),
-                        Receive {
-                            proto: Protocol::Udp,
-                            source,
-                            destination,
-                            contents,
-                        },
-                    );
-                    // Whatever is not ours (or does not parse) is dropped.
-                    if self.rtc.accepts(&input) {
-                        let _ = self.rtc.handle_input(input);
+                    let from_server = self.relay.as_ref().is_some_and(|relay| {
+                        matches!(relay.link, ServerLink::Udp(at) if at == local)
+                            && relay.server == source
+                    });
+                    if from_server {
+                        self.on_server_message(&buffer[..length]);
+                    } else {
+                        self.input(source, local, &buffer[..length]);
                     }
                 }
+                message = from_stream(&mut self.relay) => match message {
+                    Some(message) => self.on_server_message(&message),
+                    None => {
+                        gst::warning!(crate::CAT, "the TURN server closed the connection: no relayed address");
+                        self.relay = None;
+                    }
+                },
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
                 }
@@ -618,9 +684,9 @@ impl PeerTask {
     }
 
     /// Allocates an address on the TURN server (RFC 8656, long-term
-    /// credentials) from the first socket of the server's family, and
-    /// offers it. Without an answer in time, or refused, the call goes on
-    /// with what it has.
+    /// credentials), over UDP from the first socket of the server's family
+    /// or over TCP, and offers it. Without an answer in time, or refused,
+    /// the call goes on with what it has.
     async fn gather_relayed(&mut self, server: &TurnServer, buffer: &mut [u8]) {
         let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
             Ok(mut addresses) => addresses.next(),
@@ -633,59 +699,35 @@ impl PeerTask {
             );
             return;
         };
-        let Some(local) = self
-            .sockets
-            .iter()
-            .map(|(local, _)| *local)
-            .find(|local| local.is_ipv4() == address.is_ipv4())
-        else {
-            return;
+        let connected = match server.transport {
+            TurnTransport::Udp => self
+                .sockets
+                .iter()
+                .map(|(local, _)| *local)
+                .find(|local| local.is_ipv4() == address.is_ipv4())
+                .map(|local| (ServerLink::Udp(local), local))
+                .ok_or_else(|| "no local address of its family".to_owned()),
+            TurnTransport::Tcp => connect_stream(address).await,
         };
-        let mut allocation = Allocation::new(server);
-        let started = tokio::time::Instant::now();
-        let mut next_ask = STUN_ASK_AT.iter();
-        let mut request = allocation.allocate();
-        let mut ask_at = next_ask.next().map(|after| started + *after);
-        let outcome = loop {
-            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
-                self.send_from(local, &request, address);
-                ask_at = next_ask.next().map(|after| at.max(started + *after));
-                continue;
-            }
-            let until = ask_at.unwrap_or(started + TURN_WAIT);
-            let Ok((at, length, source)) =
-                tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await
-            else {
-                if ask_at.is_none() {
-                    break Err(format!("no answer within {TURN_WAIT:?}"));
-                }
-                continue;
-            };
-            if (at, source) != (local, address) {
-                continue;
-            }
-            match allocation.receive(&buffer[..length], Instant::now()) {
-                FromServer::Allocated(relayed) => break Ok(relayed),
-                FromServer::Refused(why) => break Err(why),
-                FromServer::Retry(again) => {
-                    self.send_from(local, &again, address);
-                    request = again;
-                }
-                _ => {}
-            }
+        let outcome = match connected {
+            Ok((mut link, local)) => self
+                .allocate(server, address, &mut link, buffer)
+                .await
+                .and_then(|(allocation, relayed)| {
+                    let candidate =
+                        Candidate::relayed(relayed, local, "udp").map_err(|e| e.to_string())?;
+                    Ok((allocation, relayed, link, local, candidate))
+                }),
+            Err(why) => Err(why),
         };
-        match outcome.and_then(|relayed| {
-            Candidate::relayed(relayed, local, "udp")
-                .map(|candidate| (relayed, candidate))
-                .map_err(|e| e.to_string())
-        }) {
-            Ok((relayed, candidate)) => {
+        match outcome {
+            Ok((allocation, relayed, link, local, candidate)) => {
                 gst::debug!(crate::CAT, "{local} relayed at {relayed} by {address}");
                 self.rtc.add_local_candidate(candidate);
                 self.relay = Some(Relay {
                     allocation,
                     server: address,
-                    local,
+                    link,
                     relayed,
                 });
             }
@@ -696,6 +738,67 @@ impl PeerTask {
         }
     }
 
+    /// The Allocate exchange on `link`: the relayed address, or why not.
+    async fn allocate(
+        &self,
+        server: &TurnServer,
+        address: SocketAddr,
+        link: &mut ServerLink,
+        buffer: &mut [u8],
+    ) -> Result<(Allocation, SocketAddr), String> {
+        let mut allocation = Allocation::new(server);
+        let started = tokio::time::Instant::now();
+        // A stream delivers the request: asked once.
+        let schedule = match link {
+            ServerLink::Udp(_) => &STUN_ASK_AT[..],
+            ServerLink::Stream { .. } => &STUN_ASK_AT[..1],
+        };
+        let mut next_ask = schedule.iter();
+        let mut request = allocation.allocate();
+        let mut ask_at = next_ask.next().map(|after| started + *after);
+        loop {
+            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
+                link.send(&self.sockets, address, &request);
+                ask_at = next_ask.next().map(|after| at.max(started + *after));
+                continue;
+            }
+            let until = ask_at.unwrap_or(started + TURN_WAIT);
+            let message = match link {
+                ServerLink::Udp(local) => {
+                    match tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await {
+                        Ok((at, length, source)) if (at, source) == (*local, address) => {
+                            Some(buffer[..length].to_vec())
+                        }
+                        Ok(_) => continue,
+                        Err(_) => None,
+                    }
+                }
+                ServerLink::Stream { incoming, .. } => {
+                    match tokio::time::timeout_at(until, incoming.recv()).await {
+                        Ok(Some(message)) => Some(message),
+                        Ok(None) => return Err("the server closed the connection".into()),
+                        Err(_) => None,
+                    }
+                }
+            };
+            let Some(message) = message else {
+                if ask_at.is_none() {
+                    return Err(format!("no answer within {TURN_WAIT:?}"));
+                }
+                continue;
+            };
+            match allocation.receive(&message, Instant::now()) {
+                FromServer::Allocated(relayed) => return Ok((allocation, relayed)),
+                FromServer::Refused(why) => return Err(why),
+                FromServer::Retry(again) => {
+                    link.send(&self.sockets, address, &again);
+                    request = again;
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn send_from(&self, local: SocketAddr, datagram: &[u8], to: SocketAddr) {
         if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| *a == local) {
             // A full socket buffer loses the packet, as the network would.
@@ -703,47 +806,67 @@ impl PeerTask {
         }
     }
 
-    /// What a datagram received on `local` from `source` is to the relay.
-    fn through_relay(&mut self, local: SocketAddr, source: SocketAddr, datagram: &[u8]) -> Relayed {
-        let Some(relay) = self.relay.as_mut() else {
-            return Relayed::No;
-        };
-        if (local, source) != (relay.local, relay.server) {
-            return Relayed::No;
+    fn to_server(&self, message: &[u8]) {
+        if let Some(relay) = &self.relay {
+            relay.link.send(&self.sockets, relay.server, message);
         }
-        match relay.allocation.receive(datagram, Instant::now()) {
-            FromServer::Data { peer, at } => Relayed::Peer {
-                peer,
-                relayed: relay.relayed,
-                at,
+    }
+
+    /// A datagram for str0m; whatever is not ours (or does not parse) is
+    /// dropped.
+    fn input(&mut self, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+        let Ok(contents) = datagram.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination,
+                contents,
             },
-            FromServer::Retry(again) => {
-                let (local, server) = (relay.local, relay.server);
-                self.send_from(local, &again, server);
-                Relayed::ServersOwn
+        );
+        if self.rtc.accepts(&input) {
+            let _ = self.rtc.handle_input(input);
+        }
+    }
+
+    /// A message from the TURN server: a peer's datagram goes on to str0m
+    /// as received at the relayed address.
+    fn on_server_message(&mut self, message: &[u8]) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        match relay.allocation.receive(message, Instant::now()) {
+            FromServer::Data { peer, at } => {
+                let relayed = relay.relayed;
+                self.input(peer, relayed, &message[at]);
             }
-            _ => Relayed::ServersOwn,
+            FromServer::Retry(again) => self.to_server(&again),
+            _ => {}
         }
     }
 
     /// The allocation's refresh, when due.
     fn refresh_relay(&mut self) {
-        let Some(relay) = self.relay.as_mut() else {
-            return;
-        };
-        if let Some(refresh) = relay.allocation.refresh(Instant::now()) {
-            let (local, server) = (relay.local, relay.server);
-            self.send_from(local, &refresh, server);
+        let refresh = self
+            .relay
+            .as_mut()
+            .and_then(|relay| relay.allocation.refresh(Instant::now()));
+        if let Some(refresh) = refresh {
+            self.to_server(&refresh);
         }
     }
 
     /// Frees the relayed address on the server as the call ends.
     fn release_relay(&mut self) {
-        if let Some(relay) = self.relay.as_mut()
-            && let Some(release) = relay.allocation.release()
-        {
-            let (local, server) = (relay.local, relay.server);
-            self.send_from(local, &release, server);
+        let release = self
+            .relay
+            .as_mut()
+            .and_then(|relay| relay.allocation.release());
+        if let Some(release) = release {
+            self.to_server(&release);
         }
     }
 
@@ -776,14 +899,13 @@ impl PeerTask {
                 Output::Transmit(transmit) => match self.relay.as_mut() {
                     // From the relayed address: through the TURN server.
                     Some(relay) if transmit.source == relay.relayed => {
-                        let datagrams = relay.allocation.send(
+                        let messages = relay.allocation.send(
                             transmit.destination,
                             &transmit.contents,
                             Instant::now(),
                         );
-                        let (local, server) = (relay.local, relay.server);
-                        for datagram in datagrams {
-                            self.send_from(local, &datagram, server);
+                        for message in messages {
+                            self.to_server(&message);
                         }
                     }
                     _ => self.send_from(transmit.source, &transmit.contents, transmit.destination),
@@ -1290,9 +1412,23 @@ mod relay_tests {
     /// through the relay.
     #[test]
     fn a_relay_only_call_connects_through_its_turn_server() {
+        relay_only_call("");
+    }
+
+    /// The same with the server reached over TCP (a firewall that passes
+    /// no UDP).
+    #[test]
+    fn a_relay_only_call_connects_through_its_turn_server_over_tcp() {
+        relay_only_call("?transport=tcp");
+    }
+
+    fn relay_only_call(transport: &str) {
         let coturn = Coturn::start();
         let relayed = IceServers {
-            turn_server: Some(format!("turn://alice:s3cret@127.0.0.1:{}", coturn.port)),
+            turn_server: Some(format!(
+                "turn://alice:s3cret@127.0.0.1:{}{transport}",
+                coturn.port
+            )),
             relay_only: true,
             ..Default::default()
         };
