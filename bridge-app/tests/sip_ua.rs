@@ -904,23 +904,7 @@ fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
     wait_for_cpu(false);
 
     // Every call is admitted before its RTP loads the bridge.
-    let opus = ("OPUS", 111, 48000, "opus/48000/2", 440);
-    let calls: Vec<_> = (0..10)
-        .map(|k| {
-            support::dial(
-                &bridge,
-                "call.xml",
-                "echo",
-                opus,
-                8,
-                &format!("load{k}"),
-                &[],
-            )
-        })
-        .collect();
-    for (k, (phone, _)) in calls.iter().enumerate() {
-        phone.call(bridge.media_port(&format!("load{k}-1")));
-    }
+    let calls = ten_echo_calls(&bridge, 8);
     wait_for_cpu(true);
     assert_sipp(
         sipp("at-capacity.xml", &bridge.address(), "echo", &[]),
@@ -939,14 +923,7 @@ fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
     assert!(metrics.contains("\nsipcc_cpu_percent "), "{metrics}");
 
     // The calls in progress go on to their end, each hearing its echo.
-    for (k, (phone, signalling)) in calls.into_iter().enumerate() {
-        assert_sipp(signalling.join().unwrap(), &format!("load call {k}"));
-        let heard = phone.heard_frequency();
-        assert!(
-            heard.is_some_and(|hz| (hz - 440.0).abs() < 15.0),
-            "load call {k} heard {heard:?} Hz"
-        );
-    }
+    each_heard_its_echo(calls);
     // Once they have ended, calls are taken again.
     wait_for_cpu(false);
     assert_sipp(
@@ -983,23 +960,7 @@ fn calls_still_ringing_count_against_the_cpu_limit() {
         "--answer-delay-ms",
         "3000",
     ]);
-    let opus = ("OPUS", 111, 48000, "opus/48000/2", 440);
-    let calls: Vec<_> = (0..10)
-        .map(|k| {
-            support::dial(
-                &bridge,
-                "call.xml",
-                "echo",
-                opus,
-                20,
-                &format!("load{k}"),
-                &[],
-            )
-        })
-        .collect();
-    for (k, (phone, _)) in calls.iter().enumerate() {
-        phone.call(bridge.media_port(&format!("load{k}-1")));
-    }
+    let calls = ten_echo_calls(&bridge, 20);
     // Their media in the whole 3 s the load is averaged over.
     std::thread::sleep(Duration::from_secs(5));
     let loads: Vec<f64> = (0..4)
@@ -1047,6 +1008,34 @@ fn calls_still_ringing_count_against_the_cpu_limit() {
         "the refusal counts the calls ringing: {:#?}",
         bridge.logs()
     );
+    each_heard_its_echo(calls);
+}
+
+/// Ten Opus calls of `seconds` to the echo, each phone sending its 440 Hz
+/// once answered: about 4 % of two cores here.
+fn ten_echo_calls(bridge: &BridgeProcess, seconds: u32) -> Vec<(support::Phone, SippRun)> {
+    let opus = ("OPUS", 111, 48000, "opus/48000/2", 440);
+    let calls: Vec<_> = (0..10)
+        .map(|k| {
+            support::dial(
+                bridge,
+                "call.xml",
+                "echo",
+                opus,
+                seconds,
+                &format!("load{k}"),
+                &[],
+            )
+        })
+        .collect();
+    for (k, (phone, _)) in calls.iter().enumerate() {
+        phone.call(bridge.media_port(&format!("load{k}-1")));
+    }
+    calls
+}
+
+/// Each call of [`ten_echo_calls`] went on to its end and heard its echo.
+fn each_heard_its_echo(calls: Vec<(support::Phone, SippRun)>) {
     for (k, (phone, signalling)) in calls.into_iter().enumerate() {
         assert_sipp(signalling.join().unwrap(), &format!("load call {k}"));
         let heard = phone.heard_frequency();
@@ -1056,3 +1045,5 @@ fn calls_still_ringing_count_against_the_cpu_limit() {
         );
     }
 }
+
+type SippRun = std::thread::JoinHandle<(bool, String)>;
