@@ -450,16 +450,24 @@ enum ServerLink {
 impl ServerLink {
     fn send(&self, sockets: &[(SocketAddr, UdpSocket)], server: SocketAddr, message: &[u8]) {
         match self {
-            ServerLink::Udp(local) => {
-                if let Some((_, socket)) = sockets.iter().find(|(a, _)| a == local) {
-                    // A full socket buffer loses the packet, as the network would.
-                    let _ = socket.try_send_to(message, server);
-                }
-            }
+            ServerLink::Udp(local) => send_from(sockets, *local, message, server),
             ServerLink::Stream { outgoing, .. } => {
                 let _ = outgoing.send(message.to_vec());
             }
         }
+    }
+}
+
+/// Sends from the call's socket at `local`.
+fn send_from(
+    sockets: &[(SocketAddr, UdpSocket)],
+    local: SocketAddr,
+    datagram: &[u8],
+    to: SocketAddr,
+) {
+    if let Some((_, socket)) = sockets.iter().find(|(a, _)| *a == local) {
+        // A full socket buffer loses the packet, as the network would.
+        let _ = socket.try_send_to(datagram, to);
     }
 }
 
@@ -631,9 +639,8 @@ impl PeerTask {
         while !asking.is_empty() {
             if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
                 for (local, transaction) in &asking {
-                    if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| a == local) {
-                        let _ = socket.try_send_to(&ice::binding_request(*transaction), server);
-                    }
+                    let request = ice::binding_request(*transaction);
+                    send_from(&self.sockets, *local, &request, server);
                 }
                 ask_at = next_ask.next().map(|after| at.max(started + *after));
                 continue;
@@ -799,13 +806,6 @@ impl PeerTask {
         }
     }
 
-    fn send_from(&self, local: SocketAddr, datagram: &[u8], to: SocketAddr) {
-        if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| *a == local) {
-            // A full socket buffer loses the packet, as the network would.
-            let _ = socket.try_send_to(datagram, to);
-        }
-    }
-
     fn to_server(&self, message: &[u8]) {
         if let Some(relay) = &self.relay {
             relay.link.send(&self.sockets, relay.server, message);
@@ -908,7 +908,12 @@ impl PeerTask {
                             self.to_server(&message);
                         }
                     }
-                    _ => self.send_from(transmit.source, &transmit.contents, transmit.destination),
+                    _ => send_from(
+                        &self.sockets,
+                        transmit.source,
+                        &transmit.contents,
+                        transmit.destination,
+                    ),
                 },
                 Output::Event(event) => self.on_event(event)?,
             }
