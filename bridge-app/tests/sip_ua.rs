@@ -1004,7 +1004,7 @@ fn calls_still_ringing_count_against_the_cpu_limit() {
         bridge.logs()
     );
     assert!(
-        bridge.logged("calls starting carry media, over"),
+        bridge.logged("still starting, over"),
         "the refusal counts the calls ringing: {:#?}",
         bridge.logs()
     );

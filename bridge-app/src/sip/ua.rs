@@ -100,8 +100,11 @@ impl std::fmt::Display for Unavailable {
             Unavailable::AtMaxCalls(calls) => write!(f, "over capacity ({calls} calls)"),
             Unavailable::CpuOver { load, limit } if load.starting > 0 => write!(
                 f,
-                "over capacity (CPU at {:.1} % of its cores, {:.1} % once the {} calls starting carry media, over {limit} %)",
-                load.now, load.expected, load.starting
+                "over capacity (CPU at {:.1} % of its cores, {:.1} % counting {} {} still starting, over {limit} %)",
+                load.now,
+                load.expected,
+                load.starting,
+                if load.starting == 1 { "call" } else { "calls" }
             ),
             Unavailable::CpuOver { load, limit } => write!(
                 f,
