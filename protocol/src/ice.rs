@@ -148,20 +148,38 @@ fn address(value: &[u8], mask: Option<&[u8]>) -> Option<SocketAddr> {
 /// The host and port of `stun://host[:port]` (or `stun:`, or neither);
 /// IPv6 literals in brackets.
 pub fn stun_host_and_port(url: &str) -> Result<(String, u16), String> {
-    let bad = || format!("{url:?} is not stun://host[:port]");
-    let rest = url
+    let address = url
         .strip_prefix("stun://")
         .or_else(|| url.strip_prefix("stun:"))
         .unwrap_or(url);
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
-            (host, port.parse().map_err(|_| bad())?)
+    host_and_port(address, STUN_PORT)
+        .map_err(|why| format!("{url:?} is not stun://host[:port] ({why})"))
+}
+
+/// The host and port of an ICE server's `host[:port]`, `default_port` when
+/// it names none. An IPv6 literal takes a port only in brackets
+/// (`[2001:db8::1]:3478`): without them, its last group would read as one.
+pub fn host_and_port(address: &str, default_port: u16) -> Result<(String, u16), &'static str> {
+    let (host, port) = match address.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed.split_once(']').ok_or("an unclosed [")?;
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or("text after ]")?)),
+            }
         }
-        _ => (rest, STUN_PORT),
+        None => match address.split_once(':') {
+            Some((host, port)) if !port.contains(':') => (host, Some(port)),
+            // No port, or a bare IPv6 literal.
+            _ => (address, None),
+        },
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains(['/', '@', ' ']) {
-        return Err(bad());
+    let port = match port {
+        Some(port) => port.parse().map_err(|_| "the port is not a number")?,
+        None => default_port,
+    };
+    if host.is_empty() || host.contains(['/', '@', ' ', '[', ']', '?']) {
+        return Err("no host");
     }
     Ok((host.to_owned(), port))
 }
@@ -276,6 +294,7 @@ mod tests {
             ("198.51.100.8:3479", "198.51.100.8", 3479),
             ("stun://[2001:db8::8]:3478", "2001:db8::8", 3478),
             ("stun://[2001:db8::8]", "2001:db8::8", 3478),
+            ("stun:2001:db8::8", "2001:db8::8", 3478),
         ] {
             assert_eq!(
                 stun_host_and_port(url),
@@ -288,6 +307,8 @@ mod tests {
             "stun://",
             "stun://host:port",
             "stun://host:99999",
+            "stun://[2001:db8::8",
+            "stun://[2001:db8::8]3478",
             "turn://u:p@host",
         ] {
             assert!(stun_host_and_port(bad).is_err(), "{bad}");

@@ -1,7 +1,8 @@
 //! A TURN client over UDP (RFC 8656), without I/O: the allocation of a
-//! relayed address on a TURN server with long-term credentials, the
-//! permissions for the peers it sends to, their refreshes, and the Send and
-//! Data indications that carry each datagram. Where the bridge itself may
+//! relayed address on a TURN server with long-term credentials, a channel
+//! bound to each peer it sends to, their refreshes, and the ChannelData
+//! messages (4 bytes of header, where a Send or Data indication takes 36)
+//! that carry each datagram. Where the bridge itself may
 //! reach nothing but a TURN server (a strict office firewall), apps still
 //! reach it through the relayed address.
 
@@ -14,12 +15,15 @@ use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
 
+use crate::ice;
+
 const MAGIC_COOKIE: [u8; 4] = 0x2112_a442u32.to_be_bytes();
 const TURN_PORT: u16 = 3478;
 
 const ALLOCATE: u16 = 0x0003;
 const REFRESH: u16 = 0x0004;
 const CREATE_PERMISSION: u16 = 0x0008;
+const CHANNEL_BIND: u16 = 0x0009;
 const SEND_INDICATION: u16 = 0x0016;
 const DATA_INDICATION: u16 = 0x0017;
 /// The class bits of a method's success and error responses.
@@ -29,6 +33,7 @@ const ERROR: u16 = 0x0110;
 const USERNAME: u16 = 0x0006;
 const MESSAGE_INTEGRITY: u16 = 0x0008;
 const ERROR_CODE: u16 = 0x0009;
+const CHANNEL_NUMBER: u16 = 0x000c;
 const LIFETIME: u16 = 0x000d;
 const XOR_PEER_ADDRESS: u16 = 0x0012;
 const DATA: u16 = 0x0013;
@@ -46,6 +51,12 @@ const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 /// A permission asked for and not yet granted is asked again after this
 /// (the request or its answer may be lost).
 const PERMISSION_RETRY: Duration = Duration::from_millis(500);
+/// The channel numbers a client may bind (RFC 8656 §12).
+const FIRST_CHANNEL: u16 = 0x4000;
+const CHANNELS: usize = 0x1000;
+/// A channel binding lasts 600 s, and the permission it installs 300 s:
+/// bound again well before either ends.
+const CHANNEL_REFRESH: Duration = PERMISSION_REFRESH;
 
 /// How the TURN server is reached; what it relays is UDP either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,11 +99,11 @@ impl std::str::FromStr for TurnServer {
         };
         let rest = url
             .strip_prefix("turn://")
+            .or_else(|| url.strip_prefix("turn:"))
             .ok_or_else(|| bad("turn:// missing"))?;
         let (rest, transport) = match rest.split_once('?') {
-            None | Some((_, "transport=udp")) => {
-                (rest.split('?').next().unwrap_or(rest), TurnTransport::Udp)
-            }
+            None => (rest, TurnTransport::Udp),
+            Some((rest, "transport=udp")) => (rest, TurnTransport::Udp),
             Some((rest, "transport=tcp")) => (rest, TurnTransport::Tcp),
             Some(_) => return Err(bad("transport=udp or transport=tcp")),
         };
@@ -102,19 +113,12 @@ impl std::str::FromStr for TurnServer {
         let (username, password) = credentials
             .split_once(':')
             .ok_or_else(|| bad("no password"))?;
-        let (host, port) = match address.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => (
-                host,
-                port.parse().map_err(|_| bad("the port is not a number"))?,
-            ),
-            _ => (address, TURN_PORT),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if username.is_empty() || host.is_empty() || host.contains(['/', '@', ' ']) {
-            return Err(bad("no user or host"));
+        if username.is_empty() {
+            return Err(bad("no user"));
         }
+        let (host, port) = ice::host_and_port(address, TURN_PORT).map_err(bad)?;
         Ok(TurnServer {
-            host: host.to_owned(),
+            host,
             port,
             username: percent_decoded(username),
             password: percent_decoded(password),
@@ -219,12 +223,21 @@ enum Request {
     Allocate,
     Refresh,
     Permission(IpAddr),
+    Channel(SocketAddr, u16),
 }
 
-#[derive(Clone, Copy)]
-struct Permission {
-    asked_at: Instant,
-    granted: bool,
+/// A peer's channel (RFC 8656 §12). A ChannelBind also installs the
+/// permission for the peer's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Channel {
+    /// Asked for, not yet bound: data goes in Send indications. Asked
+    /// again from that instant.
+    Asked(u16, Instant),
+    /// Bound: data goes in ChannelData. Bound again from that instant.
+    Bound(u16, Instant),
+    /// The server would not bind it: Send indications after
+    /// CreatePermission, as without channels.
+    Refused,
 }
 
 /// One allocation on one TURN server, from one local socket.
@@ -238,7 +251,14 @@ pub struct Allocation {
     relayed: Option<SocketAddr>,
     /// When the allocation is next refreshed.
     refresh_at: Option<Instant>,
-    permissions: HashMap<IpAddr, Permission>,
+    /// When each peer address's permission is asked for again: soon while
+    /// unanswered, well before it ends once granted.
+    permissions: HashMap<IpAddr, Instant>,
+    channels: HashMap<SocketAddr, Channel>,
+    /// The peer of each channel number asked for, from `FIRST_CHANNEL` on.
+    channel_peers: Vec<SocketAddr>,
+    /// Over a stream, ChannelData is padded to four bytes (RFC 8656 §12.5).
+    padded: bool,
     /// Requests sent and not answered, by transaction.
     asked: HashMap<[u8; 12], Request>,
 }
@@ -254,6 +274,9 @@ impl Allocation {
             relayed: None,
             refresh_at: None,
             permissions: HashMap::new(),
+            channels: HashMap::new(),
+            channel_peers: Vec::new(),
+            padded: server.transport == TurnTransport::Tcp,
             asked: HashMap::new(),
         }
     }
@@ -288,11 +311,25 @@ impl Allocation {
                 let peer = xor_address(SocketAddr::new(ip, 0), &transaction);
                 attribute(&mut attributes, XOR_PEER_ADDRESS, &peer);
             }
+            Request::Channel(peer, number) => {
+                let number = number.to_be_bytes();
+                attribute(
+                    &mut attributes,
+                    CHANNEL_NUMBER,
+                    &[number[0], number[1], 0, 0],
+                );
+                attribute(
+                    &mut attributes,
+                    XOR_PEER_ADDRESS,
+                    &xor_address(peer, &transaction),
+                );
+            }
         }
         let method = match kind {
             Request::Allocate => ALLOCATE,
             Request::Refresh => REFRESH,
             Request::Permission(_) => CREATE_PERMISSION,
+            Request::Channel(..) => CHANNEL_BIND,
         };
         self.authenticated(method, transaction, attributes)
     }
@@ -309,29 +346,23 @@ impl Allocation {
         message(kind, transaction, &attributes, Some(key))
     }
 
-    /// `data` for `peer`, through the relay: a Send indication, after a
-    /// CreatePermission when the peer's address has none (yet, or any
-    /// more). Empty before the allocation is granted.
+    /// `data` for `peer`, through the relay: in ChannelData once the
+    /// peer's channel is bound, in a Send indication until then (after the
+    /// ChannelBind, whose permission it needs), or, where the server binds
+    /// no channel, after a CreatePermission when the peer's address has none
+    /// (yet, or any more). Empty before the allocation is granted.
     pub fn send(&mut self, peer: SocketAddr, data: &[u8], now: Instant) -> Vec<Vec<u8>> {
         if self.relayed.is_none() {
             return Vec::new();
         }
         let mut datagrams = Vec::with_capacity(2);
-        let due = match self.permissions.get(&peer.ip()) {
-            None => true,
-            Some(p) if p.granted => now >= p.asked_at + PERMISSION_REFRESH,
-            Some(p) => now >= p.asked_at + PERMISSION_RETRY,
-        };
-        if due {
-            let granted = self.permissions.get(&peer.ip()).is_some_and(|p| p.granted);
-            self.permissions.insert(
-                peer.ip(),
-                Permission {
-                    asked_at: now,
-                    granted,
-                },
-            );
-            datagrams.push(self.request(Request::Permission(peer.ip())));
+        match self.bind_channel(peer, now, &mut datagrams) {
+            Some(Channel::Bound(number, _)) => {
+                datagrams.push(self.channel_data(number, data));
+                return datagrams;
+            }
+            Some(Channel::Asked(..)) => {}
+            Some(Channel::Refused) | None => self.permit(peer.ip(), now, &mut datagrams),
         }
         let transaction: [u8; 12] = rand::random();
         let mut attributes = Vec::with_capacity(data.len() + 16);
@@ -343,6 +374,58 @@ impl Allocation {
         attribute(&mut attributes, DATA, data);
         datagrams.push(message(SEND_INDICATION, transaction, &attributes, None));
         datagrams
+    }
+
+    /// The peer's channel, with its ChannelBind added to `out` when due
+    /// (first, again when unanswered, or to refresh it); `None` once all
+    /// channel numbers are taken.
+    fn bind_channel(
+        &mut self,
+        peer: SocketAddr,
+        now: Instant,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Option<Channel> {
+        let (number, channel) = match self.channels.get(&peer).copied() {
+            // Unanswered, the request goes again after `PERMISSION_RETRY`.
+            Some(Channel::Asked(number, due)) if now >= due => {
+                (number, Channel::Asked(number, now + PERMISSION_RETRY))
+            }
+            Some(Channel::Bound(number, due)) if now >= due => {
+                (number, Channel::Bound(number, now + PERMISSION_RETRY))
+            }
+            Some(channel) => return Some(channel),
+            None if self.channel_peers.len() < CHANNELS => {
+                let number = FIRST_CHANNEL + self.channel_peers.len() as u16;
+                self.channel_peers.push(peer);
+                (number, Channel::Asked(number, now + PERMISSION_RETRY))
+            }
+            None => return None,
+        };
+        self.channels.insert(peer, channel);
+        out.push(self.request(Request::Channel(peer, number)));
+        Some(channel)
+    }
+
+    /// A CreatePermission for `ip` added to `out`, when due.
+    fn permit(&mut self, ip: IpAddr, now: Instant, out: &mut Vec<Vec<u8>>) {
+        if self.permissions.get(&ip).is_none_or(|due| now >= *due) {
+            self.permissions.insert(ip, now + PERMISSION_RETRY);
+            out.push(self.request(Request::Permission(ip)));
+        }
+    }
+
+    fn channel_data(&self, number: u16, data: &[u8]) -> Vec<u8> {
+        let size = if self.padded {
+            data.len().div_ceil(4) * 4
+        } else {
+            data.len()
+        };
+        let mut out = Vec::with_capacity(4 + size);
+        out.extend_from_slice(&number.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(4 + size, 0);
+        out
     }
 
     /// When [`Allocation::refresh`] has something to send.
@@ -371,6 +454,18 @@ impl Allocation {
 
     /// A datagram from the TURN server.
     pub fn receive(&mut self, datagram: &[u8], now: Instant) -> FromServer {
+        if let [first @ 0x40..=0x4f, second, high, low, ..] = *datagram {
+            let number = u16::from_be_bytes([first, second]);
+            let end = 4 + usize::from(u16::from_be_bytes([high, low]));
+            let peer = self
+                .channel_peers
+                .get(usize::from(number - FIRST_CHANNEL))
+                .copied();
+            return match peer {
+                Some(peer) if end <= datagram.len() => FromServer::Data { peer, at: 4..end },
+                _ => FromServer::Ignored,
+            };
+        }
         let Some(message) = Message::parse(datagram) else {
             return FromServer::Ignored;
         };
@@ -437,6 +532,10 @@ impl Allocation {
                     self.permissions.remove(&ip);
                     FromServer::Handled
                 }
+                Request::Channel(peer, _) => {
+                    self.channels.insert(peer, Channel::Refused);
+                    FromServer::Handled
+                }
                 Request::Refresh => FromServer::Handled,
             },
         }
@@ -463,9 +562,12 @@ impl Allocation {
                 FromServer::Handled
             }
             Request::Permission(ip) => {
-                if let Some(permission) = self.permissions.get_mut(&ip) {
-                    permission.granted = true;
-                }
+                self.permissions.insert(ip, now + PERMISSION_REFRESH);
+                FromServer::Handled
+            }
+            Request::Channel(peer, number) => {
+                self.channels
+                    .insert(peer, Channel::Bound(number, now + CHANNEL_REFRESH));
                 FromServer::Handled
             }
         }
@@ -644,6 +746,16 @@ mod tests {
         assert_eq!((tcp.port, tcp.transport), (443, TurnTransport::Tcp));
         assert_eq!(tcp.url().parse::<TurnServer>(), Ok(tcp));
         let udp: TurnServer = "turn://u:p@relay.example?transport=udp".parse().unwrap();
+        let bare_v6: TurnServer = "turn://u:p@2001:db8::1".parse().unwrap();
+        assert_eq!((bare_v6.host.as_str(), bare_v6.port), ("2001:db8::1", 3478));
+        // As apps' `iceServers` spell it, the credentials put in the URL.
+        let sdk: TurnServer = "turn:u:p@turn.example.com:5349?transport=tcp"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (sdk.host.as_str(), sdk.port, sdk.transport),
+            ("turn.example.com", 5349, TurnTransport::Tcp)
+        );
         assert_eq!((udp.port, udp.transport), (3478, TurnTransport::Udp));
         assert!(
             "turn://u:p@relay.example?transport=sctp"
@@ -727,43 +839,45 @@ mod tests {
     }
 
     #[test]
-    fn data_goes_out_in_send_indications_after_a_permission() {
+    fn data_goes_out_in_channel_data_once_its_channel_is_bound() {
         let now = Instant::now();
         let (mut allocation, _) = allocated(now);
         let peer: SocketAddr = "203.0.113.5:50000".parse().unwrap();
         let out = allocation.send(peer, b"hello", now);
-        assert_eq!(out.len(), 2, "CreatePermission, then the data");
-        let permission = Message::parse(&out[0]).unwrap();
-        assert_eq!(permission.kind, CREATE_PERMISSION);
-        assert_eq!(
-            permission.address(XOR_PEER_ADDRESS).map(|a| a.ip()),
-            Some(peer.ip())
-        );
+        assert_eq!(out.len(), 2, "ChannelBind, then the data");
+        let bind = Message::parse(&out[0]).unwrap();
+        assert_eq!(bind.kind, CHANNEL_BIND);
+        assert_eq!(bind.value(CHANNEL_NUMBER), Some(&[0x40, 0, 0, 0][..]));
+        assert_eq!(bind.address(XOR_PEER_ADDRESS), Some(peer));
+        assert!(bind.verifies(&out[0], &key()));
+        // Until it is bound, in a Send indication (the ChannelBind installs
+        // its permission).
         let indication = Message::parse(&out[1]).unwrap();
         assert_eq!(indication.kind, SEND_INDICATION);
         assert_eq!(indication.address(XOR_PEER_ADDRESS), Some(peer));
         assert_eq!(indication.value(DATA), Some(&b"hello"[..]));
 
-        // Granted: the next datagrams go alone, until the permission is
-        // due again.
-        let granted = answer(&out[0], CREATE_PERMISSION | SUCCESS, &[], Some(&key()));
-        assert_eq!(allocation.receive(&granted, now), FromServer::Handled);
+        let bound = answer(&out[0], CHANNEL_BIND | SUCCESS, &[], Some(&key()));
+        assert_eq!(allocation.receive(&bound, now), FromServer::Handled);
+        let later = now + Duration::from_secs(1);
         assert_eq!(
-            allocation
-                .send(peer, b"again", now + Duration::from_secs(1))
-                .len(),
-            1
+            allocation.send(peer, b"again", later),
+            vec![b"\x40\x00\x00\x05again".to_vec()]
         );
-        assert_eq!(
-            allocation
-                .send(peer, b"later", now + PERMISSION_REFRESH)
-                .len(),
-            2
-        );
+        // Another peer, another channel.
+        let other: SocketAddr = "203.0.113.5:50002".parse().unwrap();
+        let out = allocation.send(other, b"x", later);
+        let bind = Message::parse(&out[0]).unwrap();
+        assert_eq!(bind.value(CHANNEL_NUMBER), Some(&[0x40, 1, 0, 0][..]));
+        // Bound again before the binding or its permission ends.
+        let out = allocation.send(peer, b"later", now + CHANNEL_REFRESH);
+        assert_eq!(out.len(), 2);
+        assert_eq!(Message::parse(&out[0]).unwrap().kind, CHANNEL_BIND);
+        assert_eq!(out[1], b"\x40\x00\x00\x05later");
     }
 
     #[test]
-    fn an_unanswered_permission_is_asked_again() {
+    fn an_unanswered_channel_bind_is_asked_again() {
         let now = Instant::now();
         let (mut allocation, _) = allocated(now);
         let peer: SocketAddr = "203.0.113.5:50000".parse().unwrap();
@@ -774,7 +888,77 @@ mod tests {
                 .len(),
             1
         );
-        assert_eq!(allocation.send(peer, b"c", now + PERMISSION_RETRY).len(), 2);
+        let again = allocation.send(peer, b"c", now + PERMISSION_RETRY);
+        assert_eq!(again.len(), 2);
+        let bind = Message::parse(&again[0]).unwrap();
+        assert_eq!(bind.value(CHANNEL_NUMBER), Some(&[0x40, 0, 0, 0][..]));
+    }
+
+    #[test]
+    fn without_a_channel_data_goes_in_send_indications_after_a_permission() {
+        let now = Instant::now();
+        let (mut allocation, _) = allocated(now);
+        let peer: SocketAddr = "203.0.113.5:50000".parse().unwrap();
+        let out = allocation.send(peer, b"hello", now);
+        let mut refusal = Vec::new();
+        attribute(&mut refusal, ERROR_CODE, &[0, 0, 4, 3]);
+        let refused = answer(&out[0], CHANNEL_BIND | ERROR, &refusal, None);
+        assert_eq!(allocation.receive(&refused, now), FromServer::Handled);
+
+        let out = allocation.send(peer, b"hello", now);
+        assert_eq!(out.len(), 2, "CreatePermission, then the data");
+        let permission = Message::parse(&out[0]).unwrap();
+        assert_eq!(permission.kind, CREATE_PERMISSION);
+        assert_eq!(
+            permission.address(XOR_PEER_ADDRESS).map(|a| a.ip()),
+            Some(peer.ip())
+        );
+        assert_eq!(Message::parse(&out[1]).unwrap().kind, SEND_INDICATION);
+        // Granted: the next datagrams go alone, until the permission is due
+        // again; unanswered, it is asked again.
+        let granted = answer(&out[0], CREATE_PERMISSION | SUCCESS, &[], Some(&key()));
+        assert_eq!(allocation.receive(&granted, now), FromServer::Handled);
+        let second = now + Duration::from_secs(1);
+        assert_eq!(allocation.send(peer, b"again", second).len(), 1);
+        let due = now + PERMISSION_REFRESH;
+        assert_eq!(allocation.send(peer, b"later", due).len(), 2);
+        assert_eq!(allocation.send(peer, b"b", due).len(), 1);
+        assert_eq!(allocation.send(peer, b"c", due + PERMISSION_RETRY).len(), 2);
+    }
+
+    #[test]
+    fn channel_data_is_padded_to_four_bytes_over_a_stream() {
+        let tcp: TurnServer = "turn://alice:s3cret@turn.example.org?transport=tcp"
+            .parse()
+            .unwrap();
+        let allocation = Allocation::new(&tcp);
+        assert_eq!(
+            allocation.channel_data(0x4000, b"hello"),
+            b"\x40\x00\x00\x05hello\0\0\0"
+        );
+        let udp = Allocation::new(&server());
+        assert_eq!(udp.channel_data(0x4000, b"hello"), b"\x40\x00\x00\x05hello");
+    }
+
+    #[test]
+    fn relayed_data_comes_out_of_channel_data_of_our_channels() {
+        let now = Instant::now();
+        let (mut allocation, _) = allocated(now);
+        let peer: SocketAddr = "203.0.113.5:50000".parse().unwrap();
+        allocation.send(peer, b"hello", now);
+        let message = b"\x40\x00\x00\x04rtp!\0\0";
+        assert_eq!(
+            allocation.receive(message, now),
+            FromServer::Data { peer, at: 4..8 }
+        );
+        for garbage in [
+            &b"\x40\x01\x00\x04rtp!"[..],
+            b"\x40\x00\x00\x05rtp!",
+            b"\x40\x00\x00",
+            b"\x4f\xff\xff\xff",
+        ] {
+            assert_eq!(allocation.receive(garbage, now), FromServer::Ignored);
+        }
     }
 
     #[test]

@@ -447,7 +447,12 @@ impl Bin {
             );
         }
         if let Some(turn) = &settings.turn_server {
-            webrtcbin.set_property("turn-server", turn);
+            // webrtcbin reads only `turn://` (and `turns://`, which the
+            // parser leaves alone); `turn:`, as apps spell it, is rewritten.
+            let url = turn
+                .parse::<bridge_protocol::turn::TurnServer>()
+                .map_or_else(|_| turn.clone(), |server| server.url());
+            webrtcbin.set_property("turn-server", url);
         }
         // libnice would otherwise send UPnP/SSDP multicast out of the machine.
         let ice_agent = webrtcbin.property::<glib::Object>("ice-agent");
