@@ -99,9 +99,22 @@ in_test_netns() {
     nft add rule ip one_to_one_nat output ip daddr 198.51.100.7 dnat to 192.0.2.50
     nft add chain ip one_to_one_nat postrouting "{ type nat hook postrouting priority 100; }"
     nft add rule ip one_to_one_nat postrouting ip saddr 192.0.2.50 ip daddr 198.51.100.0/24 snat to 198.51.100.7'
+  # `ip netns exec` mounts a sysfs of its own, without the cgroup
+  # hierarchies a machine or a container has: the CPU one is mounted again
+  # (cgroup v2's, or v1's cpu controller with the host's options).
+  local cpu_cgroup
+  cpu_cgroup=$(awk '$3 == "cgroup" && $4 ~ /(^|,)cpu(,|$)/ { print $4; exit }' /proc/mounts)
+  [ -e /sys/fs/cgroup/cgroup.controllers ] && cpu_cgroup=v2
   # Bounded, so that a test that hangs fails its suite and the others still
   # run; the namespace goes either way.
-  $sudo timeout --kill-after=30 "$TEST_TIME_LIMIT" ip netns exec "$ns" "$@"
+  $sudo timeout --kill-after=30 "$TEST_TIME_LIMIT" ip netns exec "$ns" sh -c '
+    case "$0" in
+      "") ;;
+      v2) mount -t cgroup2 cgroup2 /sys/fs/cgroup ;;
+      *) mount -t tmpfs cgroups /sys/fs/cgroup && mkdir /sys/fs/cgroup/cpu &&
+         mount -t cgroup -o "$0" cgroup /sys/fs/cgroup/cpu ;;
+    esac || echo "warning: no CPU cgroup hierarchy in the test namespace" >&2
+    exec "$@"' "$cpu_cgroup" "$@"
   status=$?
   [ $status -eq 124 ] && echo "error: stopped after $TEST_TIME_LIMIT: $*" >&2
   $sudo ip netns del "$ns"

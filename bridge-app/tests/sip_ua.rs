@@ -865,6 +865,22 @@ fn a_load_balancer_takes_a_full_bridge_out_of_rotation_and_back() {
 }
 
 #[test]
+fn a_bridge_under_a_cpu_quota_counts_the_quota_as_its_cores() {
+    // What a container limited to `500m` gets: a quota of half a core on
+    // this machine's two. The standard library counts it as one whole
+    // core, at which `sip.max_cpu_percent` would never be reached before
+    // the quota throttled every call.
+    let quota = support::CpuQuota::new(0.5);
+    let port = support::free_port();
+    let bridge =
+        BridgeProcess::start_under(&quota, &["--management", &format!("127.0.0.1:{port}")]);
+    let (_, body) = support::http_get(port, "/stats", Some(support::MANAGEMENT_TOKEN));
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["cpu_cores"].as_f64(), Some(0.5), "{stats:#}");
+    drop(bridge);
+}
+
+#[test]
 fn a_bridge_short_of_cpu_refuses_new_calls_and_keeps_its_own() {
     // Ten Opus echo calls take this bridge to about 4 % of two cores here;
     // idle, it uses well under 0.1 %.

@@ -355,25 +355,32 @@ impl BridgeProcess {
         extra_args: &[&str],
         environment: &[(&str, &str)],
     ) -> BridgeProcess {
-        Self::start_with(host, extra_args, environment, None)
+        Self::start_with(host, extra_args, environment, Launch::Directly)
     }
 
     /// With DNS answered by `dns` alone: the bridge runs in a mount
     /// namespace of its own whose /etc/resolv.conf names it (root, as the
     /// test namespace).
     pub fn start_resolving_with(dns: &Dnsmasq, extra_args: &[&str]) -> BridgeProcess {
-        Self::start_with("127.0.0.1", extra_args, &[], Some(&dns.resolv_conf))
+        let launch = Launch::ResolvingWith(&dns.resolv_conf);
+        Self::start_with("127.0.0.1", extra_args, &[], launch)
+    }
+
+    /// In the cgroup of `quota` from its start.
+    pub fn start_under(quota: &CpuQuota, extra_args: &[&str]) -> BridgeProcess {
+        let launch = Launch::InCgroup(&quota.procs);
+        Self::start_with("127.0.0.1", extra_args, &[], launch)
     }
 
     fn start_with(
         host: &str,
         extra_args: &[&str],
         environment: &[(&str, &str)],
-        resolv_conf: Option<&Path>,
+        launch: Launch,
     ) -> BridgeProcess {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            let mut bridge = Self::spawn(host, extra_args, environment, resolv_conf);
+            let mut bridge = Self::spawn(host, extra_args, environment, launch);
             match bridge.until_listening(Duration::from_secs(20)) {
                 Ok(()) => return bridge,
                 Err(why) if attempt < ATTEMPTS => {
@@ -410,7 +417,7 @@ impl BridgeProcess {
         host: &str,
         extra_args: &[&str],
         environment: &[(&str, &str)],
-        resolv_conf: Option<&Path>,
+        launch: Launch,
     ) -> BridgeProcess {
         let sip_port = free_port();
         let sandbox_port = free_port();
@@ -426,14 +433,23 @@ impl BridgeProcess {
             vec!["--sandbox".to_owned(), format!("127.0.0.1:{sandbox_port}")]
         };
         let binary = env!("CARGO_BIN_EXE_sip-cc-bridge");
-        let mut command = match resolv_conf {
-            None => Command::new(binary),
-            Some(resolv_conf) => {
+        let mut command = match launch {
+            Launch::Directly => Command::new(binary),
+            Launch::ResolvingWith(resolv_conf) => {
                 let mut command = Command::new("unshare");
                 command
                     .args(["--mount", "--propagation", "private", "sh", "-c"])
                     .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
                     .arg(resolv_conf)
+                    .arg(binary);
+                command
+            }
+            Launch::InCgroup(procs) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(r#"echo $$ > "$0" && exec "$@""#)
+                    .arg(procs)
                     .arg(binary);
                 command
             }
@@ -594,6 +610,60 @@ impl Drop for BridgeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// How the bridge's process is started.
+#[derive(Clone, Copy)]
+enum Launch<'a> {
+    Directly,
+    /// In a mount namespace of its own whose /etc/resolv.conf is this file.
+    ResolvingWith(&'a Path),
+    /// In the cgroup whose `cgroup.procs` this is.
+    InCgroup(&'a Path),
+}
+
+/// A cgroup with a CPU quota, as a container's CPU limit sets one (root:
+/// cgroup v2's `cpu.max`, or v1's `cpu` hierarchy); removed when dropped,
+/// after the processes in it have ended.
+pub struct CpuQuota {
+    directory: PathBuf,
+    procs: PathBuf,
+}
+
+impl CpuQuota {
+    /// `cores` of CPU time per 100 ms period.
+    pub fn new(cores: f64) -> CpuQuota {
+        let name = format!("sipcc-test-{}", std::process::id());
+        let quota = (cores * 100_000.0).round() as u64;
+        let unified = Path::new("/sys/fs/cgroup");
+        let (directory, file, value) = if unified.join("cgroup.controllers").exists() {
+            // Children get the cpu controller only if the parent hands it on.
+            let _ = std::fs::write(unified.join("cgroup.subtree_control"), "+cpu");
+            (unified.join(&name), "cpu.max", format!("{quota} 100000"))
+        } else {
+            let directory = unified.join("cpu").join(&name);
+            (directory, "cpu.cfs_quota_us", quota.to_string())
+        };
+        std::fs::create_dir_all(&directory)
+            .unwrap_or_else(|e| panic!("cannot make cgroup {} (root?): {e}", directory.display()));
+        std::fs::write(directory.join(file), value).expect("the cgroup takes a CPU quota");
+        CpuQuota {
+            procs: directory.join("cgroup.procs"),
+            directory,
+        }
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // Busy until the processes in it are gone.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.directory).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
