@@ -94,6 +94,18 @@ pub fn binding_request(transaction: [u8; 12]) -> [u8; 20] {
     request
 }
 
+/// A STUN Binding response, success or error (not a TURN server's
+/// answers, which are of other methods).
+pub fn is_binding_response(datagram: &[u8]) -> bool {
+    const BINDING_ERROR: u16 = 0x0111;
+    datagram.len() >= 20
+        && matches!(
+            u16::from_be_bytes([datagram[0], datagram[1]]),
+            BINDING_SUCCESS | BINDING_ERROR
+        )
+        && datagram[4..8] == STUN_MAGIC_COOKIE.to_be_bytes()
+}
+
 /// The address a STUN server's Binding success response to `transaction`
 /// reports (XOR-MAPPED-ADDRESS, or the older MAPPED-ADDRESS); `None` for
 /// anything else, malformed or not.

@@ -532,12 +532,7 @@ async fn from_stream(relay: &mut Option<Relay>) -> Option<Vec<u8>> {
 impl PeerTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buffer = vec![0u8; 2048];
-        if let Some((host, port)) = self.stun_server.take() {
-            self.gather_reflexive(&host, port, &mut buffer).await;
-        }
-        if let Some(server) = self.turn_server.take() {
-            self.gather_relayed(&server, &mut buffer).await;
-        }
+        self.gather(&mut buffer).await;
         loop {
             self.refresh_relay();
             let deadline = match self.drive_until_waiting() {
@@ -593,216 +588,53 @@ impl PeerTask {
         }
     }
 
-    /// Asks the STUN server where each socket is seen from (RFC 8489
-    /// Binding), and offers each address that differs from the socket's
-    /// own as a server-reflexive candidate. Without an answer in time the
-    /// call goes on with what it has.
-    async fn gather_reflexive(&mut self, host: &str, port: u16, buffer: &mut [u8]) {
-        let key = (host.to_owned(), port);
-        let known = STUN_SERVERS.lock().unwrap().get(&key).copied();
-        if let Some(silent_at) = known
-            .and_then(|known| known.silent_at)
-            .filter(|at| at.elapsed() < STUN_MEMORY)
-        {
-            gst::debug!(
-                crate::CAT,
-                "STUN server {host}:{port} did not answer {:?} ago: host candidates only",
-                silent_at.elapsed()
-            );
+    /// Asks the STUN server and allocates on the TURN server at the same
+    /// time, before anything is offered or answered: a call waits for the
+    /// slower of the two, not for one after the other. What the call's
+    /// sockets receive meanwhile goes to the one it answers: Binding
+    /// responses to the STUN exchange, the rest to the TURN one.
+    async fn gather(&mut self, buffer: &mut [u8]) {
+        let (stun, turn) = (self.stun_server.take(), self.turn_server.take());
+        if stun.is_none() && turn.is_none() {
             return;
         }
-        let resolved = known.filter(|known| known.resolved_at.elapsed() < STUN_MEMORY);
-        let (server, resolved_at) = match resolved {
-            Some(known) => (Some(known.address), known.resolved_at),
-            None => match tokio::net::lookup_host((host, port)).await {
-                Ok(mut addresses) => (addresses.next(), Instant::now()),
-                Err(_) => (None, Instant::now()),
-            },
-        };
-        let Some(server) = server else {
-            gst::warning!(
-                crate::CAT,
-                "STUN server {host}:{port} not found: host candidates only"
-            );
-            return;
-        };
-        let mut asking: Vec<(SocketAddr, [u8; 12])> = self
-            .sockets
-            .iter()
-            .filter(|(local, _)| local.is_ipv4() == server.is_ipv4())
-            .map(|(local, _)| (*local, rand::random()))
-            .collect();
-        let asked = asking.len();
-        let started = tokio::time::Instant::now();
-        let mut next_ask = STUN_ASK_AT.iter();
-        let mut ask_at = next_ask.next().map(|after| started + *after);
-        while !asking.is_empty() {
-            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
-                for (local, transaction) in &asking {
-                    let request = ice::binding_request(*transaction);
-                    send_from(&self.sockets, *local, &request, server);
-                }
-                ask_at = next_ask.next().map(|after| at.max(started + *after));
-                continue;
+        let (to_stun, stun_datagrams) = mpsc::unbounded_channel();
+        let (to_turn, turn_datagrams) = mpsc::unbounded_channel();
+        let sockets = &self.sockets;
+        let reflexive = async move {
+            match stun {
+                Some((host, port)) => ask_stun(sockets, &host, port, stun_datagrams).await,
+                None => Vec::new(),
             }
-            let until = ask_at.unwrap_or(started + STUN_WAIT);
-            let Ok((local, length, source)) =
-                tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await
-            else {
-                if ask_at.is_none() {
-                    break;
-                }
-                continue;
-            };
-            let answer = asking
-                .iter()
-                .enumerate()
-                .find_map(|(index, (l, transaction))| {
-                    let mapped = ice::mapped_address(&buffer[..length], *transaction);
-                    (*l == local && source == server).then_some((index, mapped?))
-                });
-            let Some((index, mapped)) = answer else {
-                continue;
-            };
-            asking.swap_remove(index);
-            if mapped != local
-                && let Ok(candidate) = Candidate::server_reflexive(mapped, local, "udp")
-            {
-                gst::debug!(crate::CAT, "{local} is {mapped} outside");
-                self.rtc.add_local_candidate(candidate);
+        };
+        let relayed = async move {
+            match turn {
+                Some(server) => allocate_relay(sockets, &server, turn_datagrams).await,
+                None => None,
             }
-        }
-        if !asking.is_empty() {
-            gst::warning!(
-                crate::CAT,
-                "no answer from STUN server {server} within {STUN_WAIT:?}: \
-                 {} of the call's addresses offered as they are",
-                asking.len()
-            );
-        }
-        // Not one answer: the next calls within `STUN_MEMORY` do not wait for it.
-        let silent_at = (asked > 0 && asking.len() == asked).then(Instant::now);
-        let known = KnownServer {
-            address: server,
-            resolved_at,
-            silent_at,
         };
-        STUN_SERVERS.lock().unwrap().insert(key, known);
-    }
-
-    /// Allocates an address on the TURN server (RFC 8656, long-term
-    /// credentials), over UDP from the first socket of the server's family
-    /// or over TCP, and offers it. Without an answer in time, or refused,
-    /// the call goes on with what it has.
-    async fn gather_relayed(&mut self, server: &TurnServer, buffer: &mut [u8]) {
-        let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
-            Ok(mut addresses) => addresses.next(),
-            Err(_) => None,
-        };
-        let Some(address) = address else {
-            gst::warning!(
-                crate::CAT,
-                "TURN server {server:?} not found: no relayed address"
-            );
-            return;
-        };
-        let connected = match server.transport {
-            TurnTransport::Udp => self
-                .sockets
-                .iter()
-                .map(|(local, _)| *local)
-                .find(|local| local.is_ipv4() == address.is_ipv4())
-                .map(|local| (ServerLink::Udp(local), local))
-                .ok_or_else(|| "no local address of its family".to_owned()),
-            TurnTransport::Tcp => connect_stream(address).await,
-        };
-        let outcome = match connected {
-            Ok((mut link, local)) => self
-                .allocate(server, address, &mut link, buffer)
-                .await
-                .and_then(|(allocation, relayed)| {
-                    let candidate =
-                        Candidate::relayed(relayed, local, "udp").map_err(|e| e.to_string())?;
-                    Ok((allocation, relayed, link, local, candidate))
-                }),
-            Err(why) => Err(why),
-        };
-        match outcome {
-            Ok((allocation, relayed, link, local, candidate)) => {
-                gst::debug!(crate::CAT, "{local} relayed at {relayed} by {address}");
-                self.rtc.add_local_candidate(candidate);
-                self.relay = Some(Relay {
-                    allocation,
-                    server: address,
-                    link,
-                    relayed,
-                });
-            }
-            Err(why) => gst::warning!(
-                crate::CAT,
-                "TURN server {server:?} at {address}: {why}; no relayed address"
-            ),
-        }
-    }
-
-    /// The Allocate exchange on `link`: the relayed address, or why not.
-    async fn allocate(
-        &self,
-        server: &TurnServer,
-        address: SocketAddr,
-        link: &mut ServerLink,
-        buffer: &mut [u8],
-    ) -> Result<(Allocation, SocketAddr), String> {
-        let mut allocation = Allocation::new(server);
-        let started = tokio::time::Instant::now();
-        // A stream delivers the request: asked once.
-        let schedule = match link {
-            ServerLink::Udp(_) => &STUN_ASK_AT[..],
-            ServerLink::Stream { .. } => &STUN_ASK_AT[..1],
-        };
-        let mut next_ask = schedule.iter();
-        let mut request = allocation.allocate();
-        let mut ask_at = next_ask.next().map(|after| started + *after);
-        loop {
-            if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
-                link.send(&self.sockets, address, &request);
-                ask_at = next_ask.next().map(|after| at.max(started + *after));
-                continue;
-            }
-            let until = ask_at.unwrap_or(started + TURN_WAIT);
-            let message = match link {
-                ServerLink::Udp(local) => {
-                    match tokio::time::timeout_at(until, receive(&self.sockets, buffer)).await {
-                        Ok((at, length, source)) if (at, source) == (*local, address) => {
-                            Some(buffer[..length].to_vec())
-                        }
-                        Ok(_) => continue,
-                        Err(_) => None,
+        let route = async {
+            // Until both exchanges are over (each drops its receiver).
+            let over = async { tokio::join!(to_stun.closed(), to_turn.closed()) };
+            tokio::pin!(over);
+            loop {
+                tokio::select! {
+                    _ = &mut over => return,
+                    (local, length, source) = receive(sockets, buffer) => {
+                        let datagram = (local, source, buffer[..length].to_vec());
+                        let to = if ice::is_binding_response(&datagram.2) { &to_stun } else { &to_turn };
+                        let _ = to.send(datagram);
                     }
                 }
-                ServerLink::Stream { incoming, .. } => {
-                    match tokio::time::timeout_at(until, incoming.recv()).await {
-                        Ok(Some(message)) => Some(message),
-                        Ok(None) => return Err("the server closed the connection".into()),
-                        Err(_) => None,
-                    }
-                }
-            };
-            let Some(message) = message else {
-                if ask_at.is_none() {
-                    return Err(format!("no answer within {TURN_WAIT:?}"));
-                }
-                continue;
-            };
-            match allocation.receive(&message, Instant::now()) {
-                FromServer::Allocated(relayed) => return Ok((allocation, relayed)),
-                FromServer::Refused(why) => return Err(why),
-                FromServer::Retry(again) => {
-                    link.send(&self.sockets, address, &again);
-                    request = again;
-                }
-                _ => {}
             }
+        };
+        let (reflexive, relayed, ()) = tokio::join!(reflexive, relayed, route);
+        for candidate in reflexive {
+            self.rtc.add_local_candidate(candidate);
+        }
+        if let Some((relay, candidate)) = relayed {
+            self.rtc.add_local_candidate(candidate);
+            self.relay = Some(relay);
         }
     }
 
@@ -1172,6 +1004,234 @@ fn with_formats_in_rejected_lines(answer: &str, offer: &str) -> String {
     out
 }
 
+/// A datagram a call's socket received while gathering: the local address
+/// it came to, where it came from, and its bytes.
+type Gathered = (SocketAddr, SocketAddr, Vec<u8>);
+
+/// Asks the STUN server where each socket is seen from (RFC 8489
+/// Binding): the server-reflexive candidates of the addresses that differ
+/// from the socket's own. Without an answer in time the call goes on with
+/// what it has.
+async fn ask_stun(
+    sockets: &[(SocketAddr, UdpSocket)],
+    host: &str,
+    port: u16,
+    mut answers: mpsc::UnboundedReceiver<Gathered>,
+) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
+    let key = (host.to_owned(), port);
+    let known = STUN_SERVERS.lock().unwrap().get(&key).copied();
+    if let Some(silent_at) = known
+        .and_then(|known| known.silent_at)
+        .filter(|at| at.elapsed() < STUN_MEMORY)
+    {
+        gst::debug!(
+            crate::CAT,
+            "STUN server {host}:{port} did not answer {:?} ago: host candidates only",
+            silent_at.elapsed()
+        );
+        return candidates;
+    }
+    let resolved = known.filter(|known| known.resolved_at.elapsed() < STUN_MEMORY);
+    let (server, resolved_at) = match resolved {
+        Some(known) => (Some(known.address), known.resolved_at),
+        None => match tokio::net::lookup_host((host, port)).await {
+            Ok(mut addresses) => (addresses.next(), Instant::now()),
+            Err(_) => (None, Instant::now()),
+        },
+    };
+    let Some(server) = server else {
+        gst::warning!(
+            crate::CAT,
+            "STUN server {host}:{port} not found: host candidates only"
+        );
+        return candidates;
+    };
+    let mut asking: Vec<(SocketAddr, [u8; 12])> = sockets
+        .iter()
+        .filter(|(local, _)| local.is_ipv4() == server.is_ipv4())
+        .map(|(local, _)| (*local, rand::random()))
+        .collect();
+    let asked = asking.len();
+    let started = tokio::time::Instant::now();
+    let mut next_ask = STUN_ASK_AT.iter();
+    let mut ask_at = next_ask.next().map(|after| started + *after);
+    while !asking.is_empty() {
+        if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
+            for (local, transaction) in &asking {
+                let request = ice::binding_request(*transaction);
+                send_from(sockets, *local, &request, server);
+            }
+            ask_at = next_ask.next().map(|after| at.max(started + *after));
+            continue;
+        }
+        let until = ask_at.unwrap_or(started + STUN_WAIT);
+        let (local, source, datagram) = match tokio::time::timeout_at(until, answers.recv()).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => break,
+            Err(_) if ask_at.is_none() => break,
+            Err(_) => continue,
+        };
+        let answer = asking
+            .iter()
+            .enumerate()
+            .find_map(|(index, (l, transaction))| {
+                let mapped = ice::mapped_address(&datagram, *transaction);
+                (*l == local && source == server).then_some((index, mapped?))
+            });
+        let Some((index, mapped)) = answer else {
+            continue;
+        };
+        asking.swap_remove(index);
+        if mapped != local
+            && let Ok(candidate) = Candidate::server_reflexive(mapped, local, "udp")
+        {
+            gst::debug!(crate::CAT, "{local} is {mapped} outside");
+            candidates.push(candidate);
+        }
+    }
+    if !asking.is_empty() {
+        gst::warning!(
+            crate::CAT,
+            "no answer from STUN server {server} within {STUN_WAIT:?}: \
+             {} of the call's addresses offered as they are",
+            asking.len()
+        );
+    }
+    // Not one answer: the next calls within `STUN_MEMORY` do not wait for it.
+    let silent_at = (asked > 0 && asking.len() == asked).then(Instant::now);
+    let known = KnownServer {
+        address: server,
+        resolved_at,
+        silent_at,
+    };
+    STUN_SERVERS.lock().unwrap().insert(key, known);
+    candidates
+}
+
+/// Allocates an address on the TURN server (RFC 8656, long-term
+/// credentials), over UDP from the first socket of the server's family or
+/// over TCP: the relay and its candidate. Without an answer in time, or
+/// refused, the call goes on with what it has.
+async fn allocate_relay(
+    sockets: &[(SocketAddr, UdpSocket)],
+    server: &TurnServer,
+    datagrams: mpsc::UnboundedReceiver<Gathered>,
+) -> Option<(Relay, Candidate)> {
+    let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
+        Ok(mut addresses) => addresses.next(),
+        Err(_) => None,
+    };
+    let Some(address) = address else {
+        gst::warning!(
+            crate::CAT,
+            "TURN server {server:?} not found: no relayed address"
+        );
+        return None;
+    };
+    let connected = match server.transport {
+        TurnTransport::Udp => sockets
+            .iter()
+            .map(|(local, _)| *local)
+            .find(|local| local.is_ipv4() == address.is_ipv4())
+            .map(|local| (ServerLink::Udp(local), local))
+            .ok_or_else(|| "no local address of its family".to_owned()),
+        TurnTransport::Tcp => connect_stream(address).await,
+    };
+    let outcome = match connected {
+        Ok((mut link, local)) => allocate(sockets, server, address, &mut link, datagrams)
+            .await
+            .and_then(|(allocation, relayed)| {
+                let candidate =
+                    Candidate::relayed(relayed, local, "udp").map_err(|e| e.to_string())?;
+                Ok((allocation, relayed, link, local, candidate))
+            }),
+        Err(why) => Err(why),
+    };
+    match outcome {
+        Ok((allocation, relayed, link, local, candidate)) => {
+            gst::debug!(crate::CAT, "{local} relayed at {relayed} by {address}");
+            let relay = Relay {
+                allocation,
+                server: address,
+                link,
+                relayed,
+            };
+            Some((relay, candidate))
+        }
+        Err(why) => {
+            gst::warning!(
+                crate::CAT,
+                "TURN server {server:?} at {address}: {why}; no relayed address"
+            );
+            None
+        }
+    }
+}
+
+/// The Allocate exchange on `link` (over UDP, its answers among
+/// `datagrams`): the relayed address, or why not.
+async fn allocate(
+    sockets: &[(SocketAddr, UdpSocket)],
+    server: &TurnServer,
+    address: SocketAddr,
+    link: &mut ServerLink,
+    mut datagrams: mpsc::UnboundedReceiver<Gathered>,
+) -> Result<(Allocation, SocketAddr), String> {
+    let mut allocation = Allocation::new(server);
+    let started = tokio::time::Instant::now();
+    // A stream delivers the request: asked once.
+    let schedule = match link {
+        ServerLink::Udp(_) => &STUN_ASK_AT[..],
+        ServerLink::Stream { .. } => &STUN_ASK_AT[..1],
+    };
+    let mut next_ask = schedule.iter();
+    let mut request = allocation.allocate();
+    let mut ask_at = next_ask.next().map(|after| started + *after);
+    loop {
+        if let Some(at) = ask_at.filter(|at| *at <= tokio::time::Instant::now()) {
+            link.send(sockets, address, &request);
+            ask_at = next_ask.next().map(|after| at.max(started + *after));
+            continue;
+        }
+        let until = ask_at.unwrap_or(started + TURN_WAIT);
+        let message = match link {
+            ServerLink::Udp(local) => {
+                match tokio::time::timeout_at(until, datagrams.recv()).await {
+                    Ok(Some((at, source, datagram))) if (at, source) == (*local, address) => {
+                        Some(datagram)
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err("no more datagrams".into()),
+                    Err(_) => None,
+                }
+            }
+            ServerLink::Stream { incoming, .. } => {
+                match tokio::time::timeout_at(until, incoming.recv()).await {
+                    Ok(Some(message)) => Some(message),
+                    Ok(None) => return Err("the server closed the connection".into()),
+                    Err(_) => None,
+                }
+            }
+        };
+        let Some(message) = message else {
+            if ask_at.is_none() {
+                return Err(format!("no answer within {TURN_WAIT:?}"));
+            }
+            continue;
+        };
+        match allocation.receive(&message, Instant::now()) {
+            FromServer::Allocated(relayed) => return Ok((allocation, relayed)),
+            FromServer::Refused(why) => return Err(why),
+            FromServer::Retry(again) => {
+                link.send(sockets, address, &again);
+                request = again;
+            }
+            _ => {}
+        }
+    }
+}
+
 fn ice_state_name(state: IceConnectionState) -> &'static str {
     match state {
         IceConnectionState::New => "new",
@@ -1467,6 +1527,62 @@ mod relay_tests {
             }
         }
         assert!(bridge.stats().connected);
+    }
+
+    /// One server for both, as coturn is: its Binding answers go to the
+    /// STUN exchange and its Allocate answers to the TURN one, asked at the
+    /// same time.
+    #[test]
+    fn stun_and_turn_on_one_server_both_answer() {
+        let coturn = Coturn::start();
+        let servers = IceServers {
+            stun_server: Some(format!("stun://127.0.0.1:{}", coturn.port)),
+            turn_server: Some(format!("turn://alice:s3cret@127.0.0.1:{}", coturn.port)),
+            ..Default::default()
+        };
+        let (bridge, _) = peer(&servers);
+        let offer = crate::MEDIA_POOL
+            .any()
+            .block_on(bridge.create_offer(true, true))
+            .unwrap();
+        assert!(offer.contains("typ relay"), "{offer}");
+        let stun = STUN_SERVERS
+            .lock()
+            .unwrap()
+            .get(&("127.0.0.1".to_owned(), coturn.port))
+            .copied()
+            .expect("the STUN server was asked");
+        assert!(stun.silent_at.is_none(), "its Binding answers were heard");
+    }
+
+    /// With neither server answering, a call waits for the longer of the
+    /// two waits, not for both one after the other.
+    #[test]
+    fn silent_stun_and_turn_servers_are_waited_for_at_once() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address = silent.local_addr().unwrap();
+        let other_silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let servers = IceServers {
+            stun_server: Some(format!("stun://{address}")),
+            turn_server: Some(format!(
+                "turn://alice:s3cret@{}",
+                other_silent.local_addr().unwrap()
+            )),
+            ..Default::default()
+        };
+        let (bridge, _) = peer(&servers);
+        let started = Instant::now();
+        let offer = crate::MEDIA_POOL
+            .any()
+            .block_on(bridge.create_offer(true, true))
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(offer.contains("typ host"), "{offer}");
+        assert!(waited >= TURN_WAIT, "{waited:?}");
+        assert!(
+            waited < TURN_WAIT + STUN_WAIT / 2,
+            "waited {waited:?}: one after the other"
+        );
     }
 
     /// A TURN server that refuses the credentials leaves a call without a
