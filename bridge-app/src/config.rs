@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use bridge_protocol::ice;
-use bridge_protocol::turn::TurnServer;
+use bridge_protocol::turn::{TurnServer, TurnTransport};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,9 +134,13 @@ pub struct ConnectyCubeSection {
     /// `stun://host[:port]`: asked by each call's WebRTC leg where it is
     /// seen from outside a NAT (ConnectyCube's apps use a public one).
     pub stun_server: Option<String>,
-    /// `turn://user:password@host[:port]`: each call's WebRTC leg also
-    /// offers an address relayed by this TURN server.
+    /// `turn://user:password@host[:port][?transport=tcp]` or
+    /// `turns://user:password@host[:port]` (TLS): each call's WebRTC leg
+    /// also offers an address relayed by this TURN server.
     pub turn_server: Option<String>,
+    /// The certificates (PEM) a `turns:` server's is checked against: its
+    /// CA's, or its own self-signed one; the public CAs without it.
+    pub turn_ca_file: Option<PathBuf>,
     /// Only the relayed address is offered: for a bridge that may reach
     /// nothing but its TURN server.
     pub relay_only: bool,
@@ -331,6 +335,7 @@ impl Default for ConnectyCubeSection {
             answer_timeout_s: 45,
             stun_server: None,
             turn_server: None,
+            turn_ca_file: None,
             relay_only: false,
             call_push: CallPush::default(),
         }
@@ -383,6 +388,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("CONNECTYCUBE_CHAT_URL", "connectycube.chat_url"),
     ("CONNECTYCUBE_STUN_SERVER", "connectycube.stun_server"),
     ("CONNECTYCUBE_TURN_SERVER", "connectycube.turn_server"),
+    ("CONNECTYCUBE_TURN_CA_FILE", "connectycube.turn_ca_file"),
     ("CONNECTYCUBE_RELAY_ONLY", "connectycube.relay_only"),
     ("CONNECTYCUBE_CALL_PUSH", "connectycube.call_push"),
     ("MANAGEMENT_TOKEN", "management.token"),
@@ -478,6 +484,7 @@ impl Config {
                 "CONNECTYCUBE_CHAT_URL" => cc.chat_url = value,
                 "CONNECTYCUBE_STUN_SERVER" => cc.stun_server = Some(value),
                 "CONNECTYCUBE_TURN_SERVER" => cc.turn_server = Some(value),
+                "CONNECTYCUBE_TURN_CA_FILE" => cc.turn_ca_file = Some(value.into()),
                 "CONNECTYCUBE_RELAY_ONLY" => boolean(&mut cc.relay_only),
                 "CONNECTYCUBE_CALL_PUSH" => match value.trim() {
                     "production" => cc.call_push = CallPush::Production,
@@ -526,8 +533,23 @@ impl Config {
             problems.push(format!("connectycube.stun_server: {e}"));
         }
         // The value holds a password: the problem names the key only.
-        if let Some(Err(e)) = cc.turn_server.as_deref().map(str::parse::<TurnServer>) {
+        let turn = cc.turn_server.as_deref().map(str::parse::<TurnServer>);
+        if let Some(Err(e)) = &turn {
             problems.push(format!("connectycube.turn_server: {e}"));
+        }
+        if let Some(path) = &cc.turn_ca_file {
+            let over_tls =
+                matches!(&turn, Some(Ok(server)) if server.transport == TurnTransport::Tls);
+            let certificates = std::fs::read(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|pem| bridge_protocol::tls::client_config(Some(&pem)).map(drop));
+            match certificates {
+                _ if !over_tls => problems.push(
+                    "connectycube.turn_ca_file: needs a turns:// connectycube.turn_server".into(),
+                ),
+                Err(why) => problems.push(format!("connectycube.turn_ca_file: {why}")),
+                Ok(()) => {}
+            }
         }
         if cc.relay_only && cc.turn_server.is_none() {
             problems.push("connectycube.relay_only: needs connectycube.turn_server".into());
@@ -889,6 +911,31 @@ department = "Sales"
         );
         let err = Config::parse("[sip]\nlisten = \"not an address\"\n").unwrap_err();
         assert!(err.to_string().contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn a_turn_ca_file_is_checked_with_the_configuration() {
+        let mut config = Config::parse(EXAMPLE).unwrap();
+        let named = |config: &Config, why: &str| {
+            let problems = config.validate().unwrap_err().0;
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with("connectycube.turn_ca_file: ") && p.contains(why)),
+                "{why}: {problems:#?}"
+            );
+        };
+        let no_certificate = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(no_certificate.path(), "not a certificate\n").unwrap();
+        config.connectycube.turn_ca_file = Some(no_certificate.path().to_owned());
+        config.connectycube.turn_server = Some("turn://user:pw@relay.example".into());
+        named(&config, "needs a turns://");
+        config.connectycube.turn_server = Some("turns://user:pw@relay.example".into());
+        named(&config, "no certificate in the file");
+        config.connectycube.turn_ca_file = Some("/no/such/ca.pem".into());
+        named(&config, "cannot read /no/such/ca.pem");
+        config.connectycube.turn_ca_file = None;
+        assert!(config.validate().is_ok(), "turns:// with the public CAs");
     }
 
     #[test]

@@ -1651,15 +1651,32 @@ fn a_bridge_behind_a_nat_tells_the_app_its_address_outside() {
 fn a_bridge_reaches_the_app_through_its_turn_server_alone() {
     let _serial = one_at_a_time();
     let turn = support::Coturn::start();
-    let bridge = BridgeProcess::start_with_environment(
-        "127.0.0.1",
-        &[],
-        &[
-            ("CONNECTYCUBE_TURN_SERVER", &turn.url()),
-            ("CONNECTYCUBE_RELAY_ONLY", "true"),
-            ("RUST_LOG", "debug,rsipstack=warn"),
-        ],
-    );
+    reaches_the_app_through_turn_alone(&[("CONNECTYCUBE_TURN_SERVER", &turn.url())]);
+}
+
+/// The same with the TURN server reached over TLS (a firewall that passes
+/// nothing else), its self-signed certificate trusted by
+/// `connectycube.turn_ca_file`.
+#[test]
+fn a_bridge_reaches_the_app_through_its_turn_server_over_tls_alone() {
+    let _serial = one_at_a_time();
+    let turn = support::Coturn::start_with_tls();
+    let (url, certificate) = turn.tls_url();
+    reaches_the_app_through_turn_alone(&[
+        ("CONNECTYCUBE_TURN_SERVER", &url),
+        ("CONNECTYCUBE_TURN_CA_FILE", certificate.to_str().unwrap()),
+    ]);
+}
+
+/// SIPp calls the app through a bridge that offers it nothing but its
+/// address on the TURN server `environment` names.
+fn reaches_the_app_through_turn_alone(environment: &[(&str, &str)]) {
+    let mut environment = environment.to_vec();
+    environment.extend([
+        ("CONNECTYCUBE_RELAY_ONLY", "true"),
+        ("RUST_LOG", "debug,rsipstack=warn"),
+    ]);
+    let bridge = BridgeProcess::start_with_environment("127.0.0.1", &[], &environment);
     let mut alice = alice_answering(&bridge, true);
     let (phone, signalling) = phone_call(&bridge, "call.xml", "alice", PCMU_440, 6, "relayed");
     assert_each_hears_the_other(&bridge, &mut alice, &phone);

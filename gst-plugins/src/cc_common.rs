@@ -33,6 +33,7 @@ struct Settings {
     answer_timeout: u32,
     stun_server: Option<String>,
     turn_server: Option<String>,
+    turn_ca_file: Option<String>,
     ice_transport_policy: gst_webrtc::WebRTCICETransportPolicy,
     public_address: Option<String>,
     stack: WebRtcStack,
@@ -66,6 +67,7 @@ impl Default for Settings {
             answer_timeout: DEFAULT_ANSWER_TIMEOUT_S,
             stun_server: None,
             turn_server: None,
+            turn_ca_file: None,
             ice_transport_policy: gst_webrtc::WebRTCICETransportPolicy::All,
             public_address: None,
             stack: WebRtcStack::default(),
@@ -174,7 +176,15 @@ impl CallProperties {
             string(
                 "turn-server",
                 "TURN server",
-                "turn://user:password@host:port (webrtc-stack=webrtcbin also turns://)",
+                "turn://user:password@host:port[?transport=tcp], or turns://user:password@host:port \
+                 (TLS over TCP)",
+                None,
+            ),
+            string(
+                "turn-ca-file",
+                "TURN CA file",
+                "PEM file of the certificates a turns:// server's is checked against (its CA's, \
+                 or its own self-signed one); the public CAs when unset (webrtc-stack=shared)",
                 None,
             ),
             glib::ParamSpecEnum::builder_with_default(
@@ -225,6 +235,7 @@ impl CallProperties {
             "answer-timeout" => s.answer_timeout = value.get().unwrap(),
             "stun-server" => s.stun_server = text(),
             "turn-server" => s.turn_server = text(),
+            "turn-ca-file" => s.turn_ca_file = text(),
             "ice-transport-policy" => s.ice_transport_policy = value.get().unwrap(),
             "public-address" => s.public_address = text(),
             "webrtc-stack" => s.stack = value.get().unwrap(),
@@ -250,6 +261,7 @@ impl CallProperties {
             // Its password is a secret: shown masked (pipeline dumps list
             // the properties set).
             "turn-server" => s.turn_server.as_deref().map(masked_password).to_value(),
+            "turn-ca-file" => s.turn_ca_file.to_value(),
             "ice-transport-policy" => s.ice_transport_policy.to_value(),
             "public-address" => s.public_address.to_value(),
             "webrtc-stack" => s.stack.to_value(),
@@ -319,6 +331,7 @@ impl CallProperties {
             &CallSettings {
                 stun_server: s.stun_server,
                 turn_server: s.turn_server,
+                turn_ca_file: s.turn_ca_file,
                 relay_only: s.ice_transport_policy == gst_webrtc::WebRTCICETransportPolicy::Relay,
                 public_address,
                 signalling,

@@ -15,5 +15,6 @@ pub mod offer_answer;
 pub mod opus_fmtp;
 pub mod sdes;
 pub mod sdp;
+pub mod tls;
 pub mod tone;
 pub mod turn;

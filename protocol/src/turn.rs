@@ -19,6 +19,8 @@ use crate::ice;
 
 const MAGIC_COOKIE: [u8; 4] = 0x2112_a442u32.to_be_bytes();
 const TURN_PORT: u16 = 3478;
+/// `turns:`'s port when the URL names none (RFC 7065).
+const TURNS_PORT: u16 = 5349;
 
 const ALLOCATE: u16 = 0x0003;
 const REFRESH: u16 = 0x0004;
@@ -66,10 +68,31 @@ pub enum TurnTransport {
     /// A TCP connection (RFC 8656 §3.1): through firewalls that pass no
     /// UDP.
     Tcp,
+    /// TLS over TCP (`turns:`): through firewalls that pass nothing but
+    /// TLS, to port 443 say, and with the server's name checked.
+    Tls,
+}
+
+impl TurnTransport {
+    /// Reached over a stream: ChannelData is padded, requests are not
+    /// sent again.
+    pub fn is_stream(self) -> bool {
+        self != TurnTransport::Udp
+    }
+
+    /// The URL's scheme and query for it.
+    fn spelled(self) -> (&'static str, &'static str) {
+        match self {
+            TurnTransport::Udp => ("turn", ""),
+            TurnTransport::Tcp => ("turn", "?transport=tcp"),
+            TurnTransport::Tls => ("turns", ""),
+        }
+    }
 }
 
 /// A TURN server as webrtcbin's `turn-server` spells it:
-/// `turn://user:password@host[:port][?transport=udp|tcp]`.
+/// `turn://user:password@host[:port][?transport=udp|tcp]`, or
+/// `turns://user:password@host[:port]` over TLS.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TurnServer {
     pub host: String,
@@ -82,11 +105,12 @@ pub struct TurnServer {
 impl std::fmt::Debug for TurnServer {
     // The password is a secret: never in a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "turn://{}@{}:{}", self.username, self.host, self.port)?;
-        if self.transport == TurnTransport::Tcp {
-            write!(f, "?transport=tcp")?;
-        }
-        Ok(())
+        let (scheme, query) = self.transport.spelled();
+        write!(
+            f,
+            "{scheme}://{}@{}:{}{query}",
+            self.username, self.host, self.port
+        )
     }
 }
 
@@ -95,17 +119,29 @@ impl std::str::FromStr for TurnServer {
 
     fn from_str(url: &str) -> Result<Self, String> {
         let bad = |why: &str| {
-            format!("is not turn://user:password@host[:port][?transport=udp|tcp] ({why})")
+            format!(
+                "is not turn://user:password@host[:port][?transport=udp|tcp] \
+                 or turns://user:password@host[:port] ({why})"
+            )
         };
-        let rest = url
-            .strip_prefix("turn://")
-            .or_else(|| url.strip_prefix("turn:"))
-            .ok_or_else(|| bad("turn:// missing"))?;
-        let (rest, transport) = match rest.split_once('?') {
-            None => (rest, TurnTransport::Udp),
-            Some((rest, "transport=udp")) => (rest, TurnTransport::Udp),
-            Some((rest, "transport=tcp")) => (rest, TurnTransport::Tcp),
-            Some(_) => return Err(bad("transport=udp or transport=tcp")),
+        let (rest, tls) =
+            match ["turns://", "turns:", "turn://", "turn:"]
+                .iter()
+                .find_map(|scheme| {
+                    url.strip_prefix(scheme)
+                        .map(|rest| (rest, scheme.starts_with("turns")))
+                }) {
+                Some(found) => found,
+                None => return Err(bad("turn:// missing")),
+            };
+        let (rest, transport) = match (rest.split_once('?'), tls) {
+            (None, false) => (rest, TurnTransport::Udp),
+            (None, true) => (rest, TurnTransport::Tls),
+            (Some((rest, "transport=udp")), false) => (rest, TurnTransport::Udp),
+            (Some((rest, "transport=tcp")), false) => (rest, TurnTransport::Tcp),
+            (Some((rest, "transport=tcp")), true) => (rest, TurnTransport::Tls),
+            (Some(_), false) => return Err(bad("transport=udp or transport=tcp")),
+            (Some(_), true) => return Err(bad("turns: runs over TCP only")),
         };
         let (credentials, address) = rest
             .rsplit_once('@')
@@ -116,7 +152,8 @@ impl std::str::FromStr for TurnServer {
         if username.is_empty() {
             return Err(bad("no user"));
         }
-        let (host, port) = ice::host_and_port(address, TURN_PORT).map_err(bad)?;
+        let default_port = if tls { TURNS_PORT } else { TURN_PORT };
+        let (host, port) = ice::host_and_port(address, default_port).map_err(bad)?;
         Ok(TurnServer {
             host,
             port,
@@ -141,12 +178,9 @@ impl TurnServer {
         } else {
             self.host.clone()
         };
-        let transport = match self.transport {
-            TurnTransport::Udp => "",
-            TurnTransport::Tcp => "?transport=tcp",
-        };
+        let (scheme, query) = self.transport.spelled();
         format!(
-            "turn://{}:{}@{host}:{}{transport}",
+            "{scheme}://{}:{}@{host}:{}{query}",
             escaped(&self.username),
             escaped(&self.password),
             self.port
@@ -276,7 +310,7 @@ impl Allocation {
             permissions: HashMap::new(),
             channels: HashMap::new(),
             channel_peers: Vec::new(),
-            padded: server.transport == TurnTransport::Tcp,
+            padded: server.transport.is_stream(),
             asked: HashMap::new(),
         }
     }
@@ -746,6 +780,18 @@ mod tests {
         assert_eq!((tcp.port, tcp.transport), (443, TurnTransport::Tcp));
         assert_eq!(tcp.url().parse::<TurnServer>(), Ok(tcp));
         let udp: TurnServer = "turn://u:p@relay.example?transport=udp".parse().unwrap();
+        let tls: TurnServer = "turns://u:p@relay.example".parse().unwrap();
+        assert_eq!((tls.port, tls.transport), (5349, TurnTransport::Tls));
+        assert_eq!(tls.url(), "turns://u:p@relay.example:5349");
+        assert_eq!(tls.url().parse::<TurnServer>(), Ok(tls.clone()));
+        assert_eq!(format!("{tls:?}"), "turns://u@relay.example:5349");
+        let tls: TurnServer = "turns:u:p@relay.example:443?transport=tcp".parse().unwrap();
+        assert_eq!((tls.port, tls.transport), (443, TurnTransport::Tls));
+        assert!(
+            "turns://u:p@relay.example?transport=udp"
+                .parse::<TurnServer>()
+                .is_err()
+        );
         let bare_v6: TurnServer = "turn://u:p@2001:db8::1".parse().unwrap();
         assert_eq!((bare_v6.host.as_str(), bare_v6.port), ("2001:db8::1", 3478));
         // As apps' `iceServers` spell it, the credentials put in the URL.

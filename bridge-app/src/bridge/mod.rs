@@ -325,6 +325,7 @@ fn sip_config(config: &Config) -> SipConfig {
             .turn_server
             .as_deref()
             .and_then(|url| url.parse().ok()),
+        turn_ca_file: config.connectycube.turn_ca_file.clone(),
         relay_only: config.connectycube.relay_only,
         // RTP binds where SIP listens.
         media_address: s.listen.ip(),

@@ -858,6 +858,9 @@ pub(super) fn set_relay(pipeline: &gst::Pipeline, config: &super::SipConfig) {
         if app_element {
             element.set_property("turn-server", server.url());
             element.set_property_from_str("ice-transport-policy", policy);
+            if let Some(path) = &config.turn_ca_file {
+                element.set_property("turn-ca-file", path.to_str());
+            }
         }
     }
 }

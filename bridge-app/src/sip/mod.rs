@@ -67,6 +67,8 @@ pub struct SipConfig {
     pub stun_server: Option<String>,
     /// Relays each call's WebRTC leg too (its Debug hides the password).
     pub turn_server: Option<bridge_protocol::turn::TurnServer>,
+    /// What a `turns:` server's certificate is checked against.
+    pub turn_ca_file: Option<std::path::PathBuf>,
     /// The relayed address alone is offered.
     pub relay_only: bool,
     /// Where RTP sockets are bound.
@@ -132,6 +134,7 @@ impl SipConfig {
             public_address: None,
             stun_server: None,
             turn_server: None,
+            turn_ca_file: None,
             relay_only: false,
             media_address: loopback,
             admission: AdmissionConfig {

@@ -880,15 +880,45 @@ impl Drop for Dnsmasq {
 pub struct Coturn {
     child: Child,
     port: u16,
+    /// Its TLS port, and the self-signed certificate it shows there.
+    tls: Option<(u16, PathBuf)>,
 }
 
 impl Coturn {
     pub const ADDRESS: &str = "198.51.100.8";
 
     pub fn start() -> Coturn {
+        Self::launch(&["--no-tls"], None)
+    }
+
+    /// Also over TLS, with a self-signed certificate.
+    pub fn start_with_tls() -> Coturn {
+        let (certificate, key) = self_signed_certificate();
+        let tls_port = free_port();
+        let coturn = Self::launch(
+            &[
+                "--tls-listening-port",
+                &tls_port.to_string(),
+                "--cert",
+                certificate.to_str().unwrap(),
+                "--pkey",
+                key.to_str().unwrap(),
+            ],
+            Some((tls_port, certificate.clone())),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((Self::ADDRESS, tls_port)).is_err() {
+            assert!(Instant::now() < deadline, "coturn did not listen for TLS");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        coturn
+    }
+
+    fn launch(options: &[&str], tls: Option<(u16, PathBuf)>) -> Coturn {
         let port = free_port();
         let child = Command::new("turnserver")
-            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+            .args(["-n", "--no-cli", "--no-dtls", "--simple-log"])
+            .args(options)
             .args(["--listening-ip", Self::ADDRESS, "--relay-ip", Self::ADDRESS])
             .args(["--listening-port", &port.to_string()])
             .args(["--lt-cred-mech", "--realm", "example.org"])
@@ -898,7 +928,7 @@ impl Coturn {
             .stderr(Stdio::null())
             .spawn()
             .expect("turnserver (Debian coturn) is installed");
-        let coturn = Coturn { child, port };
+        let coturn = Coturn { child, port, tls };
         // Ready once it answers a Binding request.
         let probe = UdpSocket::bind("0.0.0.0:0").unwrap();
         probe
@@ -921,6 +951,13 @@ impl Coturn {
     /// As `connectycube.turn_server` takes it.
     pub fn url(&self) -> String {
         format!("turn://bridge:relay-s3cret@{}:{}", Self::ADDRESS, self.port)
+    }
+
+    /// Over TLS: the URL, and the certificate to trust.
+    pub fn tls_url(&self) -> (String, &Path) {
+        let (port, certificate) = self.tls.as_ref().expect("started with TLS");
+        let url = format!("turns://bridge:relay-s3cret@{}:{port}", Self::ADDRESS);
+        (url, certificate)
     }
 }
 

@@ -123,6 +123,8 @@ pub enum WebRtcStack {
 pub struct CallSettings {
     pub stun_server: Option<String>,
     pub turn_server: Option<String>,
+    /// What a `turns:` server's certificate is checked against (shared stack).
+    pub turn_ca_file: Option<String>,
     /// Only relayed candidates (`ice-transport-policy=relay`).
     pub relay_only: bool,
     /// Where peers reach this machine behind a one-to-one NAT.
@@ -494,6 +496,7 @@ impl CallSession {
                     &IceServers {
                         stun_server: self.settings.stun_server.clone(),
                         turn_server: self.settings.turn_server.clone(),
+                        turn_ca_file: self.settings.turn_ca_file.clone(),
                         relay_only: self.settings.relay_only,
                     },
                 )

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bridge_protocol::dtmf::{self, EventDetector};
 use bridge_protocol::turn::{self, Allocation, FromServer, TurnServer, TurnTransport};
-use bridge_protocol::{ice, opus_fmtp};
+use bridge_protocol::{ice, opus_fmtp, tls};
 use str0m::change::{SdpAnswer, SdpApi, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, CodecExtra, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -25,6 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::KEYPAD_EVENTS;
 use super::congestion::loss_percent;
@@ -211,9 +213,13 @@ pub struct IceServers {
     /// `stun://host[:port]`: each socket's address outside a NAT is
     /// asked for and offered too.
     pub stun_server: Option<String>,
-    /// `turn://user:password@host[:port]`: an address relayed by it is
+    /// `turn://user:password@host[:port][?transport=tcp]` or
+    /// `turns://user:password@host[:port]`: an address relayed by it is
     /// offered too.
     pub turn_server: Option<String>,
+    /// A PEM file of the certificates a `turns:` server's is checked
+    /// against (its CA's, or its own); the public CAs without it.
+    pub turn_ca_file: Option<String>,
     /// Only the relayed address is offered (the WebRTC
     /// `iceTransportPolicy` "relay"): nothing of the local network shows.
     pub relay_only: bool,
@@ -249,6 +255,12 @@ impl SharedPeer {
         if servers.relay_only && turn_server.is_none() {
             return Err("a relay-only call needs a turn-server".into());
         }
+        let turn_tls = match &turn_server {
+            Some(server) if server.transport == TurnTransport::Tls => {
+                Some(turn_tls(servers.turn_ca_file.as_deref())?)
+            }
+            _ => None,
+        };
         let events = Arc::new(events);
         let mut rtc = peer_config()?.build(Instant::now());
         let _guard = media_loop.enter();
@@ -298,6 +310,7 @@ impl SharedPeer {
             // address either.
             stun_server: stun_server.filter(|_| !servers.relay_only),
             turn_server,
+            turn_tls,
             relay: None,
             dtmf: EventDetector::default(),
             audio_at: None,
@@ -418,6 +431,8 @@ struct PeerTask {
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
     turn_server: Option<TurnServer>,
+    /// How a `turns:` server's certificate is checked.
+    turn_tls: Option<Arc<ClientConfig>>,
     /// The call's address on the TURN server, once allocated.
     relay: Option<Relay>,
     dtmf: EventDetector,
@@ -471,21 +486,57 @@ fn send_from(
     }
 }
 
-/// A TCP connection to the TURN server (RFC 8656 §3.1): a task writes what
-/// is sent, another frames what arrives. Its local address comes with it.
-async fn connect_stream(server: SocketAddr) -> Result<(ServerLink, SocketAddr), String> {
-    let stream = tokio::time::timeout(TURN_WAIT, tokio::net::TcpStream::connect(server))
+/// How `turns:` servers' certificates are checked: against `ca_file`'s,
+/// or the public CAs.
+fn turn_tls(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+    let pem = ca_file
+        .map(|path| std::fs::read(path).map_err(|e| format!("turn-ca-file {path:?}: {e}")))
+        .transpose()?;
+    tls::client_config(pem.as_deref()).map_err(|e| format!("turn-ca-file: {e}"))
+}
+
+/// A TCP connection to the TURN server (RFC 8656 §3.1), in TLS with `tls`
+/// (its name checked): a task writes what is sent, another frames what
+/// arrives. Its local address comes with it.
+async fn connect_stream(
+    server: SocketAddr,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> Result<(ServerLink, SocketAddr), String> {
+    let connect = async {
+        let stream = tokio::net::TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("no TCP connection: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().map_err(|e| e.to_string())?;
+        let link = match tls {
+            None => stream_link(stream, server),
+            Some((config, name)) => {
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                stream_link(stream, server)
+            }
+        };
+        Ok((link, local))
+    };
+    tokio::time::timeout(TURN_WAIT, connect)
         .await
-        .map_err(|_| format!("no TCP connection within {TURN_WAIT:?}"))?
-        .map_err(|e| format!("no TCP connection: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().map_err(|e| e.to_string())?;
-    let (mut reading, mut writing) = stream.into_split();
+        .map_err(|_| format!("not connected within {TURN_WAIT:?}"))?
+}
+
+/// The tasks that carry a stream's messages both ways.
+fn stream_link<S>(stream: S, server: SocketAddr) -> ServerLink
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut reading, mut writing) = tokio::io::split(stream);
     let (outgoing, mut to_write) = mpsc::unbounded_channel::<Vec<u8>>();
     let (arrived, incoming) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(message) = to_write.recv().await {
-            if writing.write_all(&message).await.is_err() {
+            // TLS holds what is written until flushed.
+            if writing.write_all(&message).await.is_err() || writing.flush().await.is_err() {
                 break;
             }
         }
@@ -514,7 +565,7 @@ async fn connect_stream(server: SocketAddr) -> Result<(ServerLink, SocketAddr), 
             }
         }
     });
-    Ok((ServerLink::Stream { outgoing, incoming }, local))
+    ServerLink::Stream { outgoing, incoming }
 }
 
 /// The next message from a TURN server reached over a stream (`None`: the
@@ -595,6 +646,7 @@ impl PeerTask {
     /// responses to the STUN exchange, the rest to the TURN one.
     async fn gather(&mut self, buffer: &mut [u8]) {
         let (stun, turn) = (self.stun_server.take(), self.turn_server.take());
+        let tls = self.turn_tls.take();
         if stun.is_none() && turn.is_none() {
             return;
         }
@@ -609,7 +661,7 @@ impl PeerTask {
         };
         let relayed = async move {
             match turn {
-                Some(server) => allocate_relay(sockets, &server, turn_datagrams).await,
+                Some(server) => allocate_relay(sockets, &server, tls, turn_datagrams).await,
                 None => None,
             }
         };
@@ -1116,6 +1168,7 @@ async fn ask_stun(
 async fn allocate_relay(
     sockets: &[(SocketAddr, UdpSocket)],
     server: &TurnServer,
+    tls: Option<Arc<ClientConfig>>,
     datagrams: mpsc::UnboundedReceiver<Gathered>,
 ) -> Option<(Relay, Candidate)> {
     let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
@@ -1136,7 +1189,12 @@ async fn allocate_relay(
             .find(|local| local.is_ipv4() == address.is_ipv4())
             .map(|local| (ServerLink::Udp(local), local))
             .ok_or_else(|| "no local address of its family".to_owned()),
-        TurnTransport::Tcp => connect_stream(address).await,
+        TurnTransport::Tcp => connect_stream(address, None).await,
+        TurnTransport::Tls => match (tls, tls::server_name(&server.host)) {
+            (Some(config), Ok(name)) => connect_stream(address, Some((config, name))).await,
+            (None, _) => Err("no TLS configuration".into()),
+            (_, Err(why)) => Err(why),
+        },
     };
     let outcome = match connected {
         Ok((mut link, local)) => allocate(sockets, server, address, &mut link, datagrams)
@@ -1409,14 +1467,43 @@ mod relay_tests {
         port: u16,
     }
 
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port()
+    }
+
     impl Coturn {
         fn start() -> Coturn {
-            let port = std::net::UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .unwrap()
-                .port();
+            Self::launch(&["--no-tls"])
+        }
+
+        /// Also over TLS, at the port returned, with this certificate.
+        fn start_with_tls(certificate: &std::path::Path, key: &std::path::Path) -> (Coturn, u16) {
+            let tls_port = free_port();
+            let coturn = Self::launch(&[
+                "--tls-listening-port",
+                &tls_port.to_string(),
+                "--cert",
+                certificate.to_str().unwrap(),
+                "--pkey",
+                key.to_str().unwrap(),
+            ]);
+            // Ready for TLS once it accepts connections there.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+                assert!(Instant::now() < deadline, "coturn did not listen for TLS");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (coturn, tls_port)
+        }
+
+        fn launch(options: &[&str]) -> Coturn {
+            let port = free_port();
             let child = Command::new("turnserver")
-                .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+                .args(["-n", "--no-cli", "--no-dtls", "--simple-log"])
+                .args(options)
                 .args(["--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"])
                 .args(["--listening-port", &port.to_string()])
                 // The peers are on loopback too, which coturn refuses by default.
@@ -1497,7 +1584,62 @@ mod relay_tests {
             relay_only: true,
             ..Default::default()
         };
-        let (bridge, _) = peer(&relayed);
+        relay_only_call_through(&relayed);
+    }
+
+    /// And over TLS (a firewall that passes nothing else), the server's
+    /// self-signed certificate trusted as it is; with it not trusted, no
+    /// relayed address.
+    #[test]
+    fn a_relay_only_call_connects_through_its_turn_server_over_tls() {
+        let directory = tempfile::tempdir().unwrap();
+        let (certificate, key) = (
+            directory.path().join("cert.pem"),
+            directory.path().join("key.pem"),
+        );
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&certificate)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl makes a certificate");
+        assert!(made.success());
+        let (_coturn, tls_port) = Coturn::start_with_tls(&certificate, &key);
+        let server = format!("turns://alice:s3cret@127.0.0.1:{tls_port}");
+        relay_only_call_through(&IceServers {
+            turn_server: Some(server.clone()),
+            turn_ca_file: Some(certificate.to_str().unwrap().to_owned()),
+            relay_only: true,
+            ..Default::default()
+        });
+
+        // Checked against the public CAs, the certificate is refused.
+        let (untrusting, _) = peer(&IceServers {
+            turn_server: Some(server),
+            ..Default::default()
+        });
+        let offer = crate::MEDIA_POOL
+            .any()
+            .block_on(untrusting.create_offer(true, true))
+            .unwrap();
+        assert!(offer.contains("typ host"), "{offer}");
+        assert!(!offer.contains("typ relay"), "{offer}");
+    }
+
+    fn relay_only_call_through(relayed: &IceServers) {
+        let (bridge, _) = peer(relayed);
         let (app, app_events) = peer(&IceServers::default());
         let media_loop = crate::MEDIA_POOL.any();
         let offer = media_loop
