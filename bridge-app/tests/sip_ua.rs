@@ -54,6 +54,35 @@ fn refusals_carry_the_right_status() {
     assert!(bridge.is_running());
 }
 
+/// A REGISTER may bind several Contacts at once (RFC 3261 §10.2.1): each
+/// is one of the extension's phones, and each can go on its own.
+#[test]
+fn a_register_binds_each_of_its_contacts() {
+    let port = support::free_port();
+    let bridge = BridgeProcess::start(&["--management", &format!("127.0.0.1:{port}")]);
+    assert_sipp(
+        sipp(
+            "register-contacts.xml",
+            &bridge.address(),
+            "alice",
+            &["-au", "alice", "-ap", "demo"],
+        ),
+        "three Contacts bound, then one taken away",
+    );
+    let (_, body) = support::http_get(port, "/stats", Some(support::MANAGEMENT_TOKEN));
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut users: Vec<String> = stats["phones"]["alice"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phones of alice: {stats:#}"))
+        .iter()
+        .filter_map(|phone| phone["contact"].as_str())
+        .filter_map(|contact| contact.strip_prefix("sip:")?.split('@').next())
+        .map(str::to_owned)
+        .collect();
+    users.sort();
+    assert_eq!(users, ["first", "third"], "{stats:#}");
+}
+
 #[test]
 fn session_timer_is_granted_and_refreshed() {
     let bridge = BridgeProcess::start(&[]);

@@ -271,29 +271,35 @@ impl Registrar {
             reply(tx, StatusCode::Forbidden, vec![]).await;
             return;
         }
-        let contact_value = tx.original.header_value("Contact");
+        let contact_values = contacts_of(&tx.original);
         let header_expires = tx
             .original
             .header_value("Expires")
             .and_then(|v| v.trim().parse::<u32>().ok());
         let key = user.to_ascii_lowercase();
-        let Some(contact_value) = contact_value else {
-            // A query: report the current binding.
+        if contact_values.is_empty() {
+            // A query: report the current bindings.
             let headers = self.contact_headers(&key);
             reply(tx, StatusCode::OK, headers).await;
             return;
-        };
-        let Some(contact) = parse_contact(&contact_value) else {
-            info!("REGISTER of {user} from {source}: unusable Contact {contact_value:?}, 400");
-            let warning = warning(399, "unusable Contact");
-            reply(tx, StatusCode::BadRequest, vec![warning]).await;
-            return;
-        };
-        let expires = contact.expires.or(header_expires).unwrap_or(MAX_EXPIRES);
-        let Some((contact_text, uri)) = contact.uri.clone() else {
+        }
+        // Each Contact, with how long it asks for; all or none are taken
+        // (RFC 3261 §10.3).
+        let mut contacts = Vec::with_capacity(contact_values.len());
+        for value in &contact_values {
+            let Some(contact) = parse_contact(value) else {
+                info!("REGISTER of {user} from {source}: unusable Contact {value:?}, 400");
+                let warning = warning(399, "unusable Contact");
+                reply(tx, StatusCode::BadRequest, vec![warning]).await;
+                return;
+            };
+            let expires = contact.expires.or(header_expires).unwrap_or(MAX_EXPIRES);
+            contacts.push((contact, expires));
+        }
+        if contacts.iter().any(|(contact, _)| contact.uri.is_none()) {
             // `*`: every binding of the extension goes (RFC 3261 §10.2.2).
-            if expires != 0 {
-                let warning = warning(399, "Contact * needs Expires: 0");
+            if contacts.len() > 1 || contacts[0].1 != 0 {
+                let warning = warning(399, "Contact * goes alone, with Expires: 0");
                 reply(tx, StatusCode::BadRequest, vec![warning]).await;
                 return;
             }
@@ -301,18 +307,11 @@ impl Registrar {
             info!("registrar: {user} unregistered every phone");
             reply(tx, StatusCode::OK, vec![]).await;
             return;
-        };
-        let instance = contact.instance.as_deref();
-        if expires == 0 {
-            if let Some(phones) = self.bindings.lock().unwrap().get_mut(&key) {
-                phones.retain(|b| !b.is_phone(&uri, instance));
-            }
-            info!("registrar: {user} unregistered {contact_text}");
-            let headers = self.contact_headers(&key);
-            reply(tx, StatusCode::OK, headers).await;
-            return;
         }
-        if expires < MIN_EXPIRES {
+        if contacts
+            .iter()
+            .any(|(_, expires)| (1..MIN_EXPIRES).contains(expires))
+        {
             let headers = vec![Header::MinExpires(MIN_EXPIRES.to_string().into())];
             reply(tx, StatusCode::IntervalTooBrief, headers).await;
             return;
@@ -324,31 +323,45 @@ impl Registrar {
         } else {
             MAX_EXPIRES
         };
-        let expires = expires.min(longest);
-        let binding = Binding {
-            contact: contact_text,
-            instance: contact.instance.clone(),
-            source: request_source(tx),
-            expires_at: Instant::now() + Duration::from_secs(expires.into()),
-            reachable: true,
-        };
-        let reached = match &binding.source {
-            Some(source) => format!(" (reached at {source})"),
-            None => String::new(),
-        };
-        let contact_text = binding.contact.clone();
-        let bound = {
-            let mut bindings = self.bindings.lock().unwrap();
-            bind(bindings.entry(key.clone()).or_default(), binding, &uri)
-        };
-        if let Some(gone) = bound.displaced {
-            info!(
-                "registrar: {user} has {MAX_BINDINGS} phones; {} makes way",
-                gone.contact
-            );
-        }
-        if bound.fresh {
-            info!("registrar: {user} registered at {contact_text}{reached} for {expires} s");
+        let source = request_source(tx);
+        for (contact, expires) in contacts {
+            let Some((contact_text, uri)) = contact.uri else {
+                continue;
+            };
+            let instance = contact.instance;
+            if expires == 0 {
+                if let Some(phones) = self.bindings.lock().unwrap().get_mut(&key) {
+                    phones.retain(|b| !b.is_phone(&uri, instance.as_deref()));
+                }
+                info!("registrar: {user} unregistered {contact_text}");
+                continue;
+            }
+            let expires = expires.min(longest);
+            let binding = Binding {
+                contact: contact_text,
+                instance,
+                source: source.clone(),
+                expires_at: Instant::now() + Duration::from_secs(expires.into()),
+                reachable: true,
+            };
+            let reached = match &binding.source {
+                Some(source) => format!(" (reached at {source})"),
+                None => String::new(),
+            };
+            let contact_text = binding.contact.clone();
+            let bound = {
+                let mut bindings = self.bindings.lock().unwrap();
+                bind(bindings.entry(key.clone()).or_default(), binding, &uri)
+            };
+            if let Some(gone) = bound.displaced {
+                info!(
+                    "registrar: {user} has {MAX_BINDINGS} phones; {} makes way",
+                    gone.contact
+                );
+            }
+            if bound.fresh {
+                info!("registrar: {user} registered at {contact_text}{reached} for {expires} s");
+            }
         }
         let headers = self.contact_headers(&key);
         reply(tx, StatusCode::OK, headers).await;
@@ -489,6 +502,45 @@ struct Contact {
     instance: Option<String>,
 }
 
+/// Every Contact of a request, one by one: each Contact header, and each
+/// of the comma-separated ones within a header (commas in quoted names and
+/// in angle brackets are no separators).
+fn contacts_of(request: &rsipstack::sip::Request) -> Vec<String> {
+    request
+        .headers
+        .iter()
+        .filter(|header| header.name().eq_ignore_ascii_case("Contact"))
+        .flat_map(|header| split_contacts(header.value()))
+        .collect()
+}
+
+fn split_contacts(value: &str) -> Vec<String> {
+    let mut contacts = Vec::new();
+    let mut current = String::new();
+    let (mut quoted, mut bracketed, mut escaped) = (false, false, false);
+    for c in value.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' if !bracketed => quoted = !quoted,
+            '<' if !quoted => bracketed = true,
+            '>' if !quoted => bracketed = false,
+            ',' if !quoted && !bracketed => {
+                contacts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    contacts.push(current);
+    contacts
+        .into_iter()
+        .map(|contact| contact.trim().to_owned())
+        .filter(|contact| !contact.is_empty())
+        .collect()
+}
+
 /// The Contact of a REGISTER; `None` when it names no usable SIP URI.
 fn parse_contact(value: &str) -> Option<Contact> {
     let value = value.trim();
@@ -505,7 +557,6 @@ fn parse_contact(value: &str) -> Option<Contact> {
         (Some(open), Some(close)) if open < close => (&value[open + 1..close], &value[close + 1..]),
         _ => value.split_once(';').unwrap_or((value, "")),
     };
-    let params = params.split(',').next().unwrap_or_default();
     let param = |name: &str| {
         params
             .split(';')
@@ -605,6 +656,26 @@ mod tests {
     }
 
     #[test]
+    fn several_contacts_in_one_header_are_split() {
+        assert_eq!(
+            split_contacts(
+                "<sip:alice@10.0.0.1>;expires=60, \"Desk, 2nd floor\" <sip:alice@10.0.0.2;x=a,b>,sip:alice@10.0.0.3"
+            ),
+            [
+                "<sip:alice@10.0.0.1>;expires=60",
+                "\"Desk, 2nd floor\" <sip:alice@10.0.0.2;x=a,b>",
+                "sip:alice@10.0.0.3"
+            ]
+        );
+        assert_eq!(
+            split_contacts("\"a \\\" , b\" <sip:a@h>"),
+            ["\"a \\\" , b\" <sip:a@h>"]
+        );
+        assert_eq!(split_contacts("*"), ["*"]);
+        assert!(split_contacts(" , ").is_empty());
+    }
+
+    #[test]
     fn contacts_parse() {
         let contact = |value: &str| {
             parse_contact(value).map(|c| {
@@ -613,7 +684,7 @@ mod tests {
             })
         };
         assert_eq!(
-            contact("<sip:alice@127.0.0.1:5095;transport=UDP>;expires=60, <sip:alice@10.0.0.9>"),
+            contact("<sip:alice@127.0.0.1:5095;transport=UDP>;expires=60"),
             Some((
                 Some("sip:alice@127.0.0.1:5095;transport=UDP".into()),
                 Some(60),

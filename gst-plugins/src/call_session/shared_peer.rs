@@ -1626,16 +1626,23 @@ mod relay_tests {
         });
 
         // Checked against the public CAs, the certificate is refused.
-        let (untrusting, _) = peer(&IceServers {
+        let (offer, _) = offer_with(&IceServers {
             turn_server: Some(server),
             ..Default::default()
         });
-        let offer = crate::MEDIA_POOL
-            .any()
-            .block_on(untrusting.create_offer(true, true))
-            .unwrap();
         assert!(offer.contains("typ host"), "{offer}");
         assert!(!offer.contains("typ relay"), "{offer}");
+    }
+
+    /// The offer of a call with `servers`, and how long it took to make.
+    fn offer_with(servers: &IceServers) -> (String, Duration) {
+        let (bridge, _) = peer(servers);
+        let started = Instant::now();
+        let offer = crate::MEDIA_POOL
+            .any()
+            .block_on(bridge.create_offer(true, true))
+            .unwrap();
+        (offer, started.elapsed())
     }
 
     fn relay_only_call_through(relayed: &IceServers) {
@@ -1682,11 +1689,7 @@ mod relay_tests {
             turn_server: Some(format!("turn://alice:s3cret@127.0.0.1:{}", coturn.port)),
             ..Default::default()
         };
-        let (bridge, _) = peer(&servers);
-        let offer = crate::MEDIA_POOL
-            .any()
-            .block_on(bridge.create_offer(true, true))
-            .unwrap();
+        let (offer, _) = offer_with(&servers);
         assert!(offer.contains("typ relay"), "{offer}");
         let stun = STUN_SERVERS
             .lock()
@@ -1712,13 +1715,7 @@ mod relay_tests {
             )),
             ..Default::default()
         };
-        let (bridge, _) = peer(&servers);
-        let started = Instant::now();
-        let offer = crate::MEDIA_POOL
-            .any()
-            .block_on(bridge.create_offer(true, true))
-            .unwrap();
-        let waited = started.elapsed();
+        let (offer, waited) = offer_with(&servers);
         assert!(offer.contains("typ host"), "{offer}");
         assert!(waited >= TURN_WAIT, "{waited:?}");
         assert!(
@@ -1736,15 +1733,10 @@ mod relay_tests {
             turn_server: Some(format!("turn://alice:wrong@127.0.0.1:{}", coturn.port)),
             ..Default::default()
         };
-        let (bridge, _) = peer(&servers);
-        let started = Instant::now();
-        let offer = crate::MEDIA_POOL
-            .any()
-            .block_on(bridge.create_offer(true, true))
-            .unwrap();
+        let (offer, waited) = offer_with(&servers);
         assert!(offer.contains("typ host"), "{offer}");
         assert!(!offer.contains("typ relay"), "{offer}");
-        assert!(started.elapsed() < TURN_WAIT, "{:?}", started.elapsed());
+        assert!(waited < TURN_WAIT, "{waited:?}");
         assert!(
             SharedPeer::start(
                 Box::new(|_| {}),
