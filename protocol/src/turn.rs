@@ -74,9 +74,8 @@ pub enum TurnTransport {
 }
 
 impl TurnTransport {
-    /// Reached over a stream: ChannelData is padded, requests are not
-    /// sent again.
-    pub fn is_stream(self) -> bool {
+    /// Reached over a stream (where ChannelData is padded to four bytes).
+    fn is_stream(self) -> bool {
         self != TurnTransport::Udp
     }
 
