@@ -69,6 +69,15 @@ fn a_register_binds_each_of_its_contacts() {
         ),
         "three Contacts bound, then one taken away",
     );
+    assert_sipp(
+        sipp(
+            "register-too-many-contacts.xml",
+            &bridge.address(),
+            "alice",
+            &["-au", "alice", "-ap", "demo"],
+        ),
+        "more Contacts at once than an extension's phones: 400",
+    );
     let (_, body) = support::http_get(port, "/stats", Some(support::MANAGEMENT_TOKEN));
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     let mut users: Vec<String> = stats["phones"]["alice"]

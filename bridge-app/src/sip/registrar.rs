@@ -283,6 +283,15 @@ impl Registrar {
             reply(tx, StatusCode::OK, headers).await;
             return;
         }
+        if contact_values.len() > MAX_BINDINGS {
+            info!(
+                "REGISTER of {user} from {source}: {} Contacts, 400",
+                contact_values.len()
+            );
+            let warning = warning(399, "more Contacts than an extension's phones");
+            reply(tx, StatusCode::BadRequest, vec![warning]).await;
+            return;
+        }
         // Each Contact, with how long it asks for; all or none are taken
         // (RFC 3261 §10.3).
         let mut contacts = Vec::with_capacity(contact_values.len());

@@ -489,10 +489,14 @@ fn send_from(
 /// How `turns:` servers' certificates are checked: against `ca_file`'s,
 /// or the public CAs.
 fn turn_tls(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
-    let pem = ca_file
-        .map(|path| std::fs::read(path).map_err(|e| format!("turn-ca-file {path:?}: {e}")))
-        .transpose()?;
-    tls::client_config(pem.as_deref()).map_err(|e| format!("turn-ca-file: {e}"))
+    // The public CAs' configuration is made once, not for every call.
+    static PUBLIC_CAS: LazyLock<Result<Arc<ClientConfig>, String>> =
+        LazyLock::new(|| tls::client_config(None));
+    let Some(path) = ca_file else {
+        return PUBLIC_CAS.clone();
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("turn-ca-file {path:?}: {e}"))?;
+    tls::client_config(Some(&pem)).map_err(|e| format!("turn-ca-file: {e}"))
 }
 
 /// A TCP connection to the TURN server (RFC 8656 §3.1), in TLS with `tls`
