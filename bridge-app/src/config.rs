@@ -540,15 +540,17 @@ impl Config {
         if let Some(path) = &cc.turn_ca_file {
             let over_tls =
                 matches!(&turn, Some(Ok(server)) if server.transport == TurnTransport::Tls);
-            let certificates = std::fs::read(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                .and_then(|pem| bridge_protocol::tls::client_config(Some(&pem)).map(drop));
-            match certificates {
-                _ if !over_tls => problems.push(
+            let certificates = || {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                bridge_protocol::tls::client_config(Some(&pem)).map(drop)
+            };
+            if !over_tls {
+                problems.push(
                     "connectycube.turn_ca_file: needs a turns:// connectycube.turn_server".into(),
-                ),
-                Err(why) => problems.push(format!("connectycube.turn_ca_file: {why}")),
-                Ok(()) => {}
+                );
+            } else if let Err(why) = certificates() {
+                problems.push(format!("connectycube.turn_ca_file: {why}"));
             }
         }
         if cc.relay_only && cc.turn_server.is_none() {

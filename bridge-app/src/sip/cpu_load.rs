@@ -166,13 +166,15 @@ fn cgroup_quota(mounts: &Path, membership: &str) -> Option<f64> {
         if !path.starts_with('/') {
             continue;
         }
-        let hierarchies = if controllers.is_empty() {
+        let mut hierarchies = if controllers.is_empty() {
             vec![mounts.to_path_buf()]
         } else if controllers.split(',').any(|controller| controller == "cpu") {
             vec![mounts.join(controllers), mounts.join("cpu")]
         } else {
             continue;
         };
+        // `cpu` alone is mounted at `cpu`: walked once.
+        hierarchies.dedup();
         for hierarchy in hierarchies {
             let mut cgroup = Some(Path::new(path));
             while let Some(at) = cgroup {

@@ -255,11 +255,15 @@ impl SharedPeer {
         if servers.relay_only && turn_server.is_none() {
             return Err("a relay-only call needs a turn-server".into());
         }
-        let turn_tls = match &turn_server {
+        // Over TLS, how the server's certificate is checked, and its name.
+        let turn_server = match turn_server {
             Some(server) if server.transport == TurnTransport::Tls => {
-                Some(turn_tls(servers.turn_ca_file.as_deref())?)
+                let config = turn_tls(servers.turn_ca_file.as_deref())?;
+                let name =
+                    tls::server_name(&server.host).map_err(|e| format!("turn-server {e}"))?;
+                Some((server, Some((config, name))))
             }
-            _ => None,
+            other => other.map(|server| (server, None)),
         };
         let events = Arc::new(events);
         let mut rtc = peer_config()?.build(Instant::now());
@@ -310,7 +314,6 @@ impl SharedPeer {
             // address either.
             stun_server: stun_server.filter(|_| !servers.relay_only),
             turn_server,
-            turn_tls,
             relay: None,
             dtmf: EventDetector::default(),
             audio_at: None,
@@ -430,9 +433,8 @@ struct PeerTask {
     give_up_at: Option<(Instant, &'static str)>,
     /// Asked once, before anything is offered or answered.
     stun_server: Option<(String, u16)>,
-    turn_server: Option<TurnServer>,
-    /// How a `turns:` server's certificate is checked.
-    turn_tls: Option<Arc<ClientConfig>>,
+    /// With, over TLS, how its certificate is checked and for which name.
+    turn_server: Option<(TurnServer, Option<StreamTls>)>,
     /// The call's address on the TURN server, once allocated.
     relay: Option<Relay>,
     dtmf: EventDetector,
@@ -486,6 +488,9 @@ fn send_from(
     }
 }
 
+/// A TLS stream's client configuration and the server name it checks.
+type StreamTls = (Arc<ClientConfig>, ServerName<'static>);
+
 /// How `turns:` servers' certificates are checked: against `ca_file`'s,
 /// or the public CAs.
 fn turn_tls(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
@@ -504,7 +509,7 @@ fn turn_tls(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
 /// arrives. Its local address comes with it.
 async fn connect_stream(
     server: SocketAddr,
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    tls: Option<StreamTls>,
 ) -> Result<(ServerLink, SocketAddr), String> {
     let connect = async {
         let stream = tokio::net::TcpStream::connect(server)
@@ -650,7 +655,6 @@ impl PeerTask {
     /// responses to the STUN exchange, the rest to the TURN one.
     async fn gather(&mut self, buffer: &mut [u8]) {
         let (stun, turn) = (self.stun_server.take(), self.turn_server.take());
-        let tls = self.turn_tls.take();
         if stun.is_none() && turn.is_none() {
             return;
         }
@@ -665,7 +669,7 @@ impl PeerTask {
         };
         let relayed = async move {
             match turn {
-                Some(server) => allocate_relay(sockets, &server, tls, turn_datagrams).await,
+                Some((server, tls)) => allocate_relay(sockets, &server, tls, turn_datagrams).await,
                 None => None,
             }
         };
@@ -1172,7 +1176,7 @@ async fn ask_stun(
 async fn allocate_relay(
     sockets: &[(SocketAddr, UdpSocket)],
     server: &TurnServer,
-    tls: Option<Arc<ClientConfig>>,
+    tls: Option<StreamTls>,
     datagrams: mpsc::UnboundedReceiver<Gathered>,
 ) -> Option<(Relay, Candidate)> {
     let address = match tokio::net::lookup_host((server.host.as_str(), server.port)).await {
@@ -1193,12 +1197,7 @@ async fn allocate_relay(
             .find(|local| local.is_ipv4() == address.is_ipv4())
             .map(|local| (ServerLink::Udp(local), local))
             .ok_or_else(|| "no local address of its family".to_owned()),
-        TurnTransport::Tcp => connect_stream(address, None).await,
-        TurnTransport::Tls => match (tls, tls::server_name(&server.host)) {
-            (Some(config), Ok(name)) => connect_stream(address, Some((config, name))).await,
-            (None, _) => Err("no TLS configuration".into()),
-            (_, Err(why)) => Err(why),
-        },
+        TurnTransport::Tcp | TurnTransport::Tls => connect_stream(address, tls).await,
     };
     let outcome = match connected {
         Ok((mut link, local)) => allocate(sockets, server, address, &mut link, datagrams)
